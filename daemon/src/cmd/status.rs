@@ -1,0 +1,64 @@
+//! `triad status`: what each dataset of this site is doing, from the status
+//! files the daemon keeps current.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::runtime::STATUS_FILE;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, short, env = "TRIAD_CONFIG", default_value = "/etc/triad/triad.toml")]
+    config: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let cfg = Config::load(&a.config)?;
+    let mut all = Vec::new();
+    for d in &cfg.dataset {
+        let path = cfg.dataset_dir(&d.name).join(STATUS_FILE);
+        let v: serde_json::Value = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", path.display()))?,
+            Err(_) => serde_json::json!({"dataset": d.name, "error": "no status yet: the daemon has not run"}),
+        };
+        all.push(v);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("site {} ({:?})", cfg.site.name, cfg.site.role);
+    let now = vault::dataset::now_ns();
+    for v in &all {
+        let name = v["dataset"].as_str().unwrap_or("?");
+        if let Some(e) = v["error"].as_str() {
+            println!("  {name}: {e}");
+            continue;
+        }
+        let age = (now - v["updated_ns"].as_i64().unwrap_or(0)) as f64 / 1e9;
+        let stale = if age > 5.0 { format!(" (status {age:.0}s old: is the daemon running?)") } else { String::new() };
+        println!(
+            "  {name}: head seq {} applied {}  digest {}  files ingested {}  pending {}  {}{}",
+            v["log"]["head_seq"],
+            v["log"]["applied_seq"],
+            v["log"]["digest"].as_str().map(|s| &s[..16.min(s.len())]).unwrap_or("?"),
+            v["source"]["files_ingested"],
+            v["source"]["pending_paths"],
+            if v["source"]["settled"].as_bool() == Some(true) { "settled" } else { "busy" },
+            stale
+        );
+        if let Some(f) = v["failure"].as_str() {
+            println!("    FAILED: {f}");
+        }
+        if let Some(e) = v["source"]["last_error"].as_str() {
+            println!("    last problem: {e}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,428 @@
+//! The site config file: one TOML file per site, shaped like the design's
+//! sketch. Parsing is strict (unknown keys are errors, so typos do not pass
+//! silently) and validation names the failing field with a hint.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A config problem: the field path and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid {
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub site: Site,
+    pub tls: Option<Tls>,
+    pub listen: Option<Listen>,
+    #[serde(default)]
+    pub peer: Vec<Peer>,
+    #[serde(default)]
+    pub dataset: Vec<DatasetConfig>,
+    pub archive: Option<toml::Table>,
+    pub verify: Option<toml::Table>,
+    pub drill: Option<toml::Table>,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Follower,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: String,
+    pub role: Role,
+    pub data_dir: PathBuf,
+    pub upstream: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub replication: Option<String>,
+    pub http: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    pub address: String,
+    pub mode: Option<String>,
+    pub on_unreachable: Option<String>,
+    pub wait_limit: Option<String>,
+    pub bandwidth: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub name: String,
+    pub key_file: PathBuf,
+    pub source: SourceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    Directory {
+        path: PathBuf,
+        #[serde(default)]
+        exclude: Vec<String>,
+        /// Full rescan period, catching anything inotify missed. Default 10m.
+        rescan_interval: Option<String>,
+        /// Quiet time before a burst of events is processed. Default 200ms.
+        debounce: Option<String>,
+        /// Files read and sealed at once. Default 8.
+        workers: Option<usize>,
+    },
+    Pushed {},
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `human` (default) or `json`.
+    pub format: Option<String>,
+}
+
+/// A directory source's settings after validation.
+#[derive(Debug, Clone)]
+pub struct DirectorySettings {
+    pub path: PathBuf,
+    pub exclude: Vec<String>,
+    pub rescan_interval: Duration,
+    pub debounce: Duration,
+    pub workers: usize,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !s.starts_with('.')
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write it like \"5s\", \"200ms\" or \"10m\""))
+}
+
+/// Parses "200MiB/s", "10MB/s" or a plain number of bytes per second.
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let bad = || format!("`{s}` is not a bandwidth; write it like \"200MiB/s\" or \"50MB/s\"");
+    let t = s.trim().strip_suffix("/s").unwrap_or(s.trim());
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    if n <= 0.0 {
+        return Err(bad());
+    }
+    Ok((n * mult) as u64)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            field,
+            message,
+        };
+        if !valid_name(&self.site.name) {
+            return Err(invalid(
+                "site.name".into(),
+                format!("`{}` is not a valid site name; use letters, digits, `-`, `_` or `.`", self.site.name),
+            ));
+        }
+        if !self.site.data_dir.is_absolute() {
+            return Err(invalid(
+                "site.data_dir".into(),
+                format!("`{}` must be an absolute path, such as /var/lib/triad", self.site.data_dir.display()),
+            ));
+        }
+        match (self.site.role, &self.site.upstream) {
+            (Role::Primary, Some(_)) => {
+                return Err(invalid("site.upstream".into(), "a primary has no upstream; remove the line or set role = \"follower\"".into()))
+            }
+            (Role::Follower, None) => {
+                return Err(invalid("site.upstream".into(), "a follower must name the site it streams from, e.g. upstream = \"zjk-a\"".into()))
+            }
+            (Role::Follower, Some(u)) if !self.peer.iter().any(|p| &p.name == u) => {
+                return Err(invalid("site.upstream".into(), format!("`{u}` is not one of the [[peer]] names")))
+            }
+            _ => {}
+        }
+        if let Some(t) = &self.tls {
+            for (field, path) in [("tls.ca", &t.ca), ("tls.cert", &t.cert), ("tls.key", &t.key)] {
+                if !path.is_absolute() {
+                    return Err(invalid(field.into(), format!("`{}` must be an absolute path; `triad certs` will create these", path.display())));
+                }
+            }
+        }
+        if let Some(l) = &self.listen {
+            for (field, addr) in [("listen.replication", &l.replication), ("listen.http", &l.http)] {
+                if let Some(a) = addr {
+                    a.parse::<std::net::SocketAddr>()
+                        .map_err(|_| invalid(field.into(), format!("`{a}` is not an address:port such as 0.0.0.0:7400")))?;
+                }
+            }
+        }
+        let mut peers = HashSet::new();
+        for (i, p) in self.peer.iter().enumerate() {
+            if !valid_name(&p.name) || p.name == self.site.name || !peers.insert(p.name.clone()) {
+                return Err(invalid(
+                    format!("peer[{i}].name"),
+                    format!("`{}` must be a valid site name, unique, and not this site's own name", p.name),
+                ));
+            }
+            if !p.address.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()) {
+                return Err(invalid(format!("peer[{i}].address"), format!("`{}` must be host:port, such as 10.1.0.11:7400", p.address)));
+            }
+            if let Some(b) = &p.bandwidth {
+                parse_bandwidth(b).map_err(|m| invalid(format!("peer[{i}].bandwidth"), m))?;
+            }
+            if let Some(m) = &p.mode {
+                if m != "sync" && m != "async" {
+                    return Err(invalid(format!("peer[{i}].mode"), format!("`{m}` must be \"sync\" or \"async\"")));
+                }
+            }
+            if let Some(m) = &p.on_unreachable {
+                if m != "wait" && m != "degrade" {
+                    return Err(invalid(format!("peer[{i}].on_unreachable"), format!("`{m}` must be \"wait\" or \"degrade\"")));
+                }
+            }
+            if let Some(w) = &p.wait_limit {
+                parse_duration(w).map_err(|m| invalid(format!("peer[{i}].wait_limit"), m))?;
+            }
+        }
+        if self.dataset.is_empty() {
+            return Err(invalid(
+                "dataset".into(),
+                "no [[dataset]] is configured; add one with name, key_file and source".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, d) in self.dataset.iter().enumerate() {
+            if !valid_name(&d.name) || !names.insert(d.name.clone()) {
+                return Err(invalid(
+                    format!("dataset[{i}].name"),
+                    format!("`{}` must be unique and use letters, digits, `-`, `_` or `.`", d.name),
+                ));
+            }
+            if !d.key_file.is_absolute() {
+                return Err(invalid(
+                    format!("dataset[{i}].key_file"),
+                    format!("`{}` must be an absolute path; create the key with `triad keygen --out FILE`", d.key_file.display()),
+                ));
+            }
+            match &d.source {
+                SourceConfig::Directory { path, exclude, rescan_interval, debounce, workers } => {
+                    let field = format!("dataset[{i}].source.path");
+                    if !path.is_absolute() {
+                        return Err(invalid(field, format!("`{}` must be an absolute path", path.display())));
+                    }
+                    if self.site.data_dir.starts_with(path) || path.starts_with(&self.site.data_dir) {
+                        return Err(invalid(
+                            field,
+                            format!(
+                                "`{}` and site.data_dir `{}` must not contain each other, or triad would back up its own files",
+                                path.display(),
+                                self.site.data_dir.display()
+                            ),
+                        ));
+                    }
+                    for (j, pat) in exclude.iter().enumerate() {
+                        globset::Glob::new(pat).map_err(|e| invalid(format!("dataset[{i}].source.exclude[{j}]"), format!("`{pat}` is not a glob: {e}")))?;
+                    }
+                    if let Some(r) = rescan_interval {
+                        parse_duration(r).map_err(|m| invalid(format!("dataset[{i}].source.rescan_interval"), m))?;
+                    }
+                    if let Some(r) = debounce {
+                        parse_duration(r).map_err(|m| invalid(format!("dataset[{i}].source.debounce"), m))?;
+                    }
+                    if workers.is_some_and(|w| w == 0 || w > 256) {
+                        return Err(invalid(format!("dataset[{i}].source.workers"), "must be between 1 and 256".into()));
+                    }
+                }
+                SourceConfig::Pushed {} => {
+                    return Err(invalid(
+                        format!("dataset[{i}].source.kind"),
+                        "\"pushed\" datasets (triad put/get) are not available in this version; use kind = \"directory\"".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(f) = &self.log.format {
+            if f != "human" && f != "json" {
+                return Err(invalid("log.format".into(), format!("`{f}` must be \"human\" or \"json\"")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sections accepted for the deployment's shape but not acted on by this
+    /// version, so the operator is told rather than left to assume.
+    pub fn unused_sections(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.tls.is_some() {
+            v.push("[tls]");
+        }
+        if self.listen.is_some() {
+            v.push("[listen]");
+        }
+        if !self.peer.is_empty() {
+            v.push("[[peer]]");
+        }
+        if self.archive.is_some() {
+            v.push("[archive]");
+        }
+        if self.verify.is_some() {
+            v.push("[verify]");
+        }
+        if self.drill.is_some() {
+            v.push("[drill]");
+        }
+        v
+    }
+
+    pub fn dataset(&self, name: &str) -> Option<&DatasetConfig> {
+        self.dataset.iter().find(|d| d.name == name)
+    }
+
+    pub fn dataset_dir(&self, name: &str) -> PathBuf {
+        self.site.data_dir.join("datasets").join(name)
+    }
+}
+
+impl DatasetConfig {
+    pub fn directory(&self) -> Option<DirectorySettings> {
+        match &self.source {
+            SourceConfig::Directory { path, exclude, rescan_interval, debounce, workers } => Some(DirectorySettings {
+                path: path.clone(),
+                exclude: exclude.clone(),
+                rescan_interval: rescan_interval
+                    .as_deref()
+                    .and_then(|s| parse_duration(s).ok())
+                    .unwrap_or(Duration::from_secs(600)),
+                debounce: debounce
+                    .as_deref()
+                    .and_then(|s| parse_duration(s).ok())
+                    .unwrap_or(Duration::from_millis(200)),
+                workers: workers.unwrap_or(8),
+            }),
+            SourceConfig::Pushed {} => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[site]
+name = "zjk-a"
+role = "primary"
+data_dir = "/var/lib/triad"
+
+[[dataset]]
+name = "gov-files"
+key_file = "/etc/triad/keys/gov-files.key"
+source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(Path::new("site.toml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_sketch_parses() {
+        let c = Config::parse(Path::new("site.toml"), GOOD).unwrap();
+        let d = c.dataset[0].directory().unwrap();
+        assert_eq!(d.debounce, Duration::from_millis(200));
+        assert_eq!(c.dataset_dir("gov-files"), Path::new("/var/lib/triad/datasets/gov-files"));
+    }
+
+    #[test]
+    fn bandwidths_parse() {
+        assert_eq!(parse_bandwidth("200MiB/s"), Ok(200 << 20));
+        assert_eq!(parse_bandwidth("50MB/s"), Ok(50_000_000));
+        assert!(parse_bandwidth("fast").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_fix() {
+        let e = err(&GOOD.replace("/var/lib/triad", "var/lib/triad"));
+        assert!(e.contains("site.data_dir") && e.contains("absolute"), "{e}");
+        let e = err(&GOOD.replace("role = \"primary\"", "role = \"boss\""));
+        assert!(e.contains("role") && e.contains("primary"), "{e}");
+        let e = err(&GOOD.replace("exclude", "exclud"));
+        assert!(e.contains("exclud"), "{e}");
+        let e = err(&GOOD.replace("/data/gov-files", "/var/lib/triad/data"));
+        assert!(e.contains("dataset[0].source.path") && e.contains("must not contain"), "{e}");
+        let e = err(&GOOD.replace("[\"*.tmp\"]", "[\"a[\"]"));
+        assert!(e.contains("dataset[0].source.exclude[0]"), "{e}");
+        let e = err("[site]\nname = \"x\"\nrole = \"primary\"\ndata_dir = \"/d\"\n");
+        assert!(e.contains("[[dataset]]"), "{e}");
+        let e = err("not toml at all [");
+        assert!(e.contains("site.toml"), "{e}");
+    }
+}

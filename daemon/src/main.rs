@@ -1,0 +1,70 @@
+//! `triad`: the disaster-recovery daemon and its command-line tools.
+//!
+//! This file only parses the command line and sets up logging; each
+//! subcommand lives in its own file under `cmd/`.
+
+mod cmd;
+mod config;
+mod runtime;
+mod source;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "triad", version, about = "Disaster recovery for two sites, three centers")]
+struct Cli {
+    /// Log format: human or json.
+    #[arg(long, global = true, default_value = "human", env = "TRIAD_LOG_FORMAT")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the site daemon.
+    Daemon {
+        #[arg(long, short, env = "TRIAD_CONFIG", default_value = "/etc/triad/triad.toml")]
+        config: PathBuf,
+    },
+    /// Create a new dataset key file (mode 0600).
+    Keygen {
+        /// Where to write the key; an existing file is never replaced.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Config file tools.
+    Config {
+        #[command(subcommand)]
+        command: cmd::config::ConfigCommand,
+    },
+    /// Rebuild a dataset's tree from this site's store.
+    Restore(cmd::restore::Args),
+    /// Show each dataset's log, state and source status.
+    Status(cmd::status::Args),
+    /// A one-site demonstration on this machine: watch, change, restore, compare.
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cmd::init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Daemon { config } => cmd::daemon::run(&config),
+        Command::Keygen { out } => cmd::keygen::run(&out),
+        Command::Config { command } => cmd::config::run(command),
+        Command::Restore(a) => cmd::restore::run(a),
+        Command::Status(a) => cmd::status::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,680 @@
+//! The directory source: keeps a dataset equal to a directory tree.
+//!
+//! At start it compares the whole tree with the namespace and logs only what
+//! differs; then it follows inotify events (the `notify` crate), gathering a
+//! burst until it has been quiet for the debounce time, and handles it as a
+//! round; a full rescan runs periodically and whenever the kernel reports an
+//! event overflow. Within a round renames go first (so moved trees are not
+//! re-read), then directories and symlinks, then files (read, cut and sealed
+//! by a pool of workers), then deletions.
+//!
+//! A file that changes while being read is read again. A file whose mtime is
+//! too close to the moment it was read is read once more a little later,
+//! because a second write within the filesystem's timestamp granularity would
+//! leave size and mtime unchanged. A file that vanishes is a delete; one that
+//! cannot be read is reported and skipped, keeping its previous version.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
+use globset::{GlobSet, GlobSetBuilder};
+use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+use vault::chunk::{self, ChunkId};
+use vault::dataset::now_ns;
+use vault::{ChunkRef, Dataset, Entry, Node, Op, SubmitError};
+
+use crate::config::DirectorySettings;
+
+/// Ops per record for metadata-only changes.
+const OPS_PER_RECORD: usize = 1000;
+/// New chunk bytes sent per record while a large file is read.
+const BATCH_BYTES: usize = 8 << 20;
+/// A file whose mtime is this close to its read time is read again later.
+const RACY_NS: i64 = 2_000_000_000;
+const MAX_READ_ATTEMPTS: usize = 5;
+
+/// Counters the status file and tests read.
+#[derive(Default)]
+pub struct Stats {
+    pub rounds: AtomicU64,
+    pub files_ingested: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub skipped: AtomicU64,
+    pub last_event_ns: AtomicI64,
+    pub last_round_end_ns: AtomicI64,
+    pub pending: AtomicU64,
+    pub busy: AtomicBool,
+    pub initial_scan_done: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+#[derive(Serialize)]
+pub struct StatsView {
+    pub rounds: u64,
+    pub files_ingested: u64,
+    pub bytes_read: u64,
+    pub skipped: u64,
+    pub pending_paths: u64,
+    pub busy: bool,
+    pub initial_scan_done: bool,
+    /// No events pending, no round running, and every event seen so far has
+    /// been handled by a completed round.
+    pub settled: bool,
+    pub last_event_ns: i64,
+    pub last_round_end_ns: i64,
+    pub last_error: Option<String>,
+}
+
+impl Stats {
+    pub fn view(&self) -> StatsView {
+        let busy = self.busy.load(Ordering::Acquire);
+        let pending = self.pending.load(Ordering::Acquire);
+        let last_event_ns = self.last_event_ns.load(Ordering::Acquire);
+        let last_round_end_ns = self.last_round_end_ns.load(Ordering::Acquire);
+        let initial = self.initial_scan_done.load(Ordering::Acquire);
+        StatsView {
+            rounds: self.rounds.load(Ordering::Relaxed),
+            files_ingested: self.files_ingested.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            pending_paths: pending,
+            busy,
+            initial_scan_done: initial,
+            settled: initial && !busy && pending == 0 && last_round_end_ns >= last_event_ns,
+            last_event_ns,
+            last_round_end_ns,
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    fn note_error(&self, msg: String) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(msg);
+        }
+    }
+}
+
+/// What a round will do.
+#[derive(Default)]
+struct Plan {
+    puts: BTreeMap<Vec<u8>, Entry>,
+    files: BTreeMap<Vec<u8>, bool>,
+    deletes: BTreeSet<Vec<u8>>,
+}
+
+pub struct DirSource {
+    root: PathBuf,
+    settings: DirectorySettings,
+    excludes: GlobSet,
+    ds: Arc<Dataset>,
+    stats: Arc<Stats>,
+    /// Files to read again once their mtime is safely in the past.
+    racy: Mutex<HashMap<Vec<u8>, Instant>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source directory {path}: {reason}")]
+    Root { path: PathBuf, reason: String },
+    #[error("exclude pattern: {0}")]
+    Glob(#[from] globset::Error),
+    #[error(transparent)]
+    Vault(#[from] vault::VaultError),
+}
+
+fn meta_mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
+/// Metadata of a non-file entry as the namespace records it.
+fn simple_entry(abs: &Path, md: &std::fs::Metadata) -> std::io::Result<Option<Entry>> {
+    let ft = md.file_type();
+    let mtime_ns = meta_mtime_ns(md);
+    if ft.is_dir() {
+        Ok(Some(Entry {
+            node: Node::Dir,
+            mode: md.mode() & 0o7777,
+            mtime_ns,
+            size: 0,
+        }))
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(abs)?.as_os_str().as_bytes().to_vec();
+        Ok(Some(Entry {
+            size: target.len() as u64,
+            node: Node::Symlink { target },
+            mode: 0o777,
+            mtime_ns,
+        }))
+    } else {
+        Ok(None)
+    }
+}
+
+/// True when a file's metadata says its recorded version is current.
+fn file_unchanged(md: &std::fs::Metadata, e: &Entry, racy_before: i64) -> bool {
+    matches!(e.node, Node::File { .. })
+        && e.size == md.len()
+        && e.mtime_ns == meta_mtime_ns(md)
+        && e.mode == md.mode() & 0o7777
+        && e.mtime_ns < racy_before
+}
+
+impl DirSource {
+    pub fn new(settings: DirectorySettings, ds: Arc<Dataset>, stats: Arc<Stats>) -> Result<DirSource, SourceError> {
+        let root = settings.path.canonicalize().map_err(|e| SourceError::Root {
+            path: settings.path.clone(),
+            reason: format!("{e}; create it or fix dataset.source.path"),
+        })?;
+        if !root.is_dir() {
+            return Err(SourceError::Root {
+                path: root,
+                reason: "is not a directory".into(),
+            });
+        }
+        let mut b = GlobSetBuilder::new();
+        for p in &settings.exclude {
+            b.add(globset::Glob::new(p)?);
+        }
+        Ok(DirSource {
+            root,
+            excludes: b.build()?,
+            settings,
+            ds,
+            stats,
+            racy: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn rel(&self, abs: &Path) -> Option<Vec<u8>> {
+        let r = abs.strip_prefix(&self.root).ok()?;
+        let b = r.as_os_str().as_bytes();
+        (!b.is_empty()).then(|| b.to_vec())
+    }
+
+    fn abs(&self, rel: &[u8]) -> PathBuf {
+        self.root.join(std::ffi::OsStr::from_bytes(rel))
+    }
+
+    fn excluded(&self, rel: &[u8]) -> bool {
+        !self.excludes.is_empty() && self.excludes.is_match(std::ffi::OsStr::from_bytes(rel))
+    }
+
+    /// Runs until `stop` is set.
+    pub fn run(self, stop: Arc<AtomicBool>) -> Result<(), SourceError> {
+        let (tx, rx) = unbounded();
+        // Watch before the first scan so that nothing changed during the scan
+        // goes unseen.
+        let mut watcher = notify::recommended_watcher(move |res| {
+            let _ = tx.send(res);
+        })
+        .map_err(|e| SourceError::Root {
+            path: self.root.clone(),
+            reason: format!("cannot start inotify: {e}"),
+        })?;
+        if let Err(e) = watcher.watch(&self.root, RecursiveMode::Recursive) {
+            // Typically the inotify watch limit: keep going on periodic rescans.
+            let msg = format!(
+                "cannot watch {} for changes ({e}); changes will be picked up only by the periodic rescan \
+                 every {:?}; raise fs.inotify.max_user_watches to fix",
+                self.root.display(),
+                self.settings.rescan_interval
+            );
+            tracing::error!("{msg}");
+            self.stats.note_error(msg);
+        }
+        let head_ns = self.ds.status().last_commit_ns;
+        self.full_scan(head_ns.saturating_sub(RACY_NS))?;
+        self.stats.initial_scan_done.store(true, Ordering::Release);
+        tracing::info!(dataset = self.ds.name(), root = %self.root.display(), "initial scan complete; following changes");
+        self.follow(rx, &stop)?;
+        drop(watcher);
+        Ok(())
+    }
+
+    fn follow(&self, rx: Receiver<notify::Result<notify::Event>>, stop: &AtomicBool) -> Result<(), SourceError> {
+        let mut pending: BTreeMap<PathBuf, bool> = BTreeMap::new();
+        let mut renames: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut need_full = false;
+        let mut first_pending: Option<Instant> = None;
+        let mut last_event = Instant::now();
+        let mut next_rescan = Instant::now() + self.settings.rescan_interval;
+        let debounce = self.settings.debounce;
+        while !stop.load(Ordering::Acquire) {
+            match rx.recv_timeout(Duration::from_millis(50).min(debounce)) {
+                Ok(Ok(ev)) => {
+                    self.stats.last_event_ns.store(now_ns(), Ordering::Release);
+                    last_event = Instant::now();
+                    first_pending.get_or_insert(last_event);
+                    if ev.need_rescan() {
+                        need_full = true;
+                    }
+                    let deep = matches!(
+                        ev.kind,
+                        EventKind::Create(CreateKind::Folder) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+                    );
+                    if let (EventKind::Modify(ModifyKind::Name(RenameMode::Both)), [from, to]) = (&ev.kind, ev.paths.as_slice()) {
+                        renames.push((from.clone(), to.clone()));
+                        pending.insert(from.clone(), false);
+                        pending.insert(to.clone(), true);
+                    } else {
+                        for p in ev.paths {
+                            *pending.entry(p).or_insert(false) |= deep;
+                        }
+                    }
+                    self.stats.pending.store(pending.len() as u64, Ordering::Release);
+                }
+                Ok(Err(e)) => {
+                    // inotify trouble (often an overflow): rescan everything.
+                    tracing::warn!(error = %e, "watch error; scheduling a full rescan");
+                    need_full = true;
+                    first_pending.get_or_insert(Instant::now());
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            let quiet = now.duration_since(last_event) >= debounce;
+            // Bound the delay under a steady stream of events.
+            let overdue = first_pending.is_some_and(|t| now.duration_since(t) >= debounce * 10);
+            if first_pending.is_some() && (quiet || overdue) {
+                self.stats.busy.store(true, Ordering::Release);
+                let result = if need_full {
+                    self.full_scan(now_ns().saturating_sub(RACY_NS))
+                } else {
+                    self.event_round(std::mem::take(&mut pending), std::mem::take(&mut renames))
+                };
+                pending.clear();
+                renames.clear();
+                need_full = false;
+                first_pending = None;
+                self.stats.pending.store(0, Ordering::Release);
+                self.stats.busy.store(false, Ordering::Release);
+                result?;
+            }
+            if now >= next_rescan {
+                next_rescan = now + self.settings.rescan_interval;
+                self.stats.busy.store(true, Ordering::Release);
+                let r = self.full_scan(i64::MIN);
+                self.stats.busy.store(false, Ordering::Release);
+                r?;
+            }
+            let due: Vec<Vec<u8>> = match self.racy.lock() {
+                Ok(mut r) => {
+                    let due: Vec<Vec<u8>> = r.iter().filter(|(_, t)| **t <= now).map(|(p, _)| p.clone()).collect();
+                    for p in &due {
+                        r.remove(p);
+                    }
+                    due
+                }
+                Err(_) => Vec::new(),
+            };
+            if !due.is_empty() && first_pending.is_none() {
+                self.stats.busy.store(true, Ordering::Release);
+                let mut plan = Plan::default();
+                for p in due {
+                    plan.files.insert(p, true);
+                }
+                let r = self.execute(plan);
+                self.stats.busy.store(false, Ordering::Release);
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_round(&self) {
+        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_round_end_ns.store(now_ns(), Ordering::Release);
+    }
+
+    /// Compares the whole tree with the namespace. Recorded files with an
+    /// mtime at or after `racy_before` are read again even if they look
+    /// unchanged.
+    fn full_scan(&self, racy_before: i64) -> Result<(), SourceError> {
+        let started = Instant::now();
+        let mut plan = Plan::default();
+        self.scan_into(b"", &mut plan, racy_before)?;
+        let changes = plan.puts.len() + plan.files.len() + plan.deletes.len();
+        self.execute(plan)?;
+        tracing::info!(dataset = self.ds.name(), changes, elapsed = ?started.elapsed(), "full scan done");
+        Ok(())
+    }
+
+    /// Plans the changes beneath relative dir `rel` (the root for empty).
+    fn scan_into(&self, rel: &[u8], plan: &mut Plan, racy_before: i64) -> Result<(), SourceError> {
+        let prefix = if rel.is_empty() { Vec::new() } else { vault::ops::subtree_prefix(rel) };
+        let mut known: BTreeMap<Vec<u8>, Entry> = self.ds.entries_with_prefix(&prefix)?.into_iter().collect();
+        let start = self.abs(rel);
+        let walker = walkdir::WalkDir::new(&start)
+            .min_depth(1)
+            .follow_links(false)
+            .into_iter()
+            .filter_entry(|e| self.rel(e.path()).is_none_or(|r| !self.excluded(&r)));
+        for item in walker {
+            let ent = match item {
+                Ok(e) => e,
+                Err(e) => {
+                    // Vanished mid-walk or unreadable directory: report and go on;
+                    // the entries it held are kept as they were.
+                    if let Some(p) = e.path().and_then(|p| self.rel(p)) {
+                        if e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied) {
+                            self.skip(&p, &format!("{e}"));
+                            let pre = vault::ops::subtree_prefix(&p);
+                            known.retain(|k, _| !k.starts_with(&pre));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Some(r) = self.rel(ent.path()) else { continue };
+            let old = known.remove(&r);
+            let md = match ent.path().symlink_metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            self.plan_path(&r, &md, old.as_ref(), plan, racy_before);
+        }
+        for (gone, _) in known {
+            if !self.excluded(&gone) {
+                plan.deletes.insert(gone);
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_path(&self, r: &[u8], md: &std::fs::Metadata, old: Option<&Entry>, plan: &mut Plan, racy_before: i64) {
+        if md.is_file() {
+            if !old.is_some_and(|o| file_unchanged(md, o, racy_before)) {
+                plan.files.insert(r.to_vec(), false);
+            }
+            return;
+        }
+        match simple_entry(&self.abs(r), md) {
+            Ok(Some(e)) => {
+                if old != Some(&e) {
+                    plan.puts.insert(r.to_vec(), e);
+                }
+            }
+            Ok(None) => {
+                tracing::debug!(path = %String::from_utf8_lossy(r), "skipping a socket, fifo or device");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if old.is_some() {
+                    plan.deletes.insert(r.to_vec());
+                }
+            }
+            Err(e) => self.skip(r, &e.to_string()),
+        }
+    }
+
+    fn skip(&self, rel: &[u8], why: &str) {
+        let msg = format!("skipping {}: {why}", String::from_utf8_lossy(rel));
+        tracing::warn!(dataset = self.ds.name(), "{msg}");
+        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        self.stats.note_error(msg);
+    }
+
+    fn event_round(&self, pending: BTreeMap<PathBuf, bool>, renames: Vec<(PathBuf, PathBuf)>) -> Result<(), SourceError> {
+        // Renames first, so the trees they move are found in place, not re-read.
+        let mut ops = Vec::new();
+        for (from, to) in renames {
+            let (Some(f), Some(t)) = (self.rel(&from), self.rel(&to)) else { continue };
+            if self.excluded(&f) || self.excluded(&t) {
+                continue;
+            }
+            if self.ds.entry(&f)?.is_some() && to.symlink_metadata().is_ok() {
+                ops.push(Op::Rename { from: f, to: t });
+            }
+        }
+        if !ops.is_empty() {
+            self.submit_meta(ops)?;
+        }
+        let mut paths: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
+        for (abs, deep) in pending {
+            let Some(r) = self.rel(&abs) else { continue };
+            // The parent's mtime changed with its entries.
+            let parent = vault::ops::parent(&r).to_vec();
+            if !parent.is_empty() {
+                paths.entry(parent).or_insert(false);
+            }
+            *paths.entry(r).or_insert(false) |= deep;
+        }
+        let mut plan = Plan::default();
+        for (r, deep) in paths {
+            if self.excluded(&r) || plan.deletes.iter().any(|d| r.starts_with(&vault::ops::subtree_prefix(d))) {
+                continue;
+            }
+            let old = self.ds.entry(&r)?;
+            match self.abs(&r).symlink_metadata() {
+                Ok(md) => {
+                    if md.is_dir() && (deep || !old.as_ref().is_some_and(|o| o.is_dir())) {
+                        self.scan_into(&r, &mut plan, i64::MIN)?;
+                    }
+                    self.plan_path(&r, &md, old.as_ref(), &mut plan, i64::MIN);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if old.is_some() {
+                        plan.deletes.insert(r);
+                    }
+                }
+                Err(e) => self.skip(&r, &e.to_string()),
+            }
+        }
+        self.execute(plan)
+    }
+
+    fn submit_meta(&self, ops: Vec<Op>) -> Result<(), SourceError> {
+        for group in ops.chunks(OPS_PER_RECORD) {
+            match self.ds.submit(group.to_vec(), Vec::new()) {
+                Ok(_) => {}
+                Err(SubmitError::Vault(e)) => return Err(e.into()),
+                Err(SubmitError::Missing(m)) => {
+                    return Err(vault::VaultError::Closed(format!("metadata ops reported {} missing chunks", m.0.len())).into())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn execute(&self, plan: Plan) -> Result<(), SourceError> {
+        let puts: Vec<Op> = plan
+            .puts
+            .into_iter()
+            .map(|(path, entry)| Op::Put { path, entry })
+            .collect();
+        self.submit_meta(puts)?;
+        let files: Vec<(Vec<u8>, bool)> = plan.files.into_iter().collect();
+        if !files.is_empty() {
+            let next = AtomicU64::new(0);
+            let failure: Mutex<Option<SourceError>> = Mutex::new(None);
+            let workers = self.settings.workers.min(files.len());
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some((rel, force)) = files.get(i) else { break };
+                        if let Err(e) = self.ingest_file(rel, *force) {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            next.store(files.len() as u64, Ordering::Relaxed);
+                            break;
+                        }
+                    });
+                }
+            });
+            if let Some(e) = failure.into_inner().ok().flatten() {
+                return Err(e);
+            }
+        }
+        // Only the topmost of nested deletes: a directory takes its subtree.
+        let mut deletes: Vec<Vec<u8>> = Vec::new();
+        for d in plan.deletes {
+            if !deletes.last().is_some_and(|top| d.starts_with(&vault::ops::subtree_prefix(top))) {
+                deletes.push(d);
+            }
+        }
+        self.submit_meta(deletes.into_iter().map(|path| Op::Delete { path }).collect())?;
+        self.finish_round();
+        Ok(())
+    }
+
+    /// Reads, cuts and seals one file and logs it. `force` reads it even if
+    /// its metadata matches the namespace (racy re-checks).
+    fn ingest_file(&self, rel: &[u8], force: bool) -> Result<(), SourceError> {
+        let abs = self.abs(rel);
+        let keys = self.ds.keys();
+        let mut pinned: Vec<ChunkId> = Vec::new();
+        let unpin = |pinned: &mut Vec<ChunkId>| -> Vec<Op> {
+            if pinned.is_empty() {
+                Vec::new()
+            } else {
+                vec![Op::Unpin { ids: std::mem::take(pinned) }]
+            }
+        };
+        for _attempt in 0..MAX_READ_ATTEMPTS {
+            let md1 = match abs.symlink_metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let mut ops = unpin(&mut pinned);
+                    if self.ds.entry(rel)?.is_some() {
+                        ops.push(Op::Delete { path: rel.to_vec() });
+                    }
+                    if !ops.is_empty() {
+                        self.submit_meta(ops)?;
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.skip(rel, &e.to_string());
+                    return self.submit_meta(unpin(&mut pinned));
+                }
+            };
+            if !md1.is_file() {
+                // It became something else since it was planned.
+                let mut plan = Plan::default();
+                let old = self.ds.entry(rel)?;
+                self.plan_path(rel, &md1, old.as_ref(), &mut plan, i64::MIN);
+                let ops: Vec<Op> = plan.puts.into_iter().map(|(path, entry)| Op::Put { path, entry }).collect();
+                let mut all = unpin(&mut pinned);
+                all.extend(ops);
+                return self.submit_meta(all);
+            }
+            let old = self.ds.entry(rel)?;
+            if !force && old.as_ref().is_some_and(|o| file_unchanged(&md1, o, i64::MAX)) {
+                return self.submit_meta(unpin(&mut pinned));
+            }
+            let file = match std::fs::File::open(&abs) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    self.skip(rel, &e.to_string());
+                    return self.submit_meta(unpin(&mut pinned));
+                }
+            };
+            let mut refs: Vec<ChunkRef> = Vec::new();
+            let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+            let mut batch_bytes = 0usize;
+            let mut read_failed = None;
+            for piece in chunk::stream(&file) {
+                let piece = match piece {
+                    Ok(p) => p,
+                    Err(e) => {
+                        read_failed = Some(e);
+                        break;
+                    }
+                };
+                self.stats.bytes_read.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                let id = ChunkId::of(keys, &piece);
+                refs.push(ChunkRef { id, len: piece.len() as u32 });
+                if pinned.contains(&id) || batch.iter().any(|(b, _)| *b == id) || self.ds.has_chunk(&id)? {
+                    continue;
+                }
+                batch_bytes += piece.len();
+                batch.push((id, piece));
+                if batch_bytes >= BATCH_BYTES {
+                    let sealed = seal_batch(keys, &batch);
+                    let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
+                    self.submit_with_retry(vec![Op::Pin { ids: ids.clone() }], sealed)?;
+                    pinned.extend(ids);
+                    batch.clear();
+                    batch_bytes = 0;
+                }
+            }
+            if let Some(e) = read_failed {
+                self.skip(rel, &format!("read failed: {e}"));
+                return self.submit_meta(unpin(&mut pinned));
+            }
+            let md2 = file.metadata().ok();
+            let md3 = abs.symlink_metadata().ok();
+            let same = |m: &Option<std::fs::Metadata>| {
+                m.as_ref().is_some_and(|m| {
+                    m.len() == md1.len() && meta_mtime_ns(m) == meta_mtime_ns(&md1) && m.ino() == md1.ino() && m.mode() == md1.mode()
+                })
+            };
+            if !same(&md2) || !same(&md3) {
+                // Changed while being read: read it again.
+                continue;
+            }
+            let entry = Entry {
+                node: Node::File { chunks: refs },
+                mode: md1.mode() & 0o7777,
+                mtime_ns: meta_mtime_ns(&md1),
+                size: md1.len(),
+            };
+            if now_ns() - entry.mtime_ns < RACY_NS {
+                if let Ok(mut r) = self.racy.lock() {
+                    r.insert(rel.to_vec(), Instant::now() + Duration::from_nanos(RACY_NS as u64));
+                }
+            }
+            let mut ops = Vec::new();
+            if old.as_ref() != Some(&entry) {
+                ops.push(Op::Put { path: rel.to_vec(), entry });
+            }
+            ops.extend(unpin(&mut pinned.clone()));
+            if ops.is_empty() {
+                return Ok(());
+            }
+            let sealed = seal_batch(keys, &batch);
+            match self.ds.submit(ops, sealed) {
+                Ok(_) => {
+                    pinned.clear();
+                    self.stats.files_ingested.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // A chunk it relied on was freed meanwhile: read again.
+                Err(SubmitError::Missing(_)) => continue,
+                Err(SubmitError::Vault(e)) => return Err(e.into()),
+            }
+        }
+        tracing::warn!(path = %String::from_utf8_lossy(rel), "file kept changing while being read; will try again");
+        if let Ok(mut r) = self.racy.lock() {
+            r.insert(rel.to_vec(), Instant::now() + Duration::from_secs(1));
+        }
+        self.submit_meta(unpin(&mut pinned))
+    }
+
+    fn submit_with_retry(&self, ops: Vec<Op>, sealed: Vec<vault::SealedChunk>) -> Result<(), SourceError> {
+        match self.ds.submit(ops, sealed) {
+            Ok(_) => Ok(()),
+            Err(SubmitError::Vault(e)) => Err(e.into()),
+            // A Pin only needs the chunks it carries, so this cannot happen.
+            Err(SubmitError::Missing(m)) => {
+                Err(vault::VaultError::Closed(format!("pin reported {} missing chunks", m.0.len())).into())
+            }
+        }
+    }
+}
+
+fn seal_batch(keys: &vault::Keys, batch: &[(ChunkId, Vec<u8>)]) -> Vec<vault::SealedChunk> {
+    let items: Vec<(ChunkId, &[u8])> = batch.iter().map(|(id, p)| (*id, p.as_slice())).collect();
+    chunk::seal_many(keys, &items)
+}

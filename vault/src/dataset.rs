@@ -1,0 +1,560 @@
+//! One dataset at one site: its identity, change log, state, and the
+//! committer thread that turns submitted changes into durable records.
+//!
+//! Layout under the dataset directory:
+//! - `IDENTITY`: format version, dataset name and key id, checked before
+//!   anything is opened, so a wrong key writes nothing
+//! - `log/`: change-log segments ([`crate::wal`])
+//! - `state/`: RocksDB ([`crate::state`])
+//!
+//! Writers call [`Dataset::submit`] from any thread. A single committer thread
+//! takes everything queued, checks it, assigns seqs, writes all records with
+//! one fsync (group commit), applies them to the state as one batch and only
+//! then answers each writer. The state never runs ahead of the durable log.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkId, SealedChunk};
+use crate::error::{Result, VaultError};
+use crate::keys::{DatasetKey, Keys};
+use crate::ops::{Entry, Op};
+use crate::record::{chain, frame, Hash, Record};
+use crate::state::{Applied, ChunkMeta, Missing, Overlay, State};
+use crate::wal::{self, Recovery, Wal};
+
+const IDENTITY_FILE: &str = "IDENTITY";
+const IDENTITY_FORMAT: u32 = 1;
+/// Most bytes of records written under one fsync.
+const GROUP_BYTES: usize = 64 << 20;
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Identity {
+    pub format: u32,
+    pub dataset: String,
+    pub key_id: String,
+    pub created_unix: u64,
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Checks (or, when `create`, writes) the dataset's identity file.
+fn check_identity(dir: &Path, name: &str, key: &DatasetKey, create: bool) -> Result<()> {
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let id: Identity = serde_json::from_slice(&bytes).map_err(|e| VaultError::Codec {
+                what: "dataset identity",
+                reason: format!("{}: {e}", path.display()),
+            })?;
+            if id.format != IDENTITY_FORMAT {
+                return Err(VaultError::Codec {
+                    what: "dataset identity",
+                    reason: format!("{}: format {} is not supported", path.display(), id.format),
+                });
+            }
+            if id.key_id != key.key_id() {
+                return Err(VaultError::WrongKey {
+                    dataset: name.to_string(),
+                    expected: id.key_id,
+                    found: key.key_id(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            std::fs::create_dir_all(dir).map_err(|e| VaultError::io("creating dataset directory", dir, e))?;
+            let id = Identity {
+                format: IDENTITY_FORMAT,
+                dataset: name.to_string(),
+                key_id: key.key_id(),
+                created_unix: (now_ns() / 1_000_000_000) as u64,
+            };
+            let body = serde_json::to_vec_pretty(&id).map_err(|e| VaultError::Codec {
+                what: "dataset identity",
+                reason: e.to_string(),
+            })?;
+            write_atomic(&path, &body)
+        }
+        Err(e) => Err(VaultError::io("reading dataset identity", &path, e)),
+    }
+}
+
+/// Writes a file through a temporary name and a rename, syncing both.
+pub fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let res = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(body).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    res.map_err(|e| VaultError::io("writing", path, e))?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// Tunables; the defaults suit production.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub segment_bytes: u64,
+    /// Create the dataset if it does not exist.
+    pub create: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            segment_bytes: wal::DEFAULT_SEGMENT_BYTES,
+            create: true,
+        }
+    }
+}
+
+/// A change accepted into the log.
+#[derive(Clone, Copy, Debug)]
+pub struct Committed {
+    pub seq: u64,
+    pub time_ns: i64,
+}
+
+/// Why a submission was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Chunks the ops refer to are no longer stored (freed since the writer
+    /// looked); the writer attaches them and submits again.
+    #[error("{} referenced chunks are not stored", .0.0.len())]
+    Missing(Missing),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+struct Submission {
+    ops: Vec<Op>,
+    attachments: Vec<SealedChunk>,
+    reply: Sender<std::result::Result<Committed, SubmitError>>,
+}
+
+/// What the dataset reports about itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub head_seq: u64,
+    pub applied_seq: u64,
+    pub last_commit_ns: i64,
+    pub chain_hash: String,
+    pub digest: String,
+    pub records_committed: u64,
+    pub groups_committed: u64,
+    pub bytes_logged: u64,
+}
+
+struct Shared {
+    head_seq: AtomicU64,
+    last_commit_ns: AtomicI64,
+    records: AtomicU64,
+    groups: AtomicU64,
+    bytes: AtomicU64,
+    applied: Mutex<Applied>,
+    failed: Mutex<Option<String>>,
+    closed: AtomicBool,
+}
+
+/// An open dataset at this site.
+pub struct Dataset {
+    name: String,
+    dir: PathBuf,
+    keys: Keys,
+    state: Arc<State>,
+    tx: Mutex<Option<Sender<Submission>>>,
+    shared: Arc<Shared>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+    recovery: Recovery,
+    replayed: u64,
+}
+
+impl Dataset {
+    /// Opens (or creates) a dataset: checks the key, recovers the log,
+    /// replays records the state has not applied, and starts the committer.
+    pub fn open(dir: &Path, name: &str, key: &DatasetKey, opts: Options) -> Result<Dataset> {
+        check_identity(dir, name, key, opts.create)?;
+        let keys = key.derive();
+        let (wal, recovery) = Wal::open(&dir.join("log"), opts.segment_bytes)?;
+        let state = State::open(&dir.join("state"))?;
+        let applied = state.applied()?;
+        let head = wal.next_seq() - 1;
+        if applied.seq > head {
+            return Err(VaultError::LogGap {
+                dir: wal.dir().to_path_buf(),
+                reason: format!(
+                    "the log ends at seq {head} but the state has applied seq {}: acknowledged records are \
+                     missing from the log; restore this dataset from another site or the archive",
+                    applied.seq
+                ),
+            });
+        }
+        let replayed = replay(&state, &keys, wal.dir(), applied.clone())?;
+        let applied = state.applied()?;
+        if applied.seq != head || (head > 0 && applied.hash != wal.last_hash()) {
+            return Err(VaultError::LogGap {
+                dir: wal.dir().to_path_buf(),
+                reason: format!("after replay the state is at seq {} but the log at {head}", applied.seq),
+            });
+        }
+        if replayed > 0 {
+            state.flush()?;
+        }
+        let shared = Arc::new(Shared {
+            head_seq: AtomicU64::new(head),
+            last_commit_ns: AtomicI64::new(wal.last_time_ns()),
+            records: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            applied: Mutex::new(applied),
+            failed: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        let state = Arc::new(state);
+        let (tx, rx) = bounded::<Submission>(1024);
+        let committer = {
+            let (state, keys, shared) = (state.clone(), keys.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name(format!("commit-{name}"))
+                .spawn(move || commit_loop(wal, state, keys, shared, rx))
+                .map_err(|e| VaultError::io("starting committer thread", dir, e))?
+        };
+        let ds = Dataset {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            keys,
+            state,
+            tx: Mutex::new(Some(tx)),
+            shared,
+            committer: Mutex::new(Some(committer)),
+            recovery,
+            replayed,
+        };
+        // Chunks pinned by a file that was still being written when the last
+        // run stopped: release them through the log, so every site agrees.
+        let pins = ds.state.pins()?;
+        if !pins.is_empty() {
+            let ids: Vec<ChunkId> = pins
+                .iter()
+                .flat_map(|(id, n)| std::iter::repeat_n(*id, *n as usize))
+                .collect();
+            tracing::info!(dataset = name, chunks = ids.len(), "releasing chunks pinned by an interrupted write");
+            ds.submit(vec![Op::Unpin { ids }], Vec::new()).map_err(|e| match e {
+                SubmitError::Vault(v) => v,
+                SubmitError::Missing(_) => VaultError::Closed("releasing pins".into()),
+            })?;
+        }
+        Ok(ds)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Records replayed from the log into the state at open.
+    pub fn replayed(&self) -> u64 {
+        self.replayed
+    }
+
+    /// Logs ops (and the chunks they bring) durably and applies them. Blocks
+    /// until the record is fsynced and applied.
+    pub fn submit(&self, ops: Vec<Op>, attachments: Vec<SealedChunk>) -> std::result::Result<Committed, SubmitError> {
+        let (reply, rx) = bounded(1);
+        let tx = self
+            .tx
+            .lock()
+            .map_err(|_| VaultError::Closed("lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
+        tx.send(Submission {
+            ops,
+            attachments,
+            reply,
+        })
+        .map_err(|_| self.closed_error())?;
+        rx.recv().map_err(|_| self.closed_error())?
+    }
+
+    fn closed_error(&self) -> VaultError {
+        let why = self
+            .shared
+            .failed
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_else(|| "stopped".into());
+        VaultError::Closed(format!("dataset {}: {why}", self.name))
+    }
+
+    /// True if the chunk is stored (with at least one reference).
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.state.chunk_meta(id)?.is_some())
+    }
+
+    pub fn entry(&self, path: &[u8]) -> Result<Option<Entry>> {
+        self.state.entry(path)
+    }
+
+    pub fn entries_with_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
+        self.state.entries_with_prefix(prefix)
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The error that stopped the committer, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    pub fn status(&self) -> Status {
+        let applied = self.shared.applied.lock().map(|a| a.clone()).unwrap_or_default();
+        Status {
+            head_seq: self.shared.head_seq.load(Ordering::Acquire),
+            applied_seq: applied.seq,
+            last_commit_ns: self.shared.last_commit_ns.load(Ordering::Acquire),
+            chain_hash: hex::encode(applied.hash),
+            digest: hex::encode(applied.digest.summary()),
+            records_committed: self.shared.records.load(Ordering::Relaxed),
+            groups_committed: self.shared.groups.load(Ordering::Relaxed),
+            bytes_logged: self.shared.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting changes, lets the committer finish what it holds, and
+    /// flushes the state so the next open replays nothing.
+    pub fn close(&self) -> Result<()> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(h) = self.committer.lock().ok().and_then(|mut c| c.take()) {
+            let _ = h.join();
+        }
+        self.state.flush()
+    }
+}
+
+impl Drop for Dataset {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(dataset = %self.name, error = %e, "closing dataset");
+        }
+    }
+}
+
+/// Applies log records after `applied.seq` to the state, one batch each.
+fn replay(state: &State, keys: &Keys, log_dir: &Path, applied: Applied) -> Result<u64> {
+    let mut n = 0u64;
+    let mut current = applied;
+    wal::read_from(log_dir, current.seq + 1, |r| {
+        if current.seq > 0 && r.record.seq == current.seq + 1 && r.record.prev_hash != current.hash {
+            return Err(VaultError::BadRecord {
+                seq: r.record.seq,
+                reason: "its previous hash differs from the chain hash the state recorded".into(),
+            });
+        }
+        let ops = r.record.open_ops(keys)?;
+        let mut ov = Overlay::new(current.clone());
+        ov.apply(state, keys, r.record.seq, r.hash, r.record.time_ns, &ops, &r.record.attachments)?;
+        let (batch, a) = ov.into_batch(state)?;
+        state.write(batch)?;
+        current = a;
+        n += 1;
+        Ok(())
+    })?;
+    if n > 0 {
+        tracing::info!(records = n, to_seq = current.seq, "replayed the change log into the state");
+    }
+    Ok(n)
+}
+
+fn commit_loop(mut wal: Wal, state: Arc<State>, keys: Keys, shared: Arc<Shared>, rx: Receiver<Submission>) {
+    let mut applied = match shared.applied.lock() {
+        Ok(a) => a.clone(),
+        Err(_) => return,
+    };
+    let epoch = 1u64;
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        let mut bytes: usize = group[0].attachments.iter().map(|a| a.sealed.len()).sum();
+        while bytes < GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(s) => {
+                    bytes += s.attachments.iter().map(|a| a.sealed.len()).sum::<usize>();
+                    group.push(s);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(why) = shared.failed.lock().ok().and_then(|f| f.clone()) {
+            for s in group {
+                let _ = s.reply.send(Err(VaultError::Closed(why.clone()).into()));
+            }
+            continue;
+        }
+        let mut ov = Overlay::new(applied.clone());
+        let mut frames = Vec::with_capacity(bytes + group.len() * 256);
+        let mut accepted: Vec<(Submission, Committed)> = Vec::with_capacity(group.len());
+        let mut prev: Hash = wal.last_hash();
+        let mut seq = wal.next_seq();
+        let time_ns = now_ns().max(wal.last_time_ns());
+        let mut group_error: Option<String> = None;
+        for s in group {
+            match ov.missing(&state, &s.ops, &s.attachments) {
+                Ok(m) if !m.0.is_empty() => {
+                    let _ = s.reply.send(Err(SubmitError::Missing(m)));
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = s.reply.send(Err(e.into()));
+                    continue;
+                }
+            }
+            let rec = Record::seal(&keys, seq, epoch, time_ns, prev, &s.ops, s.attachments.clone());
+            let payload = rec.encode_payload();
+            let hash = chain(&prev, &payload);
+            if let Err(e) = ov.apply(&state, &keys, seq, hash, time_ns, &s.ops, &s.attachments) {
+                // Checked above, so this means a bug or a damaged state: stop
+                // rather than log something the state cannot follow.
+                group_error = Some(e.to_string());
+                let _ = s.reply.send(Err(e.into()));
+                break;
+            }
+            frames.extend_from_slice(&frame(&payload));
+            accepted.push((s, Committed { seq, time_ns }));
+            prev = hash;
+            seq += 1;
+        }
+        if let Some(why) = group_error {
+            fail(&shared, format!("applying a record failed: {why}"), accepted);
+            continue;
+        }
+        if accepted.is_empty() {
+            continue;
+        }
+        let last_seq = seq - 1;
+        if let Err(e) = wal.append_sync(&frames, last_seq, prev, time_ns) {
+            // Nothing of this group is durable and the log was cut back; the
+            // writers get the error and may retry (a full disk being freed).
+            tracing::error!(error = %e, "change log write failed; the changes were not acknowledged");
+            for (s, _) in accepted {
+                let _ = s.reply.send(Err(VaultError::io("appending to change log", wal.dir(), std::io::Error::other(e.to_string())).into()));
+            }
+            continue;
+        }
+        let result = ov.into_batch(&state).and_then(|(batch, a)| {
+            state.write(batch)?;
+            Ok(a)
+        });
+        match result {
+            Ok(a) => {
+                applied = a;
+                if let Ok(mut g) = shared.applied.lock() {
+                    *g = applied.clone();
+                }
+                shared.head_seq.store(last_seq, Ordering::Release);
+                shared.last_commit_ns.store(time_ns, Ordering::Release);
+                shared.records.fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                shared.groups.fetch_add(1, Ordering::Relaxed);
+                shared.bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
+                for (s, c) in accepted {
+                    let _ = s.reply.send(Ok(c));
+                }
+            }
+            Err(e) => {
+                // The records are durable but the state could not take them:
+                // answer with an error and stop; a restart replays them.
+                shared.head_seq.store(last_seq, Ordering::Release);
+                fail(&shared, format!("state write failed after the log was synced: {e}; restart to replay"), accepted);
+            }
+        }
+    }
+}
+
+fn fail(shared: &Shared, why: String, pending: Vec<(Submission, Committed)>) {
+    tracing::error!(reason = %why, "committer stopped");
+    if let Ok(mut f) = shared.failed.lock() {
+        *f = Some(why.clone());
+    }
+    for (s, _) in pending {
+        let _ = s.reply.send(Err(VaultError::Closed(why.clone()).into()));
+    }
+}
+
+/// A read-only view of a dataset as of its log's head, usable while a daemon
+/// runs: the state as last flushed plus the log tail replayed in memory.
+pub struct View {
+    state: State,
+    overlay: Overlay,
+    keys: Keys,
+}
+
+impl View {
+    pub fn open(dir: &Path, name: &str, key: &DatasetKey) -> Result<View> {
+        check_identity(dir, name, key, false)?;
+        let keys = key.derive();
+        let state = State::open_read_only(&dir.join("state"))?;
+        let mut overlay = Overlay::new(state.applied()?);
+        wal::read_from(&dir.join("log"), overlay.applied().seq + 1, |r| {
+            let ops = r.record.open_ops(&keys)?;
+            overlay.apply(&state, &keys, r.record.seq, r.hash, r.record.time_ns, &ops, &r.record.attachments)?;
+            Ok(())
+        })?;
+        Ok(View { state, overlay, keys })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn applied(&self) -> &Applied {
+        self.overlay.applied()
+    }
+
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
+        self.overlay.entries_with_prefix(&self.state, b"")
+    }
+
+    pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>> {
+        self.overlay.chunk_meta(&self.state, id)
+    }
+
+    pub fn chunk_bytes(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        self.overlay.chunk_bytes(&self.state, id)
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+}

@@ -1,0 +1,31 @@
+//! A site's copy of a dataset: chunking, sealing, the change log and the
+//! RocksDB state that the log is applied to.
+//!
+//! - [`keys`]: the dataset key and its derived sub-keys
+//! - [`crypto`]: SM4-GCM and HMAC-SM3
+//! - [`chunk`]: FastCDC cutting, chunk ids, sealing
+//! - [`lthash`]: the homomorphic namespace digest
+//! - [`ops`]: namespace entries and the ops records carry
+//! - [`record`]: record layout, sealing and the hash chain
+//! - [`wal`]: segment files, group-committed appends, crash recovery
+//! - [`state`]: RocksDB state and applying records to it
+//! - [`dataset`]: an open dataset: identity, committer thread, read views
+//! - [`restore`]: rebuilding a tree and digesting a tree on disk
+
+pub mod chunk;
+pub mod crypto;
+pub mod dataset;
+pub mod error;
+pub mod keys;
+pub mod lthash;
+pub mod ops;
+pub mod record;
+pub mod restore;
+pub mod state;
+pub mod wal;
+
+pub use chunk::{ChunkId, SealedChunk};
+pub use dataset::{Committed, Dataset, Options, Status, SubmitError, View};
+pub use error::{Result, VaultError};
+pub use keys::{DatasetKey, Keys};
+pub use ops::{ChunkRef, Entry, Node, Op};

@@ -1,0 +1,679 @@
+//! A site's state in RocksDB, and the one function that applies records to it.
+//!
+//! Column families:
+//! - `ns`: path -> [`Entry`] (the namespace)
+//! - `chunks`: chunk id -> sealed bytes, in BlobDB blob files
+//! - `chunkmeta`: chunk id -> reference count, lengths, BLAKE3 of sealed bytes
+//! - `pins`: chunk id -> references held by `Pin` ops of files still in flight
+//! - `meta`: applied seq, chain hash, commit time and the running LtHash digest
+//! - `checkpoints`: seq -> (chain hash, digest, HMAC-SM3 evidence)
+//!
+//! State is written with RocksDB's own WAL disabled: triad's change log already
+//! holds every byte, and replaying it from the applied seq rebuilds whatever a
+//! crash lost from the memtables. Atomic flush keeps all column families at the
+//! same record boundary, so the applied seq read back after a crash always
+//! matches the rest of the state. A chunk's bytes are thus written twice (the
+//! log, then the blob file), not three times.
+//!
+//! Applying goes through an [`Overlay`]: an in-memory layer over the database
+//! that collects a group of records' effects and becomes one atomic write
+//! batch. The same overlay, never written, is how a reader in another process
+//! sees records the daemon has logged but not yet flushed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+
+use crate::chunk::{ChunkId, SealedChunk};
+use crate::crypto::hmac_sm3;
+use crate::error::{Result, VaultError};
+use crate::keys::Keys;
+use crate::lthash::LtHash;
+use crate::ops::{subtree_prefix, Entry, Op};
+use crate::record::Hash;
+
+const CF_NS: &str = "ns";
+const CF_CHUNKS: &str = "chunks";
+const CF_CHUNKMETA: &str = "chunkmeta";
+const CF_PINS: &str = "pins";
+const CF_META: &str = "meta";
+const CF_CHECKPOINTS: &str = "checkpoints";
+const ALL_CFS: [&str; 6] = [CF_NS, CF_CHUNKS, CF_CHUNKMETA, CF_PINS, CF_META, CF_CHECKPOINTS];
+
+const K_APPLIED: &[u8] = b"applied";
+const K_DIGEST: &[u8] = b"digest";
+
+/// A checkpoint is recorded every this many records.
+pub const CHECKPOINT_INTERVAL: u64 = 256;
+
+/// Per-chunk bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkMeta {
+    pub refs: u64,
+    pub plain_len: u32,
+    pub sealed_len: u32,
+    pub sealed_hash: [u8; 32],
+}
+
+impl ChunkMeta {
+    fn encode(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[..8].copy_from_slice(&self.refs.to_le_bytes());
+        b[8..12].copy_from_slice(&self.plain_len.to_le_bytes());
+        b[12..16].copy_from_slice(&self.sealed_len.to_le_bytes());
+        b[16..].copy_from_slice(&self.sealed_hash);
+        b
+    }
+    fn decode(b: &[u8]) -> Option<ChunkMeta> {
+        if b.len() != 48 {
+            return None;
+        }
+        Some(ChunkMeta {
+            refs: u64::from_le_bytes(b[..8].try_into().ok()?),
+            plain_len: u32::from_le_bytes(b[8..12].try_into().ok()?),
+            sealed_len: u32::from_le_bytes(b[12..16].try_into().ok()?),
+            sealed_hash: b[16..].try_into().ok()?,
+        })
+    }
+}
+
+/// Where the state stands: the last applied record and the digest after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub seq: u64,
+    pub hash: Hash,
+    pub time_ns: i64,
+    pub digest: LtHash,
+}
+
+impl Default for Applied {
+    fn default() -> Self {
+        Applied {
+            seq: 0,
+            hash: [0; 32],
+            time_ns: 0,
+            digest: LtHash::default(),
+        }
+    }
+}
+
+/// `(seq, chain hash, digest)` with HMAC-SM3 evidence over all three.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub hash: Hash,
+    pub digest: [u8; 32],
+    pub hmac_sm3: [u8; 32],
+}
+
+impl Checkpoint {
+    pub fn new(keys: &Keys, seq: u64, hash: Hash, digest: [u8; 32]) -> Checkpoint {
+        let mac = hmac_sm3(&keys.evidence, &[b"triad checkpoint v1", &seq.to_le_bytes(), &hash, &digest]);
+        Checkpoint {
+            seq,
+            hash,
+            digest,
+            hmac_sm3: mac,
+        }
+    }
+
+    /// Checks the evidence under the dataset's key.
+    pub fn verify(&self, keys: &Keys) -> bool {
+        Checkpoint::new(keys, self.seq, self.hash, self.digest).hmac_sm3 == self.hmac_sm3
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        [&self.hash[..], &self.digest[..], &self.hmac_sm3[..]].concat()
+    }
+
+    fn decode(seq: u64, b: &[u8]) -> Option<Checkpoint> {
+        if b.len() != 96 {
+            return None;
+        }
+        Some(Checkpoint {
+            seq,
+            hash: b[..32].try_into().ok()?,
+            digest: b[32..64].try_into().ok()?,
+            hmac_sm3: b[64..].try_into().ok()?,
+        })
+    }
+}
+
+/// The RocksDB state of one dataset.
+pub struct State {
+    db: DB,
+    path: PathBuf,
+}
+
+fn cf_options(name: &str) -> Options {
+    let mut o = Options::default();
+    // Chunks are already compressed and encrypted; namespace entries are small.
+    o.set_compression_type(DBCompressionType::None);
+    if name == CF_CHUNKS {
+        o.set_enable_blob_files(true);
+        o.set_min_blob_size(1024);
+        o.set_blob_file_size(256 << 20);
+        o.set_blob_compression_type(DBCompressionType::None);
+        o.set_enable_blob_gc(true);
+        o.set_blob_gc_age_cutoff(0.25);
+        o.set_write_buffer_size(64 << 20);
+    } else {
+        let mut bb = BlockBasedOptions::default();
+        bb.set_bloom_filter(10.0, false);
+        o.set_block_based_table_factory(&bb);
+    }
+    o
+}
+
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    // Required when RocksDB's WAL is off: all column families flush together.
+    o.set_atomic_flush(true);
+    o.set_max_background_jobs(2);
+    o.set_keep_log_file_num(4);
+    o
+}
+
+impl State {
+    pub fn open(path: &Path) -> Result<State> {
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
+        let db = DB::open_cf_descriptors(&db_options(), path, cfs).map_err(|e| VaultError::State {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Ok(State {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens the state for reading while a daemon may hold it open for writing.
+    /// It shows the state as of the daemon's last flush; [`Overlay`] replay of
+    /// the log tail brings it to the log's head.
+    pub fn open_read_only(path: &Path) -> Result<State> {
+        let mut opts = db_options();
+        opts.create_if_missing(false);
+        // Open every table file now, so compactions by the writer cannot pull
+        // files from under a long read.
+        opts.set_max_open_files(-1);
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
+        let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(|e| VaultError::State {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Ok(State {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, e: rocksdb::Error) -> VaultError {
+        VaultError::State {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
+
+    fn corrupt(&self, reason: String) -> VaultError {
+        VaultError::StateCorrupt {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| self.corrupt(format!("column family {name} is missing")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn applied(&self) -> Result<Applied> {
+        let meta = self.cf(CF_META)?;
+        let Some(a) = self.db.get_cf(meta, K_APPLIED).map_err(|e| self.err(e))? else {
+            return Ok(Applied::default());
+        };
+        if a.len() != 48 {
+            return Err(self.corrupt("applied record has the wrong length".into()));
+        }
+        let d = self
+            .db
+            .get_cf(meta, K_DIGEST)
+            .map_err(|e| self.err(e))?
+            .and_then(|d| LtHash::try_from_bytes(&d))
+            .ok_or_else(|| self.corrupt("namespace digest is missing or malformed".into()))?;
+        Ok(Applied {
+            seq: u64::from_le_bytes(a[..8].try_into().unwrap_or_default()),
+            time_ns: i64::from_le_bytes(a[8..16].try_into().unwrap_or_default()),
+            hash: a[16..48].try_into().unwrap_or_default(),
+            digest: d,
+        })
+    }
+
+    pub fn entry(&self, path: &[u8]) -> Result<Option<Entry>> {
+        let ns = self.cf(CF_NS)?;
+        match self.db.get_pinned_cf(ns, path).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(b) => Entry::decode(&b)
+                .map(Some)
+                .ok_or_else(|| self.corrupt(format!("entry {} is malformed", String::from_utf8_lossy(path)))),
+        }
+    }
+
+    pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>> {
+        let cf = self.cf(CF_CHUNKMETA)?;
+        match self.db.get_pinned_cf(cf, id.0).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(b) => ChunkMeta::decode(&b)
+                .map(Some)
+                .ok_or_else(|| self.corrupt(format!("chunk meta {id} is malformed"))),
+        }
+    }
+
+    /// The sealed bytes of a chunk, as stored. RocksDB checks its own block
+    /// and blob checksums on the way.
+    pub fn chunk_bytes(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let cf = self.cf(CF_CHUNKS)?;
+        let mut ro = ReadOptions::default();
+        ro.set_verify_checksums(true);
+        // Large one-off reads should not push the namespace out of the cache.
+        ro.fill_cache(false);
+        self.db.get_cf_opt(cf, id.0, &ro).map_err(|e| self.err(e))
+    }
+
+    /// Entries at or beneath `prefix` (all entries for an empty prefix), in order.
+    pub fn entries_with_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
+        let ns = self.cf(CF_NS)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(ns, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let e = Entry::decode(&v)
+                .ok_or_else(|| self.corrupt(format!("entry {} is malformed", String::from_utf8_lossy(&k))))?;
+            out.push((k.to_vec(), e));
+        }
+        Ok(out)
+    }
+
+    /// Chunks with references held by pins.
+    pub fn pins(&self) -> Result<Vec<(ChunkId, u64)>> {
+        let cf = self.cf(CF_PINS)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let id = ChunkId(k.as_ref().try_into().map_err(|_| self.corrupt("pin key malformed".into()))?);
+            let n = u64::from_le_bytes(v.as_ref().try_into().map_err(|_| self.corrupt("pin count malformed".into()))?);
+            out.push((id, n));
+        }
+        Ok(out)
+    }
+
+    /// Every stored chunk's bookkeeping, for scrubs and tests.
+    pub fn all_chunk_meta(&self) -> Result<Vec<(ChunkId, ChunkMeta)>> {
+        let cf = self.cf(CF_CHUNKMETA)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let id = ChunkId(k.as_ref().try_into().map_err(|_| self.corrupt("chunk key malformed".into()))?);
+            let m = ChunkMeta::decode(&v).ok_or_else(|| self.corrupt(format!("chunk meta {id} malformed")))?;
+            out.push((id, m));
+        }
+        Ok(out)
+    }
+
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let cf = self.cf(CF_CHECKPOINTS)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| self.corrupt("checkpoint key malformed".into()))?);
+            out.push(Checkpoint::decode(seq, &v).ok_or_else(|| self.corrupt(format!("checkpoint {seq} malformed")))?);
+        }
+        Ok(out)
+    }
+
+    /// Recomputes the namespace digest from every entry (a scrub's check of
+    /// the running value).
+    pub fn recompute_digest(&self, keys: &Keys) -> Result<LtHash> {
+        let mut d = LtHash::default();
+        for (p, e) in self.entries_with_prefix(b"")? {
+            d.add(&e.digest_element(keys, &p));
+        }
+        Ok(d)
+    }
+
+    pub fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
+    }
+
+    /// Flushes memtables of every column family together, making the state
+    /// durable up to its applied seq (a clean stop does this so a restart
+    /// replays nothing).
+    pub fn flush(&self) -> Result<()> {
+        let cfs: Vec<&rocksdb::ColumnFamily> = ALL_CFS.iter().filter_map(|n| self.db.cf_handle(n)).collect();
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| self.err(e))
+    }
+}
+
+/// An op could not be applied because chunks it needs are not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing(pub Vec<ChunkId>);
+
+/// Effects of records not yet written to the database.
+#[derive(Default)]
+pub struct Overlay {
+    entries: BTreeMap<Vec<u8>, Option<Entry>>,
+    chunks: HashMap<ChunkId, Option<ChunkMeta>>,
+    /// Sealed bytes of chunks that became present in this overlay.
+    bytes: HashMap<ChunkId, Vec<u8>>,
+    pins: HashMap<ChunkId, u64>,
+    applied: Applied,
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl Overlay {
+    pub fn new(applied: Applied) -> Overlay {
+        Overlay {
+            applied,
+            ..Overlay::default()
+        }
+    }
+
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.chunks.is_empty() && self.pins.is_empty() && self.checkpoints.is_empty()
+    }
+
+    pub fn entry(&self, st: &State, path: &[u8]) -> Result<Option<Entry>> {
+        match self.entries.get(path) {
+            Some(e) => Ok(e.clone()),
+            None => st.entry(path),
+        }
+    }
+
+    pub fn chunk_meta(&self, st: &State, id: &ChunkId) -> Result<Option<ChunkMeta>> {
+        match self.chunks.get(id) {
+            Some(m) => Ok(*m),
+            None => st.chunk_meta(id),
+        }
+    }
+
+    pub fn chunk_bytes(&self, st: &State, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        match self.chunks.get(id) {
+            Some(None) => Ok(None),
+            _ => match self.bytes.get(id) {
+                Some(b) => Ok(Some(b.clone())),
+                None => st.chunk_bytes(id),
+            },
+        }
+    }
+
+    fn pin_count(&self, st: &State, id: &ChunkId) -> Result<u64> {
+        if let Some(n) = self.pins.get(id) {
+            return Ok(*n);
+        }
+        let cf = st.cf(CF_PINS)?;
+        Ok(st
+            .db
+            .get_pinned_cf(cf, id.0)
+            .map_err(|e| st.err(e))?
+            .and_then(|b| b.as_ref().try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Entries at or beneath `prefix`, merging the overlay over the database.
+    pub fn entries_with_prefix(&self, st: &State, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
+        let mut merged: BTreeMap<Vec<u8>, Entry> = st.entries_with_prefix(prefix)?.into_iter().collect();
+        for (k, v) in self.entries.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(e) => merged.insert(k.clone(), e.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    /// Chunks the ops need that are neither stored nor attached.
+    pub fn missing(&self, st: &State, ops: &[Op], attachments: &[SealedChunk]) -> Result<Missing> {
+        let mut missing = Vec::new();
+        for op in ops {
+            for id in op.needs() {
+                if attachments.iter().any(|a| a.id == id) || missing.contains(&id) {
+                    continue;
+                }
+                if self.chunk_meta(st, &id)?.is_none() {
+                    missing.push(id);
+                }
+            }
+        }
+        Ok(Missing(missing))
+    }
+
+    fn set_entry(&mut self, keys: &Keys, path: &[u8], old: Option<&Entry>, new: Option<Entry>) {
+        if let Some(o) = old {
+            self.applied.digest.sub(&o.digest_element(keys, path));
+        }
+        if let Some(n) = &new {
+            self.applied.digest.add(&n.digest_element(keys, path));
+        }
+        self.entries.insert(path.to_vec(), new);
+    }
+
+    fn incref(&mut self, st: &State, id: &ChunkId, staged: &HashMap<ChunkId, &SealedChunk>, seq: u64) -> Result<()> {
+        match self.chunk_meta(st, id)? {
+            Some(mut m) => {
+                m.refs += 1;
+                self.chunks.insert(*id, Some(m));
+            }
+            None => {
+                let s = staged.get(id).ok_or_else(|| VaultError::BadRecord {
+                    seq,
+                    reason: format!("references chunk {id}, which is neither stored nor attached"),
+                })?;
+                self.chunks.insert(
+                    *id,
+                    Some(ChunkMeta {
+                        refs: 1,
+                        plain_len: s.plain_len,
+                        sealed_len: s.sealed.len() as u32,
+                        sealed_hash: s.sealed_hash(),
+                    }),
+                );
+                self.bytes.insert(*id, s.sealed.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn decref(&mut self, st: &State, id: &ChunkId) -> Result<()> {
+        if let Some(mut m) = self.chunk_meta(st, id)? {
+            m.refs = m.refs.saturating_sub(1);
+            if m.refs == 0 {
+                self.chunks.insert(*id, None);
+                self.bytes.remove(id);
+            } else {
+                self.chunks.insert(*id, Some(m));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, st: &State, keys: &Keys, path: &[u8], old: &Entry) -> Result<()> {
+        if old.is_dir() {
+            for (p, e) in self.entries_with_prefix(st, &subtree_prefix(path))? {
+                for c in e.chunks() {
+                    self.decref(st, &c.id)?;
+                }
+                self.set_entry(keys, &p, Some(&e), None);
+            }
+        }
+        for c in old.chunks() {
+            self.decref(st, &c.id)?;
+        }
+        self.set_entry(keys, path, Some(old), None);
+        Ok(())
+    }
+
+    /// Applies one record. Records at or below the applied seq are skipped
+    /// (replay is idempotent); a gap is an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        st: &State,
+        keys: &Keys,
+        seq: u64,
+        hash: Hash,
+        time_ns: i64,
+        ops: &[Op],
+        attachments: &[SealedChunk],
+    ) -> Result<bool> {
+        if seq <= self.applied.seq {
+            return Ok(false);
+        }
+        if seq != self.applied.seq + 1 {
+            return Err(VaultError::BadRecord {
+                seq,
+                reason: format!("state has applied up to seq {}; records in between are missing", self.applied.seq),
+            });
+        }
+        let staged: HashMap<ChunkId, &SealedChunk> = attachments.iter().map(|a| (a.id, a)).collect();
+        for op in ops {
+            match op {
+                Op::Put { path, entry } => {
+                    // Take the new references before dropping the old ones, so a
+                    // chunk shared by both versions is never freed in between.
+                    for c in entry.chunks() {
+                        self.incref(st, &c.id, &staged, seq)?;
+                    }
+                    if let Some(old) = self.entry(st, path)? {
+                        if old.is_dir() && !entry.is_dir() {
+                            self.remove(st, keys, path, &old)?;
+                        } else {
+                            for c in old.chunks() {
+                                self.decref(st, &c.id)?;
+                            }
+                            self.set_entry(keys, path, Some(&old), None);
+                        }
+                    }
+                    self.set_entry(keys, path, None, Some(entry.clone()));
+                }
+                Op::Delete { path } => {
+                    if let Some(old) = self.entry(st, path)? {
+                        self.remove(st, keys, path, &old)?;
+                    }
+                }
+                Op::Rename { from, to } => {
+                    if from == to || to.starts_with(&subtree_prefix(from)) {
+                        continue;
+                    }
+                    let Some(src) = self.entry(st, from)? else { continue };
+                    let mut moving = vec![(from.clone(), src.clone())];
+                    if src.is_dir() {
+                        moving.extend(self.entries_with_prefix(st, &subtree_prefix(from))?);
+                    }
+                    if let Some(old) = self.entry(st, to)? {
+                        self.remove(st, keys, to, &old)?;
+                    }
+                    for (p, e) in &moving {
+                        self.set_entry(keys, p, Some(e), None);
+                    }
+                    for (p, e) in moving {
+                        let mut np = to.clone();
+                        np.extend_from_slice(&p[from.len()..]);
+                        self.set_entry(keys, &np, None, Some(e));
+                    }
+                }
+                Op::Pin { ids } => {
+                    for id in ids {
+                        self.incref(st, id, &staged, seq)?;
+                        let n = self.pin_count(st, id)?;
+                        self.pins.insert(*id, n + 1);
+                    }
+                }
+                Op::Unpin { ids } => {
+                    for id in ids {
+                        let n = self.pin_count(st, id)?;
+                        if n > 0 {
+                            self.pins.insert(*id, n - 1);
+                            self.decref(st, id)?;
+                        }
+                    }
+                }
+            }
+        }
+        self.applied.seq = seq;
+        self.applied.hash = hash;
+        self.applied.time_ns = time_ns;
+        if seq % CHECKPOINT_INTERVAL == 0 {
+            self.checkpoints
+                .push(Checkpoint::new(keys, seq, hash, self.applied.digest.summary()));
+        }
+        Ok(true)
+    }
+
+    /// The overlay as one atomic write batch, consuming it.
+    pub fn into_batch(self, st: &State) -> Result<(WriteBatch, Applied)> {
+        let mut b = WriteBatch::default();
+        let ns = st.cf(CF_NS)?;
+        for (k, v) in &self.entries {
+            match v {
+                Some(e) => b.put_cf(ns, k, e.encode()),
+                None => b.delete_cf(ns, k),
+            }
+        }
+        let (cm, cb) = (st.cf(CF_CHUNKMETA)?, st.cf(CF_CHUNKS)?);
+        for (id, m) in &self.chunks {
+            match m {
+                Some(m) => {
+                    b.put_cf(cm, id.0, m.encode());
+                    if let Some(bytes) = self.bytes.get(id) {
+                        b.put_cf(cb, id.0, bytes);
+                    }
+                }
+                None => {
+                    b.delete_cf(cm, id.0);
+                    b.delete_cf(cb, id.0);
+                }
+            }
+        }
+        let pins = st.cf(CF_PINS)?;
+        for (id, n) in &self.pins {
+            if *n == 0 {
+                b.delete_cf(pins, id.0);
+            } else {
+                b.put_cf(pins, id.0, n.to_le_bytes());
+            }
+        }
+        let cps = st.cf(CF_CHECKPOINTS)?;
+        for c in &self.checkpoints {
+            b.put_cf(cps, c.seq.to_be_bytes(), c.encode());
+        }
+        let meta = st.cf(CF_META)?;
+        let a = &self.applied;
+        let mut rec = Vec::with_capacity(48);
+        rec.extend_from_slice(&a.seq.to_le_bytes());
+        rec.extend_from_slice(&a.time_ns.to_le_bytes());
+        rec.extend_from_slice(&a.hash);
+        b.put_cf(meta, K_APPLIED, rec);
+        b.put_cf(meta, K_DIGEST, a.digest.to_bytes());
+        Ok((b, self.applied))
+    }
+}

@@ -1,0 +1,505 @@
+//! The change log on disk: append-only segment files with group-committed
+//! fsync, and the recovery that runs when it is opened.
+//!
+//! A segment is a 32-byte header followed by framed records (see
+//! [`crate::record`]). Segments are named by their first seq. On open every
+//! segment is read and checked (frame checksums, seq continuity, hash chain):
+//! damage at the very end of the newest segment is a torn write and is cut
+//! off and logged; damage anywhere else, or damage followed by an intact
+//! record, stops the open with an error naming the segment and offset,
+//! because cutting there would drop records that were acknowledged.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, VaultError};
+use crate::record::{chain, Hash, Record, MAX_PAYLOAD};
+
+const MAGIC: &[u8; 8] = b"TRIADLOG";
+pub const FORMAT_VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 32;
+/// Records are written in groups; a segment is closed once it passes this size.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.log")
+}
+
+fn header(first_seq: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&first_seq.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..24]);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn parse_header(h: &[u8]) -> std::result::Result<u64, String> {
+    if h.len() < HEADER_LEN {
+        return Err("segment header is incomplete".into());
+    }
+    if &h[..8] != MAGIC {
+        return Err("not a triad log segment (bad magic)".into());
+    }
+    let crc = u32::from_le_bytes([h[24], h[25], h[26], h[27]]);
+    if crc != crc32c::crc32c(&h[..24]) {
+        return Err("segment header checksum mismatch".into());
+    }
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "segment format version {version}; this triad reads version {FORMAT_VERSION}"
+        ));
+    }
+    Ok(u64::from_le_bytes(h[16..24].try_into().map_err(|_| "short header")?))
+}
+
+/// A frame parsed at some offset of a segment buffer.
+struct Parsed {
+    record: Record,
+    payload_range: std::ops::Range<usize>,
+    end: usize,
+}
+
+/// Parses the frame at `off`; Err carries why it is not a valid frame.
+fn parse_frame(buf: &[u8], off: usize) -> std::result::Result<Parsed, String> {
+    let rest = &buf[off..];
+    if rest.len() < 8 {
+        return Err("frame header cut short".into());
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if len > MAX_PAYLOAD {
+        return Err(format!("frame length {len} is implausible"));
+    }
+    if rest.len() < 8 + len {
+        return Err(format!("frame of {len} bytes runs past the end of the segment"));
+    }
+    let payload = &rest[8..8 + len];
+    if crc32c::crc32c(payload) != crc {
+        return Err("record checksum mismatch".into());
+    }
+    let record = Record::decode_payload(payload).ok_or("record payload is malformed")?;
+    Ok(Parsed {
+        record,
+        payload_range: off + 8..off + 8 + len,
+        end: off + 8 + len,
+    })
+}
+
+/// True when some intact record with seq >= `min_seq` starts after `from`:
+/// evidence that the damage at `from` is in the middle of the log.
+fn intact_record_after(buf: &[u8], from: usize, min_seq: u64) -> bool {
+    let mut off = from + 1;
+    while off + 8 + 8 <= buf.len() {
+        let len = u32::from_le_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+        if len >= 8 && off + 8 + len <= buf.len() {
+            let payload = &buf[off + 8..off + 8 + len];
+            if Record::peek_seq(payload).is_some_and(|s| s >= min_seq) {
+                let crc = u32::from_le_bytes([buf[off + 4], buf[off + 5], buf[off + 6], buf[off + 7]]);
+                if crc32c::crc32c(payload) == crc {
+                    return true;
+                }
+            }
+        }
+        off += 1;
+    }
+    false
+}
+
+#[derive(Clone, Debug)]
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+}
+
+/// What recovery found when the log was opened.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery {
+    pub segments: usize,
+    pub records: u64,
+    /// A torn tail that was cut off: segment, offset, bytes dropped.
+    pub truncated: Option<(PathBuf, u64, u64)>,
+}
+
+/// The writable change log of one dataset. Owned by the committer thread.
+pub struct Wal {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    file: File,
+    active_len: u64,
+    next_seq: u64,
+    last_hash: Hash,
+    last_time_ns: i64,
+    segment_bytes: u64,
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
+    let mut segs = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| VaultError::io("listing log segments", dir, e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| VaultError::io("listing log segments", dir, e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(".log") else { continue };
+        let Ok(first_seq) = stem.parse::<u64>() else { continue };
+        segs.push(Segment {
+            first_seq,
+            path: ent.path(),
+        });
+    }
+    segs.sort_by_key(|s| s.first_seq);
+    Ok(segs)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| VaultError::io("syncing log directory", dir, e))
+}
+
+impl Wal {
+    /// Opens (creating if needed) the log in `dir`, recovering from a crash.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Wal, Recovery)> {
+        std::fs::create_dir_all(dir).map_err(|e| VaultError::io("creating log directory", dir, e))?;
+        let mut segments = list_segments(dir)?;
+        let mut rec = Recovery {
+            segments: segments.len(),
+            ..Recovery::default()
+        };
+        let mut next_seq = segments.first().map(|s| s.first_seq).unwrap_or(1);
+        let mut last_hash: Option<Hash> = None;
+        let mut last_time_ns = 0i64;
+        let n = segments.len();
+        let mut drop_last_segment = false;
+        for (i, seg) in segments.iter().enumerate() {
+            let is_last = i + 1 == n;
+            let buf = std::fs::read(&seg.path).map_err(|e| VaultError::io("reading log segment", &seg.path, e))?;
+            let corrupt = |offset: usize, reason: String| VaultError::CorruptSegment {
+                segment: seg.path.clone(),
+                offset: offset as u64,
+                reason,
+            };
+            match parse_header(&buf) {
+                Ok(first) if first == seg.first_seq => {}
+                Ok(first) => {
+                    return Err(corrupt(0, format!("header says first seq {first}, file name says {}", seg.first_seq)))
+                }
+                // A crash while a new segment's header was being written leaves
+                // a short or partial header in the newest segment and nothing after.
+                Err(_) if is_last && buf.len() <= HEADER_LEN => {
+                    tracing::warn!(segment = %seg.path.display(), "removing a segment whose header was torn by a crash");
+                    drop_last_segment = true;
+                    continue;
+                }
+                Err(reason) => return Err(corrupt(0, reason)),
+            }
+            if seg.first_seq != next_seq {
+                return Err(VaultError::LogGap {
+                    dir: dir.to_path_buf(),
+                    reason: format!(
+                        "segment {} starts at seq {} but seq {} was expected",
+                        seg.path.display(),
+                        seg.first_seq,
+                        next_seq
+                    ),
+                });
+            }
+            let mut off = HEADER_LEN;
+            while off < buf.len() {
+                let failure = match parse_frame(&buf, off) {
+                    Ok(p) if p.record.seq != next_seq => {
+                        Some(format!("record has seq {}, expected {}", p.record.seq, next_seq))
+                    }
+                    Ok(p) if last_hash.is_some_and(|h| h != p.record.prev_hash) => {
+                        Some(format!("hash chain broken at seq {}", p.record.seq))
+                    }
+                    Ok(p) => {
+                        let prev = last_hash.unwrap_or(p.record.prev_hash);
+                        last_hash = Some(chain(&prev, &buf[p.payload_range.clone()]));
+                        last_time_ns = p.record.time_ns;
+                        next_seq += 1;
+                        rec.records += 1;
+                        off = p.end;
+                        None
+                    }
+                    Err(reason) => Some(reason),
+                };
+                let Some(reason) = failure else { continue };
+                if !is_last || intact_record_after(&buf, off, next_seq) {
+                    return Err(corrupt(off, reason));
+                }
+                let dropped = (buf.len() - off) as u64;
+                tracing::warn!(
+                    segment = %seg.path.display(),
+                    offset = off,
+                    bytes = dropped,
+                    %reason,
+                    "cutting a torn tail off the change log (a write the crash interrupted; it was never acknowledged)"
+                );
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&seg.path)
+                    .map_err(|e| VaultError::io("truncating torn log tail", &seg.path, e))?;
+                f.set_len(off as u64)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| VaultError::io("truncating torn log tail", &seg.path, e))?;
+                rec.truncated = Some((seg.path.clone(), off as u64, dropped));
+                break;
+            }
+        }
+        if drop_last_segment {
+            if let Some(seg) = segments.pop() {
+                std::fs::remove_file(&seg.path).map_err(|e| VaultError::io("removing torn segment", &seg.path, e))?;
+                sync_dir(dir)?;
+            }
+        }
+        let (file, active_len) = match segments.last() {
+            Some(seg) => {
+                let mut f = OpenOptions::new()
+                    .append(true)
+                    .open(&seg.path)
+                    .map_err(|e| VaultError::io("opening log segment", &seg.path, e))?;
+                let len = f
+                    .seek(SeekFrom::End(0))
+                    .map_err(|e| VaultError::io("opening log segment", &seg.path, e))?;
+                (f, len)
+            }
+            None => {
+                let seg = Segment {
+                    first_seq: next_seq,
+                    path: dir.join(segment_name(next_seq)),
+                };
+                let f = create_segment(dir, &seg)?;
+                segments.push(seg);
+                (f, HEADER_LEN as u64)
+            }
+        };
+        Ok((
+            Wal {
+                dir: dir.to_path_buf(),
+                segments,
+                file,
+                active_len,
+                next_seq,
+                last_hash: last_hash.unwrap_or([0; 32]),
+                last_time_ns,
+                segment_bytes,
+            },
+            rec,
+        ))
+    }
+
+    /// The seq the next appended record must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Chain hash after the last record (all zeros for an empty log).
+    pub fn last_hash(&self) -> Hash {
+        self.last_hash
+    }
+
+    pub fn last_time_ns(&self) -> i64 {
+        self.last_time_ns
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends framed records `first..=last` and fsyncs once for all of them.
+    /// On failure the log is cut back to where it was, so nothing half-written
+    /// survives and the same seqs can be retried.
+    pub fn append_sync(&mut self, frames: &[u8], last_seq: u64, last_hash: Hash, last_time_ns: i64) -> Result<()> {
+        if self.active_len >= self.segment_bytes {
+            self.roll()?;
+        }
+        let seg_path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        let before = self.active_len;
+        let res = self.file.write_all(frames).and_then(|_| self.file.sync_data());
+        if let Err(e) = res {
+            // Cut back so the failed group leaves no partial frame behind; if even
+            // that fails, the next open's recovery cuts it as a torn tail.
+            let _ = self.file.set_len(before).and_then(|_| self.file.sync_data());
+            return Err(VaultError::io("appending to change log", seg_path, e));
+        }
+        self.active_len += frames.len() as u64;
+        self.next_seq = last_seq + 1;
+        self.last_hash = last_hash;
+        self.last_time_ns = last_time_ns;
+        Ok(())
+    }
+
+    fn roll(&mut self) -> Result<()> {
+        let seg = Segment {
+            first_seq: self.next_seq,
+            path: self.dir.join(segment_name(self.next_seq)),
+        };
+        let f = create_segment(&self.dir, &seg)?;
+        self.file = f;
+        self.active_len = HEADER_LEN as u64;
+        self.segments.push(seg);
+        Ok(())
+    }
+}
+
+fn create_segment(dir: &Path, seg: &Segment) -> Result<File> {
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&seg.path)
+        .map_err(|e| VaultError::io("creating log segment", &seg.path, e))?;
+    f.write_all(&header(seg.first_seq))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| VaultError::io("creating log segment", &seg.path, e))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+/// A record read back from the log, with its chain hash.
+pub struct ReadRecord {
+    pub record: Record,
+    pub hash: Hash,
+}
+
+/// Reads records with seq >= `from_seq`, in order, calling `f` for each.
+///
+/// Used for replay at open and by readers in other processes (restore while
+/// the daemon runs): damage at the end of the newest segment is taken as a
+/// record still being written and ends the read; damage elsewhere is an error.
+/// Returns the seq after the last record read.
+pub fn read_from(dir: &Path, from_seq: u64, mut f: impl FnMut(ReadRecord) -> Result<()>) -> Result<u64> {
+    let segments = list_segments(dir)?;
+    // Start at the newest segment whose first seq is <= from_seq.
+    let start = segments.iter().rposition(|s| s.first_seq <= from_seq).unwrap_or(0);
+    let mut expected: Option<u64> = None;
+    let mut last_hash: Option<Hash> = None;
+    let n = segments.len();
+    for (i, seg) in segments.iter().enumerate().skip(start) {
+        let is_last = i + 1 == n;
+        let mut buf = Vec::new();
+        File::open(&seg.path)
+            .and_then(|mut fh| fh.read_to_end(&mut buf))
+            .map_err(|e| VaultError::io("reading log segment", &seg.path, e))?;
+        let corrupt = |offset: usize, reason: String| VaultError::CorruptSegment {
+            segment: seg.path.clone(),
+            offset: offset as u64,
+            reason,
+        };
+        match parse_header(&buf) {
+            Ok(_) => {}
+            Err(_) if is_last && buf.len() <= HEADER_LEN => break,
+            Err(reason) => return Err(corrupt(0, reason)),
+        }
+        let mut off = HEADER_LEN;
+        while off < buf.len() {
+            match parse_frame(&buf, off) {
+                Ok(p) => {
+                    let seq = p.record.seq;
+                    if expected.is_some_and(|e| e != seq) {
+                        return Err(corrupt(off, format!("record has seq {seq}, expected {expected:?}")));
+                    }
+                    if last_hash.is_some_and(|h| h != p.record.prev_hash) {
+                        return Err(corrupt(off, format!("hash chain broken at seq {seq}")));
+                    }
+                    let prev = last_hash.unwrap_or(p.record.prev_hash);
+                    let hash = chain(&prev, &buf[p.payload_range.clone()]);
+                    last_hash = Some(hash);
+                    expected = Some(seq + 1);
+                    off = p.end;
+                    if seq >= from_seq {
+                        f(ReadRecord { record: p.record, hash })?;
+                    }
+                }
+                Err(_) if is_last => return Ok(expected.unwrap_or(from_seq)),
+                Err(reason) => return Err(corrupt(off, reason)),
+            }
+        }
+    }
+    Ok(expected.unwrap_or(from_seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::DatasetKey;
+    use crate::ops::Op;
+    use crate::record::frame;
+
+    fn append_n(wal: &mut Wal, keys: &crate::keys::Keys, n: u64) {
+        for _ in 0..n {
+            let seq = wal.next_seq();
+            let rec = Record::seal(keys, seq, 1, seq as i64, wal.last_hash(), &[Op::Delete { path: format!("p{seq}").into_bytes() }], vec![]);
+            let payload = rec.encode_payload();
+            let hash = chain(&wal.last_hash(), &payload);
+            wal.append_sync(&frame(&payload), seq, hash, seq as i64).unwrap();
+        }
+    }
+
+    fn seqs(dir: &Path) -> Vec<u64> {
+        let mut v = Vec::new();
+        read_from(dir, 1, |r| {
+            v.push(r.record.seq);
+            Ok(())
+        })
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn appends_survive_reopen_and_roll_segments() {
+        let keys = DatasetKey::generate().derive();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 200).unwrap();
+        append_n(&mut wal, &keys, 10);
+        let h = wal.last_hash();
+        drop(wal);
+        let (wal, rec) = Wal::open(dir.path(), 200).unwrap();
+        assert_eq!(wal.next_seq(), 11);
+        assert_eq!(wal.last_hash(), h);
+        assert!(rec.segments > 1, "small segment size rolls");
+        assert_eq!(seqs(dir.path()), (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_logging_resumes() {
+        let keys = DatasetKey::generate().derive();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+        append_n(&mut wal, &keys, 5);
+        drop(wal);
+        let seg = list_segments(dir.path()).unwrap().pop().unwrap().path;
+        let len = std::fs::metadata(&seg).unwrap().len();
+        // Half of the last record made it to disk.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 20).unwrap();
+        let (mut wal, rec) = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert!(rec.truncated.is_some());
+        assert_eq!(wal.next_seq(), 5);
+        append_n(&mut wal, &keys, 2);
+        assert_eq!(seqs(dir.path()), vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn flipped_byte_in_the_middle_stops_the_open_with_segment_and_offset() {
+        let keys = DatasetKey::generate().derive();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+        append_n(&mut wal, &keys, 20);
+        drop(wal);
+        let seg = list_segments(dir.path()).unwrap().pop().unwrap().path;
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = Wal::open(dir.path(), 1 << 20).err().expect("open must refuse");
+        let msg = err.to_string();
+        assert!(matches!(err, VaultError::CorruptSegment { .. }), "{msg}");
+        assert!(msg.contains(&seg.display().to_string()) && msg.contains("offset"), "{msg}");
+        // Nothing was cut: the file is as it was.
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+    }
+}
