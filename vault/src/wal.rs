@@ -414,7 +414,11 @@ pub fn read_from(dir: &Path, from_seq: u64, mut f: impl FnMut(ReadRecord) -> Res
                         f(ReadRecord { record: p.record, hash })?;
                     }
                 }
-                Err(_) if is_last => return Ok(expected.unwrap_or(from_seq)),
+                // A record still being written by the daemon, unless intact
+                // records follow: then it is damage in the middle.
+                Err(_) if is_last && !intact_record_after(&buf, off, expected.unwrap_or(0)) => {
+                    return Ok(expected.unwrap_or(from_seq))
+                }
                 Err(reason) => return Err(corrupt(off, reason)),
             }
         }

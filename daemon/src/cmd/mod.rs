@@ -13,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 pub fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_env("TRIAD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        // notify logs routine inotify bookkeeping at info; keep it out of the way.
+        .unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
