@@ -131,19 +131,24 @@ pub struct DirectorySettings {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !s.starts_with('.')
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write it like \"5s\", \"200ms\" or \"10m\""))
+    humantime::parse_duration(s).map_err(|e| {
+        format!("`{s}` is not a duration ({e}); write it like \"5s\", \"200ms\" or \"10m\"")
+    })
 }
 
 /// Parses "200MiB/s", "10MB/s" or a plain number of bytes per second.
 pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     let bad = || format!("`{s}` is not a bandwidth; write it like \"200MiB/s\" or \"50MB/s\"");
     let t = s.trim().strip_suffix("/s").unwrap_or(s.trim());
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| bad())?;
     let mult: f64 = match unit.trim() {
@@ -189,39 +194,72 @@ impl Config {
         if !valid_name(&self.site.name) {
             return Err(invalid(
                 "site.name".into(),
-                format!("`{}` is not a valid site name; use letters, digits, `-`, `_` or `.`", self.site.name),
+                format!(
+                    "`{}` is not a valid site name; use letters, digits, `-`, `_` or `.`",
+                    self.site.name
+                ),
             ));
         }
         if !self.site.data_dir.is_absolute() {
             return Err(invalid(
                 "site.data_dir".into(),
-                format!("`{}` must be an absolute path, such as /var/lib/triad", self.site.data_dir.display()),
+                format!(
+                    "`{}` must be an absolute path, such as /var/lib/triad",
+                    self.site.data_dir.display()
+                ),
             ));
         }
         match (self.site.role, &self.site.upstream) {
             (Role::Primary, Some(_)) => {
-                return Err(invalid("site.upstream".into(), "a primary has no upstream; remove the line or set role = \"follower\"".into()))
+                return Err(invalid(
+                    "site.upstream".into(),
+                    "a primary has no upstream; remove the line or set role = \"follower\"".into(),
+                ))
             }
             (Role::Follower, None) => {
-                return Err(invalid("site.upstream".into(), "a follower must name the site it streams from, e.g. upstream = \"zjk-a\"".into()))
+                return Err(invalid(
+                    "site.upstream".into(),
+                    "a follower must name the site it streams from, e.g. upstream = \"zjk-a\""
+                        .into(),
+                ))
             }
             (Role::Follower, Some(u)) if !self.peer.iter().any(|p| &p.name == u) => {
-                return Err(invalid("site.upstream".into(), format!("`{u}` is not one of the [[peer]] names")))
+                return Err(invalid(
+                    "site.upstream".into(),
+                    format!("`{u}` is not one of the [[peer]] names"),
+                ))
             }
             _ => {}
         }
         if let Some(t) = &self.tls {
-            for (field, path) in [("tls.ca", &t.ca), ("tls.cert", &t.cert), ("tls.key", &t.key)] {
+            for (field, path) in [
+                ("tls.ca", &t.ca),
+                ("tls.cert", &t.cert),
+                ("tls.key", &t.key),
+            ] {
                 if !path.is_absolute() {
-                    return Err(invalid(field.into(), format!("`{}` must be an absolute path; `triad certs` will create these", path.display())));
+                    return Err(invalid(
+                        field.into(),
+                        format!(
+                            "`{}` must be an absolute path; `triad certs` will create these",
+                            path.display()
+                        ),
+                    ));
                 }
             }
         }
         if let Some(l) = &self.listen {
-            for (field, addr) in [("listen.replication", &l.replication), ("listen.http", &l.http)] {
+            for (field, addr) in [
+                ("listen.replication", &l.replication),
+                ("listen.http", &l.http),
+            ] {
                 if let Some(a) = addr {
-                    a.parse::<std::net::SocketAddr>()
-                        .map_err(|_| invalid(field.into(), format!("`{a}` is not an address:port such as 0.0.0.0:7400")))?;
+                    a.parse::<std::net::SocketAddr>().map_err(|_| {
+                        invalid(
+                            field.into(),
+                            format!("`{a}` is not an address:port such as 0.0.0.0:7400"),
+                        )
+                    })?;
                 }
             }
         }
@@ -230,23 +268,39 @@ impl Config {
             if !valid_name(&p.name) || p.name == self.site.name || !peers.insert(p.name.clone()) {
                 return Err(invalid(
                     format!("peer[{i}].name"),
-                    format!("`{}` must be a valid site name, unique, and not this site's own name", p.name),
+                    format!(
+                        "`{}` must be a valid site name, unique, and not this site's own name",
+                        p.name
+                    ),
                 ));
             }
-            if !p.address.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()) {
-                return Err(invalid(format!("peer[{i}].address"), format!("`{}` must be host:port, such as 10.1.0.11:7400", p.address)));
+            if !p
+                .address
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok())
+            {
+                return Err(invalid(
+                    format!("peer[{i}].address"),
+                    format!("`{}` must be host:port, such as 10.1.0.11:7400", p.address),
+                ));
             }
             if let Some(b) = &p.bandwidth {
                 parse_bandwidth(b).map_err(|m| invalid(format!("peer[{i}].bandwidth"), m))?;
             }
             if let Some(m) = &p.mode {
                 if m != "sync" && m != "async" {
-                    return Err(invalid(format!("peer[{i}].mode"), format!("`{m}` must be \"sync\" or \"async\"")));
+                    return Err(invalid(
+                        format!("peer[{i}].mode"),
+                        format!("`{m}` must be \"sync\" or \"async\""),
+                    ));
                 }
             }
             if let Some(m) = &p.on_unreachable {
                 if m != "wait" && m != "degrade" {
-                    return Err(invalid(format!("peer[{i}].on_unreachable"), format!("`{m}` must be \"wait\" or \"degrade\"")));
+                    return Err(invalid(
+                        format!("peer[{i}].on_unreachable"),
+                        format!("`{m}` must be \"wait\" or \"degrade\""),
+                    ));
                 }
             }
             if let Some(w) = &p.wait_limit {
@@ -264,7 +318,10 @@ impl Config {
             if !valid_name(&d.name) || !names.insert(d.name.clone()) {
                 return Err(invalid(
                     format!("dataset[{i}].name"),
-                    format!("`{}` must be unique and use letters, digits, `-`, `_` or `.`", d.name),
+                    format!(
+                        "`{}` must be unique and use letters, digits, `-`, `_` or `.`",
+                        d.name
+                    ),
                 ));
             }
             if !d.key_file.is_absolute() {
@@ -274,12 +331,22 @@ impl Config {
                 ));
             }
             match &d.source {
-                SourceConfig::Directory { path, exclude, rescan_interval, debounce, workers } => {
+                SourceConfig::Directory {
+                    path,
+                    exclude,
+                    rescan_interval,
+                    debounce,
+                    workers,
+                } => {
                     let field = format!("dataset[{i}].source.path");
                     if !path.is_absolute() {
-                        return Err(invalid(field, format!("`{}` must be an absolute path", path.display())));
+                        return Err(invalid(
+                            field,
+                            format!("`{}` must be an absolute path", path.display()),
+                        ));
                     }
-                    if self.site.data_dir.starts_with(path) || path.starts_with(&self.site.data_dir) {
+                    if self.site.data_dir.starts_with(path) || path.starts_with(&self.site.data_dir)
+                    {
                         return Err(invalid(
                             field,
                             format!(
@@ -290,16 +357,27 @@ impl Config {
                         ));
                     }
                     for (j, pat) in exclude.iter().enumerate() {
-                        globset::Glob::new(pat).map_err(|e| invalid(format!("dataset[{i}].source.exclude[{j}]"), format!("`{pat}` is not a glob: {e}")))?;
+                        globset::Glob::new(pat).map_err(|e| {
+                            invalid(
+                                format!("dataset[{i}].source.exclude[{j}]"),
+                                format!("`{pat}` is not a glob: {e}"),
+                            )
+                        })?;
                     }
                     if let Some(r) = rescan_interval {
-                        parse_duration(r).map_err(|m| invalid(format!("dataset[{i}].source.rescan_interval"), m))?;
+                        parse_duration(r).map_err(|m| {
+                            invalid(format!("dataset[{i}].source.rescan_interval"), m)
+                        })?;
                     }
                     if let Some(r) = debounce {
-                        parse_duration(r).map_err(|m| invalid(format!("dataset[{i}].source.debounce"), m))?;
+                        parse_duration(r)
+                            .map_err(|m| invalid(format!("dataset[{i}].source.debounce"), m))?;
                     }
                     if workers.is_some_and(|w| w == 0 || w > 256) {
-                        return Err(invalid(format!("dataset[{i}].source.workers"), "must be between 1 and 256".into()));
+                        return Err(invalid(
+                            format!("dataset[{i}].source.workers"),
+                            "must be between 1 and 256".into(),
+                        ));
                     }
                 }
                 SourceConfig::Pushed {} => {
@@ -312,7 +390,10 @@ impl Config {
         }
         if let Some(f) = &self.log.format {
             if f != "human" && f != "json" {
-                return Err(invalid("log.format".into(), format!("`{f}` must be \"human\" or \"json\"")));
+                return Err(invalid(
+                    "log.format".into(),
+                    format!("`{f}` must be \"human\" or \"json\""),
+                ));
             }
         }
         Ok(())
@@ -355,7 +436,13 @@ impl Config {
 impl DatasetConfig {
     pub fn directory(&self) -> Option<DirectorySettings> {
         match &self.source {
-            SourceConfig::Directory { path, exclude, rescan_interval, debounce, workers } => Some(DirectorySettings {
+            SourceConfig::Directory {
+                path,
+                exclude,
+                rescan_interval,
+                debounce,
+                workers,
+            } => Some(DirectorySettings {
                 path: path.clone(),
                 exclude: exclude.clone(),
                 rescan_interval: rescan_interval
@@ -390,7 +477,9 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
 "#;
 
     fn err(text: &str) -> String {
-        Config::parse(Path::new("site.toml"), text).unwrap_err().to_string()
+        Config::parse(Path::new("site.toml"), text)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -398,7 +487,10 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
         let c = Config::parse(Path::new("site.toml"), GOOD).unwrap();
         let d = c.dataset[0].directory().unwrap();
         assert_eq!(d.debounce, Duration::from_millis(200));
-        assert_eq!(c.dataset_dir("gov-files"), Path::new("/var/lib/triad/datasets/gov-files"));
+        assert_eq!(
+            c.dataset_dir("gov-files"),
+            Path::new("/var/lib/triad/datasets/gov-files")
+        );
     }
 
     #[test]
@@ -417,7 +509,10 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
         let e = err(&GOOD.replace("exclude", "exclud"));
         assert!(e.contains("exclud"), "{e}");
         let e = err(&GOOD.replace("/data/gov-files", "/var/lib/triad/data"));
-        assert!(e.contains("dataset[0].source.path") && e.contains("must not contain"), "{e}");
+        assert!(
+            e.contains("dataset[0].source.path") && e.contains("must not contain"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("[\"*.tmp\"]", "[\"a[\"]"));
         assert!(e.contains("dataset[0].source.exclude[0]"), "{e}");
         let e = err("[site]\nname = \"x\"\nrole = \"primary\"\ndata_dir = \"/d\"\n");

@@ -14,7 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "triad", version, about = "Disaster recovery for two sites, three centers")]
+#[command(
+    name = "triad",
+    version,
+    about = "Disaster recovery for two sites, three centers"
+)]
 struct Cli {
     /// Log format: human or json.
     #[arg(long, global = true, default_value = "human", env = "TRIAD_LOG_FORMAT")]
@@ -27,7 +31,12 @@ struct Cli {
 enum Command {
     /// Run the site daemon.
     Daemon {
-        #[arg(long, short, env = "TRIAD_CONFIG", default_value = "/etc/triad/triad.toml")]
+        #[arg(
+            long,
+            short,
+            env = "TRIAD_CONFIG",
+            default_value = "/etc/triad/triad.toml"
+        )]
         config: PathBuf,
     },
     /// Create a new dataset key file (mode 0600).

@@ -31,10 +31,23 @@ pub const STATUS_FILE: &str = "status.json";
 
 /// Opens a dataset for the daemon, turning key problems into clear errors.
 pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
-    let d = cfg.dataset(name).with_context(|| format!("dataset `{name}` is not in the config"))?;
-    let key = DatasetKey::load(&d.key_file).with_context(|| format!("dataset `{name}`: loading its key"))?;
-    let ds = Dataset::open(&cfg.dataset_dir(name), name, &key, vault::Options::default())
-        .with_context(|| format!("dataset `{name}`: opening {}", cfg.dataset_dir(name).display()))?;
+    let d = cfg
+        .dataset(name)
+        .with_context(|| format!("dataset `{name}` is not in the config"))?;
+    let key = DatasetKey::load(&d.key_file)
+        .with_context(|| format!("dataset `{name}`: loading its key"))?;
+    let ds = Dataset::open(
+        &cfg.dataset_dir(name),
+        name,
+        &key,
+        vault::Options::default(),
+    )
+    .with_context(|| {
+        format!(
+            "dataset `{name}`: opening {}",
+            cfg.dataset_dir(name).display()
+        )
+    })?;
     let rec = ds.recovery();
     tracing::info!(
         dataset = name,
@@ -69,17 +82,26 @@ pub fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating site.data_dir {}", cfg.site.data_dir.display()))?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-        .context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
     {
         let stop = stop.clone();
         std::thread::spawn(move || {
             for sig in signals.forever() {
                 if stop.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(signal = sig, "second stop signal: exiting without a clean stop");
+                    tracing::warn!(
+                        signal = sig,
+                        "second stop signal: exiting without a clean stop"
+                    );
                     std::process::exit(130);
                 }
-                tracing::info!(signal = sig, "stopping: finishing the current round and closing the log");
+                tracing::info!(
+                    signal = sig,
+                    "stopping: finishing the current round and closing the log"
+                );
             }
         });
     }
@@ -89,12 +111,19 @@ pub fn run(cfg: Config) -> Result<()> {
     let mut running: Vec<(Arc<Dataset>, Arc<Stats>, PathBuf)> = Vec::new();
     for d in &cfg.dataset {
         let ds = Arc::new(open_dataset(&cfg, &d.name)?);
-        running.push((ds, Arc::new(Stats::default()), cfg.dataset_dir(&d.name).join(STATUS_FILE)));
+        running.push((
+            ds,
+            Arc::new(Stats::default()),
+            cfg.dataset_dir(&d.name).join(STATUS_FILE),
+        ));
     }
     let mut threads = Vec::new();
     for ((ds, stats, _), d) in running.iter().zip(&cfg.dataset) {
-        let Some(settings) = d.directory() else { continue };
-        let src = DirSource::new(settings, ds.clone(), stats.clone()).with_context(|| format!("dataset `{}`", d.name))?;
+        let Some(settings) = d.directory() else {
+            continue;
+        };
+        let src = DirSource::new(settings, ds.clone(), stats.clone())
+            .with_context(|| format!("dataset `{}`", d.name))?;
         let (stop, name, stop_all) = (stop.clone(), d.name.clone(), stop.clone());
         threads.push(
             std::thread::Builder::new()
@@ -132,7 +161,8 @@ pub fn run(cfg: Config) -> Result<()> {
         if let Some(f) = ds.failure() {
             failed = Some(f);
         }
-        ds.close().with_context(|| format!("closing dataset `{}`", ds.name()))?;
+        ds.close()
+            .with_context(|| format!("closing dataset `{}`", ds.name()))?;
         write_status(path, &status_of(&cfg, ds, stats));
     }
     if let Some(f) = failed {

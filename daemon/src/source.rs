@@ -168,11 +168,18 @@ fn file_unchanged(md: &std::fs::Metadata, e: &Entry, racy_before: i64) -> bool {
 }
 
 impl DirSource {
-    pub fn new(settings: DirectorySettings, ds: Arc<Dataset>, stats: Arc<Stats>) -> Result<DirSource, SourceError> {
-        let root = settings.path.canonicalize().map_err(|e| SourceError::Root {
-            path: settings.path.clone(),
-            reason: format!("{e}; create it or fix dataset.source.path"),
-        })?;
+    pub fn new(
+        settings: DirectorySettings,
+        ds: Arc<Dataset>,
+        stats: Arc<Stats>,
+    ) -> Result<DirSource, SourceError> {
+        let root = settings
+            .path
+            .canonicalize()
+            .map_err(|e| SourceError::Root {
+                path: settings.path.clone(),
+                reason: format!("{e}; create it or fix dataset.source.path"),
+            })?;
         if !root.is_dir() {
             return Err(SourceError::Root {
                 path: root,
@@ -239,7 +246,11 @@ impl DirSource {
         Ok(())
     }
 
-    fn follow(&self, rx: Receiver<notify::Result<notify::Event>>, stop: &AtomicBool) -> Result<(), SourceError> {
+    fn follow(
+        &self,
+        rx: Receiver<notify::Result<notify::Event>>,
+        stop: &AtomicBool,
+    ) -> Result<(), SourceError> {
         let mut pending: BTreeMap<PathBuf, bool> = BTreeMap::new();
         let mut renames: Vec<(PathBuf, PathBuf)> = Vec::new();
         let mut need_full = false;
@@ -258,9 +269,12 @@ impl DirSource {
                     }
                     let deep = matches!(
                         ev.kind,
-                        EventKind::Create(CreateKind::Folder) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+                        EventKind::Create(CreateKind::Folder)
+                            | EventKind::Modify(ModifyKind::Name(RenameMode::To))
                     );
-                    if let (EventKind::Modify(ModifyKind::Name(RenameMode::Both)), [from, to]) = (&ev.kind, ev.paths.as_slice()) {
+                    if let (EventKind::Modify(ModifyKind::Name(RenameMode::Both)), [from, to]) =
+                        (&ev.kind, ev.paths.as_slice())
+                    {
                         renames.push((from.clone(), to.clone()));
                         pending.insert(from.clone(), false);
                         pending.insert(to.clone(), true);
@@ -269,7 +283,9 @@ impl DirSource {
                             *pending.entry(p).or_insert(false) |= deep;
                         }
                     }
-                    self.stats.pending.store(pending.len() as u64, Ordering::Release);
+                    self.stats
+                        .pending
+                        .store(pending.len() as u64, Ordering::Release);
                 }
                 Ok(Err(e)) => {
                     // inotify trouble (often an overflow): rescan everything.
@@ -308,7 +324,11 @@ impl DirSource {
             }
             let due: Vec<Vec<u8>> = match self.racy.lock() {
                 Ok(mut r) => {
-                    let due: Vec<Vec<u8>> = r.iter().filter(|(_, t)| **t <= now).map(|(p, _)| p.clone()).collect();
+                    let due: Vec<Vec<u8>> = r
+                        .iter()
+                        .filter(|(_, t)| **t <= now)
+                        .map(|(p, _)| p.clone())
+                        .collect();
                     for p in &due {
                         r.remove(p);
                     }
@@ -332,7 +352,9 @@ impl DirSource {
 
     fn finish_round(&self) {
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_round_end_ns.store(now_ns(), Ordering::Release);
+        self.stats
+            .last_round_end_ns
+            .store(now_ns(), Ordering::Release);
     }
 
     /// Compares the whole tree with the namespace. Recorded files with an
@@ -350,8 +372,13 @@ impl DirSource {
 
     /// Plans the changes beneath relative dir `rel` (the root for empty).
     fn scan_into(&self, rel: &[u8], plan: &mut Plan, racy_before: i64) -> Result<(), SourceError> {
-        let prefix = if rel.is_empty() { Vec::new() } else { vault::ops::subtree_prefix(rel) };
-        let mut known: BTreeMap<Vec<u8>, Entry> = self.ds.entries_with_prefix(&prefix)?.into_iter().collect();
+        let prefix = if rel.is_empty() {
+            Vec::new()
+        } else {
+            vault::ops::subtree_prefix(rel)
+        };
+        let mut known: BTreeMap<Vec<u8>, Entry> =
+            self.ds.entries_with_prefix(&prefix)?.into_iter().collect();
         let start = self.abs(rel);
         let walker = walkdir::WalkDir::new(&start)
             .min_depth(1)
@@ -365,7 +392,9 @@ impl DirSource {
                     // Vanished mid-walk or unreadable directory: report and go on;
                     // the entries it held are kept as they were.
                     if let Some(p) = e.path().and_then(|p| self.rel(p)) {
-                        if e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied) {
+                        if e.io_error()
+                            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+                        {
                             self.skip(&p, &format!("{e}"));
                             let pre = vault::ops::subtree_prefix(&p);
                             known.retain(|k, _| !k.starts_with(&pre));
@@ -374,7 +403,9 @@ impl DirSource {
                     continue;
                 }
             };
-            let Some(r) = self.rel(ent.path()) else { continue };
+            let Some(r) = self.rel(ent.path()) else {
+                continue;
+            };
             let old = known.remove(&r);
             let md = match ent.path().symlink_metadata() {
                 Ok(m) => m,
@@ -390,7 +421,14 @@ impl DirSource {
         Ok(())
     }
 
-    fn plan_path(&self, r: &[u8], md: &std::fs::Metadata, old: Option<&Entry>, plan: &mut Plan, racy_before: i64) {
+    fn plan_path(
+        &self,
+        r: &[u8],
+        md: &std::fs::Metadata,
+        old: Option<&Entry>,
+        plan: &mut Plan,
+        racy_before: i64,
+    ) {
         if md.is_file() {
             if !old.is_some_and(|o| file_unchanged(md, o, racy_before)) {
                 plan.files.insert(r.to_vec(), false);
@@ -422,11 +460,17 @@ impl DirSource {
         self.stats.note_error(msg);
     }
 
-    fn event_round(&self, pending: BTreeMap<PathBuf, bool>, renames: Vec<(PathBuf, PathBuf)>) -> Result<(), SourceError> {
+    fn event_round(
+        &self,
+        pending: BTreeMap<PathBuf, bool>,
+        renames: Vec<(PathBuf, PathBuf)>,
+    ) -> Result<(), SourceError> {
         // Renames first, so the trees they move are found in place, not re-read.
         let mut ops = Vec::new();
         for (from, to) in renames {
-            let (Some(f), Some(t)) = (self.rel(&from), self.rel(&to)) else { continue };
+            let (Some(f), Some(t)) = (self.rel(&from), self.rel(&to)) else {
+                continue;
+            };
             if self.excluded(&f) || self.excluded(&t) {
                 continue;
             }
@@ -449,7 +493,12 @@ impl DirSource {
         }
         let mut plan = Plan::default();
         for (r, deep) in paths {
-            if self.excluded(&r) || plan.deletes.iter().any(|d| r.starts_with(&vault::ops::subtree_prefix(d))) {
+            if self.excluded(&r)
+                || plan
+                    .deletes
+                    .iter()
+                    .any(|d| r.starts_with(&vault::ops::subtree_prefix(d)))
+            {
                 continue;
             }
             let old = self.ds.entry(&r)?;
@@ -477,7 +526,11 @@ impl DirSource {
                 Ok(_) => {}
                 Err(SubmitError::Vault(e)) => return Err(e.into()),
                 Err(SubmitError::Missing(m)) => {
-                    return Err(vault::VaultError::Closed(format!("metadata ops reported {} missing chunks", m.0.len())).into())
+                    return Err(vault::VaultError::Closed(format!(
+                        "metadata ops reported {} missing chunks",
+                        m.0.len()
+                    ))
+                    .into())
                 }
             }
         }
@@ -500,7 +553,9 @@ impl DirSource {
                 for _ in 0..workers {
                     s.spawn(|| loop {
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some((rel, force)) = files.get(i) else { break };
+                        let Some((rel, force)) = files.get(i) else {
+                            break;
+                        };
                         if let Err(e) = self.ingest_file(rel, *force) {
                             if let Ok(mut f) = failure.lock() {
                                 f.get_or_insert(e);
@@ -518,11 +573,19 @@ impl DirSource {
         // Only the topmost of nested deletes: a directory takes its subtree.
         let mut deletes: Vec<Vec<u8>> = Vec::new();
         for d in plan.deletes {
-            if !deletes.last().is_some_and(|top| d.starts_with(&vault::ops::subtree_prefix(top))) {
+            if !deletes
+                .last()
+                .is_some_and(|top| d.starts_with(&vault::ops::subtree_prefix(top)))
+            {
                 deletes.push(d);
             }
         }
-        self.submit_meta(deletes.into_iter().map(|path| Op::Delete { path }).collect())?;
+        self.submit_meta(
+            deletes
+                .into_iter()
+                .map(|path| Op::Delete { path })
+                .collect(),
+        )?;
         self.finish_round();
         Ok(())
     }
@@ -537,7 +600,9 @@ impl DirSource {
             if pinned.is_empty() {
                 Vec::new()
             } else {
-                vec![Op::Unpin { ids: std::mem::take(pinned) }]
+                vec![Op::Unpin {
+                    ids: std::mem::take(pinned),
+                }]
             }
         };
         for _attempt in 0..MAX_READ_ATTEMPTS {
@@ -563,13 +628,21 @@ impl DirSource {
                 let mut plan = Plan::default();
                 let old = self.ds.entry(rel)?;
                 self.plan_path(rel, &md1, old.as_ref(), &mut plan, i64::MIN);
-                let ops: Vec<Op> = plan.puts.into_iter().map(|(path, entry)| Op::Put { path, entry }).collect();
+                let ops: Vec<Op> = plan
+                    .puts
+                    .into_iter()
+                    .map(|(path, entry)| Op::Put { path, entry })
+                    .collect();
                 let mut all = unpin(&mut pinned);
                 all.extend(ops);
                 return self.submit_meta(all);
             }
             let old = self.ds.entry(rel)?;
-            if !force && old.as_ref().is_some_and(|o| file_unchanged(&md1, o, i64::MAX)) {
+            if !force
+                && old
+                    .as_ref()
+                    .is_some_and(|o| file_unchanged(&md1, o, i64::MAX))
+            {
                 return self.submit_meta(unpin(&mut pinned));
             }
             let file = match std::fs::File::open(&abs) {
@@ -592,10 +665,18 @@ impl DirSource {
                         break;
                     }
                 };
-                self.stats.bytes_read.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_read
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
                 let id = ChunkId::of(keys, &piece);
-                refs.push(ChunkRef { id, len: piece.len() as u32 });
-                if pinned.contains(&id) || batch.iter().any(|(b, _)| *b == id) || self.ds.has_chunk(&id)? {
+                refs.push(ChunkRef {
+                    id,
+                    len: piece.len() as u32,
+                });
+                if pinned.contains(&id)
+                    || batch.iter().any(|(b, _)| *b == id)
+                    || self.ds.has_chunk(&id)?
+                {
                     continue;
                 }
                 batch_bytes += piece.len();
@@ -617,7 +698,10 @@ impl DirSource {
             let md3 = abs.symlink_metadata().ok();
             let same = |m: &Option<std::fs::Metadata>| {
                 m.as_ref().is_some_and(|m| {
-                    m.len() == md1.len() && meta_mtime_ns(m) == meta_mtime_ns(&md1) && m.ino() == md1.ino() && m.mode() == md1.mode()
+                    m.len() == md1.len()
+                        && meta_mtime_ns(m) == meta_mtime_ns(&md1)
+                        && m.ino() == md1.ino()
+                        && m.mode() == md1.mode()
                 })
             };
             if !same(&md2) || !same(&md3) {
@@ -632,12 +716,18 @@ impl DirSource {
             };
             if now_ns() - entry.mtime_ns < RACY_NS {
                 if let Ok(mut r) = self.racy.lock() {
-                    r.insert(rel.to_vec(), Instant::now() + Duration::from_nanos(RACY_NS as u64));
+                    r.insert(
+                        rel.to_vec(),
+                        Instant::now() + Duration::from_nanos(RACY_NS as u64),
+                    );
                 }
             }
             let mut ops = Vec::new();
             if old.as_ref() != Some(&entry) {
-                ops.push(Op::Put { path: rel.to_vec(), entry });
+                ops.push(Op::Put {
+                    path: rel.to_vec(),
+                    entry,
+                });
             }
             ops.extend(unpin(&mut pinned.clone()));
             if ops.is_empty() {
@@ -662,14 +752,20 @@ impl DirSource {
         self.submit_meta(unpin(&mut pinned))
     }
 
-    fn submit_with_retry(&self, ops: Vec<Op>, sealed: Vec<vault::SealedChunk>) -> Result<(), SourceError> {
+    fn submit_with_retry(
+        &self,
+        ops: Vec<Op>,
+        sealed: Vec<vault::SealedChunk>,
+    ) -> Result<(), SourceError> {
         match self.ds.submit(ops, sealed) {
             Ok(_) => Ok(()),
             Err(SubmitError::Vault(e)) => Err(e.into()),
             // A Pin only needs the chunks it carries, so this cannot happen.
-            Err(SubmitError::Missing(m)) => {
-                Err(vault::VaultError::Closed(format!("pin reported {} missing chunks", m.0.len())).into())
-            }
+            Err(SubmitError::Missing(m)) => Err(vault::VaultError::Closed(format!(
+                "pin reported {} missing chunks",
+                m.0.len()
+            ))
+            .into()),
         }
     }
 }

@@ -25,7 +25,12 @@ fn churn(root: &Path, stop: &AtomicBool, seed: u64) {
             1 => {
                 let _ = std::fs::rename(&p, dir.join(format!("f{}", rng.gen_range(0..150))));
             }
-            2 => write_file(&p, rng.gen_range(1 << 20..5 << 20), rng.gen_bool(0.5), &mut rng),
+            2 => write_file(
+                &p,
+                rng.gen_range(1 << 20..5 << 20),
+                rng.gen_bool(0.5),
+                &mut rng,
+            ),
             _ => write_file(&p, rng.gen_range(0..64 << 10), rng.gen_bool(0.5), &mut rng),
         }
     }
@@ -56,11 +61,19 @@ fn survives_twenty_sigkills_under_write_load() {
     let done = now_ns();
     site.wait_settled(done, Duration::from_secs(120));
     let log = site.log_text();
-    assert!(log.contains("replayed the change log") || log.contains("torn tail"), "the kills should have left work for recovery:\n{log}");
+    assert!(
+        log.contains("replayed the change log") || log.contains("torn tail"),
+        "the kills should have left work for recovery:\n{log}"
+    );
 
     let restored = site.tmp.path().join("restored");
     let out = site.restore(&restored);
-    assert!(out.status.success(), "restore: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "restore: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_same_tree(&site.source, &restored);
     // One more kill without warning, then check the state as a restart finds it.
     site.kill9();

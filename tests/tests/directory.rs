@@ -19,7 +19,12 @@ fn restored_tree_equals_source_after_a_burst_of_changes() {
     for i in 0..300 {
         let d = src.join(format!("pre/{}", i % 10));
         std::fs::create_dir_all(&d).unwrap();
-        write_file(&d.join(format!("{i}.txt")), rng.gen_range(0..20_000), i % 3 == 0, &mut rng);
+        write_file(
+            &d.join(format!("{i}.txt")),
+            rng.gen_range(0..20_000),
+            i % 3 == 0,
+            &mut rng,
+        );
     }
     site.start();
     site.wait_settled(now_ns(), Duration::from_secs(60));
@@ -37,7 +42,11 @@ fn restored_tree_equals_source_after_a_burst_of_changes() {
         write_file(&d.join(format!("f{i}")), len, i % 2 == 0, &mut rng);
     }
     for i in 0..50 {
-        std::os::unix::fs::symlink(format!("../b{}/f{i}", i % 11), src.join(format!("a{}/link{i}", i % 5))).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../b{}/f{i}", i % 11),
+            src.join(format!("a{}/link{i}", i % 5)),
+        )
+        .unwrap();
     }
     std::os::unix::fs::symlink("/nonexistent/target", src.join("dangling")).unwrap();
     // Overwrite, append, rename files and a directory, delete, chmod.
@@ -54,7 +63,10 @@ fn restored_tree_equals_source_after_a_burst_of_changes() {
     // A large file grows at its end: only the new chunks travel.
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(src.join("a0/b0/c0/f0")).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(src.join("a0/b0/c0/f0"))
+            .unwrap();
         f.write_all(&vec![7u8; 3 << 20]).unwrap();
     }
     for i in (5..2500).step_by(17) {
@@ -71,37 +83,61 @@ fn restored_tree_equals_source_after_a_burst_of_changes() {
     }
     std::fs::remove_dir_all(src.join("a4/b4")).unwrap();
     std::fs::remove_dir_all(src.join("pre/7")).unwrap();
-    std::fs::set_permissions(src.join("a0/b0/c0/f0"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(
+        src.join("a0/b0/c0/f0"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     std::fs::set_permissions(src.join("a3"), std::fs::Permissions::from_mode(0o750)).unwrap();
     // A file replaced by a directory and a directory by a file.
     std::fs::remove_file(src.join("pre/0/0.txt")).unwrap();
     std::fs::create_dir(src.join("pre/0/0.txt")).unwrap();
     std::fs::remove_dir_all(src.join("pre/1")).unwrap();
     std::fs::write(src.join("pre/1"), b"now a file").unwrap();
-    filetime::set_file_mtime(src.join("pre/2/2.txt"), filetime::FileTime::from_unix_time(1_000_000_000, 5)).unwrap();
+    filetime::set_file_mtime(
+        src.join("pre/2/2.txt"),
+        filetime::FileTime::from_unix_time(1_000_000_000, 5),
+    )
+    .unwrap();
     let done = now_ns();
 
     let status = site.wait_settled(done, Duration::from_secs(120));
     let head = status["log"]["head_seq"].as_u64().unwrap();
-    assert!(head > 2000, "a record per changed file at least, head seq {head}");
+    assert!(
+        head > 2000,
+        "a record per changed file at least, head seq {head}"
+    );
 
     let live = site.tmp.path().join("restored-live");
     let out = site.restore(&live);
-    assert!(out.status.success(), "restore failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "restore failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("matches the recorded digest"));
     assert_same_tree(&src, &live);
 
     assert!(site.stop().success(), "clean stop exits 0");
     let stopped = site.tmp.path().join("restored-stopped");
     let out = site.restore(&stopped);
-    assert!(out.status.success(), "restore with the daemon stopped: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "restore with the daemon stopped: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_same_tree(&src, &stopped);
     check_state_invariants(&site);
 
     // A restart with nothing changed logs nothing new.
     site.start();
     let after = site.wait_settled(now_ns(), Duration::from_secs(60));
-    assert_eq!(after["log"]["head_seq"].as_u64().unwrap(), head, "an unchanged tree adds no records");
+    assert_eq!(
+        after["log"]["head_seq"].as_u64().unwrap(),
+        head,
+        "an unchanged tree adds no records"
+    );
     assert!(site.stop().success());
 }
 
@@ -116,6 +152,10 @@ fn restore_refuses_a_non_empty_target() {
     std::fs::write(target.join("keep-me"), b"precious").unwrap();
     let out = site.restore(&target);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read(target.join("keep-me")).unwrap(), b"precious");
 }

@@ -26,7 +26,12 @@ fn populated_site() -> Site {
     let mut site = Site::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     for i in 0..40 {
-        write_file(&site.source.join(format!("f{i}")), 10_000 + i * 1000, i % 2 == 0, &mut rng);
+        write_file(
+            &site.source.join(format!("f{i}")),
+            10_000 + i * 1000,
+            i % 2 == 0,
+            &mut rng,
+        );
     }
     write_file(&site.source.join("big"), 3 << 20, false, &mut rng);
     site.start();
@@ -68,13 +73,21 @@ fn torn_log_tail_is_cut_logged_and_nothing_acknowledged_is_lost() {
 
     site.start();
     site.wait_settled(now_ns(), Duration::from_secs(60));
-    assert!(site.log_text().contains("cutting a torn tail"), "{}", site.log_text());
+    assert!(
+        site.log_text().contains("cutting a torn tail"),
+        "{}",
+        site.log_text()
+    );
     assert!(std::fs::metadata(&seg).unwrap().len() >= good_len as u64);
     std::fs::write(site.source.join("after"), b"written after recovery").unwrap();
     site.wait_settled(now_ns(), Duration::from_secs(60));
     let restored = site.tmp.path().join("r");
     let out = site.restore(&restored);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_same_tree(&site.source, &restored);
 }
 
@@ -92,11 +105,21 @@ fn flipped_byte_in_the_middle_of_a_segment_stops_the_start_naming_segment_and_of
     let st = site.wait_exit(Duration::from_secs(30));
     assert!(!st.success());
     let log = site.log_text();
-    assert!(log.contains("corrupt change log") && log.contains(&seg.display().to_string()) && log.contains("offset"), "{log}");
-    assert_eq!(snapshot(&site.dataset_dir().join("log")), before, "the damaged log must be left as it was");
+    assert!(
+        log.contains("corrupt change log")
+            && log.contains(&seg.display().to_string())
+            && log.contains("offset"),
+        "{log}"
+    );
+    assert_eq!(
+        snapshot(&site.dataset_dir().join("log")),
+        before,
+        "the damaged log must be left as it was"
+    );
     // Restore refuses too, with the same explanation.
     let out = site.restore(&site.tmp.path().join("r"));
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("corrupt change log"), "{text}");
 }
@@ -116,7 +139,7 @@ fn flipped_byte_in_a_stored_chunk_is_detected_on_restore_and_named() {
     let mut hit = None;
     for e in std::fs::read_dir(site.dataset_dir().join("state")).unwrap() {
         let p = e.unwrap().path();
-        if !p.extension().is_some_and(|x| x == "blob") {
+        if p.extension().is_none_or(|x| x != "blob") {
             continue;
         }
         let b = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -132,14 +155,29 @@ fn flipped_byte_in_a_stored_chunk_is_detected_on_restore_and_named() {
 
     let to = site.tmp.path().join("r");
     let out = site.restore(&to);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "restore must fail: {text}");
     assert!(text.contains(&id.to_string()), "names the chunk: {text}");
     assert!(text.contains("f0:"), "names the file: {text}");
     // The other files were restored.
-    assert_eq!(std::fs::read(to.join("f3")).ok(), std::fs::read(site.source.join("f3")).ok(), "{text}");
-    assert!(!to.join("f0").exists(), "a file with a bad chunk is not put in place");
-    assert_eq!(text.matches("problem:").count(), 1, "only the damaged file is affected: {text}");
+    assert_eq!(
+        std::fs::read(to.join("f3")).ok(),
+        std::fs::read(site.source.join("f3")).ok(),
+        "{text}"
+    );
+    assert!(
+        !to.join("f0").exists(),
+        "a file with a bad chunk is not put in place"
+    );
+    assert_eq!(
+        text.matches("problem:").count(),
+        1,
+        "only the damaged file is affected: {text}"
+    );
 }
 
 #[test]
@@ -148,15 +186,26 @@ fn wrong_key_refuses_to_start_and_writes_nothing() {
     std::fs::write(site.source.join("new-file"), b"must not be logged").unwrap();
     let before = snapshot(&site.dataset_dir());
     std::fs::remove_file(&site.key).unwrap();
-    let out = Command::new(triad_bin()).args(["keygen", "--out"]).arg(&site.key).output().unwrap();
+    let out = Command::new(triad_bin())
+        .args(["keygen", "--out"])
+        .arg(&site.key)
+        .output()
+        .unwrap();
     assert!(out.status.success());
 
     site.start();
     let st = site.wait_exit(Duration::from_secs(30));
     assert!(!st.success());
     let log = site.log_text();
-    assert!(log.contains("wrong key for dataset files") && log.contains("nothing was written"), "{log}");
-    assert_eq!(snapshot(&site.dataset_dir()), before, "nothing in the dataset directory changed");
+    assert!(
+        log.contains("wrong key for dataset files") && log.contains("nothing was written"),
+        "{log}"
+    );
+    assert_eq!(
+        snapshot(&site.dataset_dir()),
+        before,
+        "nothing in the dataset directory changed"
+    );
     let out = site.restore(&site.tmp.path().join("r"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong key"));
 }
@@ -167,16 +216,36 @@ fn malformed_configs_are_refused_naming_the_field() {
     let good = std::fs::read_to_string(&site.config).unwrap();
     let check = |text: &str| {
         std::fs::write(&site.config, text).unwrap();
-        let out = Command::new(triad_bin()).args(["config", "check"]).arg(&site.config).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout))
+        let out = Command::new(triad_bin())
+            .args(["config", "check"])
+            .arg(&site.config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout),
+        )
     };
     let (ok, text) = check(&good);
     assert!(ok, "{text}");
     let cases = [
-        (good.replace("role = \"primary\"", "role = \"leader\""), "role"),
-        (good.replace("data_dir = \"", "data_dir = \"relative/"), "site.data_dir"),
-        (good.replace("debounce = \"100ms\"", "debounce = \"soon\""), "dataset[0].source.debounce"),
-        (good.replace("name = \"files\"", "name = \"bad name!\""), "dataset[0].name"),
+        (
+            good.replace("role = \"primary\"", "role = \"leader\""),
+            "role",
+        ),
+        (
+            good.replace("data_dir = \"", "data_dir = \"relative/"),
+            "site.data_dir",
+        ),
+        (
+            good.replace("debounce = \"100ms\"", "debounce = \"soon\""),
+            "dataset[0].source.debounce",
+        ),
+        (
+            good.replace("name = \"files\"", "name = \"bad name!\""),
+            "dataset[0].name",
+        ),
         (good.replace("key_file", "keyfile"), "keyfile"),
         (good.replace("[[dataset]]", "[[datasets]]"), "datasets"),
         ("[site\nname=".to_string(), "primary.toml"),
@@ -187,14 +256,26 @@ fn malformed_configs_are_refused_naming_the_field() {
         assert!(out.contains(field), "error should name `{field}`: {out}");
     }
     // The daemon refuses the same way, before touching anything.
-    std::fs::write(&site.config, good.replace("role = \"primary\"", "role = \"leader\"")).unwrap();
-    let out = Command::new(triad_bin()).args(["daemon", "--config"]).arg(&site.config).output().unwrap();
+    std::fs::write(
+        &site.config,
+        good.replace("role = \"primary\"", "role = \"leader\""),
+    )
+    .unwrap();
+    let out = Command::new(triad_bin())
+        .args(["daemon", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("role"));
     assert!(!site.data.exists(), "nothing created on a bad config");
     // A key file readable by others is refused with the fix.
     std::fs::write(&site.config, &good).unwrap();
-    std::fs::set_permissions(&site.key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        &site.key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let (ok, out) = check(&good);
     assert!(!ok && out.contains("chmod 600"), "{out}");
 }

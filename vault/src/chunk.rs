@@ -114,7 +114,12 @@ pub fn seal(keys: &Keys, id: ChunkId, plaintext: &[u8]) -> SealedChunk {
     buf.push(SEAL_VERSION);
     buf.push(flags);
     let mut ct = body.to_vec();
-    sm4_gcm_seal(&keys.chunk_seal, &nonce_of(&id), &aad_of(&id, flags), &mut ct);
+    sm4_gcm_seal(
+        &keys.chunk_seal,
+        &nonce_of(&id),
+        &aad_of(&id, flags),
+        &mut ct,
+    );
     buf.extend_from_slice(&ct);
     SealedChunk {
         id,
@@ -124,13 +129,23 @@ pub fn seal(keys: &Keys, id: ChunkId, plaintext: &[u8]) -> SealedChunk {
 }
 
 /// Opens a sealed chunk and proves the plaintext matches its id.
-pub fn open(keys: &Keys, id: &ChunkId, plain_len: u32, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+pub fn open(
+    keys: &Keys,
+    id: &ChunkId,
+    plain_len: u32,
+    sealed: &[u8],
+) -> Result<Vec<u8>, OpenError> {
     if sealed.len() < SEAL_HEADER + TAG_LEN || sealed[0] != SEAL_VERSION {
         return Err(OpenError::Format);
     }
     let flags = sealed[1];
     let mut buf = sealed[SEAL_HEADER..].to_vec();
-    if !sm4_gcm_open(&keys.chunk_seal, &nonce_of(id), &aad_of(id, flags), &mut buf) {
+    if !sm4_gcm_open(
+        &keys.chunk_seal,
+        &nonce_of(id),
+        &aad_of(id, flags),
+        &mut buf,
+    ) {
         return Err(OpenError::Tag);
     }
     let plain = if flags & FLAG_ZSTD != 0 {
@@ -203,7 +218,10 @@ mod tests {
         let a = seal(&keys, id, &data);
         let b = seal(&keys, id, &data);
         assert_eq!(a.sealed, b.sealed);
-        assert!(a.sealed.len() < data.len(), "compressible data is compressed");
+        assert!(
+            a.sealed.len() < data.len(),
+            "compressible data is compressed"
+        );
         assert_eq!(open(&keys, &id, a.plain_len, &a.sealed).unwrap(), data);
     }
 
@@ -231,7 +249,10 @@ mod tests {
         let other = ChunkId::of(&keys, b"other");
         assert!(open(&keys, &other, s.plain_len, &s.sealed).is_err());
         let wrong = DatasetKey::generate().derive();
-        assert_eq!(open(&wrong, &id, s.plain_len, &s.sealed), Err(OpenError::Tag));
+        assert_eq!(
+            open(&wrong, &id, s.plain_len, &s.sealed),
+            Err(OpenError::Tag)
+        );
     }
 
     #[test]
@@ -246,7 +267,10 @@ mod tests {
         let after = cut(&shifted);
         // All but the first chunk keep their boundaries after an insert at the front.
         let tail = |cs: &[Cut], base: usize| {
-            cs.iter().skip(1).map(|c| (c.offset - base, c.len)).collect::<Vec<_>>()
+            cs.iter()
+                .skip(1)
+                .map(|c| (c.offset - base, c.len))
+                .collect::<Vec<_>>()
         };
         assert_eq!(tail(&before, 0), tail(&after, 100));
         let streamed: Vec<usize> = stream(&data[..]).map(|c| c.unwrap().len()).collect();

@@ -28,7 +28,12 @@ pub fn sm4_gcm_seal(key: &[u8; 16], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &m
 
 /// Checks the tag at the end of `buf` and decrypts in place, dropping the tag.
 /// Returns false (leaving `buf` unspecified) when the tag does not match.
-pub fn sm4_gcm_open(key: &[u8; 16], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut Vec<u8>) -> bool {
+pub fn sm4_gcm_open(
+    key: &[u8; 16],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+) -> bool {
     if buf.len() < TAG_LEN {
         return false;
     }
@@ -40,7 +45,6 @@ pub fn sm4_gcm_open(key: &[u8; 16], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &m
         .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, &tag)
         .is_ok()
 }
-
 
 /// HMAC-SM3 of `parts` concatenated.
 pub fn hmac_sm3(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
@@ -63,7 +67,9 @@ mod tests {
     /// RFC 8998, Appendix A.1: SM4-GCM test vector.
     #[test]
     fn sm4_gcm_reproduces_rfc8998_vector() {
-        let key: [u8; 16] = unhex("0123456789ABCDEFFEDCBA9876543210").try_into().unwrap();
+        let key: [u8; 16] = unhex("0123456789ABCDEFFEDCBA9876543210")
+            .try_into()
+            .unwrap();
         let iv: [u8; 12] = unhex("00001234567800000000ABCD").try_into().unwrap();
         let aad = unhex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2");
         let pt = unhex(
@@ -108,7 +114,10 @@ mod tests {
             hex::encode(d),
             "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
         );
-        assert_eq!(hmac_sm3(&[1; 32], &[b"a", b"b"]), hmac_sm3(&[1; 32], &[b"ab"]));
+        assert_eq!(
+            hmac_sm3(&[1; 32], &[b"a", b"b"]),
+            hmac_sm3(&[1; 32], &[b"ab"])
+        );
         assert_ne!(hmac_sm3(&[1; 32], &[b"ab"]), hmac_sm3(&[2; 32], &[b"ab"]));
     }
 }

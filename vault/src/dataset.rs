@@ -74,7 +74,8 @@ fn check_identity(dir: &Path, name: &str, key: &DatasetKey, create: bool) -> Res
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-            std::fs::create_dir_all(dir).map_err(|e| VaultError::io("creating dataset directory", dir, e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| VaultError::io("creating dataset directory", dir, e))?;
             let id = Identity {
                 format: IDENTITY_FORMAT,
                 dataset: name.to_string(),
@@ -208,7 +209,10 @@ impl Dataset {
         if applied.seq != head || (head > 0 && applied.hash != wal.last_hash()) {
             return Err(VaultError::LogGap {
                 dir: wal.dir().to_path_buf(),
-                reason: format!("after replay the state is at seq {} but the log at {head}", applied.seq),
+                reason: format!(
+                    "after replay the state is at seq {} but the log at {head}",
+                    applied.seq
+                ),
             });
         }
         if replayed > 0 {
@@ -252,11 +256,16 @@ impl Dataset {
                 .iter()
                 .flat_map(|(id, n)| std::iter::repeat_n(*id, *n as usize))
                 .collect();
-            tracing::info!(dataset = name, chunks = ids.len(), "releasing chunks pinned by an interrupted write");
-            ds.submit(vec![Op::Unpin { ids }], Vec::new()).map_err(|e| match e {
-                SubmitError::Vault(v) => v,
-                SubmitError::Missing(_) => VaultError::Closed("releasing pins".into()),
-            })?;
+            tracing::info!(
+                dataset = name,
+                chunks = ids.len(),
+                "releasing chunks pinned by an interrupted write"
+            );
+            ds.submit(vec![Op::Unpin { ids }], Vec::new())
+                .map_err(|e| match e {
+                    SubmitError::Vault(v) => v,
+                    SubmitError::Missing(_) => VaultError::Closed("releasing pins".into()),
+                })?;
         }
         Ok(ds)
     }
@@ -284,7 +293,11 @@ impl Dataset {
 
     /// Logs ops (and the chunks they bring) durably and applies them. Blocks
     /// until the record is fsynced and applied.
-    pub fn submit(&self, ops: Vec<Op>, attachments: Vec<SealedChunk>) -> std::result::Result<Committed, SubmitError> {
+    pub fn submit(
+        &self,
+        ops: Vec<Op>,
+        attachments: Vec<SealedChunk>,
+    ) -> std::result::Result<Committed, SubmitError> {
         let (reply, rx) = bounded(1);
         let tx = self
             .tx
@@ -335,7 +348,12 @@ impl Dataset {
     }
 
     pub fn status(&self) -> Status {
-        let applied = self.shared.applied.lock().map(|a| a.clone()).unwrap_or_default();
+        let applied = self
+            .shared
+            .applied
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
         Status {
             head_seq: self.shared.head_seq.load(Ordering::Acquire),
             applied_seq: applied.seq,
@@ -377,7 +395,8 @@ fn replay(state: &State, keys: &Keys, log_dir: &Path, applied: Applied) -> Resul
     let mut n = 0u64;
     let mut current = applied;
     wal::read_from(log_dir, current.seq + 1, |r| {
-        if current.seq > 0 && r.record.seq == current.seq + 1 && r.record.prev_hash != current.hash {
+        if current.seq > 0 && r.record.seq == current.seq + 1 && r.record.prev_hash != current.hash
+        {
             return Err(VaultError::BadRecord {
                 seq: r.record.seq,
                 reason: "its previous hash differs from the chain hash the state recorded".into(),
@@ -385,7 +404,15 @@ fn replay(state: &State, keys: &Keys, log_dir: &Path, applied: Applied) -> Resul
         }
         let ops = r.record.open_ops(keys)?;
         let mut ov = Overlay::new(current.clone());
-        ov.apply(state, keys, r.record.seq, r.hash, r.record.time_ns, &ops, &r.record.attachments)?;
+        ov.apply(
+            state,
+            keys,
+            r.record.seq,
+            r.hash,
+            r.record.time_ns,
+            &ops,
+            &r.record.attachments,
+        )?;
         let (batch, a) = ov.into_batch(state)?;
         state.write(batch)?;
         current = a;
@@ -393,12 +420,22 @@ fn replay(state: &State, keys: &Keys, log_dir: &Path, applied: Applied) -> Resul
         Ok(())
     })?;
     if n > 0 {
-        tracing::info!(records = n, to_seq = current.seq, "replayed the change log into the state");
+        tracing::info!(
+            records = n,
+            to_seq = current.seq,
+            "replayed the change log into the state"
+        );
     }
     Ok(n)
 }
 
-fn commit_loop(mut wal: Wal, state: Arc<State>, keys: Keys, shared: Arc<Shared>, rx: Receiver<Submission>) {
+fn commit_loop(
+    mut wal: Wal,
+    state: Arc<State>,
+    keys: Keys,
+    shared: Arc<Shared>,
+    rx: Receiver<Submission>,
+) {
     let mut applied = match shared.applied.lock() {
         Ok(a) => a.clone(),
         Err(_) => return,
@@ -441,7 +478,15 @@ fn commit_loop(mut wal: Wal, state: Arc<State>, keys: Keys, shared: Arc<Shared>,
                     continue;
                 }
             }
-            let rec = Record::seal(&keys, seq, epoch, time_ns, prev, &s.ops, s.attachments.clone());
+            let rec = Record::seal(
+                &keys,
+                seq,
+                epoch,
+                time_ns,
+                prev,
+                &s.ops,
+                s.attachments.clone(),
+            );
             let payload = rec.encode_payload();
             let hash = chain(&prev, &payload);
             if let Err(e) = ov.apply(&state, &keys, seq, hash, time_ns, &s.ops, &s.attachments) {
@@ -457,7 +502,11 @@ fn commit_loop(mut wal: Wal, state: Arc<State>, keys: Keys, shared: Arc<Shared>,
             seq += 1;
         }
         if let Some(why) = group_error {
-            fail(&shared, format!("applying a record failed: {why}"), accepted);
+            fail(
+                &shared,
+                format!("applying a record failed: {why}"),
+                accepted,
+            );
             continue;
         }
         if accepted.is_empty() {
@@ -469,7 +518,12 @@ fn commit_loop(mut wal: Wal, state: Arc<State>, keys: Keys, shared: Arc<Shared>,
             // writers get the error and may retry (a full disk being freed).
             tracing::error!(error = %e, "change log write failed; the changes were not acknowledged");
             for (s, _) in accepted {
-                let _ = s.reply.send(Err(VaultError::io("appending to change log", wal.dir(), std::io::Error::other(e.to_string())).into()));
+                let _ = s.reply.send(Err(VaultError::io(
+                    "appending to change log",
+                    wal.dir(),
+                    std::io::Error::other(e.to_string()),
+                )
+                .into()));
             }
             continue;
         }
@@ -485,9 +539,13 @@ fn commit_loop(mut wal: Wal, state: Arc<State>, keys: Keys, shared: Arc<Shared>,
                 }
                 shared.head_seq.store(last_seq, Ordering::Release);
                 shared.last_commit_ns.store(time_ns, Ordering::Release);
-                shared.records.fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                shared
+                    .records
+                    .fetch_add(accepted.len() as u64, Ordering::Relaxed);
                 shared.groups.fetch_add(1, Ordering::Relaxed);
-                shared.bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
+                shared
+                    .bytes
+                    .fetch_add(frames.len() as u64, Ordering::Relaxed);
                 for (s, c) in accepted {
                     let _ = s.reply.send(Ok(c));
                 }
@@ -496,7 +554,11 @@ fn commit_loop(mut wal: Wal, state: Arc<State>, keys: Keys, shared: Arc<Shared>,
                 // The records are durable but the state could not take them:
                 // answer with an error and stop; a restart replays them.
                 shared.head_seq.store(last_seq, Ordering::Release);
-                fail(&shared, format!("state write failed after the log was synced: {e}; restart to replay"), accepted);
+                fail(
+                    &shared,
+                    format!("state write failed after the log was synced: {e}; restart to replay"),
+                    accepted,
+                );
             }
         }
     }
@@ -528,10 +590,22 @@ impl View {
         let mut overlay = Overlay::new(state.applied()?);
         wal::read_from(&dir.join("log"), overlay.applied().seq + 1, |r| {
             let ops = r.record.open_ops(&keys)?;
-            overlay.apply(&state, &keys, r.record.seq, r.hash, r.record.time_ns, &ops, &r.record.attachments)?;
+            overlay.apply(
+                &state,
+                &keys,
+                r.record.seq,
+                r.hash,
+                r.record.time_ns,
+                &ops,
+                &r.record.attachments,
+            )?;
             Ok(())
         })?;
-        Ok(View { state, overlay, keys })
+        Ok(View {
+            state,
+            overlay,
+            keys,
+        })
     }
 
     pub fn keys(&self) -> &Keys {

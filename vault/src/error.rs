@@ -68,7 +68,11 @@ pub enum VaultError {
 }
 
 impl VaultError {
-    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        context: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         VaultError::Io {
             context,
             path: path.into(),

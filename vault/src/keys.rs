@@ -100,7 +100,8 @@ impl DatasetKey {
             path: path.to_path_buf(),
             reason,
         };
-        let meta = std::fs::metadata(path).map_err(|e| VaultError::io("reading key file", path, e))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| VaultError::io("reading key file", path, e))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(bad(format!(
                 "permissions {:o} let others read the key; run `chmod 600 {}`",
@@ -108,7 +109,8 @@ impl DatasetKey {
                 path.display()
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| VaultError::io("reading key file", path, e))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| VaultError::io("reading key file", path, e))?;
         let mut lines = text.lines();
         if lines.next() != Some(KEY_FILE_HEADER) {
             return Err(bad(format!(
@@ -116,7 +118,8 @@ impl DatasetKey {
             )));
         }
         let hexkey = lines.next().unwrap_or("").trim();
-        let bytes = hex::decode(hexkey).map_err(|_| bad("the key line is not hexadecimal".into()))?;
+        let bytes =
+            hex::decode(hexkey).map_err(|_| bad("the key line is not hexadecimal".into()))?;
         let key: [u8; 32] = bytes
             .try_into()
             .map_err(|_| bad("the key must be 32 bytes (64 hex digits)".into()))?;
@@ -137,7 +140,10 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(DatasetKey::load(&path).unwrap().key_id(), key.key_id());
-        assert!(key.write_new(&path).is_err(), "an existing key file must never be replaced");
+        assert!(
+            key.write_new(&path).is_err(),
+            "an existing key file must never be replaced"
+        );
     }
 
     #[test]

@@ -87,8 +87,15 @@ impl Record {
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&self.sealed_ops[..NONCE_LEN]);
         let mut buf = self.sealed_ops[NONCE_LEN..].to_vec();
-        if !sm4_gcm_open(&keys.record_seal, &nonce, &aad(self.seq, self.epoch), &mut buf) {
-            return Err(bad("SM4-GCM tag does not match: wrong key or altered record"));
+        if !sm4_gcm_open(
+            &keys.record_seal,
+            &nonce,
+            &aad(self.seq, self.epoch),
+            &mut buf,
+        ) {
+            return Err(bad(
+                "SM4-GCM tag does not match: wrong key or altered record",
+            ));
         }
         decode_ops(&buf).ok_or_else(|| bad("ops do not decode"))
     }
@@ -152,7 +159,11 @@ impl Record {
 
 /// The chain hash after a record with this payload.
 pub fn chain(prev: &Hash, payload: &[u8]) -> Hash {
-    *blake3::Hasher::new().update(prev).update(payload).finalize().as_bytes()
+    *blake3::Hasher::new()
+        .update(prev)
+        .update(payload)
+        .finalize()
+        .as_bytes()
 }
 
 /// Frame: `len u32 ‖ crc32c(payload) u32 ‖ payload`.
@@ -195,8 +206,18 @@ mod tests {
         let keys = DatasetKey::generate().derive();
         let data = b"chunk data".to_vec();
         let id = ChunkId::of(&keys, &data);
-        let ops = vec![Op::Delete { path: b"a/b".to_vec() }];
-        let rec = Record::seal(&keys, 7, 1, 123, [9; 32], &ops, vec![seal(&keys, id, &data)]);
+        let ops = vec![Op::Delete {
+            path: b"a/b".to_vec(),
+        }];
+        let rec = Record::seal(
+            &keys,
+            7,
+            1,
+            123,
+            [9; 32],
+            &ops,
+            vec![seal(&keys, id, &data)],
+        );
         let p = rec.encode_payload();
         let back = Record::decode_payload(&p).unwrap();
         assert_eq!(back.seq, 7);

@@ -54,7 +54,10 @@ fn rel_to_path(root: &Path, rel: &[u8]) -> PathBuf {
 }
 
 fn tmp_name(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_default();
     let mut t = b".triad-restore.".to_vec();
     t.extend_from_slice(&name);
     t.extend_from_slice(format!(".{}", std::process::id()).as_bytes());
@@ -76,12 +79,22 @@ fn fetch_chunk(view: &View, c: &ChunkRef) -> std::result::Result<Vec<u8>, String
         .map_err(|e| format!("chunk {}: store read failed: {e}", c.id))?
         .ok_or_else(|| format!("chunk {} is missing from the store", c.id))?;
     if *blake3::hash(&sealed).as_bytes() != meta.sealed_hash {
-        return Err(format!("chunk {}: sealed bytes do not match their recorded BLAKE3 hash (damaged on disk)", c.id));
+        return Err(format!(
+            "chunk {}: sealed bytes do not match their recorded BLAKE3 hash (damaged on disk)",
+            c.id
+        ));
     }
     chunk::open(view.keys(), &c.id, c.len, &sealed).map_err(|e| format!("chunk {}: {e}", c.id))
 }
 
-fn write_file(view: &View, dest: &Path, entry: &Entry, chunks: &[ChunkRef], done: &AtomicU64, progress: &(dyn Fn(u64) + Sync)) -> std::result::Result<(), String> {
+fn write_file(
+    view: &View,
+    dest: &Path,
+    entry: &Entry,
+    chunks: &[ChunkRef],
+    done: &AtomicU64,
+    progress: &(dyn Fn(u64) + Sync),
+) -> std::result::Result<(), String> {
     let tmp = tmp_name(dest);
     let res = (|| {
         let mut f = OpenOptions::new()
@@ -93,7 +106,8 @@ fn write_file(view: &View, dest: &Path, entry: &Entry, chunks: &[ChunkRef], done
             .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
         for c in chunks {
             let plain = fetch_chunk(view, c)?;
-            f.write_all(&plain).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+            f.write_all(&plain)
+                .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
             let n = done.fetch_add(plain.len() as u64, Ordering::Relaxed) + plain.len() as u64;
             progress(n);
         }
@@ -111,7 +125,10 @@ fn write_file(view: &View, dest: &Path, entry: &Entry, chunks: &[ChunkRef], done
 }
 
 fn mtime(ns: i64) -> FileTime {
-    FileTime::from_unix_time(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000) as u32)
+    FileTime::from_unix_time(
+        ns.div_euclid(1_000_000_000),
+        ns.rem_euclid(1_000_000_000) as u32,
+    )
 }
 
 /// Restores the whole dataset as `view` sees it into `to`, which must be
@@ -123,11 +140,15 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
                 return Err(VaultError::io(
                     "restore target",
                     to,
-                    std::io::Error::other("directory is not empty; restore into a new or empty directory"),
+                    std::io::Error::other(
+                        "directory is not empty; restore into a new or empty directory",
+                    ),
                 ));
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir_all(to).map_err(io("creating restore target", to))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(to).map_err(io("creating restore target", to))?
+        }
         Err(e) => return Err(VaultError::io("restore target", to, e)),
     }
     let entries = view.entries()?;
@@ -142,7 +163,8 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
     for (p, _) in entries.iter().filter(|(_, e)| e.is_dir()) {
         let d = rel_to_path(to, p);
         fs::create_dir(&d).map_err(io("creating directory", &d))?;
-        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).map_err(io("creating directory", &d))?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
+            .map_err(io("creating directory", &d))?;
         report.dirs += 1;
     }
     let problems = Mutex::new(Vec::new());
@@ -154,7 +176,9 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
             Node::Symlink { target } => {
                 let tmp = tmp_name(&dest);
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
-                    .and_then(|_| filetime::set_symlink_file_times(&tmp, mtime(e.mtime_ns), mtime(e.mtime_ns)))
+                    .and_then(|_| {
+                        filetime::set_symlink_file_times(&tmp, mtime(e.mtime_ns), mtime(e.mtime_ns))
+                    })
                     .and_then(|_| fs::rename(&tmp, &dest))
                     .map_err(|err| {
                         let _ = fs::remove_file(&tmp);
@@ -182,8 +206,10 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
     }
     for (p, e) in entries.iter().rev().filter(|(_, e)| e.is_dir()) {
         let d = rel_to_path(to, p);
-        fs::set_permissions(&d, fs::Permissions::from_mode(e.mode)).map_err(io("setting directory mode", &d))?;
-        filetime::set_file_mtime(&d, mtime(e.mtime_ns)).map_err(io("setting directory mtime", &d))?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(e.mode))
+            .map_err(io("setting directory mode", &d))?;
+        filetime::set_file_mtime(&d, mtime(e.mtime_ns))
+            .map_err(io("setting directory mtime", &d))?;
     }
     sync_filesystem(to);
     report.restored_digest = hex::encode(digest_tree(view.keys(), to)?.summary());
@@ -231,7 +257,12 @@ pub fn entry_from_disk(keys: &Keys, path: &Path) -> std::io::Result<Option<Entry
         Node::Symlink { target } => (0o777, target.len() as u64),
         Node::File { .. } => (md.mode() & 0o7777, md.len()),
     };
-    Ok(Some(Entry { node, mode, mtime_ns, size }))
+    Ok(Some(Entry {
+        node,
+        mode,
+        mtime_ns,
+        size,
+    }))
 }
 
 /// The namespace digest of the tree under `root` (root itself excluded).
@@ -265,7 +296,11 @@ fn walkdir(root: &Path) -> Result<Vec<PathBuf>> {
         for ent in fs::read_dir(&dir).map_err(io("reading directory", &dir))? {
             let ent = ent.map_err(io("reading directory", &dir))?;
             let p = ent.path();
-            if ent.file_type().map_err(io("reading directory", &p))?.is_dir() {
+            if ent
+                .file_type()
+                .map_err(io("reading directory", &p))?
+                .is_dir()
+            {
                 stack.push(p.clone());
             }
             out.push(p);
@@ -273,4 +308,3 @@ fn walkdir(root: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
-

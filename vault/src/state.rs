@@ -23,7 +23,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
+};
 
 use crate::chunk::{ChunkId, SealedChunk};
 use crate::crypto::hmac_sm3;
@@ -39,7 +42,14 @@ const CF_CHUNKMETA: &str = "chunkmeta";
 const CF_PINS: &str = "pins";
 const CF_META: &str = "meta";
 const CF_CHECKPOINTS: &str = "checkpoints";
-const ALL_CFS: [&str; 6] = [CF_NS, CF_CHUNKS, CF_CHUNKMETA, CF_PINS, CF_META, CF_CHECKPOINTS];
+const ALL_CFS: [&str; 6] = [
+    CF_NS,
+    CF_CHUNKS,
+    CF_CHUNKMETA,
+    CF_PINS,
+    CF_META,
+    CF_CHECKPOINTS,
+];
 
 const K_APPLIED: &[u8] = b"applied";
 const K_DIGEST: &[u8] = b"digest";
@@ -79,23 +89,12 @@ impl ChunkMeta {
 }
 
 /// Where the state stands: the last applied record and the digest after it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub seq: u64,
     pub hash: Hash,
     pub time_ns: i64,
     pub digest: LtHash,
-}
-
-impl Default for Applied {
-    fn default() -> Self {
-        Applied {
-            seq: 0,
-            hash: [0; 32],
-            time_ns: 0,
-            digest: LtHash::default(),
-        }
-    }
 }
 
 /// `(seq, chain hash, digest)` with HMAC-SM3 evidence over all three.
@@ -109,7 +108,10 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn new(keys: &Keys, seq: u64, hash: Hash, digest: [u8; 32]) -> Checkpoint {
-        let mac = hmac_sm3(&keys.evidence, &[b"triad checkpoint v1", &seq.to_le_bytes(), &hash, &digest]);
+        let mac = hmac_sm3(
+            &keys.evidence,
+            &[b"triad checkpoint v1", &seq.to_le_bytes(), &hash, &digest],
+        );
         Checkpoint {
             seq,
             hash,
@@ -179,11 +181,14 @@ fn db_options() -> Options {
 
 impl State {
     pub fn open(path: &Path) -> Result<State> {
-        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
-        let db = DB::open_cf_descriptors(&db_options(), path, cfs).map_err(|e| VaultError::State {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let cfs = ALL_CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
+        let db =
+            DB::open_cf_descriptors(&db_options(), path, cfs).map_err(|e| VaultError::State {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
         Ok(State {
             db,
             path: path.to_path_buf(),
@@ -199,10 +204,14 @@ impl State {
         // Open every table file now, so compactions by the writer cannot pull
         // files from under a long read.
         opts.set_max_open_files(-1);
-        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
-        let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(|e| VaultError::State {
-            path: path.to_path_buf(),
-            source: e,
+        let cfs = ALL_CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
+        let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(|e| {
+            VaultError::State {
+                path: path.to_path_buf(),
+                source: e,
+            }
         })?;
         Ok(State {
             db,
@@ -260,9 +269,12 @@ impl State {
         let ns = self.cf(CF_NS)?;
         match self.db.get_pinned_cf(ns, path).map_err(|e| self.err(e))? {
             None => Ok(None),
-            Some(b) => Entry::decode(&b)
-                .map(Some)
-                .ok_or_else(|| self.corrupt(format!("entry {} is malformed", String::from_utf8_lossy(path)))),
+            Some(b) => Entry::decode(&b).map(Some).ok_or_else(|| {
+                self.corrupt(format!(
+                    "entry {} is malformed",
+                    String::from_utf8_lossy(path)
+                ))
+            }),
         }
     }
 
@@ -291,13 +303,20 @@ impl State {
     pub fn entries_with_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
         let ns = self.cf(CF_NS)?;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(ns, IteratorMode::From(prefix, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(ns, IteratorMode::From(prefix, Direction::Forward))
+        {
             let (k, v) = item.map_err(|e| self.err(e))?;
             if !k.starts_with(prefix) {
                 break;
             }
-            let e = Entry::decode(&v)
-                .ok_or_else(|| self.corrupt(format!("entry {} is malformed", String::from_utf8_lossy(&k))))?;
+            let e = Entry::decode(&v).ok_or_else(|| {
+                self.corrupt(format!(
+                    "entry {} is malformed",
+                    String::from_utf8_lossy(&k)
+                ))
+            })?;
             out.push((k.to_vec(), e));
         }
         Ok(out)
@@ -309,8 +328,16 @@ impl State {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = ChunkId(k.as_ref().try_into().map_err(|_| self.corrupt("pin key malformed".into()))?);
-            let n = u64::from_le_bytes(v.as_ref().try_into().map_err(|_| self.corrupt("pin count malformed".into()))?);
+            let id = ChunkId(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("pin key malformed".into()))?,
+            );
+            let n = u64::from_le_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("pin count malformed".into()))?,
+            );
             out.push((id, n));
         }
         Ok(out)
@@ -322,8 +349,13 @@ impl State {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = ChunkId(k.as_ref().try_into().map_err(|_| self.corrupt("chunk key malformed".into()))?);
-            let m = ChunkMeta::decode(&v).ok_or_else(|| self.corrupt(format!("chunk meta {id} malformed")))?;
+            let id = ChunkId(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("chunk key malformed".into()))?,
+            );
+            let m = ChunkMeta::decode(&v)
+                .ok_or_else(|| self.corrupt(format!("chunk meta {id} malformed")))?;
             out.push((id, m));
         }
         Ok(out)
@@ -334,8 +366,15 @@ impl State {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| self.corrupt("checkpoint key malformed".into()))?);
-            out.push(Checkpoint::decode(seq, &v).ok_or_else(|| self.corrupt(format!("checkpoint {seq} malformed")))?);
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("checkpoint key malformed".into()))?,
+            );
+            out.push(
+                Checkpoint::decode(seq, &v)
+                    .ok_or_else(|| self.corrupt(format!("checkpoint {seq} malformed")))?,
+            );
         }
         Ok(out)
     }
@@ -360,7 +399,10 @@ impl State {
     /// durable up to its applied seq (a clean stop does this so a restart
     /// replays nothing).
     pub fn flush(&self) -> Result<()> {
-        let cfs: Vec<&rocksdb::ColumnFamily> = ALL_CFS.iter().filter_map(|n| self.db.cf_handle(n)).collect();
+        let cfs: Vec<&rocksdb::ColumnFamily> = ALL_CFS
+            .iter()
+            .filter_map(|n| self.db.cf_handle(n))
+            .collect();
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
         self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| self.err(e))
@@ -396,7 +438,10 @@ impl Overlay {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.chunks.is_empty() && self.pins.is_empty() && self.checkpoints.is_empty()
+        self.entries.is_empty()
+            && self.chunks.is_empty()
+            && self.pins.is_empty()
+            && self.checkpoints.is_empty()
     }
 
     pub fn entry(&self, st: &State, path: &[u8]) -> Result<Option<Entry>> {
@@ -438,7 +483,8 @@ impl Overlay {
 
     /// Entries at or beneath `prefix`, merging the overlay over the database.
     pub fn entries_with_prefix(&self, st: &State, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
-        let mut merged: BTreeMap<Vec<u8>, Entry> = st.entries_with_prefix(prefix)?.into_iter().collect();
+        let mut merged: BTreeMap<Vec<u8>, Entry> =
+            st.entries_with_prefix(prefix)?.into_iter().collect();
         for (k, v) in self.entries.range(prefix.to_vec()..) {
             if !k.starts_with(prefix) {
                 break;
@@ -477,7 +523,13 @@ impl Overlay {
         self.entries.insert(path.to_vec(), new);
     }
 
-    fn incref(&mut self, st: &State, id: &ChunkId, staged: &HashMap<ChunkId, &SealedChunk>, seq: u64) -> Result<()> {
+    fn incref(
+        &mut self,
+        st: &State,
+        id: &ChunkId,
+        staged: &HashMap<ChunkId, &SealedChunk>,
+        seq: u64,
+    ) -> Result<()> {
         match self.chunk_meta(st, id)? {
             Some(mut m) => {
                 m.refs += 1;
@@ -551,10 +603,14 @@ impl Overlay {
         if seq != self.applied.seq + 1 {
             return Err(VaultError::BadRecord {
                 seq,
-                reason: format!("state has applied up to seq {}; records in between are missing", self.applied.seq),
+                reason: format!(
+                    "state has applied up to seq {}; records in between are missing",
+                    self.applied.seq
+                ),
             });
         }
-        let staged: HashMap<ChunkId, &SealedChunk> = attachments.iter().map(|a| (a.id, a)).collect();
+        let staged: HashMap<ChunkId, &SealedChunk> =
+            attachments.iter().map(|a| (a.id, a)).collect();
         for op in ops {
             match op {
                 Op::Put { path, entry } => {
@@ -584,7 +640,9 @@ impl Overlay {
                     if from == to || to.starts_with(&subtree_prefix(from)) {
                         continue;
                     }
-                    let Some(src) = self.entry(st, from)? else { continue };
+                    let Some(src) = self.entry(st, from)? else {
+                        continue;
+                    };
                     let mut moving = vec![(from.clone(), src.clone())];
                     if src.is_dir() {
                         moving.extend(self.entries_with_prefix(st, &subtree_prefix(from))?);
@@ -623,8 +681,12 @@ impl Overlay {
         self.applied.hash = hash;
         self.applied.time_ns = time_ns;
         if seq % CHECKPOINT_INTERVAL == 0 {
-            self.checkpoints
-                .push(Checkpoint::new(keys, seq, hash, self.applied.digest.summary()));
+            self.checkpoints.push(Checkpoint::new(
+                keys,
+                seq,
+                hash,
+                self.applied.digest.summary(),
+            ));
         }
         Ok(true)
     }

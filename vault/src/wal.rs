@@ -53,7 +53,9 @@ fn parse_header(h: &[u8]) -> std::result::Result<u64, String> {
             "segment format version {version}; this triad reads version {FORMAT_VERSION}"
         ));
     }
-    Ok(u64::from_le_bytes(h[16..24].try_into().map_err(|_| "short header")?))
+    Ok(u64::from_le_bytes(
+        h[16..24].try_into().map_err(|_| "short header")?,
+    ))
 }
 
 /// A frame parsed at some offset of a segment buffer.
@@ -75,7 +77,9 @@ fn parse_frame(buf: &[u8], off: usize) -> std::result::Result<Parsed, String> {
         return Err(format!("frame length {len} is implausible"));
     }
     if rest.len() < 8 + len {
-        return Err(format!("frame of {len} bytes runs past the end of the segment"));
+        return Err(format!(
+            "frame of {len} bytes runs past the end of the segment"
+        ));
     }
     let payload = &rest[8..8 + len];
     if crc32c::crc32c(payload) != crc {
@@ -98,7 +102,8 @@ fn intact_record_after(buf: &[u8], from: usize, min_seq: u64) -> bool {
         if len >= 8 && off + 8 + len <= buf.len() {
             let payload = &buf[off + 8..off + 8 + len];
             if Record::peek_seq(payload).is_some_and(|s| s >= min_seq) {
-                let crc = u32::from_le_bytes([buf[off + 4], buf[off + 5], buf[off + 6], buf[off + 7]]);
+                let crc =
+                    u32::from_le_bytes([buf[off + 4], buf[off + 5], buf[off + 6], buf[off + 7]]);
                 if crc32c::crc32c(payload) == crc {
                     return true;
                 }
@@ -143,8 +148,12 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
         let ent = ent.map_err(|e| VaultError::io("listing log segments", dir, e))?;
         let name = ent.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(stem) = name.strip_suffix(".log") else { continue };
-        let Ok(first_seq) = stem.parse::<u64>() else { continue };
+        let Some(stem) = name.strip_suffix(".log") else {
+            continue;
+        };
+        let Ok(first_seq) = stem.parse::<u64>() else {
+            continue;
+        };
         segs.push(Segment {
             first_seq,
             path: ent.path(),
@@ -163,7 +172,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 impl Wal {
     /// Opens (creating if needed) the log in `dir`, recovering from a crash.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Wal, Recovery)> {
-        std::fs::create_dir_all(dir).map_err(|e| VaultError::io("creating log directory", dir, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| VaultError::io("creating log directory", dir, e))?;
         let mut segments = list_segments(dir)?;
         let mut rec = Recovery {
             segments: segments.len(),
@@ -176,7 +186,8 @@ impl Wal {
         let mut drop_last_segment = false;
         for (i, seg) in segments.iter().enumerate() {
             let is_last = i + 1 == n;
-            let buf = std::fs::read(&seg.path).map_err(|e| VaultError::io("reading log segment", &seg.path, e))?;
+            let buf = std::fs::read(&seg.path)
+                .map_err(|e| VaultError::io("reading log segment", &seg.path, e))?;
             let corrupt = |offset: usize, reason: String| VaultError::CorruptSegment {
                 segment: seg.path.clone(),
                 offset: offset as u64,
@@ -185,7 +196,13 @@ impl Wal {
             match parse_header(&buf) {
                 Ok(first) if first == seg.first_seq => {}
                 Ok(first) => {
-                    return Err(corrupt(0, format!("header says first seq {first}, file name says {}", seg.first_seq)))
+                    return Err(corrupt(
+                        0,
+                        format!(
+                            "header says first seq {first}, file name says {}",
+                            seg.first_seq
+                        ),
+                    ))
                 }
                 // A crash while a new segment's header was being written leaves
                 // a short or partial header in the newest segment and nothing after.
@@ -210,9 +227,10 @@ impl Wal {
             let mut off = HEADER_LEN;
             while off < buf.len() {
                 let failure = match parse_frame(&buf, off) {
-                    Ok(p) if p.record.seq != next_seq => {
-                        Some(format!("record has seq {}, expected {}", p.record.seq, next_seq))
-                    }
+                    Ok(p) if p.record.seq != next_seq => Some(format!(
+                        "record has seq {}, expected {}",
+                        p.record.seq, next_seq
+                    )),
                     Ok(p) if last_hash.is_some_and(|h| h != p.record.prev_hash) => {
                         Some(format!("hash chain broken at seq {}", p.record.seq))
                     }
@@ -252,7 +270,8 @@ impl Wal {
         }
         if drop_last_segment {
             if let Some(seg) = segments.pop() {
-                std::fs::remove_file(&seg.path).map_err(|e| VaultError::io("removing torn segment", &seg.path, e))?;
+                std::fs::remove_file(&seg.path)
+                    .map_err(|e| VaultError::io("removing torn segment", &seg.path, e))?;
                 sync_dir(dir)?;
             }
         }
@@ -313,17 +332,33 @@ impl Wal {
     /// Appends framed records `first..=last` and fsyncs once for all of them.
     /// On failure the log is cut back to where it was, so nothing half-written
     /// survives and the same seqs can be retried.
-    pub fn append_sync(&mut self, frames: &[u8], last_seq: u64, last_hash: Hash, last_time_ns: i64) -> Result<()> {
+    pub fn append_sync(
+        &mut self,
+        frames: &[u8],
+        last_seq: u64,
+        last_hash: Hash,
+        last_time_ns: i64,
+    ) -> Result<()> {
         if self.active_len >= self.segment_bytes {
             self.roll()?;
         }
-        let seg_path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        let seg_path = self
+            .segments
+            .last()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
         let before = self.active_len;
-        let res = self.file.write_all(frames).and_then(|_| self.file.sync_data());
+        let res = self
+            .file
+            .write_all(frames)
+            .and_then(|_| self.file.sync_data());
         if let Err(e) = res {
             // Cut back so the failed group leaves no partial frame behind; if even
             // that fails, the next open's recovery cuts it as a torn tail.
-            let _ = self.file.set_len(before).and_then(|_| self.file.sync_data());
+            let _ = self
+                .file
+                .set_len(before)
+                .and_then(|_| self.file.sync_data());
             return Err(VaultError::io("appending to change log", seg_path, e));
         }
         self.active_len += frames.len() as u64;
@@ -371,10 +406,17 @@ pub struct ReadRecord {
 /// the daemon runs): damage at the end of the newest segment is taken as a
 /// record still being written and ends the read; damage elsewhere is an error.
 /// Returns the seq after the last record read.
-pub fn read_from(dir: &Path, from_seq: u64, mut f: impl FnMut(ReadRecord) -> Result<()>) -> Result<u64> {
+pub fn read_from(
+    dir: &Path,
+    from_seq: u64,
+    mut f: impl FnMut(ReadRecord) -> Result<()>,
+) -> Result<u64> {
     let segments = list_segments(dir)?;
     // Start at the newest segment whose first seq is <= from_seq.
-    let start = segments.iter().rposition(|s| s.first_seq <= from_seq).unwrap_or(0);
+    let start = segments
+        .iter()
+        .rposition(|s| s.first_seq <= from_seq)
+        .unwrap_or(0);
     let mut expected: Option<u64> = None;
     let mut last_hash: Option<Hash> = None;
     let n = segments.len();
@@ -400,7 +442,10 @@ pub fn read_from(dir: &Path, from_seq: u64, mut f: impl FnMut(ReadRecord) -> Res
                 Ok(p) => {
                     let seq = p.record.seq;
                     if expected.is_some_and(|e| e != seq) {
-                        return Err(corrupt(off, format!("record has seq {seq}, expected {expected:?}")));
+                        return Err(corrupt(
+                            off,
+                            format!("record has seq {seq}, expected {expected:?}"),
+                        ));
                     }
                     if last_hash.is_some_and(|h| h != p.record.prev_hash) {
                         return Err(corrupt(off, format!("hash chain broken at seq {seq}")));
@@ -411,7 +456,10 @@ pub fn read_from(dir: &Path, from_seq: u64, mut f: impl FnMut(ReadRecord) -> Res
                     expected = Some(seq + 1);
                     off = p.end;
                     if seq >= from_seq {
-                        f(ReadRecord { record: p.record, hash })?;
+                        f(ReadRecord {
+                            record: p.record,
+                            hash,
+                        })?;
                     }
                 }
                 // A record still being written by the daemon, unless intact
@@ -436,10 +484,21 @@ mod tests {
     fn append_n(wal: &mut Wal, keys: &crate::keys::Keys, n: u64) {
         for _ in 0..n {
             let seq = wal.next_seq();
-            let rec = Record::seal(keys, seq, 1, seq as i64, wal.last_hash(), &[Op::Delete { path: format!("p{seq}").into_bytes() }], vec![]);
+            let rec = Record::seal(
+                keys,
+                seq,
+                1,
+                seq as i64,
+                wal.last_hash(),
+                &[Op::Delete {
+                    path: format!("p{seq}").into_bytes(),
+                }],
+                vec![],
+            );
             let payload = rec.encode_payload();
             let hash = chain(&wal.last_hash(), &payload);
-            wal.append_sync(&frame(&payload), seq, hash, seq as i64).unwrap();
+            wal.append_sync(&frame(&payload), seq, hash, seq as i64)
+                .unwrap();
         }
     }
 
@@ -499,10 +558,15 @@ mod tests {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x01;
         std::fs::write(&seg, &bytes).unwrap();
-        let err = Wal::open(dir.path(), 1 << 20).err().expect("open must refuse");
+        let err = Wal::open(dir.path(), 1 << 20)
+            .err()
+            .expect("open must refuse");
         let msg = err.to_string();
         assert!(matches!(err, VaultError::CorruptSegment { .. }), "{msg}");
-        assert!(msg.contains(&seg.display().to_string()) && msg.contains("offset"), "{msg}");
+        assert!(
+            msg.contains(&seg.display().to_string()) && msg.contains("offset"),
+            "{msg}"
+        );
         // Nothing was cut: the file is as it was.
         assert_eq!(std::fs::read(&seg).unwrap(), bytes);
     }

@@ -25,7 +25,9 @@ fn wait_settled(status: &Path, after_ns: i64, timeout: Duration) -> Result<serde
     loop {
         if let Ok(b) = std::fs::read(status) {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
-                if v["source"]["settled"].as_bool() == Some(true) && v["source"]["last_round_end_ns"].as_i64().unwrap_or(0) > after_ns {
+                if v["source"]["settled"].as_bool() == Some(true)
+                    && v["source"]["last_round_end_ns"].as_i64().unwrap_or(0) > after_ns
+                {
                     return Ok(v);
                 }
             }
@@ -42,7 +44,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("triad-demo-{}", std::process::id())),
     };
-    let (site, src, keys, restored) = (base.join("site"), base.join("source"), base.join("keys"), base.join("restored"));
+    let (site, src, keys, restored) = (
+        base.join("site"),
+        base.join("source"),
+        base.join("keys"),
+        base.join("restored"),
+    );
     for d in [&site, &src, &keys] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -75,7 +82,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let result = (|| -> Result<bool> {
         let t0 = vault::dataset::now_ns();
         let v = wait_settled(&status, t0, Duration::from_secs(120))?;
-        println!("== initial scan: {} records logged, head seq {}", v["log"]["records_committed"], v["log"]["head_seq"]);
+        println!(
+            "== initial scan: {} records logged, head seq {}",
+            v["log"]["records_committed"], v["log"]["head_seq"]
+        );
         let t1 = vault::dataset::now_ns();
         write_tree(&src.join("live"), &mut rng, 300)?;
         std::fs::rename(src.join("before/d1"), src.join("moved"))?;
@@ -95,11 +105,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .arg(&restored)
             .status()?
             .success();
-        let diff = Command::new("diff").arg("-r").arg(&src).arg(&restored).status();
+        let diff = Command::new("diff")
+            .arg("-r")
+            .arg(&src)
+            .arg(&restored)
+            .status();
         match diff {
             Ok(s) if s.success() => println!("== diff -r source restored: identical"),
             Ok(_) => println!("== diff -r found differences"),
-            Err(_) => println!("== (diff not installed; the restore's own digest check above stands)"),
+            Err(_) => {
+                println!("== (diff not installed; the restore's own digest check above stands)")
+            }
         }
         Ok(ok && diff.map(|s| s.success()).unwrap_or(true))
     })();
@@ -116,7 +132,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         println!("== kept {}", base.display());
     }
     println!("{}", if ok { "demo passed" } else { "demo FAILED" });
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn write_tree(root: &Path, rng: &mut impl Rng, files: usize) -> Result<()> {

@@ -8,7 +8,8 @@ use vault::DatasetKey;
 
 pub fn run(out: &Path) -> Result<ExitCode> {
     let key = DatasetKey::generate();
-    key.write_new(out).with_context(|| format!("writing key file {}", out.display()))?;
+    key.write_new(out)
+        .with_context(|| format!("writing key file {}", out.display()))?;
     println!(
         "wrote dataset key {} (key id {}, mode 0600)\nkeep a copy offline: without it no site and no archive can be read",
         out.display(),

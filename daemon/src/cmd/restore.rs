@@ -15,7 +15,12 @@ use crate::config::Config;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, short, env = "TRIAD_CONFIG", default_value = "/etc/triad/triad.toml")]
+    #[arg(
+        long,
+        short,
+        env = "TRIAD_CONFIG",
+        default_value = "/etc/triad/triad.toml"
+    )]
     config: PathBuf,
     /// The dataset to restore.
     #[arg(long)]
@@ -37,12 +42,18 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let started = Instant::now();
     let view = View::open(&cfg.dataset_dir(&a.dataset), &a.dataset, &key)
         .with_context(|| format!("opening dataset `{}`", a.dataset))?;
-    let total: u64 = view.entries()?.iter().map(|(_, e)| if e.is_dir() { 0 } else { e.size }).sum();
+    let total: u64 = view
+        .entries()?
+        .iter()
+        .map(|(_, e)| if e.is_dir() { 0 } else { e.size })
+        .sum();
     let bar = ProgressBar::new(total);
     if std::io::stderr().is_terminal() {
         bar.set_style(
-            ProgressStyle::with_template("{spinner} restoring [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} restoring [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
     } else {
         bar.set_draw_target(ProgressDrawTarget::hidden());
@@ -67,7 +78,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
             println!("problem: {p}");
         }
         if report.expected_digest == report.restored_digest {
-            println!("digest of the restored tree matches the recorded digest {}", &report.expected_digest[..16]);
+            println!(
+                "digest of the restored tree matches the recorded digest {}",
+                &report.expected_digest[..16]
+            );
         } else {
             println!(
                 "DIGEST MISMATCH: recorded {} but the restored tree digests to {}",
@@ -75,5 +89,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
             );
         }
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

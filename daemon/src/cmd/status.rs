@@ -11,7 +11,12 @@ use crate::runtime::STATUS_FILE;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, short, env = "TRIAD_CONFIG", default_value = "/etc/triad/triad.toml")]
+    #[arg(
+        long,
+        short,
+        env = "TRIAD_CONFIG",
+        default_value = "/etc/triad/triad.toml"
+    )]
     config: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -24,8 +29,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
     for d in &cfg.dataset {
         let path = cfg.dataset_dir(&d.name).join(STATUS_FILE);
         let v: serde_json::Value = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", path.display()))?,
-            Err(_) => serde_json::json!({"dataset": d.name, "error": "no status yet: the daemon has not run"}),
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("reading {}", path.display()))?
+            }
+            Err(_) => {
+                serde_json::json!({"dataset": d.name, "error": "no status yet: the daemon has not run"})
+            }
         };
         all.push(v);
     }
@@ -42,15 +51,26 @@ pub fn run(a: Args) -> Result<ExitCode> {
             continue;
         }
         let age = (now - v["updated_ns"].as_i64().unwrap_or(0)) as f64 / 1e9;
-        let stale = if age > 5.0 { format!(" (status {age:.0}s old: is the daemon running?)") } else { String::new() };
+        let stale = if age > 5.0 {
+            format!(" (status {age:.0}s old: is the daemon running?)")
+        } else {
+            String::new()
+        };
         println!(
             "  {name}: head seq {} applied {}  digest {}  files ingested {}  pending {}  {}{}",
             v["log"]["head_seq"],
             v["log"]["applied_seq"],
-            v["log"]["digest"].as_str().map(|s| &s[..16.min(s.len())]).unwrap_or("?"),
+            v["log"]["digest"]
+                .as_str()
+                .map(|s| &s[..16.min(s.len())])
+                .unwrap_or("?"),
             v["source"]["files_ingested"],
             v["source"]["pending_paths"],
-            if v["source"]["settled"].as_bool() == Some(true) { "settled" } else { "busy" },
+            if v["source"]["settled"].as_bool() == Some(true) {
+                "settled"
+            } else {
+                "busy"
+            },
             stale
         );
         if let Some(f) = v["failure"].as_str() {

@@ -15,8 +15,16 @@ use std::time::{Duration, Instant};
 pub fn triad_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/triad
-    let bin = exe.parent().and_then(|p| p.parent()).expect("target dir").join("triad");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p daemon`", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("triad");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p daemon`",
+        bin.display()
+    );
     bin
 }
 
@@ -45,11 +53,27 @@ impl Site {
         let source = tmp.path().join("source");
         std::fs::create_dir_all(&source).unwrap();
         let key = tmp.path().join("dataset.key");
-        let out = Command::new(triad_bin()).args(["keygen", "--out"]).arg(&key).output().unwrap();
-        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(triad_bin())
+            .args(["keygen", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let config = tmp.path().join("primary.toml");
         let log = tmp.path().join("daemon.log");
-        let s = Site { data, source, key, config, log, tmp, child: None };
+        let s = Site {
+            data,
+            source,
+            key,
+            config,
+            log,
+            tmp,
+            child: None,
+        };
         s.write_config("");
         s
     }
@@ -79,7 +103,11 @@ impl Site {
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(triad_bin())
             .args(["daemon", "--config"])
             .arg(&self.config)
@@ -114,7 +142,10 @@ impl Site {
             if let Some(st) = c.try_wait().unwrap() {
                 return st;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "daemon did not stop within 60s of SIGTERM");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "daemon did not stop within 60s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -159,7 +190,11 @@ impl Site {
             if let Some(c) = self.child.as_ref() {
                 let _ = c;
             }
-            assert!(start.elapsed() < timeout, "daemon did not settle in {timeout:?}\n{}", self.log_text());
+            assert!(
+                start.elapsed() < timeout,
+                "daemon did not settle in {timeout:?}\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -190,7 +225,11 @@ impl Drop for Site {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            eprintln!("---- daemon log ({}) ----\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "---- daemon log ({}) ----\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }
@@ -221,9 +260,20 @@ pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Node {
-    File { mode: u32, mtime: (i64, i64), hash: [u8; 32], len: u64 },
-    Dir { mode: u32, mtime: (i64, i64) },
-    Link { target: Vec<u8>, mtime: (i64, i64) },
+    File {
+        mode: u32,
+        mtime: (i64, i64),
+        hash: [u8; 32],
+        len: u64,
+    },
+    Dir {
+        mode: u32,
+        mtime: (i64, i64),
+    },
+    Link {
+        target: Vec<u8>,
+        mtime: (i64, i64),
+    },
 }
 
 fn listing(root: &Path) -> Vec<(PathBuf, Node)> {
@@ -236,12 +286,27 @@ fn listing(root: &Path) -> Vec<(PathBuf, Node)> {
             let mtime = (md.mtime(), md.mtime_nsec());
             let node = if md.is_dir() {
                 stack.push(p.clone());
-                Node::Dir { mode: md.mode() & 0o7777, mtime }
+                Node::Dir {
+                    mode: md.mode() & 0o7777,
+                    mtime,
+                }
             } else if md.file_type().is_symlink() {
-                Node::Link { target: std::fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec(), mtime }
+                Node::Link {
+                    target: std::fs::read_link(&p)
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                    mtime,
+                }
             } else {
                 let data = std::fs::read(&p).unwrap();
-                Node::File { mode: md.mode() & 0o7777, mtime, hash: *blake3::hash(&data).as_bytes(), len: md.len() }
+                Node::File {
+                    mode: md.mode() & 0o7777,
+                    mtime,
+                    hash: *blake3::hash(&data).as_bytes(),
+                    len: md.len(),
+                }
             };
             out.push((p.strip_prefix(root).unwrap().to_path_buf(), node));
         }
@@ -252,7 +317,12 @@ fn listing(root: &Path) -> Vec<(PathBuf, Node)> {
 
 pub fn assert_same_tree(src: &Path, restored: &Path) {
     let d = compare_trees(src, restored);
-    assert!(d.is_empty(), "{} differences, first ones:\n{}", d.len(), d.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        d.is_empty(),
+        "{} differences, first ones:\n{}",
+        d.len(),
+        d.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
 }
 
 pub fn os(p: &str) -> &OsStr {
@@ -267,7 +337,10 @@ pub fn check_state_invariants(site: &Site) {
     let st = vault::state::State::open_read_only(&site.dataset_dir().join("state")).unwrap();
     let applied = st.applied().unwrap();
     let recomputed = st.recompute_digest(&keys).unwrap();
-    assert_eq!(applied.digest, recomputed, "running digest differs from a full recomputation");
+    assert_eq!(
+        applied.digest, recomputed,
+        "running digest differs from a full recomputation"
+    );
     let mut refs: std::collections::HashMap<vault::ChunkId, u64> = Default::default();
     for (_, e) in st.entries_with_prefix(b"").unwrap() {
         for c in e.chunks() {
@@ -279,12 +352,23 @@ pub fn check_state_invariants(site: &Site) {
     }
     let stored = st.all_chunk_meta().unwrap();
     for (id, m) in &stored {
-        assert_eq!(m.refs, refs.get(id).copied().unwrap_or(0), "refcount of chunk {id}");
+        assert_eq!(
+            m.refs,
+            refs.get(id).copied().unwrap_or(0),
+            "refcount of chunk {id}"
+        );
         let bytes = st.chunk_bytes(id).unwrap().expect("chunk bytes present");
-        assert_eq!(*blake3::hash(&bytes).as_bytes(), m.sealed_hash, "sealed hash of chunk {id}");
+        assert_eq!(
+            *blake3::hash(&bytes).as_bytes(),
+            m.sealed_hash,
+            "sealed hash of chunk {id}"
+        );
     }
     for id in refs.keys() {
-        assert!(stored.iter().any(|(s, _)| s == id), "chunk {id} is referenced but not stored");
+        assert!(
+            stored.iter().any(|(s, _)| s == id),
+            "chunk {id} is referenced but not stored"
+        );
     }
 }
 

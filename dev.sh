@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# triad's two entry points, for a fresh Debian machine with the Rust toolchain:
+#   ./dev.sh demo   run the demo (see README.md)
+#   ./dev.sh test   run the whole test suite (what CI runs)
+# Each installs the system packages it needs (as root) or says which are missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# One target directory outside the clone, kept between runs: RocksDB's C++
+# takes minutes to build and is built once.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/triad/target}"
+
+ensure_system() {
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then run this again" >&2
+    exit 1
+  fi
+  local missing=()
+  # RocksDB's build runs bindgen, which loads libclang, and compiles C++.
+  compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || compgen -G "/usr/lib/*/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+  command -v g++ >/dev/null || missing+=(g++)
+  command -v diff >/dev/null || missing+=(diffutils)
+  if ((${#missing[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "installing system packages: ${missing[*]}" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+      echo "missing system packages: ${missing[*]}" >&2
+      echo "install them with: sudo apt-get install ${missing[*]}" >&2
+      exit 1
+    fi
+  fi
+}
+
+case "${1:-}" in
+  demo)
+    ensure_system
+    echo "building triad (the first build compiles RocksDB: about 10 minutes on 2 cores)" >&2
+    cargo build -q -p daemon --bin triad
+    exec "$CARGO_TARGET_DIR/debug/triad" demo
+    ;;
+  test)
+    ensure_system
+    cargo fmt --all --check
+    cargo clippy -q --workspace --all-targets -- -D warnings
+    # The end-to-end tests start the triad binary, so build it first.
+    cargo build -q --workspace --all-targets
+    cargo test --workspace
+    ;;
+  *)
+    echo "usage: $0 demo|test" >&2
+    exit 2
+    ;;
+esac

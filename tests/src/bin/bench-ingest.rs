@@ -1,0 +1,207 @@
+//! End-to-end ingest benchmark: a tree of mixed file sizes (1 GiB by
+//! default) from daemon start to fully durable in the log and state, beside
+//! `cp -a` of the same tree on the same disk. Prints MB/s, files/s, the
+//! ratio to `cp -a`, the daemon's peak RSS and the bytes it wrote.
+//!
+//! Run: `cargo run -p triad-tests --bin bench-ingest -- [--mib 1024] [--dir DIR]`
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngCore, SeedableRng};
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn triad_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent().expect("target dir").join("triad")
+}
+
+/// Writes a mixed tree: many small files, some medium, a few large; half
+/// compressible text, half random.
+fn make_tree(root: &Path, total: u64) -> (u64, u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let (mut bytes, mut files) = (0u64, 0u64);
+    let text: Vec<u8> = (0..1 << 20)
+        .map(|i| b"gov record 2026 approved archive \n"[i % 34])
+        .collect();
+    while bytes < total {
+        let size: usize = match rng.gen_range(0..100) {
+            0..=69 => rng.gen_range(0..64 << 10),
+            70..=97 => rng.gen_range(64 << 10..4 << 20),
+            _ => rng.gen_range(16 << 20..96 << 20),
+        };
+        let size = size.min((total - bytes) as usize);
+        let dir = root.join(format!("d{}/e{}", files % 16, files % 97));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut data = vec![0u8; size];
+        if files % 2 == 0 {
+            rng.fill_bytes(&mut data);
+        } else {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = text[i % text.len()];
+            }
+            // Keep text files distinct so dedup does not flatter the figures.
+            let tag = files.to_le_bytes();
+            data.iter_mut()
+                .zip(tag.iter().cycle())
+                .step_by(4096)
+                .for_each(|(b, t)| *b = *t);
+        }
+        std::fs::write(dir.join(format!("f{files}")), &data).expect("write");
+        bytes += size as u64;
+        files += 1;
+    }
+    (bytes, files)
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn du(p: &Path) -> u64 {
+    let out = Command::new("du")
+        .args(["-sb"])
+        .arg(p)
+        .output()
+        .expect("du");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let base =
+        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
+            .join(format!("triad-bench-{}", std::process::id()));
+    let src = base.join("source");
+    std::fs::create_dir_all(&src).expect("create bench dir");
+    eprintln!("writing a {mib} MiB mixed tree under {}", src.display());
+    let (bytes, files) = make_tree(&src, mib << 20);
+    let mb = bytes as f64 / 1e6;
+
+    drop_caches();
+    let t = Instant::now();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(base.join("cp-copy"))
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    let cp_secs = t.elapsed().as_secs_f64();
+    let _ = Command::new("sync").status();
+    let cp_sync_secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(base.join("cp-copy"));
+
+    let key = base.join("bench.key");
+    let out = Command::new(triad_bin())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .expect("keygen");
+    assert!(
+        out.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let site = base.join("site");
+    let cfg = base.join("bench.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[site]\nname = \"bench\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\" }}\n",
+            site.display(),
+            key.display(),
+            src.display()
+        ),
+    )
+    .expect("config");
+    drop_caches();
+    let t = Instant::now();
+    let mut child = Command::new(triad_bin())
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .env("TRIAD_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("daemon");
+    let status = site.join("datasets/files/status.json");
+    let mut peak_rss_kib = 0;
+    loop {
+        peak_rss_kib = peak_rss_kib.max(proc_field(child.id(), "status", "VmHWM:"));
+        if let Some(v) = std::fs::read(&status)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
+            if v["source"]["settled"].as_bool() == Some(true) {
+                break;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3600),
+            "ingest did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ingest_secs = t.elapsed().as_secs_f64();
+    peak_rss_kib = peak_rss_kib.max(proc_field(child.id(), "status", "VmHWM:"));
+    let written = proc_field(child.id(), "io", "write_bytes:");
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    let log_bytes = du(&site.join("datasets/files/log"));
+    let state_bytes = du(&site.join("datasets/files/state"));
+
+    println!("bench-ingest: {files} files, {mb:.0} MB source");
+    println!(
+        "  cp -a            {cp_secs:7.2} s  {:7.1} MB/s",
+        mb / cp_secs
+    );
+    println!(
+        "  cp -a + sync     {cp_sync_secs:7.2} s  {:7.1} MB/s",
+        mb / cp_sync_secs
+    );
+    println!(
+        "  triad ingest     {ingest_secs:7.2} s  {:7.1} MB/s  {:8.0} files/s  (durable in log and state)",
+        mb / ingest_secs,
+        files as f64 / ingest_secs
+    );
+    println!(
+        "  ratio triad / cp -a + sync throughput: {:.2}",
+        cp_sync_secs / ingest_secs
+    );
+    println!("  daemon peak RSS {:.0} MiB", peak_rss_kib as f64 / 1024.0);
+    println!(
+        "  daemon wrote {:.0} MB to disk during ingest ({:.2}x the source); log {:.0} MB, state {:.0} MB at rest",
+        written as f64 / 1e6,
+        written as f64 / bytes as f64,
+        log_bytes as f64 / 1e6,
+        state_bytes as f64 / 1e6
+    );
+    if arg("--keep").is_none() {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
