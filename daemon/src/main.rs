@@ -20,9 +20,9 @@ use clap::{Parser, Subcommand};
     about = "Disaster recovery for two sites, three centers"
 )]
 struct Cli {
-    /// Log format: human or json.
-    #[arg(long, global = true, default_value = "human", env = "TRIAD_LOG_FORMAT")]
-    log_format: String,
+    /// Log format: human or json (default: the config's [log] format, else human).
+    #[arg(long, global = true, env = "TRIAD_LOG_FORMAT", value_parser = ["human", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,7 +60,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::init_logging(&cli.log_format);
+    let from_config = match &cli.command {
+        // A config that fails to load is reported by the command itself.
+        Command::Daemon { config } => config::Config::load(config).ok().and_then(|c| c.log.format),
+        _ => None,
+    };
+    cmd::init_logging(cli.log_format.or(from_config).as_deref().unwrap_or("human"));
     let result = match cli.command {
         Command::Daemon { config } => cmd::daemon::run(&config),
         Command::Keygen { out } => cmd::keygen::run(&out),

@@ -63,7 +63,7 @@ pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
 
 fn write_status(path: &Path, st: &DatasetStatus) {
     if let Ok(body) = serde_json::to_vec_pretty(st) {
-        if let Err(e) = vault::dataset::write_atomic(path, &body) {
+        if let Err(e) = vault::dataset::write_replace(path, &body, false) {
             tracing::warn!(error = %e, "cannot write status file");
         }
     }
@@ -122,14 +122,14 @@ pub fn run(cfg: Config) -> Result<()> {
         let Some(settings) = d.directory() else {
             continue;
         };
-        let src = DirSource::new(settings, ds.clone(), stats.clone())
+        let src = DirSource::new(settings, ds.clone(), stats.clone(), stop.clone())
             .with_context(|| format!("dataset `{}`", d.name))?;
-        let (stop, name, stop_all) = (stop.clone(), d.name.clone(), stop.clone());
+        let (name, stop_all) = (d.name.clone(), stop.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("source-{name}"))
                 .spawn(move || {
-                    let r = src.run(stop);
+                    let r = src.run();
                     if let Err(e) = &r {
                         tracing::error!(dataset = %name, error = %e, "source stopped");
                         stop_all.store(true, Ordering::Release);

@@ -51,6 +51,8 @@ pub struct Stats {
     pub last_event_ns: AtomicI64,
     pub last_round_end_ns: AtomicI64,
     pub pending: AtomicU64,
+    /// Files waiting for a re-read because their mtime was too recent.
+    pub racy: AtomicU64,
     pub busy: AtomicBool,
     pub initial_scan_done: AtomicBool,
     pub last_error: Mutex<Option<String>>,
@@ -88,7 +90,11 @@ impl Stats {
             pending_paths: pending,
             busy,
             initial_scan_done: initial,
-            settled: initial && !busy && pending == 0 && last_round_end_ns >= last_event_ns,
+            settled: initial
+                && !busy
+                && pending == 0
+                && self.racy.load(Ordering::Acquire) == 0
+                && last_round_end_ns >= last_event_ns,
             last_event_ns,
             last_round_end_ns,
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
@@ -118,10 +124,15 @@ pub struct DirSource {
     stats: Arc<Stats>,
     /// Files to read again once their mtime is safely in the past.
     racy: Mutex<HashMap<Vec<u8>, Instant>>,
+    /// Set on SIGTERM: long scans and rounds give up early (the next start's
+    /// full scan picks up whatever was left).
+    stop: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    #[error("stopping")]
+    Stopping,
     #[error("source directory {path}: {reason}")]
     Root { path: PathBuf, reason: String },
     #[error("exclude pattern: {0}")]
@@ -159,6 +170,9 @@ fn simple_entry(abs: &Path, md: &std::fs::Metadata) -> std::io::Result<Option<En
 }
 
 /// True when a file's metadata says its recorded version is current.
+/// Recorded mtimes at or after `racy_before` are not trusted (the file may
+/// have changed again within the timestamp granularity); `i64::MAX` trusts
+/// every recorded mtime.
 fn file_unchanged(md: &std::fs::Metadata, e: &Entry, racy_before: i64) -> bool {
     matches!(e.node, Node::File { .. })
         && e.size == md.len()
@@ -172,6 +186,7 @@ impl DirSource {
         settings: DirectorySettings,
         ds: Arc<Dataset>,
         stats: Arc<Stats>,
+        stop: Arc<AtomicBool>,
     ) -> Result<DirSource, SourceError> {
         let root = settings
             .path
@@ -197,6 +212,7 @@ impl DirSource {
             ds,
             stats,
             racy: Mutex::new(HashMap::new()),
+            stop,
         })
     }
 
@@ -210,12 +226,40 @@ impl DirSource {
         self.root.join(std::ffi::OsStr::from_bytes(rel))
     }
 
+    /// True when the path or any directory above it matches an exclude
+    /// pattern, so events and scans agree on what is excluded.
     fn excluded(&self, rel: &[u8]) -> bool {
-        !self.excludes.is_empty() && self.excludes.is_match(std::ffi::OsStr::from_bytes(rel))
+        if self.excludes.is_empty() {
+            return false;
+        }
+        let mut p = rel;
+        while !p.is_empty() {
+            if self.excludes.is_match(std::ffi::OsStr::from_bytes(p)) {
+                return true;
+            }
+            p = vault::ops::parent(p);
+        }
+        false
     }
 
-    /// Runs until `stop` is set.
-    pub fn run(self, stop: Arc<AtomicBool>) -> Result<(), SourceError> {
+    fn check_stop(&self) -> Result<(), SourceError> {
+        if self.stop.load(Ordering::Acquire) {
+            Err(SourceError::Stopping)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs until the stop flag is set.
+    pub fn run(self) -> Result<(), SourceError> {
+        match self.run_inner() {
+            Err(SourceError::Stopping) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn run_inner(&self) -> Result<(), SourceError> {
+        let stop = self.stop.clone();
         let (tx, rx) = unbounded();
         // Watch before the first scan so that nothing changed during the scan
         // goes unseen.
@@ -318,12 +362,13 @@ impl DirSource {
             if now >= next_rescan {
                 next_rescan = now + self.settings.rescan_interval;
                 self.stats.busy.store(true, Ordering::Release);
-                let r = self.full_scan(i64::MIN);
+                let r = self.full_scan(i64::MAX);
                 self.stats.busy.store(false, Ordering::Release);
                 r?;
             }
+            // Racy re-reads wait while a round is pending; they stay queued.
             let due: Vec<Vec<u8>> = match self.racy.lock() {
-                Ok(mut r) => {
+                Ok(mut r) if first_pending.is_none() => {
                     let due: Vec<Vec<u8>> = r
                         .iter()
                         .filter(|(_, t)| **t <= now)
@@ -334,9 +379,9 @@ impl DirSource {
                     }
                     due
                 }
-                Err(_) => Vec::new(),
+                _ => Vec::new(),
             };
-            if !due.is_empty() && first_pending.is_none() {
+            if !due.is_empty() {
                 self.stats.busy.store(true, Ordering::Release);
                 let mut plan = Plan::default();
                 for p in due {
@@ -346,8 +391,54 @@ impl DirSource {
                 self.stats.busy.store(false, Ordering::Release);
                 r?;
             }
+            self.count_racy();
         }
         Ok(())
+    }
+
+    fn queue_reread(&self, rel: &[u8], after: Duration) {
+        if let Ok(mut r) = self.racy.lock() {
+            r.insert(rel.to_vec(), Instant::now() + after);
+            self.stats.racy.store(r.len() as u64, Ordering::Release);
+        }
+    }
+
+    fn count_racy(&self) {
+        let n = self.racy.lock().map(|r| r.len()).unwrap_or(0);
+        self.stats.racy.store(n as u64, Ordering::Release);
+    }
+
+    /// False when an ancestor of `rel` is not a real directory (a symlink took
+    /// its place): the path then does not exist in the tree, and opening it
+    /// would follow the link out of the watched directory.
+    fn real_parent(&self, rel: &[u8]) -> bool {
+        let parent = vault::ops::parent(rel);
+        if parent.is_empty() {
+            return true;
+        }
+        let abs = self.abs(parent);
+        abs.canonicalize().is_ok_and(|c| c == abs)
+    }
+
+    /// Puts for the directories above `rel` that the namespace lacks, parents
+    /// first, so a rename never leaves an entry without its directory.
+    fn missing_ancestors(&self, rel: &[u8]) -> Result<Vec<Op>, SourceError> {
+        let mut out = Vec::new();
+        let mut p = vault::ops::parent(rel);
+        while !p.is_empty() && self.ds.entry(p)?.is_none() {
+            let abs = self.abs(p);
+            if let Ok(md) = abs.symlink_metadata() {
+                if let Ok(Some(e)) = simple_entry(&abs, &md) {
+                    out.push(Op::Put {
+                        path: p.to_vec(),
+                        entry: e,
+                    });
+                }
+            }
+            p = vault::ops::parent(p);
+        }
+        out.reverse();
+        Ok(out)
     }
 
     fn finish_round(&self) {
@@ -386,6 +477,7 @@ impl DirSource {
             .into_iter()
             .filter_entry(|e| self.rel(e.path()).is_none_or(|r| !self.excluded(&r)));
         for item in walker {
+            self.check_stop()?;
             let ent = match item {
                 Ok(e) => e,
                 Err(e) => {
@@ -430,8 +522,16 @@ impl DirSource {
         racy_before: i64,
     ) {
         if md.is_file() {
-            if !old.is_some_and(|o| file_unchanged(md, o, racy_before)) {
-                plan.files.insert(r.to_vec(), false);
+            match old {
+                Some(o) if file_unchanged(md, o, racy_before) => {}
+                // Metadata matches but the recorded mtime was too close to its
+                // read: read the content again regardless.
+                Some(o) if file_unchanged(md, o, i64::MAX) => {
+                    plan.files.insert(r.to_vec(), true);
+                }
+                _ => {
+                    plan.files.entry(r.to_vec()).or_insert(false);
+                }
             }
             return;
         }
@@ -466,7 +566,6 @@ impl DirSource {
         renames: Vec<(PathBuf, PathBuf)>,
     ) -> Result<(), SourceError> {
         // Renames first, so the trees they move are found in place, not re-read.
-        let mut ops = Vec::new();
         for (from, to) in renames {
             let (Some(f), Some(t)) = (self.rel(&from), self.rel(&to)) else {
                 continue;
@@ -474,12 +573,12 @@ impl DirSource {
             if self.excluded(&f) || self.excluded(&t) {
                 continue;
             }
-            if self.ds.entry(&f)?.is_some() && to.symlink_metadata().is_ok() {
+            if self.ds.entry(&f)?.is_some() && self.real_parent(&t) && to.symlink_metadata().is_ok()
+            {
+                let mut ops = self.missing_ancestors(&t)?;
                 ops.push(Op::Rename { from: f, to: t });
+                self.submit_meta(ops)?;
             }
-        }
-        if !ops.is_empty() {
-            self.submit_meta(ops)?;
         }
         let mut paths: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
         for (abs, deep) in pending {
@@ -502,12 +601,17 @@ impl DirSource {
                 continue;
             }
             let old = self.ds.entry(&r)?;
-            match self.abs(&r).symlink_metadata() {
+            let md = if self.real_parent(&r) {
+                self.abs(&r).symlink_metadata()
+            } else {
+                Err(std::io::ErrorKind::NotFound.into())
+            };
+            match md {
                 Ok(md) => {
                     if md.is_dir() && (deep || !old.as_ref().is_some_and(|o| o.is_dir())) {
-                        self.scan_into(&r, &mut plan, i64::MIN)?;
+                        self.scan_into(&r, &mut plan, i64::MAX)?;
                     }
-                    self.plan_path(&r, &md, old.as_ref(), &mut plan, i64::MIN);
+                    self.plan_path(&r, &md, old.as_ref(), &mut plan, i64::MAX);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     if old.is_some() {
@@ -553,6 +657,9 @@ impl DirSource {
                 for _ in 0..workers {
                     s.spawn(|| loop {
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if self.stop.load(Ordering::Acquire) {
+                            break;
+                        }
                         let Some((rel, force)) = files.get(i) else {
                             break;
                         };
@@ -569,6 +676,7 @@ impl DirSource {
             if let Some(e) = failure.into_inner().ok().flatten() {
                 return Err(e);
             }
+            self.check_stop()?;
         }
         // Only the topmost of nested deletes: a directory takes its subtree.
         let mut deletes: Vec<Vec<u8>> = Vec::new();
@@ -606,7 +714,12 @@ impl DirSource {
             }
         };
         for _attempt in 0..MAX_READ_ATTEMPTS {
-            let md1 = match abs.symlink_metadata() {
+            let md1 = if self.real_parent(rel) {
+                abs.symlink_metadata()
+            } else {
+                Err(std::io::ErrorKind::NotFound.into())
+            };
+            let md1 = match md1 {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let mut ops = unpin(&mut pinned);
@@ -627,7 +740,7 @@ impl DirSource {
                 // It became something else since it was planned.
                 let mut plan = Plan::default();
                 let old = self.ds.entry(rel)?;
-                self.plan_path(rel, &md1, old.as_ref(), &mut plan, i64::MIN);
+                self.plan_path(rel, &md1, old.as_ref(), &mut plan, i64::MAX);
                 let ops: Vec<Op> = plan
                     .puts
                     .into_iter()
@@ -715,12 +828,7 @@ impl DirSource {
                 size: md1.len(),
             };
             if now_ns() - entry.mtime_ns < RACY_NS {
-                if let Ok(mut r) = self.racy.lock() {
-                    r.insert(
-                        rel.to_vec(),
-                        Instant::now() + Duration::from_nanos(RACY_NS as u64),
-                    );
-                }
+                self.queue_reread(rel, Duration::from_nanos(RACY_NS as u64));
             }
             let mut ops = Vec::new();
             if old.as_ref() != Some(&entry) {
@@ -746,9 +854,7 @@ impl DirSource {
             }
         }
         tracing::warn!(path = %String::from_utf8_lossy(rel), "file kept changing while being read; will try again");
-        if let Ok(mut r) = self.racy.lock() {
-            r.insert(rel.to_vec(), Instant::now() + Duration::from_secs(1));
-        }
+        self.queue_reread(rel, Duration::from_secs(1));
         self.submit_meta(unpin(&mut pinned))
     }
 

@@ -25,14 +25,14 @@ use crate::chunk::{ChunkId, SealedChunk};
 use crate::error::{Result, VaultError};
 use crate::keys::{DatasetKey, Keys};
 use crate::ops::{Entry, Op};
-use crate::record::{chain, frame, Hash, Record};
+use crate::record::{chain, frame, Hash, Record, MAX_SUBMIT};
 use crate::state::{Applied, ChunkMeta, Missing, Overlay, State};
 use crate::wal::{self, Recovery, Wal};
 
 const IDENTITY_FILE: &str = "IDENTITY";
 const IDENTITY_FORMAT: u32 = 1;
 /// Most bytes of records written under one fsync.
-const GROUP_BYTES: usize = 64 << 20;
+const GROUP_BYTES: usize = 32 << 20;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Identity {
@@ -64,6 +64,16 @@ fn check_identity(dir: &Path, name: &str, key: &DatasetKey, create: bool) -> Res
                     reason: format!("{}: format {} is not supported", path.display(), id.format),
                 });
             }
+            if id.dataset != name {
+                return Err(VaultError::Codec {
+                    what: "dataset identity",
+                    reason: format!(
+                        "{} belongs to dataset `{}`, not `{name}`; check the dataset name and data_dir",
+                        path.display(),
+                        id.dataset
+                    ),
+                });
+            }
             if id.key_id != key.key_id() {
                 return Err(VaultError::WrongKey {
                     dataset: name.to_string(),
@@ -72,6 +82,22 @@ fn check_identity(dir: &Path, name: &str, key: &DatasetKey, create: bool) -> Res
                 });
             }
             Ok(())
+        }
+        // A dataset directory that already holds a log or state but lost its
+        // identity is not new: refuse rather than stamp it with whatever key
+        // was given.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && (dir.join("log").exists() || dir.join("state").exists()) =>
+        {
+            Err(VaultError::Codec {
+                what: "dataset identity",
+                reason: format!(
+                    "{} is missing but the dataset already has a log or state; restore the file from a backup \
+                     (it holds the dataset name and the key id) instead of starting over",
+                    path.display()
+                ),
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
             std::fs::create_dir_all(dir)
@@ -94,14 +120,30 @@ fn check_identity(dir: &Path, name: &str, key: &DatasetKey, create: bool) -> Res
 
 /// Writes a file through a temporary name and a rename, syncing both.
 pub fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    write_replace(path, body, true)
+}
+
+/// Replaces a file through a temporary name and a rename; with `durable`
+/// the data and the directory are synced too. Status files skip the syncs:
+/// they are rewritten every few hundred milliseconds and must not compete
+/// with the log for the disk.
+pub fn write_replace(path: &Path, body: &[u8], durable: bool) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let res = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(body).and_then(|_| f.sync_all()))
+        .and_then(|mut f| {
+            f.write_all(body)?;
+            if durable {
+                f.sync_all()?;
+            }
+            Ok(())
+        })
         .and_then(|_| std::fs::rename(&tmp, path));
     res.map_err(|e| VaultError::io("writing", path, e))?;
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    if durable {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
     }
     Ok(())
 }
@@ -182,6 +224,8 @@ pub struct Dataset {
     committer: Mutex<Option<JoinHandle<()>>>,
     recovery: Recovery,
     replayed: u64,
+    /// Held for the dataset's lifetime: the exclusive lock on `LOCK`.
+    _lock: std::fs::File,
 }
 
 impl Dataset {
@@ -189,17 +233,41 @@ impl Dataset {
     /// replays records the state has not applied, and starts the committer.
     pub fn open(dir: &Path, name: &str, key: &DatasetKey, opts: Options) -> Result<Dataset> {
         check_identity(dir, name, key, opts.create)?;
+        // One writer per dataset: a second daemon must not even look at the
+        // log's tail, since recovery may cut it.
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| VaultError::io("opening dataset lock", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(VaultError::Closed(format!(
+                "dataset {name} in {} is open in another process (is a daemon already running?)",
+                dir.display()
+            )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(VaultError::io("locking dataset", &lock_path, e))
+            }
+        }
         let keys = key.derive();
-        let (wal, recovery) = Wal::open(&dir.join("log"), opts.segment_bytes)?;
+        // The state first: its applied seq tells recovery which records were
+        // acknowledged and may never be cut.
         let state = State::open(&dir.join("state"))?;
         let applied = state.applied()?;
+        let (wal, recovery) = Wal::open(&dir.join("log"), opts.segment_bytes, applied.seq)?;
         let head = wal.next_seq() - 1;
         if applied.seq > head {
             return Err(VaultError::LogGap {
                 dir: wal.dir().to_path_buf(),
                 reason: format!(
                     "the log ends at seq {head} but the state has applied seq {}: acknowledged records are \
-                     missing from the log; restore this dataset from another site or the archive",
+                     missing from the log; keep the directory for inspection and rebuild this site's copy \
+                     from a healthy one",
                     applied.seq
                 ),
             });
@@ -247,6 +315,7 @@ impl Dataset {
             committer: Mutex::new(Some(committer)),
             recovery,
             replayed,
+            _lock: lock,
         };
         // Chunks pinned by a file that was still being written when the last
         // run stopped: release them through the log, so every site agrees.
@@ -459,69 +528,81 @@ fn commit_loop(
             }
             continue;
         }
-        let mut ov = Overlay::new(applied.clone());
-        let mut frames = Vec::with_capacity(bytes + group.len() * 256);
-        let mut accepted: Vec<(Submission, Committed)> = Vec::with_capacity(group.len());
-        let mut prev: Hash = wal.last_hash();
-        let mut seq = wal.next_seq();
-        let time_ns = now_ns().max(wal.last_time_ns());
-        let mut group_error: Option<String> = None;
-        for s in group {
-            match ov.missing(&state, &s.ops, &s.attachments) {
-                Ok(m) if !m.0.is_empty() => {
-                    let _ = s.reply.send(Err(SubmitError::Missing(m)));
-                    continue;
+        // Build the group's records over a fresh overlay. A submission that
+        // cannot apply (its own ops free a chunk it then needs) is refused and
+        // the group is rebuilt without it, so one bad call never half-applies.
+        let (ov, frames, accepted, prev, time_ns) = loop {
+            let mut ov = Overlay::new(applied.clone());
+            let mut frames = Vec::with_capacity(bytes + group.len() * 256);
+            let mut accepted: Vec<Committed> = Vec::with_capacity(group.len());
+            let mut prev: Hash = wal.last_hash();
+            let time_ns = now_ns().max(wal.last_time_ns());
+            let mut refused: Option<(usize, SubmitError)> = None;
+            for (seq, (i, s)) in (wal.next_seq()..).zip(group.iter().enumerate()) {
+                match ov.missing(&state, &s.ops, &s.attachments) {
+                    Ok(m) if !m.0.is_empty() => {
+                        refused = Some((i, SubmitError::Missing(m)));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        refused = Some((i, e.into()));
+                        break;
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = s.reply.send(Err(e.into()));
-                    continue;
+                let payload = Record::encode_payload_parts(
+                    &keys,
+                    seq,
+                    epoch,
+                    time_ns,
+                    prev,
+                    &s.ops,
+                    &s.attachments,
+                );
+                if payload.len() > MAX_SUBMIT {
+                    let e = VaultError::BadRecord {
+                        seq,
+                        reason: format!(
+                            "{} bytes is over the {} byte limit for one change",
+                            payload.len(),
+                            MAX_SUBMIT
+                        ),
+                    };
+                    refused = Some((i, e.into()));
+                    break;
+                }
+                let hash = chain(&prev, &payload);
+                if let Err(e) = ov.apply(&state, &keys, seq, hash, time_ns, &s.ops, &s.attachments)
+                {
+                    refused = Some((i, e.into()));
+                    break;
+                }
+                frames.extend_from_slice(&frame(&payload, accepted.is_empty()));
+                accepted.push(Committed { seq, time_ns });
+                prev = hash;
+            }
+            match refused {
+                None => break (ov, frames, accepted, prev, time_ns),
+                Some((i, err)) => {
+                    let s = group.remove(i);
+                    let _ = s.reply.send(Err(err));
                 }
             }
-            let rec = Record::seal(
-                &keys,
-                seq,
-                epoch,
-                time_ns,
-                prev,
-                &s.ops,
-                s.attachments.clone(),
-            );
-            let payload = rec.encode_payload();
-            let hash = chain(&prev, &payload);
-            if let Err(e) = ov.apply(&state, &keys, seq, hash, time_ns, &s.ops, &s.attachments) {
-                // Checked above, so this means a bug or a damaged state: stop
-                // rather than log something the state cannot follow.
-                group_error = Some(e.to_string());
-                let _ = s.reply.send(Err(e.into()));
-                break;
-            }
-            frames.extend_from_slice(&frame(&payload));
-            accepted.push((s, Committed { seq, time_ns }));
-            prev = hash;
-            seq += 1;
-        }
-        if let Some(why) = group_error {
-            fail(
-                &shared,
-                format!("applying a record failed: {why}"),
-                accepted,
-            );
-            continue;
-        }
+        };
         if accepted.is_empty() {
             continue;
         }
-        let last_seq = seq - 1;
+        let last_seq = accepted[accepted.len() - 1].seq;
         if let Err(e) = wal.append_sync(&frames, last_seq, prev, time_ns) {
             // Nothing of this group is durable and the log was cut back; the
             // writers get the error and may retry (a full disk being freed).
             tracing::error!(error = %e, "change log write failed; the changes were not acknowledged");
-            for (s, _) in accepted {
+            let why = e.to_string();
+            for s in group {
                 let _ = s.reply.send(Err(VaultError::io(
                     "appending to change log",
                     wal.dir(),
-                    std::io::Error::other(e.to_string()),
+                    std::io::Error::other(why.clone()),
                 )
                 .into()));
             }
@@ -531,6 +612,7 @@ fn commit_loop(
             state.write(batch)?;
             Ok(a)
         });
+        let pending: Vec<(Submission, Committed)> = group.into_iter().zip(accepted).collect();
         match result {
             Ok(a) => {
                 applied = a;
@@ -541,12 +623,12 @@ fn commit_loop(
                 shared.last_commit_ns.store(time_ns, Ordering::Release);
                 shared
                     .records
-                    .fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
                 shared.groups.fetch_add(1, Ordering::Relaxed);
                 shared
                     .bytes
                     .fetch_add(frames.len() as u64, Ordering::Relaxed);
-                for (s, c) in accepted {
+                for (s, c) in pending {
                     let _ = s.reply.send(Ok(c));
                 }
             }
@@ -557,7 +639,7 @@ fn commit_loop(
                 fail(
                     &shared,
                     format!("state write failed after the log was synced: {e}; restart to replay"),
-                    accepted,
+                    pending,
                 );
             }
         }
@@ -588,7 +670,15 @@ impl View {
         let keys = key.derive();
         let state = State::open_read_only(&dir.join("state"))?;
         let mut overlay = Overlay::new(state.applied()?);
-        wal::read_from(&dir.join("log"), overlay.applied().seq + 1, |r| {
+        let base = overlay.applied().clone();
+        wal::read_from(&dir.join("log"), base.seq + 1, |r| {
+            if base.seq > 0 && r.record.seq == base.seq + 1 && r.record.prev_hash != base.hash {
+                return Err(VaultError::BadRecord {
+                    seq: r.record.seq,
+                    reason: "its previous hash differs from the chain hash the state recorded"
+                        .into(),
+                });
+            }
             let ops = r.record.open_ops(&keys)?;
             overlay.apply(
                 &state,

@@ -31,9 +31,9 @@ pub enum VaultError {
     },
 
     #[error(
-        "corrupt change log: segment {segment} offset {offset}: {reason}; the records after it \
-         are intact, so this is not a torn write; keep the file for inspection and restore the \
-         dataset from another site or the archive"
+        "corrupt change log: segment {segment} offset {offset}: {reason}; this is damage to \
+         records that were acknowledged, not a torn write, so triad will not cut it off; keep the \
+         file for inspection and rebuild this site's copy from a healthy one"
     )]
     CorruptSegment {
         segment: PathBuf,

@@ -17,6 +17,9 @@ pub type Hash = [u8; 32];
 /// Largest payload accepted when reading; a length field beyond it is damage.
 pub const MAX_PAYLOAD: usize = 512 << 20;
 
+/// Largest payload a writer may submit (leaves room below [`MAX_PAYLOAD`]).
+pub const MAX_SUBMIT: usize = 256 << 20;
+
 /// Bytes before the sealed ops: seq, epoch, time, prev_hash, ops length.
 const FIXED: usize = 8 + 8 + 8 + 32 + 4;
 
@@ -100,6 +103,26 @@ impl Record {
         decode_ops(&buf).ok_or_else(|| bad("ops do not decode"))
     }
 
+    /// Seals ops and encodes a record's payload straight from borrowed
+    /// attachments, avoiding a copy of the chunk bytes (the commit path).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_payload_parts(
+        keys: &Keys,
+        seq: u64,
+        epoch: u64,
+        time_ns: i64,
+        prev_hash: Hash,
+        ops: &[Op],
+        attachments: &[SealedChunk],
+    ) -> Vec<u8> {
+        let head = Record::seal(keys, seq, epoch, time_ns, prev_hash, ops, Vec::new());
+        let mut v = head.encode_payload();
+        // Replace the empty attachment count with the real list.
+        v.truncate(v.len() - 4);
+        encode_attachments(&mut v, attachments);
+        v
+    }
+
     pub fn encode_payload(&self) -> Vec<u8> {
         let att_len: usize = self.attachments.iter().map(|a| 40 + a.sealed.len()).sum();
         let mut v = Vec::with_capacity(FIXED + self.sealed_ops.len() + 4 + att_len);
@@ -109,13 +132,7 @@ impl Record {
         v.extend_from_slice(&self.prev_hash);
         v.extend_from_slice(&(self.sealed_ops.len() as u32).to_le_bytes());
         v.extend_from_slice(&self.sealed_ops);
-        v.extend_from_slice(&(self.attachments.len() as u32).to_le_bytes());
-        for a in &self.attachments {
-            v.extend_from_slice(&a.id.0);
-            v.extend_from_slice(&a.plain_len.to_le_bytes());
-            v.extend_from_slice(&(a.sealed.len() as u32).to_le_bytes());
-            v.extend_from_slice(&a.sealed);
-        }
+        encode_attachments(&mut v, &self.attachments);
         v
     }
 
@@ -157,6 +174,22 @@ impl Record {
     }
 }
 
+fn encode_attachments(v: &mut Vec<u8>, attachments: &[SealedChunk]) {
+    v.reserve(
+        4 + attachments
+            .iter()
+            .map(|a| 40 + a.sealed.len())
+            .sum::<usize>(),
+    );
+    v.extend_from_slice(&(attachments.len() as u32).to_le_bytes());
+    for a in attachments {
+        v.extend_from_slice(&a.id.0);
+        v.extend_from_slice(&a.plain_len.to_le_bytes());
+        v.extend_from_slice(&(a.sealed.len() as u32).to_le_bytes());
+        v.extend_from_slice(&a.sealed);
+    }
+}
+
 /// The chain hash after a record with this payload.
 pub fn chain(prev: &Hash, payload: &[u8]) -> Hash {
     *blake3::Hasher::new()
@@ -166,13 +199,27 @@ pub fn chain(prev: &Hash, payload: &[u8]) -> Hash {
         .as_bytes()
 }
 
-/// Frame: `len u32 ‖ crc32c(payload) u32 ‖ payload`.
-pub fn frame(payload: &[u8]) -> Vec<u8> {
+/// Bit of the frame's length word marking the first record of a commit group.
+/// A group is written only after the previous one was fsynced and
+/// acknowledged, so an intact group start after damaged bytes proves the
+/// damage hit acknowledged records; without one, the damage is a torn write
+/// of the last group (whose pages may reach disk out of order).
+pub const GROUP_START: u32 = 1 << 30;
+const LEN_MASK: u32 = (1 << 30) - 1;
+
+/// Frame: `len u32 (bit 30: group start) ‖ crc32c(payload) u32 ‖ payload`.
+pub fn frame(payload: &[u8], group_start: bool) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + payload.len());
-    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let len = payload.len() as u32 | if group_start { GROUP_START } else { 0 };
+    v.extend_from_slice(&len.to_le_bytes());
     v.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     v.extend_from_slice(payload);
     v
+}
+
+/// Splits a frame's length word into (payload length, group start).
+pub fn frame_len(word: u32) -> (usize, bool) {
+    ((word & LEN_MASK) as usize, word & GROUP_START != 0)
 }
 
 struct Reader<'a> {

@@ -9,6 +9,7 @@
 //! one the dataset recorded. Damaged chunks do not stop the restore: every
 //! affected path is named in the report.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -158,73 +159,130 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
         expected_digest: hex::encode(applied.digest.summary()),
         ..Report::default()
     };
+    let mut problems_list = Vec::new();
+    // Only entries whose parent was restored as a directory are written, so
+    // nothing is ever written through a symlink (which could point outside
+    // the target). A consistent namespace never has such entries.
+    let mut dirs_made: HashSet<&[u8]> = HashSet::new();
+    let placeable = |p: &[u8], made: &HashSet<&[u8]>| {
+        let parent = crate::ops::parent(p);
+        parent.is_empty() || made.contains(parent)
+    };
     // Directories first, parents before children (sorted order), writable
     // by us until the end.
     for (p, _) in entries.iter().filter(|(_, e)| e.is_dir()) {
         let d = rel_to_path(to, p);
-        fs::create_dir(&d).map_err(io("creating directory", &d))?;
-        fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
-            .map_err(io("creating directory", &d))?;
-        report.dirs += 1;
-    }
-    let problems = Mutex::new(Vec::new());
-    let done = AtomicU64::new(0);
-    entries.par_iter().for_each(|(p, e)| {
-        let dest = rel_to_path(to, p);
-        let res = match &e.node {
-            Node::File { chunks } => write_file(view, &dest, e, chunks, &done, progress),
-            Node::Symlink { target } => {
-                let tmp = tmp_name(&dest);
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
-                    .and_then(|_| {
-                        filetime::set_symlink_file_times(&tmp, mtime(e.mtime_ns), mtime(e.mtime_ns))
-                    })
-                    .and_then(|_| fs::rename(&tmp, &dest))
-                    .map_err(|err| {
-                        let _ = fs::remove_file(&tmp);
-                        format!("creating symlink: {err}")
-                    })
+        if !placeable(p, &dirs_made) {
+            problems_list.push(format!(
+                "{}: parent directory was not restored",
+                String::from_utf8_lossy(p)
+            ));
+            continue;
+        }
+        match fs::create_dir(&d)
+            .and_then(|_| fs::set_permissions(&d, fs::Permissions::from_mode(0o700)))
+        {
+            Ok(()) => {
+                dirs_made.insert(p.as_slice());
+                report.dirs += 1;
             }
-            Node::Dir => Ok(()),
+            Err(e) => problems_list.push(format!(
+                "{}: creating directory: {e}",
+                String::from_utf8_lossy(p)
+            )),
+        }
+    }
+    let problems = Mutex::new(problems_list);
+    let done = AtomicU64::new(0);
+    let (ok_files, ok_links, ok_bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    entries.par_iter().for_each(|(p, e)| {
+        if e.is_dir() {
+            return;
+        }
+        let dest = rel_to_path(to, p);
+        let res = if !placeable(p, &dirs_made) {
+            Err("parent directory was not restored".to_string())
+        } else {
+            match &e.node {
+                Node::File { chunks } => write_file(view, &dest, e, chunks, &done, progress),
+                Node::Symlink { target } => {
+                    let tmp = tmp_name(&dest);
+                    std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
+                        .and_then(|_| {
+                            filetime::set_symlink_file_times(
+                                &tmp,
+                                mtime(e.mtime_ns),
+                                mtime(e.mtime_ns),
+                            )
+                        })
+                        .and_then(|_| fs::rename(&tmp, &dest))
+                        .map_err(|err| {
+                            let _ = fs::remove_file(&tmp);
+                            format!("creating symlink: {err}")
+                        })
+                }
+                Node::Dir => Ok(()),
+            }
         };
-        if let Err(why) = res {
-            if let Ok(mut v) = problems.lock() {
-                v.push(format!("{}: {why}", String::from_utf8_lossy(p)));
+        match res {
+            Ok(()) => {
+                let (n, b) = match &e.node {
+                    Node::File { .. } => (&ok_files, e.size),
+                    _ => (&ok_links, 0),
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+                ok_bytes.fetch_add(b, Ordering::Relaxed);
+            }
+            Err(why) => {
+                if let Ok(mut v) = problems.lock() {
+                    v.push(format!("{}: {why}", String::from_utf8_lossy(p)));
+                }
             }
         }
     });
     report.problems = problems.into_inner().unwrap_or_default();
-    for (_, e) in &entries {
-        match &e.node {
-            Node::File { .. } => {
-                report.files += 1;
-                report.bytes += e.size;
-            }
-            Node::Symlink { .. } => report.symlinks += 1,
-            Node::Dir => {}
+    // Counts of what was put in place; failures are in the problems.
+    report.files = ok_files.load(Ordering::Relaxed);
+    report.symlinks = ok_links.load(Ordering::Relaxed);
+    report.bytes = ok_bytes.load(Ordering::Relaxed);
+    for (p, e) in entries
+        .iter()
+        .rev()
+        .filter(|(p, e)| e.is_dir() && dirs_made.contains(p.as_slice()))
+    {
+        let d = rel_to_path(to, p);
+        let res = fs::set_permissions(&d, fs::Permissions::from_mode(e.mode))
+            .and_then(|_| filetime::set_file_mtime(&d, mtime(e.mtime_ns)));
+        if let Err(err) = res {
+            report.problems.push(format!(
+                "{}: setting directory metadata: {err}",
+                String::from_utf8_lossy(p)
+            ));
         }
     }
-    for (p, e) in entries.iter().rev().filter(|(_, e)| e.is_dir()) {
-        let d = rel_to_path(to, p);
-        fs::set_permissions(&d, fs::Permissions::from_mode(e.mode))
-            .map_err(io("setting directory mode", &d))?;
-        filetime::set_file_mtime(&d, mtime(e.mtime_ns))
-            .map_err(io("setting directory mtime", &d))?;
+    if let Err(e) = sync_filesystem(to) {
+        report
+            .problems
+            .push(format!("flushing the restored files to disk failed: {e}"));
     }
-    sync_filesystem(to);
-    report.restored_digest = hex::encode(digest_tree(view.keys(), to)?.summary());
+    match digest_tree(view.keys(), to) {
+        Ok(d) => report.restored_digest = hex::encode(d.summary()),
+        Err(e) => report
+            .problems
+            .push(format!("digesting the restored tree: {e}")),
+    }
     Ok(report)
 }
 
-fn sync_filesystem(path: &Path) {
+fn sync_filesystem(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     // One syncfs for the whole restore instead of an fsync per file.
-    if let Ok(f) = File::open(path) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs takes a valid open descriptor and nothing else.
-        unsafe {
-            libc::syncfs(f.as_raw_fd());
-        }
+    let f = File::open(path)?;
+    // SAFETY: syncfs takes a valid open descriptor and nothing else.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// The namespace entry a path on disk corresponds to; None for kinds triad

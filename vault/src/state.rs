@@ -637,7 +637,13 @@ impl Overlay {
                     }
                 }
                 Op::Rename { from, to } => {
-                    if from == to || to.starts_with(&subtree_prefix(from)) {
+                    // Moving a path into its own subtree or onto one of its
+                    // ancestors cannot happen on a filesystem; ignore it rather
+                    // than corrupt counts.
+                    if from == to
+                        || to.starts_with(&subtree_prefix(from))
+                        || from.starts_with(&subtree_prefix(to))
+                    {
                         continue;
                     }
                     let Some(src) = self.entry(st, from)? else {
@@ -680,7 +686,7 @@ impl Overlay {
         self.applied.seq = seq;
         self.applied.hash = hash;
         self.applied.time_ns = time_ns;
-        if seq % CHECKPOINT_INTERVAL == 0 {
+        if seq.is_multiple_of(CHECKPOINT_INTERVAL) {
             self.checkpoints.push(Checkpoint::new(
                 keys,
                 seq,

@@ -4,17 +4,20 @@
 //! A segment is a 32-byte header followed by framed records (see
 //! [`crate::record`]). Segments are named by their first seq. On open every
 //! segment is read and checked (frame checksums, seq continuity, hash chain):
-//! damage at the very end of the newest segment is a torn write and is cut
-//! off and logged; damage anywhere else, or damage followed by an intact
-//! record, stops the open with an error naming the segment and offset,
-//! because cutting there would drop records that were acknowledged.
+//! damage at the very end of the newest segment, followed by nothing but
+//! pieces of its own commit group, is a torn write of a group that was never
+//! acknowledged: it is copied aside as evidence, cut off and logged. Damage
+//! anywhere else, damage followed by a completed group, or damage at or below
+//! a seq the state has already applied stops the open with an error naming
+//! the segment and offset, because cutting there would drop acknowledged
+//! records.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, VaultError};
-use crate::record::{chain, Hash, Record, MAX_PAYLOAD};
+use crate::record::{chain, frame_len, Hash, Record, MAX_PAYLOAD};
 
 const MAGIC: &[u8; 8] = b"TRIADLOG";
 pub const FORMAT_VERSION: u32 = 1;
@@ -71,7 +74,7 @@ fn parse_frame(buf: &[u8], off: usize) -> std::result::Result<Parsed, String> {
     if rest.len() < 8 {
         return Err("frame header cut short".into());
     }
-    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let (len, _) = frame_len(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]));
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
     if len > MAX_PAYLOAD {
         return Err(format!("frame length {len} is implausible"));
@@ -93,15 +96,27 @@ fn parse_frame(buf: &[u8], off: usize) -> std::result::Result<Parsed, String> {
     })
 }
 
-/// True when some intact record with seq >= `min_seq` starts after `from`:
-/// evidence that the damage at `from` is in the middle of the log.
-fn intact_record_after(buf: &[u8], from: usize, min_seq: u64) -> bool {
+/// True when an intact record that starts a commit group, with seq >=
+/// `min_seq`, lies after `from`: a later group was written, which happens only
+/// once the damaged bytes' group was fsynced and acknowledged, so the damage
+/// is in the middle of the log. Damage followed only by pieces of its own
+/// group is a torn write of a group that was never acknowledged.
+fn later_group_after(buf: &[u8], from: usize, min_seq: u64) -> bool {
     let mut off = from + 1;
     while off + 8 + 8 <= buf.len() {
-        let len = u32::from_le_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        if len >= 8 && off + 8 + len <= buf.len() {
+        let (len, start) = frame_len(u32::from_le_bytes([
+            buf[off],
+            buf[off + 1],
+            buf[off + 2],
+            buf[off + 3],
+        ]));
+        if start && len >= 8 && off + 8 + len <= buf.len() {
             let payload = &buf[off + 8..off + 8 + len];
-            if Record::peek_seq(payload).is_some_and(|s| s >= min_seq) {
+            // Cheap plausibility first (a segment holds fewer records than
+            // bytes), so scanning megabytes of damage does not run a CRC at
+            // every offset.
+            let max_seq = min_seq.saturating_add(buf.len() as u64);
+            if Record::peek_seq(payload).is_some_and(|s| s >= min_seq && s <= max_seq) {
                 let crc =
                     u32::from_le_bytes([buf[off + 4], buf[off + 5], buf[off + 6], buf[off + 7]]);
                 if crc32c::crc32c(payload) == crc {
@@ -139,6 +154,9 @@ pub struct Wal {
     last_hash: Hash,
     last_time_ns: i64,
     segment_bytes: u64,
+    /// Set when a failed append could not be cut back: the file's end is no
+    /// longer where the next record belongs, so nothing more may be written.
+    poisoned: Option<String>,
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
@@ -171,7 +189,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 impl Wal {
     /// Opens (creating if needed) the log in `dir`, recovering from a crash.
-    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Wal, Recovery)> {
+    /// Records up to `applied_seq` are known to have been acknowledged (the
+    /// state holds them), so damage among them is never cut as a torn tail.
+    pub fn open(dir: &Path, segment_bytes: u64, applied_seq: u64) -> Result<(Wal, Recovery)> {
         std::fs::create_dir_all(dir)
             .map_err(|e| VaultError::io("creating log directory", dir, e))?;
         let mut segments = list_segments(dir)?;
@@ -246,15 +266,35 @@ impl Wal {
                     Err(reason) => Some(reason),
                 };
                 let Some(reason) = failure else { continue };
-                if !is_last || intact_record_after(&buf, off, next_seq) {
+                if !is_last || later_group_after(&buf, off, next_seq) {
                     return Err(corrupt(off, reason));
                 }
+                if next_seq <= applied_seq {
+                    return Err(corrupt(
+                        off,
+                        format!("{reason}; seq {next_seq} was already applied to the state, so it was acknowledged"),
+                    ));
+                }
                 let dropped = (buf.len() - off) as u64;
+                // Keep the cut bytes: they are evidence, and cost little.
+                let evidence = dir.join(format!(
+                    "{}.torn-at-{off}",
+                    seg.path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ));
+                // Best effort: failing to keep evidence (a full disk) must not
+                // stop the site from starting.
+                if let Err(e) = save_evidence(&evidence, &buf[off..]) {
+                    tracing::warn!(path = %evidence.display(), error = %e, "could not keep the torn tail as evidence");
+                }
                 tracing::warn!(
                     segment = %seg.path.display(),
                     offset = off,
                     bytes = dropped,
                     %reason,
+                    evidence = %evidence.display(),
                     "cutting a torn tail off the change log (a write the crash interrupted; it was never acknowledged)"
                 );
                 let f = OpenOptions::new()
@@ -306,6 +346,7 @@ impl Wal {
                 last_hash: last_hash.unwrap_or([0; 32]),
                 last_time_ns,
                 segment_bytes,
+                poisoned: None,
             },
             rec,
         ))
@@ -339,6 +380,12 @@ impl Wal {
         last_hash: Hash,
         last_time_ns: i64,
     ) -> Result<()> {
+        if let Some(why) = &self.poisoned {
+            return Err(VaultError::Closed(format!(
+                "the change log in {} stopped after a failed write that could not be undone ({why}); restart to recover",
+                self.dir.display()
+            )));
+        }
         if self.active_len >= self.segment_bytes {
             self.roll()?;
         }
@@ -353,12 +400,16 @@ impl Wal {
             .write_all(frames)
             .and_then(|_| self.file.sync_data());
         if let Err(e) = res {
-            // Cut back so the failed group leaves no partial frame behind; if even
-            // that fails, the next open's recovery cuts it as a torn tail.
-            let _ = self
+            // Cut back so the failed group leaves no partial frame behind and
+            // the same seqs can be retried. If even that fails, refuse further
+            // writes: appending after the leftovers would bury them mid-log.
+            if let Err(cut) = self
                 .file
                 .set_len(before)
-                .and_then(|_| self.file.sync_data());
+                .and_then(|_| self.file.sync_data())
+            {
+                self.poisoned = Some(format!("write: {e}; cut back: {cut}"));
+            }
             return Err(VaultError::io("appending to change log", seg_path, e));
         }
         self.active_len += frames.len() as u64;
@@ -381,16 +432,29 @@ impl Wal {
     }
 }
 
+fn save_evidence(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 fn create_segment(dir: &Path, seg: &Segment) -> Result<File> {
     let mut f = OpenOptions::new()
         .create_new(true)
         .append(true)
         .open(&seg.path)
         .map_err(|e| VaultError::io("creating log segment", &seg.path, e))?;
-    f.write_all(&header(seg.first_seq))
+    let res = f
+        .write_all(&header(seg.first_seq))
         .and_then(|_| f.sync_all())
-        .map_err(|e| VaultError::io("creating log segment", &seg.path, e))?;
-    sync_dir(dir)?;
+        .map_err(|e| VaultError::io("creating log segment", &seg.path, e))
+        .and_then(|_| sync_dir(dir));
+    if let Err(e) = res {
+        // Leave nothing behind (a full disk): the next roll can try again.
+        drop(f);
+        let _ = std::fs::remove_file(&seg.path);
+        return Err(e);
+    }
     Ok(f)
 }
 
@@ -444,7 +508,10 @@ pub fn read_from(
                     if expected.is_some_and(|e| e != seq) {
                         return Err(corrupt(
                             off,
-                            format!("record has seq {seq}, expected {expected:?}"),
+                            format!(
+                                "record has seq {seq}, expected {}",
+                                expected.unwrap_or(from_seq)
+                            ),
                         ));
                     }
                     if last_hash.is_some_and(|h| h != p.record.prev_hash) {
@@ -464,7 +531,7 @@ pub fn read_from(
                 }
                 // A record still being written by the daemon, unless intact
                 // records follow: then it is damage in the middle.
-                Err(_) if is_last && !intact_record_after(&buf, off, expected.unwrap_or(0)) => {
+                Err(_) if is_last && !later_group_after(&buf, off, expected.unwrap_or(0)) => {
                     return Ok(expected.unwrap_or(from_seq))
                 }
                 Err(reason) => return Err(corrupt(off, reason)),
@@ -497,7 +564,7 @@ mod tests {
             );
             let payload = rec.encode_payload();
             let hash = chain(&wal.last_hash(), &payload);
-            wal.append_sync(&frame(&payload), seq, hash, seq as i64)
+            wal.append_sync(&frame(&payload, true), seq, hash, seq as i64)
                 .unwrap();
         }
     }
@@ -516,11 +583,11 @@ mod tests {
     fn appends_survive_reopen_and_roll_segments() {
         let keys = DatasetKey::generate().derive();
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 200).unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 200, 0).unwrap();
         append_n(&mut wal, &keys, 10);
         let h = wal.last_hash();
         drop(wal);
-        let (wal, rec) = Wal::open(dir.path(), 200).unwrap();
+        let (wal, rec) = Wal::open(dir.path(), 200, 0).unwrap();
         assert_eq!(wal.next_seq(), 11);
         assert_eq!(wal.last_hash(), h);
         assert!(rec.segments > 1, "small segment size rolls");
@@ -531,7 +598,7 @@ mod tests {
     fn torn_tail_is_cut_and_logging_resumes() {
         let keys = DatasetKey::generate().derive();
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
         append_n(&mut wal, &keys, 5);
         drop(wal);
         let seg = list_segments(dir.path()).unwrap().pop().unwrap().path;
@@ -539,7 +606,7 @@ mod tests {
         // Half of the last record made it to disk.
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.set_len(len - 20).unwrap();
-        let (mut wal, rec) = Wal::open(dir.path(), 1 << 20).unwrap();
+        let (mut wal, rec) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
         assert!(rec.truncated.is_some());
         assert_eq!(wal.next_seq(), 5);
         append_n(&mut wal, &keys, 2);
@@ -550,7 +617,7 @@ mod tests {
     fn flipped_byte_in_the_middle_stops_the_open_with_segment_and_offset() {
         let keys = DatasetKey::generate().derive();
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
         append_n(&mut wal, &keys, 20);
         drop(wal);
         let seg = list_segments(dir.path()).unwrap().pop().unwrap().path;
@@ -558,7 +625,7 @@ mod tests {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x01;
         std::fs::write(&seg, &bytes).unwrap();
-        let err = Wal::open(dir.path(), 1 << 20)
+        let err = Wal::open(dir.path(), 1 << 20, 0)
             .err()
             .expect("open must refuse");
         let msg = err.to_string();
@@ -569,5 +636,94 @@ mod tests {
         );
         // Nothing was cut: the file is as it was.
         assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+    }
+
+    /// Appends `n` records as one commit group (one fsync, first frame marked).
+    fn append_group(wal: &mut Wal, keys: &crate::keys::Keys, n: u64) {
+        let mut frames = Vec::new();
+        let mut prev = wal.last_hash();
+        let mut seq = wal.next_seq();
+        for _ in 0..n {
+            let rec = Record::seal(
+                keys,
+                seq,
+                1,
+                1,
+                prev,
+                &[Op::Delete {
+                    path: vec![b'x'; 300],
+                }],
+                vec![],
+            );
+            let payload = rec.encode_payload();
+            prev = chain(&prev, &payload);
+            frames.extend_from_slice(&frame(&payload, frames.is_empty()));
+            seq += 1;
+        }
+        wal.append_sync(&frames, seq - 1, prev, 1).unwrap();
+    }
+
+    #[test]
+    fn a_torn_group_is_cut_even_when_its_later_pages_reached_disk() {
+        let keys = DatasetKey::generate().derive();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        append_group(&mut wal, &keys, 3);
+        let acked = std::fs::metadata(list_segments(dir.path()).unwrap()[0].path.clone())
+            .unwrap()
+            .len();
+        append_group(&mut wal, &keys, 4);
+        drop(wal);
+        // Power loss: the last group's first record is damaged, its later ones intact.
+        let seg = list_segments(dir.path()).unwrap().pop().unwrap().path;
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[acked as usize + 20] ^= 0xFF;
+        std::fs::write(&seg, &bytes).unwrap();
+        let (wal, rec) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        assert_eq!(
+            wal.next_seq(),
+            4,
+            "the torn group is dropped, the acknowledged one kept"
+        );
+        assert_eq!(rec.truncated.as_ref().map(|t| t.1), Some(acked));
+        let evidence = std::fs::read_dir(dir.path())
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().contains("torn-at"));
+        assert!(evidence, "the cut bytes are kept aside");
+    }
+
+    #[test]
+    fn damage_before_a_completed_group_or_below_the_applied_seq_is_refused() {
+        let keys = DatasetKey::generate().derive();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        append_group(&mut wal, &keys, 3);
+        append_group(&mut wal, &keys, 2);
+        drop(wal);
+        let seg = list_segments(dir.path()).unwrap().pop().unwrap().path;
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[HEADER_LEN + 20] ^= 0xFF;
+        std::fs::write(&seg, &bytes).unwrap();
+        assert!(matches!(
+            Wal::open(dir.path(), 1 << 20, 0),
+            Err(VaultError::CorruptSegment { .. })
+        ));
+
+        // The last group damaged, but the state already applied it: refuse.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        append_group(&mut wal, &keys, 2);
+        drop(wal);
+        let seg = list_segments(dir.path()).unwrap().pop().unwrap().path;
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let n = bytes.len();
+        bytes[n - 5] ^= 0xFF;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = Wal::open(dir.path(), 1 << 20, 2).err().expect("refused");
+        assert!(err.to_string().contains("already applied"), "{err}");
+        assert!(
+            Wal::open(dir.path(), 1 << 20, 1).is_ok(),
+            "seq 2 was never applied: a torn tail"
+        );
     }
 }

@@ -35,6 +35,13 @@ pub fn run(cmd: ConfigCommand) -> Result<ExitCode> {
             }
         }
     }
+    if cfg.site.role == crate::config::Role::Follower {
+        eprintln!(
+            "{}: site.role: \"follower\" is valid but this version cannot run a follower yet (replication comes next)",
+            file.display()
+        );
+        problems += 1;
+    }
     let unused = cfg.unused_sections();
     if !unused.is_empty() {
         println!(

@@ -43,14 +43,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("site {} ({:?})", cfg.site.name, cfg.site.role);
+    let mut unhealthy = false;
     let now = vault::dataset::now_ns();
     for v in &all {
         let name = v["dataset"].as_str().unwrap_or("?");
         if let Some(e) = v["error"].as_str() {
             println!("  {name}: {e}");
+            unhealthy = true;
             continue;
         }
         let age = (now - v["updated_ns"].as_i64().unwrap_or(0)) as f64 / 1e9;
+        unhealthy |= age > 5.0 || !v["failure"].is_null();
         let stale = if age > 5.0 {
             format!(" (status {age:.0}s old: is the daemon running?)")
         } else {
@@ -80,5 +83,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
             println!("    last problem: {e}");
         }
     }
-    Ok(ExitCode::SUCCESS)
+    // Non-zero when a dataset has failed or its daemon is not updating, so
+    // scripts and monitoring can use the exit code.
+    Ok(if unhealthy {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -187,12 +187,10 @@ impl Site {
                     panic!("daemon failed: {f}\n{}", self.log_text());
                 }
             }
-            if let Some(c) = self.child.as_ref() {
-                let _ = c;
-            }
             assert!(
                 start.elapsed() < timeout,
-                "daemon did not settle in {timeout:?}\n{}",
+                "daemon did not settle in {timeout:?}; last status {}\n{}",
+                self.status().map(|v| v.to_string()).unwrap_or_default(),
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(100));
