@@ -32,10 +32,11 @@ fn make_tree(root: &Path, total: u64) -> (u64, u64) {
         .map(|i| b"gov record 2026 approved archive \n"[i % 34])
         .collect();
     while bytes < total {
+        // Mostly small files, some medium, a few large: about 2,000 files a GiB.
         let size: usize = match rng.gen_range(0..100) {
-            0..=69 => rng.gen_range(0..64 << 10),
-            70..=97 => rng.gen_range(64 << 10..4 << 20),
-            _ => rng.gen_range(16 << 20..96 << 20),
+            0..=84 => rng.gen_range(0..32 << 10),
+            85..=98 => rng.gen_range(32 << 10..2 << 20),
+            _ => rng.gen_range(8 << 20..64 << 20),
         };
         let size = size.min((total - bytes) as usize);
         let dir = root.join(format!("d{}/e{}", files % 16, files % 97));
