@@ -91,7 +91,9 @@ pub struct Peer {
 pub struct DatasetConfig {
     pub name: String,
     pub key_file: PathBuf,
-    pub source: SourceConfig,
+    /// Where the data comes from: required at the primary; a follower's
+    /// datasets are filled by replication.
+    pub source: Option<SourceConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,6 +309,22 @@ impl Config {
                 parse_duration(w).map_err(|m| invalid(format!("peer[{i}].wait_limit"), m))?;
             }
         }
+        let serves = self
+            .listen
+            .as_ref()
+            .is_some_and(|l| l.replication.is_some());
+        if (serves || self.site.role == Role::Follower) && self.tls.is_none() {
+            return Err(invalid(
+                "tls".into(),
+                "replication runs over mutual TLS: add [tls] with ca, cert and key (`triad certs` creates them)".into(),
+            ));
+        }
+        if self.site.role == Role::Primary && !self.followers().is_empty() && !serves {
+            return Err(invalid(
+                "listen.replication".into(),
+                "[[peer]] entries with a mode follow this site, so it must listen: add replication = \"0.0.0.0:7400\"".into(),
+            ));
+        }
         if self.dataset.is_empty() {
             return Err(invalid(
                 "dataset".into(),
@@ -330,7 +348,17 @@ impl Config {
                     format!("`{}` must be an absolute path; create the key with `triad keygen --out FILE`", d.key_file.display()),
                 ));
             }
-            match &d.source {
+            let source = match (&d.source, self.site.role) {
+                (Some(s), _) => s,
+                (None, Role::Follower) => continue,
+                (None, Role::Primary) => {
+                    return Err(invalid(
+                        format!("dataset[{i}].source"),
+                        "a primary needs a source, e.g. source = { kind = \"directory\", path = \"/data/x\" }".into(),
+                    ))
+                }
+            };
+            match source {
                 SourceConfig::Directory {
                     path,
                     exclude,
@@ -403,15 +431,6 @@ impl Config {
     /// version, so the operator is told rather than left to assume.
     pub fn unused_sections(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        if self.tls.is_some() {
-            v.push("[tls]");
-        }
-        if self.listen.is_some() {
-            v.push("[listen]");
-        }
-        if !self.peer.is_empty() {
-            v.push("[[peer]]");
-        }
         if self.archive.is_some() {
             v.push("[archive]");
         }
@@ -421,7 +440,37 @@ impl Config {
         if self.drill.is_some() {
             v.push("[drill]");
         }
+        if self.listen.as_ref().is_some_and(|l| l.http.is_some()) {
+            v.push("listen.http");
+        }
         v
+    }
+
+    /// Sites allowed to follow this one, with their mode (sync | async).
+    pub fn followers(&self) -> std::collections::HashMap<String, String> {
+        self.peer
+            .iter()
+            .filter_map(|p| p.mode.clone().map(|m| (p.name.clone(), m)))
+            .collect()
+    }
+
+    /// Bytes per second allowed towards each follower that has a limit.
+    pub fn bandwidths(&self) -> std::collections::HashMap<String, u64> {
+        self.peer
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p.name.clone(),
+                    parse_bandwidth(p.bandwidth.as_deref()?).ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The peer this site streams from, for a follower.
+    pub fn upstream_peer(&self) -> Option<&Peer> {
+        let up = self.site.upstream.as_ref()?;
+        self.peer.iter().find(|p| &p.name == up)
     }
 
     pub fn dataset(&self, name: &str) -> Option<&DatasetConfig> {
@@ -435,7 +484,7 @@ impl Config {
 
 impl DatasetConfig {
     pub fn directory(&self) -> Option<DirectorySettings> {
-        match &self.source {
+        match self.source.as_ref()? {
             SourceConfig::Directory {
                 path,
                 exclude,

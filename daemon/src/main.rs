@@ -45,6 +45,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Create a CA and a certificate for each site of a deployment.
+    Certs {
+        /// Directory to write ca.pem, ca.key and <site>.pem / <site>.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Site names, as in each site's [site] name (e.g. zjk-a zjk-b sjz-c).
+        #[arg(required = true)]
+        sites: Vec<String>,
+    },
     /// Config file tools.
     Config {
         #[command(subcommand)]
@@ -69,6 +78,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon { config } => cmd::daemon::run(&config),
         Command::Keygen { out } => cmd::keygen::run(&out),
+        Command::Certs { out, sites } => cmd::certs::run(&out, &sites),
         Command::Config { command } => cmd::config::run(command),
         Command::Restore(a) => cmd::restore::run(a),
         Command::Status(a) => cmd::status::run(a),

@@ -1,13 +1,18 @@
-//! The site runtime: opens every configured dataset, runs its source, keeps
-//! its status file current, and stops cleanly on SIGTERM or SIGINT (a second
-//! signal aborts at once).
+//! The site runtime: opens every configured dataset; at the primary runs its
+//! source; serves the log to the sites that follow this one; at a follower
+//! follows the upstream; keeps each dataset's status file current; and stops
+//! cleanly on SIGTERM or SIGINT (a second signal aborts at once).
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use replicator::follower::{FollowStatus, UpstreamAddr};
+use replicator::tls::{Refusals, TlsFiles};
+use replicator::upstream::{LinkStatus, Upstream, MAX_MESSAGE};
 use serde::Serialize;
 use vault::{Dataset, DatasetKey};
 
@@ -23,8 +28,21 @@ pub struct DatasetStatus {
     pub pid: u32,
     pub updated_ns: i64,
     pub log: vault::Status,
-    pub source: StatsView,
+    /// The directory source (primary only).
+    pub source: Option<StatsView>,
+    pub replication: ReplicationStatus,
     pub failure: Option<String>,
+}
+
+#[derive(Serialize, Default)]
+pub struct ReplicationStatus {
+    /// The sites following this one, with what each has acknowledged.
+    pub followers: Vec<LinkStatus>,
+    /// The site this one follows (followers only).
+    pub upstream: Option<FollowStatus>,
+    /// Connections refused at the replication port since start.
+    pub refused_handshakes: u64,
+    pub refused_unknown_sites: u64,
 }
 
 pub const STATUS_FILE: &str = "status.json";
@@ -36,13 +54,11 @@ pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
         .with_context(|| format!("dataset `{name}` is not in the config"))?;
     let key = DatasetKey::load(&d.key_file)
         .with_context(|| format!("dataset `{name}`: loading its key"))?;
-    let ds = Dataset::open(
-        &cfg.dataset_dir(name),
-        name,
-        &key,
-        vault::Options::default(),
-    )
-    .with_context(|| {
+    let opts = vault::Options {
+        release_pins: cfg.site.role == Role::Primary,
+        ..vault::Options::default()
+    };
+    let ds = Dataset::open(&cfg.dataset_dir(name), name, &key, opts).with_context(|| {
         format!(
             "dataset `{name}`: opening {}",
             cfg.dataset_dir(name).display()
@@ -55,7 +71,7 @@ pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
         records = rec.records,
         replayed = ds.replayed(),
         torn_tail = rec.truncated.is_some(),
-        head = ds.status().head_seq,
+        head = ds.head_seq(),
         "dataset open"
     );
     Ok(ds)
@@ -69,14 +85,17 @@ fn write_status(path: &Path, st: &DatasetStatus) {
     }
 }
 
+struct Running {
+    ds: Arc<Dataset>,
+    stats: Option<Arc<Stats>>,
+    follow: Option<Arc<Mutex<FollowStatus>>>,
+}
+
 /// Runs the daemon until a stop signal; returns once everything is closed.
 pub fn run(cfg: Config) -> Result<()> {
-    if cfg.site.role == Role::Follower {
-        bail!("site.role = \"follower\": replication is not available in this version; run this site as the primary");
-    }
     let unused = cfg.unused_sections();
     if !unused.is_empty() {
-        tracing::warn!(sections = ?unused, "these config sections are checked but not used by this version");
+        tracing::warn!(sections = ?unused, "these config settings are checked but not used by this version");
     }
     std::fs::create_dir_all(&cfg.site.data_dir)
         .with_context(|| format!("creating site.data_dir {}", cfg.site.data_dir.display()))?;
@@ -107,64 +126,158 @@ pub fn run(cfg: Config) -> Result<()> {
     }
 
     // Open every dataset first: a wrong key or a damaged log stops the start
-    // before any source begins.
-    let mut running: Vec<(Arc<Dataset>, Arc<Stats>, PathBuf)> = Vec::new();
+    // before anything is served or watched.
+    let mut running: Vec<Running> = Vec::new();
     for d in &cfg.dataset {
-        let ds = Arc::new(open_dataset(&cfg, &d.name)?);
-        running.push((
-            ds,
-            Arc::new(Stats::default()),
-            cfg.dataset_dir(&d.name).join(STATUS_FILE),
-        ));
+        running.push(Running {
+            ds: Arc::new(open_dataset(&cfg, &d.name)?),
+            stats: None,
+            follow: None,
+        });
     }
-    let mut threads = Vec::new();
-    for ((ds, stats, _), d) in running.iter().zip(&cfg.dataset) {
-        let Some(settings) = d.directory() else {
-            continue;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("triad-net")
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let tls = cfg.tls.as_ref().map(|t| TlsFiles {
+        ca: t.ca.clone(),
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+    });
+
+    // Serve the log to the sites that follow this one.
+    let refusals = Arc::new(Refusals::default());
+    let mut upstream: Option<Arc<Upstream>> = None;
+    let mut server = None;
+    if let (Some(addr), Some(tls)) = (
+        cfg.listen.as_ref().and_then(|l| l.replication.clone()),
+        tls.as_ref(),
+    ) {
+        let datasets: HashMap<String, Arc<Dataset>> = running
+            .iter()
+            .map(|r| (r.ds.name().to_string(), r.ds.clone()))
+            .collect();
+        let up = Arc::new(Upstream::new(datasets, cfg.followers(), cfg.bandwidths()));
+        let server_cfg = replicator::tls::server_config(tls).context("loading [tls]")?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(&addr))
+            .with_context(|| format!("listen.replication: binding {addr}"))?;
+        let allowed = {
+            let up = up.clone();
+            Arc::new(move |site: &str| up.is_follower(site))
+                as Arc<dyn Fn(&str) -> bool + Send + Sync>
         };
-        let src = DirSource::new(settings, ds.clone(), stats.clone(), stop.clone())
-            .with_context(|| format!("dataset `{}`", d.name))?;
-        let (name, stop_all) = (d.name.clone(), stop.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("source-{name}"))
-                .spawn(move || {
-                    let r = src.run();
-                    if let Err(e) = &r {
-                        tracing::error!(dataset = %name, error = %e, "source stopped");
-                        stop_all.store(true, Ordering::Release);
-                    }
-                    r
+        let mut rx = shutdown_rx.clone();
+        let svc = replicator::pb::replication_server::ReplicationServer::new(up.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let (refusals2, cfg2) = (refusals.clone(), server_cfg);
+        server = Some(rt.spawn(async move {
+            let incoming = replicator::tls::accept(listener, cfg2, allowed, refusals2);
+            let r = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.changed().await;
                 })
-                .context("starting source thread")?,
-        );
-    }
-    tracing::info!(site = %cfg.site.name, datasets = running.len(), "triad is running");
-    while !stop.load(Ordering::Acquire) {
-        for (ds, stats, path) in &running {
-            write_status(path, &status_of(&cfg, ds, stats));
-            if ds.failure().is_some() {
-                stop.store(true, Ordering::Release);
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "replication server stopped");
             }
+        }));
+        tracing::info!(%addr, followers = ?cfg.followers().keys().collect::<Vec<_>>(), "serving replication");
+        upstream = Some(up);
+    }
+
+    let mut threads = Vec::new();
+    match cfg.site.role {
+        Role::Primary => {
+            for (r, d) in running.iter_mut().zip(&cfg.dataset) {
+                let Some(settings) = d.directory() else {
+                    continue;
+                };
+                let stats = Arc::new(Stats::default());
+                let src = DirSource::new(settings, r.ds.clone(), stats.clone(), stop.clone())
+                    .with_context(|| format!("dataset `{}`", d.name))?;
+                r.stats = Some(stats);
+                let (name, stop_all) = (d.name.clone(), stop.clone());
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("source-{name}"))
+                        .spawn(move || {
+                            let r = src.run();
+                            if let Err(e) = &r {
+                                tracing::error!(dataset = %name, error = %e, "source stopped");
+                                stop_all.store(true, Ordering::Release);
+                            }
+                            r.map_err(|e| e.to_string())
+                        })
+                        .context("starting source thread")?,
+                );
+            }
+        }
+        Role::Follower => {
+            let (Some(peer), Some(tls)) = (cfg.upstream_peer(), tls.as_ref()) else {
+                bail!("site.upstream and [tls] are required at a follower");
+            };
+            for r in running.iter_mut() {
+                let status = Arc::new(Mutex::new(FollowStatus::default()));
+                r.follow = Some(status.clone());
+                let up = UpstreamAddr {
+                    name: peer.name.clone(),
+                    address: peer.address.clone(),
+                    tls: tls.clone(),
+                };
+                rt.spawn(replicator::follower::run(
+                    r.ds.clone(),
+                    up,
+                    status,
+                    shutdown_rx.clone(),
+                ));
+            }
+        }
+    }
+
+    tracing::info!(site = %cfg.site.name, role = ?cfg.site.role, datasets = running.len(), "triad is running");
+    let write_all = |running: &[Running]| {
+        for r in running {
+            let st = status_of(&cfg, r, upstream.as_deref(), &refusals);
+            write_status(&cfg.dataset_dir(r.ds.name()).join(STATUS_FILE), &st);
+        }
+    };
+    while !stop.load(Ordering::Acquire) {
+        write_all(&running);
+        if running.iter().any(|r| r.ds.failure().is_some()) {
+            stop.store(true, Ordering::Release);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    let _ = shutdown_tx.send(true);
     let mut failed = None;
     for t in threads {
         match t.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => failed = Some(e.to_string()),
+            Ok(Err(e)) => failed = Some(e),
             Err(_) => failed = Some("a source thread panicked".into()),
         }
     }
-    for (ds, stats, path) in &running {
-        if let Some(f) = ds.failure() {
+    if let Some(s) = server {
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), s).await });
+    }
+    rt.shutdown_timeout(Duration::from_secs(5));
+    for r in &running {
+        if let Some(f) = r.ds.failure() {
             failed = Some(f);
         }
-        ds.close()
-            .with_context(|| format!("closing dataset `{}`", ds.name()))?;
-        write_status(path, &status_of(&cfg, ds, stats));
+        r.ds.close()
+            .with_context(|| format!("closing dataset `{}`", r.ds.name()))?;
     }
+    write_all(&running);
     if let Some(f) = failed {
         bail!("stopped because of an error: {f}");
     }
@@ -172,7 +285,27 @@ pub fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-fn status_of(cfg: &Config, ds: &Dataset, stats: &Stats) -> DatasetStatus {
+fn status_of(
+    cfg: &Config,
+    r: &Running,
+    upstream: Option<&Upstream>,
+    refusals: &Refusals,
+) -> DatasetStatus {
+    let ds = &r.ds;
+    let followers = upstream
+        .map(|u| {
+            u.status()
+                .into_iter()
+                .filter(|l| l.dataset == ds.name())
+                .collect()
+        })
+        .unwrap_or_default();
+    let head = ds.head_seq();
+    let follow = r
+        .follow
+        .as_ref()
+        .and_then(|f| f.lock().ok().map(|s| s.clone().with_lag(head)));
+    let diverged = follow.as_ref().and_then(|f| f.diverged.clone());
     DatasetStatus {
         dataset: ds.name().to_string(),
         site: cfg.site.name.clone(),
@@ -183,7 +316,13 @@ fn status_of(cfg: &Config, ds: &Dataset, stats: &Stats) -> DatasetStatus {
         pid: std::process::id(),
         updated_ns: vault::dataset::now_ns(),
         log: ds.status(),
-        source: stats.view(),
-        failure: ds.failure(),
+        source: r.stats.as_ref().map(|s| s.view()),
+        replication: ReplicationStatus {
+            followers,
+            upstream: follow,
+            refused_handshakes: refusals.handshake.load(Ordering::Relaxed),
+            refused_unknown_sites: refusals.unknown_site.load(Ordering::Relaxed),
+        },
+        failure: ds.failure().or(diverged),
     }
 }

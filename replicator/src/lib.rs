@@ -1,5 +1,45 @@
-//! Moving the change log between sites: the gRPC service over mutual TLS,
-//! follower and upstream loops, the commit policy and state transfer.
+//! Moving the change log between sites.
 //!
-//! Not built yet: this version runs the primary site alone. The crate exists
-//! so the workspace has its final shape; see docs/architecture.md for the plan.
+//! - [`certs`]: a CA and per-site certificates for a deployment
+//! - [`tls`]: loading them, the mutual-TLS acceptor that refuses strangers
+//!   before any byte reaches gRPC, and the client configuration
+//! - [`upstream`]: the gRPC service that streams a dataset's log to followers
+//!   and tracks what each has acknowledged (lag in records, bytes, seconds)
+//! - [`follower`]: the loop that dials the upstream, appends what it receives
+//!   to this site's log and acknowledges it, reconnecting by itself
+//!
+//! A follower receives records exactly as they lie in its upstream's log and
+//! appends them only if they continue its own hash chain, so every site holds
+//! a byte-identical log. A follower can itself be an upstream (cascade).
+
+pub mod certs;
+pub mod follower;
+pub mod tls;
+pub mod upstream;
+
+/// Generated from proto/replication.proto.
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("triad.replication.v1");
+}
+
+/// Errors setting up replication.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    #[error("{what} {path}: {reason}")]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("certificate generation: {0}")]
+    Certs(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -154,6 +154,10 @@ pub struct Options {
     pub segment_bytes: u64,
     /// Create the dataset if it does not exist.
     pub create: bool,
+    /// Release, through a logged Unpin, chunks pinned by a large file whose
+    /// write was interrupted. Only the site that writes changes (the primary)
+    /// does this; a follower's pins come from its upstream's log.
+    pub release_pins: bool,
 }
 
 impl Default for Options {
@@ -161,6 +165,7 @@ impl Default for Options {
         Options {
             segment_bytes: wal::DEFAULT_SEGMENT_BYTES,
             create: true,
+            release_pins: true,
         }
     }
 }
@@ -183,11 +188,32 @@ pub enum SubmitError {
     Vault(#[from] VaultError),
 }
 
+enum Work {
+    /// A change made at this site.
+    Change {
+        ops: Vec<Op>,
+        attachments: Vec<SealedChunk>,
+    },
+    /// Records received from the upstream site, as they lie in its log.
+    Replicated { payloads: Vec<Vec<u8>> },
+}
+
+impl Work {
+    fn bytes(&self) -> usize {
+        match self {
+            Work::Change { attachments, .. } => attachments.iter().map(|a| a.sealed.len()).sum(),
+            Work::Replicated { payloads } => payloads.iter().map(|p| p.len()).sum(),
+        }
+    }
+}
+
 struct Submission {
-    ops: Vec<Op>,
-    attachments: Vec<SealedChunk>,
+    work: Work,
     reply: Sender<std::result::Result<Committed, SubmitError>>,
 }
+
+/// How many recent (seq, commit time) pairs are kept for lag in seconds.
+const COMMIT_TIMES: usize = 1 << 20;
 
 /// What the dataset reports about itself.
 #[derive(Clone, Debug, Serialize)]
@@ -208,14 +234,22 @@ struct Shared {
     records: AtomicU64,
     groups: AtomicU64,
     bytes: AtomicU64,
+    /// Bytes framed into the log by this process, for lag in bytes.
+    bytes_total: AtomicU64,
     applied: Mutex<Applied>,
     failed: Mutex<Option<String>>,
     closed: AtomicBool,
+    /// Commit time and cumulative logged bytes of recent records, oldest first.
+    times: Mutex<std::collections::VecDeque<(u64, i64, u64)>>,
+    /// Signalled whenever the head moves.
+    head_moved: std::sync::Condvar,
+    head_lock: Mutex<()>,
 }
 
 /// An open dataset at this site.
 pub struct Dataset {
     name: String,
+    key_id: String,
     dir: PathBuf,
     keys: Keys,
     state: Arc<State>,
@@ -292,9 +326,13 @@ impl Dataset {
             records: AtomicU64::new(0),
             groups: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            bytes_total: AtomicU64::new(0),
             applied: Mutex::new(applied),
             failed: Mutex::new(None),
             closed: AtomicBool::new(false),
+            times: Mutex::new(std::collections::VecDeque::new()),
+            head_moved: std::sync::Condvar::new(),
+            head_lock: Mutex::new(()),
         });
         let state = Arc::new(state);
         let (tx, rx) = bounded::<Submission>(1024);
@@ -307,6 +345,7 @@ impl Dataset {
         };
         let ds = Dataset {
             name: name.to_string(),
+            key_id: key.key_id(),
             dir: dir.to_path_buf(),
             keys,
             state,
@@ -319,7 +358,11 @@ impl Dataset {
         };
         // Chunks pinned by a file that was still being written when the last
         // run stopped: release them through the log, so every site agrees.
-        let pins = ds.state.pins()?;
+        let pins = if opts.release_pins {
+            ds.state.pins()?
+        } else {
+            Vec::new()
+        };
         if !pins.is_empty() {
             let ids: Vec<ChunkId> = pins
                 .iter()
@@ -341,6 +384,11 @@ impl Dataset {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Public fingerprint of the dataset key, as in `IDENTITY`.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
     }
 
     pub fn dir(&self) -> &Path {
@@ -375,12 +423,94 @@ impl Dataset {
             .clone()
             .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
         tx.send(Submission {
-            ops,
-            attachments,
+            work: Work::Change { ops, attachments },
             reply,
         })
         .map_err(|_| self.closed_error())?;
         rx.recv().map_err(|_| self.closed_error())?
+    }
+
+    /// Appends records received from the upstream (their payloads exactly as
+    /// in the upstream's log), checking that they continue this site's hash
+    /// chain, and applies them. Returns once they are durable here.
+    pub fn append_replicated(
+        &self,
+        payloads: Vec<Vec<u8>>,
+    ) -> std::result::Result<Committed, SubmitError> {
+        let (reply, rx) = bounded(1);
+        let tx = self
+            .tx
+            .lock()
+            .map_err(|_| VaultError::Closed("lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
+        tx.send(Submission {
+            work: Work::Replicated { payloads },
+            reply,
+        })
+        .map_err(|_| self.closed_error())?;
+        rx.recv().map_err(|_| self.closed_error())?
+    }
+
+    /// Durable head of this site's log.
+    pub fn head_seq(&self) -> u64 {
+        self.shared.head_seq.load(Ordering::Acquire)
+    }
+
+    /// Blocks until the head passes `seq` or `timeout` runs out; returns the head.
+    pub fn wait_head_above(&self, seq: u64, timeout: std::time::Duration) -> u64 {
+        let deadline = std::time::Instant::now() + timeout;
+        let Ok(mut guard) = self.shared.head_lock.lock() else {
+            return self.head_seq();
+        };
+        loop {
+            let head = self.head_seq();
+            let now = std::time::Instant::now();
+            if head > seq || now >= deadline || self.shared.closed.load(Ordering::Acquire) {
+                return head;
+            }
+            match self.shared.head_moved.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => guard = g,
+                Err(_) => return self.head_seq(),
+            }
+        }
+    }
+
+    /// Commit time of a recent record (the last million are remembered).
+    pub fn commit_time(&self, seq: u64) -> Option<i64> {
+        self.recent(seq).map(|(t, _)| t)
+    }
+
+    /// Log bytes written after `seq` up to the head, when `seq` is recent.
+    pub fn bytes_after(&self, seq: u64) -> Option<u64> {
+        let t = self.shared.times.lock().ok()?;
+        let last = t.back()?.2;
+        if seq < t.front()?.0 {
+            return None;
+        }
+        let first = t.front()?.0;
+        let at = t.get((seq - first) as usize).map(|e| e.2).unwrap_or(last);
+        Some(last.saturating_sub(at))
+    }
+
+    fn recent(&self, seq: u64) -> Option<(i64, u64)> {
+        let t = self.shared.times.lock().ok()?;
+        let first = t.front()?.0;
+        if seq < first {
+            return None;
+        }
+        t.get((seq - first) as usize)
+            .filter(|e| e.0 == seq)
+            .map(|e| (e.1, e.2))
+    }
+
+    /// The chain hash after the last applied record.
+    pub fn chain_hash(&self) -> Hash {
+        self.shared
+            .applied
+            .lock()
+            .map(|a| a.hash)
+            .unwrap_or_default()
     }
 
     fn closed_error(&self) -> VaultError {
@@ -512,11 +642,11 @@ fn commit_loop(
     let epoch = 1u64;
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
-        let mut bytes: usize = group[0].attachments.iter().map(|a| a.sealed.len()).sum();
+        let mut bytes: usize = group[0].work.bytes();
         while bytes < GROUP_BYTES {
             match rx.try_recv() {
                 Ok(s) => {
-                    bytes += s.attachments.iter().map(|a| a.sealed.len()).sum::<usize>();
+                    bytes += s.work.bytes();
                     group.push(s);
                 }
                 Err(_) => break,
@@ -531,58 +661,70 @@ fn commit_loop(
         // Build the group's records over a fresh overlay. A submission that
         // cannot apply (its own ops free a chunk it then needs) is refused and
         // the group is rebuilt without it, so one bad call never half-applies.
-        let (ov, frames, accepted, prev, time_ns) = loop {
+        let (ov, frames, accepted, prev, time_ns, times) = loop {
             let mut ov = Overlay::new(applied.clone());
             let mut frames = Vec::with_capacity(bytes + group.len() * 256);
             let mut accepted: Vec<Committed> = Vec::with_capacity(group.len());
+            let mut times: Vec<(u64, i64, u64)> = Vec::with_capacity(group.len());
+            let base_bytes = shared.bytes_total.load(Ordering::Acquire);
             let mut prev: Hash = wal.last_hash();
-            let time_ns = now_ns().max(wal.last_time_ns());
+            let mut seq = wal.next_seq();
+            let now = now_ns().max(wal.last_time_ns());
+            let mut time_ns = wal.last_time_ns();
             let mut refused: Option<(usize, SubmitError)> = None;
-            for (seq, (i, s)) in (wal.next_seq()..).zip(group.iter().enumerate()) {
-                match ov.missing(&state, &s.ops, &s.attachments) {
-                    Ok(m) if !m.0.is_empty() => {
-                        refused = Some((i, SubmitError::Missing(m)));
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        refused = Some((i, e.into()));
-                        break;
-                    }
-                }
-                let payload = Record::encode_payload_parts(
-                    &keys,
-                    seq,
-                    epoch,
-                    time_ns,
-                    prev,
-                    &s.ops,
-                    &s.attachments,
-                );
-                if payload.len() > MAX_SUBMIT {
-                    let e = VaultError::BadRecord {
+            for (i, s) in group.iter().enumerate() {
+                let res = match &s.work {
+                    Work::Change { ops, attachments } => build_change(
+                        &state,
+                        &keys,
+                        &mut ov,
                         seq,
-                        reason: format!(
-                            "{} bytes is over the {} byte limit for one change",
-                            payload.len(),
-                            MAX_SUBMIT
-                        ),
-                    };
-                    refused = Some((i, e.into()));
-                    break;
+                        epoch,
+                        now,
+                        prev,
+                        ops,
+                        attachments,
+                    )
+                    .map(|(payload, hash)| {
+                        frames.extend_from_slice(&frame(&payload, frames.is_empty()));
+                        times.push((seq, now, base_bytes + frames.len() as u64));
+                        time_ns = now;
+                        prev = hash;
+                        seq += 1;
+                    }),
+                    Work::Replicated { payloads } => {
+                        let mut r = Ok(());
+                        for p in payloads {
+                            match check_replicated(&state, &keys, &mut ov, seq, prev, p) {
+                                Ok((hash, t)) => {
+                                    frames.extend_from_slice(&frame(p, frames.is_empty()));
+                                    times.push((seq, t, base_bytes + frames.len() as u64));
+                                    time_ns = t;
+                                    prev = hash;
+                                    seq += 1;
+                                }
+                                Err(e) => {
+                                    r = Err(e);
+                                    break;
+                                }
+                            }
+                        }
+                        r
+                    }
+                };
+                match res {
+                    Ok(()) => accepted.push(Committed {
+                        seq: seq - 1,
+                        time_ns,
+                    }),
+                    Err(e) => {
+                        refused = Some((i, e));
+                        break;
+                    }
                 }
-                let hash = chain(&prev, &payload);
-                if let Err(e) = ov.apply(&state, &keys, seq, hash, time_ns, &s.ops, &s.attachments)
-                {
-                    refused = Some((i, e.into()));
-                    break;
-                }
-                frames.extend_from_slice(&frame(&payload, accepted.is_empty()));
-                accepted.push(Committed { seq, time_ns });
-                prev = hash;
             }
             match refused {
-                None => break (ov, frames, accepted, prev, time_ns),
+                None => break (ov, frames, accepted, prev, time_ns, times),
                 Some((i, err)) => {
                     let s = group.remove(i);
                     let _ = s.reply.send(Err(err));
@@ -623,11 +765,23 @@ fn commit_loop(
                 shared.last_commit_ns.store(time_ns, Ordering::Release);
                 shared
                     .records
-                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                    .fetch_add(times.len() as u64, Ordering::Relaxed);
                 shared.groups.fetch_add(1, Ordering::Relaxed);
                 shared
                     .bytes
                     .fetch_add(frames.len() as u64, Ordering::Relaxed);
+                shared
+                    .bytes_total
+                    .fetch_add(frames.len() as u64, Ordering::Release);
+                if let Ok(mut t) = shared.times.lock() {
+                    t.extend(times);
+                    while t.len() > COMMIT_TIMES {
+                        t.pop_front();
+                    }
+                }
+                if let Ok(_g) = shared.head_lock.lock() {
+                    shared.head_moved.notify_all();
+                }
                 for (s, c) in pending {
                     let _ = s.reply.send(Ok(c));
                 }
@@ -644,6 +798,78 @@ fn commit_loop(
             }
         }
     }
+}
+
+/// Seals a local change into a record at `seq` and applies it to the overlay.
+#[allow(clippy::too_many_arguments)]
+fn build_change(
+    state: &State,
+    keys: &Keys,
+    ov: &mut Overlay,
+    seq: u64,
+    epoch: u64,
+    time_ns: i64,
+    prev: Hash,
+    ops: &[Op],
+    attachments: &[SealedChunk],
+) -> std::result::Result<(Vec<u8>, Hash), SubmitError> {
+    let m = ov.missing(state, ops, attachments)?;
+    if !m.0.is_empty() {
+        return Err(SubmitError::Missing(m));
+    }
+    let payload = Record::encode_payload_parts(keys, seq, epoch, time_ns, prev, ops, attachments);
+    if payload.len() > MAX_SUBMIT {
+        return Err(VaultError::BadRecord {
+            seq,
+            reason: format!(
+                "{} bytes is over the {MAX_SUBMIT} byte limit for one change",
+                payload.len()
+            ),
+        }
+        .into());
+    }
+    let hash = chain(&prev, &payload);
+    ov.apply(state, keys, seq, hash, time_ns, ops, attachments)?;
+    Ok((payload, hash))
+}
+
+/// Checks that a record from the upstream continues this site's log at
+/// `seq` after `prev`, and applies it to the overlay. Returns its chain hash
+/// and commit time.
+fn check_replicated(
+    state: &State,
+    keys: &Keys,
+    ov: &mut Overlay,
+    seq: u64,
+    prev: Hash,
+    payload: &[u8],
+) -> std::result::Result<(Hash, i64), SubmitError> {
+    let rec = Record::decode_payload(payload).ok_or_else(|| VaultError::BadRecord {
+        seq,
+        reason: "the upstream sent a malformed record".into(),
+    })?;
+    if rec.seq != seq {
+        return Err(VaultError::BadRecord {
+            seq,
+            reason: format!(
+                "the upstream sent seq {} where seq {seq} was expected",
+                rec.seq
+            ),
+        }
+        .into());
+    }
+    if rec.prev_hash != prev {
+        return Err(VaultError::Diverged {
+            seq,
+            ours: hex::encode(prev),
+            theirs: hex::encode(rec.prev_hash),
+        }
+        .into());
+    }
+    let ops = rec.open_ops(keys)?;
+    let hash = chain(&prev, payload);
+    ov.apply(state, keys, seq, hash, rec.time_ns, &ops, &rec.attachments)?;
+    Ok((hash, rec.time_ns))
 }
 
 fn fail(shared: &Shared, why: String, pending: Vec<(Submission, Committed)>) {

@@ -44,6 +44,16 @@ pub enum VaultError {
     #[error("change log {dir}: {reason}")]
     LogGap { dir: PathBuf, reason: String },
 
+    #[error(
+        "DIVERGED at seq {seq}: the upstream's record follows chain hash {theirs} but this site's \
+         log is at {ours}; this site stopped applying and keeps what it has for inspection"
+    )]
+    Diverged {
+        seq: u64,
+        ours: String,
+        theirs: String,
+    },
+
     #[error("chunk {id}: {reason}")]
     BadChunk { id: ChunkId, reason: String },
 

@@ -458,6 +458,155 @@ fn create_segment(dir: &Path, seg: &Segment) -> Result<File> {
     Ok(f)
 }
 
+/// A record as it lies in the log: what an upstream sends to its followers.
+#[derive(Clone, Debug)]
+pub struct RawRecord {
+    pub seq: u64,
+    pub time_ns: i64,
+    pub payload: Vec<u8>,
+}
+
+/// Follows the log forward from a seq, reading only records that are known
+/// durable (at or below the `up_to` the caller passes), across segment
+/// boundaries, without rereading what it has already passed. Used by an
+/// upstream to stream records to a follower.
+pub struct Tail {
+    dir: PathBuf,
+    file: Option<(File, PathBuf)>,
+    offset: u64,
+    next_seq: u64,
+}
+
+impl Tail {
+    /// Positions a reader at `from_seq`. Fails when the log no longer holds
+    /// that seq (the follower needs a state transfer).
+    pub fn new(dir: &Path, from_seq: u64) -> Result<Tail> {
+        let segments = list_segments(dir)?;
+        let first = segments.first().map(|s| s.first_seq).unwrap_or(1);
+        if from_seq < first {
+            return Err(VaultError::LogGap {
+                dir: dir.to_path_buf(),
+                reason: format!("seq {from_seq} is older than the oldest retained record {first}"),
+            });
+        }
+        let mut t = Tail {
+            dir: dir.to_path_buf(),
+            file: None,
+            offset: HEADER_LEN as u64,
+            next_seq: from_seq,
+        };
+        if let Some(seg) = segments.iter().rev().find(|s| s.first_seq <= from_seq) {
+            let f = File::open(&seg.path)
+                .map_err(|e| VaultError::io("reading log segment", &seg.path, e))?;
+            t.file = Some((f, seg.path.clone()));
+            t.next_seq = seg.first_seq;
+            // Skip records before from_seq by their lengths alone.
+            while t.next_seq < from_seq {
+                match t.read_frame_header()? {
+                    Some(len) => {
+                        t.offset += 8 + len as u64;
+                        t.next_seq += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn read_frame_header(&mut self) -> Result<Option<usize>> {
+        let Some((f, path)) = self.file.as_mut() else {
+            return Ok(None);
+        };
+        let mut h = [0u8; 8];
+        match read_exact_at(f, &mut h, self.offset) {
+            Ok(true) => Ok(Some(
+                frame_len(u32::from_le_bytes([h[0], h[1], h[2], h[3]])).0,
+            )),
+            Ok(false) => Ok(None),
+            Err(e) => Err(VaultError::io("reading log segment", path.clone(), e)),
+        }
+    }
+
+    /// Reads durable records with seq <= `up_to`, at most about `max_bytes`.
+    pub fn read(&mut self, up_to: u64, max_bytes: usize) -> Result<Vec<RawRecord>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while self.next_seq <= up_to && bytes < max_bytes {
+            let len = match self.read_frame_header()? {
+                Some(len) => len,
+                None => {
+                    // The current segment is finished: the record is in the next one.
+                    let path = self.dir.join(segment_name(self.next_seq));
+                    let f = File::open(&path)
+                        .map_err(|e| VaultError::io("reading log segment", &path, e))?;
+                    self.file = Some((f, path));
+                    self.offset = HEADER_LEN as u64;
+                    continue;
+                }
+            };
+            let Some((f, path)) = self.file.as_mut() else {
+                break;
+            };
+            let mut frame = vec![0u8; 8 + len];
+            let corrupt = |reason: String| VaultError::CorruptSegment {
+                segment: path.clone(),
+                offset: self.offset,
+                reason,
+            };
+            if !read_exact_at(f, &mut frame, self.offset)
+                .map_err(|e| VaultError::io("reading log segment", path.clone(), e))?
+            {
+                return Err(corrupt(format!(
+                    "record {} is durable but cut short",
+                    self.next_seq
+                )));
+            }
+            let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+            let payload = frame.split_off(8);
+            if crc32c::crc32c(&payload) != crc {
+                return Err(corrupt("record checksum mismatch".into()));
+            }
+            let rec = Record::decode_payload(&payload)
+                .ok_or_else(|| corrupt("record payload is malformed".into()))?;
+            if rec.seq != self.next_seq {
+                return Err(corrupt(format!(
+                    "record has seq {}, expected {}",
+                    rec.seq, self.next_seq
+                )));
+            }
+            self.offset += 8 + len as u64;
+            self.next_seq += 1;
+            bytes += payload.len();
+            out.push(RawRecord {
+                seq: rec.seq,
+                time_ns: rec.time_ns,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`; false if the file ends first.
+fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => return Ok(false),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 /// A record read back from the log, with its chain hash.
 pub struct ReadRecord {
     pub record: Record,

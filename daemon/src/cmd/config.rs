@@ -35,12 +35,21 @@ pub fn run(cmd: ConfigCommand) -> Result<ExitCode> {
             }
         }
     }
-    if cfg.site.role == crate::config::Role::Follower {
-        eprintln!(
-            "{}: site.role: \"follower\" is valid but this version cannot run a follower yet (replication comes next)",
-            file.display()
-        );
-        problems += 1;
+    if let Some(t) = &cfg.tls {
+        for (field, path) in [
+            ("tls.ca", &t.ca),
+            ("tls.cert", &t.cert),
+            ("tls.key", &t.key),
+        ] {
+            if !path.is_file() {
+                eprintln!(
+                    "{}: {field}: {} does not exist; create it with `triad certs`",
+                    file.display(),
+                    path.display()
+                );
+                problems += 1;
+            }
+        }
     }
     let unused = cfg.unused_sections();
     if !unused.is_empty() {

@@ -93,6 +93,18 @@ impl Site {
         .unwrap();
     }
 
+    /// Replaces the config with `text`.
+    pub fn set_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Uses the same dataset key as `other` (every site of a deployment
+    /// holds the same key).
+    pub fn share_key_of(&self, other: &Site) {
+        std::fs::remove_file(&self.key).unwrap();
+        std::fs::copy(&other.key, &self.key).unwrap();
+    }
+
     pub fn dataset_dir(&self) -> PathBuf {
         self.data.join("datasets/files")
     }

@@ -1,0 +1,24 @@
+//! `triad certs`: a CA and per-site certificates for a deployment.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+pub fn run(out: &Path, sites: &[String]) -> Result<ExitCode> {
+    let (ca, files) = replicator::certs::create(out, sites)?;
+    println!(
+        "wrote CA certificate {} (its key ca.key signs more sites later: keep it offline)",
+        ca.display()
+    );
+    for f in files {
+        println!(
+            "site {}: certificate {}, key {} (mode 0600)",
+            f.name,
+            f.cert.display(),
+            f.key.display()
+        );
+    }
+    println!("copy ca.pem and each site's own .pem and .key to that site and name them in its [tls] section");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,318 @@
+//! The upstream side: streams each dataset's log to the sites that follow
+//! this one and keeps, per follower, what it has acknowledged, so lag is
+//! known here in records, bytes and seconds.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use vault::dataset::now_ns;
+use vault::wal::Tail;
+use vault::Dataset;
+
+use crate::pb::{self, follower_message, upstream_message};
+use crate::tls::PeerInfo;
+
+/// Records sent per message, about.
+const BATCH_BYTES: usize = 4 << 20;
+/// Largest message either side accepts: one record may be up to 256 MiB.
+pub const MAX_MESSAGE: usize = 512 << 20;
+
+/// One follower of one dataset, as this site sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkStatus {
+    pub dataset: String,
+    pub site: String,
+    pub mode: String,
+    pub connected: bool,
+    pub address: Option<String>,
+    pub acked_seq: u64,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub last_ack_ns: i64,
+}
+
+#[derive(Default, Clone)]
+struct Link {
+    connected: bool,
+    /// Which connection owns `connected`, so a stale stream ending does not
+    /// mark a newer one disconnected.
+    generation: u64,
+    address: Option<String>,
+    acked: u64,
+    last_ack_ns: i64,
+}
+
+/// The replication service of one site.
+pub struct Upstream {
+    datasets: HashMap<String, Arc<Dataset>>,
+    /// Follower name -> mode ("sync" | "async") for configured followers.
+    followers: HashMap<String, String>,
+    /// Follower name -> bytes per second.
+    bandwidth: HashMap<String, u64>,
+    links: Arc<Mutex<HashMap<(String, String), Link>>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl Upstream {
+    pub fn new(
+        datasets: HashMap<String, Arc<Dataset>>,
+        followers: HashMap<String, String>,
+        bandwidth: HashMap<String, u64>,
+    ) -> Upstream {
+        Upstream {
+            datasets,
+            followers,
+            bandwidth,
+            links: Arc::new(Mutex::new(HashMap::new())),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// True for sites configured to follow this one.
+    pub fn is_follower(&self, site: &str) -> bool {
+        self.followers.contains_key(site)
+    }
+
+    /// Every configured follower of every dataset, connected or not.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        let links = self.links.lock().map(|l| l.clone()).unwrap_or_default();
+        let now = now_ns();
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.datasets.keys().collect();
+        names.sort();
+        for name in names {
+            let ds = &self.datasets[name];
+            let head = ds.head_seq();
+            let mut sites: Vec<(&String, &String)> = self.followers.iter().collect();
+            sites.sort();
+            for (site, mode) in sites {
+                let l = links
+                    .get(&(name.clone(), site.clone()))
+                    .cloned()
+                    .unwrap_or_default();
+                let behind = head.saturating_sub(l.acked);
+                let lag_seconds = if behind == 0 {
+                    0.0
+                } else {
+                    // The oldest change the follower lacks; if it is older than
+                    // what is remembered, the oldest remembered is a lower bound.
+                    let t = ds
+                        .commit_time(l.acked + 1)
+                        .or_else(|| ds.commit_time(head.saturating_sub(1_000_000).max(1)));
+                    t.map(|t| (now - t).max(0) as f64 / 1e9).unwrap_or(0.0)
+                };
+                out.push(LinkStatus {
+                    dataset: name.clone(),
+                    site: site.clone(),
+                    mode: mode.clone(),
+                    connected: l.connected,
+                    address: l.address.clone(),
+                    acked_seq: l.acked,
+                    lag_records: behind,
+                    lag_bytes: if behind == 0 {
+                        0
+                    } else {
+                        ds.bytes_after(l.acked).unwrap_or(0)
+                    },
+                    lag_seconds,
+                    last_ack_ns: l.last_ack_ns,
+                });
+            }
+        }
+        out
+    }
+
+    fn update(&self, key: &(String, String), f: impl FnOnce(&mut Link)) {
+        if let Ok(mut l) = self.links.lock() {
+            f(l.entry(key.clone()).or_default());
+        }
+    }
+}
+
+fn heartbeat(ds: &Dataset, acked: u64) -> pb::UpstreamMessage {
+    let head = ds.head_seq();
+    pb::UpstreamMessage {
+        msg: Some(upstream_message::Msg::Heartbeat(pb::Heartbeat {
+            head_seq: head,
+            head_time_ns: ds.commit_time(head).unwrap_or(0),
+            next_time_ns: if acked < head {
+                ds.commit_time(acked + 1).unwrap_or(0)
+            } else {
+                0
+            },
+        })),
+    }
+}
+
+type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::UpstreamMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::replication_server::Replication for Arc<Upstream> {
+    type FollowStream = FollowStream;
+
+    async fn follow(
+        &self,
+        req: Request<Streaming<pb::FollowerMessage>>,
+    ) -> Result<Response<FollowStream>, Status> {
+        let peer = req
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::FollowerMessage {
+                msg: Some(follower_message::Msg::Hello(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        let ds = self.datasets.get(&hello.dataset).cloned().ok_or_else(|| {
+            Status::not_found(format!("this site has no dataset `{}`", hello.dataset))
+        })?;
+        if hello.key_id != ds.key_id() {
+            tracing::error!(site = %peer.site, dataset = %hello.dataset, "refused a follower holding a different dataset key");
+            return Err(Status::failed_precondition(format!(
+                "dataset `{}` has key id {} here but {} at {}: both sites need the same key file",
+                hello.dataset,
+                ds.key_id(),
+                hello.key_id,
+                peer.site
+            )));
+        }
+        let head = ds.head_seq();
+        if hello.from_seq > head + 1 {
+            tracing::error!(site = %peer.site, dataset = %hello.dataset, their_head = hello.from_seq - 1, our_head = head,
+                "a follower is ahead of this site: it diverged or follows the wrong upstream");
+            return Err(Status::failed_precondition(format!(
+                "the follower's log reaches seq {} but this site's ends at {head}",
+                hello.from_seq - 1
+            )));
+        }
+        let from = hello.from_seq.max(1);
+        let log_dir = ds.dir().join("log");
+        let mut tail = tokio::task::spawn_blocking(move || Tail::new(&log_dir, from))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                Status::failed_precondition(format!("cannot stream from seq {from}: {e}"))
+            })?;
+        let key = (hello.dataset.clone(), peer.site.clone());
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.update(&key, |l| {
+            l.connected = true;
+            l.generation = generation;
+            l.address = Some(peer.addr.to_string());
+            l.acked = from - 1;
+        });
+        tracing::info!(site = %peer.site, dataset = %hello.dataset, from_seq = from, addr = %peer.addr, "follower connected");
+
+        let (tx, rx) = mpsc::channel::<Result<pb::UpstreamMessage, Status>>(4);
+        let rate = self.bandwidth.get(&peer.site).copied();
+        {
+            let (ds, links, key) = (ds.clone(), self.links.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut next = from;
+                loop {
+                    let head = ds.head_seq();
+                    let acked = links
+                        .lock()
+                        .ok()
+                        .and_then(|l| l.get(&key).map(|l| l.acked))
+                        .unwrap_or(0);
+                    if next <= head {
+                        let res = tokio::task::spawn_blocking(move || {
+                            let r = tail.read(head, BATCH_BYTES);
+                            (tail, r)
+                        })
+                        .await;
+                        let Ok((t, batch)) = res else { break };
+                        tail = t;
+                        let batch = match batch {
+                            Ok(b) if !b.is_empty() => b,
+                            Ok(_) => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "reading the log for a follower failed");
+                                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                                break;
+                            }
+                        };
+                        next += batch.len() as u64;
+                        let bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
+                        let msg = pb::UpstreamMessage {
+                            msg: Some(upstream_message::Msg::Records(pb::Records {
+                                payloads: batch.into_iter().map(|r| r.payload).collect(),
+                            })),
+                        };
+                        if tx.send(Ok(msg)).await.is_err()
+                            || tx.send(Ok(heartbeat(&ds, acked))).await.is_err()
+                        {
+                            break;
+                        }
+                        if let Some(rate) = rate.filter(|r| *r > 0) {
+                            // Pace the link to its configured bandwidth.
+                            tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / rate as f64))
+                                .await;
+                        }
+                    } else {
+                        let d = ds.clone();
+                        let moved = tokio::task::spawn_blocking(move || {
+                            d.wait_head_above(head, Duration::from_secs(1))
+                        })
+                        .await;
+                        let Ok(new_head) = moved else { break };
+                        if new_head <= head && tx.send(Ok(heartbeat(&ds, acked))).await.is_err() {
+                            break;
+                        }
+                    }
+                    if tx.is_closed() {
+                        break;
+                    }
+                }
+            });
+        }
+        {
+            let (links, key, site) = (self.links.clone(), key.clone(), peer.site.clone());
+            tokio::spawn(async move {
+                loop {
+                    match inbound.message().await {
+                        Ok(Some(pb::FollowerMessage {
+                            msg: Some(follower_message::Msg::Ack(a)),
+                        })) => {
+                            if let Ok(mut l) = links.lock() {
+                                let l = l.entry(key.clone()).or_default();
+                                if l.generation == generation {
+                                    l.acked = l.acked.max(a.durable_seq);
+                                    l.last_ack_ns = now_ns();
+                                }
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                if let Ok(mut l) = links.lock() {
+                    let l = l.entry(key.clone()).or_default();
+                    if l.generation == generation {
+                        l.connected = false;
+                    }
+                }
+                tracing::info!(site = %site, dataset = %key.0, "follower disconnected");
+            });
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

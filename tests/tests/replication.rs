@@ -1,0 +1,396 @@
+//! Three real daemons on loopback, each with its own data dir and
+//! certificate: the primary watches a directory, the same-city and remote
+//! sites follow it over mutual TLS and hold identical copies.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::SeedableRng;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Names {
+    certs: PathBuf,
+}
+
+fn make_certs(dir: &Path, sites: &[&str]) -> Names {
+    let out = std::process::Command::new(triad_bin())
+        .args(["certs", "--out"])
+        .arg(dir)
+        .args(sites)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Names {
+        certs: dir.to_path_buf(),
+    }
+}
+
+/// The [tls] section and [[peer]] list every site's config shares.
+fn tls(certs: &Path, name: &str) -> String {
+    format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{1}.pem\"\nkey = \"{0}/{1}.key\"\n",
+        certs.display(),
+        name
+    )
+}
+
+fn peer(name: &str, port: u16, mode: Option<&str>) -> String {
+    let mode = mode
+        .map(|m| format!("mode = \"{m}\"\n"))
+        .unwrap_or_default();
+    format!("[[peer]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n{mode}\n")
+}
+
+/// A three-site deployment: primary `zjk-a`, same-city `zjk-b`, remote `sjz-c`.
+struct Deployment {
+    a: Site,
+    b: Site,
+    c: Site,
+    ports: [u16; 3],
+    names: Names,
+}
+
+impl Deployment {
+    /// `remote_upstream` is the port the remote dials (the primary's, the
+    /// local site's for a cascade, or a proxy's).
+    fn new(remote_upstream: Option<(String, u16)>) -> Deployment {
+        let a = Site::new();
+        let b = Site::new();
+        let c = Site::new();
+        b.share_key_of(&a);
+        c.share_key_of(&a);
+        let names = make_certs(&a.tmp.path().join("certs"), &["zjk-a", "zjk-b", "sjz-c"]);
+        let ports = [free_port(), free_port(), free_port()];
+        let d = Deployment {
+            a,
+            b,
+            c,
+            ports,
+            names,
+        };
+        d.configure(remote_upstream);
+        d
+    }
+
+    fn configure(&self, remote_upstream: Option<(String, u16)>) {
+        let [pa, pb, pc] = self.ports;
+        let certs = &self.names.certs;
+        self.a.set_config(&format!(
+            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[listen]\nreplication = \"127.0.0.1:{pa}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
+            self.a.data.display(),
+            tls(certs, "zjk-a"),
+            peer("zjk-b", pb, Some("sync")),
+            peer("sjz-c", pc, Some("async")),
+            self.a.key.display(),
+            self.a.source.display()
+        ));
+        self.b.set_config(&format!(
+            "[site]\nname = \"zjk-b\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"zjk-a\"\n\n[listen]\nreplication = \"127.0.0.1:{pb}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
+            self.b.data.display(),
+            tls(certs, "zjk-b"),
+            peer("zjk-a", pa, None),
+            peer("sjz-c", pc, Some("async")),
+            self.b.key.display(),
+        ));
+        let (up_name, up_port) = remote_upstream.unwrap_or(("zjk-a".into(), pa));
+        let other = if up_name == "zjk-a" {
+            peer("zjk-b", pb, None)
+        } else {
+            peer("zjk-a", pa, None)
+        };
+        self.c.set_config(&format!(
+            "[site]\nname = \"sjz-c\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"{up_name}\"\n\n[listen]\nreplication = \"127.0.0.1:{pc}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
+            self.c.data.display(),
+            tls(certs, "sjz-c"),
+            peer(&up_name, up_port, None),
+            other,
+            self.c.key.display(),
+        ));
+    }
+
+    fn start(&mut self) {
+        self.a.start();
+        self.b.start();
+        self.c.start();
+    }
+}
+
+fn head_and_hashes(site: &Site) -> Option<(u64, String, String)> {
+    let v = site.status()?;
+    if v["pid"].as_u64() != site.pid().map(|p| p as u64) {
+        return None;
+    }
+    Some((
+        v["log"]["head_seq"].as_u64()?,
+        v["log"]["chain_hash"].as_str()?.to_string(),
+        v["log"]["digest"].as_str()?.to_string(),
+    ))
+}
+
+/// Waits until `followers` hold exactly the primary's log head, chain hash
+/// and digest.
+fn wait_replicated(
+    primary: &Site,
+    followers: &[&Site],
+    timeout: Duration,
+) -> (u64, String, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(p) = head_and_hashes(primary) {
+            if followers
+                .iter()
+                .all(|f| head_and_hashes(f).as_ref() == Some(&p))
+            {
+                return p;
+            }
+        }
+        if start.elapsed() > timeout {
+            let statuses: Vec<String> = std::iter::once(primary)
+                .chain(followers.iter().copied())
+                .map(|s| s.status().map(|v| v.to_string()).unwrap_or_default())
+                .collect();
+            panic!(
+                "followers did not catch up in {timeout:?}:\n{}\n--- follower logs ---\n{}",
+                statuses.join("\n"),
+                followers
+                    .iter()
+                    .map(|f| f.log_text())
+                    .collect::<Vec<_>>()
+                    .join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn write_some(root: &Path, tag: &str, n: usize, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in 0..n {
+        let d = root.join(format!("{tag}/{}", i % 7));
+        std::fs::create_dir_all(&d).unwrap();
+        let len = if i % 25 == 0 {
+            3 << 20
+        } else {
+            (i * 997) % 40_000
+        };
+        write_file(&d.join(format!("f{i}")), len, i % 2 == 0, &mut rng);
+    }
+}
+
+#[test]
+fn followers_hold_identical_copies_that_restore_to_the_source() {
+    let mut dep = Deployment::new(None);
+    write_some(&dep.a.source, "before", 150, 1);
+    dep.start();
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    write_some(&dep.a.source, "live", 300, 2);
+    std::fs::rename(dep.a.source.join("before/3"), dep.a.source.join("moved")).unwrap();
+    std::fs::remove_dir_all(dep.a.source.join("before/4")).unwrap();
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    let (head, chain, digest) = wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    assert!(head > 400, "head {head}");
+    eprintln!("replicated to seq {head}, chain {chain}, digest {digest}");
+
+    // The primary knows each follower's acknowledged seq and lag.
+    let v = dep.a.status().unwrap();
+    let followers = v["replication"]["followers"].as_array().unwrap();
+    assert_eq!(followers.len(), 2);
+    for f in followers {
+        assert_eq!(f["connected"], true, "{f}");
+        assert_eq!(f["acked_seq"].as_u64(), Some(head), "{f}");
+        assert_eq!(f["lag_records"].as_u64(), Some(0), "{f}");
+    }
+    for site in [&dep.b, &dep.c] {
+        let r = site.tmp.path().join("restored");
+        let out = site.restore(&r);
+        assert!(
+            out.status.success(),
+            "restore from a follower: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_same_tree(&dep.a.source, &r);
+    }
+    for s in [&mut dep.c, &mut dep.b, &mut dep.a] {
+        assert!(s.stop().success());
+    }
+    check_state_invariants(&dep.b);
+    check_state_invariants(&dep.c);
+}
+
+/// A TCP proxy between the remote and its upstream that can be cut (existing
+/// connections dropped, new ones refused) and restored.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn new(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (cut2, stop2) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((down, _)) => {
+                        if cut2.load(Ordering::Relaxed) {
+                            drop(down);
+                            continue;
+                        }
+                        let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
+                            continue;
+                        };
+                        for (mut from, mut to) in [
+                            (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                            (up, down),
+                        ] {
+                            let cut3 = cut2.clone();
+                            std::thread::spawn(move || {
+                                from.set_read_timeout(Some(Duration::from_millis(100)))
+                                    .unwrap();
+                                let mut buf = vec![0u8; 64 << 10];
+                                loop {
+                                    if cut3.load(Ordering::Relaxed) {
+                                        let _ = from.shutdown(std::net::Shutdown::Both);
+                                        let _ = to.shutdown(std::net::Shutdown::Both);
+                                        return;
+                                    }
+                                    match from.read(&mut buf) {
+                                        Ok(0) => {
+                                            let _ = to.shutdown(std::net::Shutdown::Write);
+                                            return;
+                                        }
+                                        Ok(n) => {
+                                            if to.write_all(&buf[..n]).is_err() {
+                                                return;
+                                            }
+                                        }
+                                        Err(e)
+                                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                        Err(_) => return,
+                                    }
+                                }
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Proxy { port, cut, stop }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn remote_catches_up_by_itself_after_sigkill_and_after_a_cut_link() {
+    let a_port = free_port();
+    let proxy = Proxy::new(a_port);
+    let mut dep = Deployment::new(Some(("zjk-a".into(), proxy.port)));
+    dep.ports[0] = a_port;
+    dep.configure(Some(("zjk-a".into(), proxy.port)));
+    dep.start();
+    write_some(&dep.a.source, "one", 100, 3);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+
+    // The remote is killed while the primary keeps writing.
+    dep.c.kill9();
+    write_some(&dep.a.source, "two", 200, 4);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    let v = dep.a.status().unwrap();
+    let remote = v["replication"]["followers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["site"] == "sjz-c")
+        .unwrap()
+        .clone();
+    assert_eq!(remote["connected"], false, "{remote}");
+    assert!(
+        remote["lag_records"].as_u64().unwrap() > 0,
+        "lag is visible at the primary: {remote}"
+    );
+    assert!(remote["lag_seconds"].as_f64().unwrap() > 0.0, "{remote}");
+    dep.c.start();
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+
+    // The link is cut (connections dropped, new ones refused) for a while.
+    proxy.cut.store(true, Ordering::Relaxed);
+    write_some(&dep.a.source, "three", 200, 5);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    let v = dep.c.status().unwrap();
+    assert_eq!(v["replication"]["upstream"]["connected"], false, "{v}");
+    assert!(
+        v["replication"]["upstream"]["lag_records"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+            || v["log"]["head_seq"] != dep.a.status().unwrap()["log"]["head_seq"]
+    );
+    proxy.cut.store(false, Ordering::Relaxed);
+    let (head, _, _) = wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    let v = dep.c.status().unwrap();
+    assert_eq!(
+        v["replication"]["upstream"]["lag_records"].as_u64(),
+        Some(0),
+        "{v}"
+    );
+    assert!(head > 500);
+    let r = dep.c.tmp.path().join("restored");
+    assert!(dep.c.restore(&r).status.success());
+    assert_same_tree(&dep.a.source, &r);
+}
+
+#[test]
+fn cascade_primary_to_local_to_remote() {
+    let mut dep = Deployment::new(None);
+    let pb = dep.ports[1];
+    dep.configure(Some(("zjk-b".into(), pb)));
+    dep.start();
+    write_some(&dep.a.source, "x", 120, 6);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    let v = dep.b.status().unwrap();
+    let f = &v["replication"]["followers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["site"] == "sjz-c")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        f["connected"], true,
+        "the remote follows the local site: {f}"
+    );
+}
