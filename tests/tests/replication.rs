@@ -6,180 +6,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::deploy::*;
 use common::*;
 use rand::SeedableRng;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Names {
-    certs: PathBuf,
-}
-
-fn make_certs(dir: &Path, sites: &[&str]) -> Names {
-    let out = std::process::Command::new(triad_bin())
-        .args(["certs", "--out"])
-        .arg(dir)
-        .args(sites)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "certs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Names {
-        certs: dir.to_path_buf(),
-    }
-}
-
-/// The [tls] section and [[peer]] list every site's config shares.
-fn tls(certs: &Path, name: &str) -> String {
-    format!(
-        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{1}.pem\"\nkey = \"{0}/{1}.key\"\n",
-        certs.display(),
-        name
-    )
-}
-
-fn peer(name: &str, port: u16, mode: Option<&str>) -> String {
-    let mode = mode
-        .map(|m| format!("mode = \"{m}\"\n"))
-        .unwrap_or_default();
-    format!("[[peer]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n{mode}\n")
-}
-
-/// A three-site deployment: primary `zjk-a`, same-city `zjk-b`, remote `sjz-c`.
-struct Deployment {
-    a: Site,
-    b: Site,
-    c: Site,
-    ports: [u16; 3],
-    names: Names,
-}
-
-impl Deployment {
-    /// `remote_upstream` is the port the remote dials (the primary's, the
-    /// local site's for a cascade, or a proxy's).
-    fn new(remote_upstream: Option<(String, u16)>) -> Deployment {
-        let a = Site::new();
-        let b = Site::new();
-        let c = Site::new();
-        b.share_key_of(&a);
-        c.share_key_of(&a);
-        let names = make_certs(&a.tmp.path().join("certs"), &["zjk-a", "zjk-b", "sjz-c"]);
-        let ports = [free_port(), free_port(), free_port()];
-        let d = Deployment {
-            a,
-            b,
-            c,
-            ports,
-            names,
-        };
-        d.configure(remote_upstream);
-        d
-    }
-
-    fn configure(&self, remote_upstream: Option<(String, u16)>) {
-        let [pa, pb, pc] = self.ports;
-        let certs = &self.names.certs;
-        self.a.set_config(&format!(
-            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[listen]\nreplication = \"127.0.0.1:{pa}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
-            self.a.data.display(),
-            tls(certs, "zjk-a"),
-            peer("zjk-b", pb, Some("sync")),
-            peer("sjz-c", pc, Some("async")),
-            self.a.key.display(),
-            self.a.source.display()
-        ));
-        self.b.set_config(&format!(
-            "[site]\nname = \"zjk-b\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"zjk-a\"\n\n[listen]\nreplication = \"127.0.0.1:{pb}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
-            self.b.data.display(),
-            tls(certs, "zjk-b"),
-            peer("zjk-a", pa, None),
-            peer("sjz-c", pc, Some("async")),
-            self.b.key.display(),
-        ));
-        let (up_name, up_port) = remote_upstream.unwrap_or(("zjk-a".into(), pa));
-        let other = if up_name == "zjk-a" {
-            peer("zjk-b", pb, None)
-        } else {
-            peer("zjk-a", pa, None)
-        };
-        self.c.set_config(&format!(
-            "[site]\nname = \"sjz-c\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"{up_name}\"\n\n[listen]\nreplication = \"127.0.0.1:{pc}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
-            self.c.data.display(),
-            tls(certs, "sjz-c"),
-            peer(&up_name, up_port, None),
-            other,
-            self.c.key.display(),
-        ));
-    }
-
-    fn start(&mut self) {
-        self.a.start();
-        self.b.start();
-        self.c.start();
-    }
-}
-
-fn head_and_hashes(site: &Site) -> Option<(u64, String, String)> {
-    let v = site.status()?;
-    if v["pid"].as_u64() != site.pid().map(|p| p as u64) {
-        return None;
-    }
-    Some((
-        v["log"]["head_seq"].as_u64()?,
-        v["log"]["chain_hash"].as_str()?.to_string(),
-        v["log"]["digest"].as_str()?.to_string(),
-    ))
-}
-
-/// Waits until `followers` hold exactly the primary's log head, chain hash
-/// and digest.
-fn wait_replicated(
-    primary: &Site,
-    followers: &[&Site],
-    timeout: Duration,
-) -> (u64, String, String) {
-    let start = Instant::now();
-    loop {
-        if let Some(p) = head_and_hashes(primary) {
-            if followers
-                .iter()
-                .all(|f| head_and_hashes(f).as_ref() == Some(&p))
-            {
-                return p;
-            }
-        }
-        if start.elapsed() > timeout {
-            let statuses: Vec<String> = std::iter::once(primary)
-                .chain(followers.iter().copied())
-                .map(|s| s.status().map(|v| v.to_string()).unwrap_or_default())
-                .collect();
-            panic!(
-                "followers did not catch up in {timeout:?}:\n{}\n--- follower logs ---\n{}",
-                statuses.join("\n"),
-                followers
-                    .iter()
-                    .map(|f| f.log_text())
-                    .collect::<Vec<_>>()
-                    .join("\n----\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn write_some(root: &Path, tag: &str, n: usize, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -393,4 +227,67 @@ fn cascade_primary_to_local_to_remote() {
         f["connected"], true,
         "the remote follows the local site: {f}"
     );
+}
+
+#[test]
+fn a_follower_fed_another_history_stops_and_says_where() {
+    let mut dep = Deployment::new(None);
+    write_some(&dep.a.source, "real", 60, 7);
+    dep.start();
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    let (head, chain, _) = wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    assert!(dep.b.stop().success());
+
+    // A forged upstream: same dataset and key, the primary's certificate,
+    // but a different history that is longer than the follower's.
+    let mut forged = Site::new();
+    forged.share_key_of(&dep.a);
+    let port = free_port();
+    let certs = dep.names.certs.clone();
+    forged.set_config(&format!(
+        "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[listen]\nreplication = \"127.0.0.1:{port}\"\n\n{}\n{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
+        forged.data.display(),
+        tls(&certs, "zjk-a"),
+        peer("zjk-b", dep.ports[1], Some("sync")),
+        forged.key.display(),
+        forged.source.display()
+    ));
+    write_some(&forged.source, "fake", 200, 8);
+    forged.start();
+    forged.wait_settled(now_ns(), Duration::from_secs(60));
+
+    let b_config = std::fs::read_to_string(&dep.b.config).unwrap();
+    dep.b.set_config(&b_config.replace(
+        &format!("127.0.0.1:{}\"", dep.ports[0]),
+        &format!("127.0.0.1:{port}\""),
+    ));
+    dep.b.start();
+    let start = std::time::Instant::now();
+    let failure = loop {
+        if let Some(f) = dep
+            .b
+            .status()
+            .and_then(|v| v["failure"].as_str().map(str::to_string))
+        {
+            break f;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no divergence reported:\n{}",
+            dep.b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        failure.contains(&format!("DIVERGED at seq {}", head + 1)),
+        "{failure}"
+    );
+    assert!(
+        dep.b.log_text().contains("DIVERGED"),
+        "said loudly in the log"
+    );
+    // It kept what it had.
+    let v = dep.b.status().unwrap();
+    assert_eq!(v["log"]["head_seq"].as_u64(), Some(head));
+    assert_eq!(v["log"]["chain_hash"].as_str(), Some(chain.as_str()));
 }

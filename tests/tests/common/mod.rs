@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod deploy;
+
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
