@@ -446,22 +446,31 @@ impl Config {
         v
     }
 
-    /// Sites allowed to follow this one, with their mode (sync | async).
-    pub fn followers(&self) -> std::collections::HashMap<String, String> {
-        self.peer
-            .iter()
-            .filter_map(|p| p.mode.clone().map(|m| (p.name.clone(), m)))
-            .collect()
-    }
-
-    /// Bytes per second allowed towards each follower that has a limit.
-    pub fn bandwidths(&self) -> std::collections::HashMap<String, u64> {
+    /// Sites allowed to follow this one, with their commit policy. Defaults:
+    /// `on_unreachable = "wait"` (never give up RPO 0 silently), `wait_limit = "5s"`.
+    pub fn followers(
+        &self,
+    ) -> std::collections::HashMap<String, replicator::upstream::FollowerPolicy> {
+        use replicator::upstream::{FollowerPolicy, OnUnreachable};
         self.peer
             .iter()
             .filter_map(|p| {
+                let mode = p.mode.clone()?;
                 Some((
                     p.name.clone(),
-                    parse_bandwidth(p.bandwidth.as_deref()?).ok()?,
+                    FollowerPolicy {
+                        mode,
+                        on_unreachable: match p.on_unreachable.as_deref() {
+                            Some("degrade") => OnUnreachable::Degrade,
+                            _ => OnUnreachable::Wait,
+                        },
+                        wait_limit: p
+                            .wait_limit
+                            .as_deref()
+                            .and_then(|w| parse_duration(w).ok())
+                            .unwrap_or(Duration::from_secs(5)),
+                        bandwidth: p.bandwidth.as_deref().and_then(|b| parse_bandwidth(b).ok()),
+                    },
                 ))
             })
             .collect()

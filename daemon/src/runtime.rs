@@ -161,7 +161,7 @@ pub fn run(cfg: Config) -> Result<()> {
             .iter()
             .map(|r| (r.ds.name().to_string(), r.ds.clone()))
             .collect();
-        let up = Arc::new(Upstream::new(datasets, cfg.followers(), cfg.bandwidths()));
+        let up = Arc::new(Upstream::new(datasets, cfg.followers()));
         let server_cfg = replicator::tls::server_config(tls).context("loading [tls]")?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(&addr))
@@ -202,8 +202,16 @@ pub fn run(cfg: Config) -> Result<()> {
                     continue;
                 };
                 let stats = Arc::new(Stats::default());
-                let src = DirSource::new(settings, r.ds.clone(), stats.clone(), stop.clone())
+                let mut src = DirSource::new(settings, r.ds.clone(), stats.clone(), stop.clone())
                     .with_context(|| format!("dataset `{}`", d.name))?;
+                if let Some(up) = upstream.clone() {
+                    let (handle, name) = (rt.handle().clone(), d.name.clone());
+                    src = src.with_gate(Arc::new(move |seq| {
+                        handle
+                            .block_on(up.wait_committed(&name, seq))
+                            .map_err(|e| e.to_string())
+                    }));
+                }
                 r.stats = Some(stats);
                 let (name, stop_all) = (d.name.clone(), stop.clone());
                 threads.push(

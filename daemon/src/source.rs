@@ -53,6 +53,10 @@ pub struct Stats {
     pub pending: AtomicU64,
     /// Files waiting for a re-read because their mtime was too recent.
     pub racy: AtomicU64,
+    /// Highest seq the commit policy confirmed (durable at every sync follower).
+    pub committed_seq: AtomicU64,
+    /// Rounds whose changes a sync follower did not acknowledge in time.
+    pub commit_failures: AtomicU64,
     pub busy: AtomicBool,
     pub initial_scan_done: AtomicBool,
     pub last_error: Mutex<Option<String>>,
@@ -72,6 +76,8 @@ pub struct StatsView {
     pub settled: bool,
     pub last_event_ns: i64,
     pub last_round_end_ns: i64,
+    pub committed_seq: u64,
+    pub commit_failures: u64,
     pub last_error: Option<String>,
 }
 
@@ -97,6 +103,8 @@ impl Stats {
                 && last_round_end_ns >= last_event_ns,
             last_event_ns,
             last_round_end_ns,
+            committed_seq: self.committed_seq.load(Ordering::Acquire),
+            commit_failures: self.commit_failures.load(Ordering::Relaxed),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
@@ -127,7 +135,12 @@ pub struct DirSource {
     /// Set on SIGTERM: long scans and rounds give up early (the next start's
     /// full scan picks up whatever was left).
     stop: Arc<AtomicBool>,
+    /// The commit policy: waits until sync followers hold a seq.
+    gate: Option<CommitGate>,
 }
+
+/// Blocks until the commit policy holds for a seq, or says why it does not.
+pub type CommitGate = Arc<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -213,7 +226,14 @@ impl DirSource {
             stats,
             racy: Mutex::new(HashMap::new()),
             stop,
+            gate: None,
         })
+    }
+
+    /// Makes every round wait for the commit policy before it counts as done.
+    pub fn with_gate(mut self, gate: CommitGate) -> DirSource {
+        self.gate = Some(gate);
+        self
     }
 
     fn rel(&self, abs: &Path) -> Option<Vec<u8>> {
@@ -442,6 +462,23 @@ impl DirSource {
     }
 
     fn finish_round(&self) {
+        let head = self.ds.head_seq();
+        match &self.gate {
+            Some(gate) if head > self.stats.committed_seq.load(Ordering::Acquire) => {
+                match gate(head) {
+                    Ok(()) => self.stats.committed_seq.store(head, Ordering::Release),
+                    Err(e) => {
+                        // The changes are durable here; the round's writer (this
+                        // source) reports that the policy did not hold.
+                        tracing::error!(dataset = self.ds.name(), "{e}");
+                        self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                        self.stats.note_error(e);
+                    }
+                }
+            }
+            Some(_) => {}
+            None => self.stats.committed_seq.store(head, Ordering::Release),
+        }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         self.stats
             .last_round_end_ns

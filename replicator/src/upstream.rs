@@ -24,6 +24,40 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Largest message either side accepts: one record may be up to 256 MiB.
 pub const MAX_MESSAGE: usize = 512 << 20;
 
+/// What a sync follower's silence means for writers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnreachable {
+    /// Writers wait up to the limit, then get an error (RPO 0 is kept).
+    Wait,
+    /// After the limit the follower is treated as async, with an alert,
+    /// until it has caught up again.
+    Degrade,
+}
+
+/// How a follower takes part in the commit policy.
+#[derive(Clone, Debug)]
+pub struct FollowerPolicy {
+    /// "sync" or "async".
+    pub mode: String,
+    pub on_unreachable: OnUnreachable,
+    pub wait_limit: Duration,
+    /// Bytes per second towards this follower, if limited.
+    pub bandwidth: Option<u64>,
+}
+
+/// A change was not acknowledged by a sync follower in time.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "seq {seq} is durable at this site but sync follower {site} did not acknowledge it within {waited:?} \
+     (on_unreachable = \"wait\")"
+)]
+pub struct CommitError {
+    pub site: String,
+    pub seq: u64,
+    pub waited: Duration,
+}
+
 /// One follower of one dataset, as this site sees it.
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkStatus {
@@ -37,6 +71,10 @@ pub struct LinkStatus {
     pub lag_bytes: u64,
     pub lag_seconds: f64,
     pub last_ack_ns: i64,
+    /// A sync follower currently treated as async after it stopped answering.
+    pub degraded: bool,
+    /// Times this follower was degraded since start.
+    pub degradations: u64,
 }
 
 #[derive(Default, Clone)]
@@ -48,31 +86,93 @@ struct Link {
     address: Option<String>,
     acked: u64,
     last_ack_ns: i64,
+    degraded: bool,
+    degradations: u64,
 }
 
 /// The replication service of one site.
 pub struct Upstream {
     datasets: HashMap<String, Arc<Dataset>>,
-    /// Follower name -> mode ("sync" | "async") for configured followers.
-    followers: HashMap<String, String>,
-    /// Follower name -> bytes per second.
-    bandwidth: HashMap<String, u64>,
+    /// Configured followers and their commit policy.
+    followers: HashMap<String, FollowerPolicy>,
     links: Arc<Mutex<HashMap<(String, String), Link>>>,
     generation: std::sync::atomic::AtomicU64,
+    /// Woken on every acknowledgement, for writers waiting on the policy.
+    acked: Arc<tokio::sync::Notify>,
 }
 
 impl Upstream {
     pub fn new(
         datasets: HashMap<String, Arc<Dataset>>,
-        followers: HashMap<String, String>,
-        bandwidth: HashMap<String, u64>,
+        followers: HashMap<String, FollowerPolicy>,
     ) -> Upstream {
         Upstream {
             datasets,
             followers,
-            bandwidth,
             links: Arc::new(Mutex::new(HashMap::new())),
             generation: std::sync::atomic::AtomicU64::new(0),
+            acked: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Waits until every sync follower has acknowledged `seq` of `dataset`,
+    /// as the commit policy says: a follower silent for its wait limit either
+    /// fails the wait (`wait`) or is degraded to async with an alert
+    /// (`degrade`) until it has caught up again.
+    pub async fn wait_committed(&self, dataset: &str, seq: u64) -> Result<(), CommitError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let notified = self.acked.notified();
+            let head = self
+                .datasets
+                .get(dataset)
+                .map(|d| d.head_seq())
+                .unwrap_or(seq);
+            let mut pending: Vec<(&String, &FollowerPolicy)> = Vec::new();
+            if let Ok(mut links) = self.links.lock() {
+                for (site, p) in self.followers.iter().filter(|(_, p)| p.mode == "sync") {
+                    let l = links
+                        .entry((dataset.to_string(), site.clone()))
+                        .or_default();
+                    if l.degraded && l.acked >= head {
+                        l.degraded = false;
+                        tracing::info!(site = %site, dataset, "sync follower has caught up: back to synchronous");
+                    }
+                    if l.acked < seq && !l.degraded {
+                        pending.push((site, p));
+                    }
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let waited = started.elapsed();
+            let mut sleep_for = Duration::from_millis(50);
+            for (site, p) in &pending {
+                if waited < p.wait_limit {
+                    sleep_for = sleep_for.min(p.wait_limit - waited);
+                    continue;
+                }
+                match p.on_unreachable {
+                    OnUnreachable::Wait => {
+                        return Err(CommitError {
+                            site: site.to_string(),
+                            seq,
+                            waited,
+                        })
+                    }
+                    OnUnreachable::Degrade => {
+                        self.update(&(dataset.to_string(), site.to_string()), |l| {
+                            if !l.degraded {
+                                l.degraded = true;
+                                l.degradations += 1;
+                            }
+                        });
+                        tracing::error!(site = %site, dataset, seq, "sync follower did not answer within its wait limit: DEGRADED to async until it catches up");
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(sleep_for, notified).await;
         }
     }
 
@@ -91,13 +191,19 @@ impl Upstream {
         for name in names {
             let ds = &self.datasets[name];
             let head = ds.head_seq();
-            let mut sites: Vec<(&String, &String)> = self.followers.iter().collect();
-            sites.sort();
-            for (site, mode) in sites {
-                let l = links
+            let mut sites: Vec<(&String, &FollowerPolicy)> = self.followers.iter().collect();
+            sites.sort_by_key(|(s, _)| s.as_str());
+            for (site, policy) in sites {
+                let mode = &policy.mode;
+                let mut l = links
                     .get(&(name.clone(), site.clone()))
                     .cloned()
                     .unwrap_or_default();
+                if l.degraded && l.acked >= head {
+                    // Caught up: the next commit wait clears it; report it cleared now.
+                    l.degraded = false;
+                    self.update(&(name.clone(), site.clone()), |x| x.degraded = false);
+                }
                 let behind = head.saturating_sub(l.acked);
                 let lag_seconds = if behind == 0 {
                     0.0
@@ -124,6 +230,8 @@ impl Upstream {
                     },
                     lag_seconds,
                     last_ack_ns: l.last_ack_ns,
+                    degraded: l.degraded,
+                    degradations: l.degradations,
                 });
             }
         }
@@ -218,7 +326,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         tracing::info!(site = %peer.site, dataset = %hello.dataset, from_seq = from, addr = %peer.addr, "follower connected");
 
         let (tx, rx) = mpsc::channel::<Result<pb::UpstreamMessage, Status>>(4);
-        let rate = self.bandwidth.get(&peer.site).copied();
+        let rate = self.followers.get(&peer.site).and_then(|p| p.bandwidth);
         {
             let (ds, links, key) = (ds.clone(), self.links.clone(), key.clone());
             tokio::spawn(async move {
@@ -285,7 +393,12 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             });
         }
         {
-            let (links, key, site) = (self.links.clone(), key.clone(), peer.site.clone());
+            let (links, key, site, notify) = (
+                self.links.clone(),
+                key.clone(),
+                peer.site.clone(),
+                self.acked.clone(),
+            );
             tokio::spawn(async move {
                 loop {
                     match inbound.message().await {
@@ -299,6 +412,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                                     l.last_ack_ns = now_ns();
                                 }
                             }
+                            notify.notify_waiters();
                         }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,

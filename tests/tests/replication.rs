@@ -291,3 +291,104 @@ fn a_follower_fed_another_history_stops_and_says_where() {
     assert_eq!(v["log"]["head_seq"].as_u64(), Some(head));
     assert_eq!(v["log"]["chain_hash"].as_str(), Some(chain.as_str()));
 }
+
+fn follower_link(site: &Site, name: &str) -> serde_json::Value {
+    let v = site.status().unwrap();
+    v["replication"]["followers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["site"] == name)
+        .unwrap()
+        .clone()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sync_follower_down_with_wait_fails_the_writer_after_the_limit() {
+    let mut dep = Deployment::new(None);
+    dep.sync_policy = "on_unreachable = \"wait\"\nwait_limit = \"1s\"\n".into();
+    dep.configure(None);
+    dep.start();
+    write_some(&dep.a.source, "one", 20, 9);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    let src = |s: &Site| s.status().unwrap()["source"].clone();
+    assert_eq!(src(&dep.a)["commit_failures"].as_u64(), Some(0));
+    assert_eq!(
+        src(&dep.a)["committed_seq"],
+        dep.a.status().unwrap()["log"]["head_seq"]
+    );
+
+    assert!(dep.b.stop().success());
+    write_some(&dep.a.source, "two", 20, 10);
+    wait_until("the commit policy to fail", Duration::from_secs(30), || {
+        src(&dep.a)["commit_failures"].as_u64() > Some(0)
+    });
+    let err = src(&dep.a)["last_error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("sync follower zjk-b did not acknowledge")
+            && err.contains("on_unreachable = \"wait\""),
+        "{err}"
+    );
+    let committed = src(&dep.a)["committed_seq"].as_u64().unwrap();
+    assert!(
+        committed < dep.a.status().unwrap()["log"]["head_seq"].as_u64().unwrap(),
+        "nothing past the sync follower counts as committed"
+    );
+    // The async remote is not held back.
+    wait_replicated(&dep.a, &[&dep.c], Duration::from_secs(30));
+
+    dep.b.start();
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    std::fs::write(dep.a.source.join("after"), b"after the return").unwrap();
+    wait_until("the policy to hold again", Duration::from_secs(30), || {
+        let v = dep.a.status().unwrap();
+        v["source"]["committed_seq"] == v["log"]["head_seq"] && v["source"]["settled"] == true
+    });
+}
+
+#[test]
+fn sync_follower_down_with_degrade_keeps_writing_and_raises_the_alert_until_caught_up() {
+    let mut dep = Deployment::new(None);
+    dep.sync_policy = "on_unreachable = \"degrade\"\nwait_limit = \"1s\"\n".into();
+    dep.configure(None);
+    dep.start();
+    write_some(&dep.a.source, "one", 20, 11);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    assert_eq!(follower_link(&dep.a, "zjk-b")["degraded"], false);
+
+    dep.b.kill9();
+    write_some(&dep.a.source, "two", 30, 12);
+    wait_until(
+        "the sync follower to be degraded",
+        Duration::from_secs(30),
+        || follower_link(&dep.a, "zjk-b")["degraded"] == true,
+    );
+    write_some(&dep.a.source, "three", 30, 13);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    let v = dep.a.status().unwrap();
+    assert_eq!(
+        v["source"]["commit_failures"].as_u64(),
+        Some(0),
+        "degrade never fails the writer: {v}"
+    );
+    assert_eq!(
+        follower_link(&dep.a, "zjk-b")["degradations"].as_u64(),
+        Some(1)
+    );
+
+    dep.b.start();
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    wait_until("the alert to clear", Duration::from_secs(30), || {
+        follower_link(&dep.a, "zjk-b")["degraded"] == false
+    });
+}

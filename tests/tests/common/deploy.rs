@@ -59,6 +59,9 @@ pub struct Deployment {
     pub c: Site,
     pub ports: [u16; 3],
     pub names: Names,
+    /// Extra keys for the same-city peer in the primary's config (its
+    /// commit policy).
+    pub sync_policy: String,
 }
 
 impl Deployment {
@@ -78,6 +81,7 @@ impl Deployment {
             c,
             ports,
             names,
+            sync_policy: String::new(),
         };
         d.configure(remote_upstream);
         d
@@ -90,7 +94,7 @@ impl Deployment {
             "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[listen]\nreplication = \"127.0.0.1:{pa}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
             self.a.data.display(),
             tls(certs, "zjk-a"),
-            peer("zjk-b", pb, Some("sync")),
+            peer("zjk-b", pb, Some("sync")).replace("mode = \"sync\"\n", &format!("mode = \"sync\"\n{}", self.sync_policy)),
             peer("sjz-c", pc, Some("async")),
             self.a.key.display(),
             self.a.source.display()
