@@ -58,6 +58,12 @@ pub struct Site {
     pub role: Role,
     pub data_dir: PathBuf,
     pub upstream: Option<String>,
+    /// Most change log kept for followers that are behind, e.g. "50GiB".
+    /// Beyond it the oldest segments go and a follower that still needed them
+    /// catches up by state transfer (with an alert). Default: no cap.
+    pub log_retention_max: Option<String>,
+    /// Size at which a log segment is closed. Default "64MiB".
+    pub log_segment_size: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -309,6 +315,19 @@ impl Config {
                 parse_duration(w).map_err(|m| invalid(format!("peer[{i}].wait_limit"), m))?;
             }
         }
+        for (field, v) in [
+            ("site.log_retention_max", &self.site.log_retention_max),
+            ("site.log_segment_size", &self.site.log_segment_size),
+        ] {
+            if let Some(v) = v {
+                parse_bandwidth(v).map_err(|_| {
+                    invalid(
+                        field.into(),
+                        format!("`{v}` is not a size; write it like \"50GiB\" or \"64MiB\""),
+                    )
+                })?;
+            }
+        }
         let serves = self
             .listen
             .as_ref()
@@ -474,6 +493,22 @@ impl Config {
                 ))
             })
             .collect()
+    }
+
+    /// Size limit of each dataset's retained log, if configured.
+    pub fn log_cap(&self) -> Option<u64> {
+        self.site
+            .log_retention_max
+            .as_deref()
+            .and_then(|v| parse_bandwidth(v).ok())
+    }
+
+    pub fn segment_bytes(&self) -> u64 {
+        self.site
+            .log_segment_size
+            .as_deref()
+            .and_then(|v| parse_bandwidth(v).ok())
+            .unwrap_or(64 << 20)
     }
 
     /// The peer this site streams from, for a follower.

@@ -31,7 +31,17 @@ pub struct DatasetStatus {
     /// The directory source (primary only).
     pub source: Option<StatsView>,
     pub replication: ReplicationStatus,
+    pub retention: Retention,
     pub failure: Option<String>,
+}
+
+/// The retained change log.
+#[derive(Serialize, Default, Clone)]
+pub struct Retention {
+    pub first_seq: u64,
+    pub log_bytes: u64,
+    /// Followers the size cap pushed behind the retained log since start.
+    pub forced_transfers: u64,
 }
 
 #[derive(Serialize, Default)]
@@ -56,6 +66,7 @@ pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
         .with_context(|| format!("dataset `{name}`: loading its key"))?;
     let opts = vault::Options {
         release_pins: cfg.site.role == Role::Primary,
+        segment_bytes: cfg.segment_bytes(),
         ..vault::Options::default()
     };
     let ds = Dataset::open(&cfg.dataset_dir(name), name, &key, opts).with_context(|| {
@@ -89,6 +100,57 @@ struct Running {
     ds: Arc<Dataset>,
     stats: Option<Arc<Stats>>,
     follow: Option<Arc<Mutex<FollowStatus>>>,
+    retention: Mutex<Retention>,
+}
+
+/// Removes log segments no longer needed: every record in them is durable in
+/// this site's state and acknowledged by every configured follower. With a
+/// size cap, older segments go too, and followers still needing them are
+/// named loudly: they will catch up by state transfer.
+fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> {
+    let ds = &r.ds;
+    let log_dir = cfg.dataset_dir(ds.name()).join("log");
+    let durable = ds.flush_state()?;
+    let links: Vec<LinkStatus> = upstream
+        .map(|u| {
+            u.status()
+                .into_iter()
+                .filter(|l| l.dataset == ds.name())
+                .collect()
+        })
+        .unwrap_or_default();
+    let keep_from = links
+        .iter()
+        .map(|l| l.acked_seq + 1)
+        .fold(durable + 1, u64::min);
+    vault::wal::remove_segments_before(&log_dir, keep_from, None)?;
+    let (bytes, mut first) = vault::wal::log_extent(&log_dir)?;
+    let mut forced = 0;
+    if let Some(cap) = cfg.log_cap().filter(|c| bytes > *c) {
+        let (_, _, new_first) =
+            vault::wal::remove_segments_before(&log_dir, durable + 1, Some(cap))?;
+        for l in links
+            .iter()
+            .filter(|l| l.acked_seq + 1 < new_first && l.acked_seq + 1 >= first)
+        {
+            forced += 1;
+            tracing::error!(
+                dataset = ds.name(),
+                follower = %l.site,
+                acked = l.acked_seq,
+                first_retained = new_first,
+                "site.log_retention_max forced the log past what this follower has: it will catch up by state transfer"
+            );
+        }
+        first = new_first;
+    }
+    let (bytes, _) = vault::wal::log_extent(&log_dir)?;
+    if let Ok(mut ret) = r.retention.lock() {
+        ret.first_seq = first;
+        ret.log_bytes = bytes;
+        ret.forced_transfers += forced;
+    }
+    Ok(())
 }
 
 /// Runs the daemon until a stop signal; returns once everything is closed.
@@ -133,6 +195,7 @@ pub fn run(cfg: Config) -> Result<()> {
             ds: Arc::new(open_dataset(&cfg, &d.name)?),
             stats: None,
             follow: None,
+            retention: Mutex::new(Retention::default()),
         });
     }
 
@@ -258,7 +321,16 @@ pub fn run(cfg: Config) -> Result<()> {
             write_status(&cfg.dataset_dir(r.ds.name()).join(STATUS_FILE), &st);
         }
     };
+    let mut next_retention = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if std::time::Instant::now() >= next_retention {
+            next_retention = std::time::Instant::now() + Duration::from_secs(2);
+            for r in &running {
+                if let Err(e) = retain(&cfg, r, upstream.as_deref()) {
+                    tracing::warn!(dataset = r.ds.name(), error = %e, "log retention failed; will retry");
+                }
+            }
+        }
         write_all(&running);
         if running.iter().any(|r| r.ds.failure().is_some()) {
             stop.store(true, Ordering::Release);
@@ -325,6 +397,7 @@ fn status_of(
         updated_ns: vault::dataset::now_ns(),
         log: ds.status(),
         source: r.stats.as_ref().map(|s| s.view()),
+        retention: r.retention.lock().map(|x| x.clone()).unwrap_or_default(),
         replication: ReplicationStatus {
             followers,
             upstream: follow,

@@ -54,6 +54,145 @@ impl FollowStatus {
     }
 }
 
+/// A state transfer being received.
+struct Transfer {
+    applied: vault::state::Applied,
+    entries: Vec<(Vec<u8>, vault::Entry)>,
+    pins: Vec<(vault::ChunkId, u64)>,
+}
+
+fn chunk_id(b: &[u8]) -> Result<vault::ChunkId, String> {
+    Ok(vault::ChunkId(
+        b.try_into().map_err(|_| "malformed chunk id".to_string())?,
+    ))
+}
+
+async fn on_transfer(
+    ds: &Arc<Dataset>,
+    tx: &mpsc::Sender<pb::FollowerMessage>,
+    xfer: &mut Option<Transfer>,
+    t: pb::Transfer,
+) -> Result<(), String> {
+    use pb::transfer::Part;
+    match t.part {
+        Some(Part::Begin(b)) => {
+            tracing::warn!(
+                dataset = ds.name(),
+                seq = b.seq,
+                "this site is behind the upstream's retained log: receiving a state transfer"
+            );
+            let digest =
+                vault::lthash::LtHash::try_from_bytes(&b.digest).ok_or("malformed digest")?;
+            let mut pins = Vec::new();
+            for p in b.pins {
+                pins.push((chunk_id(&p.id)?, p.count));
+            }
+            *xfer = Some(Transfer {
+                applied: vault::state::Applied {
+                    seq: b.seq,
+                    hash: b
+                        .chain_hash
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| "malformed chain hash")?,
+                    time_ns: b.time_ns,
+                    digest,
+                },
+                entries: Vec::new(),
+                pins,
+            });
+        }
+        Some(Part::Entries(e)) => {
+            let x = xfer.as_mut().ok_or("entries before the transfer began")?;
+            for ne in e.entries {
+                let entry = vault::Entry::decode(&ne.entry).ok_or("malformed namespace entry")?;
+                x.entries.push((ne.path, entry));
+            }
+        }
+        Some(Part::EntriesEnd(_)) => {
+            let x = xfer.as_ref().ok_or("no transfer")?;
+            let mut wanted: Vec<vault::ChunkId> = x
+                .entries
+                .iter()
+                .flat_map(|(_, e)| e.chunks().iter().map(|c| c.id))
+                .collect();
+            wanted.extend(x.pins.iter().map(|(id, _)| *id));
+            wanted.sort();
+            wanted.dedup();
+            let d = ds.clone();
+            let missing = tokio::task::spawn_blocking(move || {
+                wanted
+                    .into_iter()
+                    .filter(|id| !d.has_chunk(id).unwrap_or(false))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            tracing::info!(
+                dataset = ds.name(),
+                entries = x.entries.len(),
+                missing_chunks = missing.len(),
+                "asking the upstream for the chunks this site lacks"
+            );
+            let mut batches: Vec<Vec<Vec<u8>>> = missing
+                .chunks(50_000)
+                .map(|b| b.iter().map(|id| id.0.to_vec()).collect())
+                .collect();
+            if batches.is_empty() {
+                batches.push(Vec::new());
+            }
+            let n = batches.len();
+            for (i, ids) in batches.into_iter().enumerate() {
+                let msg = pb::FollowerMessage {
+                    msg: Some(follower_message::Msg::Need(pb::NeedChunks {
+                        ids,
+                        done: i + 1 == n,
+                    })),
+                };
+                tx.send(msg).await.map_err(|_| "stream closed")?;
+            }
+        }
+        Some(Part::Chunks(c)) => {
+            let keys = ds.keys().clone();
+            let mut chunks = Vec::with_capacity(c.chunks.len());
+            for sc in c.chunks {
+                chunks.push(vault::SealedChunk {
+                    id: chunk_id(&sc.id)?,
+                    plain_len: sc.plain_len,
+                    sealed: sc.sealed,
+                });
+            }
+            let d = ds.clone();
+            tokio::task::spawn_blocking(move || {
+                // Every chunk is checked against its id before it is kept.
+                for c in &chunks {
+                    vault::chunk::open(&keys, &c.id, c.plain_len, &c.sealed)
+                        .map_err(|e| format!("chunk {}: {e}", c.id))?;
+                }
+                d.stage_chunks(&chunks).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+        }
+        Some(Part::End(_)) => {
+            let x = xfer.take().ok_or("no transfer")?;
+            let d = ds.clone();
+            let c = tokio::task::spawn_blocking(move || {
+                d.install_transfer(x.applied, x.entries, x.pins)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            let ack = pb::FollowerMessage {
+                msg: Some(follower_message::Msg::Ack(pb::Ack { durable_seq: c.seq })),
+            };
+            tx.send(ack).await.map_err(|_| "stream closed")?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
 enum End {
     Retry(String),
     Diverged(String),
@@ -129,11 +268,19 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(16);
+    let d = ds.clone();
+    let checkpoint = tokio::task::spawn_blocking(move || d.latest_checkpoint())
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .flatten();
     let hello = pb::FollowerMessage {
         msg: Some(follower_message::Msg::Hello(pb::Hello {
             dataset: ds.name().to_string(),
             key_id: ds.key_id().to_string(),
             from_seq: ds.head_seq() + 1,
+            checkpoint_seq: checkpoint.as_ref().map(|c| c.seq).unwrap_or(0),
+            checkpoint_hash: checkpoint.map(|c| c.hash.to_vec()).unwrap_or_default(),
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -152,6 +299,7 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
         s.last_error = None;
     }
     tracing::info!(dataset = ds.name(), upstream = %up.name, from_seq = ds.head_seq() + 1, "following upstream");
+    let mut xfer: Option<Transfer> = None;
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -177,6 +325,11 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
                     }
                     Ok(Err(e)) => return End::Retry(format!("appending replicated records: {e}")),
                     Err(e) => return End::Retry(e.to_string()),
+                }
+            }
+            Some(upstream_message::Msg::Transfer(t)) => {
+                if let Err(e) = on_transfer(ds, &tx, &mut xfer, t).await {
+                    return End::Retry(format!("state transfer: {e}"));
                 }
             }
             Some(upstream_message::Msg::Heartbeat(h)) => {

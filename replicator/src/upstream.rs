@@ -260,6 +260,110 @@ fn heartbeat(ds: &Dataset, acked: u64) -> pb::UpstreamMessage {
     }
 }
 
+// The stream item type is fixed by tonic, Status and all.
+#[allow(clippy::result_large_err)]
+fn transfer_msg(part: pb::transfer::Part) -> Result<pb::UpstreamMessage, Status> {
+    Ok(pb::UpstreamMessage {
+        msg: Some(upstream_message::Msg::Transfer(pb::Transfer {
+            part: Some(part),
+        })),
+    })
+}
+
+/// Sends the dataset's state at one consistent point, then the chunks the
+/// follower asks for, all from the same snapshot. Returns the seq sent.
+fn send_state(
+    ds: &Dataset,
+    tx: &mpsc::Sender<Result<pb::UpstreamMessage, Status>>,
+    need: &std::sync::mpsc::Receiver<pb::NeedChunks>,
+) -> Result<u64, String> {
+    use pb::transfer::Part;
+    let send = |m| {
+        tx.blocking_send(m)
+            .map_err(|_| "the follower went away".to_string())
+    };
+    ds.state().with_snapshot(|snap| {
+        let applied = snap.applied().map_err(|e| e.to_string())?;
+        let entries = snap.entries().map_err(|e| e.to_string())?;
+        let pins = snap.pins().map_err(|e| e.to_string())?;
+        send(transfer_msg(Part::Begin(pb::TransferBegin {
+            seq: applied.seq,
+            chain_hash: applied.hash.to_vec(),
+            time_ns: applied.time_ns,
+            digest: applied.digest.to_bytes(),
+            pins: pins
+                .iter()
+                .map(|(id, n)| pb::Pin {
+                    id: id.0.to_vec(),
+                    count: *n,
+                })
+                .collect(),
+        })))?;
+        for batch in entries.chunks(20_000) {
+            send(transfer_msg(Part::Entries(pb::TransferEntries {
+                entries: batch
+                    .iter()
+                    .map(|(p, e)| pb::NamespaceEntry {
+                        path: p.clone(),
+                        entry: e.encode(),
+                    })
+                    .collect(),
+            })))?;
+        }
+        send(transfer_msg(Part::EntriesEnd(pb::TransferEntriesEnd {})))?;
+        let mut chunks_sent = 0u64;
+        loop {
+            let n = need
+                .recv_timeout(Duration::from_secs(120))
+                .map_err(|_| "the follower did not ask for chunks".to_string())?;
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            for id in &n.ids {
+                let id = vault::ChunkId(
+                    id.as_slice()
+                        .try_into()
+                        .map_err(|_| "malformed chunk id".to_string())?,
+                );
+                let c = snap
+                    .chunk(&id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("chunk {id} is not in this site's store"))?;
+                bytes += c.sealed.len();
+                batch.push(pb::SealedChunk {
+                    id: c.id.0.to_vec(),
+                    plain_len: c.plain_len,
+                    sealed: c.sealed,
+                });
+                if bytes >= BATCH_BYTES {
+                    chunks_sent += batch.len() as u64;
+                    send(transfer_msg(Part::Chunks(pb::TransferChunks {
+                        chunks: std::mem::take(&mut batch),
+                    })))?;
+                    bytes = 0;
+                }
+            }
+            if !batch.is_empty() {
+                chunks_sent += batch.len() as u64;
+                send(transfer_msg(Part::Chunks(pb::TransferChunks {
+                    chunks: batch,
+                })))?;
+            }
+            if n.done {
+                break;
+            }
+        }
+        send(transfer_msg(Part::End(pb::TransferEnd {})))?;
+        tracing::info!(
+            dataset = ds.name(),
+            seq = applied.seq,
+            entries = entries.len(),
+            chunks = chunks_sent,
+            "state transfer sent"
+        );
+        Ok(applied.seq)
+    })
+}
+
 type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::UpstreamMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -306,12 +410,41 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         }
         let from = hello.from_seq.max(1);
         let log_dir = ds.dir().join("log");
-        let mut tail = tokio::task::spawn_blocking(move || Tail::new(&log_dir, from))
+        let first_retained = vault::wal::log_extent(&log_dir)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .1;
+        // Behind the retained log: the follower gets a state transfer, but
+        // only if its history is a prefix of ours (its newest checkpoint
+        // matches ours at the same seq); a diverged copy is never overwritten.
+        let transfer = from < first_retained;
+        if transfer && hello.checkpoint_seq > 0 {
+            let theirs = hello.checkpoint_hash.clone();
+            match ds.checkpoint_at(hello.checkpoint_seq) {
+                Ok(Some(c)) if c.hash.as_slice() != theirs.as_slice() => {
+                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = hello.checkpoint_seq,
+                        "refusing a state transfer: the follower's checkpoint differs from ours, its copy diverged");
+                    return Err(Status::failed_precondition(format!(
+                        "DIVERGED at or before seq {}: checkpoint hashes differ; the follower's copy is kept as it is",
+                        hello.checkpoint_seq
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(Status::internal(e.to_string())),
+            }
+        }
+        let start = if transfer { first_retained } else { from };
+        let ld = log_dir.clone();
+        let mut tail = tokio::task::spawn_blocking(move || Tail::new(&ld, start))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| {
-                Status::failed_precondition(format!("cannot stream from seq {from}: {e}"))
+                Status::failed_precondition(format!("cannot stream from seq {start}: {e}"))
             })?;
+        if transfer {
+            tracing::warn!(site = %peer.site, dataset = %hello.dataset, from_seq = from, first_retained,
+                "follower is behind the retained log: sending a state transfer");
+        }
+        let (need_tx, need_rx) = std::sync::mpsc::channel::<pb::NeedChunks>();
         let key = (hello.dataset.clone(), peer.site.clone());
         let generation = self
             .generation
@@ -331,6 +464,35 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             let (ds, links, key) = (ds.clone(), self.links.clone(), key.clone());
             tokio::spawn(async move {
                 let mut next = from;
+                if transfer {
+                    let (d, t) = (ds.clone(), tx.clone());
+                    let sent =
+                        tokio::task::spawn_blocking(move || send_state(&d, &t, &need_rx)).await;
+                    match sent {
+                        Ok(Ok(seq)) => {
+                            next = seq + 1;
+                            let ld = log_dir.clone();
+                            match tokio::task::spawn_blocking(move || Tail::new(&ld, seq + 1)).await
+                            {
+                                Ok(Ok(t)) => tail = t,
+                                _ => {
+                                    let _ = tx
+                                        .send(Err(Status::unavailable(
+                                            "the log moved on during the transfer; reconnect",
+                                        )))
+                                        .await;
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "state transfer stopped");
+                            let _ = tx.send(Err(Status::unavailable(e))).await;
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
                 loop {
                     let head = ds.head_seq();
                     let acked = links
@@ -413,6 +575,11 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                                 }
                             }
                             notify.notify_waiters();
+                        }
+                        Ok(Some(pb::FollowerMessage {
+                            msg: Some(follower_message::Msg::Need(n)),
+                        })) => {
+                            let _ = need_tx.send(n);
                         }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,

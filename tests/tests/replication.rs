@@ -392,3 +392,71 @@ fn sync_follower_down_with_degrade_keeps_writing_and_raises_the_alert_until_caug
         follower_link(&dep.a, "zjk-b")["degraded"] == false
     });
 }
+
+#[test]
+fn a_follower_behind_the_retained_log_catches_up_by_state_transfer() {
+    let mut dep = Deployment::new(None);
+    // Small segments and a small cap, so the log soon moves past the remote.
+    dep.primary_site = "log_segment_size = \"256KiB\"\nlog_retention_max = \"1MiB\"\n".into();
+    dep.configure(None);
+    dep.start();
+    write_some(&dep.a.source, "early", 80, 14);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    assert!(dep.c.stop().success());
+
+    // Meanwhile: new files, deleted and overwritten ones, far more log than the cap.
+    std::fs::remove_dir_all(dep.a.source.join("early/2")).unwrap();
+    write_some(&dep.a.source, "late", 400, 15);
+    write_some(&dep.a.source, "early", 30, 16);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    let c_head = head_and_hashes_stopped(&dep.c);
+    wait_until(
+        "the cap to push the log past the remote",
+        Duration::from_secs(30),
+        || {
+            let v = dep.a.status().unwrap();
+            v["retention"]["first_seq"].as_u64().unwrap_or(0) > c_head + 1
+        },
+    );
+    let v = dep.a.status().unwrap();
+    assert!(
+        v["retention"]["forced_transfers"].as_u64().unwrap() >= 1,
+        "the alert is raised: {v}"
+    );
+    assert!(dep
+        .a
+        .log_text()
+        .contains("forced the log past what this follower has"));
+
+    dep.c.start();
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(90));
+    assert!(
+        dep.c.log_text().contains("receiving a state transfer"),
+        "{}",
+        dep.c.log_text()
+    );
+    // It streams on after the transfer.
+    write_some(&dep.a.source, "after", 20, 17);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    let r = dep.c.tmp.path().join("restored");
+    let out = dep.c.restore(&r);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&dep.a.source, &r);
+    assert!(dep.c.stop().success());
+    check_state_invariants(&dep.c);
+    // And it restarts cleanly from its new log base.
+    dep.c.start();
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+}
+
+/// The head seq a stopped site's last status recorded.
+fn head_and_hashes_stopped(site: &Site) -> u64 {
+    site.status().unwrap()["log"]["head_seq"].as_u64().unwrap()
+}

@@ -171,6 +171,7 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         dataset: "files".into(),
         key_id: "0000000000000000".into(),
         from_seq: 1,
+        ..Default::default()
     })
     .expect("wrong key refused");
     assert!(e.contains("key id"), "{e}");
@@ -178,6 +179,7 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         dataset: "nope".into(),
         key_id: key_id.clone(),
         from_seq: 1,
+        ..Default::default()
     })
     .expect("unknown dataset refused");
     assert!(e.contains("no dataset"), "{e}");
@@ -185,6 +187,7 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         dataset: "files".into(),
         key_id,
         from_seq: before.0 + 100,
+        ..Default::default()
     })
     .expect("a follower ahead is refused");
     assert!(e.contains("ends at"), "{e}");

@@ -196,6 +196,12 @@ enum Work {
     },
     /// Records received from the upstream site, as they lie in its log.
     Replicated { payloads: Vec<Vec<u8>> },
+    /// A state transferred from the upstream replaces this site's copy.
+    Install {
+        applied: Applied,
+        entries: Vec<(Vec<u8>, Entry)>,
+        pins: Vec<(ChunkId, u64)>,
+    },
 }
 
 impl Work {
@@ -203,6 +209,7 @@ impl Work {
         match self {
             Work::Change { attachments, .. } => attachments.iter().map(|a| a.sealed.len()).sum(),
             Work::Replicated { payloads } => payloads.iter().map(|p| p.len()).sum(),
+            Work::Install { .. } => 0,
         }
     }
 }
@@ -292,6 +299,7 @@ impl Dataset {
         // The state first: its applied seq tells recovery which records were
         // acknowledged and may never be cut.
         let state = State::open(&dir.join("state"))?;
+        finish_interrupted_install(&dir.join("log"), &state)?;
         let applied = state.applied()?;
         let (wal, recovery) = Wal::open(&dir.join("log"), opts.segment_bytes, applied.seq)?;
         let head = wal.next_seq() - 1;
@@ -450,6 +458,56 @@ impl Dataset {
         })
         .map_err(|_| self.closed_error())?;
         rx.recv().map_err(|_| self.closed_error())?
+    }
+
+    /// Replaces this site's copy with a state transferred from the upstream
+    /// (the namespace at `applied.seq`); its chunks must have been staged.
+    pub fn install_transfer(
+        &self,
+        applied: Applied,
+        entries: Vec<(Vec<u8>, Entry)>,
+        pins: Vec<(ChunkId, u64)>,
+    ) -> std::result::Result<Committed, SubmitError> {
+        let (reply, rx) = bounded(1);
+        let tx = self
+            .tx
+            .lock()
+            .map_err(|_| VaultError::Closed("lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
+        tx.send(Submission {
+            work: Work::Install {
+                applied,
+                entries,
+                pins,
+            },
+            reply,
+        })
+        .map_err(|_| self.closed_error())?;
+        rx.recv().map_err(|_| self.closed_error())?
+    }
+
+    /// Stores chunks that arrive during a state transfer.
+    pub fn stage_chunks(&self, chunks: &[SealedChunk]) -> Result<()> {
+        self.state.stage_chunks(chunks)
+    }
+
+    /// Makes the state durable and returns the seq it is durable to: the log
+    /// before it is no longer needed for this site's own recovery.
+    pub fn flush_state(&self) -> Result<u64> {
+        let seq = self.shared.applied.lock().map(|a| a.seq).unwrap_or(0);
+        self.state.flush()?;
+        Ok(seq)
+    }
+
+    /// The newest checkpoint, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<crate::state::Checkpoint>> {
+        Ok(self.state.checkpoints()?.pop())
+    }
+
+    /// The checkpoint recorded at `seq`, if one was.
+    pub fn checkpoint_at(&self, seq: u64) -> Result<Option<crate::state::Checkpoint>> {
+        Ok(self.state.checkpoints()?.into_iter().find(|c| c.seq == seq))
     }
 
     /// Durable head of this site's log.
@@ -640,11 +698,39 @@ fn commit_loop(
         Err(_) => return,
     };
     let epoch = 1u64;
-    while let Ok(first) = rx.recv() {
+    let mut carried: Option<Submission> = None;
+    loop {
+        let first = match carried.take() {
+            Some(s) => s,
+            None => match rx.recv() {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        if let Work::Install { .. } = &first.work {
+            let Submission { work, reply } = first;
+            if let Work::Install {
+                applied: a,
+                entries,
+                pins,
+            } = work
+            {
+                let res = install(&mut wal, &state, &keys, &shared, a.clone(), &entries, &pins);
+                if res.is_ok() {
+                    applied = a;
+                }
+                let _ = reply.send(res);
+            }
+            continue;
+        }
         let mut group = vec![first];
         let mut bytes: usize = group[0].work.bytes();
         while bytes < GROUP_BYTES {
             match rx.try_recv() {
+                Ok(s) if matches!(s.work, Work::Install { .. }) => {
+                    carried = Some(s);
+                    break;
+                }
                 Ok(s) => {
                     bytes += s.work.bytes();
                     group.push(s);
@@ -692,6 +778,9 @@ fn commit_loop(
                         prev = hash;
                         seq += 1;
                     }),
+                    Work::Install { .. } => {
+                        Err(VaultError::Closed("install out of turn".into()).into())
+                    }
                     Work::Replicated { payloads } => {
                         let mut r = Ok(());
                         for p in payloads {
@@ -798,6 +887,91 @@ fn commit_loop(
             }
         }
     }
+}
+
+const TRANSFER_FILE: &str = "TRANSFER";
+
+fn base_bytes(b: &wal::Base) -> Vec<u8> {
+    let mut v = Vec::with_capacity(48);
+    v.extend_from_slice(&b.seq.to_le_bytes());
+    v.extend_from_slice(&b.time_ns.to_le_bytes());
+    v.extend_from_slice(&b.hash);
+    v
+}
+
+/// Installs a transferred state: the state first (durably), then the log is
+/// restarted after it. `log/TRANSFER` marks the step in between, so a crash
+/// there is finished at the next open instead of leaving the state ahead of
+/// the log.
+fn install(
+    wal: &mut Wal,
+    state: &State,
+    keys: &Keys,
+    shared: &Shared,
+    applied: Applied,
+    entries: &[(Vec<u8>, Entry)],
+    pins: &[(ChunkId, u64)],
+) -> std::result::Result<Committed, SubmitError> {
+    let base = wal::Base {
+        seq: applied.seq,
+        hash: applied.hash,
+        time_ns: applied.time_ns,
+    };
+    let marker = wal.dir().join(TRANSFER_FILE);
+    write_atomic(&marker, &base_bytes(&base))?;
+    state.install(keys, applied.clone(), entries, pins)?;
+    wal.reset_to(base)?;
+    std::fs::remove_file(&marker)
+        .map_err(|e| VaultError::io("removing transfer marker", &marker, e))?;
+    if let Ok(mut g) = shared.applied.lock() {
+        *g = applied.clone();
+    }
+    if let Ok(mut t) = shared.times.lock() {
+        t.clear();
+    }
+    shared.head_seq.store(applied.seq, Ordering::Release);
+    shared
+        .last_commit_ns
+        .store(applied.time_ns, Ordering::Release);
+    if let Ok(_g) = shared.head_lock.lock() {
+        shared.head_moved.notify_all();
+    }
+    tracing::warn!(
+        seq = applied.seq,
+        entries = entries.len(),
+        "installed a state transferred from the upstream; the log restarts after it"
+    );
+    Ok(Committed {
+        seq: applied.seq,
+        time_ns: applied.time_ns,
+    })
+}
+
+/// Finishes an install a crash interrupted between the state and the log.
+fn finish_interrupted_install(log_dir: &Path, state: &State) -> Result<()> {
+    let marker = log_dir.join(TRANSFER_FILE);
+    let Ok(b) = std::fs::read(&marker) else {
+        return Ok(());
+    };
+    let seq = b
+        .get(..8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_le_bytes);
+    if b.len() == 48 && seq == Some(state.applied()?.seq) {
+        let base = wal::Base {
+            seq: seq.unwrap_or(0),
+            time_ns: i64::from_le_bytes(b[8..16].try_into().unwrap_or_default()),
+            hash: b[16..48].try_into().unwrap_or_default(),
+        };
+        let (mut w, _) = Wal::open(log_dir, wal::DEFAULT_SEGMENT_BYTES, 0)?;
+        w.reset_to(base)?;
+        tracing::warn!(
+            seq = base.seq,
+            "finished a state-transfer install that a crash interrupted"
+        );
+    }
+    std::fs::remove_file(&marker)
+        .map_err(|e| VaultError::io("removing transfer marker", &marker, e))
 }
 
 /// Seals a local change into a record at `seq` and applies it to the overlay.

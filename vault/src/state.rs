@@ -407,6 +407,198 @@ impl State {
         fo.set_wait(true);
         self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| self.err(e))
     }
+
+    /// Runs `f` over a consistent point-in-time view of the state (a RocksDB
+    /// snapshot: always at a record boundary), for a state transfer.
+    pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snap<'_>) -> R) -> R {
+        let snap = self.db.snapshot();
+        f(&Snap { st: self, snap })
+    }
+
+    /// Stores chunks received in a state transfer before the namespace that
+    /// uses them is installed. They carry no references yet; installing sets
+    /// them, and a transfer cut short leaves them for the next attempt.
+    pub fn stage_chunks(&self, chunks: &[SealedChunk]) -> Result<()> {
+        let (cm, cb) = (self.cf(CF_CHUNKMETA)?, self.cf(CF_CHUNKS)?);
+        let mut b = WriteBatch::default();
+        for c in chunks {
+            if self.chunk_meta(&c.id)?.is_some() {
+                continue;
+            }
+            let m = ChunkMeta {
+                refs: 0,
+                plain_len: c.plain_len,
+                sealed_len: c.sealed.len() as u32,
+                sealed_hash: c.sealed_hash(),
+            };
+            b.put_cf(cm, c.id.0, m.encode());
+            b.put_cf(cb, c.id.0, &c.sealed);
+        }
+        self.write(b)
+    }
+
+    /// Replaces the namespace, pins and reference counts with a transferred
+    /// state at `applied`, as one batch. Fails, changing nothing, when a
+    /// chunk the namespace needs is not stored or the digest does not match.
+    pub fn install(
+        &self,
+        keys: &Keys,
+        applied: Applied,
+        entries: &[(Vec<u8>, Entry)],
+        pins: &[(ChunkId, u64)],
+    ) -> Result<()> {
+        let mut digest = LtHash::default();
+        let mut refs: HashMap<ChunkId, u64> = HashMap::new();
+        for (p, e) in entries {
+            digest.add(&e.digest_element(keys, p));
+            for c in e.chunks() {
+                *refs.entry(c.id).or_default() += 1;
+            }
+        }
+        for (id, n) in pins {
+            *refs.entry(*id).or_default() += n;
+        }
+        if digest != applied.digest {
+            return Err(self.corrupt(format!(
+                "transferred namespace at seq {} does not match its digest; nothing was installed",
+                applied.seq
+            )));
+        }
+        let mut b = WriteBatch::default();
+        let ns = self.cf(CF_NS)?;
+        let new: std::collections::HashSet<&[u8]> =
+            entries.iter().map(|(p, _)| p.as_slice()).collect();
+        for (p, _) in self.entries_with_prefix(b"")? {
+            if !new.contains(p.as_slice()) {
+                b.delete_cf(ns, &p);
+            }
+        }
+        for (p, e) in entries {
+            b.put_cf(ns, p, e.encode());
+        }
+        let pins_cf = self.cf(CF_PINS)?;
+        for (id, _) in self.pins()? {
+            b.delete_cf(pins_cf, id.0);
+        }
+        for (id, n) in pins {
+            b.put_cf(pins_cf, id.0, n.to_le_bytes());
+        }
+        let (cm, cb) = (self.cf(CF_CHUNKMETA)?, self.cf(CF_CHUNKS)?);
+        let mut seen = 0usize;
+        for (id, mut m) in self.all_chunk_meta()? {
+            match refs.get(&id) {
+                Some(n) => {
+                    seen += 1;
+                    m.refs = *n;
+                    b.put_cf(cm, id.0, m.encode());
+                }
+                None => {
+                    b.delete_cf(cm, id.0);
+                    b.delete_cf(cb, id.0);
+                }
+            }
+        }
+        if seen != refs.len() {
+            return Err(self.corrupt(format!(
+                "{} chunks the transferred namespace needs are not stored; nothing was installed",
+                refs.len() - seen
+            )));
+        }
+        let meta = self.cf(CF_META)?;
+        let mut rec = Vec::with_capacity(48);
+        rec.extend_from_slice(&applied.seq.to_le_bytes());
+        rec.extend_from_slice(&applied.time_ns.to_le_bytes());
+        rec.extend_from_slice(&applied.hash);
+        b.put_cf(meta, K_APPLIED, rec);
+        b.put_cf(meta, K_DIGEST, applied.digest.to_bytes());
+        self.write(b)?;
+        self.flush()
+    }
+}
+
+/// A point-in-time view of a state, for a state transfer.
+pub struct Snap<'a> {
+    st: &'a State,
+    snap: rocksdb::SnapshotWithThreadMode<'a, DB>,
+}
+
+impl Snap<'_> {
+    pub fn applied(&self) -> Result<Applied> {
+        let meta = self.st.cf(CF_META)?;
+        let a = self
+            .snap
+            .get_cf(meta, K_APPLIED)
+            .map_err(|e| self.st.err(e))?
+            .unwrap_or_default();
+        if a.is_empty() {
+            return Ok(Applied::default());
+        }
+        let d = self
+            .snap
+            .get_cf(meta, K_DIGEST)
+            .map_err(|e| self.st.err(e))?
+            .and_then(|d| LtHash::try_from_bytes(&d))
+            .ok_or_else(|| self.st.corrupt("digest missing".into()))?;
+        if a.len() != 48 {
+            return Err(self
+                .st
+                .corrupt("applied record has the wrong length".into()));
+        }
+        Ok(Applied {
+            seq: u64::from_le_bytes(a[..8].try_into().unwrap_or_default()),
+            time_ns: i64::from_le_bytes(a[8..16].try_into().unwrap_or_default()),
+            hash: a[16..48].try_into().unwrap_or_default(),
+            digest: d,
+        })
+    }
+
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
+        let ns = self.st.cf(CF_NS)?;
+        let mut out = Vec::new();
+        for item in self.snap.iterator_cf(ns, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.st.err(e))?;
+            let e = Entry::decode(&v).ok_or_else(|| self.st.corrupt("entry malformed".into()))?;
+            out.push((k.to_vec(), e));
+        }
+        Ok(out)
+    }
+
+    pub fn pins(&self) -> Result<Vec<(ChunkId, u64)>> {
+        let cf = self.st.cf(CF_PINS)?;
+        let mut out = Vec::new();
+        for item in self.snap.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.st.err(e))?;
+            let id = ChunkId(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| self.st.corrupt("pin key".into()))?,
+            );
+            let n = u64::from_le_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| self.st.corrupt("pin count".into()))?,
+            );
+            out.push((id, n));
+        }
+        Ok(out)
+    }
+
+    /// A chunk as it was at the snapshot.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<SealedChunk>> {
+        let (cm, cb) = (self.st.cf(CF_CHUNKMETA)?, self.st.cf(CF_CHUNKS)?);
+        let Some(m) = self.snap.get_cf(cm, id.0).map_err(|e| self.st.err(e))? else {
+            return Ok(None);
+        };
+        let m = ChunkMeta::decode(&m).ok_or_else(|| self.st.corrupt("chunk meta".into()))?;
+        let Some(sealed) = self.snap.get_cf(cb, id.0).map_err(|e| self.st.err(e))? else {
+            return Ok(None);
+        };
+        Ok(Some(SealedChunk {
+            id: *id,
+            plain_len: m.plain_len,
+            sealed,
+        }))
+    }
 }
 
 /// An op could not be applied because chunks it needs are not stored.

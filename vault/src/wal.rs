@@ -199,9 +199,16 @@ impl Wal {
             segments: segments.len(),
             ..Recovery::default()
         };
-        let mut next_seq = segments.first().map(|s| s.first_seq).unwrap_or(1);
-        let mut last_hash: Option<Hash> = None;
-        let mut last_time_ns = 0i64;
+        // After a state transfer the log starts past seq 1; BASE says where
+        // and with which chain hash.
+        let base = read_base(dir)?;
+        let mut next_seq = segments
+            .first()
+            .map(|s| s.first_seq)
+            .or(base.map(|b| b.seq + 1))
+            .unwrap_or(1);
+        let mut last_hash: Option<Hash> = base.filter(|b| b.seq + 1 == next_seq).map(|b| b.hash);
+        let mut last_time_ns = base.map(|b| b.time_ns).unwrap_or(0);
         let n = segments.len();
         let mut drop_last_segment = false;
         for (i, seg) in segments.iter().enumerate() {
@@ -605,6 +612,115 @@ fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool>
         }
     }
     Ok(true)
+}
+
+const BASE_FILE: &str = "BASE";
+
+/// Where a log starts when it does not start at seq 1: the seq, chain hash
+/// and commit time of the record before its first (from a state transfer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Base {
+    pub seq: u64,
+    pub hash: Hash,
+    pub time_ns: i64,
+}
+
+fn read_base(dir: &Path) -> Result<Option<Base>> {
+    let path = dir.join(BASE_FILE);
+    match std::fs::read(&path) {
+        Ok(b) if b.len() == 48 => Ok(Some(Base {
+            seq: u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
+            time_ns: i64::from_le_bytes(b[8..16].try_into().unwrap_or_default()),
+            hash: b[16..48].try_into().unwrap_or_default(),
+        })),
+        Ok(_) => Err(VaultError::CorruptSegment {
+            segment: path,
+            offset: 0,
+            reason: "BASE must be 48 bytes".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VaultError::io("reading log base", &path, e)),
+    }
+}
+
+impl Wal {
+    /// Starts the log afresh after `base` (a state transfer installed the
+    /// state at that seq): every old segment is removed and the next record
+    /// must be `base.seq + 1` continuing `base.hash`.
+    pub fn reset_to(&mut self, base: Base) -> Result<()> {
+        let path = self.dir.join(BASE_FILE);
+        let mut b = Vec::with_capacity(48);
+        b.extend_from_slice(&base.seq.to_le_bytes());
+        b.extend_from_slice(&base.time_ns.to_le_bytes());
+        b.extend_from_slice(&base.hash);
+        crate::dataset::write_atomic(&path, &b)?;
+        for seg in list_segments(&self.dir)? {
+            std::fs::remove_file(&seg.path)
+                .map_err(|e| VaultError::io("removing log segment", &seg.path, e))?;
+        }
+        sync_dir(&self.dir)?;
+        self.next_seq = base.seq + 1;
+        self.last_hash = base.hash;
+        self.last_time_ns = base.time_ns;
+        self.segments.clear();
+        let seg = Segment {
+            first_seq: self.next_seq,
+            path: self.dir.join(segment_name(self.next_seq)),
+        };
+        self.file = create_segment(&self.dir, &seg)?;
+        self.active_len = HEADER_LEN as u64;
+        self.segments.push(seg);
+        Ok(())
+    }
+}
+
+/// Bytes and first seq of the log in `dir`.
+pub fn log_extent(dir: &Path) -> Result<(u64, u64)> {
+    let segs = list_segments(dir)?;
+    let mut bytes = 0;
+    for s in &segs {
+        bytes += std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0);
+    }
+    let first = match segs.first() {
+        Some(s) => s.first_seq,
+        None => read_base(dir)?.map(|b| b.seq + 1).unwrap_or(1),
+    };
+    Ok((bytes, first))
+}
+
+/// Removes whole segments whose records all come before `keep_from` (never
+/// the newest segment), oldest first, and stops early once the log is at
+/// most `until_bytes` if that is given. Returns (segments, bytes) removed and
+/// the new first seq.
+pub fn remove_segments_before(
+    dir: &Path,
+    keep_from: u64,
+    until_bytes: Option<u64>,
+) -> Result<(usize, u64, u64)> {
+    let segs = list_segments(dir)?;
+    let mut total: u64 = segs
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let (mut n, mut bytes) = (0usize, 0u64);
+    let mut first = segs.first().map(|s| s.first_seq).unwrap_or(1);
+    for pair in segs.windows(2) {
+        let (old, next) = (&pair[0], &pair[1]);
+        if next.first_seq > keep_from || until_bytes.is_some_and(|u| total <= u) {
+            break;
+        }
+        let len = std::fs::metadata(&old.path).map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(&old.path)
+            .map_err(|e| VaultError::io("removing log segment", &old.path, e))?;
+        total -= len;
+        bytes += len;
+        n += 1;
+        first = next.first_seq;
+    }
+    if n > 0 {
+        sync_dir(dir)?;
+    }
+    Ok((n, bytes, first))
 }
 
 /// A record read back from the log, with its chain hash.

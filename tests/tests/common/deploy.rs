@@ -62,6 +62,8 @@ pub struct Deployment {
     /// Extra keys for the same-city peer in the primary's config (its
     /// commit policy).
     pub sync_policy: String,
+    /// Extra keys for the primary's [site] section.
+    pub primary_site: String,
 }
 
 impl Deployment {
@@ -82,6 +84,7 @@ impl Deployment {
             ports,
             names,
             sync_policy: String::new(),
+            primary_site: String::new(),
         };
         d.configure(remote_upstream);
         d
@@ -91,8 +94,9 @@ impl Deployment {
         let [pa, pb, pc] = self.ports;
         let certs = &self.names.certs;
         self.a.set_config(&format!(
-            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[listen]\nreplication = \"127.0.0.1:{pa}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
+            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n{}\n[listen]\nreplication = \"127.0.0.1:{pa}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
             self.a.data.display(),
+            self.primary_site,
             tls(certs, "zjk-a"),
             peer("zjk-b", pb, Some("sync")).replace("mode = \"sync\"\n", &format!("mode = \"sync\"\n{}", self.sync_policy)),
             peer("sjz-c", pc, Some("async")),
