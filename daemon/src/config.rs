@@ -587,6 +587,17 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
     }
 
     #[test]
+    fn the_shipped_example_configs_are_valid() {
+        for f in ["primary.toml", "local.toml", "remote.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs")
+                .join(f);
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.dataset[0].name, "gov-files", "{f}");
+        }
+    }
+
+    #[test]
     fn bandwidths_parse() {
         assert_eq!(parse_bandwidth("200MiB/s"), Ok(200 << 20));
         assert_eq!(parse_bandwidth("50MB/s"), Ok(50_000_000));

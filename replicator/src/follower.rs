@@ -32,6 +32,7 @@ pub struct FollowStatus {
     pub connected: bool,
     pub upstream_head_seq: u64,
     pub lag_records: u64,
+    pub lag_bytes: u64,
     pub lag_seconds: f64,
     pub connects: u64,
     pub last_error: Option<String>,
@@ -39,12 +40,19 @@ pub struct FollowStatus {
     pub diverged: Option<String>,
     #[serde(skip)]
     next_time_ns: i64,
+    #[serde(skip)]
+    upstream_lag_bytes: u64,
 }
 
 impl FollowStatus {
     /// Refreshes lag against this site's current head.
     pub fn with_lag(mut self, local_head: u64) -> FollowStatus {
         self.lag_records = self.upstream_head_seq.saturating_sub(local_head);
+        self.lag_bytes = if self.lag_records == 0 {
+            0
+        } else {
+            self.upstream_lag_bytes
+        };
         self.lag_seconds = if self.lag_records == 0 || self.next_time_ns == 0 {
             0.0
         } else {
@@ -336,6 +344,7 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
                 if let Ok(mut s) = status.lock() {
                     s.upstream_head_seq = h.head_seq;
                     s.next_time_ns = h.next_time_ns;
+                    s.upstream_lag_bytes = h.lag_bytes;
                 }
                 let ack = pb::FollowerMessage {
                     msg: Some(follower_message::Msg::Ack(pb::Ack {

@@ -256,6 +256,11 @@ fn heartbeat(ds: &Dataset, acked: u64) -> pb::UpstreamMessage {
             } else {
                 0
             },
+            lag_bytes: if acked < head {
+                ds.bytes_after(acked).unwrap_or(0)
+            } else {
+                0
+            },
         })),
     }
 }
@@ -459,11 +464,21 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         tracing::info!(site = %peer.site, dataset = %hello.dataset, from_seq = from, addr = %peer.addr, "follower connected");
 
         let (tx, rx) = mpsc::channel::<Result<pb::UpstreamMessage, Status>>(4);
-        let rate = self.followers.get(&peer.site).and_then(|p| p.bandwidth);
+        let rate = self
+            .followers
+            .get(&peer.site)
+            .and_then(|p| p.bandwidth)
+            .filter(|r| *r > 0);
+        // With a bandwidth limit, batches hold about a quarter second of
+        // traffic, so pacing is smooth rather than bursts of 4 MiB.
+        let batch_bytes = rate
+            .map(|r| ((r / 4) as usize).clamp(16 << 10, BATCH_BYTES))
+            .unwrap_or(BATCH_BYTES);
         {
             let (ds, links, key) = (ds.clone(), self.links.clone(), key.clone());
             tokio::spawn(async move {
                 let mut next = from;
+                let mut next_free = tokio::time::Instant::now();
                 if transfer {
                     let (d, t) = (ds.clone(), tx.clone());
                     let sent =
@@ -502,7 +517,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                         .unwrap_or(0);
                     if next <= head {
                         let res = tokio::task::spawn_blocking(move || {
-                            let r = tail.read(head, BATCH_BYTES);
+                            let r = tail.read(head, batch_bytes);
                             (tail, r)
                         })
                         .await;
@@ -522,6 +537,14 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                         };
                         next += batch.len() as u64;
                         let bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
+                        if let Some(rate) = rate {
+                            // Token pacing: a batch leaves no earlier than the
+                            // link's budget allows.
+                            let now = tokio::time::Instant::now();
+                            next_free = next_free.max(now);
+                            tokio::time::sleep_until(next_free).await;
+                            next_free += Duration::from_secs_f64(bytes as f64 / rate as f64);
+                        }
                         let msg = pb::UpstreamMessage {
                             msg: Some(upstream_message::Msg::Records(pb::Records {
                                 payloads: batch.into_iter().map(|r| r.payload).collect(),
@@ -531,11 +554,6 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                             || tx.send(Ok(heartbeat(&ds, acked))).await.is_err()
                         {
                             break;
-                        }
-                        if let Some(rate) = rate.filter(|r| *r > 0) {
-                            // Pace the link to its configured bandwidth.
-                            tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / rate as f64))
-                                .await;
                         }
                     } else {
                         let d = ds.clone();

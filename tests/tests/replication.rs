@@ -460,3 +460,37 @@ fn a_follower_behind_the_retained_log_catches_up_by_state_transfer() {
 fn head_and_hashes_stopped(site: &Site) -> u64 {
     site.status().unwrap()["log"]["head_seq"].as_u64().unwrap()
 }
+
+#[test]
+fn a_bandwidth_limit_paces_the_link() {
+    let mut dep = Deployment::new(None);
+    dep.remote_policy = "bandwidth = \"256KiB/s\"\n".into();
+    dep.configure(None);
+    dep.start();
+    std::fs::write(dep.a.source.join("seed"), b"seed").unwrap();
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    assert!(dep.c.stop().success());
+    // 2.5 MiB of incompressible data for the remote to fetch.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    for i in 0..25 {
+        write_file(
+            &dep.a.source.join(format!("r{i}")),
+            100 << 10,
+            true,
+            &mut rng,
+        );
+    }
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_replicated(&dep.a, &[&dep.b], Duration::from_secs(60));
+    let started = std::time::Instant::now();
+    dep.c.start();
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(120));
+    let took = started.elapsed();
+    // 2.5 MiB at 256 KiB/s is 10 s; only the lower bound is asserted, so a
+    // slow machine cannot fail it.
+    assert!(
+        took >= Duration::from_secs(6),
+        "caught up in {took:?}: the limit was not applied"
+    );
+}

@@ -64,6 +64,8 @@ pub struct Deployment {
     pub sync_policy: String,
     /// Extra keys for the primary's [site] section.
     pub primary_site: String,
+    /// Extra keys for the remote peer in the primary's config.
+    pub remote_policy: String,
 }
 
 impl Deployment {
@@ -85,6 +87,7 @@ impl Deployment {
             names,
             sync_policy: String::new(),
             primary_site: String::new(),
+            remote_policy: String::new(),
         };
         d.configure(remote_upstream);
         d
@@ -99,7 +102,7 @@ impl Deployment {
             self.primary_site,
             tls(certs, "zjk-a"),
             peer("zjk-b", pb, Some("sync")).replace("mode = \"sync\"\n", &format!("mode = \"sync\"\n{}", self.sync_policy)),
-            peer("sjz-c", pc, Some("async")),
+            peer("sjz-c", pc, Some("async")).replace("mode = \"async\"\n", &format!("mode = \"async\"\n{}", self.remote_policy)),
             self.a.key.display(),
             self.a.source.display()
         ));
