@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, RngCore, SeedableRng};
+use triad_tests::make_tree;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -21,45 +21,6 @@ fn arg(name: &str) -> Option<String> {
 fn triad_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("own path");
     exe.parent().expect("target dir").join("triad")
-}
-
-/// Writes a mixed tree: many small files, some medium, a few large; half
-/// compressible text, half random.
-fn make_tree(root: &Path, total: u64) -> (u64, u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let (mut bytes, mut files) = (0u64, 0u64);
-    let text: Vec<u8> = (0..1 << 20)
-        .map(|i| b"gov record 2026 approved archive \n"[i % 34])
-        .collect();
-    while bytes < total {
-        // Mostly small files, some medium, a few large: about 2,000 files a GiB.
-        let size: usize = match rng.gen_range(0..100) {
-            0..=84 => rng.gen_range(0..32 << 10),
-            85..=98 => rng.gen_range(32 << 10..2 << 20),
-            _ => rng.gen_range(8 << 20..64 << 20),
-        };
-        let size = size.min((total - bytes) as usize);
-        let dir = root.join(format!("d{}/e{}", files % 16, files % 97));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let mut data = vec![0u8; size];
-        if files % 2 == 0 {
-            rng.fill_bytes(&mut data);
-        } else {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = text[i % text.len()];
-            }
-            // Keep text files distinct so dedup does not flatter the figures.
-            let tag = files.to_le_bytes();
-            data.iter_mut()
-                .zip(tag.iter().cycle())
-                .step_by(4096)
-                .for_each(|(b, t)| *b = *t);
-        }
-        std::fs::write(dir.join(format!("f{files}")), &data).expect("write");
-        bytes += size as u64;
-        files += 1;
-    }
-    (bytes, files)
 }
 
 fn drop_caches() {

@@ -1,0 +1,211 @@
+//! End-to-end replication benchmark: three daemons on this machine (primary,
+//! sync same-city follower, async remote follower). A mixed tree (1 GiB by
+//! default) is written into the primary's watched directory while they run;
+//! the primary's view of each follower's lag is sampled every 100 ms.
+//! Prints the ingest rate with replication on, lag percentiles per follower
+//! during the load, and how long the followers took to match the primary
+//! once it had logged everything.
+//!
+//! Run: `cargo run -p triad-tests --bin bench-replication -- [--mib 1024] [--dir DIR]`
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use triad_tests::make_tree;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn triad_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent().expect("target dir").join("triad")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn status(p: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let base =
+        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
+            .join(format!("triad-bench-repl-{}", std::process::id()));
+    let src = base.join("source");
+    std::fs::create_dir_all(&src).expect("create bench dir");
+    let triad = triad_bin();
+    let certs = base.join("certs");
+    let ok = Command::new(&triad)
+        .args(["certs", "--out"])
+        .arg(&certs)
+        .args(["a", "b", "c"])
+        .output()
+        .expect("certs");
+    assert!(
+        ok.status.success(),
+        "certs: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let key = base.join("k.key");
+    let ok = Command::new(&triad)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .expect("keygen");
+    assert!(ok.status.success());
+    let ports = [free_port(), free_port(), free_port()];
+    let names = ["a", "b", "c"];
+    let mut children: Vec<Child> = Vec::new();
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let dir = base.join(names[i]);
+        std::fs::create_dir_all(&dir).expect("site dir");
+        let peers: String = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| {
+                let mode = match (i, j) {
+                    (0, 1) => "mode = \"sync\"\n",
+                    (0, 2) => "mode = \"async\"\n",
+                    _ => "",
+                };
+                format!(
+                    "[[peer]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n{mode}\n",
+                    names[j], ports[j]
+                )
+            })
+            .collect();
+        let role = if i == 0 {
+            "role = \"primary\"".to_string()
+        } else {
+            "role = \"follower\"\nupstream = \"a\"".to_string()
+        };
+        let source = if i == 0 {
+            format!(
+                "source = {{ kind = \"directory\", path = \"{}\" }}\n",
+                src.display()
+            )
+        } else {
+            String::new()
+        };
+        let cfg = format!(
+            "[site]\nname = \"{n}\"\n{role}\ndata_dir = \"{d}\"\n\n[listen]\nreplication = \"127.0.0.1:{p}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{n}.pem\"\nkey = \"{c}/{n}.key\"\n\n{peers}[[dataset]]\nname = \"files\"\nkey_file = \"{k}\"\n{source}",
+            n = names[i],
+            d = dir.join("data").display(),
+            p = ports[i],
+            c = certs.display(),
+            k = key.display()
+        );
+        let path = dir.join("triad.toml");
+        std::fs::write(&path, cfg).expect("config");
+        let log = std::fs::File::create(dir.join("daemon.log")).expect("log");
+        children.push(
+            Command::new(&triad)
+                .args(["daemon", "--config"])
+                .arg(&path)
+                .env("TRIAD_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("daemon"),
+        );
+        statuses.push(dir.join("data/datasets/files/status.json"));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!("writing a {mib} MiB mixed tree into the primary's watched directory");
+    let t0 = Instant::now();
+    let writer = {
+        let src = src.clone();
+        std::thread::spawn(move || make_tree(&src, mib << 20))
+    };
+    let mut lag: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut lag_rec: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut writer = Some(writer);
+    let mut written = (0u64, 0u64);
+    let mut primary_done: Option<Instant> = None;
+    let all_done = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if writer.as_ref().is_some_and(|w| w.is_finished()) {
+            written = writer.take().expect("writer").join().expect("tree");
+        }
+        let Some(a) = status(&statuses[0]) else {
+            continue;
+        };
+        for f in a["replication"]["followers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = if f["site"] == "b" { 0 } else { 1 };
+            if primary_done.is_none() {
+                lag[i].push(f["lag_seconds"].as_f64().unwrap_or(0.0));
+                lag_rec[i].push(f["lag_records"].as_f64().unwrap_or(0.0));
+            }
+        }
+        if writer.is_none() && primary_done.is_none() && a["source"]["settled"] == true {
+            primary_done = Some(Instant::now());
+        }
+        if let Some(done) = primary_done {
+            let head = &a["log"]["head_seq"];
+            let same = statuses[1..].iter().all(|s| {
+                status(s).is_some_and(|v| {
+                    v["log"]["head_seq"] == *head
+                        && v["log"]["chain_hash"] == a["log"]["chain_hash"]
+                })
+            });
+            if same {
+                break done.elapsed();
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3600), "did not finish");
+    };
+    let total = t0.elapsed().as_secs_f64();
+    for mut c in children {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let _ = c.wait();
+    }
+    let (bytes, files) = written;
+    println!("bench-replication: {files} files, {:.0} MB written into the primary's directory while three sites ran", bytes as f64 / 1e6);
+    println!("  primary logged everything and both followers matched it after {total:.2} s ({:.1} MB/s end to end)", bytes as f64 / 1e6 / total);
+    for (i, name) in ["same-city (sync)", "remote (async)"].iter().enumerate() {
+        let n = lag[i].len();
+        println!(
+            "  {name:17} lag during the load ({n} samples): median {:.3} s, p99 {:.3} s, max {:.3} s; records median {:.0}, max {:.0}",
+            percentile(&mut lag[i], 0.5),
+            percentile(&mut lag[i], 0.99),
+            percentile(&mut lag[i], 1.0),
+            percentile(&mut lag_rec[i], 0.5),
+            percentile(&mut lag_rec[i], 1.0),
+        );
+    }
+    println!(
+        "  followers matched the primary {:.3} s after the primary had settled",
+        all_done.as_secs_f64()
+    );
+    if arg("--keep").is_none() {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
