@@ -338,7 +338,7 @@ impl Config {
                 "replication runs over mutual TLS: add [tls] with ca, cert and key (`triad certs` creates them)".into(),
             ));
         }
-        if self.site.role == Role::Primary && !self.followers().is_empty() && !serves {
+        if !self.followers().is_empty() && !serves {
             return Err(invalid(
                 "listen.replication".into(),
                 "[[peer]] entries with a mode follow this site, so it must listen: add replication = \"0.0.0.0:7400\"".into(),
@@ -368,8 +368,14 @@ impl Config {
                 ));
             }
             let source = match (&d.source, self.site.role) {
-                (Some(s), _) => s,
                 (None, Role::Follower) => continue,
+                (Some(_), Role::Follower) => {
+                    return Err(invalid(
+                        format!("dataset[{i}].source"),
+                        "a follower's datasets are filled by replication from its upstream; remove the source".into(),
+                    ))
+                }
+                (Some(s), Role::Primary) => s,
                 (None, Role::Primary) => {
                     return Err(invalid(
                         format!("dataset[{i}].source"),

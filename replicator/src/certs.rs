@@ -58,6 +58,19 @@ pub fn create(dir: &Path, sites: &[String]) -> Result<(PathBuf, Vec<SiteFiles>),
     let ca_path = dir.join("ca.pem");
     write(&ca_path, &ca.pem(), 0o644)?;
     write(&dir.join("ca.key"), &ca_key.serialize_pem(), 0o600)?;
+    for name in sites {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(ReplError::Certs(format!(
+                "`{name}` is not a usable site name: use letters, digits, `-` and `.` (it becomes a DNS name and a file name)"
+            )));
+        }
+    }
     let mut out = Vec::new();
     for name in sites {
         let mut p = CertificateParams::new(vec![name.clone()]).map_err(err)?;

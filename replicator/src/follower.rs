@@ -218,6 +218,7 @@ pub async fn run(
         s.upstream = up.name.clone();
     }
     let mut backoff = Duration::from_millis(200);
+    let mut last_connects = 0u64;
     loop {
         if *shutdown.borrow() {
             return;
@@ -249,7 +250,15 @@ pub async fn run(
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        // A link that worked restarts its back-off; one that keeps failing
+        // settles at one attempt every 5 s.
+        let connected_before = status.lock().map(|s| s.connects).unwrap_or(0);
+        backoff = if connected_before > last_connects {
+            Duration::from_millis(200)
+        } else {
+            (backoff * 2).min(Duration::from_secs(5))
+        };
+        last_connects = connected_before;
     }
 }
 
@@ -296,6 +305,14 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
     }
     let mut inbound = match client.follow(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
+        Err(s)
+            if s.code() == tonic::Code::FailedPrecondition && s.message().contains("DIVERGED") =>
+        {
+            return End::Diverged(format!(
+                "the upstream refused this site's copy: {}",
+                s.message()
+            ));
+        }
         Err(s) if s.code() == tonic::Code::FailedPrecondition => {
             return End::Retry(format!("upstream refused: {}", s.message()));
         }

@@ -10,7 +10,9 @@
 //!
 //! A follower receives records exactly as they lie in its upstream's log and
 //! appends them only if they continue its own hash chain, so every site holds
-//! a byte-identical log. A follower can itself be an upstream (cascade).
+//! the same records (payloads, seqs, chain hashes); frame headers and segment
+//! boundaries are each site's own. A follower can itself be an upstream
+//! (cascade).
 
 pub mod certs;
 pub mod follower;

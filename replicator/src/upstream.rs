@@ -201,6 +201,7 @@ impl Upstream {
                     .unwrap_or_default();
                 if l.degraded && l.acked >= head {
                     // Caught up: the next commit wait clears it; report it cleared now.
+                    tracing::info!(site = %site, dataset = %name, "sync follower has caught up: back to synchronous");
                     l.degraded = false;
                     self.update(&(name.clone(), site.clone()), |x| x.degraded = false);
                 }
@@ -433,7 +434,18 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                         hello.checkpoint_seq
                     )));
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {}
+                // Without our checkpoint at that seq the follower's history
+                // cannot be shown to be ours: refuse rather than overwrite.
+                Ok(None) => {
+                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = hello.checkpoint_seq,
+                        "refusing a state transfer: this site has no checkpoint at the follower's newest one to compare with");
+                    return Err(Status::failed_precondition(format!(
+                        "cannot show the follower's copy (checkpoint at seq {}) is a prefix of this site's, which has no \
+                         checkpoint there; rebuild the follower from an empty dataset directory",
+                        hello.checkpoint_seq
+                    )));
+                }
                 Err(e) => return Err(Status::internal(e.to_string())),
             }
         }

@@ -52,6 +52,29 @@ fn followers_hold_identical_copies_that_restore_to_the_source() {
         assert_eq!(f["acked_seq"].as_u64(), Some(head), "{f}");
         assert_eq!(f["lag_records"].as_u64(), Some(0), "{f}");
     }
+    // `triad status` shows both ends of each link and exits 0 when healthy.
+    let status = |s: &Site| {
+        let out = std::process::Command::new(triad_bin())
+            .args(["status", "--config"])
+            .arg(&s.config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, text) = status(&dep.a);
+    assert!(
+        ok && text.contains("follower zjk-b (sync): connected")
+            && text.contains("follower sjz-c (async): connected"),
+        "{text}"
+    );
+    let (ok, text) = status(&dep.c);
+    assert!(
+        ok && text.contains("upstream zjk-a: connected") && text.contains("lag 0 records"),
+        "{text}"
+    );
     for site in [&dep.b, &dep.c] {
         let r = site.tmp.path().join("restored");
         let out = site.restore(&r);

@@ -919,10 +919,31 @@ fn install(
     };
     let marker = wal.dir().join(TRANSFER_FILE);
     write_atomic(&marker, &base_bytes(&base))?;
-    state.install(keys, applied.clone(), entries, pins)?;
-    wal.reset_to(base)?;
-    std::fs::remove_file(&marker)
-        .map_err(|e| VaultError::io("removing transfer marker", &marker, e))?;
+    if let Err(e) = state.install(keys, applied.clone(), entries, pins) {
+        // Nothing was installed: the transfer can simply be tried again.
+        let _ = std::fs::remove_file(&marker);
+        return Err(e.into());
+    }
+    // From here the state is at the transferred seq. Any failure stops the
+    // dataset; the next open finishes the job from the marker.
+    let finish = wal.reset_to(base).and_then(|_| {
+        std::fs::remove_file(&marker)
+            .map_err(|e| VaultError::io("removing transfer marker", &marker, e))?;
+        // The marker must not come back after a power loss: it would reset
+        // the log again over records appended since.
+        std::fs::File::open(wal.dir())
+            .and_then(|d| d.sync_all())
+            .map_err(|e| VaultError::io("syncing log directory", wal.dir(), e))
+    });
+    if let Err(e) = finish {
+        let why =
+            format!("installing a transferred state stopped half way ({e}); restart to finish it");
+        if let Ok(mut f) = shared.failed.lock() {
+            *f = Some(why.clone());
+        }
+        tracing::error!("{why}");
+        return Err(VaultError::Closed(why).into());
+    }
     if let Ok(mut g) = shared.applied.lock() {
         *g = applied.clone();
     }

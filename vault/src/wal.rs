@@ -654,9 +654,19 @@ impl Wal {
         b.extend_from_slice(&base.time_ns.to_le_bytes());
         b.extend_from_slice(&base.hash);
         crate::dataset::write_atomic(&path, &b)?;
-        for seg in list_segments(&self.dir)? {
-            std::fs::remove_file(&seg.path)
-                .map_err(|e| VaultError::io("removing log segment", &seg.path, e))?;
+        // The replaced log is kept aside, not deleted: if this copy had in
+        // fact diverged after its newest checkpoint, the evidence survives.
+        let segs = list_segments(&self.dir)?;
+        if !segs.is_empty() {
+            let aside = self.dir.join(format!("superseded-at-{}", base.seq));
+            std::fs::create_dir_all(&aside)
+                .map_err(|e| VaultError::io("keeping the replaced log", &aside, e))?;
+            for seg in segs {
+                let to = aside.join(seg.path.file_name().unwrap_or_default());
+                std::fs::rename(&seg.path, &to)
+                    .map_err(|e| VaultError::io("keeping the replaced log", &seg.path, e))?;
+            }
+            tracing::warn!(dir = %aside.display(), "the log this state transfer replaced is kept there; delete it once not needed");
         }
         sync_dir(&self.dir)?;
         self.next_seq = base.seq + 1;

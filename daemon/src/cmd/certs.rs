@@ -8,7 +8,7 @@ use anyhow::Result;
 pub fn run(out: &Path, sites: &[String]) -> Result<ExitCode> {
     let (ca, files) = replicator::certs::create(out, sites)?;
     println!(
-        "wrote CA certificate {} (its key ca.key signs more sites later: keep it offline)",
+        "wrote CA certificate {} and its key ca.key: keep the key offline; it can sign a certificate for a later site (docs/operations.md)",
         ca.display()
     );
     for f in files {

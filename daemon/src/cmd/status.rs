@@ -60,22 +60,74 @@ pub fn run(a: Args) -> Result<ExitCode> {
             String::new()
         };
         println!(
-            "  {name}: head seq {} applied {}  digest {}  files ingested {}  pending {}  {}{}",
+            "  {name}: head seq {} applied {}  digest {}  chain {}{stale}",
             v["log"]["head_seq"],
             v["log"]["applied_seq"],
-            v["log"]["digest"]
-                .as_str()
-                .map(|s| &s[..16.min(s.len())])
-                .unwrap_or("?"),
-            v["source"]["files_ingested"],
-            v["source"]["pending_paths"],
-            if v["source"]["settled"].as_bool() == Some(true) {
-                "settled"
-            } else {
-                "busy"
-            },
-            stale
+            short(&v["log"]["digest"]),
+            short(&v["log"]["chain_hash"]),
         );
+        let src = &v["source"];
+        if src.is_object() {
+            println!(
+                "    source: {}  files ingested {}  pending {}  committed to seq {}  commit failures {}",
+                if src["settled"] == true { "settled" } else { "busy" },
+                src["files_ingested"],
+                src["pending_paths"],
+                src["committed_seq"],
+                src["commit_failures"],
+            );
+            unhealthy |= src["commit_failures"].as_u64().unwrap_or(0) > 0;
+        }
+        for f in v["replication"]["followers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let degraded = f["degraded"] == true;
+            unhealthy |= degraded || f["connected"] != true;
+            println!(
+                "    follower {} ({}): {}  acked {}  lag {} records, {} bytes, {:.2} s{}",
+                f["site"].as_str().unwrap_or("?"),
+                f["mode"].as_str().unwrap_or("?"),
+                if f["connected"] == true {
+                    "connected"
+                } else {
+                    "NOT CONNECTED"
+                },
+                f["acked_seq"],
+                f["lag_records"],
+                f["lag_bytes"],
+                f["lag_seconds"].as_f64().unwrap_or(0.0),
+                if degraded { "  DEGRADED to async" } else { "" }
+            );
+        }
+        let up = &v["replication"]["upstream"];
+        if up.is_object() {
+            unhealthy |= up["connected"] != true;
+            println!(
+                "    upstream {}: {}  its head {}  lag {} records, {} bytes, {:.2} s",
+                up["upstream"].as_str().unwrap_or("?"),
+                if up["connected"] == true {
+                    "connected"
+                } else {
+                    "NOT CONNECTED"
+                },
+                up["upstream_head_seq"],
+                up["lag_records"],
+                up["lag_bytes"],
+                up["lag_seconds"].as_f64().unwrap_or(0.0),
+            );
+            if let Some(e) = up["last_error"].as_str() {
+                println!("    last link problem: {e}");
+            }
+        }
+        let refused = v["replication"]["refused_handshakes"].as_u64().unwrap_or(0)
+            + v["replication"]["refused_unknown_sites"]
+                .as_u64()
+                .unwrap_or(0);
+        if refused > 0 {
+            println!("    refused connections since start: {refused} (see the log)");
+        }
         if let Some(f) = v["failure"].as_str() {
             println!("    FAILED: {f}");
         }
@@ -83,11 +135,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
             println!("    last problem: {e}");
         }
     }
-    // Non-zero when a dataset has failed or its daemon is not updating, so
-    // scripts and monitoring can use the exit code.
+    // Non-zero when a dataset has failed, its daemon is not updating, a
+    // link is down or degraded, or the commit policy failed, so scripts and
+    // monitoring can use the exit code.
     Ok(if unhealthy {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn short(v: &serde_json::Value) -> &str {
+    v.as_str().map(|s| &s[..16.min(s.len())]).unwrap_or("?")
 }
