@@ -98,6 +98,8 @@ fn followers_hold_identical_copies_that_restore_to_the_source() {
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    /// Connections stay open but nothing is forwarded either way.
+    stall: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
 
@@ -107,8 +109,9 @@ impl Proxy {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let stall = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (cut2, stop2) = (cut.clone(), stop.clone());
+        let (cut2, stall2, stop2) = (cut.clone(), stall.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -124,7 +127,7 @@ impl Proxy {
                             (down.try_clone().unwrap(), up.try_clone().unwrap()),
                             (up, down),
                         ] {
-                            let cut3 = cut2.clone();
+                            let (cut3, stall3) = (cut2.clone(), stall2.clone());
                             std::thread::spawn(move || {
                                 from.set_read_timeout(Some(Duration::from_millis(100)))
                                     .unwrap();
@@ -134,6 +137,10 @@ impl Proxy {
                                         let _ = from.shutdown(std::net::Shutdown::Both);
                                         let _ = to.shutdown(std::net::Shutdown::Both);
                                         return;
+                                    }
+                                    if stall3.load(Ordering::Relaxed) {
+                                        std::thread::sleep(Duration::from_millis(50));
+                                        continue;
                                     }
                                     match from.read(&mut buf) {
                                         Ok(0) => {
@@ -158,7 +165,12 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, cut, stop }
+        Proxy {
+            port,
+            cut,
+            stall,
+            stop,
+        }
     }
 }
 
@@ -224,6 +236,23 @@ fn remote_catches_up_by_itself_after_sigkill_and_after_a_cut_link() {
         "{v}"
     );
     assert!(head > 500);
+
+    // The link stalls: connections stay open but nothing gets through. The
+    // remote notices by itself (HTTP/2 keepalive) and resumes afterwards.
+    proxy.stall.store(true, Ordering::Relaxed);
+    write_some(&dep.a.source, "four", 100, 19);
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    wait_until(
+        "the remote to notice the stalled link",
+        Duration::from_secs(45),
+        || {
+            dep.c
+                .status()
+                .is_some_and(|v| v["replication"]["upstream"]["connected"] == false)
+        },
+    );
+    proxy.stall.store(false, Ordering::Relaxed);
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
     let r = dep.c.tmp.path().join("restored");
     assert!(dep.c.restore(&r).status.success());
     assert_same_tree(&dep.a.source, &r);
