@@ -17,7 +17,8 @@ ensure_system() {
   fi
   local missing=()
   # RocksDB's build runs bindgen, which loads libclang, and compiles C++.
-  compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || compgen -G "/usr/lib/*/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+  # (libclang-cpp alone, which Debian often has, is not enough.)
+  compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/*/libclang-[0-9]*.so*" >/dev/null || missing+=(libclang-dev)
   command -v g++ >/dev/null || missing+=(g++)
   command -v diff >/dev/null || missing+=(diffutils)
   if ((${#missing[@]})); then

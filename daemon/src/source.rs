@@ -57,6 +57,8 @@ pub struct Stats {
     pub committed_seq: AtomicU64,
     /// Rounds whose changes a sync follower did not acknowledge in time.
     pub commit_failures: AtomicU64,
+    /// The last round's commit wait failed (cleared by the next success).
+    pub commit_failing: AtomicBool,
     pub busy: AtomicBool,
     pub initial_scan_done: AtomicBool,
     pub last_error: Mutex<Option<String>>,
@@ -78,6 +80,7 @@ pub struct StatsView {
     pub last_round_end_ns: i64,
     pub committed_seq: u64,
     pub commit_failures: u64,
+    pub commit_failing: bool,
     pub last_error: Option<String>,
 }
 
@@ -105,6 +108,7 @@ impl Stats {
             last_round_end_ns,
             committed_seq: self.committed_seq.load(Ordering::Acquire),
             commit_failures: self.commit_failures.load(Ordering::Relaxed),
+            commit_failing: self.commit_failing.load(Ordering::Acquire),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
@@ -466,8 +470,12 @@ impl DirSource {
         match &self.gate {
             Some(gate) if head > self.stats.committed_seq.load(Ordering::Acquire) => {
                 match gate(head) {
-                    Ok(()) => self.stats.committed_seq.store(head, Ordering::Release),
+                    Ok(()) => {
+                        self.stats.committed_seq.store(head, Ordering::Release);
+                        self.stats.commit_failing.store(false, Ordering::Release);
+                    }
                     Err(e) => {
+                        self.stats.commit_failing.store(true, Ordering::Release);
                         // The changes are durable here; the round's writer (this
                         // source) reports that the policy did not hold.
                         tracing::error!(dataset = self.ds.name(), "{e}");

@@ -42,6 +42,19 @@ fn err(e: rcgen::Error) -> ReplError {
 /// Creates `ca.pem` (and `ca.key`, to sign more sites later) and, per site,
 /// `<site>.pem` and `<site>.key` in `dir`.
 pub fn create(dir: &Path, sites: &[String]) -> Result<(PathBuf, Vec<SiteFiles>), ReplError> {
+    for name in sites {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(ReplError::Certs(format!(
+                "`{name}` is not a usable site name: use letters, digits, `-` and `.` (it becomes a DNS name and a file name)"
+            )));
+        }
+    }
     std::fs::create_dir_all(dir).map_err(|e| ReplError::File {
         what: "creating",
         path: dir.to_path_buf(),
@@ -58,19 +71,6 @@ pub fn create(dir: &Path, sites: &[String]) -> Result<(PathBuf, Vec<SiteFiles>),
     let ca_path = dir.join("ca.pem");
     write(&ca_path, &ca.pem(), 0o644)?;
     write(&dir.join("ca.key"), &ca_key.serialize_pem(), 0o600)?;
-    for name in sites {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && !name.starts_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        if !ok {
-            return Err(ReplError::Certs(format!(
-                "`{name}` is not a usable site name: use letters, digits, `-` and `.` (it becomes a DNS name and a file name)"
-            )));
-        }
-    }
     let mut out = Vec::new();
     for name in sites {
         let mut p = CertificateParams::new(vec![name.clone()]).map_err(err)?;

@@ -390,6 +390,7 @@ fn sync_follower_down_with_wait_fails_the_writer_after_the_limit() {
             && err.contains("on_unreachable = \"wait\""),
         "{err}"
     );
+    assert_eq!(src(&dep.a)["commit_failing"], true);
     let committed = src(&dep.a)["committed_seq"].as_u64().unwrap();
     assert!(
         committed < dep.a.status().unwrap()["log"]["head_seq"].as_u64().unwrap(),

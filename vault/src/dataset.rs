@@ -992,7 +992,10 @@ fn finish_interrupted_install(log_dir: &Path, state: &State) -> Result<()> {
         );
     }
     std::fs::remove_file(&marker)
-        .map_err(|e| VaultError::io("removing transfer marker", &marker, e))
+        .map_err(|e| VaultError::io("removing transfer marker", &marker, e))?;
+    std::fs::File::open(log_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| VaultError::io("syncing log directory", log_dir, e))
 }
 
 /// Seals a local change into a record at `seq` and applies it to the overlay.

@@ -645,8 +645,8 @@ fn read_base(dir: &Path) -> Result<Option<Base>> {
 
 impl Wal {
     /// Starts the log afresh after `base` (a state transfer installed the
-    /// state at that seq): every old segment is removed and the next record
-    /// must be `base.seq + 1` continuing `base.hash`.
+    /// state at that seq): the old segments move to `superseded-at-<seq>/`
+    /// and the next record must be `base.seq + 1` continuing `base.hash`.
     pub fn reset_to(&mut self, base: Base) -> Result<()> {
         let path = self.dir.join(BASE_FILE);
         let mut b = Vec::with_capacity(48);

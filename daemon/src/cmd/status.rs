@@ -76,7 +76,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 src["committed_seq"],
                 src["commit_failures"],
             );
-            unhealthy |= src["commit_failures"].as_u64().unwrap_or(0) > 0;
+            // Only a policy failing now counts, not one that has recovered.
+            unhealthy |= src["commit_failing"] == true;
         }
         for f in v["replication"]["followers"]
             .as_array()
