@@ -111,14 +111,7 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
     let ds = &r.ds;
     let log_dir = cfg.dataset_dir(ds.name()).join("log");
     let durable = ds.flush_state()?;
-    let links: Vec<LinkStatus> = upstream
-        .map(|u| {
-            u.status()
-                .into_iter()
-                .filter(|l| l.dataset == ds.name())
-                .collect()
-        })
-        .unwrap_or_default();
+    let links: Vec<LinkStatus> = upstream.map(|u| u.links_of(ds.name())).unwrap_or_default();
     let keep_from = links
         .iter()
         .map(|l| l.acked_seq + 1)
@@ -372,14 +365,7 @@ fn status_of(
     refusals: &Refusals,
 ) -> DatasetStatus {
     let ds = &r.ds;
-    let followers = upstream
-        .map(|u| {
-            u.status()
-                .into_iter()
-                .filter(|l| l.dataset == ds.name())
-                .collect()
-        })
-        .unwrap_or_default();
+    let followers = upstream.map(|u| u.links_of(ds.name())).unwrap_or_default();
     let head = ds.head_seq();
     let follow = r
         .follow

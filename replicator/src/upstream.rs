@@ -181,6 +181,14 @@ impl Upstream {
         self.followers.contains_key(site)
     }
 
+    /// The configured followers of one dataset.
+    pub fn links_of(&self, dataset: &str) -> Vec<LinkStatus> {
+        self.status()
+            .into_iter()
+            .filter(|l| l.dataset == dataset)
+            .collect()
+    }
+
     /// Every configured follower of every dataset, connected or not.
     pub fn status(&self) -> Vec<LinkStatus> {
         let links = self.links.lock().map(|l| l.clone()).unwrap_or_default();

@@ -1,7 +1,7 @@
 //! Helpers shared by the benchmark harnesses in `src/bin/`. The end-to-end
 //! tests live in tests/.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -42,4 +42,18 @@ pub fn make_tree(root: &Path, total: u64) -> (u64, u64) {
         files += 1;
     }
     (bytes, files)
+}
+
+/// The value after `name` on the command line.
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The `triad` binary built beside the running benchmark.
+pub fn triad_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent().expect("target dir").join("triad")
 }

@@ -423,6 +423,11 @@ impl Dataset {
         ops: Vec<Op>,
         attachments: Vec<SealedChunk>,
     ) -> std::result::Result<Committed, SubmitError> {
+        self.send_work(Work::Change { ops, attachments })
+    }
+
+    /// Hands work to the committer and waits for its answer.
+    fn send_work(&self, work: Work) -> std::result::Result<Committed, SubmitError> {
         let (reply, rx) = bounded(1);
         let tx = self
             .tx
@@ -430,11 +435,8 @@ impl Dataset {
             .map_err(|_| VaultError::Closed("lock poisoned".into()))?
             .clone()
             .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
-        tx.send(Submission {
-            work: Work::Change { ops, attachments },
-            reply,
-        })
-        .map_err(|_| self.closed_error())?;
+        tx.send(Submission { work, reply })
+            .map_err(|_| self.closed_error())?;
         rx.recv().map_err(|_| self.closed_error())?
     }
 
@@ -445,19 +447,7 @@ impl Dataset {
         &self,
         payloads: Vec<Vec<u8>>,
     ) -> std::result::Result<Committed, SubmitError> {
-        let (reply, rx) = bounded(1);
-        let tx = self
-            .tx
-            .lock()
-            .map_err(|_| VaultError::Closed("lock poisoned".into()))?
-            .clone()
-            .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
-        tx.send(Submission {
-            work: Work::Replicated { payloads },
-            reply,
-        })
-        .map_err(|_| self.closed_error())?;
-        rx.recv().map_err(|_| self.closed_error())?
+        self.send_work(Work::Replicated { payloads })
     }
 
     /// Replaces this site's copy with a state transferred from the upstream
@@ -468,23 +458,11 @@ impl Dataset {
         entries: Vec<(Vec<u8>, Entry)>,
         pins: Vec<(ChunkId, u64)>,
     ) -> std::result::Result<Committed, SubmitError> {
-        let (reply, rx) = bounded(1);
-        let tx = self
-            .tx
-            .lock()
-            .map_err(|_| VaultError::Closed("lock poisoned".into()))?
-            .clone()
-            .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
-        tx.send(Submission {
-            work: Work::Install {
-                applied,
-                entries,
-                pins,
-            },
-            reply,
+        self.send_work(Work::Install {
+            applied,
+            entries,
+            pins,
         })
-        .map_err(|_| self.closed_error())?;
-        rx.recv().map_err(|_| self.closed_error())?
     }
 
     /// Stores chunks that arrive during a state transfer.

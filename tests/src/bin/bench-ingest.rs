@@ -9,19 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use triad_tests::make_tree;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn triad_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent().expect("target dir").join("triad")
-}
+use triad_tests::{arg, make_tree, triad_bin};
 
 fn drop_caches() {
     let _ = Command::new("sync").status();

@@ -12,19 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use triad_tests::make_tree;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn triad_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent().expect("target dir").join("triad")
-}
+use triad_tests::{arg, make_tree, triad_bin};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
