@@ -480,12 +480,12 @@ impl Dataset {
 
     /// The newest checkpoint, if any.
     pub fn latest_checkpoint(&self) -> Result<Option<crate::state::Checkpoint>> {
-        Ok(self.state.checkpoints()?.pop())
+        self.state.latest_checkpoint()
     }
 
     /// The checkpoint recorded at `seq`, if one was.
     pub fn checkpoint_at(&self, seq: u64) -> Result<Option<crate::state::Checkpoint>> {
-        Ok(self.state.checkpoints()?.into_iter().find(|c| c.seq == seq))
+        self.state.checkpoint_at(seq)
     }
 
     /// Durable head of this site's log.
@@ -626,28 +626,35 @@ impl Drop for Dataset {
 }
 
 /// Applies log records after `applied.seq` to the state, one batch each.
+/// Applies one record read back from the log to `ov`, first checking it
+/// continues the chain hash the overlay stands at.
+fn apply_logged(ov: &mut Overlay, state: &State, keys: &Keys, r: &wal::ReadRecord) -> Result<()> {
+    let at = ov.applied();
+    if at.seq > 0 && r.record.seq == at.seq + 1 && r.record.prev_hash != at.hash {
+        return Err(VaultError::BadRecord {
+            seq: r.record.seq,
+            reason: "its previous hash differs from the chain hash the state recorded".into(),
+        });
+    }
+    let ops = r.record.open_ops(keys)?;
+    ov.apply(
+        state,
+        keys,
+        r.record.seq,
+        r.hash,
+        r.record.time_ns,
+        &ops,
+        &r.record.attachments,
+    )?;
+    Ok(())
+}
+
 fn replay(state: &State, keys: &Keys, log_dir: &Path, applied: Applied) -> Result<u64> {
     let mut n = 0u64;
     let mut current = applied;
     wal::read_from(log_dir, current.seq + 1, |r| {
-        if current.seq > 0 && r.record.seq == current.seq + 1 && r.record.prev_hash != current.hash
-        {
-            return Err(VaultError::BadRecord {
-                seq: r.record.seq,
-                reason: "its previous hash differs from the chain hash the state recorded".into(),
-            });
-        }
-        let ops = r.record.open_ops(keys)?;
         let mut ov = Overlay::new(current.clone());
-        ov.apply(
-            state,
-            keys,
-            r.record.seq,
-            r.hash,
-            r.record.time_ns,
-            &ops,
-            &r.record.attachments,
-        )?;
+        apply_logged(&mut ov, state, keys, &r)?;
         let (batch, a) = ov.into_batch(state)?;
         state.write(batch)?;
         current = a;
@@ -869,14 +876,6 @@ fn commit_loop(
 
 const TRANSFER_FILE: &str = "TRANSFER";
 
-fn base_bytes(b: &wal::Base) -> Vec<u8> {
-    let mut v = Vec::with_capacity(48);
-    v.extend_from_slice(&b.seq.to_le_bytes());
-    v.extend_from_slice(&b.time_ns.to_le_bytes());
-    v.extend_from_slice(&b.hash);
-    v
-}
-
 /// Installs a transferred state: the state first (durably), then the log is
 /// restarted after it. `log/TRANSFER` marks the step in between, so a crash
 /// there is finished at the next open instead of leaving the state ahead of
@@ -896,7 +895,7 @@ fn install(
         time_ns: applied.time_ns,
     };
     let marker = wal.dir().join(TRANSFER_FILE);
-    write_atomic(&marker, &base_bytes(&base))?;
+    write_atomic(&marker, &base.encode())?;
     if let Err(e) = state.install(keys, applied.clone(), entries, pins) {
         // Nothing was installed: the transfer can simply be tried again.
         let _ = std::fs::remove_file(&marker);
@@ -952,16 +951,8 @@ fn finish_interrupted_install(log_dir: &Path, state: &State) -> Result<()> {
     let Ok(b) = std::fs::read(&marker) else {
         return Ok(());
     };
-    let seq = b
-        .get(..8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_le_bytes);
-    if b.len() == 48 && seq == Some(state.applied()?.seq) {
-        let base = wal::Base {
-            seq: seq.unwrap_or(0),
-            time_ns: i64::from_le_bytes(b[8..16].try_into().unwrap_or_default()),
-            hash: b[16..48].try_into().unwrap_or_default(),
-        };
+    let applied_seq = state.applied()?.seq;
+    if let Some(base) = wal::Base::decode(&b).filter(|b| b.seq == applied_seq) {
         let (mut w, _) = Wal::open(log_dir, wal::DEFAULT_SEGMENT_BYTES, 0)?;
         w.reset_to(base)?;
         tracing::warn!(
@@ -1072,26 +1063,8 @@ impl View {
         let keys = key.derive();
         let state = State::open_read_only(&dir.join("state"))?;
         let mut overlay = Overlay::new(state.applied()?);
-        let base = overlay.applied().clone();
-        wal::read_from(&dir.join("log"), base.seq + 1, |r| {
-            if base.seq > 0 && r.record.seq == base.seq + 1 && r.record.prev_hash != base.hash {
-                return Err(VaultError::BadRecord {
-                    seq: r.record.seq,
-                    reason: "its previous hash differs from the chain hash the state recorded"
-                        .into(),
-                });
-            }
-            let ops = r.record.open_ops(&keys)?;
-            overlay.apply(
-                &state,
-                &keys,
-                r.record.seq,
-                r.hash,
-                r.record.time_ns,
-                &ops,
-                &r.record.attachments,
-            )?;
-            Ok(())
+        wal::read_from(&dir.join("log"), overlay.applied().seq + 1, |r| {
+            apply_logged(&mut overlay, &state, &keys, &r)
         })?;
         Ok(View {
             state,

@@ -245,24 +245,53 @@ impl State {
 
     pub fn applied(&self) -> Result<Applied> {
         let meta = self.cf(CF_META)?;
-        let Some(a) = self.db.get_cf(meta, K_APPLIED).map_err(|e| self.err(e))? else {
+        let a = self.db.get_cf(meta, K_APPLIED).map_err(|e| self.err(e))?;
+        let d = self.db.get_cf(meta, K_DIGEST).map_err(|e| self.err(e))?;
+        self.decode_applied(a, d)
+    }
+
+    /// The applied record and digest as stored in `meta` (absent: nothing
+    /// applied yet).
+    fn decode_applied(&self, a: Option<Vec<u8>>, d: Option<Vec<u8>>) -> Result<Applied> {
+        let Some(a) = a else {
             return Ok(Applied::default());
         };
         if a.len() != 48 {
             return Err(self.corrupt("applied record has the wrong length".into()));
         }
-        let d = self
-            .db
-            .get_cf(meta, K_DIGEST)
-            .map_err(|e| self.err(e))?
+        let digest = d
             .and_then(|d| LtHash::try_from_bytes(&d))
             .ok_or_else(|| self.corrupt("namespace digest is missing or malformed".into()))?;
         Ok(Applied {
             seq: u64::from_le_bytes(a[..8].try_into().unwrap_or_default()),
             time_ns: i64::from_le_bytes(a[8..16].try_into().unwrap_or_default()),
             hash: a[16..48].try_into().unwrap_or_default(),
-            digest: d,
+            digest,
         })
+    }
+
+    /// Writes the applied record and digest into `b`.
+    fn put_applied(&self, b: &mut WriteBatch, a: &Applied) -> Result<()> {
+        let meta = self.cf(CF_META)?;
+        let mut rec = Vec::with_capacity(48);
+        rec.extend_from_slice(&a.seq.to_le_bytes());
+        rec.extend_from_slice(&a.time_ns.to_le_bytes());
+        rec.extend_from_slice(&a.hash);
+        b.put_cf(meta, K_APPLIED, rec);
+        b.put_cf(meta, K_DIGEST, a.digest.to_bytes());
+        Ok(())
+    }
+
+    fn decode_pin(&self, k: &[u8], v: &[u8]) -> Result<(ChunkId, u64)> {
+        let id = ChunkId(
+            k.try_into()
+                .map_err(|_| self.corrupt("pin key malformed".into()))?,
+        );
+        let n = u64::from_le_bytes(
+            v.try_into()
+                .map_err(|_| self.corrupt("pin count malformed".into()))?,
+        );
+        Ok((id, n))
     }
 
     pub fn entry(&self, path: &[u8]) -> Result<Option<Entry>> {
@@ -328,17 +357,7 @@ impl State {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = ChunkId(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| self.corrupt("pin key malformed".into()))?,
-            );
-            let n = u64::from_le_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| self.corrupt("pin count malformed".into()))?,
-            );
-            out.push((id, n));
+            out.push(self.decode_pin(&k, &v)?);
         }
         Ok(out)
     }
@@ -377,6 +396,36 @@ impl State {
             );
         }
         Ok(out)
+    }
+
+    /// The checkpoint recorded at `seq`, if one was (a point lookup).
+    pub fn checkpoint_at(&self, seq: u64) -> Result<Option<Checkpoint>> {
+        let cf = self.cf(CF_CHECKPOINTS)?;
+        match self
+            .db
+            .get_cf(cf, seq.to_be_bytes())
+            .map_err(|e| self.err(e))?
+        {
+            None => Ok(None),
+            Some(v) => Checkpoint::decode(seq, &v)
+                .map(Some)
+                .ok_or_else(|| self.corrupt(format!("checkpoint {seq} malformed"))),
+        }
+    }
+
+    /// The newest checkpoint (keys are big-endian seqs, so it is the last).
+    pub fn latest_checkpoint(&self) -> Result<Option<Checkpoint>> {
+        let cf = self.cf(CF_CHECKPOINTS)?;
+        let Some(item) = self.db.iterator_cf(cf, IteratorMode::End).next() else {
+            return Ok(None);
+        };
+        let (k, _) = item.map_err(|e| self.err(e))?;
+        let seq = u64::from_be_bytes(
+            k.as_ref()
+                .try_into()
+                .map_err(|_| self.corrupt("checkpoint key malformed".into()))?,
+        );
+        self.checkpoint_at(seq)
     }
 
     /// Recomputes the namespace digest from every entry (a scrub's check of
@@ -504,13 +553,7 @@ impl State {
                 refs.len() - seen
             )));
         }
-        let meta = self.cf(CF_META)?;
-        let mut rec = Vec::with_capacity(48);
-        rec.extend_from_slice(&applied.seq.to_le_bytes());
-        rec.extend_from_slice(&applied.time_ns.to_le_bytes());
-        rec.extend_from_slice(&applied.hash);
-        b.put_cf(meta, K_APPLIED, rec);
-        b.put_cf(meta, K_DIGEST, applied.digest.to_bytes());
+        self.put_applied(&mut b, &applied)?;
         self.write(b)?;
         self.flush()
     }
@@ -528,28 +571,12 @@ impl Snap<'_> {
         let a = self
             .snap
             .get_cf(meta, K_APPLIED)
-            .map_err(|e| self.st.err(e))?
-            .unwrap_or_default();
-        if a.is_empty() {
-            return Ok(Applied::default());
-        }
+            .map_err(|e| self.st.err(e))?;
         let d = self
             .snap
             .get_cf(meta, K_DIGEST)
-            .map_err(|e| self.st.err(e))?
-            .and_then(|d| LtHash::try_from_bytes(&d))
-            .ok_or_else(|| self.st.corrupt("digest missing".into()))?;
-        if a.len() != 48 {
-            return Err(self
-                .st
-                .corrupt("applied record has the wrong length".into()));
-        }
-        Ok(Applied {
-            seq: u64::from_le_bytes(a[..8].try_into().unwrap_or_default()),
-            time_ns: i64::from_le_bytes(a[8..16].try_into().unwrap_or_default()),
-            hash: a[16..48].try_into().unwrap_or_default(),
-            digest: d,
-        })
+            .map_err(|e| self.st.err(e))?;
+        self.st.decode_applied(a, d)
     }
 
     pub fn entries(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
@@ -568,17 +595,7 @@ impl Snap<'_> {
         let mut out = Vec::new();
         for item in self.snap.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.st.err(e))?;
-            let id = ChunkId(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| self.st.corrupt("pin key".into()))?,
-            );
-            let n = u64::from_le_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| self.st.corrupt("pin count".into()))?,
-            );
-            out.push((id, n));
+            out.push(self.st.decode_pin(&k, &v)?);
         }
         Ok(out)
     }
@@ -926,14 +943,7 @@ impl Overlay {
         for c in &self.checkpoints {
             b.put_cf(cps, c.seq.to_be_bytes(), c.encode());
         }
-        let meta = st.cf(CF_META)?;
-        let a = &self.applied;
-        let mut rec = Vec::with_capacity(48);
-        rec.extend_from_slice(&a.seq.to_le_bytes());
-        rec.extend_from_slice(&a.time_ns.to_le_bytes());
-        rec.extend_from_slice(&a.hash);
-        b.put_cf(meta, K_APPLIED, rec);
-        b.put_cf(meta, K_DIGEST, a.digest.to_bytes());
+        st.put_applied(&mut b, &self.applied)?;
         Ok((b, self.applied))
     }
 }

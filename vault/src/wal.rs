@@ -625,14 +625,33 @@ pub struct Base {
     pub time_ns: i64,
 }
 
+impl Base {
+    /// `seq u64 LE ‖ time_ns i64 LE ‖ chain hash` (48 bytes), as in `BASE`
+    /// and the state-transfer marker.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(48);
+        v.extend_from_slice(&self.seq.to_le_bytes());
+        v.extend_from_slice(&self.time_ns.to_le_bytes());
+        v.extend_from_slice(&self.hash);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Base> {
+        if b.len() != 48 {
+            return None;
+        }
+        Some(Base {
+            seq: u64::from_le_bytes(b[..8].try_into().ok()?),
+            time_ns: i64::from_le_bytes(b[8..16].try_into().ok()?),
+            hash: b[16..48].try_into().ok()?,
+        })
+    }
+}
+
 fn read_base(dir: &Path) -> Result<Option<Base>> {
     let path = dir.join(BASE_FILE);
     match std::fs::read(&path) {
-        Ok(b) if b.len() == 48 => Ok(Some(Base {
-            seq: u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
-            time_ns: i64::from_le_bytes(b[8..16].try_into().unwrap_or_default()),
-            hash: b[16..48].try_into().unwrap_or_default(),
-        })),
+        Ok(b) if b.len() == 48 => Ok(Base::decode(&b)),
         Ok(_) => Err(VaultError::CorruptSegment {
             segment: path,
             offset: 0,
@@ -649,11 +668,7 @@ impl Wal {
     /// and the next record must be `base.seq + 1` continuing `base.hash`.
     pub fn reset_to(&mut self, base: Base) -> Result<()> {
         let path = self.dir.join(BASE_FILE);
-        let mut b = Vec::with_capacity(48);
-        b.extend_from_slice(&base.seq.to_le_bytes());
-        b.extend_from_slice(&base.time_ns.to_le_bytes());
-        b.extend_from_slice(&base.hash);
-        crate::dataset::write_atomic(&path, &b)?;
+        crate::dataset::write_atomic(&path, &base.encode())?;
         // The replaced log is kept aside, not deleted: if this copy had in
         // fact diverged after its newest checkpoint, the evidence survives.
         let segs = list_segments(&self.dir)?;

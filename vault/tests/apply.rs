@@ -200,6 +200,9 @@ fn checkpoints_carry_hmac_sm3_evidence() {
         cps.iter().map(|c| c.seq).collect::<Vec<_>>(),
         vec![256, 512]
     );
+    assert_eq!(ds.latest_checkpoint().unwrap().map(|c| c.seq), Some(512));
+    assert_eq!(ds.checkpoint_at(256).unwrap().as_ref(), cps.first());
+    assert!(ds.checkpoint_at(300).unwrap().is_none());
     let other = DatasetKey::generate().derive();
     for c in &cps {
         assert!(c.verify(ds.keys()));
