@@ -295,6 +295,8 @@ impl Dataset {
                 return Err(VaultError::io("locking dataset", &lock_path, e))
             }
         }
+        // Readers that died left pinned copies that hold deleted files' space.
+        crate::pin::sweep_dead(&dir.join(crate::pin::VIEWS_DIR));
         let keys = key.derive();
         // The state first: its applied seq tells recovery which records were
         // acknowledged and may never be cut.
@@ -1061,16 +1063,26 @@ impl View {
     pub fn open(dir: &Path, name: &str, key: &DatasetKey) -> Result<View> {
         check_identity(dir, name, key, false)?;
         let keys = key.derive();
-        let state = State::open_read_only(&dir.join("state"))?;
-        let mut overlay = Overlay::new(state.applied()?);
-        wal::read_from(&dir.join("log"), overlay.applied().seq + 1, |r| {
-            apply_logged(&mut overlay, &state, &keys, &r)
-        })?;
-        Ok(View {
-            state,
-            overlay,
-            keys,
-        })
+        let mut attempt = 0;
+        loop {
+            let state = State::open_read_only(&dir.join("state"))?;
+            let mut overlay = Overlay::new(state.applied()?);
+            match wal::read_from(&dir.join("log"), overlay.applied().seq + 1, |r| {
+                apply_logged(&mut overlay, &state, &keys, &r)
+            }) {
+                Ok(_) => {
+                    return Ok(View {
+                        state,
+                        overlay,
+                        keys,
+                    })
+                }
+                // The daemon flushed its state and dropped the log segments
+                // this copy of the state still needed: take a newer copy.
+                Err(VaultError::LogGap { .. }) if attempt < 10 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn keys(&self) -> &Keys {

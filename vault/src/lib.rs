@@ -9,6 +9,7 @@
 //! - [`record`]: record layout, sealing and the hash chain
 //! - [`wal`]: segment files, group-committed appends, crash recovery
 //! - [`state`]: RocksDB state and applying records to it
+//! - [`pin`]: pinned copies of the state for readers in other processes
 //! - [`dataset`]: an open dataset: identity, committer thread, read views
 //! - [`restore`]: rebuilding a tree and digesting a tree on disk
 
@@ -19,6 +20,7 @@ pub mod error;
 pub mod keys;
 pub mod lthash;
 pub mod ops;
+pub mod pin;
 pub mod record;
 pub mod restore;
 pub mod state;

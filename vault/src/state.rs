@@ -34,6 +34,7 @@ use crate::error::{Result, VaultError};
 use crate::keys::Keys;
 use crate::lthash::LtHash;
 use crate::ops::{subtree_prefix, Entry, Op};
+use crate::pin::{self, PinnedDir};
 use crate::record::Hash;
 
 const CF_NS: &str = "ns";
@@ -146,6 +147,9 @@ impl Checkpoint {
 pub struct State {
     db: DB,
     path: PathBuf,
+    /// For a reader's view: the pinned copy the database was opened from,
+    /// removed after `db` is dropped (fields drop in order).
+    _pinned: Option<PinnedDir>,
 }
 
 fn cf_options(name: &str) -> Options {
@@ -192,30 +196,44 @@ impl State {
         Ok(State {
             db,
             path: path.to_path_buf(),
+            _pinned: None,
         })
     }
 
     /// Opens the state for reading while a daemon may hold it open for writing.
     /// It shows the state as of the daemon's last flush; [`Overlay`] replay of
-    /// the log tail brings it to the log's head.
+    /// the log tail brings it to the log's head. The database is opened from a
+    /// pinned copy (see [`crate::pin`]) so the daemon's compactions cannot
+    /// delete files from under a long read.
     pub fn open_read_only(path: &Path) -> Result<State> {
+        if !path.join("CURRENT").exists() {
+            return Err(VaultError::StateCorrupt {
+                path: path.to_path_buf(),
+                reason: "no RocksDB database here (CURRENT is missing)".into(),
+            });
+        }
+        let views = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(pin::VIEWS_DIR);
+        let pinned = pin::pin(path, &views)?;
         let mut opts = db_options();
         opts.create_if_missing(false);
-        // Open every table file now, so compactions by the writer cannot pull
-        // files from under a long read.
-        opts.set_max_open_files(-1);
+        opts.create_missing_column_families(false);
         let cfs = ALL_CFS
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
-        let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(|e| {
-            VaultError::State {
-                path: path.to_path_buf(),
-                source: e,
-            }
-        })?;
+        let db =
+            DB::open_cf_descriptors_read_only(&opts, pinned.path(), cfs, false).map_err(|e| {
+                VaultError::State {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            })?;
         Ok(State {
             db,
             path: path.to_path_buf(),
+            _pinned: Some(pinned),
         })
     }
 
@@ -455,6 +473,20 @@ impl State {
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
         self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| self.err(e))
+    }
+
+    /// Compacts every column family now, blob garbage collection included,
+    /// so space held by deleted chunks is given back and obsolete files are
+    /// deleted at once rather than when RocksDB gets to them.
+    pub fn compact(&self) -> Result<()> {
+        let mut o = rocksdb::CompactOptions::default();
+        o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for n in ALL_CFS {
+            let cf = self.cf(n)?;
+            self.db
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &o);
+        }
+        Ok(())
     }
 
     /// Runs `f` over a consistent point-in-time view of the state (a RocksDB

@@ -795,6 +795,15 @@ pub fn read_from(
             match parse_frame(&buf, off) {
                 Ok(p) => {
                     let seq = p.record.seq;
+                    if expected.is_none() && seq > from_seq {
+                        return Err(VaultError::LogGap {
+                            dir: dir.to_path_buf(),
+                            reason: format!(
+                                "records from seq {from_seq} are no longer in the log, which \
+                                 starts at seq {seq}"
+                            ),
+                        });
+                    }
                     if expected.is_some_and(|e| e != seq) {
                         return Err(corrupt(
                             off,

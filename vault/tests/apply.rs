@@ -209,3 +209,59 @@ fn checkpoints_carry_hmac_sm3_evidence() {
         assert!(!c.verify(&other), "evidence is bound to the dataset key");
     }
 }
+
+/// A reader's view keeps working while the writer deletes every chunk it
+/// still needs and RocksDB removes the blob files that held them.
+#[test]
+fn a_view_reads_chunks_whose_blob_files_the_writer_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = DatasetKey::generate();
+    let ds = Dataset::open(tmp.path(), "t", &key, Options::default()).unwrap();
+    let keys = ds.keys().clone();
+    let mut expected = Vec::new();
+    for i in 0..64u32 {
+        // Incompressible, above the 1 KiB blob threshold.
+        let data: Vec<u8> = (0..8192u32)
+            .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+            .collect();
+        let (f, c) = file(&keys, &data);
+        expected.push((c.id, ds.state().chunk_meta(&c.id).unwrap().is_none()));
+        ds.submit(vec![put(&format!("f{i}"), f)], vec![c]).unwrap();
+    }
+    ds.flush_state().unwrap();
+    let blobs = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".blob"))
+            .collect()
+    };
+    let before = blobs(&tmp.path().join("state"));
+    assert!(!before.is_empty(), "chunks are stored in blob files");
+
+    let view = vault::View::open(tmp.path(), "t", &key).unwrap();
+    for i in 0..64u32 {
+        ds.submit(
+            vec![Op::Delete {
+                path: format!("f{i}").into_bytes(),
+            }],
+            vec![],
+        )
+        .unwrap();
+    }
+    ds.flush_state().unwrap();
+    ds.state().compact().unwrap();
+    let after = blobs(&tmp.path().join("state"));
+    assert!(
+        before.iter().all(|b| !after.contains(b)),
+        "the writer deleted the blob files: before {before:?}, after {after:?}"
+    );
+    for (id, _) in &expected {
+        let sealed = view.chunk_bytes(id).unwrap().expect("chunk in the view");
+        assert!(!sealed.is_empty());
+    }
+    let pinned = tmp.path().join(vault::pin::VIEWS_DIR);
+    assert_eq!(std::fs::read_dir(&pinned).unwrap().count(), 1);
+    drop(view);
+    assert_eq!(std::fs::read_dir(&pinned).unwrap().count(), 0);
+}
