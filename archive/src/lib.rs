@@ -1,6 +1,23 @@
-//! Object-store snapshots, log archiving, retention, prune and restore
-//! planning.
+//! A site's archive in an S3-compatible object store: log shipping,
+//! snapshots, retention and prune, and point-in-time restore from the
+//! archive alone.
 //!
-//! Not built yet: this version keeps a site's copy on local disk only. The
-//! crate exists so the workspace has its final shape; see
-//! docs/architecture.md for the plan.
+//! - [`store`]: opening the store (`s3://` or `file://`), retries, errors
+//! - [`objects`]: object names and encodings (pieces, manifests, pages)
+//! - [`index`]: the local index of chunks already in the store
+//! - [`archiver`]: shipping the log, snapshots, retention, prune
+//! - [`restore`]: planning and carrying out a restore from the archive
+//! - [`schedule`]: cron schedules for snapshots
+
+pub mod archiver;
+pub mod error;
+pub mod index;
+pub mod objects;
+pub mod restore;
+pub mod schedule;
+pub mod store;
+
+pub use archiver::{Archiver, PruneReport, RetentionPolicy, SnapshotReport};
+pub use error::{ArchiveError, Result};
+pub use restore::{At, Progress, Restorer};
+pub use store::{Store, StoreConfig};

@@ -37,7 +37,7 @@ pub struct Config {
     pub peer: Vec<Peer>,
     #[serde(default)]
     pub dataset: Vec<DatasetConfig>,
-    pub archive: Option<toml::Table>,
+    pub archive: Option<ArchiveSection>,
     pub verify: Option<toml::Table>,
     pub drill: Option<toml::Table>,
     #[serde(default)]
@@ -117,6 +117,42 @@ pub enum SourceConfig {
         workers: Option<usize>,
     },
     Pushed {},
+}
+
+/// `[archive]`: this site's own object store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSection {
+    /// `s3://bucket/prefix` or `file:///absolute/dir`.
+    pub url: String,
+    /// S3 endpoint such as `http://minio.internal:9000`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// TOML with `access_key_id` and `secret_access_key`; else the AWS_* environment.
+    pub credentials_file: Option<PathBuf>,
+    /// Virtual-hosted-style bucket addressing. Default false (path-style).
+    #[serde(default)]
+    pub virtual_hosted: bool,
+    /// Requests to the store in flight at once. Default 8.
+    pub concurrency: Option<usize>,
+    /// How often the log is shipped even when little was written. Default "5s".
+    pub log_flush_interval: Option<String>,
+    /// Cron expression with seconds, UTC. No scheduled snapshots when absent.
+    pub snapshot_schedule: Option<String>,
+    /// Snapshots to keep; everything is kept when absent.
+    pub retention: Option<archive::RetentionPolicy>,
+    /// How long an unreferenced chunk stays before prune deletes it. Default "24h".
+    pub prune_grace: Option<String>,
+}
+
+/// `[archive]` after validation.
+#[derive(Debug, Clone)]
+pub struct ArchiveSettings {
+    pub store: archive::StoreConfig,
+    pub log_flush_interval: Duration,
+    pub schedule: Option<archive::schedule::Schedule>,
+    pub retention: archive::RetentionPolicy,
+    pub prune_grace: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -441,6 +477,9 @@ impl Config {
                 }
             }
         }
+        if self.archive.is_some() {
+            self.archive_settings().map_err(|(field, message)| invalid(field, message))?;
+        }
         if let Some(f) = &self.log.format {
             if f != "human" && f != "json" {
                 return Err(invalid(
@@ -456,9 +495,6 @@ impl Config {
     /// version, so the operator is told rather than left to assume.
     pub fn unused_sections(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        if self.archive.is_some() {
-            v.push("[archive]");
-        }
         if self.verify.is_some() {
             v.push("[verify]");
         }
@@ -469,6 +505,64 @@ impl Config {
             v.push("listen.http");
         }
         v
+    }
+
+    /// The validated `[archive]` section, if any; errors are (field, message).
+    pub fn archive_settings(&self) -> Result<Option<ArchiveSettings>, (String, String)> {
+        let Some(a) = &self.archive else {
+            return Ok(None);
+        };
+        let f = |n: &str| format!("archive.{n}");
+        let scheme_ok = a.url.starts_with("s3://") || a.url.starts_with("file:///");
+        if !scheme_ok {
+            return Err((
+                f("url"),
+                format!(
+                    "`{}` must be s3://bucket/prefix or file:///absolute/dir",
+                    a.url
+                ),
+            ));
+        }
+        if a.url.starts_with("s3://") && a.url.trim_start_matches("s3://").trim_matches('/').is_empty() {
+            return Err((f("url"), "s3:// needs a bucket: s3://bucket/prefix".into()));
+        }
+        if let Some(e) = &a.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err((f("endpoint"), format!("`{e}` must start with http:// or https://")));
+            }
+        }
+        let dur = |name: &str, v: &Option<String>, default: &str| {
+            parse_duration(v.as_deref().unwrap_or(default)).map_err(|m| (f(name), m))
+        };
+        let log_flush_interval = dur("log_flush_interval", &a.log_flush_interval, "5s")?;
+        if log_flush_interval.is_zero() {
+            return Err((f("log_flush_interval"), "must be more than 0".into()));
+        }
+        let prune_grace = dur("prune_grace", &a.prune_grace, "24h")?;
+        let schedule = match &a.snapshot_schedule {
+            Some(t) => Some(
+                archive::schedule::Schedule::parse("archive.snapshot_schedule", t)
+                    .map_err(|e| (f("snapshot_schedule"), e.to_string()))?,
+            ),
+            None => None,
+        };
+        let concurrency = a.concurrency.unwrap_or(8);
+        if !(1..=256).contains(&concurrency) {
+            return Err((f("concurrency"), "must be between 1 and 256".into()));
+        }
+        let mut store = archive::StoreConfig::new(&a.url);
+        store.endpoint = a.endpoint.clone();
+        store.region = a.region.clone();
+        store.credentials_file = a.credentials_file.clone();
+        store.virtual_hosted = a.virtual_hosted;
+        store.concurrency = concurrency;
+        Ok(Some(ArchiveSettings {
+            store,
+            log_flush_interval,
+            schedule,
+            retention: a.retention.clone().unwrap_or_default(),
+            prune_grace,
+        }))
     }
 
     /// Sites allowed to follow this one, with their commit policy. Defaults:

@@ -3,6 +3,7 @@
 //! This file only parses the command line and sets up logging; each
 //! subcommand lives in its own file under `cmd/`.
 
+mod archiving;
 mod cmd;
 mod config;
 mod runtime;
@@ -59,8 +60,14 @@ enum Command {
         #[command(subcommand)]
         command: cmd::config::ConfigCommand,
     },
-    /// Rebuild a dataset's tree from this site's store.
+    /// Rebuild a dataset's tree from this site's copy or from an archive.
     Restore(cmd::restore::Args),
+    /// Take a snapshot into this site's archive now.
+    Snapshot(cmd::archive::Args),
+    /// List the snapshots in this site's archive.
+    Snapshots(cmd::archive::Args),
+    /// Apply retention and delete what no kept snapshot needs.
+    Prune(cmd::archive::Args),
     /// Show each dataset's log, state and source status.
     Status(cmd::status::Args),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
@@ -81,6 +88,9 @@ fn main() -> ExitCode {
         Command::Certs { out, sites } => cmd::certs::run(&out, &sites),
         Command::Config { command } => cmd::config::run(command),
         Command::Restore(a) => cmd::restore::run(a),
+        Command::Snapshot(a) => cmd::archive::run(cmd::archive::Job::Snapshot, a),
+        Command::Snapshots(a) => cmd::archive::run(cmd::archive::Job::List, a),
+        Command::Prune(a) => cmd::archive::run(cmd::archive::Job::Prune, a),
         Command::Status(a) => cmd::status::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };

@@ -32,6 +32,8 @@ pub struct DatasetStatus {
     pub source: Option<StatsView>,
     pub replication: ReplicationStatus,
     pub retention: Retention,
+    /// This site's archive, when `[archive]` is set.
+    pub archive: Option<crate::archiving::ArchiveStatus>,
     pub failure: Option<String>,
 }
 
@@ -101,6 +103,7 @@ struct Running {
     stats: Option<Arc<Stats>>,
     follow: Option<Arc<Mutex<FollowStatus>>>,
     retention: Mutex<Retention>,
+    archive: Option<Arc<crate::archiving::Shared>>,
 }
 
 /// Removes log segments no longer needed: every record in them is durable in
@@ -112,10 +115,16 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
     let log_dir = cfg.dataset_dir(ds.name()).join("log");
     let durable = ds.flush_state()?;
     let links: Vec<LinkStatus> = upstream.map(|u| u.links_of(ds.name())).unwrap_or_default();
+    // Segments stay until shipped to the archive, too.
+    let shipped = r
+        .archive
+        .as_ref()
+        .map(|a| a.shipped.load(Ordering::Acquire) + 1)
+        .unwrap_or(u64::MAX);
     let keep_from = links
         .iter()
         .map(|l| l.acked_seq + 1)
-        .fold(durable + 1, u64::min);
+        .fold((durable + 1).min(shipped), u64::min);
     vault::wal::remove_segments_before(&log_dir, keep_from, None)?;
     let (bytes, mut first) = vault::wal::log_extent(&log_dir)?;
     let mut forced = 0;
@@ -189,6 +198,7 @@ pub fn run(cfg: Config) -> Result<()> {
             stats: None,
             follow: None,
             retention: Mutex::new(Retention::default()),
+            archive: None,
         });
     }
 
@@ -248,6 +258,27 @@ pub fn run(cfg: Config) -> Result<()> {
         }));
         tracing::info!(%addr, followers = ?cfg.followers().keys().collect::<Vec<_>>(), "serving replication");
         upstream = Some(up);
+    }
+
+    // Each dataset's archive: log shipping and snapshots into this site's store.
+    let mut archive_threads = Vec::new();
+    if let Some(settings) = cfg
+        .archive_settings()
+        .map_err(|(field, message)| anyhow::anyhow!("{field}: {message}"))?
+    {
+        for r in running.iter_mut() {
+            let (shared, handle) = crate::archiving::start(
+                settings.clone(),
+                rt.handle().clone(),
+                r.ds.clone(),
+                cfg.site.name.clone(),
+                stop.clone(),
+            )
+            .context("starting archive threads")?;
+            r.archive = Some(shared);
+            archive_threads.push(handle);
+        }
+        tracing::info!(url = %settings.store.url, schedule = settings.schedule.as_ref().map(|s| s.text()), "archiving");
     }
 
     let mut threads = Vec::new();
@@ -339,6 +370,12 @@ pub fn run(cfg: Config) -> Result<()> {
             Err(_) => failed = Some("a source thread panicked".into()),
         }
     }
+    // The archive threads ship the log's last records before they end.
+    for t in archive_threads {
+        if t.join().is_err() {
+            failed = Some("an archive thread panicked".into());
+        }
+    }
     if let Some(s) = server {
         let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), s).await });
     }
@@ -384,6 +421,10 @@ fn status_of(
         log: ds.status(),
         source: r.stats.as_ref().map(|s| s.view()),
         retention: r.retention.lock().map(|x| x.clone()).unwrap_or_default(),
+        archive: r
+            .archive
+            .as_ref()
+            .and_then(|a| a.status.lock().ok().map(|s| s.clone())),
         replication: ReplicationStatus {
             followers,
             upstream: follow,

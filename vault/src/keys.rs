@@ -41,6 +41,8 @@ pub struct Keys {
     pub digest: [u8; 32],
     /// HMAC-SM3 key for checkpoint evidence.
     pub evidence: [u8; 32],
+    /// SM4 key sealing snapshot manifests in the archive.
+    pub manifest_seal: [u8; 16],
 }
 
 impl DatasetKey {
@@ -76,6 +78,7 @@ impl DatasetKey {
             record_nonce: d("triad 2026-11 record nonce v1"),
             digest: d("triad 2026-11 namespace digest v1"),
             evidence: d("triad 2026-11 checkpoint evidence hmac-sm3 v1"),
+            manifest_seal: half("triad 2026-11 snapshot manifest sm4 v1"),
         }
     }
 

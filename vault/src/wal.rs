@@ -648,7 +648,7 @@ impl Base {
     }
 }
 
-fn read_base(dir: &Path) -> Result<Option<Base>> {
+pub fn read_base(dir: &Path) -> Result<Option<Base>> {
     let path = dir.join(BASE_FILE);
     match std::fs::read(&path) {
         Ok(b) if b.len() == 48 => Ok(Base::decode(&b)),

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus what they share.
 
+pub mod archive;
 pub mod certs;
 pub mod config;
 pub mod daemon;

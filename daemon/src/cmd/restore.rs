@@ -1,6 +1,8 @@
-//! `triad restore`: rebuild a dataset's tree from this site's own store.
-//! Works with the daemon running or stopped: it reads the state as last
-//! flushed and replays the log tail in memory.
+//! `triad restore`: rebuild a dataset's tree from this site's own copy, or
+//! with `--from-archive` from an object store alone, at any point in time.
+//! From the site's copy it works with the daemon running or stopped: it reads
+//! the state as last flushed and replays the log tail in memory. From an
+//! archive it needs no daemon and no site directory at all.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -31,9 +33,33 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Restore from this archive (s3://bucket/prefix or file:///dir) instead
+    /// of the site's copy. Store settings come from the config's [archive]
+    /// when it has one, else from the flags below and the AWS_* environment.
+    #[arg(long)]
+    from_archive: Option<String>,
+    /// With --from-archive: `latest` (default), a seq (`1234`), or an RFC 3339
+    /// time (`2026-11-27T10:00:00Z`: the last change committed by then).
+    #[arg(long, default_value = "latest")]
+    at: String,
+    /// With --from-archive and no config: the dataset's key file.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// With --from-archive and no config: the S3 endpoint.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// With --from-archive and no config: the S3 region.
+    #[arg(long)]
+    region: Option<String>,
+    /// With --from-archive and no config: the credentials file.
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
+    if let Some(url) = a.from_archive.clone() {
+        return from_archive(a, &url);
+    }
     let cfg = Config::load(&a.config)?;
     let d = cfg
         .dataset(&a.dataset)
@@ -60,6 +86,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let report = vault::restore::restore(&view, &a.to, &|n| bar.set_position(n))?;
     bar.finish_and_clear();
+    print_report(&a, &report, started)
+}
+
+fn print_report(a: &Args, report: &vault::restore::Report, started: Instant) -> Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -94,4 +124,105 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
+    crate::cmd::archive::check_restore_args(url)?;
+    let at: archive::At = a.at.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    // The config, when there is one, gives the key and the store settings.
+    let cfg = if a.config.exists() {
+        Some(Config::load(&a.config)?)
+    } else {
+        None
+    };
+    let key_file = match (&a.key_file, &cfg) {
+        (Some(k), _) => k.clone(),
+        (None, Some(c)) => c
+            .dataset(&a.dataset)
+            .with_context(|| {
+                format!(
+                    "dataset `{}` is not in {}; pass --key-file",
+                    a.dataset,
+                    a.config.display()
+                )
+            })?
+            .key_file
+            .clone(),
+        (None, None) => anyhow::bail!(
+            "no config at {} and no --key-file: the dataset key is needed to read the archive",
+            a.config.display()
+        ),
+    };
+    let key = DatasetKey::load(&key_file)?;
+    let mut store_cfg = match cfg.as_ref().map(|c| c.archive_settings()) {
+        Some(Ok(Some(s))) => s.store,
+        Some(Err((f, m))) => anyhow::bail!("{}: {f}: {m}", a.config.display()),
+        _ => archive::StoreConfig::new(url),
+    };
+    store_cfg.url = url.to_string();
+    if a.endpoint.is_some() {
+        store_cfg.endpoint = a.endpoint.clone();
+    }
+    if a.region.is_some() {
+        store_cfg.region = a.region.clone();
+    }
+    if a.credentials_file.is_some() {
+        store_cfg.credentials_file = a.credentials_file.clone();
+    }
+    let store = archive::Store::open(&store_cfg)?;
+    let rt = crate::cmd::archive::runtime()?;
+    let started = Instant::now();
+    let bar = ProgressBar::new(0);
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let restorer = archive::Restorer {
+        rt: rt.handle(),
+        store: &store,
+        dataset: &a.dataset,
+        key: &key,
+        concurrency: store_cfg.concurrency,
+    };
+    let progress = |p: archive::Progress| match p {
+        archive::Progress::Chunks(done, total) => {
+            bar.set_message("downloading chunks");
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        archive::Progress::Records(done, total) => {
+            bar.set_message("replaying the archived log");
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        archive::Progress::Written(b) => {
+            bar.set_message("writing files (bytes)");
+            bar.set_length(bar.length().unwrap_or(0).max(b));
+            bar.set_position(b);
+        }
+    };
+    let r = restorer
+        .restore(at, &a.to, &progress)
+        .with_context(|| format!("restoring dataset `{}` from {url}", a.dataset))?;
+    bar.finish_and_clear();
+    if !a.json {
+        println!(
+            "archive {url}: dataset {} from {} plus {} archived log records, to seq {} ({}); {} chunks, {} bytes downloaded",
+            a.dataset,
+            r.snapshot
+                .as_deref()
+                .map(|s| format!("snapshot {s}"))
+                .unwrap_or_else(|| "an empty dataset".into()),
+            r.replayed_records,
+            r.seq,
+            chrono::DateTime::from_timestamp_nanos(r.time_ns).to_rfc3339(),
+            r.chunks_downloaded,
+            r.bytes_downloaded
+        );
+    }
+    print_report(&a, &r.report, started)
 }

@@ -1,0 +1,683 @@
+//! A site's archive of one dataset: shipping the change log, taking
+//! snapshots, applying retention and pruning.
+//!
+//! The methods block (they run on the daemon's archive threads or in the
+//! CLI) and drive the object store on a tokio runtime handle. Log shipping
+//! and snapshots may run at the same time from two threads; snapshots and
+//! prunes are serialized by `jobs`, so a prune never deletes a chunk that a
+//! running snapshot decided not to upload because the index had it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+use vault::record::Hash;
+use vault::wal::Tail;
+use vault::{ChunkId, Dataset, SealedChunk, VaultError};
+
+use crate::error::{ArchiveError, Result};
+use crate::index::Index;
+use crate::objects::{self, Manifest, Namespace, PageRef, PieceRecord, PieceRef, SnapshotRef};
+use crate::store::Store;
+
+/// Most bytes of log records in one piece.
+const PIECE_BYTES: usize = 64 << 20;
+/// Most bytes of chunks read from the state and in flight at once.
+const UPLOAD_BATCH_BYTES: usize = 64 << 20;
+
+/// How many snapshots to keep, like `restic forget`: the newest `last`, and
+/// the newest in each of the newest `hourly` hours, `daily` days, `weekly`
+/// ISO weeks and `monthly` months (UTC) that have one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicy {
+    #[serde(default)]
+    pub last: usize,
+    #[serde(default)]
+    pub hourly: usize,
+    #[serde(default)]
+    pub daily: usize,
+    #[serde(default)]
+    pub weekly: usize,
+    #[serde(default)]
+    pub monthly: usize,
+}
+
+impl RetentionPolicy {
+    pub fn keeps_everything(&self) -> bool {
+        *self == RetentionPolicy::default()
+    }
+
+    /// Which of `snaps` to keep.
+    pub fn select(&self, snaps: &[SnapshotRef]) -> HashSet<String> {
+        if self.keeps_everything() {
+            return snaps.iter().map(|s| s.name.clone()).collect();
+        }
+        let mut newest_first: Vec<&SnapshotRef> = snaps.iter().collect();
+        newest_first.sort_by_key(|s| std::cmp::Reverse((s.taken_ms, s.seq)));
+        let mut keep = HashSet::new();
+        for s in newest_first.iter().take(self.last) {
+            keep.insert(s.name.clone());
+        }
+        type Bucket = fn(&DateTime<Utc>) -> (i32, u32, u32, u32);
+        let rules: [(usize, Bucket); 4] = [
+            (self.hourly, |t| (t.year(), t.ordinal(), t.hour(), 0)),
+            (self.daily, |t| (t.year(), t.ordinal(), 0, 0)),
+            (self.weekly, |t| {
+                let w = t.iso_week();
+                (w.year(), w.week(), 0, 0)
+            }),
+            (self.monthly, |t| (t.year(), t.month(), 0, 0)),
+        ];
+        for (n, bucket) in rules {
+            let mut seen = HashSet::new();
+            for s in &newest_first {
+                if seen.len() >= n {
+                    break;
+                }
+                let t = Utc
+                    .timestamp_millis_opt(s.taken_ms)
+                    .single()
+                    .unwrap_or_default();
+                if seen.insert(bucket(&t)) {
+                    keep.insert(s.name.clone());
+                }
+            }
+        }
+        keep
+    }
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub name: String,
+    pub seq: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub chunks_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub seconds: f64,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PruneReport {
+    pub snapshots_kept: usize,
+    pub snapshots_deleted: Vec<String>,
+    pub chunks_live: usize,
+    pub chunks_marked: usize,
+    pub chunks_deleted: usize,
+    pub chunks_waiting: usize,
+    pub log_pieces_deleted: usize,
+    pub orphan_objects_deleted: usize,
+}
+
+/// Chunks found unreferenced, with when: deleted by a prune that finds them
+/// still unreferenced after the grace period.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Pending {
+    /// Chunk id (hex) -> Unix ms first found unreferenced.
+    since_ms: BTreeMap<String, i64>,
+}
+
+/// One dataset's archive at this site.
+pub struct Archiver {
+    store: Arc<Store>,
+    rt: Handle,
+    ds: Arc<Dataset>,
+    site: String,
+    index: Index,
+    /// Last archived (seq, chain hash).
+    shipped: Mutex<Option<(u64, Hash)>>,
+    jobs: Mutex<()>,
+    concurrency: usize,
+}
+
+impl Archiver {
+    /// Opens the archive of `ds` at `site`: claims the dataset's prefix for
+    /// this site (refusing one another site writes), fills the local index
+    /// from the store if it is new, and finds how far the log was archived.
+    pub fn open(
+        store: Arc<Store>,
+        rt: Handle,
+        ds: Arc<Dataset>,
+        site: &str,
+        concurrency: usize,
+    ) -> Result<Archiver> {
+        let name = ds.name().to_string();
+        let owner_key = objects::owner_key(&name);
+        match rt.block_on(store.get(&owner_key))? {
+            Some(o) if o != site.as_bytes() => {
+                return Err(ArchiveError::Config(format!(
+                    "{}: dataset {name} there is archived by site {:?}, not this site {site:?}; \
+                     give each site its own bucket or prefix",
+                    store.url(),
+                    String::from_utf8_lossy(&o)
+                )))
+            }
+            Some(_) => {}
+            None => rt.block_on(store.put(&owner_key, site.as_bytes().to_vec()))?,
+        }
+        let index = Index::open(&ds.dir().join("archive-index"))?;
+        let a = Archiver {
+            store,
+            rt,
+            ds,
+            site: site.to_string(),
+            index,
+            shipped: Mutex::new(None),
+            jobs: Mutex::new(()),
+            concurrency: concurrency.max(1),
+        };
+        if !a.index.filled()? {
+            a.refill_index()?;
+        }
+        let pieces = a.pieces()?;
+        if let Some(last) = pieces.last() {
+            let bytes =
+                a.rt.block_on(a.store.get_required(&last.key, "the newest log piece"))?;
+            let (prev, recs) = objects::decode_piece(&last.key, &bytes)?;
+            let hash = recs
+                .iter()
+                .fold(prev, |h, r| vault::record::chain(&h, &r.payload));
+            *a.lock_shipped() = Some((last.last, hash));
+        }
+        Ok(a)
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.ds
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock_shipped(&self) -> std::sync::MutexGuard<'_, Option<(u64, Hash)>> {
+        self.shipped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Highest seq whose record is in the archive (0: none).
+    pub fn shipped_seq(&self) -> u64 {
+        self.lock_shipped().map(|(s, _)| s).unwrap_or(0)
+    }
+
+    fn refill_index(&self) -> Result<()> {
+        let listed = self
+            .rt
+            .block_on(self.store.list(&objects::chunks_prefix(self.ds.name())))?;
+        let ids: Vec<ChunkId> = listed
+            .iter()
+            .filter_map(|l| objects::parse_chunk_key(&l.key))
+            .collect();
+        self.index.clear()?;
+        self.index.add(&ids)?;
+        self.index.set_filled()?;
+        tracing::info!(
+            dataset = self.ds.name(),
+            chunks = ids.len(),
+            "archive index filled from the store"
+        );
+        Ok(())
+    }
+
+    pub fn pieces(&self) -> Result<Vec<PieceRef>> {
+        let listed = self
+            .rt
+            .block_on(self.store.list(&objects::log_prefix(self.ds.name())))?;
+        Ok(listed
+            .iter()
+            .filter_map(|l| PieceRef::parse(&l.key))
+            .collect())
+    }
+
+    /// Uploads the log records durable here and not yet archived, as pieces.
+    /// Returns the archived seq. When the log no longer holds the next
+    /// record (a state transfer replaced it), the archive continues from
+    /// where the log starts and a snapshot is needed to bridge the gap:
+    /// `Ok(None)` says so.
+    pub fn ship_log(&self) -> Result<Option<u64>> {
+        let head = self.ds.head_seq();
+        let shipped = *self.lock_shipped();
+        let from = shipped.map(|(s, _)| s + 1).unwrap_or(1);
+        if from > head {
+            return Ok(Some(head.min(from - 1)));
+        }
+        let log_dir = self.ds.dir().join("log");
+        let mut tail = match Tail::new(&log_dir, from) {
+            Ok(t) => t,
+            Err(VaultError::LogGap { reason, .. }) => {
+                tracing::warn!(dataset = self.ds.name(), %reason, "the log no longer holds the next record to archive; a snapshot will bridge the gap");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut prev = shipped.map(|(_, h)| h);
+        loop {
+            let raw = tail.read(head, PIECE_BYTES)?;
+            if raw.is_empty() {
+                break;
+            }
+            let mut recs = Vec::with_capacity(raw.len());
+            for r in raw {
+                recs.push(PieceRecord {
+                    seq: r.seq,
+                    time_ns: r.time_ns,
+                    payload: r.payload,
+                });
+            }
+            let first = &recs[0];
+            let rec0 = vault::record::Record::decode_payload(&first.payload).ok_or_else(|| {
+                ArchiveError::Vault(VaultError::BadRecord {
+                    seq: first.seq,
+                    reason: "does not decode".into(),
+                })
+            })?;
+            if prev.is_some_and(|p| p != rec0.prev_hash) {
+                return Err(ArchiveError::Vault(VaultError::Diverged {
+                    seq: first.seq,
+                    ours: hex::encode(prev.unwrap_or_default()),
+                    theirs: hex::encode(rec0.prev_hash),
+                }));
+            }
+            let start = rec0.prev_hash;
+            let last = &recs[recs.len() - 1];
+            let piece = PieceRef::new(self.ds.name(), first.seq, last.seq, last.time_ns);
+            let bytes = objects::encode_piece(&start, &recs);
+            self.rt.block_on(self.store.put(&piece.key, bytes))?;
+            let hash = recs
+                .iter()
+                .fold(start, |h, r| vault::record::chain(&h, &r.payload));
+            *self.lock_shipped() = Some((piece.last, hash));
+            prev = Some(hash);
+            tracing::debug!(
+                dataset = self.ds.name(),
+                first = piece.first,
+                last = piece.last,
+                "log piece archived"
+            );
+        }
+        Ok(Some(self.shipped_seq()))
+    }
+
+    /// After a gap in the local log (a state transfer replaced it, or the
+    /// size cap removed segments not yet shipped): the archive's log goes on
+    /// from the first record the log still holds. A snapshot taken after the
+    /// gap was found lets restores cross it.
+    pub fn skip_to_log_start(&self) -> Result<()> {
+        let log_dir = self.ds.dir().join("log");
+        let (_, first) = vault::wal::log_extent(&log_dir)?;
+        let mut tail = Tail::new(&log_dir, first)?;
+        let at = match tail.read(first, 1)?.first() {
+            Some(r) => {
+                let rec = vault::record::Record::decode_payload(&r.payload).ok_or_else(|| {
+                    ArchiveError::Vault(VaultError::BadRecord {
+                        seq: r.seq,
+                        reason: "does not decode".into(),
+                    })
+                })?;
+                (r.seq - 1, rec.prev_hash)
+            }
+            None => match vault::wal::read_base(&log_dir)? {
+                Some(b) => (b.seq, b.hash),
+                None => return Ok(()),
+            },
+        };
+        *self.lock_shipped() = Some(at);
+        Ok(())
+    }
+
+    /// Every complete snapshot (one with a manifest), oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRef>> {
+        list_snapshots(&self.rt, &self.store, self.ds.name())
+    }
+
+    /// Takes a snapshot of the dataset's state as applied now.
+    pub fn snapshot(&self) -> Result<SnapshotReport> {
+        let _job = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let started = std::time::Instant::now();
+        let name = self.ds.name().to_string();
+        let keys = self.ds.keys().clone();
+        let st = self.ds.state();
+        let (manifest, snap_ref, uploaded) = st.with_snapshot(|snap| -> Result<_> {
+            let applied = snap.applied()?;
+            let entries = snap.entries()?;
+            let pins = snap.pins()?;
+            let mut need: Vec<ChunkId> = Vec::new();
+            let mut seen = HashSet::new();
+            let mut bytes = 0u64;
+            for (_, e) in &entries {
+                bytes += e.size;
+                for c in e.chunks() {
+                    if seen.insert(c.id) {
+                        need.push(c.id);
+                    }
+                }
+            }
+            let mut pin_refs = Vec::new();
+            for (id, n) in &pins {
+                let len = snap.chunk(id)?.map(|c| c.plain_len).unwrap_or(0);
+                pin_refs.push((*id, *n, len));
+                if seen.insert(*id) {
+                    need.push(*id);
+                }
+            }
+            let mut missing = Vec::new();
+            for id in &need {
+                if !self.index.has(id)? {
+                    missing.push(*id);
+                }
+            }
+            let (mut up_chunks, mut up_bytes) = (0u64, 0u64);
+            let mut batch: Vec<SealedChunk> = Vec::new();
+            let mut batch_bytes = 0usize;
+            let mut it = missing.iter().peekable();
+            while let Some(id) = it.next() {
+                let c = snap.chunk(id)?.ok_or_else(|| {
+                    ArchiveError::Vault(VaultError::StateCorrupt {
+                        path: st.path().to_path_buf(),
+                        reason: format!("chunk {} is referenced but not stored", id.short()),
+                    })
+                })?;
+                batch_bytes += c.sealed.len();
+                batch.push(c);
+                if batch_bytes >= UPLOAD_BATCH_BYTES || it.peek().is_none() {
+                    up_chunks += batch.len() as u64;
+                    up_bytes += batch_bytes as u64;
+                    self.upload_chunks(std::mem::take(&mut batch))?;
+                    batch_bytes = 0;
+                }
+            }
+            let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(0);
+            let snap_ref = SnapshotRef::new(applied.seq, now_ns / 1_000_000);
+            let mut pages = Vec::new();
+            for (n, page) in entries.chunks(objects::PAGE_ENTRIES).enumerate() {
+                let key = snap_ref.page_key(&name, n);
+                let sealed = objects::encode_page(&keys, &key, page)?;
+                pages.push(PageRef {
+                    entries: page.len() as u32,
+                    sealed_len: sealed.len() as u64,
+                    sealed_hash: *blake3::hash(&sealed).as_bytes(),
+                });
+                self.rt.block_on(self.store.put(&key, sealed))?;
+            }
+            let manifest = Manifest {
+                version: 1,
+                dataset: name.clone(),
+                site: self.site.clone(),
+                seq: applied.seq,
+                time_ns: applied.time_ns,
+                taken_ns: now_ns,
+                chain_hash: applied.hash,
+                digest: applied.digest.summary(),
+                lthash: applied.digest.to_bytes(),
+                entries: entries.len() as u64,
+                bytes,
+                chunks: need.len() as u64,
+                pins: pin_refs,
+                pages,
+            };
+            Ok((manifest, snap_ref, (up_chunks, up_bytes)))
+        })?;
+        let key = snap_ref.manifest_key(&name);
+        let sealed = objects::encode_manifest(&keys, &key, &manifest)?;
+        // Written last: the snapshot exists from here on.
+        self.rt.block_on(self.store.put(&key, sealed))?;
+        let report = SnapshotReport {
+            name: snap_ref.name,
+            seq: manifest.seq,
+            entries: manifest.entries,
+            bytes: manifest.bytes,
+            chunks: manifest.chunks,
+            chunks_uploaded: uploaded.0,
+            bytes_uploaded: uploaded.1,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(dataset = %name, snapshot = %report.name, seq = report.seq, entries = report.entries, chunks_uploaded = report.chunks_uploaded, bytes_uploaded = report.bytes_uploaded, seconds = report.seconds, "snapshot complete");
+        Ok(report)
+    }
+
+    fn upload_chunks(&self, chunks: Vec<SealedChunk>) -> Result<()> {
+        let name = self.ds.name();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        let store = &self.store;
+        self.rt.block_on(
+            stream::iter(chunks.into_iter().map(|c| async move {
+                store.put(&objects::chunk_key(name, &c.id), c.sealed).await
+            }))
+            .buffer_unordered(self.concurrency)
+            .try_collect::<Vec<()>>(),
+        )?;
+        self.index.add(&ids)
+    }
+
+    /// Applies `policy` (deleting the manifests of snapshots it does not
+    /// keep), then prunes: chunks no kept snapshot references are marked,
+    /// and deleted by a later prune once they stayed unreferenced for
+    /// `grace`; log pieces older than the oldest kept snapshot and pages of
+    /// snapshots that never completed (older than `grace`) are deleted.
+    pub fn prune(
+        &self,
+        policy: &RetentionPolicy,
+        grace: std::time::Duration,
+    ) -> Result<PruneReport> {
+        let _job = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let name = self.ds.name();
+        let keys = self.ds.keys().clone();
+        let mut report = PruneReport::default();
+        let snaps = self.snapshots()?;
+        let keep = policy.select(&snaps);
+        let mut kept = Vec::new();
+        for s in snaps {
+            if keep.contains(&s.name) {
+                kept.push(s);
+            } else {
+                self.rt.block_on(self.store.delete(&s.manifest_key(name)))?;
+                report.snapshots_deleted.push(s.name);
+            }
+        }
+        report.snapshots_kept = kept.len();
+
+        // What the kept snapshots reference.
+        let mut live: HashSet<ChunkId> = HashSet::new();
+        let mut live_pages: HashSet<String> = HashSet::new();
+        for s in &kept {
+            let (m, entries) =
+                read_snapshot(&self.rt, &self.store, &keys, name, s, self.concurrency)?;
+            for (_, e) in &entries {
+                live.extend(e.chunks().iter().map(|c| c.id));
+            }
+            live.extend(m.pins.iter().map(|p| p.0));
+            for n in 0..m.pages.len() {
+                live_pages.insert(s.page_key(name, n));
+            }
+        }
+        report.chunks_live = live.len();
+
+        let now = Utc::now();
+        let grace_ms = grace.as_millis() as i64;
+        let pending_key = objects::pending_key(name);
+        let mut pending: Pending = match self.rt.block_on(self.store.get(&pending_key))? {
+            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            None => Pending::default(),
+        };
+        let listed = self
+            .rt
+            .block_on(self.store.list(&objects::chunks_prefix(name)))?;
+        let mut doomed = Vec::new();
+        let mut still = BTreeMap::new();
+        for l in &listed {
+            let Some(id) = objects::parse_chunk_key(&l.key) else {
+                continue;
+            };
+            if live.contains(&id) {
+                continue;
+            }
+            let h = hex::encode(id.0);
+            match pending.since_ms.get(&h) {
+                Some(since) if now.timestamp_millis() - since >= grace_ms => doomed.push(id),
+                Some(since) => {
+                    still.insert(h, *since);
+                }
+                None => {
+                    report.chunks_marked += 1;
+                    still.insert(h, now.timestamp_millis());
+                }
+            }
+        }
+        report.chunks_waiting = still.len();
+        pending.since_ms = still;
+        // The index forgets them first: a snapshot must never skip uploading
+        // a chunk that is about to go.
+        self.index.remove(&doomed)?;
+        let store = &self.store;
+        self.rt.block_on(
+            stream::iter(
+                doomed
+                    .iter()
+                    .map(|id| async move { store.delete(&objects::chunk_key(name, id)).await }),
+            )
+            .buffer_unordered(self.concurrency)
+            .try_collect::<Vec<()>>(),
+        )?;
+        report.chunks_deleted = doomed.len();
+        let pending_bytes = serde_json::to_vec(&pending).map_err(|e| ArchiveError::Damaged {
+            key: pending_key.clone(),
+            reason: e.to_string(),
+        })?;
+        self.rt
+            .block_on(self.store.put(&pending_key, pending_bytes))?;
+
+        // Log pieces wholly before the oldest kept snapshot restore nothing.
+        if let Some(oldest) = kept.iter().map(|s| s.seq).min() {
+            for p in self.pieces()? {
+                if p.last <= oldest {
+                    self.rt.block_on(self.store.delete(&p.key))?;
+                    report.log_pieces_deleted += 1;
+                }
+            }
+        }
+        // Pages of deleted snapshots, and of snapshots that never finished.
+        for l in self
+            .rt
+            .block_on(self.store.list(&objects::snapshots_prefix(name)))?
+        {
+            if l.key.ends_with(".manifest") || live_pages.contains(&l.key) {
+                continue;
+            }
+            let age_ms = (now - l.modified).num_milliseconds();
+            let of_deleted = report
+                .snapshots_deleted
+                .iter()
+                .any(|s| l.key.contains(&format!("/{s}/")));
+            if of_deleted || age_ms >= grace_ms {
+                self.rt.block_on(self.store.delete(&l.key))?;
+                report.orphan_objects_deleted += 1;
+            }
+        }
+        tracing::info!(
+            dataset = name,
+            kept = report.snapshots_kept,
+            deleted = report.snapshots_deleted.len(),
+            chunks_deleted = report.chunks_deleted,
+            chunks_waiting = report.chunks_waiting,
+            "prune complete"
+        );
+        Ok(report)
+    }
+}
+
+/// Every complete snapshot of `ds` in `store`, oldest first.
+pub fn list_snapshots(rt: &Handle, store: &Store, ds: &str) -> Result<Vec<SnapshotRef>> {
+    let listed = rt.block_on(store.list(&objects::snapshots_prefix(ds)))?;
+    let mut out: Vec<SnapshotRef> = listed
+        .iter()
+        .filter_map(|l| SnapshotRef::parse_manifest_key(&l.key))
+        .collect();
+    out.sort_by_key(|s| (s.seq, s.taken_ms));
+    Ok(out)
+}
+
+/// Reads and checks a snapshot's manifest and all its pages.
+pub fn read_snapshot(
+    rt: &Handle,
+    store: &Store,
+    keys: &vault::Keys,
+    ds: &str,
+    s: &SnapshotRef,
+    concurrency: usize,
+) -> Result<(Manifest, Namespace)> {
+    let key = s.manifest_key(ds);
+    let m = objects::decode_manifest(
+        keys,
+        &key,
+        &rt.block_on(store.get_required(&key, "the manifest"))?,
+    )?;
+    let pages: Vec<Vec<(Vec<u8>, vault::Entry)>> = rt.block_on(
+        stream::iter(m.pages.iter().enumerate().map(|(n, p)| {
+            let key = s.page_key(ds, n);
+            async move {
+                let b = store.get_required(&key, "a page of the snapshot").await?;
+                objects::decode_page(keys, &key, &b, p)
+            }
+        }))
+        .buffered(concurrency.max(1))
+        .try_collect(),
+    )?;
+    let entries: Vec<_> = pages.into_iter().flatten().collect();
+    Ok((m, entries))
+}
+
+/// Reads just the manifest of a snapshot.
+pub fn read_manifest(
+    rt: &Handle,
+    store: &Store,
+    keys: &vault::Keys,
+    ds: &str,
+    s: &SnapshotRef,
+) -> Result<Manifest> {
+    let key = s.manifest_key(ds);
+    objects::decode_manifest(
+        keys,
+        &key,
+        &rt.block_on(store.get_required(&key, "the manifest"))?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(day: i64, hour: i64, seq: u64) -> SnapshotRef {
+        // 2023-11-14 00:00:00 UTC: days start at midnight.
+        SnapshotRef::new(seq, (1_699_920_000 + day * 86_400 + hour * 3_600) * 1000)
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_per_bucket() {
+        let snaps: Vec<SnapshotRef> = (0..10)
+            .flat_map(|d| (0..3).map(move |h| snap(d, h * 5, (d * 3 + h) as u64 + 1)))
+            .collect();
+        let p = RetentionPolicy {
+            last: 2,
+            daily: 3,
+            ..Default::default()
+        };
+        let keep = p.select(&snaps);
+        // The newest two, plus the newest of each of the last three days (the
+        // newest day's is already among the last two).
+        let mut names: Vec<u64> = snaps
+            .iter()
+            .filter(|s| keep.contains(&s.name))
+            .map(|s| s.seq)
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![24, 27, 29, 30]);
+        assert_eq!(RetentionPolicy::default().select(&snaps).len(), 30);
+    }
+}

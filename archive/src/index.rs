@@ -1,0 +1,108 @@
+//! The local archive index: which chunks this site has already put in its
+//! object store, so a snapshot uploads only new chunks without asking the
+//! store (one HEAD per chunk would dominate an incremental snapshot).
+//!
+//! It is a cache of the store's `chunks/` listing, in its own small RocksDB
+//! next to the dataset (`<dataset>/archive-index/`). Losing it costs one
+//! listing: an index that is missing or was never filled is rebuilt from the
+//! store. It must never claim a chunk the store lacks, so prune removes
+//! entries (synced) before it deletes objects, and entries are added only
+//! after the upload finished.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{Options, WriteBatch, WriteOptions, DB};
+use vault::ChunkId;
+
+use crate::error::{ArchiveError, Result};
+
+const FILLED: &[u8] = b"!filled";
+
+pub struct Index {
+    db: DB,
+    path: PathBuf,
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Index> {
+        let mut o = Options::default();
+        o.create_if_missing(true);
+        o.set_keep_log_file_num(2);
+        let db = DB::open(&o, path).map_err(|e| ArchiveError::Index {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Ok(Index {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, e: rocksdb::Error) -> ArchiveError {
+        ArchiveError::Index {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
+
+    /// True once the index was filled from a listing of the store.
+    pub fn filled(&self) -> Result<bool> {
+        Ok(self.db.get(FILLED).map_err(|e| self.err(e))?.is_some())
+    }
+
+    pub fn set_filled(&self) -> Result<()> {
+        self.write(|b| b.put(FILLED, b""), true)
+    }
+
+    pub fn has(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.db.get_pinned(id.0).map_err(|e| self.err(e))?.is_some())
+    }
+
+    pub fn add(&self, ids: &[ChunkId]) -> Result<()> {
+        self.write(
+            |b| {
+                for id in ids {
+                    b.put(id.0, b"");
+                }
+            },
+            false,
+        )
+    }
+
+    /// Removes entries durably: called before the objects are deleted.
+    pub fn remove(&self, ids: &[ChunkId]) -> Result<()> {
+        self.write(
+            |b| {
+                for id in ids {
+                    b.delete(id.0);
+                }
+            },
+            true,
+        )
+    }
+
+    /// Forgets everything (the store was found to disagree).
+    pub fn clear(&self) -> Result<()> {
+        let keys: Vec<Box<[u8]>> = self
+            .db
+            .iterator(rocksdb::IteratorMode::Start)
+            .filter_map(|r| r.ok().map(|(k, _)| k))
+            .collect();
+        self.write(
+            |b| {
+                for k in &keys {
+                    b.delete(k);
+                }
+            },
+            true,
+        )
+    }
+
+    fn write(&self, f: impl FnOnce(&mut WriteBatch), sync: bool) -> Result<()> {
+        let mut b = WriteBatch::default();
+        f(&mut b);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(b, &wo).map_err(|e| self.err(e))
+    }
+}

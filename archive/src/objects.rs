@@ -1,0 +1,421 @@
+//! What the archive stores, under `<prefix>/<dataset>/`, and how each object
+//! is encoded and checked. docs/formats.md section 10 is the reference.
+//!
+//! - `OWNER`: the name of the site that writes this dataset's archive.
+//! - `chunks/<id hex>`: a sealed chunk, byte for byte as in the site's state
+//!   (content-addressed: written once, never rewritten).
+//! - `log/<first seq>-<last seq>-<last time ns>.lp`: a piece of the change
+//!   log: the records' payloads exactly as logged, chained, with a BLAKE3
+//!   trailer so truncation and alteration are found before anything is read.
+//! - `snapshots/<seq>-<taken ms>/page-<n>`: sealed pages of the namespace.
+//! - `snapshots/<seq>-<taken ms>.manifest`: the sealed header, written last:
+//!   a snapshot exists only once its manifest does.
+//! - `prune/pending`: chunks found unreferenced and when (two-phase prune).
+
+use serde::{Deserialize, Serialize};
+use vault::crypto::{sm4_gcm_open, sm4_gcm_seal, NONCE_LEN};
+use vault::ops::Entry;
+use vault::record::{chain, Hash};
+use vault::{ChunkId, Keys};
+
+use crate::error::{ArchiveError, Result};
+
+const SEALED_MAGIC: &[u8; 8] = b"TRIADSM1";
+const PIECE_MAGIC: &[u8; 8] = b"TRIADLP1";
+/// A namespace: (path, entry) in path order.
+pub type Namespace = Vec<(Vec<u8>, Entry)>;
+
+/// Namespace entries per manifest page.
+pub const PAGE_ENTRIES: usize = 20_000;
+
+pub fn chunk_key(ds: &str, id: &ChunkId) -> String {
+    format!("{ds}/chunks/{}", hex::encode(id.0))
+}
+
+pub fn chunks_prefix(ds: &str) -> String {
+    format!("{ds}/chunks/")
+}
+
+pub fn owner_key(ds: &str) -> String {
+    format!("{ds}/OWNER")
+}
+
+pub fn pending_key(ds: &str) -> String {
+    format!("{ds}/prune/pending")
+}
+
+pub fn log_prefix(ds: &str) -> String {
+    format!("{ds}/log/")
+}
+
+pub fn snapshots_prefix(ds: &str) -> String {
+    format!("{ds}/snapshots/")
+}
+
+/// The id of a chunk object from its key.
+pub fn parse_chunk_key(key: &str) -> Option<ChunkId> {
+    let hexid = key.rsplit('/').next()?;
+    let b = hex::decode(hexid).ok()?;
+    Some(ChunkId(b.try_into().ok()?))
+}
+
+/// A log piece, as named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceRef {
+    pub key: String,
+    pub first: u64,
+    pub last: u64,
+    pub last_time_ns: i64,
+}
+
+impl PieceRef {
+    pub fn new(ds: &str, first: u64, last: u64, last_time_ns: i64) -> PieceRef {
+        PieceRef {
+            key: format!("{ds}/log/{first:020}-{last:020}-{last_time_ns:019}.lp"),
+            first,
+            last,
+            last_time_ns,
+        }
+    }
+
+    pub fn parse(key: &str) -> Option<PieceRef> {
+        let name = key.rsplit('/').next()?.strip_suffix(".lp")?;
+        let mut it = name.split('-');
+        let first = it.next()?.parse().ok()?;
+        let last = it.next()?.parse().ok()?;
+        let t = it.next()?.parse().ok()?;
+        Some(PieceRef {
+            key: key.to_string(),
+            first,
+            last,
+            last_time_ns: t,
+        })
+    }
+}
+
+/// A snapshot, as named: `<seq>-<taken ms>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub name: String,
+    pub seq: u64,
+    pub taken_ms: i64,
+}
+
+impl SnapshotRef {
+    pub fn new(seq: u64, taken_ms: i64) -> SnapshotRef {
+        SnapshotRef {
+            name: format!("{seq:020}-{taken_ms:013}"),
+            seq,
+            taken_ms,
+        }
+    }
+
+    pub fn parse_manifest_key(key: &str) -> Option<SnapshotRef> {
+        let name = key.rsplit('/').next()?.strip_suffix(".manifest")?;
+        let (seq, ms) = name.split_once('-')?;
+        Some(SnapshotRef {
+            name: name.to_string(),
+            seq: seq.parse().ok()?,
+            taken_ms: ms.parse().ok()?,
+        })
+    }
+
+    pub fn manifest_key(&self, ds: &str) -> String {
+        format!("{ds}/snapshots/{}.manifest", self.name)
+    }
+
+    pub fn page_key(&self, ds: &str, n: usize) -> String {
+        format!("{ds}/snapshots/{}/page-{n:06}", self.name)
+    }
+}
+
+/// A page of a snapshot, as its manifest records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageRef {
+    pub entries: u32,
+    pub sealed_len: u64,
+    pub sealed_hash: [u8; 32],
+}
+
+/// A snapshot's header: what state it is, and how to check its pages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub dataset: String,
+    pub site: String,
+    pub seq: u64,
+    /// Time of the record at `seq` (the point in time the snapshot shows).
+    pub time_ns: i64,
+    /// Wall time the snapshot was taken.
+    pub taken_ns: i64,
+    pub chain_hash: Hash,
+    /// Summary of the namespace digest (as in checkpoints).
+    pub digest: [u8; 32],
+    /// The full LtHash, so a restore can check the namespace it rebuilds.
+    pub lthash: Vec<u8>,
+    pub entries: u64,
+    pub bytes: u64,
+    /// Distinct chunks the snapshot references (entries and pins).
+    pub chunks: u64,
+    /// Chunks held by files still being logged: (id, references, plain length).
+    pub pins: Vec<(ChunkId, u64, u32)>,
+    pub pages: Vec<PageRef>,
+}
+
+/// Seals `plain` with SM4-GCM under the manifest key, bound to the object's
+/// key so an object moved to another name does not open.
+pub fn seal(keys: &Keys, key: &str, plain: &[u8]) -> Vec<u8> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let mut buf = plain.to_vec();
+    sm4_gcm_seal(&keys.manifest_seal, &nonce, key.as_bytes(), &mut buf);
+    let mut out = Vec::with_capacity(8 + NONCE_LEN + buf.len());
+    out.extend_from_slice(SEALED_MAGIC);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&buf);
+    out
+}
+
+pub fn open(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+    let damaged = |reason: &str| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    };
+    if sealed.len() < 8 + NONCE_LEN || &sealed[..8] != SEALED_MAGIC {
+        return Err(damaged(
+            "not a sealed triad object (bad header or truncated)",
+        ));
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&sealed[8..8 + NONCE_LEN]);
+    let mut buf = sealed[8 + NONCE_LEN..].to_vec();
+    if !sm4_gcm_open(&keys.manifest_seal, &nonce, key.as_bytes(), &mut buf) {
+        return Err(damaged(
+            "SM4-GCM tag does not verify: truncated, altered, or sealed with another dataset key",
+        ));
+    }
+    Ok(buf)
+}
+
+pub fn encode_manifest(keys: &Keys, key: &str, m: &Manifest) -> Result<Vec<u8>> {
+    let plain = postcard::to_allocvec(m).map_err(|e| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    Ok(seal(keys, key, &plain))
+}
+
+pub fn decode_manifest(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Manifest> {
+    let plain = open(keys, key, sealed)?;
+    postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("manifest does not decode: {e}"),
+    })
+}
+
+pub fn encode_page(keys: &Keys, key: &str, entries: &[(Vec<u8>, Entry)]) -> Result<Vec<u8>> {
+    let plain = postcard::to_allocvec(entries).map_err(|e| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    Ok(seal(keys, key, &plain))
+}
+
+pub fn decode_page(
+    keys: &Keys,
+    key: &str,
+    sealed: &[u8],
+    expect: &PageRef,
+) -> Result<Vec<(Vec<u8>, Entry)>> {
+    if sealed.len() as u64 != expect.sealed_len
+        || *blake3::hash(sealed).as_bytes() != expect.sealed_hash
+    {
+        return Err(ArchiveError::Damaged {
+            key: key.to_string(),
+            reason: format!(
+                "page is {} bytes and does not hash as its manifest records ({} bytes)",
+                sealed.len(),
+                expect.sealed_len
+            ),
+        });
+    }
+    let plain = open(keys, key, sealed)?;
+    let entries: Vec<(Vec<u8>, Entry)> =
+        postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
+            key: key.to_string(),
+            reason: format!("page does not decode: {e}"),
+        })?;
+    if entries.len() != expect.entries as usize {
+        return Err(ArchiveError::Damaged {
+            key: key.to_string(),
+            reason: format!(
+                "page holds {} entries, its manifest says {}",
+                entries.len(),
+                expect.entries
+            ),
+        });
+    }
+    Ok(entries)
+}
+
+/// A record in a log piece.
+#[derive(Debug, Clone)]
+pub struct PieceRecord {
+    pub seq: u64,
+    pub time_ns: i64,
+    pub payload: Vec<u8>,
+}
+
+/// Encodes a piece: header, `len u32 | payload` per record, BLAKE3 trailer.
+/// Records are already sealed by the log (their bodies are SM4-GCM).
+pub fn encode_piece(prev_hash: &Hash, records: &[PieceRecord]) -> Vec<u8> {
+    let size: usize = records.iter().map(|r| 4 + r.payload.len()).sum();
+    let mut out = Vec::with_capacity(8 + 8 + 4 + 32 + size + 32);
+    out.extend_from_slice(PIECE_MAGIC);
+    out.extend_from_slice(&records.first().map(|r| r.seq).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    out.extend_from_slice(prev_hash);
+    for r in records {
+        out.extend_from_slice(&(r.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&r.payload);
+    }
+    let trailer = blake3::hash(&out);
+    out.extend_from_slice(trailer.as_bytes());
+    out
+}
+
+/// Decodes and checks a piece: trailer, counts, seq continuity and the hash
+/// chain from the recorded previous hash. Returns that previous hash and the
+/// records.
+pub fn decode_piece(key: &str, bytes: &[u8]) -> Result<(Hash, Vec<PieceRecord>)> {
+    let damaged = |reason: String| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason,
+    };
+    if bytes.len() < 8 + 8 + 4 + 32 + 32 || &bytes[..8] != PIECE_MAGIC {
+        return Err(damaged(
+            "not a triad log piece (bad header or truncated)".into(),
+        ));
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != trailer {
+        return Err(damaged(
+            "BLAKE3 trailer does not match: the object was truncated or altered".into(),
+        ));
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap_or([0; 8]));
+    let first = u64_at(8);
+    let count = u32::from_le_bytes(body[16..20].try_into().unwrap_or([0; 4])) as usize;
+    let mut prev: Hash = body[20..52].try_into().unwrap_or([0; 32]);
+    let start_hash = prev;
+    let mut off = 52;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        if off + 4 > body.len() {
+            return Err(damaged(format!("record {i} of {count} is cut short")));
+        }
+        let len = u32::from_le_bytes(body[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+        off += 4;
+        if off + len > body.len() {
+            return Err(damaged(format!("record {i} of {count} is cut short")));
+        }
+        let payload = body[off..off + len].to_vec();
+        off += len;
+        let rec = vault::record::Record::decode_payload(&payload)
+            .ok_or_else(|| damaged(format!("record {i} does not decode")))?;
+        let want = first + i as u64;
+        if rec.seq != want {
+            return Err(damaged(format!(
+                "record {i} has seq {}, expected {want}",
+                rec.seq
+            )));
+        }
+        if rec.prev_hash != prev {
+            return Err(damaged(format!("hash chain broken at seq {want}")));
+        }
+        prev = chain(&prev, &payload);
+        out.push(PieceRecord {
+            seq: rec.seq,
+            time_ns: rec.time_ns,
+            payload,
+        });
+    }
+    if off != body.len() {
+        return Err(damaged("bytes after the last record".into()));
+    }
+    Ok((start_hash, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vault::ops::Op;
+    use vault::record::Record;
+    use vault::DatasetKey;
+
+    fn records(keys: &Keys, n: u64) -> (Hash, Vec<PieceRecord>) {
+        let start = [7u8; 32];
+        let mut prev = start;
+        let mut out = Vec::new();
+        for seq in 1..=n {
+            let r = Record::seal(
+                keys,
+                seq,
+                1,
+                seq as i64 * 10,
+                prev,
+                &[Op::Delete {
+                    path: format!("p{seq}").into_bytes(),
+                }],
+                vec![],
+            );
+            let payload = r.encode_payload();
+            prev = chain(&prev, &payload);
+            out.push(PieceRecord {
+                seq,
+                time_ns: seq as i64 * 10,
+                payload,
+            });
+        }
+        (start, out)
+    }
+
+    #[test]
+    fn pieces_round_trip_and_damage_is_named() {
+        let keys = DatasetKey::generate().derive();
+        let (start, recs) = records(&keys, 5);
+        let bytes = encode_piece(&start, &recs);
+        let (h, back) = decode_piece("k", &bytes).unwrap();
+        assert_eq!(h, start);
+        assert_eq!(back.len(), 5);
+        assert_eq!(back[4].time_ns, 50);
+        let cut = &bytes[..bytes.len() - 10];
+        let e = decode_piece("ds/log/x.lp", cut).unwrap_err().to_string();
+        assert!(e.contains("ds/log/x.lp") && e.contains("truncated"), "{e}");
+        let mut flipped = bytes.clone();
+        flipped[60] ^= 1;
+        assert!(decode_piece("k", &flipped).is_err());
+    }
+
+    #[test]
+    fn sealed_objects_are_bound_to_their_key_and_dataset_key() {
+        let keys = DatasetKey::generate().derive();
+        let s = seal(&keys, "a/snapshots/x.manifest", b"hello");
+        assert_eq!(open(&keys, "a/snapshots/x.manifest", &s).unwrap(), b"hello");
+        assert!(open(&keys, "a/snapshots/y.manifest", &s).is_err());
+        let other = DatasetKey::generate().derive();
+        assert!(open(&other, "a/snapshots/x.manifest", &s).is_err());
+        assert!(open(&keys, "a/snapshots/x.manifest", &s[..s.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn names_parse_back() {
+        let p = PieceRef::new("ds", 3, 9, 1_700_000_000_000_000_000);
+        assert_eq!(PieceRef::parse(&p.key), Some(p));
+        let s = SnapshotRef::new(42, 1_700_000_000_000);
+        assert_eq!(
+            SnapshotRef::parse_manifest_key(&s.manifest_key("ds")),
+            Some(s)
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! Point-in-time restore from an archive alone, with no daemon running.
+//!
+//! The plan: the newest snapshot at or before the target, then the archived
+//! log records after it up to the target. It is carried out through the
+//! same code a follower uses: a scratch dataset (next to the target, on the
+//! same filesystem) gets the snapshot installed as a state transfer (chunks
+//! downloaded in parallel and each checked against its id, the namespace
+//! checked against the snapshot's digest), then the records appended as
+//! replicated records (their hash chain checked against the snapshot's chain
+//! hash); finally the ordinary restore writes the tree from the scratch
+//! dataset, checking every chunk again and the final digest. The scratch
+//! dataset is removed afterwards.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+use tokio::runtime::Handle;
+use vault::chunk;
+use vault::state::Applied;
+use vault::{ChunkId, Dataset, DatasetKey, SealedChunk};
+
+use crate::archiver::{list_snapshots, read_snapshot};
+use crate::error::{ArchiveError, Result};
+use crate::objects::{self, PieceRef, SnapshotRef};
+use crate::store::Store;
+
+/// The point to restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    Latest,
+    Seq(u64),
+    /// Unix time in ns: the last record committed at or before it.
+    Time(i64),
+}
+
+impl std::str::FromStr for At {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<At, String> {
+        if s == "latest" {
+            return Ok(At::Latest);
+        }
+        if let Some(n) = s.strip_prefix("seq:") {
+            return n.parse().map(At::Seq).map_err(|e| format!("--at {s}: {e}"));
+        }
+        if let Ok(n) = s.parse::<u64>() {
+            return Ok(At::Seq(n));
+        }
+        let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|e| {
+            format!(
+                "--at {s}: expected `latest`, a seq (`1234` or `seq:1234`) or an RFC 3339 time \
+                 such as 2026-11-27T10:00:00Z ({e})"
+            )
+        })?;
+        t.timestamp_nanos_opt()
+            .map(At::Time)
+            .ok_or_else(|| format!("--at {s}: time out of range"))
+    }
+}
+
+/// Progress of a restore, for a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress {
+    /// Chunks of the snapshot downloaded (done, total).
+    Chunks(u64, u64),
+    /// Log records replayed (done, to replay).
+    Records(u64, u64),
+    /// Bytes written to the target.
+    Written(u64),
+}
+
+/// What a restore from the archive did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArchiveRestore {
+    pub snapshot: Option<String>,
+    pub snapshot_seq: u64,
+    pub replayed_records: u64,
+    pub seq: u64,
+    pub time_ns: i64,
+    pub chunks_downloaded: u64,
+    pub bytes_downloaded: u64,
+    pub report: vault::restore::Report,
+}
+
+/// The snapshot a restore starts from.
+type Start = (SnapshotRef, objects::Manifest, objects::Namespace);
+
+pub struct Restorer<'a> {
+    pub rt: &'a Handle,
+    pub store: &'a Store,
+    pub dataset: &'a str,
+    pub key: &'a DatasetKey,
+    pub concurrency: usize,
+}
+
+impl Restorer<'_> {
+    pub fn restore(
+        &self,
+        at: At,
+        to: &Path,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<ArchiveRestore> {
+        let ds_name = self.dataset;
+        let keys = self.key.derive();
+        let snaps = list_snapshots(self.rt, self.store, ds_name)?;
+        let pieces: Vec<PieceRef> = self
+            .rt
+            .block_on(self.store.list(&objects::log_prefix(ds_name)))?
+            .iter()
+            .filter_map(|l| PieceRef::parse(&l.key))
+            .collect();
+        if snaps.is_empty() && pieces.is_empty() {
+            return Err(ArchiveError::NoRestorePoint(format!(
+                "{} holds no snapshot and no log of dataset {ds_name}",
+                self.store.url()
+            )));
+        }
+        let newest = pieces
+            .last()
+            .map(|p| p.last)
+            .max(snaps.last().map(|s| s.seq))
+            .unwrap_or(0);
+        let target_seq = match at {
+            At::Latest => newest,
+            At::Seq(n) if n > newest => {
+                return Err(ArchiveError::NoRestorePoint(format!(
+                    "seq {n} is past the newest archived record ({newest})"
+                )))
+            }
+            At::Seq(n) => n,
+            At::Time(_) => newest,
+        };
+
+        // The snapshot to start from: the newest at or before the target.
+        let mut start: Option<Start> = None;
+        for s in snaps.iter().rev().filter(|s| s.seq <= target_seq) {
+            let (m, entries) =
+                read_snapshot(self.rt, self.store, &keys, ds_name, s, self.concurrency)?;
+            if let At::Time(t) = at {
+                if m.time_ns > t {
+                    continue;
+                }
+            }
+            start = Some((s.clone(), m, entries));
+            break;
+        }
+        let from_seq = start.as_ref().map(|(s, _, _)| s.seq).unwrap_or(0);
+        // The log pieces after it must cover (from_seq, target] without a gap.
+        let mut needed: Vec<&PieceRef> = pieces
+            .iter()
+            .filter(|p| p.last > from_seq && p.first <= target_seq)
+            .collect();
+        needed.sort_by_key(|p| p.first);
+        let mut next = from_seq + 1;
+        for p in &needed {
+            if p.first > next {
+                break;
+            }
+            next = next.max(p.last + 1);
+        }
+        if next <= target_seq {
+            return Err(ArchiveError::NoRestorePoint(format!(
+                "the archived log has no record {next} (needed to go from {} to seq {target_seq}); \
+                 the nearest points that can be restored are the snapshots: {}",
+                match &start {
+                    Some((s, _, _)) => format!("snapshot {}", s.name),
+                    None => "an empty dataset".into(),
+                },
+                snaps
+                    .iter()
+                    .map(|s| s.seq.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+
+        let parent = to
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .map_err(|e| ArchiveError::io("creating the restore target's parent", parent, e))?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".triad-restore-")
+            .tempdir_in(parent)
+            .map_err(|e| ArchiveError::io("creating a scratch directory in", parent, e))?;
+        let ds = Arc::new(Dataset::open(
+            scratch.path(),
+            ds_name,
+            self.key,
+            vault::Options {
+                create: true,
+                release_pins: false,
+                ..vault::Options::default()
+            },
+        )?);
+        let mut out = ArchiveRestore {
+            snapshot: None,
+            snapshot_seq: from_seq,
+            replayed_records: 0,
+            seq: 0,
+            time_ns: 0,
+            chunks_downloaded: 0,
+            bytes_downloaded: 0,
+            report: vault::restore::Report::default(),
+        };
+        let r = self.fill(&ds, start, &needed, target_seq, at, &mut out, progress);
+        let closed = ds.close();
+        r?;
+        closed?;
+        drop(ds);
+        let view = vault::View::open(scratch.path(), ds_name, self.key)?;
+        out.seq = view.applied().seq;
+        out.time_ns = view.applied().time_ns;
+        out.report = vault::restore::restore(&view, to, &|b| progress(Progress::Written(b)))?;
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &self,
+        ds: &Dataset,
+        start: Option<Start>,
+        pieces: &[&PieceRef],
+        target_seq: u64,
+        at: At,
+        out: &mut ArchiveRestore,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<()> {
+        let keys = ds.keys().clone();
+        let from_seq = start.as_ref().map(|(s, _, _)| s.seq).unwrap_or(0);
+        if let Some((s, m, entries)) = start {
+            let mut want: Vec<(ChunkId, u32)> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for (_, e) in &entries {
+                for c in e.chunks() {
+                    if seen.insert(c.id) {
+                        want.push((c.id, c.len));
+                    }
+                }
+            }
+            for (id, _, len) in &m.pins {
+                if seen.insert(*id) {
+                    want.push((*id, *len));
+                }
+            }
+            let total = want.len() as u64;
+            let mut done = 0u64;
+            let mut damaged: Vec<String> = Vec::new();
+            let store = self.store;
+            let shared_keys = Arc::new(keys.clone());
+            let mut results = stream::iter(want.into_iter().map(|(id, len)| {
+                let keys = shared_keys.clone();
+                async move {
+                    let key = objects::chunk_key(self.dataset, &id);
+                    let bytes = store
+                        .get_required(&key, "a chunk the snapshot references")
+                        .await?;
+                    // Checked off the async threads: SM4 is the slow part.
+                    let checked = tokio::task::spawn_blocking(move || {
+                        let r = chunk::open(&keys, &id, len, &bytes).map(|_| ());
+                        (r, bytes)
+                    })
+                    .await;
+                    Ok::<_, ArchiveError>((key, id, len, checked))
+                }
+            }))
+            .buffer_unordered(self.concurrency);
+            let mut batch: Vec<SealedChunk> = Vec::new();
+            let mut batch_bytes = 0usize;
+            while let Some(r) = self.rt.block_on(results.next()) {
+                let (key, id, len, checked) = match r {
+                    Ok(x) => x,
+                    Err(ArchiveError::Missing { key, reason }) => {
+                        damaged.push(format!("{key}: missing ({reason})"));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let (res, bytes) = checked.map_err(|e| ArchiveError::Stopped(e.to_string()))?;
+                if let Err(e) = res {
+                    damaged.push(format!("{key}: {e}"));
+                    continue;
+                }
+                done += 1;
+                out.chunks_downloaded += 1;
+                out.bytes_downloaded += bytes.len() as u64;
+                batch_bytes += bytes.len();
+                batch.push(SealedChunk {
+                    id,
+                    plain_len: len,
+                    sealed: bytes,
+                });
+                if batch_bytes >= 64 << 20 {
+                    ds.stage_chunks(&batch)?;
+                    batch.clear();
+                    batch_bytes = 0;
+                }
+                progress(Progress::Chunks(done, total));
+            }
+            ds.stage_chunks(&batch)?;
+            if !damaged.is_empty() {
+                return Err(ArchiveError::Damaged {
+                    key: format!("{} chunk object(s) of snapshot {}", damaged.len(), s.name),
+                    reason: damaged.join("; "),
+                });
+            }
+            let digest = vault::lthash::LtHash::try_from_bytes(&m.lthash).ok_or_else(|| {
+                ArchiveError::Damaged {
+                    key: s.manifest_key(self.dataset),
+                    reason: "the recorded digest does not decode".into(),
+                }
+            })?;
+            let applied = Applied {
+                seq: m.seq,
+                hash: m.chain_hash,
+                time_ns: m.time_ns,
+                digest,
+            };
+            let pins: Vec<(ChunkId, u64)> = m.pins.iter().map(|(id, n, _)| (*id, *n)).collect();
+            ds.install_transfer(applied, entries, pins).map_err(|e| {
+                ArchiveError::Submit(format!("installing snapshot {}: {e}", s.name))
+            })?;
+            out.snapshot = Some(s.name.clone());
+        }
+
+        let to_replay = target_seq.saturating_sub(from_seq);
+        for p in pieces {
+            let bytes = self
+                .rt
+                .block_on(self.store.get_required(&p.key, "a log piece"))?;
+            let (_, recs) = objects::decode_piece(&p.key, &bytes)?;
+            let mut payloads = Vec::new();
+            let mut stop = false;
+            for r in recs {
+                if r.seq <= ds.head_seq() {
+                    continue;
+                }
+                if r.seq > target_seq || matches!(at, At::Time(t) if r.time_ns > t) {
+                    stop = true;
+                    break;
+                }
+                payloads.push(r.payload);
+            }
+            let n = payloads.len() as u64;
+            if n > 0 {
+                ds.append_replicated(payloads).map_err(|e| {
+                    ArchiveError::Submit(format!("replaying log piece {}: {e}", p.key))
+                })?;
+                out.replayed_records += n;
+                progress(Progress::Records(out.replayed_records, to_replay));
+            }
+            if stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,306 @@
+//! The object store a site archives into, through `object_store`: S3 and
+//! S3-compatible servers (MinIO, RustFS, Ceph RGW, s3s) or a local directory
+//! (`file://`, the embedded default).
+//!
+//! Retries with exponential backoff on 5xx answers, timeouts and dropped
+//! connections come from `object_store`'s own retry layer; concurrency is
+//! bounded by its `LimitStore`. This wrapper adds what operators need on top:
+//! keys relative to the configured prefix, multipart uploads for large
+//! objects, and errors that name the store, the object and the likely fix.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::limit::LimitStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig, WriteMultipart,
+};
+use serde::Deserialize;
+
+use crate::error::{ArchiveError, Result};
+
+/// Objects above this size are uploaded in parts.
+const MULTIPART_ABOVE: usize = 16 << 20;
+const PART_SIZE: usize = 8 << 20;
+
+/// Where and how to reach a site's object store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `s3://bucket/prefix` or `file:///absolute/dir`.
+    pub url: String,
+    /// S3 endpoint, e.g. `http://minio.internal:9000`; AWS when absent.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// TOML file with `access_key_id` and `secret_access_key`; without it the
+    /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` environment is used.
+    pub credentials_file: Option<PathBuf>,
+    /// Virtual-hosted-style requests (`bucket.host`); default path-style,
+    /// which MinIO, RustFS, Ceph and s3s all accept.
+    pub virtual_hosted: bool,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Retries of a failed request before giving up.
+    pub max_retries: usize,
+}
+
+impl StoreConfig {
+    pub fn new(url: &str) -> StoreConfig {
+        StoreConfig {
+            url: url.to_string(),
+            endpoint: None,
+            region: None,
+            credentials_file: None,
+            virtual_hosted: false,
+            concurrency: 8,
+            timeout: Duration::from_secs(60),
+            max_retries: 10,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+/// One object as listed.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Key relative to the store's prefix.
+    pub key: String,
+    pub size: u64,
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
+/// An opened object store with a key prefix.
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.url)
+    }
+}
+
+impl Store {
+    pub fn open(cfg: &StoreConfig) -> Result<Store> {
+        let bad = |m: String| ArchiveError::Config(format!("archive.url {:?}: {m}", cfg.url));
+        let url = url::Url::parse(&cfg.url).map_err(|e| bad(e.to_string()))?;
+        let (inner, prefix): (Arc<dyn ObjectStore>, String) = match url.scheme() {
+            "file" => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|_| bad("file:// needs an absolute path".into()))?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| ArchiveError::io("creating the archive directory", &dir, e))?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_automatic_cleanup(true);
+                (Arc::new(fs), String::new())
+            }
+            "s3" => {
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| bad("s3:// needs a bucket: s3://bucket/prefix".into()))?;
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_virtual_hosted_style_request(cfg.virtual_hosted)
+                    .with_retry(RetryConfig {
+                        backoff: BackoffConfig {
+                            init_backoff: Duration::from_millis(100),
+                            max_backoff: Duration::from_secs(15),
+                            base: 2.0,
+                        },
+                        max_retries: cfg.max_retries,
+                        retry_timeout: Duration::from_secs(300),
+                    })
+                    .with_client_options(
+                        ClientOptions::new()
+                            .with_timeout(cfg.timeout)
+                            .with_connect_timeout(Duration::from_secs(10))
+                            .with_allow_http(true),
+                    );
+                b = b.with_region(cfg.region.as_deref().unwrap_or("us-east-1"));
+                if let Some(e) = &cfg.endpoint {
+                    b = b.with_endpoint(e);
+                }
+                if let Some(path) = &cfg.credentials_file {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        ArchiveError::Config(format!(
+                            "archive.credentials_file {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    // The parse error is not shown: it could quote a secret.
+                    let c: Credentials = toml::from_str(&text).map_err(|_| {
+                        ArchiveError::Config(format!(
+                            "archive.credentials_file {}: expected TOML with access_key_id and \
+                             secret_access_key (strings), and optionally session_token",
+                            path.display()
+                        ))
+                    })?;
+                    b = b
+                        .with_access_key_id(c.access_key_id)
+                        .with_secret_access_key(c.secret_access_key);
+                    if let Some(t) = c.session_token {
+                        b = b.with_token(t);
+                    }
+                }
+                let s3 = b.build().map_err(|e| bad(e.to_string()))?;
+                (Arc::new(s3), url.path().trim_matches('/').to_string())
+            }
+            other => {
+                return Err(bad(format!(
+                    "unsupported scheme {other}:// (use s3:// or file://)"
+                )))
+            }
+        };
+        let inner: Arc<dyn ObjectStore> = Arc::new(LimitStore::new(inner, cfg.concurrency.max(1)));
+        Ok(Store {
+            inner,
+            prefix,
+            url: cfg.url.clone(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        if self.prefix.is_empty() {
+            ObjPath::from(key)
+        } else {
+            ObjPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn relative(&self, p: &ObjPath) -> String {
+        let s = p.as_ref();
+        if self.prefix.is_empty() {
+            s.to_string()
+        } else {
+            s.strip_prefix(&self.prefix)
+                .map(|r| r.trim_start_matches('/').to_string())
+                .unwrap_or_else(|| s.to_string())
+        }
+    }
+
+    fn err(&self, op: &'static str, key: &str, e: object_store::Error) -> ArchiveError {
+        let hint = match &e {
+            object_store::Error::Unauthenticated { .. } => {
+                " (the store rejected the credentials: check archive.credentials_file or \
+                 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            }
+            object_store::Error::PermissionDenied { .. } => {
+                " (access denied: check the credentials and the bucket policy)"
+            }
+            _ => {
+                let s = e.to_string();
+                if s.contains("NoSuchBucket") {
+                    " (the bucket does not exist: create it, or fix archive.url)"
+                } else if s.contains("InvalidAccessKeyId") || s.contains("SignatureDoesNotMatch") {
+                    " (the store rejected the credentials: check archive.credentials_file or \
+                     AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+                } else {
+                    ""
+                }
+            }
+        };
+        ArchiveError::Store {
+            url: self.url.clone(),
+            op,
+            key: key.to_string(),
+            message: format!("{e}{hint}"),
+        }
+    }
+
+    /// Writes an object whole; large ones go in parts. The object becomes
+    /// visible only when complete.
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let path = self.path(key);
+        if bytes.len() <= MULTIPART_ABOVE {
+            self.inner
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .map_err(|e| self.err("writing", key, e))?;
+            return Ok(());
+        }
+        let upload = self
+            .inner
+            .put_multipart(&path)
+            .await
+            .map_err(|e| self.err("starting a multipart upload of", key, e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        for part in bytes.chunks(PART_SIZE) {
+            w.wait_for_capacity(4)
+                .await
+                .map_err(|e| self.err("uploading a part of", key, e))?;
+            w.write(part);
+        }
+        w.finish()
+            .await
+            .map_err(|e| self.err("completing the multipart upload of", key, e))?;
+        Ok(())
+    }
+
+    /// Reads an object whole; `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self.inner.get(&self.path(key)).await {
+            Ok(r) => {
+                let b = r.bytes().await.map_err(|e| self.err("reading", key, e))?;
+                Ok(Some(b.to_vec()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("reading", key, e)),
+        }
+    }
+
+    /// Reads an object that must exist.
+    pub async fn get_required(&self, key: &str, what: &str) -> Result<Vec<u8>> {
+        self.get(key).await?.ok_or_else(|| ArchiveError::Missing {
+            key: key.to_string(),
+            reason: format!("{what} is not in {}", self.url),
+        })
+    }
+
+    /// Every object under `prefix` (relative keys), in key order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let p = self.path(prefix.trim_end_matches('/'));
+        let mut out: Vec<Listed> = self
+            .inner
+            .list(Some(&p))
+            .map_ok(|m| Listed {
+                key: self.relative(&m.location),
+                size: m.size,
+                modified: m.last_modified,
+            })
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", prefix, e))?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Deletes an object; one already gone is not an error.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self.inner.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("deleting", key, e)),
+        }
+    }
+}

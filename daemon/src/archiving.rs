@@ -1,0 +1,354 @@
+//! The daemon's archive threads, two per dataset when `[archive]` is set:
+//!
+//! - the shipper uploads the durable log every `log_flush_interval` (and a
+//!   last time at a clean stop), so the archive trails the site by seconds;
+//! - the snapshotter takes snapshots on the cron schedule, on request
+//!   (`triad snapshot` / `triad prune` drop request files into
+//!   `<dataset>/requests/`) and when the shipper found a gap the log can no
+//!   longer fill, then applies retention and prunes.
+//!
+//! The store being down never stops replication or the source: errors are
+//! logged, shown in `status.json`, and the work is retried. Log segments stay
+//! on disk until shipped (see `runtime::retain`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use archive::{Archiver, PruneReport, SnapshotReport, Store};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+use vault::Dataset;
+
+use crate::config::ArchiveSettings;
+
+pub const REQUESTS_DIR: &str = "requests";
+
+/// The archive part of `status.json`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ArchiveStatus {
+    pub url: String,
+    /// Highest seq whose record is in the archive.
+    pub shipped_seq: u64,
+    pub last_ship_ns: i64,
+    pub last_snapshot: Option<SnapshotReport>,
+    pub last_snapshot_ns: i64,
+    pub last_prune: Option<PruneReport>,
+    pub next_snapshot: Option<String>,
+    /// The latest failure, cleared by the next success of the same kind.
+    pub ship_error: Option<String>,
+    pub snapshot_error: Option<String>,
+}
+
+/// A request from the CLI, as a file `<id>.<kind>` in the requests dir; the
+/// answer is written to `<id>.result`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub snapshot: Option<SnapshotReport>,
+    pub prune: Option<PruneReport>,
+}
+
+/// Shared between the runtime and a dataset's archive threads.
+pub struct Shared {
+    pub status: Mutex<ArchiveStatus>,
+    /// Seq shipped; 0 until known (retention then keeps everything).
+    pub shipped: AtomicU64,
+    gap: AtomicBool,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut ArchiveStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+}
+
+fn now_ns() -> i64 {
+    vault::dataset::now_ns()
+}
+
+/// Sleeps up to `d`, waking early on stop.
+fn nap(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Acquire) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+    }
+}
+
+/// Opens the archiver, retrying until the store answers or the daemon stops.
+fn open_archiver(
+    settings: &ArchiveSettings,
+    rt: &Handle,
+    ds: &Arc<Dataset>,
+    site: &str,
+    shared: &Shared,
+    stop: &AtomicBool,
+) -> Option<Arc<Archiver>> {
+    let mut wait = Duration::from_secs(1);
+    while !stop.load(Ordering::Acquire) {
+        let r = Store::open(&settings.store).and_then(|s| {
+            Archiver::open(
+                Arc::new(s),
+                rt.clone(),
+                ds.clone(),
+                site,
+                settings.store.concurrency,
+            )
+        });
+        match r {
+            Ok(a) => {
+                shared.shipped.store(a.shipped_seq(), Ordering::Release);
+                shared.update(|s| {
+                    s.shipped_seq = a.shipped_seq();
+                    s.ship_error = None;
+                });
+                return Some(Arc::new(a));
+            }
+            Err(e) => {
+                tracing::error!(dataset = ds.name(), error = %e, "cannot open the archive; retrying");
+                shared.update(|s| s.ship_error = Some(e.to_string()));
+                nap(stop, wait);
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+    None
+}
+
+/// Starts a dataset's archive threads.
+pub fn start(
+    settings: ArchiveSettings,
+    rt: Handle,
+    ds: Arc<Dataset>,
+    site: String,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<(Arc<Shared>, std::thread::JoinHandle<()>)> {
+    let shared = Arc::new(Shared {
+        status: Mutex::new(ArchiveStatus {
+            url: settings.store.url.clone(),
+            ..ArchiveStatus::default()
+        }),
+        shipped: AtomicU64::new(0),
+        gap: AtomicBool::new(false),
+    });
+    let sh = shared.clone();
+    let name = ds.name().to_string();
+    let handle = std::thread::Builder::new()
+        .name(format!("archive-{name}"))
+        .spawn(move || {
+            let Some(a) = open_archiver(&settings, &rt, &ds, &site, &sh, &stop) else {
+                return;
+            };
+            let snapper = {
+                let (a, sh, stop, settings) = (a.clone(), sh.clone(), stop.clone(), settings.clone());
+                std::thread::Builder::new()
+                    .name(format!("snapshots-{name}"))
+                    .spawn(move || snapshot_loop(&a, &settings, &sh, &stop))
+            };
+            ship_loop(&a, &settings, &sh, &stop);
+            if let Ok(t) = snapper {
+                let _ = t.join();
+            }
+        })?;
+    Ok((shared, handle))
+}
+
+fn ship_once(a: &Archiver, sh: &Shared) {
+    match a.ship_log() {
+        Ok(Some(seq)) => {
+            sh.shipped.store(seq, Ordering::Release);
+            sh.update(|s| {
+                s.shipped_seq = seq;
+                s.last_ship_ns = now_ns();
+                s.ship_error = None;
+            });
+        }
+        Ok(None) => {
+            sh.gap.store(true, Ordering::Release);
+        }
+        Err(e) => {
+            tracing::warn!(dataset = a.dataset().name(), error = %e, "log shipping failed; will retry");
+            sh.update(|s| s.ship_error = Some(e.to_string()));
+        }
+    }
+}
+
+fn ship_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        if !sh.gap.load(Ordering::Acquire) {
+            ship_once(a, sh);
+        }
+        nap(stop, settings.log_flush_interval);
+    }
+    // A clean stop ships what the log holds, so the archive ends where the
+    // site did.
+    if !sh.gap.load(Ordering::Acquire) {
+        ship_once(a, sh);
+    }
+}
+
+fn snapshot_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &AtomicBool) {
+    let requests = a.dataset().dir().join(REQUESTS_DIR);
+    let mut next = settings
+        .schedule
+        .as_ref()
+        .and_then(|s| s.next_after(chrono::Utc::now()));
+    let mut retry_at: Option<Instant> = None;
+    while !stop.load(Ordering::Acquire) {
+        sh.update(|s| s.next_snapshot = next.map(|t| t.to_rfc3339()));
+        let due = next.is_some_and(|t| chrono::Utc::now() >= t)
+            || retry_at.is_some_and(|t| Instant::now() >= t);
+        let gap = sh.gap.load(Ordering::Acquire);
+        if due || gap {
+            retry_at = None;
+            match run_snapshot(a, settings, sh, !settings.retention.keeps_everything()) {
+                Ok(_) => {
+                    if gap {
+                        if let Err(e) = a.skip_to_log_start() {
+                            tracing::error!(dataset = a.dataset().name(), error = %e, "cannot continue the archived log after a gap");
+                        } else {
+                            sh.gap.store(false, Ordering::Release);
+                        }
+                    }
+                }
+                Err(_) => retry_at = Some(Instant::now() + Duration::from_secs(30)),
+            }
+            if due {
+                next = settings
+                    .schedule
+                    .as_ref()
+                    .and_then(|s| s.next_after(chrono::Utc::now()));
+            }
+        }
+        for (path, kind) in pending_requests(&requests) {
+            let answer = match kind.as_str() {
+                "snapshot" => match run_snapshot(a, settings, sh, false) {
+                    Ok(r) => Answer {
+                        ok: true,
+                        error: None,
+                        snapshot: Some(r),
+                        prune: None,
+                    },
+                    Err(e) => failed(e),
+                },
+                _ => match run_prune(a, settings, sh) {
+                    Ok(r) => Answer {
+                        ok: true,
+                        error: None,
+                        snapshot: None,
+                        prune: Some(r),
+                    },
+                    Err(e) => failed(e),
+                },
+            };
+            answer_request(&path, &answer);
+        }
+        nap(stop, Duration::from_millis(500));
+    }
+}
+
+fn failed(e: String) -> Answer {
+    Answer {
+        ok: false,
+        error: Some(e),
+        snapshot: None,
+        prune: None,
+    }
+}
+
+fn run_snapshot(
+    a: &Archiver,
+    settings: &ArchiveSettings,
+    sh: &Shared,
+    then_prune: bool,
+) -> Result<SnapshotReport, String> {
+    match a.snapshot() {
+        Ok(r) => {
+            sh.update(|s| {
+                s.last_snapshot = Some(r.clone());
+                s.last_snapshot_ns = now_ns();
+                s.snapshot_error = None;
+            });
+            if then_prune {
+                let _ = run_prune(a, settings, sh);
+            }
+            Ok(r)
+        }
+        Err(e) => {
+            tracing::error!(dataset = a.dataset().name(), error = %e, "snapshot failed; nothing partial is visible; will retry");
+            sh.update(|s| s.snapshot_error = Some(e.to_string()));
+            Err(e.to_string())
+        }
+    }
+}
+
+fn run_prune(a: &Archiver, settings: &ArchiveSettings, sh: &Shared) -> Result<PruneReport, String> {
+    match a.prune(&settings.retention, settings.prune_grace) {
+        Ok(r) => {
+            sh.update(|s| s.last_prune = Some(r.clone()));
+            Ok(r)
+        }
+        Err(e) => {
+            tracing::error!(dataset = a.dataset().name(), error = %e, "prune failed; will retry with the next snapshot");
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Request files (`<id>.snapshot`, `<id>.prune`) not yet answered.
+fn pending_requests(dir: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(PathBuf, String)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            let kind = p.extension()?.to_str()?.to_string();
+            (kind == "snapshot" || kind == "prune").then_some((p, kind))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn answer_request(req: &Path, answer: &Answer) {
+    let result = req.with_extension("result");
+    let tmp = req.with_extension("result.tmp");
+    let body = serde_json::to_vec_pretty(answer).unwrap_or_default();
+    if let Err(e) = std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, &result)) {
+        tracing::warn!(path = %result.display(), error = %e, "cannot answer a request");
+    }
+    let _ = std::fs::remove_file(req);
+}
+
+/// Asks the running daemon to do `kind` ("snapshot" or "prune") for the
+/// dataset in `dataset_dir`, and waits for its answer.
+pub fn request(dataset_dir: &Path, kind: &str, timeout: Duration) -> std::io::Result<Answer> {
+    let dir = dataset_dir.join(REQUESTS_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let id = format!("{}-{}", now_ns(), std::process::id());
+    let req = dir.join(format!("{id}.{kind}"));
+    std::fs::write(&req, b"")?;
+    let result = dir.join(format!("{id}.result"));
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if let Ok(b) = std::fs::read(&result) {
+            let _ = std::fs::remove_file(&result);
+            return serde_json::from_slice(&b).map_err(std::io::Error::other);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_file(&req);
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the daemon did not answer within {}s (is it running with [archive] set? see its log)",
+            timeout.as_secs()
+        ),
+    ))
+}

@@ -1,0 +1,231 @@
+//! `triad snapshot`, `triad snapshots` and `triad prune`: the archive on
+//! demand. With the daemon running they ask it (through request files in
+//! the dataset directory, so snapshots and prunes stay serialized with the
+//! scheduled ones); with no daemon they open the dataset and do the work
+//! themselves, shipping the log first.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use archive::{Archiver, Store};
+
+use crate::config::{ArchiveSettings, Config};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(
+        long,
+        short,
+        env = "TRIAD_CONFIG",
+        default_value = "/etc/triad/triad.toml"
+    )]
+    config: PathBuf,
+    /// The dataset; all of the config's datasets when absent.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for a running daemon to finish.
+    #[arg(long, default_value = "1h", value_parser = crate::config::parse_duration)]
+    timeout: Duration,
+}
+
+pub enum Job {
+    Snapshot,
+    Prune,
+    List,
+}
+
+fn settings(cfg: &Config, path: &Path) -> Result<ArchiveSettings> {
+    cfg.archive_settings()
+        .map_err(|(f, m)| anyhow!("{}: {f}: {m}", path.display()))?
+        .ok_or_else(|| anyhow!("{} has no [archive] section", path.display()))
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")
+}
+
+/// True when a daemon holds the dataset open.
+fn daemon_running(dataset_dir: &Path) -> bool {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .open(dataset_dir.join("LOCK"))
+    else {
+        return false;
+    };
+    match f.try_lock() {
+        Ok(()) => false,
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(_) => false,
+    }
+}
+
+pub fn run(job: Job, a: Args) -> Result<ExitCode> {
+    let cfg = Config::load(&a.config)?;
+    let s = settings(&cfg, &a.config)?;
+    let names: Vec<String> = match &a.dataset {
+        Some(d) => {
+            cfg.dataset(d)
+                .with_context(|| format!("dataset `{d}` is not in {}", a.config.display()))?;
+            vec![d.clone()]
+        }
+        None => cfg.dataset.iter().map(|d| d.name.clone()).collect(),
+    };
+    let rt = runtime()?;
+    let mut ok = true;
+    for name in names {
+        let dir = cfg.dataset_dir(&name);
+        match job {
+            Job::List => list(&cfg, &s, &rt, &name, a.json)?,
+            Job::Snapshot | Job::Prune => {
+                let kind = if matches!(job, Job::Snapshot) { "snapshot" } else { "prune" };
+                let answer = if daemon_running(&dir) {
+                    eprintln!("asking the running daemon to {kind} dataset {name} ...");
+                    crate::archiving::request(&dir, kind, a.timeout)
+                        .with_context(|| format!("dataset `{name}`"))?
+                } else {
+                    direct(&cfg, &s, &rt, &name, matches!(job, Job::Snapshot))?
+                };
+                ok &= answer.ok;
+                print_answer(&name, &answer, a.json)?;
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn direct(
+    cfg: &Config,
+    s: &ArchiveSettings,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    snapshot: bool,
+) -> Result<crate::archiving::Answer> {
+    let ds = Arc::new(crate::runtime::open_dataset(cfg, name)?);
+    let store = Arc::new(Store::open(&s.store)?);
+    let a = Archiver::open(store, rt.handle().clone(), ds.clone(), &cfg.site.name, s.store.concurrency)?;
+    let result = (|| -> archive::Result<crate::archiving::Answer> {
+        if a.ship_log()?.is_none() {
+            a.skip_to_log_start()?;
+        }
+        Ok(if snapshot {
+            crate::archiving::Answer {
+                ok: true,
+                error: None,
+                snapshot: Some(a.snapshot()?),
+                prune: None,
+            }
+        } else {
+            crate::archiving::Answer {
+                ok: true,
+                error: None,
+                snapshot: None,
+                prune: Some(a.prune(&s.retention, s.prune_grace)?),
+            }
+        })
+    })();
+    drop(a);
+    ds.close()?;
+    Ok(result?)
+}
+
+fn print_answer(name: &str, a: &crate::archiving::Answer, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(a)?);
+        return Ok(());
+    }
+    if let Some(e) = &a.error {
+        println!("dataset {name}: FAILED: {e}");
+    }
+    if let Some(r) = &a.snapshot {
+        println!(
+            "dataset {name}: snapshot {} at seq {}: {} entries, {} bytes, {} chunks ({} new, {} bytes uploaded) in {:.1}s",
+            r.name, r.seq, r.entries, r.bytes, r.chunks, r.chunks_uploaded, r.bytes_uploaded, r.seconds
+        );
+    }
+    if let Some(p) = &a.prune {
+        println!(
+            "dataset {name}: kept {} snapshots, deleted {}; chunks: {} live, {} deleted, {} waiting out the grace period ({} newly marked); {} log pieces and {} orphan objects deleted",
+            p.snapshots_kept,
+            p.snapshots_deleted.len(),
+            p.chunks_live,
+            p.chunks_deleted,
+            p.chunks_waiting,
+            p.chunks_marked,
+            p.log_pieces_deleted,
+            p.orphan_objects_deleted
+        );
+    }
+    Ok(())
+}
+
+fn list(
+    cfg: &Config,
+    s: &ArchiveSettings,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    json: bool,
+) -> Result<()> {
+    let d = cfg
+        .dataset(name)
+        .ok_or_else(|| anyhow!("dataset `{name}` is not in the config"))?;
+    let keys = vault::DatasetKey::load(&d.key_file)?.derive();
+    let store = Store::open(&s.store)?;
+    let snaps = archive::archiver::list_snapshots(rt.handle(), &store, name)?;
+    let mut rows = Vec::new();
+    for sn in &snaps {
+        let m = archive::archiver::read_manifest(rt.handle(), &store, &keys, name, sn)?;
+        rows.push(serde_json::json!({
+            "dataset": name,
+            "snapshot": sn.name,
+            "seq": m.seq,
+            "time": chrono::DateTime::from_timestamp_nanos(m.time_ns).to_rfc3339(),
+            "taken": chrono::DateTime::from_timestamp_nanos(m.taken_ns).to_rfc3339(),
+            "site": m.site,
+            "entries": m.entries,
+            "bytes": m.bytes,
+            "chunks": m.chunks,
+            "chain_hash": hex::encode(m.chain_hash),
+            "digest": hex::encode(m.digest),
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("dataset {name}: no snapshots in {}", store.url());
+        return Ok(());
+    }
+    println!("dataset {name} in {}:", store.url());
+    println!("{:<34} {:>10} {:<32} {:>10} {:>14}", "snapshot", "seq", "time", "entries", "bytes");
+    for r in &rows {
+        println!(
+            "{:<34} {:>10} {:<32} {:>10} {:>14}",
+            r["snapshot"].as_str().unwrap_or(""),
+            r["seq"],
+            r["time"].as_str().unwrap_or(""),
+            r["entries"],
+            r["bytes"]
+        );
+    }
+    Ok(())
+}
+
+/// Checks there is nothing unexpected in how a restore from an archive was
+/// asked for.
+pub fn check_restore_args(from: &str) -> Result<()> {
+    if !(from.starts_with("s3://") || from.starts_with("file:///")) {
+        bail!("--from-archive `{from}` must be s3://bucket/prefix or file:///absolute/dir");
+    }
+    Ok(())
+}
