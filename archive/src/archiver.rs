@@ -181,7 +181,8 @@ impl Archiver {
         if let Some(last) = pieces.last() {
             let bytes =
                 a.rt.block_on(a.store.get_required(&last.key, "the newest log piece"))?;
-            let (prev, recs) = objects::decode_piece(&last.key, &bytes)?;
+            let (prev, recs) =
+                objects::decode_piece(&last.key, &bytes).map_err(|e| a.store.locate_err(e))?;
             let hash = recs
                 .iter()
                 .fold(prev, |h, r| vault::record::chain(&h, &r.payload));
@@ -617,13 +618,14 @@ pub fn read_snapshot(
         keys,
         &key,
         &rt.block_on(store.get_required(&key, "the manifest"))?,
-    )?;
+    )
+    .map_err(|e| store.locate_err(e))?;
     let pages: Vec<Vec<(Vec<u8>, vault::Entry)>> = rt.block_on(
         stream::iter(m.pages.iter().enumerate().map(|(n, p)| {
             let key = s.page_key(ds, n);
             async move {
                 let b = store.get_required(&key, "a page of the snapshot").await?;
-                objects::decode_page(keys, &key, &b, p)
+                objects::decode_page(keys, &key, &b, p).map_err(|e| store.locate_err(e))
             }
         }))
         .buffered(concurrency.max(1))
@@ -647,6 +649,7 @@ pub fn read_manifest(
         &key,
         &rt.block_on(store.get_required(&key, "the manifest"))?,
     )
+    .map_err(|e| store.locate_err(e))
 }
 
 #[cfg(test)]

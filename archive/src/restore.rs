@@ -280,7 +280,7 @@ impl Restorer<'_> {
                 };
                 let (res, bytes) = checked.map_err(|e| ArchiveError::Stopped(e.to_string()))?;
                 if let Err(e) = res {
-                    damaged.push(format!("{key}: {e}"));
+                    damaged.push(format!("{}: {e}", self.store.locate(&key)));
                     continue;
                 }
                 done += 1;
@@ -330,7 +330,8 @@ impl Restorer<'_> {
             let bytes = self
                 .rt
                 .block_on(self.store.get_required(&p.key, "a log piece"))?;
-            let (_, recs) = objects::decode_piece(&p.key, &bytes)?;
+            let (_, recs) =
+                objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
             let mut payloads = Vec::new();
             let mut stop = false;
             for r in recs {

@@ -181,6 +181,27 @@ impl Store {
         &self.url
     }
 
+    /// An object's full name for messages: the store's URL and the key.
+    pub fn locate(&self, key: &str) -> String {
+        format!("{}/{key}", self.url.trim_end_matches('/'))
+    }
+
+    /// Names damaged or missing objects by their full location, so an
+    /// operator can find them in the bucket.
+    pub fn locate_err(&self, e: ArchiveError) -> ArchiveError {
+        match e {
+            ArchiveError::Damaged { key, reason } => ArchiveError::Damaged {
+                key: self.locate(&key),
+                reason,
+            },
+            ArchiveError::Missing { key, reason } => ArchiveError::Missing {
+                key: self.locate(&key),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     fn path(&self, key: &str) -> ObjPath {
         if self.prefix.is_empty() {
             ObjPath::from(key)
@@ -213,9 +234,20 @@ impl Store {
                 let s = e.to_string();
                 if s.contains("NoSuchBucket") {
                     " (the bucket does not exist: create it, or fix archive.url)"
-                } else if s.contains("InvalidAccessKeyId") || s.contains("SignatureDoesNotMatch") {
-                    " (the store rejected the credentials: check archive.credentials_file or \
-                     AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+                } else if [
+                    "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch",
+                    "NotSignedUp",
+                    "AccessDenied",
+                    "403 Forbidden",
+                    "401 Unauthorized",
+                ]
+                .iter()
+                .any(|c| s.contains(c))
+                {
+                    " (the store refused the request: check the credentials in \
+                     archive.credentials_file or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and the \
+                     bucket policy)"
                 } else {
                     ""
                 }
@@ -273,7 +305,7 @@ impl Store {
     /// Reads an object that must exist.
     pub async fn get_required(&self, key: &str, what: &str) -> Result<Vec<u8>> {
         self.get(key).await?.ok_or_else(|| ArchiveError::Missing {
-            key: key.to_string(),
+            key: self.locate(key),
             reason: format!("{what} is not in {}", self.url),
         })
     }

@@ -144,7 +144,8 @@ pub fn start(
                 return;
             };
             let snapper = {
-                let (a, sh, stop, settings) = (a.clone(), sh.clone(), stop.clone(), settings.clone());
+                let (a, sh, stop, settings) =
+                    (a.clone(), sh.clone(), stop.clone(), settings.clone());
                 std::thread::Builder::new()
                     .name(format!("snapshots-{name}"))
                     .spawn(move || snapshot_loop(&a, &settings, &sh, &stop))

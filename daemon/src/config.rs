@@ -143,6 +143,8 @@ pub struct ArchiveSection {
     pub retention: Option<archive::RetentionPolicy>,
     /// How long an unreferenced chunk stays before prune deletes it. Default "24h".
     pub prune_grace: Option<String>,
+    /// Time limit of one request to the store; it is then retried. Default "60s".
+    pub request_timeout: Option<String>,
 }
 
 /// `[archive]` after validation.
@@ -478,7 +480,8 @@ impl Config {
             }
         }
         if self.archive.is_some() {
-            self.archive_settings().map_err(|(field, message)| invalid(field, message))?;
+            self.archive_settings()
+                .map_err(|(field, message)| invalid(field, message))?;
         }
         if let Some(f) = &self.log.format {
             if f != "human" && f != "json" {
@@ -523,12 +526,20 @@ impl Config {
                 ),
             ));
         }
-        if a.url.starts_with("s3://") && a.url.trim_start_matches("s3://").trim_matches('/').is_empty() {
+        if a.url.starts_with("s3://")
+            && a.url
+                .trim_start_matches("s3://")
+                .trim_matches('/')
+                .is_empty()
+        {
             return Err((f("url"), "s3:// needs a bucket: s3://bucket/prefix".into()));
         }
         if let Some(e) = &a.endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err((f("endpoint"), format!("`{e}` must start with http:// or https://")));
+                return Err((
+                    f("endpoint"),
+                    format!("`{e}` must start with http:// or https://"),
+                ));
             }
         }
         let dur = |name: &str, v: &Option<String>, default: &str| {
@@ -539,6 +550,7 @@ impl Config {
             return Err((f("log_flush_interval"), "must be more than 0".into()));
         }
         let prune_grace = dur("prune_grace", &a.prune_grace, "24h")?;
+        let request_timeout = dur("request_timeout", &a.request_timeout, "60s")?;
         let schedule = match &a.snapshot_schedule {
             Some(t) => Some(
                 archive::schedule::Schedule::parse("archive.snapshot_schedule", t)
@@ -556,6 +568,7 @@ impl Config {
         store.credentials_file = a.credentials_file.clone();
         store.virtual_hosted = a.virtual_hosted;
         store.concurrency = concurrency;
+        store.timeout = request_timeout;
         Ok(Some(ArchiveSettings {
             store,
             log_flush_interval,

@@ -87,7 +87,11 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
         match job {
             Job::List => list(&cfg, &s, &rt, &name, a.json)?,
             Job::Snapshot | Job::Prune => {
-                let kind = if matches!(job, Job::Snapshot) { "snapshot" } else { "prune" };
+                let kind = if matches!(job, Job::Snapshot) {
+                    "snapshot"
+                } else {
+                    "prune"
+                };
                 let answer = if daemon_running(&dir) {
                     eprintln!("asking the running daemon to {kind} dataset {name} ...");
                     crate::archiving::request(&dir, kind, a.timeout)
@@ -100,7 +104,11 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn direct(
@@ -112,7 +120,13 @@ fn direct(
 ) -> Result<crate::archiving::Answer> {
     let ds = Arc::new(crate::runtime::open_dataset(cfg, name)?);
     let store = Arc::new(Store::open(&s.store)?);
-    let a = Archiver::open(store, rt.handle().clone(), ds.clone(), &cfg.site.name, s.store.concurrency)?;
+    let a = Archiver::open(
+        store,
+        rt.handle().clone(),
+        ds.clone(),
+        &cfg.site.name,
+        s.store.concurrency,
+    )?;
     let result = (|| -> archive::Result<crate::archiving::Answer> {
         if a.ship_log()?.is_none() {
             a.skip_to_log_start()?;
@@ -207,7 +221,10 @@ fn list(
         return Ok(());
     }
     println!("dataset {name} in {}:", store.url());
-    println!("{:<34} {:>10} {:<32} {:>10} {:>14}", "snapshot", "seq", "time", "entries", "bytes");
+    println!(
+        "{:<34} {:>10} {:<32} {:>10} {:>14}",
+        "snapshot", "seq", "time", "entries", "bytes"
+    );
     for r in &rows {
         println!(
             "{:<34} {:>10} {:<32} {:>10} {:>14}",
