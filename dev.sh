@@ -34,6 +34,18 @@ ensure_system() {
   fi
 }
 
+# The S3-compatible server the tests run against: s3s-fs, a file-backed server
+# from the s3s project (docs/archive.md says why), built once into the cache.
+# 0.14.1 is the last release that builds with this toolchain.
+ensure_s3s_fs() {
+  local root="$HOME/.cache/triad/tools"
+  if [ ! -x "$root/bin/s3s-fs" ]; then
+    echo "installing s3s-fs 0.14.1, the S3 test server (about 5 minutes, once)" >&2
+    cargo install -q --locked s3s-fs@0.14.1 --features binary --root "$root"
+  fi
+  export TRIAD_S3S_FS="$root/bin/s3s-fs"
+}
+
 case "${1:-}" in
   demo)
     ensure_system
@@ -43,6 +55,7 @@ case "${1:-}" in
     ;;
   test)
     ensure_system
+    ensure_s3s_fs
     cargo fmt --all --check
     cargo clippy -q --workspace --all-targets -- -D warnings
     # The end-to-end tests start the triad binary, so build it first.

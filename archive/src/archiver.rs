@@ -134,6 +134,10 @@ pub struct Archiver {
     index: Index,
     /// Last archived (seq, chain hash).
     shipped: Mutex<Option<(u64, Hash)>>,
+    /// Held while shipping, and by prune: a piece's chunks are uploaded (or
+    /// skipped because the index has them) before the piece exists, and
+    /// prune must not judge them unreferenced in between.
+    ship: Mutex<()>,
     jobs: Mutex<()>,
     concurrency: usize,
 }
@@ -171,6 +175,7 @@ impl Archiver {
             site: site.to_string(),
             index,
             shipped: Mutex::new(None),
+            ship: Mutex::new(()),
             jobs: Mutex::new(()),
             concurrency: concurrency.max(1),
         };
@@ -181,12 +186,9 @@ impl Archiver {
         if let Some(last) = pieces.last() {
             let bytes =
                 a.rt.block_on(a.store.get_required(&last.key, "the newest log piece"))?;
-            let (prev, recs) =
+            let piece =
                 objects::decode_piece(&last.key, &bytes).map_err(|e| a.store.locate_err(e))?;
-            let hash = recs
-                .iter()
-                .fold(prev, |h, r| vault::record::chain(&h, &r.payload));
-            *a.lock_shipped() = Some((last.last, hash));
+            *a.lock_shipped() = Some((last.last, piece.end_hash));
         }
         Ok(a)
     }
@@ -243,6 +245,7 @@ impl Archiver {
     /// where the log starts and a snapshot is needed to bridge the gap:
     /// `Ok(None)` says so.
     pub fn ship_log(&self) -> Result<Option<u64>> {
+        let _ship = self.ship.lock().unwrap_or_else(|p| p.into_inner());
         let head = self.ds.head_seq();
         let shipped = *self.lock_shipped();
         let from = shipped.map(|(s, _)| s + 1).unwrap_or(1);
@@ -264,38 +267,48 @@ impl Archiver {
             if raw.is_empty() {
                 break;
             }
-            let mut recs = Vec::with_capacity(raw.len());
+            let (first_seq, last_seq) = (raw[0].seq, raw[raw.len() - 1].seq);
+            let last_time = raw[raw.len() - 1].time_ns;
+            let mut records = Vec::with_capacity(raw.len());
+            let mut chunks: Vec<SealedChunk> = Vec::new();
+            let mut seen = HashSet::new();
+            let mut running = prev;
             for r in raw {
-                recs.push(PieceRecord {
-                    seq: r.seq,
-                    time_ns: r.time_ns,
-                    payload: r.payload,
-                });
+                let (pr, att) = PieceRecord::strip(&r.payload).ok_or_else(|| {
+                    ArchiveError::Vault(VaultError::BadRecord {
+                        seq: r.seq,
+                        reason: "does not decode".into(),
+                    })
+                })?;
+                let ph = pr.prev_hash();
+                if let Some(h) = running.filter(|h| *h != ph) {
+                    return Err(ArchiveError::Vault(VaultError::Diverged {
+                        seq: r.seq,
+                        ours: hex::encode(h),
+                        theirs: hex::encode(ph),
+                    }));
+                }
+                running = Some(vault::record::chain(&ph, &r.payload));
+                for c in att {
+                    if seen.insert(c.id) && !self.index.has(&c.id)? {
+                        chunks.push(c);
+                    }
+                }
+                records.push(pr);
             }
-            let first = &recs[0];
-            let rec0 = vault::record::Record::decode_payload(&first.payload).ok_or_else(|| {
-                ArchiveError::Vault(VaultError::BadRecord {
-                    seq: first.seq,
-                    reason: "does not decode".into(),
-                })
-            })?;
-            if prev.is_some_and(|p| p != rec0.prev_hash) {
-                return Err(ArchiveError::Vault(VaultError::Diverged {
-                    seq: first.seq,
-                    ours: hex::encode(prev.unwrap_or_default()),
-                    theirs: hex::encode(rec0.prev_hash),
-                }));
-            }
-            let start = rec0.prev_hash;
-            let last = &recs[recs.len() - 1];
-            let piece = PieceRef::new(self.ds.name(), first.seq, last.seq, last.time_ns);
-            let bytes = objects::encode_piece(&start, &recs);
+            let prev_hash = records[0].prev_hash();
+            let end_hash = running.unwrap_or(prev_hash);
+            // Chunks first: a piece is only visible once what it needs is.
+            self.upload_chunks(chunks)?;
+            let piece = PieceRef::new(self.ds.name(), first_seq, last_seq, last_time);
+            let bytes = objects::encode_piece(&objects::Piece {
+                prev_hash,
+                end_hash,
+                records,
+            });
             self.rt.block_on(self.store.put(&piece.key, bytes))?;
-            let hash = recs
-                .iter()
-                .fold(start, |h, r| vault::record::chain(&h, &r.payload));
-            *self.lock_shipped() = Some((piece.last, hash));
-            prev = Some(hash);
+            *self.lock_shipped() = Some((piece.last, end_hash));
+            prev = Some(end_hash);
             tracing::debug!(
                 dataset = self.ds.name(),
                 first = piece.first,
@@ -458,7 +471,8 @@ impl Archiver {
     }
 
     /// Applies `policy` (deleting the manifests of snapshots it does not
-    /// keep), then prunes: chunks no kept snapshot references are marked,
+    /// keep), then prunes: chunks neither a kept snapshot nor a log piece
+    /// after the oldest kept snapshot references are marked,
     /// and deleted by a later prune once they stayed unreferenced for
     /// `grace`; log pieces older than the oldest kept snapshot and pages of
     /// snapshots that never completed (older than `grace`) are deleted.
@@ -468,6 +482,7 @@ impl Archiver {
         grace: std::time::Duration,
     ) -> Result<PruneReport> {
         let _job = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let _ship = self.ship.lock().unwrap_or_else(|p| p.into_inner());
         let name = self.ds.name();
         let keys = self.ds.keys().clone();
         let mut report = PruneReport::default();
@@ -496,6 +511,21 @@ impl Archiver {
             live.extend(m.pins.iter().map(|p| p.0));
             for n in 0..m.pages.len() {
                 live_pages.insert(s.page_key(name, n));
+            }
+        }
+        // And what the log pieces a restore may still replay brought.
+        let oldest_kept = kept.iter().map(|s| s.seq).min();
+        for p in self.pieces()? {
+            if oldest_kept.is_some_and(|o| p.last <= o) {
+                continue;
+            }
+            let bytes = self
+                .rt
+                .block_on(self.store.get_required(&p.key, "a log piece"))?;
+            let piece =
+                objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
+            for r in &piece.records {
+                live.extend(r.attachments.iter().map(|a| a.0));
             }
         }
         report.chunks_live = live.len();
@@ -555,7 +585,7 @@ impl Archiver {
             .block_on(self.store.put(&pending_key, pending_bytes))?;
 
         // Log pieces wholly before the oldest kept snapshot restore nothing.
-        if let Some(oldest) = kept.iter().map(|s| s.seq).min() {
+        if let Some(oldest) = oldest_kept {
             for p in self.pieces()? {
                 if p.last <= oldest {
                     self.rt.block_on(self.store.delete(&p.key))?;

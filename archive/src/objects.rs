@@ -5,8 +5,10 @@
 //! - `chunks/<id hex>`: a sealed chunk, byte for byte as in the site's state
 //!   (content-addressed: written once, never rewritten).
 //! - `log/<first seq>-<last seq>-<last time ns>.lp`: a piece of the change
-//!   log: the records' payloads exactly as logged, chained, with a BLAKE3
-//!   trailer so truncation and alteration are found before anything is read.
+//!   log: the records as logged minus the bytes of the chunks they brought,
+//!   which are chunk objects like any other (so the archive holds each chunk
+//!   once); the chain hashes before and after; a BLAKE3 trailer so truncation
+//!   and alteration are found before anything is read.
 //! - `snapshots/<seq>-<taken ms>/page-<n>`: sealed pages of the namespace.
 //! - `snapshots/<seq>-<taken ms>.manifest`: the sealed header, written last:
 //!   a snapshot exists only once its manifest does.
@@ -16,12 +18,12 @@ use serde::{Deserialize, Serialize};
 use vault::crypto::{sm4_gcm_open, sm4_gcm_seal, NONCE_LEN};
 use vault::ops::Entry;
 use vault::record::{chain, Hash};
-use vault::{ChunkId, Keys};
+use vault::{ChunkId, Keys, SealedChunk};
 
 use crate::error::{ArchiveError, Result};
 
 const SEALED_MAGIC: &[u8; 8] = b"TRIADSM1";
-const PIECE_MAGIC: &[u8; 8] = b"TRIADLP1";
+const PIECE_MAGIC: &[u8; 8] = b"TRIADLP2";
 /// A namespace: (path, entry) in path order.
 pub type Namespace = Vec<(Vec<u8>, Entry)>;
 
@@ -258,41 +260,135 @@ pub fn decode_page(
     Ok(entries)
 }
 
-/// A record in a log piece.
+/// A chunk a record brought: its id, plaintext and sealed lengths. The
+/// bytes themselves are in the chunk object of that id.
+pub type AttachmentRef = (ChunkId, u32, u32);
+
+/// A record in a log piece: its payload without the attached chunks' bytes.
 #[derive(Debug, Clone)]
 pub struct PieceRecord {
     pub seq: u64,
     pub time_ns: i64,
-    pub payload: Vec<u8>,
+    /// The payload up to (not including) the attachment list.
+    pub head: Vec<u8>,
+    pub attachments: Vec<AttachmentRef>,
 }
 
-/// Encodes a piece: header, `len u32 | payload` per record, BLAKE3 trailer.
-/// Records are already sealed by the log (their bodies are SM4-GCM).
-pub fn encode_piece(prev_hash: &Hash, records: &[PieceRecord]) -> Vec<u8> {
-    let size: usize = records.iter().map(|r| 4 + r.payload.len()).sum();
-    let mut out = Vec::with_capacity(8 + 8 + 4 + 32 + size + 32);
+impl PieceRecord {
+    /// Splits a logged payload into what the piece keeps and the chunks to
+    /// store as chunk objects.
+    pub fn strip(payload: &[u8]) -> Option<(PieceRecord, Vec<SealedChunk>)> {
+        let rec = vault::record::Record::decode_payload(payload)?;
+        // seq, epoch, time, prev hash, ops length, ops.
+        let head_len = 8 + 8 + 8 + 32 + 4 + rec.sealed_ops.len();
+        let attachments = rec
+            .attachments
+            .iter()
+            .map(|a| (a.id, a.plain_len, a.sealed.len() as u32))
+            .collect();
+        Some((
+            PieceRecord {
+                seq: rec.seq,
+                time_ns: rec.time_ns,
+                head: payload[..head_len].to_vec(),
+                attachments,
+            },
+            rec.attachments,
+        ))
+    }
+
+    /// The record's previous hash, as its header states it.
+    pub fn prev_hash(&self) -> Hash {
+        self.head
+            .get(24..56)
+            .and_then(|h| h.try_into().ok())
+            .unwrap_or([0; 32])
+    }
+
+    /// Rebuilds the logged payload, byte for byte, with the chunks' bytes.
+    pub fn payload(&self, chunk: impl Fn(&ChunkId) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let mut v = self.head.clone();
+        v.extend_from_slice(&(self.attachments.len() as u32).to_le_bytes());
+        for (id, plain_len, sealed_len) in &self.attachments {
+            let bytes = chunk(id)?;
+            if bytes.len() != *sealed_len as usize {
+                return None;
+            }
+            v.extend_from_slice(&id.0);
+            v.extend_from_slice(&plain_len.to_le_bytes());
+            v.extend_from_slice(&sealed_len.to_le_bytes());
+            v.extend_from_slice(&bytes);
+        }
+        Some(v)
+    }
+}
+
+/// A decoded piece: the chain hash before its first record and after its
+/// last, and its records.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub prev_hash: Hash,
+    pub end_hash: Hash,
+    pub records: Vec<PieceRecord>,
+}
+
+/// Encodes a piece: header (first seq, count, chain hash before and after),
+/// per record `seq, time, head, attachments`, and a BLAKE3 trailer over
+/// everything before it. The end hash binds the chunks' bytes too: a restore
+/// recomputes the chain over the rebuilt payloads and compares.
+pub fn encode_piece(piece: &Piece) -> Vec<u8> {
+    let recs = &piece.records;
+    let mut out = Vec::new();
     out.extend_from_slice(PIECE_MAGIC);
-    out.extend_from_slice(&records.first().map(|r| r.seq).unwrap_or(0).to_le_bytes());
-    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
-    out.extend_from_slice(prev_hash);
-    for r in records {
-        out.extend_from_slice(&(r.payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&r.payload);
+    out.extend_from_slice(&recs.first().map(|r| r.seq).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&(recs.len() as u32).to_le_bytes());
+    out.extend_from_slice(&piece.prev_hash);
+    out.extend_from_slice(&piece.end_hash);
+    for r in recs {
+        out.extend_from_slice(&(r.head.len() as u32).to_le_bytes());
+        out.extend_from_slice(&r.head);
+        out.extend_from_slice(&(r.attachments.len() as u32).to_le_bytes());
+        for (id, plain, sealed) in &r.attachments {
+            out.extend_from_slice(&id.0);
+            out.extend_from_slice(&plain.to_le_bytes());
+            out.extend_from_slice(&sealed.to_le_bytes());
+        }
     }
     let trailer = blake3::hash(&out);
     out.extend_from_slice(trailer.as_bytes());
     out
 }
 
-/// Decodes and checks a piece: trailer, counts, seq continuity and the hash
-/// chain from the recorded previous hash. Returns that previous hash and the
-/// records.
-pub fn decode_piece(key: &str, bytes: &[u8]) -> Result<(Hash, Vec<PieceRecord>)> {
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn hash(&mut self) -> Option<Hash> {
+        self.take(32)?.try_into().ok()
+    }
+}
+
+/// Decodes and checks a piece: trailer, structure, seq continuity. The hash
+/// chain is checked once the payloads are rebuilt (see [`Piece::check_chain`]).
+pub fn decode_piece(key: &str, bytes: &[u8]) -> Result<Piece> {
     let damaged = |reason: String| ArchiveError::Damaged {
         key: key.to_string(),
         reason,
     };
-    if bytes.len() < 8 + 8 + 4 + 32 + 32 || &bytes[..8] != PIECE_MAGIC {
+    if bytes.len() < 8 + 8 + 4 + 64 + 32 || &bytes[..8] != PIECE_MAGIC {
         return Err(damaged(
             "not a triad log piece (bad header or truncated)".into(),
         ));
@@ -303,47 +399,76 @@ pub fn decode_piece(key: &str, bytes: &[u8]) -> Result<(Hash, Vec<PieceRecord>)>
             "BLAKE3 trailer does not match: the object was truncated or altered".into(),
         ));
     }
-    let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap_or([0; 8]));
-    let first = u64_at(8);
-    let count = u32::from_le_bytes(body[16..20].try_into().unwrap_or([0; 4])) as usize;
-    let mut prev: Hash = body[20..52].try_into().unwrap_or([0; 32]);
-    let start_hash = prev;
-    let mut off = 52;
-    let mut out = Vec::with_capacity(count);
+    let mut c = Cursor { b: body, at: 8 };
+    let bad = || damaged("malformed piece".into());
+    let first = c.u64().ok_or_else(bad)?;
+    let count = c.u32().ok_or_else(bad)? as usize;
+    let prev_hash = c.hash().ok_or_else(bad)?;
+    let end_hash = c.hash().ok_or_else(bad)?;
+    let mut records = Vec::with_capacity(count.min(1 << 16));
     for i in 0..count {
-        if off + 4 > body.len() {
-            return Err(damaged(format!("record {i} of {count} is cut short")));
+        let head_len = c.u32().ok_or_else(bad)? as usize;
+        let head = c.take(head_len).ok_or_else(bad)?.to_vec();
+        let n = c.u32().ok_or_else(bad)? as usize;
+        let mut attachments = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            let id = ChunkId(c.hash().ok_or_else(bad)?);
+            let plain = c.u32().ok_or_else(bad)?;
+            let sealed = c.u32().ok_or_else(bad)?;
+            attachments.push((id, plain, sealed));
         }
-        let len = u32::from_le_bytes(body[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-        off += 4;
-        if off + len > body.len() {
-            return Err(damaged(format!("record {i} of {count} is cut short")));
+        if head.len() < 56 {
+            return Err(bad());
         }
-        let payload = body[off..off + len].to_vec();
-        off += len;
-        let rec = vault::record::Record::decode_payload(&payload)
-            .ok_or_else(|| damaged(format!("record {i} does not decode")))?;
+        let seq = u64::from_le_bytes(head[..8].try_into().map_err(|_| bad())?);
+        let time_ns = i64::from_le_bytes(head[16..24].try_into().map_err(|_| bad())?);
         let want = first + i as u64;
-        if rec.seq != want {
+        if seq != want {
             return Err(damaged(format!(
-                "record {i} has seq {}, expected {want}",
-                rec.seq
+                "record {i} has seq {seq}, expected {want}"
             )));
         }
-        if rec.prev_hash != prev {
-            return Err(damaged(format!("hash chain broken at seq {want}")));
-        }
-        prev = chain(&prev, &payload);
-        out.push(PieceRecord {
-            seq: rec.seq,
-            time_ns: rec.time_ns,
-            payload,
+        records.push(PieceRecord {
+            seq,
+            time_ns,
+            head,
+            attachments,
         });
     }
-    if off != body.len() {
+    if c.at != body.len() {
         return Err(damaged("bytes after the last record".into()));
     }
-    Ok((start_hash, out))
+    Ok(Piece {
+        prev_hash,
+        end_hash,
+        records,
+    })
+}
+
+impl Piece {
+    /// Checks rebuilt payloads (all of this piece's records, in order)
+    /// against the chain: each record's previous hash, and the end hash.
+    pub fn check_chain(&self, key: &str, payloads: &[Vec<u8>]) -> Result<()> {
+        let mut h = self.prev_hash;
+        for (r, p) in self.records.iter().zip(payloads) {
+            if r.prev_hash() != h {
+                return Err(ArchiveError::Damaged {
+                    key: key.to_string(),
+                    reason: format!("hash chain broken at seq {}", r.seq),
+                });
+            }
+            h = chain(&h, p);
+        }
+        if h != self.end_hash {
+            return Err(ArchiveError::Damaged {
+                key: key.to_string(),
+                reason: "the records do not hash to the piece's end hash: a chunk object it \
+                         references or the piece itself was altered"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -353,11 +478,14 @@ mod tests {
     use vault::record::Record;
     use vault::DatasetKey;
 
-    fn records(keys: &Keys, n: u64) -> (Hash, Vec<PieceRecord>) {
+    /// A piece of `n` records, each bringing one chunk; and those chunks.
+    fn piece(keys: &Keys, n: u64) -> (Piece, Vec<Vec<u8>>, Vec<SealedChunk>) {
         let start = [7u8; 32];
         let mut prev = start;
-        let mut out = Vec::new();
+        let (mut recs, mut payloads, mut chunks) = (Vec::new(), Vec::new(), Vec::new());
         for seq in 1..=n {
+            let data = format!("chunk {seq}").into_bytes();
+            let c = vault::chunk::seal(keys, ChunkId::of(keys, &data), &data);
             let r = Record::seal(
                 keys,
                 seq,
@@ -367,33 +495,61 @@ mod tests {
                 &[Op::Delete {
                     path: format!("p{seq}").into_bytes(),
                 }],
-                vec![],
+                vec![c],
             );
             let payload = r.encode_payload();
             prev = chain(&prev, &payload);
-            out.push(PieceRecord {
-                seq,
-                time_ns: seq as i64 * 10,
-                payload,
-            });
+            let (pr, att) = PieceRecord::strip(&payload).unwrap();
+            recs.push(pr);
+            chunks.extend(att);
+            payloads.push(payload);
         }
-        (start, out)
+        (
+            Piece {
+                prev_hash: start,
+                end_hash: prev,
+                records: recs,
+            },
+            payloads,
+            chunks,
+        )
     }
 
     #[test]
-    fn pieces_round_trip_and_damage_is_named() {
+    fn pieces_round_trip_without_chunk_bytes_and_damage_is_named() {
         let keys = DatasetKey::generate().derive();
-        let (start, recs) = records(&keys, 5);
-        let bytes = encode_piece(&start, &recs);
-        let (h, back) = decode_piece("k", &bytes).unwrap();
-        assert_eq!(h, start);
-        assert_eq!(back.len(), 5);
-        assert_eq!(back[4].time_ns, 50);
+        let (p, payloads, chunks) = piece(&keys, 5);
+        let bytes = encode_piece(&p);
+        assert!(chunks.iter().all(|c| !bytes
+            .windows(c.sealed.len())
+            .any(|w| w == c.sealed.as_slice())));
+        let back = decode_piece("k", &bytes).unwrap();
+        assert_eq!(back.records.len(), 5);
+        assert_eq!(back.records[4].time_ns, 50);
+        let find = |id: &ChunkId| {
+            chunks
+                .iter()
+                .find(|c| c.id == *id)
+                .map(|c| c.sealed.clone())
+        };
+        let rebuilt: Vec<Vec<u8>> = back
+            .records
+            .iter()
+            .map(|r| r.payload(find).unwrap())
+            .collect();
+        assert_eq!(rebuilt, payloads);
+        back.check_chain("k", &rebuilt).unwrap();
+        // A chunk object with other bytes of the same length breaks the chain.
+        let mut wrong = rebuilt.clone();
+        let last = wrong[4].len() - 1;
+        wrong[4][last] ^= 1;
+        assert!(back.check_chain("k", &wrong).is_err());
+
         let cut = &bytes[..bytes.len() - 10];
         let e = decode_piece("ds/log/x.lp", cut).unwrap_err().to_string();
         assert!(e.contains("ds/log/x.lp") && e.contains("truncated"), "{e}");
         let mut flipped = bytes.clone();
-        flipped[60] ^= 1;
+        flipped[90] ^= 1;
         assert!(decode_piece("k", &flipped).is_err());
     }
 

@@ -11,6 +11,7 @@
 //! dataset, checking every chunk again and the final digest. The scratch
 //! dataset is removed afterwards.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -217,6 +218,59 @@ impl Restorer<'_> {
         Ok(out)
     }
 
+    /// Downloads chunk objects in parallel, checks each against its id (GCM
+    /// tag, plaintext hash) off the async threads, and hands the good ones to
+    /// `sink`. Every missing or damaged object is named in one error.
+    fn download(
+        &self,
+        keys: &vault::Keys,
+        want: Vec<(ChunkId, u32)>,
+        out: &mut ArchiveRestore,
+        sink: &mut dyn FnMut(SealedChunk) -> Result<()>,
+    ) -> Result<Vec<String>> {
+        let store = self.store;
+        let shared_keys = Arc::new(keys.clone());
+        let mut results = stream::iter(want.into_iter().map(|(id, len)| {
+            let keys = shared_keys.clone();
+            async move {
+                let key = objects::chunk_key(self.dataset, &id);
+                let bytes = store.get_required(&key, "a referenced chunk").await?;
+                // SM4 is the slow part: keep it off the I/O threads.
+                let checked = tokio::task::spawn_blocking(move || {
+                    let r = chunk::open(&keys, &id, len, &bytes).map(|_| ());
+                    (r, bytes)
+                })
+                .await;
+                Ok::<_, ArchiveError>((key, id, len, checked))
+            }
+        }))
+        .buffer_unordered(self.concurrency.max(1));
+        let mut damaged = Vec::new();
+        while let Some(r) = self.rt.block_on(results.next()) {
+            let (key, id, len, checked) = match r {
+                Ok(x) => x,
+                Err(ArchiveError::Missing { key, reason }) => {
+                    damaged.push(format!("{key}: missing ({reason})"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (res, bytes) = checked.map_err(|e| ArchiveError::Stopped(e.to_string()))?;
+            if let Err(e) = res {
+                damaged.push(format!("{}: {e}", self.store.locate(&key)));
+                continue;
+            }
+            out.chunks_downloaded += 1;
+            out.bytes_downloaded += bytes.len() as u64;
+            sink(SealedChunk {
+                id,
+                plain_len: len,
+                sealed: bytes,
+            })?;
+        }
+        Ok(damaged)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
@@ -232,7 +286,7 @@ impl Restorer<'_> {
         let from_seq = start.as_ref().map(|(s, _, _)| s.seq).unwrap_or(0);
         if let Some((s, m, entries)) = start {
             let mut want: Vec<(ChunkId, u32)> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = HashSet::new();
             for (_, e) in &entries {
                 for c in e.chunks() {
                     if seen.insert(c.id) {
@@ -246,59 +300,21 @@ impl Restorer<'_> {
                 }
             }
             let total = want.len() as u64;
-            let mut done = 0u64;
-            let mut damaged: Vec<String> = Vec::new();
-            let store = self.store;
-            let shared_keys = Arc::new(keys.clone());
-            let mut results = stream::iter(want.into_iter().map(|(id, len)| {
-                let keys = shared_keys.clone();
-                async move {
-                    let key = objects::chunk_key(self.dataset, &id);
-                    let bytes = store
-                        .get_required(&key, "a chunk the snapshot references")
-                        .await?;
-                    // Checked off the async threads: SM4 is the slow part.
-                    let checked = tokio::task::spawn_blocking(move || {
-                        let r = chunk::open(&keys, &id, len, &bytes).map(|_| ());
-                        (r, bytes)
-                    })
-                    .await;
-                    Ok::<_, ArchiveError>((key, id, len, checked))
-                }
-            }))
-            .buffer_unordered(self.concurrency);
             let mut batch: Vec<SealedChunk> = Vec::new();
             let mut batch_bytes = 0usize;
-            while let Some(r) = self.rt.block_on(results.next()) {
-                let (key, id, len, checked) = match r {
-                    Ok(x) => x,
-                    Err(ArchiveError::Missing { key, reason }) => {
-                        damaged.push(format!("{key}: missing ({reason})"));
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                let (res, bytes) = checked.map_err(|e| ArchiveError::Stopped(e.to_string()))?;
-                if let Err(e) = res {
-                    damaged.push(format!("{}: {e}", self.store.locate(&key)));
-                    continue;
-                }
+            let mut done = 0u64;
+            let damaged = self.download(&keys, want, out, &mut |c| {
+                batch_bytes += c.sealed.len();
+                batch.push(c);
                 done += 1;
-                out.chunks_downloaded += 1;
-                out.bytes_downloaded += bytes.len() as u64;
-                batch_bytes += bytes.len();
-                batch.push(SealedChunk {
-                    id,
-                    plain_len: len,
-                    sealed: bytes,
-                });
+                progress(Progress::Chunks(done, total));
                 if batch_bytes >= 64 << 20 {
                     ds.stage_chunks(&batch)?;
                     batch.clear();
                     batch_bytes = 0;
                 }
-                progress(Progress::Chunks(done, total));
-            }
+                Ok(())
+            })?;
             ds.stage_chunks(&batch)?;
             if !damaged.is_empty() {
                 return Err(ArchiveError::Damaged {
@@ -308,7 +324,7 @@ impl Restorer<'_> {
             }
             let digest = vault::lthash::LtHash::try_from_bytes(&m.lthash).ok_or_else(|| {
                 ArchiveError::Damaged {
-                    key: s.manifest_key(self.dataset),
+                    key: self.store.locate(&s.manifest_key(self.dataset)),
                     reason: "the recorded digest does not decode".into(),
                 }
             })?;
@@ -330,11 +346,56 @@ impl Restorer<'_> {
             let bytes = self
                 .rt
                 .block_on(self.store.get_required(&p.key, "a log piece"))?;
-            let (_, recs) =
+            let piece =
                 objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
-            let mut payloads = Vec::new();
+            // The chunks its records brought, unless the scratch copy has them.
+            let mut want = Vec::new();
+            let mut seen = HashSet::new();
+            for r in &piece.records {
+                for (id, plain, _) in &r.attachments {
+                    if seen.insert(*id) && !ds.has_chunk(id)? {
+                        want.push((*id, *plain));
+                    }
+                }
+            }
+            let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+            let damaged = self.download(&keys, want, out, &mut |c| {
+                fetched.insert(c.id, c.sealed);
+                Ok(())
+            })?;
+            if !damaged.is_empty() {
+                return Err(ArchiveError::Damaged {
+                    key: format!(
+                        "{} chunk object(s) of log piece {}",
+                        damaged.len(),
+                        self.store.locate(&p.key)
+                    ),
+                    reason: damaged.join("; "),
+                });
+            }
+            let mut payloads = Vec::with_capacity(piece.records.len());
+            for r in &piece.records {
+                let payload = r
+                    .payload(|id| {
+                        fetched
+                            .get(id)
+                            .cloned()
+                            .or_else(|| ds.state().chunk_bytes(id).ok().flatten())
+                    })
+                    .ok_or_else(|| ArchiveError::Damaged {
+                        key: self.store.locate(&p.key),
+                        reason: format!(
+                            "record {} brought a chunk whose bytes are neither in the store \
+                             nor restorable",
+                            r.seq
+                        ),
+                    })?;
+                payloads.push(payload);
+            }
+            piece.check_chain(&self.store.locate(&p.key), &payloads)?;
+            let mut batch = Vec::new();
             let mut stop = false;
-            for r in recs {
+            for (r, payload) in piece.records.iter().zip(payloads) {
                 if r.seq <= ds.head_seq() {
                     continue;
                 }
@@ -342,11 +403,11 @@ impl Restorer<'_> {
                     stop = true;
                     break;
                 }
-                payloads.push(r.payload);
+                batch.push(payload);
             }
-            let n = payloads.len() as u64;
+            let n = batch.len() as u64;
             if n > 0 {
-                ds.append_replicated(payloads).map_err(|e| {
+                ds.append_replicated(batch).map_err(|e| {
                     ArchiveError::Submit(format!("replaying log piece {}: {e}", p.key))
                 })?;
                 out.replayed_records += n;

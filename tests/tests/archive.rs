@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::s3::{FaultProxy, S3Server};
 use common::{assert_same_tree, now_ns, triad_bin, write_file, Site};
 use rand::SeedableRng;
+use triad_tests::s3::{FaultProxy, S3Server};
 
 const BUCKET: &str = "triad";
 const PREFIX: &str = "site-a";

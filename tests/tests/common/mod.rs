@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 pub mod deploy;
-pub mod s3;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
