@@ -373,10 +373,18 @@ impl Archiver {
                     }
                 }
             }
+            let meta = |id: &ChunkId| -> Result<vault::state::ChunkMeta> {
+                snap.chunk_meta(id)?.ok_or_else(|| {
+                    ArchiveError::Vault(VaultError::StateCorrupt {
+                        path: st.path().to_path_buf(),
+                        reason: format!("chunk {} is referenced but not stored", id.short()),
+                    })
+                })
+            };
             let mut pin_refs = Vec::new();
             for (id, n) in &pins {
-                let len = snap.chunk(id)?.map(|c| c.plain_len).unwrap_or(0);
-                pin_refs.push((*id, *n, len));
+                let m = meta(id)?;
+                pin_refs.push((*id, *n, m.plain_len, m.sealed_hash));
                 if seen.insert(*id) {
                     need.push(*id);
                 }
@@ -410,11 +418,23 @@ impl Archiver {
             let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(0);
             let snap_ref = SnapshotRef::new(applied.seq, now_ns / 1_000_000);
             let mut pages = Vec::new();
-            for (n, page) in entries.chunks(objects::PAGE_ENTRIES).enumerate() {
+            let mut tabled = HashSet::new();
+            for (n, part) in entries.chunks(objects::PAGE_ENTRIES).enumerate() {
                 let key = snap_ref.page_key(&name, n);
-                let sealed = objects::encode_page(&keys, &key, page)?;
+                let mut page = objects::Page {
+                    entries: part.to_vec(),
+                    chunks: Vec::new(),
+                };
+                for (_, e) in part {
+                    for c in e.chunks() {
+                        if tabled.insert(c.id) {
+                            page.chunks.push((c.id, meta(&c.id)?.sealed_hash));
+                        }
+                    }
+                }
+                let sealed = objects::encode_page(&keys, &key, &page)?;
                 pages.push(PageRef {
-                    entries: page.len() as u32,
+                    entries: part.len() as u32,
                     sealed_len: sealed.len() as u64,
                     sealed_hash: *blake3::hash(&sealed).as_bytes(),
                 });
@@ -503,8 +523,8 @@ impl Archiver {
         let mut live: HashSet<ChunkId> = HashSet::new();
         let mut live_pages: HashSet<String> = HashSet::new();
         for s in &kept {
-            let (m, entries) =
-                read_snapshot(&self.rt, &self.store, &keys, name, s, self.concurrency)?;
+            let c = read_snapshot(&self.rt, &self.store, &keys, name, s, self.concurrency)?;
+            let (m, entries) = (c.manifest, c.entries);
             for (_, e) in &entries {
                 live.extend(e.chunks().iter().map(|c| c.id));
             }
@@ -634,6 +654,14 @@ pub fn list_snapshots(rt: &Handle, store: &Store, ds: &str) -> Result<Vec<Snapsh
     Ok(out)
 }
 
+/// A snapshot as read back: its manifest, namespace, and the BLAKE3 of the
+/// sealed bytes of every chunk it references.
+pub struct SnapshotContent {
+    pub manifest: Manifest,
+    pub entries: Namespace,
+    pub sealed_hashes: std::collections::HashMap<ChunkId, [u8; 32]>,
+}
+
 /// Reads and checks a snapshot's manifest and all its pages.
 pub fn read_snapshot(
     rt: &Handle,
@@ -642,16 +670,16 @@ pub fn read_snapshot(
     ds: &str,
     s: &SnapshotRef,
     concurrency: usize,
-) -> Result<(Manifest, Namespace)> {
+) -> Result<SnapshotContent> {
     let key = s.manifest_key(ds);
-    let m = objects::decode_manifest(
+    let manifest = objects::decode_manifest(
         keys,
         &key,
         &rt.block_on(store.get_required(&key, "the manifest"))?,
     )
     .map_err(|e| store.locate_err(e))?;
-    let pages: Vec<Vec<(Vec<u8>, vault::Entry)>> = rt.block_on(
-        stream::iter(m.pages.iter().enumerate().map(|(n, p)| {
+    let pages: Vec<objects::Page> = rt.block_on(
+        stream::iter(manifest.pages.iter().enumerate().map(|(n, p)| {
             let key = s.page_key(ds, n);
             async move {
                 let b = store.get_required(&key, "a page of the snapshot").await?;
@@ -661,8 +689,20 @@ pub fn read_snapshot(
         .buffered(concurrency.max(1))
         .try_collect(),
     )?;
-    let entries: Vec<_> = pages.into_iter().flatten().collect();
-    Ok((m, entries))
+    let mut entries = Vec::with_capacity(manifest.entries as usize);
+    let mut sealed_hashes = std::collections::HashMap::new();
+    for p in pages {
+        entries.extend(p.entries);
+        sealed_hashes.extend(p.chunks);
+    }
+    for (id, _, _, h) in &manifest.pins {
+        sealed_hashes.insert(*id, *h);
+    }
+    Ok(SnapshotContent {
+        manifest,
+        entries,
+        sealed_hashes,
+    })
 }
 
 /// Reads just the manifest of a snapshot.

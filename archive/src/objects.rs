@@ -159,8 +159,9 @@ pub struct Manifest {
     pub bytes: u64,
     /// Distinct chunks the snapshot references (entries and pins).
     pub chunks: u64,
-    /// Chunks held by files still being logged: (id, references, plain length).
-    pub pins: Vec<(ChunkId, u64, u32)>,
+    /// Chunks held by files still being logged: (id, references, plain
+    /// length, BLAKE3 of the sealed bytes).
+    pub pins: Vec<(ChunkId, u64, u32, [u8; 32])>,
     pub pages: Vec<PageRef>,
 }
 
@@ -215,20 +216,24 @@ pub fn decode_manifest(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Manifest
     })
 }
 
-pub fn encode_page(keys: &Keys, key: &str, entries: &[(Vec<u8>, Entry)]) -> Result<Vec<u8>> {
-    let plain = postcard::to_allocvec(entries).map_err(|e| ArchiveError::Damaged {
+/// A page of a snapshot: entries in path order, and the BLAKE3 of the
+/// sealed bytes of every chunk first referenced on this page, so a restore
+/// checks each downloaded chunk object without decrypting it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Page {
+    pub entries: Namespace,
+    pub chunks: Vec<(ChunkId, [u8; 32])>,
+}
+
+pub fn encode_page(keys: &Keys, key: &str, page: &Page) -> Result<Vec<u8>> {
+    let plain = postcard::to_allocvec(page).map_err(|e| ArchiveError::Damaged {
         key: key.to_string(),
         reason: format!("cannot encode: {e}"),
     })?;
     Ok(seal(keys, key, &plain))
 }
 
-pub fn decode_page(
-    keys: &Keys,
-    key: &str,
-    sealed: &[u8],
-    expect: &PageRef,
-) -> Result<Vec<(Vec<u8>, Entry)>> {
+pub fn decode_page(keys: &Keys, key: &str, sealed: &[u8], expect: &PageRef) -> Result<Page> {
     if sealed.len() as u64 != expect.sealed_len
         || *blake3::hash(sealed).as_bytes() != expect.sealed_hash
     {
@@ -242,27 +247,26 @@ pub fn decode_page(
         });
     }
     let plain = open(keys, key, sealed)?;
-    let entries: Vec<(Vec<u8>, Entry)> =
-        postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
-            key: key.to_string(),
-            reason: format!("page does not decode: {e}"),
-        })?;
-    if entries.len() != expect.entries as usize {
+    let page: Page = postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("page does not decode: {e}"),
+    })?;
+    if page.entries.len() != expect.entries as usize {
         return Err(ArchiveError::Damaged {
             key: key.to_string(),
             reason: format!(
                 "page holds {} entries, its manifest says {}",
-                entries.len(),
+                page.entries.len(),
                 expect.entries
             ),
         });
     }
-    Ok(entries)
+    Ok(page)
 }
 
-/// A chunk a record brought: its id, plaintext and sealed lengths. The
-/// bytes themselves are in the chunk object of that id.
-pub type AttachmentRef = (ChunkId, u32, u32);
+/// A chunk a record brought: its id, plaintext and sealed lengths, and the
+/// BLAKE3 of its sealed bytes. The bytes are in the chunk object of that id.
+pub type AttachmentRef = (ChunkId, u32, u32, [u8; 32]);
 
 /// A record in a log piece: its payload without the attached chunks' bytes.
 #[derive(Debug, Clone)]
@@ -284,7 +288,7 @@ impl PieceRecord {
         let attachments = rec
             .attachments
             .iter()
-            .map(|a| (a.id, a.plain_len, a.sealed.len() as u32))
+            .map(|a| (a.id, a.plain_len, a.sealed.len() as u32, a.sealed_hash()))
             .collect();
         Some((
             PieceRecord {
@@ -309,7 +313,7 @@ impl PieceRecord {
     pub fn payload(&self, chunk: impl Fn(&ChunkId) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
         let mut v = self.head.clone();
         v.extend_from_slice(&(self.attachments.len() as u32).to_le_bytes());
-        for (id, plain_len, sealed_len) in &self.attachments {
+        for (id, plain_len, sealed_len, _) in &self.attachments {
             let bytes = chunk(id)?;
             if bytes.len() != *sealed_len as usize {
                 return None;
@@ -348,10 +352,11 @@ pub fn encode_piece(piece: &Piece) -> Vec<u8> {
         out.extend_from_slice(&(r.head.len() as u32).to_le_bytes());
         out.extend_from_slice(&r.head);
         out.extend_from_slice(&(r.attachments.len() as u32).to_le_bytes());
-        for (id, plain, sealed) in &r.attachments {
+        for (id, plain, sealed, hash) in &r.attachments {
             out.extend_from_slice(&id.0);
             out.extend_from_slice(&plain.to_le_bytes());
             out.extend_from_slice(&sealed.to_le_bytes());
+            out.extend_from_slice(hash);
         }
     }
     let trailer = blake3::hash(&out);
@@ -415,7 +420,8 @@ pub fn decode_piece(key: &str, bytes: &[u8]) -> Result<Piece> {
             let id = ChunkId(c.hash().ok_or_else(bad)?);
             let plain = c.u32().ok_or_else(bad)?;
             let sealed = c.u32().ok_or_else(bad)?;
-            attachments.push((id, plain, sealed));
+            let hash = c.hash().ok_or_else(bad)?;
+            attachments.push((id, plain, sealed, hash));
         }
         if head.len() < 56 {
             return Err(bad());

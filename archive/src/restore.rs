@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
 use tokio::runtime::Handle;
-use vault::chunk;
 use vault::state::Applied;
 use vault::{ChunkId, Dataset, DatasetKey, SealedChunk};
 
@@ -85,7 +84,7 @@ pub struct ArchiveRestore {
 }
 
 /// The snapshot a restore starts from.
-type Start = (SnapshotRef, objects::Manifest, objects::Namespace);
+type Start = (SnapshotRef, crate::archiver::SnapshotContent);
 
 pub struct Restorer<'a> {
     pub rt: &'a Handle,
@@ -136,17 +135,16 @@ impl Restorer<'_> {
         // The snapshot to start from: the newest at or before the target.
         let mut start: Option<Start> = None;
         for s in snaps.iter().rev().filter(|s| s.seq <= target_seq) {
-            let (m, entries) =
-                read_snapshot(self.rt, self.store, &keys, ds_name, s, self.concurrency)?;
+            let c = read_snapshot(self.rt, self.store, &keys, ds_name, s, self.concurrency)?;
             if let At::Time(t) = at {
-                if m.time_ns > t {
+                if c.manifest.time_ns > t {
                     continue;
                 }
             }
-            start = Some((s.clone(), m, entries));
+            start = Some((s.clone(), c));
             break;
         }
-        let from_seq = start.as_ref().map(|(s, _, _)| s.seq).unwrap_or(0);
+        let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
         // The log pieces after it must cover (from_seq, target] without a gap.
         let mut needed: Vec<&PieceRef> = pieces
             .iter()
@@ -165,7 +163,7 @@ impl Restorer<'_> {
                 "the archived log has no record {next} (needed to go from {} to seq {target_seq}); \
                  the nearest points that can be restored are the snapshots: {}",
                 match &start {
-                    Some((s, _, _)) => format!("snapshot {}", s.name),
+                    Some((s, _)) => format!("snapshot {}", s.name),
                     None => "an empty dataset".into(),
                 },
                 snaps
@@ -218,31 +216,34 @@ impl Restorer<'_> {
         Ok(out)
     }
 
-    /// Downloads chunk objects in parallel, checks each against its id (GCM
-    /// tag, plaintext hash) off the async threads, and hands the good ones to
-    /// `sink`. Every missing or damaged object is named in one error.
+    /// Downloads chunk objects in parallel, checks each against the BLAKE3
+    /// of its sealed bytes recorded in the (authenticated) manifest or piece,
+    /// and hands the good ones to `sink`. Every missing or damaged object is
+    /// named in one error. Decrypting, and the check of each chunk against
+    /// its id, happen once, when the file is written (`vault::restore`).
     fn download(
         &self,
-        keys: &vault::Keys,
-        want: Vec<(ChunkId, u32)>,
+        want: Vec<(ChunkId, u32, [u8; 32])>,
         out: &mut ArchiveRestore,
         sink: &mut dyn FnMut(SealedChunk) -> Result<()>,
     ) -> Result<Vec<String>> {
         let store = self.store;
-        let shared_keys = Arc::new(keys.clone());
-        let mut results = stream::iter(want.into_iter().map(|(id, len)| {
-            let keys = shared_keys.clone();
-            async move {
-                let key = objects::chunk_key(self.dataset, &id);
-                let bytes = store.get_required(&key, "a referenced chunk").await?;
-                // SM4 is the slow part: keep it off the I/O threads.
-                let checked = tokio::task::spawn_blocking(move || {
-                    let r = chunk::open(&keys, &id, len, &bytes).map(|_| ());
-                    (r, bytes)
-                })
-                .await;
-                Ok::<_, ArchiveError>((key, id, len, checked))
-            }
+        let mut results = stream::iter(want.into_iter().map(|(id, len, expect)| async move {
+            let key = objects::chunk_key(self.dataset, &id);
+            let bytes = store.get_required(&key, "a referenced chunk").await?;
+            let checked = tokio::task::spawn_blocking(move || {
+                let r = if *blake3::hash(&bytes).as_bytes() == expect {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "its {} bytes do not hash as recorded: truncated or altered",
+                        bytes.len()
+                    ))
+                };
+                (r, bytes)
+            })
+            .await;
+            Ok::<_, ArchiveError>((key, id, len, checked))
         }))
         .buffer_unordered(self.concurrency.max(1));
         let mut damaged = Vec::new();
@@ -282,28 +283,37 @@ impl Restorer<'_> {
         out: &mut ArchiveRestore,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<()> {
-        let keys = ds.keys().clone();
-        let from_seq = start.as_ref().map(|(s, _, _)| s.seq).unwrap_or(0);
-        if let Some((s, m, entries)) = start {
-            let mut want: Vec<(ChunkId, u32)> = Vec::new();
+        let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
+        if let Some((s, content)) = start {
+            let crate::archiver::SnapshotContent {
+                manifest: m,
+                entries,
+                sealed_hashes,
+            } = content;
+            let mut want: Vec<(ChunkId, u32, [u8; 32])> = Vec::new();
             let mut seen = HashSet::new();
+            let unrecorded = |id: &ChunkId| ArchiveError::Damaged {
+                key: self.store.locate(&s.manifest_key(self.dataset)),
+                reason: format!("chunk {} has no recorded hash in the snapshot", id.short()),
+            };
             for (_, e) in &entries {
                 for c in e.chunks() {
                     if seen.insert(c.id) {
-                        want.push((c.id, c.len));
+                        let h = sealed_hashes.get(&c.id).ok_or_else(|| unrecorded(&c.id))?;
+                        want.push((c.id, c.len, *h));
                     }
                 }
             }
-            for (id, _, len) in &m.pins {
+            for (id, _, len, h) in &m.pins {
                 if seen.insert(*id) {
-                    want.push((*id, *len));
+                    want.push((*id, *len, *h));
                 }
             }
             let total = want.len() as u64;
             let mut batch: Vec<SealedChunk> = Vec::new();
             let mut batch_bytes = 0usize;
             let mut done = 0u64;
-            let damaged = self.download(&keys, want, out, &mut |c| {
+            let damaged = self.download(want, out, &mut |c| {
                 batch_bytes += c.sealed.len();
                 batch.push(c);
                 done += 1;
@@ -334,7 +344,7 @@ impl Restorer<'_> {
                 time_ns: m.time_ns,
                 digest,
             };
-            let pins: Vec<(ChunkId, u64)> = m.pins.iter().map(|(id, n, _)| (*id, *n)).collect();
+            let pins: Vec<(ChunkId, u64)> = m.pins.iter().map(|(id, n, _, _)| (*id, *n)).collect();
             ds.install_transfer(applied, entries, pins).map_err(|e| {
                 ArchiveError::Submit(format!("installing snapshot {}: {e}", s.name))
             })?;
@@ -352,14 +362,14 @@ impl Restorer<'_> {
             let mut want = Vec::new();
             let mut seen = HashSet::new();
             for r in &piece.records {
-                for (id, plain, _) in &r.attachments {
+                for (id, plain, _, hash) in &r.attachments {
                     if seen.insert(*id) && !ds.has_chunk(id)? {
-                        want.push((*id, *plain));
+                        want.push((*id, *plain, *hash));
                     }
                 }
             }
             let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
-            let damaged = self.download(&keys, want, out, &mut |c| {
+            let damaged = self.download(want, out, &mut |c| {
                 fetched.insert(c.id, c.sealed);
                 Ok(())
             })?;

@@ -632,6 +632,17 @@ impl Snap<'_> {
         Ok(out)
     }
 
+    /// A chunk's metadata as it was at the snapshot.
+    pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>> {
+        let cm = self.st.cf(CF_CHUNKMETA)?;
+        let Some(m) = self.snap.get_cf(cm, id.0).map_err(|e| self.st.err(e))? else {
+            return Ok(None);
+        };
+        ChunkMeta::decode(&m)
+            .map(Some)
+            .ok_or_else(|| self.st.corrupt("chunk meta".into()))
+    }
+
     /// A chunk as it was at the snapshot.
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<SealedChunk>> {
         let (cm, cb) = (self.st.cf(CF_CHUNKMETA)?, self.st.cf(CF_CHUNKS)?);
