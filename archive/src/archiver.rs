@@ -179,7 +179,7 @@ impl Archiver {
             jobs: Mutex::new(()),
             concurrency: concurrency.max(1),
         };
-        if !a.index.filled()? {
+        if !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
         }
         let pieces = a.pieces()?;
@@ -220,7 +220,7 @@ impl Archiver {
             .collect();
         self.index.clear()?;
         self.index.add(&ids)?;
-        self.index.set_filled()?;
+        self.index.set_filled_for(self.store.url())?;
         tracing::info!(
             dataset = self.ds.name(),
             chunks = ids.len(),
@@ -441,7 +441,7 @@ impl Archiver {
                 self.rt.block_on(self.store.put(&key, sealed))?;
             }
             let manifest = Manifest {
-                version: 1,
+                version: objects::MANIFEST_VERSION,
                 dataset: name.clone(),
                 site: self.site.clone(),
                 seq: applied.seq,

@@ -17,6 +17,7 @@ use vault::ChunkId;
 use crate::error::{ArchiveError, Result};
 
 const FILLED: &[u8] = b"!filled";
+const URL: &[u8] = b"!url";
 
 pub struct Index {
     db: DB,
@@ -45,13 +46,22 @@ impl Index {
         }
     }
 
-    /// True once the index was filled from a listing of the store.
-    pub fn filled(&self) -> Result<bool> {
-        Ok(self.db.get(FILLED).map_err(|e| self.err(e))?.is_some())
+    /// True once the index was filled from a listing of the store at `url`
+    /// (an index of another store is no index of this one).
+    pub fn filled_for(&self, url: &str) -> Result<bool> {
+        let filled = self.db.get(FILLED).map_err(|e| self.err(e))?.is_some();
+        let same = self.db.get(URL).map_err(|e| self.err(e))?.as_deref() == Some(url.as_bytes());
+        Ok(filled && same)
     }
 
-    pub fn set_filled(&self) -> Result<()> {
-        self.write(|b| b.put(FILLED, b""), true)
+    pub fn set_filled_for(&self, url: &str) -> Result<()> {
+        self.write(
+            |b| {
+                b.put(FILLED, b"");
+                b.put(URL, url.as_bytes());
+            },
+            true,
+        )
     }
 
     pub fn has(&self, id: &ChunkId) -> Result<bool> {

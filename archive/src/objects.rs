@@ -1,5 +1,5 @@
 //! What the archive stores, under `<prefix>/<dataset>/`, and how each object
-//! is encoded and checked. docs/formats.md section 10 is the reference.
+//! is encoded and checked. docs/archive.md is the reference.
 //!
 //! - `OWNER`: the name of the site that writes this dataset's archive.
 //! - `chunks/<id hex>`: a sealed chunk, byte for byte as in the site's state
@@ -26,6 +26,9 @@ const SEALED_MAGIC: &[u8; 8] = b"TRIADSM1";
 const PIECE_MAGIC: &[u8; 8] = b"TRIADLP2";
 /// A namespace: (path, entry) in path order.
 pub type Namespace = Vec<(Vec<u8>, Entry)>;
+
+/// The manifest encoding this version writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
 
 /// Namespace entries per manifest page.
 pub const PAGE_ENTRIES: usize = 20_000;
@@ -210,6 +213,21 @@ pub fn encode_manifest(keys: &Keys, key: &str, m: &Manifest) -> Result<Vec<u8>> 
 
 pub fn decode_manifest(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Manifest> {
     let plain = open(keys, key, sealed)?;
+    // The version comes first in the encoding: read it alone, so a newer
+    // manifest is reported as such rather than as damage.
+    let (version, _) =
+        postcard::take_from_bytes::<u32>(&plain).map_err(|e| ArchiveError::Damaged {
+            key: key.to_string(),
+            reason: format!("manifest does not decode: {e}"),
+        })?;
+    if version != MANIFEST_VERSION {
+        return Err(ArchiveError::Damaged {
+            key: key.to_string(),
+            reason: format!(
+                "manifest version {version}; this triad reads version {MANIFEST_VERSION}"
+            ),
+        });
+    }
     postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
         key: key.to_string(),
         reason: format!("manifest does not decode: {e}"),

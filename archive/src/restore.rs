@@ -4,12 +4,14 @@
 //! log records after it up to the target. It is carried out through the
 //! same code a follower uses: a scratch dataset (next to the target, on the
 //! same filesystem) gets the snapshot installed as a state transfer (chunks
-//! downloaded in parallel and each checked against its id, the namespace
-//! checked against the snapshot's digest), then the records appended as
-//! replicated records (their hash chain checked against the snapshot's chain
-//! hash); finally the ordinary restore writes the tree from the scratch
-//! dataset, checking every chunk again and the final digest. The scratch
-//! dataset is removed afterwards.
+//! downloaded in parallel, each checked against the BLAKE3 of its sealed
+//! bytes that the authenticated manifest pages record; the namespace checked
+//! against the snapshot's digest), then the records appended as replicated
+//! records (rebuilt from the pieces and chunk objects, their hash chain
+//! checked against the snapshot's chain hash and each piece's end hash);
+//! finally the ordinary restore writes the tree from the scratch dataset,
+//! decrypting each chunk and checking it against its id, and compares the
+//! final digest. The scratch dataset is removed afterwards.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -103,6 +105,16 @@ impl Restorer<'_> {
     ) -> Result<ArchiveRestore> {
         let ds_name = self.dataset;
         let keys = self.key.derive();
+        // Refuse a non-empty target before downloading anything.
+        if std::fs::read_dir(to).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(ArchiveError::io(
+                "restore target",
+                to,
+                std::io::Error::other(
+                    "directory is not empty; restore into a new or empty directory",
+                ),
+            ));
+        }
         let snaps = list_snapshots(self.rt, self.store, ds_name)?;
         let pieces: Vec<PieceRef> = self
             .rt

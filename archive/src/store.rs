@@ -139,6 +139,12 @@ impl Store {
                     b = b.with_endpoint(e);
                 }
                 if let Some(path) = &cfg.credentials_file {
+                    use std::os::unix::fs::PermissionsExt;
+                    if let Ok(m) = std::fs::metadata(path) {
+                        if m.permissions().mode() & 0o077 != 0 {
+                            tracing::warn!(path = %path.display(), "the credentials file can be read by other users: chmod 600 it");
+                        }
+                    }
                     let text = std::fs::read_to_string(path).map_err(|e| {
                         ArchiveError::Config(format!(
                             "archive.credentials_file {}: {e}",

@@ -39,6 +39,7 @@ pub struct ArchiveStatus {
     /// The latest failure, cleared by the next success of the same kind.
     pub ship_error: Option<String>,
     pub snapshot_error: Option<String>,
+    pub prune_error: Option<String>,
 }
 
 /// A request from the CLI, as a file `<id>.<kind>` in the requests dir; the
@@ -203,7 +204,8 @@ fn snapshot_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &A
         sh.update(|s| s.next_snapshot = next.map(|t| t.to_rfc3339()));
         let due = next.is_some_and(|t| chrono::Utc::now() >= t)
             || retry_at.is_some_and(|t| Instant::now() >= t);
-        let gap = sh.gap.load(Ordering::Acquire);
+        // A bridging snapshot that failed waits for its retry time too.
+        let gap = sh.gap.load(Ordering::Acquire) && retry_at.is_none_or(|t| Instant::now() >= t);
         if due || gap {
             retry_at = None;
             match run_snapshot(a, settings, sh, !settings.retention.keeps_everything()) {
@@ -290,11 +292,15 @@ fn run_snapshot(
 fn run_prune(a: &Archiver, settings: &ArchiveSettings, sh: &Shared) -> Result<PruneReport, String> {
     match a.prune(&settings.retention, settings.prune_grace) {
         Ok(r) => {
-            sh.update(|s| s.last_prune = Some(r.clone()));
+            sh.update(|s| {
+                s.last_prune = Some(r.clone());
+                s.prune_error = None;
+            });
             Ok(r)
         }
         Err(e) => {
             tracing::error!(dataset = a.dataset().name(), error = %e, "prune failed; will retry with the next snapshot");
+            sh.update(|s| s.prune_error = Some(e.to_string()));
             Err(e.to_string())
         }
     }

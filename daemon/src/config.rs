@@ -737,4 +737,34 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
         let e = err("not toml at all [");
         assert!(e.contains("site.toml"), "{e}");
     }
+
+    #[test]
+    fn the_archive_section_is_checked() {
+        let with = |a: &str| format!("{GOOD}\n[archive]\n{a}\n");
+        let ok = Config::parse(
+            Path::new("site.toml"),
+            &with(
+                "url = \"s3://b/p\"\nendpoint = \"http://minio:9000\"\nsnapshot_schedule = \"0 0 * * * *\"\nretention = { last = 3, daily = 7 }",
+            ),
+        )
+        .unwrap();
+        let s = ok.archive_settings().unwrap().unwrap();
+        assert_eq!(s.retention.daily, 7);
+        assert_eq!(s.log_flush_interval, Duration::from_secs(5));
+        let e = err(&with("url = \"ftp://x\""));
+        assert!(e.contains("archive.url") && e.contains("s3://"), "{e}");
+        let e = err(&with("url = \"s3://\""));
+        assert!(e.contains("archive.url") && e.contains("bucket"), "{e}");
+        let e = err(&with("url = \"file:///a\"\nsnapshot_schedule = \"hourly\""));
+        assert!(
+            e.contains("archive.snapshot_schedule") && e.contains("cron"),
+            "{e}"
+        );
+        let e = err(&with("url = \"file:///a\"\nlog_flush_interval = \"soon\""));
+        assert!(e.contains("archive.log_flush_interval"), "{e}");
+        let e = err(&with("url = \"file:///a\"\nretention = { yearly = 1 }"));
+        assert!(e.contains("yearly"), "{e}");
+        let e = err(&with("url = \"s3://b\"\nendpoint = \"minio:9000\""));
+        assert!(e.contains("archive.endpoint"), "{e}");
+    }
 }

@@ -462,3 +462,128 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
     let out = restore_from_archive(&site, &kept[0].0.to_string(), &site.tmp.path().join("gone"));
     assert!(!out.status.success());
 }
+
+#[test]
+fn the_store_uploads_large_objects_in_parts_and_explains_refusals() {
+    let s3 = S3Server::start(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = s3.credentials_file(tmp.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cfg = |url: &str, creds: &Path| {
+        let mut c = archive::StoreConfig::new(url);
+        c.endpoint = Some(s3.endpoint());
+        c.credentials_file = Some(creds.to_path_buf());
+        c
+    };
+    let store = archive::Store::open(&cfg("s3://triad/parts", &creds)).unwrap();
+    // 40 MiB: above the 16 MiB multipart threshold, five 8 MiB parts.
+    let big: Vec<u8> = (0..40u32 << 20)
+        .map(|i| (i.wrapping_mul(31) >> 7) as u8)
+        .collect();
+    rt.block_on(store.put("big/object", big.clone())).unwrap();
+    let back = rt.block_on(store.get("big/object")).unwrap().unwrap();
+    assert!(back == big, "the object reads back as written");
+    let listed = rt.block_on(store.list("big/")).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key, "big/object");
+    assert_eq!(listed[0].size, 40 << 20);
+    assert!(rt.block_on(store.get("big/none")).unwrap().is_none());
+    rt.block_on(store.delete("big/object")).unwrap();
+    assert!(rt.block_on(store.get("big/object")).unwrap().is_none());
+
+    // A bucket that does not exist.
+    let nobucket = archive::Store::open(&cfg("s3://no-such-bucket/p", &creds)).unwrap();
+    let e = rt.block_on(nobucket.list("p/")).unwrap_err().to_string();
+    assert!(e.contains("no-such-bucket") && e.contains("bucket"), "{e}");
+    // Credentials the server refuses.
+    let bad = tmp.path().join("bad.credentials");
+    std::fs::write(
+        &bad,
+        "access_key_id = \"nobody\"\nsecret_access_key = \"s3cr3t-value\"\n",
+    )
+    .unwrap();
+    let refused = archive::Store::open(&cfg("s3://triad/p", &bad)).unwrap();
+    let e = rt.block_on(refused.list("x/")).unwrap_err().to_string();
+    assert!(e.contains("credentials"), "{e}");
+    assert!(!e.contains("s3cr3t-value"), "the secret is not shown: {e}");
+    // A credentials file that is not TOML is refused without quoting it.
+    std::fs::write(&bad, "s3cr3t-value\n").unwrap();
+    let e = archive::Store::open(&cfg("s3://triad/p", &bad))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("access_key_id") && !e.contains("s3cr3t-value"),
+        "{e}"
+    );
+}
+
+#[test]
+fn scheduled_snapshots_with_retention_stay_restorable() {
+    let s3 = S3Server::start(BUCKET);
+    let mut site = Site::new();
+    with_archive(
+        &site,
+        &s3,
+        &s3.endpoint(),
+        "snapshot_schedule = \"*/2 * * * * *\"\nretention = { last = 2 }\nprune_grace = \"1s\"",
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    site.start();
+    // Changes keep arriving while snapshots, shipping and prunes run.
+    for round in 1..=5 {
+        change(&site.source, round, &mut rng);
+        std::thread::sleep(Duration::from_millis(900));
+    }
+    let st = site.wait_settled(now_ns(), Duration::from_secs(60));
+    let head = head_seq(&st);
+    let start = Instant::now();
+    loop {
+        let v = site.status().unwrap_or_default();
+        let a = &v["archive"];
+        if a["last_snapshot"]["seq"].as_u64().unwrap_or(0) >= head
+            && a["last_prune"]["snapshots_kept"].as_u64().is_some()
+            && a["shipped_seq"].as_u64().unwrap_or(0) >= head
+        {
+            assert!(a["snapshot_error"].is_null(), "{a}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no scheduled snapshot reached seq {head}: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let final_tree = keep(&site, "final");
+    site.stop();
+
+    let manifests = s3.keys(BUCKET, &format!("{PREFIX}/files/snapshots"));
+    let names: Vec<&String> = manifests
+        .iter()
+        .filter(|k| k.ends_with(".manifest"))
+        .collect();
+    assert!(
+        !names.is_empty() && names.len() <= 3,
+        "retention keeps the last two (a third may be taken just before the stop): {names:?}"
+    );
+    for n in &names {
+        let seq: u64 = n
+            .rsplit('/')
+            .next()
+            .and_then(|f| f.split('-').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        let to = site.tmp.path().join(format!("scheduled-{seq}"));
+        if !to.exists() {
+            ok(
+                &restore_from_archive(&site, &seq.to_string(), &to),
+                "restore a kept snapshot",
+            );
+        }
+    }
+    let to = site.tmp.path().join("restored-latest");
+    ok(
+        &restore_from_archive(&site, "latest", &to),
+        "restore latest",
+    );
+    assert_same_tree(&final_tree, &to);
+}

@@ -93,6 +93,17 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
                     "prune"
                 };
                 let answer = if daemon_running(&dir) {
+                    // A daemon started without [archive] would never answer.
+                    let archiving = std::fs::read(dir.join(crate::runtime::STATUS_FILE))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .is_some_and(|v| v["archive"].is_object());
+                    if !archiving {
+                        bail!(
+                            "dataset `{name}`: the running daemon does not archive (it was started \
+                             without [archive]); restart it with this config"
+                        );
+                    }
                     eprintln!("asking the running daemon to {kind} dataset {name} ...");
                     crate::archiving::request(&dir, kind, a.timeout)
                         .with_context(|| format!("dataset `{name}`"))?
