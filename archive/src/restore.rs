@@ -82,6 +82,11 @@ pub struct ArchiveRestore {
     pub time_ns: i64,
     pub chunks_downloaded: u64,
     pub bytes_downloaded: u64,
+    /// Wall time of each phase: the snapshot's chunks into the scratch copy,
+    /// the log replay, writing the tree (with its checks and digest).
+    pub seconds_snapshot: f64,
+    pub seconds_replay: f64,
+    pub seconds_write: f64,
     pub report: vault::restore::Report,
 }
 
@@ -213,6 +218,9 @@ impl Restorer<'_> {
             seq: 0,
             time_ns: 0,
             chunks_downloaded: 0,
+            seconds_snapshot: 0.0,
+            seconds_replay: 0.0,
+            seconds_write: 0.0,
             bytes_downloaded: 0,
             report: vault::restore::Report::default(),
         };
@@ -221,10 +229,12 @@ impl Restorer<'_> {
         r?;
         closed?;
         drop(ds);
+        let t = std::time::Instant::now();
         let view = vault::View::open(scratch.path(), ds_name, self.key)?;
         out.seq = view.applied().seq;
         out.time_ns = view.applied().time_ns;
         out.report = vault::restore::restore(&view, to, &|b| progress(Progress::Written(b)))?;
+        out.seconds_write = t.elapsed().as_secs_f64();
         Ok(out)
     }
 
@@ -296,6 +306,7 @@ impl Restorer<'_> {
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<()> {
         let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
+        let t = std::time::Instant::now();
         if let Some((s, content)) = start {
             let crate::archiver::SnapshotContent {
                 manifest: m,
@@ -363,6 +374,8 @@ impl Restorer<'_> {
             out.snapshot = Some(s.name.clone());
         }
 
+        out.seconds_snapshot = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
         let to_replay = target_seq.saturating_sub(from_seq);
         for p in pieces {
             let bytes = self
@@ -439,6 +452,7 @@ impl Restorer<'_> {
                 break;
             }
         }
+        out.seconds_replay = t.elapsed().as_secs_f64();
         Ok(())
     }
 }

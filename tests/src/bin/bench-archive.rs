@@ -53,6 +53,10 @@ fn run(cmd: &mut Command, what: &str) -> f64 {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    if what == "triad restore" {
+        // Its phase times.
+        eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    }
     t.elapsed().as_secs_f64()
 }
 
