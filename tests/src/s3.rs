@@ -91,12 +91,14 @@ impl S3Server {
 
     /// Writes a credentials file for triad and returns its path.
     pub fn credentials_file(&self, dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
         let p = dir.join("s3.credentials");
         std::fs::write(
             &p,
             format!("access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"),
         )
         .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 

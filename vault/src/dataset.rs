@@ -923,6 +923,9 @@ fn install(
         tracing::error!("{why}");
         return Err(VaultError::Closed(why).into());
     }
+    // Into an empty copy (a new site's first sync, a restore's scratch copy)
+    // an install is routine; over records this site had, it is news.
+    let was_empty = shared.head_seq.load(Ordering::Acquire) == 0;
     if let Ok(mut g) = shared.applied.lock() {
         *g = applied.clone();
     }
@@ -936,11 +939,19 @@ fn install(
     if let Ok(_g) = shared.head_lock.lock() {
         shared.head_moved.notify_all();
     }
-    tracing::warn!(
-        seq = applied.seq,
-        entries = entries.len(),
-        "installed a state transferred from the upstream; the log restarts after it"
-    );
+    if was_empty {
+        tracing::info!(
+            seq = applied.seq,
+            entries = entries.len(),
+            "installed a transferred state into an empty copy; the log continues after it"
+        );
+    } else {
+        tracing::warn!(
+            seq = applied.seq,
+            entries = entries.len(),
+            "installed a state transferred from the upstream; the log restarts after it"
+        );
+    }
     Ok(Committed {
         seq: applied.seq,
         time_ns: applied.time_ns,

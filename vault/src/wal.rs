@@ -672,6 +672,21 @@ impl Wal {
         // The replaced log is kept aside, not deleted: if this copy had in
         // fact diverged after its newest checkpoint, the evidence survives.
         let segs = list_segments(&self.dir)?;
+        // Segments holding no record (only a header) are no evidence of
+        // anything: they go.
+        let mut segs_with_records = Vec::new();
+        for seg in segs {
+            let len = std::fs::metadata(&seg.path)
+                .map(|m| m.len())
+                .unwrap_or(u64::MAX);
+            if len <= HEADER_LEN as u64 {
+                std::fs::remove_file(&seg.path)
+                    .map_err(|e| VaultError::io("removing an empty log segment", &seg.path, e))?;
+            } else {
+                segs_with_records.push(seg);
+            }
+        }
+        let segs = segs_with_records;
         if !segs.is_empty() {
             let aside = self.dir.join(format!("superseded-at-{}", base.seq));
             std::fs::create_dir_all(&aside)
