@@ -38,6 +38,19 @@ pub fn s3s_fs_bin() -> PathBuf {
     })
 }
 
+/// Writes the test server's credentials for triad (mode 0600) into `dir`.
+pub fn write_credentials(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("s3.credentials");
+    std::fs::write(
+        &p,
+        format!("access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -56,10 +69,19 @@ pub struct S3Server {
 impl S3Server {
     /// Starts a server with one bucket, `bucket`.
     pub fn start(bucket: &str) -> S3Server {
+        S3Server::start_on(bucket, free_port())
+    }
+
+    /// A free loopback port, for a server started later with [`start_on`].
+    pub fn reserve_port() -> u16 {
+        free_port()
+    }
+
+    /// Starts a server on `port` (for a store that appears only later).
+    pub fn start_on(bucket: &str, port: u16) -> S3Server {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("s3");
         std::fs::create_dir_all(root.join(bucket)).unwrap();
-        let port = free_port();
         let child = Command::new(s3s_fs_bin())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
@@ -91,15 +113,7 @@ impl S3Server {
 
     /// Writes a credentials file for triad and returns its path.
     pub fn credentials_file(&self, dir: &Path) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let p = dir.join("s3.credentials");
-        std::fs::write(
-            &p,
-            format!("access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        p
+        write_credentials(dir)
     }
 
     /// Where the server keeps an object on disk.

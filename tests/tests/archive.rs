@@ -587,3 +587,66 @@ fn scheduled_snapshots_with_retention_stay_restorable() {
     );
     assert_same_tree(&final_tree, &to);
 }
+
+/// The store is unreachable while the size cap forces log segments out
+/// before they were shipped: when the store appears, the archive bridges the
+/// gap with a snapshot, the latest state restores, and a point inside the
+/// gap is refused by name.
+#[test]
+fn a_gap_in_the_shipped_log_is_bridged_by_a_snapshot() {
+    let port = S3Server::reserve_port();
+    let mut site = Site::new();
+    let text = std::fs::read_to_string(&site.config).unwrap().replace(
+        "role = \"primary\"\n",
+        "role = \"primary\"\nlog_segment_size = \"1MiB\"\nlog_retention_max = \"2MiB\"\n",
+    );
+    site.set_config(&text);
+    let creds = triad_tests::s3::write_credentials(site.tmp.path());
+    let mut text = std::fs::read_to_string(&site.config).unwrap();
+    text.push_str(&format!(
+        "\n[archive]\nurl = \"s3://{BUCKET}/{PREFIX}\"\nendpoint = \"http://127.0.0.1:{port}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\nrequest_timeout = \"3s\"\n",
+        creds.display()
+    ));
+    site.set_config(&text);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    site.start();
+    // About 8 MiB of changes with no store: the cap removes unshipped segments.
+    for round in 1..=2 {
+        change(&site.source, round, &mut rng);
+        site.wait_settled(now_ns(), Duration::from_secs(60));
+    }
+    let first_retained = site.status().unwrap()["retention"]["first_seq"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        first_retained > 1,
+        "the cap removed segments: first retained {first_retained}"
+    );
+    let s3 = S3Server::start_on(BUCKET, port);
+    change(&site.source, 3, &mut rng);
+    let st = site.wait_settled(now_ns(), Duration::from_secs(60));
+    let head = head_seq(&st);
+    wait_shipped(&site, head, Duration::from_secs(120));
+    let v = site.status().unwrap();
+    assert!(
+        v["archive"]["last_snapshot"]["seq"].as_u64().unwrap_or(0) >= first_retained - 1,
+        "a bridging snapshot was taken: {}",
+        v["archive"]
+    );
+    let keep_latest = keep(&site, "latest");
+    site.stop();
+    assert!(site.log_text().contains("a snapshot will bridge the gap"));
+
+    let to = site.tmp.path().join("restored");
+    ok(
+        &restore_from_archive(&site, "latest", &to),
+        "restore latest across the gap",
+    );
+    assert_same_tree(&keep_latest, &to);
+    // Seq 2 lies in the gap: no snapshot before it, no log for it.
+    let out = restore_from_archive(&site, "2", &site.tmp.path().join("in-gap"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no record"), "{err}");
+    drop(s3);
+}
