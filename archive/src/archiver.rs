@@ -113,6 +113,8 @@ pub struct PruneReport {
     pub chunks_marked: usize,
     pub chunks_deleted: usize,
     pub chunks_waiting: usize,
+    /// Referenced chunks not in the store (removed outside triad).
+    pub chunks_missing: usize,
     pub log_pieces_deleted: usize,
     pub orphan_objects_deleted: usize,
 }
@@ -155,6 +157,7 @@ impl Archiver {
     ) -> Result<Archiver> {
         let name = ds.name().to_string();
         let owner_key = objects::owner_key(&name);
+        let mut fresh = false;
         match rt.block_on(store.get(&owner_key))? {
             Some(o) if o != site.as_bytes() => {
                 return Err(ArchiveError::Config(format!(
@@ -165,7 +168,12 @@ impl Archiver {
                 )))
             }
             Some(_) => {}
-            None => rt.block_on(store.put(&owner_key, site.as_bytes().to_vec()))?,
+            None => {
+                // A new (or emptied) prefix: whatever the index remembers is
+                // not there.
+                fresh = true;
+                rt.block_on(store.put(&owner_key, site.as_bytes().to_vec()))?;
+            }
         }
         let index = Index::open(&ds.dir().join("archive-index"))?;
         let a = Archiver {
@@ -179,17 +187,34 @@ impl Archiver {
             jobs: Mutex::new(()),
             concurrency: concurrency.max(1),
         };
-        if !a.index.filled_for(a.store.url())? {
+        if fresh || !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
         }
+        // Where the archive's log ends: the newest piece, or, when prune
+        // removed every piece, the newest snapshot.
         let pieces = a.pieces()?;
-        if let Some(last) = pieces.last() {
-            let bytes =
-                a.rt.block_on(a.store.get_required(&last.key, "the newest log piece"))?;
-            let piece =
-                objects::decode_piece(&last.key, &bytes).map_err(|e| a.store.locate_err(e))?;
-            *a.lock_shipped() = Some((last.last, piece.end_hash));
-        }
+        let newest_snap = a.snapshots()?.pop();
+        let piece_end = match pieces.last() {
+            Some(last) => {
+                let bytes =
+                    a.rt.block_on(a.store.get_required(&last.key, "the newest log piece"))?;
+                let piece =
+                    objects::decode_piece(&last.key, &bytes).map_err(|e| a.store.locate_err(e))?;
+                Some((last.last, piece.end_hash))
+            }
+            None => None,
+        };
+        // Only without pieces: records between the newest piece and a newer
+        // snapshot must still be shipped, or points between them are lost.
+        let snap_end = match &newest_snap {
+            Some(s) if piece_end.is_none() => {
+                let keys = a.ds.keys().clone();
+                let m = read_manifest(&a.rt, &a.store, &keys, &name, s)?;
+                Some((m.seq, m.chain_hash))
+            }
+            _ => None,
+        };
+        *a.lock_shipped() = piece_end.or(snap_end);
         Ok(a)
     }
 
@@ -320,30 +345,21 @@ impl Archiver {
     }
 
     /// After a gap in the local log (a state transfer replaced it, or the
-    /// size cap removed segments not yet shipped): the archive's log goes on
-    /// from the first record the log still holds. A snapshot taken after the
-    /// gap was found lets restores cross it.
-    pub fn skip_to_log_start(&self) -> Result<()> {
-        let log_dir = self.ds.dir().join("log");
-        let (_, first) = vault::wal::log_extent(&log_dir)?;
-        let mut tail = Tail::new(&log_dir, first)?;
-        let at = match tail.read(first, 1)?.first() {
-            Some(r) => {
-                let rec = vault::record::Record::decode_payload(&r.payload).ok_or_else(|| {
-                    ArchiveError::Vault(VaultError::BadRecord {
-                        seq: r.seq,
-                        reason: "does not decode".into(),
-                    })
-                })?;
-                (r.seq - 1, rec.prev_hash)
-            }
-            None => match vault::wal::read_base(&log_dir)? {
-                Some(b) => (b.seq, b.hash),
-                None => return Ok(()),
-            },
-        };
-        *self.lock_shipped() = Some(at);
-        Ok(())
+    /// size cap removed segments not yet shipped): takes a snapshot and goes
+    /// on shipping from the record after it. The archive's log thus always
+    /// continues from a snapshot or a piece; if the log no longer holds the
+    /// record after the snapshot either (the cap moved on meanwhile), the
+    /// next shipping pass finds the gap again and another snapshot follows.
+    pub fn bridge_gap(&self) -> Result<SnapshotReport> {
+        let (report, hash) = self.snapshot_at()?;
+        *self.lock_shipped() = Some((report.seq, hash));
+        tracing::warn!(
+            dataset = self.ds.name(),
+            seq = report.seq,
+            snapshot = %report.name,
+            "the archive's log continues after a bridging snapshot"
+        );
+        Ok(report)
     }
 
     /// Every complete snapshot (one with a manifest), oldest first.
@@ -353,6 +369,11 @@ impl Archiver {
 
     /// Takes a snapshot of the dataset's state as applied now.
     pub fn snapshot(&self) -> Result<SnapshotReport> {
+        self.snapshot_at().map(|(r, _)| r)
+    }
+
+    /// A snapshot, and the chain hash at its seq.
+    fn snapshot_at(&self) -> Result<(SnapshotReport, Hash)> {
         let _job = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let started = std::time::Instant::now();
         let name = self.ds.name().to_string();
@@ -473,7 +494,7 @@ impl Archiver {
             seconds: started.elapsed().as_secs_f64(),
         };
         tracing::info!(dataset = %name, snapshot = %report.name, seq = report.seq, entries = report.entries, chunks_uploaded = report.chunks_uploaded, bytes_uploaded = report.bytes_uploaded, seconds = report.seconds, "snapshot complete");
-        Ok(report)
+        Ok((report, manifest.chain_hash))
     }
 
     fn upload_chunks(&self, chunks: Vec<SealedChunk>) -> Result<()> {
@@ -508,18 +529,13 @@ impl Archiver {
         let mut report = PruneReport::default();
         let snaps = self.snapshots()?;
         let keep = policy.select(&snaps);
-        let mut kept = Vec::new();
-        for s in snaps {
-            if keep.contains(&s.name) {
-                kept.push(s);
-            } else {
-                self.rt.block_on(self.store.delete(&s.manifest_key(name)))?;
-                report.snapshots_deleted.push(s.name);
-            }
-        }
+        let (kept, dropped): (Vec<SnapshotRef>, Vec<SnapshotRef>) =
+            snaps.into_iter().partition(|s| keep.contains(&s.name));
         report.snapshots_kept = kept.len();
 
-        // What the kept snapshots reference.
+        // What the kept snapshots reference. They are all read (and checked)
+        // before anything is deleted: a damaged kept snapshot stops the prune
+        // while the older ones still exist.
         let mut live: HashSet<ChunkId> = HashSet::new();
         let mut live_pages: HashSet<String> = HashSet::new();
         for s in &kept {
@@ -549,17 +565,38 @@ impl Archiver {
             }
         }
         report.chunks_live = live.len();
+        for s in dropped {
+            self.rt.block_on(self.store.delete(&s.manifest_key(name)))?;
+            report.snapshots_deleted.push(s.name);
+        }
 
         let now = Utc::now();
         let grace_ms = grace.as_millis() as i64;
         let pending_key = objects::pending_key(name);
         let mut pending: Pending = match self.rt.block_on(self.store.get(&pending_key))? {
-            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                // Only delays deletions: every candidate waits a full grace
+                // period again.
+                tracing::warn!(dataset = name, error = %e, "prune/pending does not decode; starting the grace period afresh");
+                Pending::default()
+            }),
             None => Pending::default(),
         };
         let listed = self
             .rt
             .block_on(self.store.list(&objects::chunks_prefix(name)))?;
+        // Every referenced chunk must be in the store. If not, something
+        // outside triad removed objects: say so, and forget the index so the
+        // next snapshot uploads what is missing.
+        let present: HashSet<ChunkId> = listed
+            .iter()
+            .filter_map(|l| objects::parse_chunk_key(&l.key))
+            .collect();
+        report.chunks_missing = live.difference(&present).count();
+        if report.chunks_missing > 0 {
+            tracing::error!(dataset = name, missing = report.chunks_missing, url = self.store.url(), "chunks that kept snapshots or log pieces reference are missing from the store; the index is rebuilt and the next snapshot uploads them again, but restores through the affected snapshots or pieces will name them as missing");
+            self.refill_index()?;
+        }
         let mut doomed = Vec::new();
         let mut still = BTreeMap::new();
         for l in &listed {

@@ -383,6 +383,20 @@ impl Restorer<'_> {
                 .block_on(self.store.get_required(&p.key, "a log piece"))?;
             let piece =
                 objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
+            // The name is not covered by the trailer: the content must agree.
+            let (first, last) = (
+                piece.records.first().map(|r| r.seq),
+                piece.records.last().map(|r| r.seq),
+            );
+            if first != Some(p.first) || last != Some(p.last) {
+                return Err(ArchiveError::Damaged {
+                    key: self.store.locate(&p.key),
+                    reason: format!(
+                        "named for seqs {}-{} but holds {first:?}-{last:?}",
+                        p.first, p.last
+                    ),
+                });
+            }
             // The chunks its records brought, unless the scratch copy has them.
             let mut want = Vec::new();
             let mut seen = HashSet::new();
@@ -453,6 +467,12 @@ impl Restorer<'_> {
             }
         }
         out.seconds_replay = t.elapsed().as_secs_f64();
+        if !matches!(at, At::Time(_)) && ds.head_seq() != target_seq {
+            return Err(ArchiveError::NoRestorePoint(format!(
+                "the archive's snapshots and log reached seq {}, not the target {target_seq}",
+                ds.head_seq()
+            )));
+        }
         Ok(())
     }
 }

@@ -87,6 +87,9 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: String,
     url: String,
+    /// For `file://`: the directory, whose files triad fsyncs itself
+    /// (object_store's local store does not).
+    local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -99,6 +102,7 @@ impl Store {
     pub fn open(cfg: &StoreConfig) -> Result<Store> {
         let bad = |m: String| ArchiveError::Config(format!("archive.url {:?}: {m}", cfg.url));
         let url = url::Url::parse(&cfg.url).map_err(|e| bad(e.to_string()))?;
+        let mut local_root = None;
         let (inner, prefix): (Arc<dyn ObjectStore>, String) = match url.scheme() {
             "file" => {
                 let dir = url
@@ -109,6 +113,7 @@ impl Store {
                 let fs = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| bad(e.to_string()))?
                     .with_automatic_cleanup(true);
+                local_root = Some(dir);
                 (Arc::new(fs), String::new())
             }
             "s3" => {
@@ -180,6 +185,7 @@ impl Store {
             inner,
             prefix,
             url: cfg.url.clone(),
+            local_root,
         })
     }
 
@@ -276,24 +282,54 @@ impl Store {
                 .put(&path, PutPayload::from(bytes))
                 .await
                 .map_err(|e| self.err("writing", key, e))?;
-            return Ok(());
-        }
-        let upload = self
-            .inner
-            .put_multipart(&path)
-            .await
-            .map_err(|e| self.err("starting a multipart upload of", key, e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        for part in bytes.chunks(PART_SIZE) {
-            w.wait_for_capacity(4)
+        } else {
+            let upload = self
+                .inner
+                .put_multipart(&path)
                 .await
-                .map_err(|e| self.err("uploading a part of", key, e))?;
-            w.write(part);
+                .map_err(|e| self.err("starting a multipart upload of", key, e))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            for part in bytes.chunks(PART_SIZE) {
+                if let Err(e) = w.wait_for_capacity(4).await {
+                    // Leave no incomplete upload behind in the bucket.
+                    let _ = w.abort().await;
+                    return Err(self.err("uploading a part of", key, e));
+                }
+                w.write(part);
+            }
+            w.finish()
+                .await
+                .map_err(|e| self.err("completing the multipart upload of", key, e))?;
         }
-        w.finish()
-            .await
-            .map_err(|e| self.err("completing the multipart upload of", key, e))?;
-        Ok(())
+        self.sync_local(key).await
+    }
+
+    /// For `file://`: makes the object and its directory durable before the
+    /// put counts as done (a manifest must never outlive its chunks).
+    async fn sync_local(&self, key: &str) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let file = root.join(key);
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ArchiveError::io("syncing an archived object", &file, e))?;
+            // Every directory from the object's up to the root: any of them
+            // may have been created by this put.
+            for dir in file
+                .ancestors()
+                .skip(1)
+                .take_while(|d| d.starts_with(&root))
+            {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| ArchiveError::io("syncing an archive directory", dir, e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ArchiveError::Stopped(e.to_string()))?
     }
 
     /// Reads an object whole; `None` when it does not exist.

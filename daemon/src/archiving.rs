@@ -40,6 +40,10 @@ pub struct ArchiveStatus {
     pub ship_error: Option<String>,
     pub snapshot_error: Option<String>,
     pub prune_error: Option<String>,
+    /// Gaps in the local log bridged by a snapshot since start.
+    pub gaps_bridged: u64,
+    /// A gap was found and its bridging snapshot has not succeeded yet.
+    pub gaps_bridged_pending: bool,
 }
 
 /// A request from the CLI, as a file `<id>.<kind>` in the requests dir; the
@@ -171,6 +175,15 @@ fn ship_once(a: &Archiver, sh: &Shared) {
         }
         Ok(None) => {
             sh.gap.store(true, Ordering::Release);
+            sh.update(|s| {
+                s.ship_error = Some(
+                    "the log no longer holds the next record to archive (a state transfer \
+                     replaced it, or site.log_retention_max removed it before it was shipped); \
+                     a bridging snapshot is being taken"
+                        .into(),
+                );
+                s.gaps_bridged_pending = true;
+            });
         }
         Err(e) => {
             tracing::warn!(dataset = a.dataset().name(), error = %e, "log shipping failed; will retry");
@@ -206,26 +219,37 @@ fn snapshot_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &A
             || retry_at.is_some_and(|t| Instant::now() >= t);
         // A bridging snapshot that failed waits for its retry time too.
         let gap = sh.gap.load(Ordering::Acquire) && retry_at.is_none_or(|t| Instant::now() >= t);
-        if due || gap {
+        if gap {
             retry_at = None;
-            match run_snapshot(a, settings, sh, !settings.retention.keeps_everything()) {
-                Ok(_) => {
-                    if gap {
-                        if let Err(e) = a.skip_to_log_start() {
-                            tracing::error!(dataset = a.dataset().name(), error = %e, "cannot continue the archived log after a gap");
-                        } else {
-                            sh.gap.store(false, Ordering::Release);
-                        }
-                    }
+            // The archive's log goes on from the bridging snapshot's seq.
+            match a.bridge_gap() {
+                Ok(r) => {
+                    sh.gap.store(false, Ordering::Release);
+                    sh.update(|s| {
+                        s.last_snapshot = Some(r);
+                        s.last_snapshot_ns = now_ns();
+                        s.snapshot_error = None;
+                        s.gaps_bridged += 1;
+                        s.gaps_bridged_pending = false;
+                    });
                 }
-                Err(_) => retry_at = Some(Instant::now() + Duration::from_secs(30)),
+                Err(e) => {
+                    tracing::error!(dataset = a.dataset().name(), error = %e, "the bridging snapshot failed; the archive's log is stopped until one succeeds; retrying in 30s");
+                    sh.update(|s| s.snapshot_error = Some(e.to_string()));
+                    retry_at = Some(Instant::now() + Duration::from_secs(30));
+                }
             }
-            if due {
-                next = settings
-                    .schedule
-                    .as_ref()
-                    .and_then(|s| s.next_after(chrono::Utc::now()));
+        } else if due {
+            retry_at = None;
+            if run_snapshot(a, settings, sh, !settings.retention.keeps_everything()).is_err() {
+                retry_at = Some(Instant::now() + Duration::from_secs(30));
             }
+        }
+        if due {
+            next = settings
+                .schedule
+                .as_ref()
+                .and_then(|s| s.next_after(chrono::Utc::now()));
         }
         for (path, kind) in pending_requests(&requests) {
             let answer = match kind.as_str() {

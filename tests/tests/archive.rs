@@ -444,11 +444,13 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
     let second = prune(&site);
     let live = second["prune"]["chunks_live"].as_u64().unwrap();
     assert!(second["prune"]["chunks_deleted"].as_u64().unwrap() > 0);
+    assert_eq!(second["prune"]["chunks_missing"], 0);
     site.stop();
 
     // The bucket holds exactly the chunks the kept snapshots reference.
     let chunks = s3.keys(BUCKET, &format!("{PREFIX}/files/chunks"));
     assert_eq!(chunks.len() as u64, live, "unreferenced chunks remain");
+
     // Every kept snapshot restores whole and equals its tree.
     for (seq, tree) in &kept[4..] {
         let to = site.tmp.path().join(format!("restored-{seq}"));
@@ -461,6 +463,21 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
     // A pruned one is gone, and says so.
     let out = restore_from_archive(&site, &kept[0].0.to_string(), &site.tmp.path().join("gone"));
     assert!(!out.status.success());
+
+    // A chunk removed behind triad's back: prune says so and fails, and the
+    // next snapshot (no daemon: the CLI does it) uploads it again.
+    std::fs::remove_file(s3.object_path(BUCKET, &chunks[0])).unwrap();
+    let out = triad(&["prune", "--dataset", "files"], &site.config);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("MISSING: 1 chunks"), "{text}");
+    ok(
+        &triad(&["snapshot", "--dataset", "files", "--json"], &site.config),
+        "snapshot without a daemon",
+    );
+    assert!(s3.object_path(BUCKET, &chunks[0]).exists(), "re-uploaded");
+    let third = prune(&site);
+    assert_eq!(third["prune"]["chunks_missing"], 0);
 }
 
 #[test]
