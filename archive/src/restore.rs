@@ -87,6 +87,8 @@ pub struct ArchiveRestore {
     pub seconds_snapshot: f64,
     pub seconds_replay: f64,
     pub seconds_write: f64,
+    /// Newer snapshots passed over because they did not read back whole.
+    pub skipped_snapshots: Vec<String>,
     pub report: vault::restore::Report,
 }
 
@@ -146,13 +148,30 @@ impl Restorer<'_> {
                 )))
             }
             At::Seq(n) => n,
-            At::Time(_) => newest,
+            // The log is needed at most to the end of the first piece that
+            // ends after the time: it holds the last record at or before it.
+            At::Time(t) => pieces
+                .iter()
+                .find(|p| p.last_time_ns > t)
+                .map(|p| p.last)
+                .unwrap_or(newest),
         };
 
-        // The snapshot to start from: the newest at or before the target.
+        // The snapshot to start from: the newest at or before the target
+        // that reads back whole. A damaged one is skipped (and reported) in
+        // favour of an older one plus more of the log.
         let mut start: Option<Start> = None;
+        let mut skipped = Vec::new();
         for s in snaps.iter().rev().filter(|s| s.seq <= target_seq) {
-            let c = read_snapshot(self.rt, self.store, &keys, ds_name, s, self.concurrency)?;
+            let c = match read_snapshot(self.rt, self.store, &keys, ds_name, s, self.concurrency) {
+                Ok(c) => c,
+                Err(e @ (ArchiveError::Damaged { .. } | ArchiveError::Missing { .. })) => {
+                    tracing::warn!(snapshot = %s.name, error = %e, "skipping a damaged snapshot; trying an older one");
+                    skipped.push(format!("snapshot {}: {e}", s.name));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if let At::Time(t) = at {
                 if c.manifest.time_ns > t {
                     continue;
@@ -178,7 +197,7 @@ impl Restorer<'_> {
         if next <= target_seq {
             return Err(ArchiveError::NoRestorePoint(format!(
                 "the archived log has no record {next} (needed to go from {} to seq {target_seq}); \
-                 the nearest points that can be restored are the snapshots: {}",
+                 the nearest points that can be restored are the snapshots: {}{}",
                 match &start {
                     Some((s, _)) => format!("snapshot {}", s.name),
                     None => "an empty dataset".into(),
@@ -187,7 +206,12 @@ impl Restorer<'_> {
                     .iter()
                     .map(|s| s.seq.to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; skipped as damaged: {}", skipped.join("; "))
+                }
             )));
         }
 
@@ -221,6 +245,7 @@ impl Restorer<'_> {
             seconds_snapshot: 0.0,
             seconds_replay: 0.0,
             seconds_write: 0.0,
+            skipped_snapshots: skipped,
             bytes_downloaded: 0,
             report: vault::restore::Report::default(),
         };
@@ -397,10 +422,20 @@ impl Restorer<'_> {
                     ),
                 });
             }
-            // The chunks its records brought, unless the scratch copy has them.
+            // Only the records this restore applies: after what the scratch
+            // copy holds, up to the target.
+            let head = ds.head_seq();
+            let skip = piece.records.iter().take_while(|r| r.seq <= head).count();
+            let take = piece.records[skip..]
+                .iter()
+                .take_while(|r| r.seq <= target_seq && !matches!(at, At::Time(t) if r.time_ns > t))
+                .count();
+            let stop = skip + take < piece.records.len();
+            let records = &piece.records[skip..skip + take];
+            // The chunks they brought, unless the scratch copy has them.
             let mut want = Vec::new();
             let mut seen = HashSet::new();
-            for r in &piece.records {
+            for r in records {
                 for (id, plain, _, hash) in &r.attachments {
                     if seen.insert(*id) && !ds.has_chunk(id)? {
                         want.push((*id, *plain, *hash));
@@ -422,38 +457,32 @@ impl Restorer<'_> {
                     reason: damaged.join("; "),
                 });
             }
-            let mut payloads = Vec::with_capacity(piece.records.len());
-            for r in &piece.records {
-                let payload = r
-                    .payload(|id| {
-                        fetched
-                            .get(id)
-                            .cloned()
-                            .or_else(|| ds.state().chunk_bytes(id).ok().flatten())
+            let mut batch = Vec::with_capacity(records.len());
+            for r in records {
+                let in_scratch = |id: &ChunkId| ds.state().chunk_bytes(id);
+                let mut lookup_error = None;
+                let payload = r.payload(|id| {
+                    fetched.get(id).cloned().or_else(|| match in_scratch(id) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            lookup_error = Some(e);
+                            None
+                        }
                     })
-                    .ok_or_else(|| ArchiveError::Damaged {
-                        key: self.store.locate(&p.key),
-                        reason: format!(
-                            "record {} brought a chunk whose bytes are neither in the store \
-                             nor restorable",
-                            r.seq
-                        ),
-                    })?;
-                payloads.push(payload);
-            }
-            piece.check_chain(&self.store.locate(&p.key), &payloads)?;
-            let mut batch = Vec::new();
-            let mut stop = false;
-            for (r, payload) in piece.records.iter().zip(payloads) {
-                if r.seq <= ds.head_seq() {
-                    continue;
+                });
+                if let Some(e) = lookup_error {
+                    return Err(e.into());
                 }
-                if r.seq > target_seq || matches!(at, At::Time(t) if r.time_ns > t) {
-                    stop = true;
-                    break;
-                }
-                batch.push(payload);
+                batch.push(payload.ok_or_else(|| ArchiveError::Damaged {
+                    key: self.store.locate(&p.key),
+                    reason: format!(
+                        "record {} brought a chunk that is neither in the store nor in what \
+                         was restored so far",
+                        r.seq
+                    ),
+                })?);
             }
+            piece.check_chain(&self.store.locate(&p.key), skip, &batch)?;
             let n = batch.len() as u64;
             if n > 0 {
                 ds.append_replicated(batch).map_err(|e| {

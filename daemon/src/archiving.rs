@@ -29,6 +29,9 @@ pub const REQUESTS_DIR: &str = "requests";
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ArchiveStatus {
     pub url: String,
+    /// The store answered and the archive is open; until then nothing is
+    /// shipped and requests wait.
+    pub opened: bool,
     /// Highest seq whose record is in the archive.
     pub shipped_seq: u64,
     pub last_ship_ns: i64,
@@ -108,6 +111,7 @@ fn open_archiver(
             Ok(a) => {
                 shared.shipped.store(a.shipped_seq(), Ordering::Release);
                 shared.update(|s| {
+                    s.opened = true;
                     s.shipped_seq = a.shipped_seq();
                     s.ship_error = None;
                 });
@@ -358,7 +362,9 @@ fn answer_request(req: &Path, answer: &Answer) {
 }
 
 /// Asks the running daemon to do `kind` ("snapshot" or "prune") for the
-/// dataset in `dataset_dir`, and waits for its answer.
+/// dataset in `dataset_dir`, and waits for its answer. Gives up early when
+/// the daemon's status shows it never reached its store (it would not
+/// answer until it does).
 pub fn request(dataset_dir: &Path, kind: &str, timeout: Duration) -> std::io::Result<Answer> {
     let dir = dataset_dir.join(REQUESTS_DIR);
     std::fs::create_dir_all(&dir)?;
@@ -366,11 +372,20 @@ pub fn request(dataset_dir: &Path, kind: &str, timeout: Duration) -> std::io::Re
     let req = dir.join(format!("{id}.{kind}"));
     std::fs::write(&req, b"")?;
     let result = dir.join(format!("{id}.result"));
-    let until = Instant::now() + timeout;
+    let started = Instant::now();
+    let until = started + timeout;
     while Instant::now() < until {
         if let Ok(b) = std::fs::read(&result) {
             let _ = std::fs::remove_file(&result);
             return serde_json::from_slice(&b).map_err(std::io::Error::other);
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            if let Some(e) = unreachable_store(dataset_dir) {
+                let _ = std::fs::remove_file(&req);
+                return Err(std::io::Error::other(format!(
+                    "the daemon has not reached its archive yet, so it cannot {kind}: {e}"
+                )));
+            }
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -382,4 +397,16 @@ pub fn request(dataset_dir: &Path, kind: &str, timeout: Duration) -> std::io::Re
             timeout.as_secs()
         ),
     ))
+}
+
+/// The daemon's error opening its store, while it has not opened it.
+fn unreachable_store(dataset_dir: &Path) -> Option<String> {
+    let b = std::fs::read(dataset_dir.join(crate::runtime::STATUS_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    let a = &v["archive"];
+    if a["opened"].as_bool() == Some(false) {
+        a["ship_error"].as_str().map(str::to_string)
+    } else {
+        None
+    }
 }

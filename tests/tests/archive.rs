@@ -332,9 +332,42 @@ fn damaged_objects_are_named_at_restore() {
     site.wait_settled(now_ns(), Duration::from_secs(60));
     let snap = snapshot(&site);
     change(&site.source, 2, &mut rng);
+    site.wait_settled(now_ns(), Duration::from_secs(60));
+    let snap2 = snapshot(&site);
+    change(&site.source, 3, &mut rng);
     let st = site.wait_settled(now_ns(), Duration::from_secs(60));
     wait_shipped(&site, head_seq(&st), Duration::from_secs(60));
+    let keep_latest = keep(&site, "latest");
     site.stop();
+    assert!(snap < snap2);
+
+    // The newest snapshot's manifest altered: latest is restored from the
+    // older snapshot and the log, and the skipped one is named.
+    let manifest = s3
+        .keys(BUCKET, &format!("{PREFIX}/files/snapshots"))
+        .into_iter()
+        .find(|k| k.ends_with(".manifest") && k.contains(&format!("{snap2:020}-")))
+        .expect("second manifest");
+    let mpath = s3.object_path(BUCKET, &manifest);
+    let good_manifest = std::fs::read(&mpath).unwrap();
+    let mut bad = good_manifest.clone();
+    let at = bad.len() - 3;
+    bad[at] ^= 1;
+    std::fs::write(&mpath, &bad).unwrap();
+    let to = site.tmp.path().join("r0");
+    let out = restore_from_archive(&site, "latest", &to);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("skipped") && text.contains(&manifest),
+        "{text}"
+    );
+    assert_same_tree(&keep_latest, &to);
+    std::fs::write(&mpath, &good_manifest).unwrap();
 
     // A truncated chunk object: the snapshot's restore names it.
     let chunks = s3.keys(BUCKET, &format!("{PREFIX}/files/chunks"));
@@ -466,7 +499,12 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
 
     // A chunk removed behind triad's back: prune says so and fails, and the
     // next snapshot (no daemon: the CLI does it) uploads it again.
-    std::fs::remove_file(s3.object_path(BUCKET, &chunks[0])).unwrap();
+    // A small file of the current tree is one chunk, which the dataset holds.
+    let data = std::fs::read(site.source.join("r0/d0/f0")).unwrap();
+    let id = vault::ChunkId::of(&site.key().derive(), &data);
+    let victim = format!("{PREFIX}/files/chunks/{}", hex_of(&id.0));
+    assert!(chunks.contains(&victim), "{victim} is stored");
+    std::fs::remove_file(s3.object_path(BUCKET, &victim)).unwrap();
     let out = triad(&["prune", "--dataset", "files"], &site.config);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -475,7 +513,7 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
         &triad(&["snapshot", "--dataset", "files", "--json"], &site.config),
         "snapshot without a daemon",
     );
-    assert!(s3.object_path(BUCKET, &chunks[0]).exists(), "re-uploaded");
+    assert!(s3.object_path(BUCKET, &victim).exists(), "re-uploaded");
     let third = prune(&site);
     assert_eq!(third["prune"]["chunks_missing"], 0);
 }
@@ -632,6 +670,14 @@ fn a_gap_in_the_shipped_log_is_bridged_by_a_snapshot() {
         change(&site.source, round, &mut rng);
         site.wait_settled(now_ns(), Duration::from_secs(60));
     }
+    // The daemon has not reached its store: a snapshot request says so
+    // rather than waiting.
+    let t = Instant::now();
+    let out = triad(&["snapshot", "--dataset", "files"], &site.config);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has not reached its archive"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30));
     let first_retained = site.status().unwrap()["retention"]["first_seq"]
         .as_u64()
         .unwrap();
@@ -666,4 +712,8 @@ fn a_gap_in_the_shipped_log_is_bridged_by_a_snapshot() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has no record"), "{err}");
     drop(s3);
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

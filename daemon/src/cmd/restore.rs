@@ -233,5 +233,10 @@ fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
             r.seconds_write
         );
     }
+    if !a.json {
+        for s in &r.skipped_snapshots {
+            println!("warning: skipped a newer snapshot that does not read back whole: {s}");
+        }
+    }
     print_report(&a, &r.report, started)
 }
