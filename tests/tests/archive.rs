@@ -678,13 +678,22 @@ fn a_gap_in_the_shipped_log_is_bridged_by_a_snapshot() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has not reached its archive"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(30));
-    let first_retained = site.status().unwrap()["retention"]["first_seq"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        first_retained > 1,
-        "the cap removed segments: first retained {first_retained}"
-    );
+    // Retention runs every 2 s: wait for the cap to act.
+    let t = Instant::now();
+    let first_retained = loop {
+        let f = site
+            .status()
+            .and_then(|v| v["retention"]["first_seq"].as_u64())
+            .unwrap_or(0);
+        if f > 1 {
+            break f;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the cap did not remove segments: first retained {f}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let s3 = S3Server::start_on(BUCKET, port);
     change(&site.source, 3, &mut rng);
     let st = site.wait_settled(now_ns(), Duration::from_secs(60));
