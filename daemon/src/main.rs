@@ -68,6 +68,8 @@ enum Command {
     Snapshots(cmd::archive::Args),
     /// Apply retention and delete what no kept snapshot needs.
     Prune(cmd::archive::Args),
+    /// Restore an archive into a scratch directory, verify it, report RTO and RPO.
+    Drill(cmd::drill::Args),
     /// Show each dataset's log, state and source status.
     Status(cmd::status::Args),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => cmd::archive::run(cmd::archive::Job::Snapshot, a),
         Command::Snapshots(a) => cmd::archive::run(cmd::archive::Job::List, a),
         Command::Prune(a) => cmd::archive::run(cmd::archive::Job::Prune, a),
+        Command::Drill(a) => cmd::drill::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };

@@ -1,5 +1,10 @@
-//! Cross-site comparison, scrubs, repair, drills and their reports.
+//! Proving the copies: restore drills and their reports.
 //!
-//! Not built yet beyond what the vault itself checks (record and chunk
-//! integrity, digest recomputation). The crate exists so the workspace has its
-//! final shape; see docs/architecture.md for the plan.
+//! - [`drill`]: restore a site's archive into a scratch directory, verify
+//!   it, measure RTO and RPO, and write a JSON and a Markdown report.
+//!
+//! Cross-site verify, scrub and repair are not built yet (docs/architecture.md).
+
+pub mod drill;
+
+pub use drill::{DrillReport, DrillSpec, Reference};

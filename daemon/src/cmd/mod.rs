@@ -5,6 +5,7 @@ pub mod certs;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod drill;
 pub mod keygen;
 pub mod restore;
 pub mod status;

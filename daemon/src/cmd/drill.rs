@@ -1,0 +1,177 @@
+//! `triad drill`: restore a dataset from an archive into a scratch
+//! directory, verify it, measure RTO and RPO, and write the reports an
+//! auditor reads (verifier/src/drill.rs). Exits 1 when a drill fails.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use vault::DatasetKey;
+
+use crate::config::{Config, Role};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(
+        long,
+        short,
+        env = "TRIAD_CONFIG",
+        default_value = "/etc/triad/triad.toml"
+    )]
+    config: PathBuf,
+    /// The dataset; all of the config's datasets when absent.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// The archive to restore (s3://bucket/prefix or file:///dir); default
+    /// this site's [archive]. Another site's archive takes its URL here and
+    /// its endpoint and credentials from --endpoint / --credentials-file.
+    #[arg(long)]
+    from_archive: Option<String>,
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
+    /// `latest`, a seq, or an RFC 3339 time.
+    #[arg(long, default_value = "latest")]
+    at: String,
+    /// Where the reports go; default <data_dir>/reports.
+    #[arg(long)]
+    reports: Option<PathBuf>,
+    /// Where the scratch directory is made; default <data_dir>.
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The primary's head as this site knows it, from its status file.
+fn reference(cfg: &Config, dataset: &str) -> Option<verifier::Reference> {
+    let b = std::fs::read(cfg.dataset_dir(dataset).join(crate::runtime::STATUS_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    let head_seq = v["log"]["head_seq"].as_u64()?;
+    let head_time = v["log"]["last_commit_ns"].as_i64()?;
+    let fresh = vault::dataset::now_ns() - v["updated_ns"].as_i64().unwrap_or(0) < 10_000_000_000;
+    let staleness = if fresh {
+        ""
+    } else {
+        ", from a status file the daemon no longer updates"
+    };
+    Some(match cfg.site.role {
+        Role::Primary => verifier::Reference {
+            head_seq,
+            head_time_ns: head_time,
+            source: format!("the primary {}{staleness}", cfg.site.name),
+        },
+        Role::Follower => {
+            let up = &v["replication"]["upstream"];
+            let lag = up["lag_seconds"].as_f64().unwrap_or(0.0);
+            verifier::Reference {
+                head_seq: up["upstream_head_seq"].as_u64().unwrap_or(head_seq),
+                head_time_ns: head_time + (lag * 1e9) as i64,
+                source: format!(
+                    "the upstream's head as seen from {} (its head plus the replication lag){staleness}",
+                    cfg.site.name
+                ),
+            }
+        }
+    })
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let cfg = Config::load(&a.config)?;
+    let at: archive::At = a.at.parse().map_err(|e: String| anyhow!(e))?;
+    let own = cfg
+        .archive_settings()
+        .map_err(|(f, m)| anyhow!("{}: {f}: {m}", a.config.display()))?;
+    let mut store = match (&a.from_archive, own) {
+        (Some(url), own) => {
+            let mut s = own
+                .map(|o| o.store)
+                .unwrap_or_else(|| archive::StoreConfig::new(url));
+            s.url = url.clone();
+            s
+        }
+        (None, Some(own)) => own.store,
+        (None, None) => {
+            return Err(anyhow!(
+                "{} has no [archive]; pass --from-archive URL",
+                a.config.display()
+            ))
+        }
+    };
+    if a.endpoint.is_some() {
+        store.endpoint = a.endpoint.clone();
+    }
+    if a.credentials_file.is_some() {
+        store.credentials_file = a.credentials_file.clone();
+    }
+    let names: Vec<String> = match &a.dataset {
+        Some(d) => {
+            cfg.dataset(d)
+                .with_context(|| format!("dataset `{d}` is not in {}", a.config.display()))?;
+            vec![d.clone()]
+        }
+        None => cfg.dataset.iter().map(|d| d.name.clone()).collect(),
+    };
+    let reports = a
+        .reports
+        .clone()
+        .unwrap_or_else(|| cfg.site.data_dir.join("reports"));
+    let scratch = a
+        .scratch
+        .clone()
+        .unwrap_or_else(|| cfg.site.data_dir.clone());
+    let rt = crate::cmd::archive::runtime()?;
+    let mut all_passed = true;
+    for name in names {
+        let d = cfg
+            .dataset(&name)
+            .ok_or_else(|| anyhow!("dataset `{name}` is not in the config"))?;
+        let key = DatasetKey::load(&d.key_file)?;
+        let spec = verifier::DrillSpec {
+            dataset: &name,
+            key: &key,
+            store: store.clone(),
+            at,
+            at_text: a.at.clone(),
+            scratch_parent: scratch.clone(),
+            reports_dir: reports.clone(),
+            reference: reference(&cfg, &name),
+            concurrency: 32,
+        };
+        let report = verifier::drill::run(&spec, rt.handle())?;
+        let (json_path, md_path) = verifier::drill::write_reports(&report, &reports)?;
+        all_passed &= report.passed();
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "drill of dataset {name} from {}: {} — seq {} restored, {} files, {} bytes; RTO {:.1} s; RPO {}",
+                report.archive,
+                report.result.to_uppercase(),
+                report.restored_seq,
+                report.files,
+                report.bytes,
+                report.rto_seconds,
+                report
+                    .rpo_seconds
+                    .map(|r| format!("{r:.1} s"))
+                    .unwrap_or_else(|| "not measured".into())
+            );
+            if let Some(e) = &report.error {
+                println!("  why: {e}");
+            }
+            println!(
+                "  reports: {} and {}",
+                json_path.display(),
+                md_path.display()
+            );
+        }
+    }
+    Ok(if all_passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
