@@ -70,6 +70,8 @@ enum Command {
     Prune(cmd::archive::Args),
     /// Restore an archive into a scratch directory, verify it, report RTO and RPO.
     Drill(cmd::drill::Args),
+    /// Scrub this site's copy (--scrub) and its archive (--archive).
+    Verify(cmd::verify::Args),
     /// Show each dataset's log, state and source status.
     Status(cmd::status::Args),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
         Command::Snapshots(a) => cmd::archive::run(cmd::archive::Job::List, a),
         Command::Prune(a) => cmd::archive::run(cmd::archive::Job::Prune, a),
         Command::Drill(a) => cmd::drill::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };

@@ -2,9 +2,12 @@
 //!
 //! - [`drill`]: restore a site's archive into a scratch directory, verify
 //!   it, measure RTO and RPO, and write a JSON and a Markdown report.
+//! - [`scrub`]: re-read every chunk of a site's copy or of its archive and
+//!   check it; recompute the namespace digest.
 //!
-//! Cross-site verify, scrub and repair are not built yet (docs/architecture.md).
+//! Cross-site verify and repair are not built yet (docs/architecture.md).
 
 pub mod drill;
+pub mod scrub;
 
 pub use drill::{DrillReport, DrillSpec, Reference};

@@ -9,6 +9,7 @@ pub mod drill;
 pub mod keygen;
 pub mod restore;
 pub mod status;
+pub mod verify;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,0 +1,160 @@
+//! Scrubs: `triad verify --scrub` re-reads every chunk of a site's copy
+//! (beside the running daemon) and `--archive` every chunk its archive
+//! references; a byte flipped in a stored chunk, a chunk object altered and
+//! one deleted are each found and named, with the paths or objects that use
+//! them, and the exit status says so.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{now_ns, triad_bin, write_file, Site};
+use rand::SeedableRng;
+use triad_tests::s3::S3Server;
+
+fn verify(config: &Path, args: &[&str]) -> (Output, serde_json::Value) {
+    let out = Command::new(triad_bin())
+        .args(["verify", "--dataset", "files", "--json", "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run triad verify");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out, v)
+}
+
+#[test]
+fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
+    let s3 = S3Server::start("triad");
+    let mut site = Site::new();
+    let creds = s3.credentials_file(site.tmp.path());
+    let mut text = std::fs::read_to_string(&site.config).unwrap();
+    text.push_str(&format!(
+        "\n[archive]\nurl = \"s3://triad/site-a\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\n",
+        s3.endpoint(),
+        creds.display()
+    ));
+    site.set_config(&text);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    for i in 0..40 {
+        write_file(
+            &site.source.join(format!("f{i}")),
+            5000 + i * 3000,
+            i % 2 == 0,
+            &mut rng,
+        );
+    }
+    site.start();
+    let st = site.wait_settled(now_ns(), Duration::from_secs(60));
+    let head = st["log"]["head_seq"].as_u64().unwrap();
+    let out = Command::new(triad_bin())
+        .args(["snapshot", "--dataset", "files", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let start = Instant::now();
+    while site
+        .status()
+        .and_then(|v| v["archive"]["shipped_seq"].as_u64())
+        .unwrap_or(0)
+        < head
+    {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Clean, with the daemon running.
+    let (out, v) = verify(&site.config, &["--scrub", "--max-rate", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(v["chunks"].as_u64(), Some(40), "{v}");
+    assert_eq!(v["running_digest"], v["recomputed_digest"]);
+    let (out, v) = verify(&site.config, &["--archive", "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(v["chunks_read"].as_u64(), v["chunks_referenced"].as_u64());
+    assert_eq!(v["chunks_referenced"].as_u64(), Some(40));
+    site.stop();
+
+    // A byte flipped in a stored chunk (in its RocksDB blob file).
+    let (id, sealed) = {
+        let st = vault::state::State::open_read_only(&site.dataset_dir().join("state")).unwrap();
+        let e = st.entry(b"f8").unwrap().unwrap();
+        let id = e.chunks()[0].id;
+        (id, st.chunk_bytes(&id).unwrap().unwrap())
+    };
+    let needle = &sealed[100..164];
+    let mut hit = None;
+    for e in std::fs::read_dir(site.dataset_dir().join("state")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "blob") {
+            let b = std::fs::read(&p).unwrap();
+            if let Some(pos) = b.windows(needle.len()).position(|w| w == needle) {
+                hit = Some((p, pos + 10));
+                break;
+            }
+        }
+    }
+    let (file, pos) = hit.expect("the chunk's bytes in a blob file");
+    let mut b = std::fs::read(&file).unwrap();
+    b[pos] ^= 0x01;
+    std::fs::write(&file, &b).unwrap();
+    let (out, v) = verify(&site.config, &["--scrub"]);
+    assert!(!out.status.success());
+    let bad = v["bad"].as_array().unwrap_or_else(|| {
+        panic!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(bad.len(), 1, "{v}");
+    assert_eq!(bad[0]["id"], id.to_string());
+    assert!(bad[0]["referenced_by"].to_string().contains("f8"), "{v}");
+
+    // In the archive: one chunk object altered, another deleted.
+    let chunks: Vec<std::path::PathBuf> =
+        std::fs::read_dir(s3.root.join("triad/site-a/files/chunks"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+    let (altered, deleted) = (&chunks[0], &chunks[1]);
+    let mut b = std::fs::read(altered).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x20;
+    std::fs::write(altered, &b).unwrap();
+    std::fs::remove_file(deleted).unwrap();
+    let name = |p: &std::path::PathBuf| p.file_name().unwrap().to_string_lossy().to_string();
+    // Without reading data: the deleted one is missing.
+    let (out, v) = verify(&site.config, &["--archive"]);
+    assert!(!out.status.success());
+    let text = v.to_string();
+    assert!(
+        text.contains(&name(deleted)) && text.contains("missing"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&name(altered)),
+        "not read, not judged: {text}"
+    );
+    // Reading data: both.
+    let (out, v) = verify(&site.config, &["--archive", "--read-data"]);
+    assert!(!out.status.success());
+    let text = v.to_string();
+    assert!(text.contains(&name(deleted)), "{text}");
+    assert!(
+        text.contains(&name(altered)) && text.contains("altered"),
+        "{text}"
+    );
+}

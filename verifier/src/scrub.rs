@@ -1,0 +1,391 @@
+//! Scrubs: re-reading every stored chunk to find silent damage before a
+//! restore needs the bytes.
+//!
+//! - [`local`]: the site's own copy, through a read-only [`View`] (so it runs
+//!   beside the daemon): every chunk the namespace or a pin references is
+//!   read, its sealed-bytes BLAKE3 compared with the recorded one, its
+//!   SM4-GCM tag and plaintext id checked; the namespace digest is recomputed
+//!   from scratch and compared with the running one. A rate limit keeps it
+//!   from starving replication of disk and CPU.
+//! - [`archive`]: the site's object store: every kept snapshot's and log
+//!   piece's chunks must be listed with a plausible size; with `read` (all or
+//!   a sampled percentage) their bytes are fetched and checked the same way.
+//!
+//! Scrubs only report; repair is not built yet.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use archive::objects::{self, PieceRef};
+use archive::Store;
+use futures::stream::{self, StreamExt};
+use rayon::prelude::*;
+use serde::Serialize;
+use vault::lthash::LtHash;
+use vault::{ChunkId, Keys, View};
+
+/// A chunk that failed a check, and who references it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BadChunk {
+    pub id: String,
+    pub reason: String,
+    /// Paths whose content includes it (local scrub), or the objects that
+    /// reference it (archive scrub).
+    pub referenced_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalScrub {
+    pub dataset: String,
+    pub seq: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub bad: Vec<BadChunk>,
+    pub running_digest: String,
+    pub recomputed_digest: String,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+}
+
+impl LocalScrub {
+    pub fn ok(&self) -> bool {
+        self.bad.is_empty() && self.running_digest == self.recomputed_digest
+    }
+}
+
+/// Sleeps as needed to keep `done` bytes within `rate` bytes/s since `start`.
+fn pace(start: Instant, done: u64, rate: Option<u64>) {
+    if let Some(r) = rate.filter(|r| *r > 0) {
+        let due = Duration::from_secs_f64(done as f64 / r as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// Scrubs the site's copy of a dataset as `view` sees it.
+pub fn local(
+    dataset: &str,
+    view: &View,
+    max_rate: Option<u64>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> vault::Result<LocalScrub> {
+    let started = Instant::now();
+    let keys: &Keys = view.keys();
+    let entries = view.entries()?;
+    let mut users: HashMap<ChunkId, Vec<String>> = HashMap::new();
+    let mut recomputed = LtHash::default();
+    for (path, e) in &entries {
+        recomputed.add(&e.digest_element(keys, path));
+        for c in e.chunks() {
+            let u = users.entry(c.id).or_default();
+            if u.len() < 5 {
+                u.push(String::from_utf8_lossy(path).into_owned());
+            }
+        }
+    }
+    for (id, _) in view.state().pins()? {
+        users.entry(id).or_default();
+    }
+    let ids: Vec<ChunkId> = users.keys().copied().collect();
+    let total = ids.len() as u64;
+    let (done, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let bad = Mutex::new(Vec::new());
+    let fail = |id: &ChunkId, reason: String| {
+        if let Ok(mut b) = bad.lock() {
+            b.push(BadChunk {
+                id: id.to_string(),
+                reason,
+                referenced_by: users.get(id).cloned().unwrap_or_default(),
+            });
+        }
+    };
+    // A chunk that cannot be read (RocksDB's own checksum, an I/O error) is
+    // a finding about that chunk, not the end of the scrub.
+    ids.par_iter().try_for_each(|id| -> vault::Result<()> {
+        let meta = match view.chunk_meta(id) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                fail(id, "referenced but not stored".into());
+                return Ok(());
+            }
+            Err(e) => {
+                fail(id, format!("its metadata cannot be read: {e}"));
+                return Ok(());
+            }
+        };
+        let sealed = match view.chunk_bytes(id) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                fail(id, "its metadata is stored but its bytes are not".into());
+                return Ok(());
+            }
+            Err(e) => {
+                fail(id, format!("its bytes cannot be read: {e}"));
+                return Ok(());
+            }
+        };
+        let n = bytes.fetch_add(sealed.len() as u64, Ordering::Relaxed) + sealed.len() as u64;
+        if sealed.len() != meta.sealed_len as usize
+            || *blake3::hash(&sealed).as_bytes() != meta.sealed_hash
+        {
+            fail(
+                id,
+                format!(
+                    "the sealed bytes ({} bytes) do not hash as recorded ({} bytes)",
+                    sealed.len(),
+                    meta.sealed_len
+                ),
+            );
+        } else if let Err(e) = vault::chunk::open(keys, id, meta.plain_len, &sealed) {
+            fail(id, e.to_string());
+        }
+        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+        progress(d, total);
+        pace(started, n, max_rate);
+        Ok(())
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes = bytes.load(Ordering::Relaxed);
+    let mut bad = bad.into_inner().unwrap_or_default();
+    bad.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(LocalScrub {
+        dataset: dataset.to_string(),
+        seq: view.applied().seq,
+        chunks: total,
+        bytes,
+        bad,
+        running_digest: hex(&view.applied().digest.summary()),
+        recomputed_digest: hex(&recomputed.summary()),
+        seconds,
+        mb_per_s: bytes as f64 / 1e6 / seconds.max(1e-9),
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// How much of the archive's chunk data an archive scrub reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadData {
+    /// Only check that every referenced chunk is listed.
+    None,
+    All,
+    /// About this percentage of the referenced chunks, chosen by id.
+    Percent(f64),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiveScrub {
+    pub dataset: String,
+    pub archive: String,
+    pub snapshots: usize,
+    pub log_pieces: usize,
+    pub chunks_listed: usize,
+    pub chunks_referenced: usize,
+    pub chunks_read: u64,
+    pub bytes_read: u64,
+    /// Objects that are missing, damaged or do not read back.
+    pub bad: Vec<BadChunk>,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+}
+
+impl ArchiveScrub {
+    pub fn ok(&self) -> bool {
+        self.bad.is_empty()
+    }
+}
+
+/// What the archive says a chunk must be.
+struct Expect {
+    plain_len: u32,
+    sealed_hash: [u8; 32],
+    sealed_len: Option<u32>,
+    referenced_by: Vec<String>,
+}
+
+/// Scrubs a dataset's archive: manifests, pages and pieces are read and
+/// checked; every chunk they reference must be listed; with `read`, chunk
+/// bytes are fetched and checked against the recorded hash and their id.
+pub fn archive(
+    rt: &tokio::runtime::Handle,
+    store: &Store,
+    keys: &Keys,
+    dataset: &str,
+    read: ReadData,
+    concurrency: usize,
+) -> archive::Result<ArchiveScrub> {
+    let started = Instant::now();
+    let mut bad = Vec::new();
+    let mut expect: HashMap<ChunkId, Expect> = HashMap::new();
+    let mut note = |id: ChunkId, plain_len: u32, hash: [u8; 32], len: Option<u32>, by: String| {
+        let e = expect.entry(id).or_insert_with(|| Expect {
+            plain_len,
+            sealed_hash: hash,
+            sealed_len: len,
+            referenced_by: Vec::new(),
+        });
+        if e.sealed_len.is_none() {
+            e.sealed_len = len;
+        }
+        if e.referenced_by.len() < 3 {
+            e.referenced_by.push(by);
+        }
+    };
+    let snaps = archive::archiver::list_snapshots(rt, store, dataset)?;
+    for s in &snaps {
+        match archive::archiver::read_snapshot(rt, store, keys, dataset, s, concurrency) {
+            Ok(c) => {
+                let by = format!("snapshot {}", s.name);
+                for (_, e) in &c.entries {
+                    for r in e.chunks() {
+                        if let Some(h) = c.sealed_hashes.get(&r.id) {
+                            note(r.id, r.len, *h, None, by.clone());
+                        }
+                    }
+                }
+                for (id, _, len, h) in &c.manifest.pins {
+                    note(*id, *len, *h, None, by.clone());
+                }
+            }
+            Err(e) => bad.push(BadChunk {
+                id: String::new(),
+                reason: e.to_string(),
+                referenced_by: vec![format!("snapshot {}", s.name)],
+            }),
+        }
+    }
+    let pieces: Vec<PieceRef> = rt
+        .block_on(store.list(&objects::log_prefix(dataset)))?
+        .iter()
+        .filter_map(|l| PieceRef::parse(&l.key))
+        .collect();
+    for p in &pieces {
+        let decoded = rt
+            .block_on(store.get_required(&p.key, "a log piece"))
+            .and_then(|b| objects::decode_piece(&p.key, &b).map_err(|e| store.locate_err(e)));
+        match decoded {
+            Ok(piece) => {
+                for r in &piece.records {
+                    for (id, plain, sealed, h) in &r.attachments {
+                        note(*id, *plain, *h, Some(*sealed), store.locate(&p.key));
+                    }
+                }
+            }
+            Err(e) => bad.push(BadChunk {
+                id: String::new(),
+                reason: e.to_string(),
+                referenced_by: vec![store.locate(&p.key)],
+            }),
+        }
+    }
+    let listed: HashMap<ChunkId, u64> = rt
+        .block_on(store.list(&objects::chunks_prefix(dataset)))?
+        .iter()
+        .filter_map(|l| Some((objects::parse_chunk_key(&l.key)?, l.size)))
+        .collect();
+    for (id, e) in &expect {
+        match listed.get(id) {
+            None => bad.push(BadChunk {
+                id: id.to_string(),
+                reason: format!(
+                    "{} is missing",
+                    store.locate(&objects::chunk_key(dataset, id))
+                ),
+                referenced_by: e.referenced_by.clone(),
+            }),
+            Some(size) if e.sealed_len.is_some_and(|l| u64::from(l) != *size) => {
+                bad.push(BadChunk {
+                    id: id.to_string(),
+                    reason: format!(
+                        "{} is {size} bytes, recorded {}",
+                        store.locate(&objects::chunk_key(dataset, id)),
+                        e.sealed_len.unwrap_or(0)
+                    ),
+                    referenced_by: e.referenced_by.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let missing: HashSet<String> = bad.iter().map(|b| b.id.clone()).collect();
+    let chosen: Vec<(&ChunkId, &Expect)> = expect
+        .iter()
+        .filter(|(id, _)| listed.contains_key(id) && !missing.contains(&id.to_string()))
+        .filter(|(id, _)| match read {
+            ReadData::None => false,
+            ReadData::All => true,
+            // The id is a keyed hash: its first bytes are uniform.
+            ReadData::Percent(p) => {
+                (u16::from_le_bytes([id.0[0], id.0[1]]) as f64) < p / 100.0 * 65536.0
+            }
+        })
+        .collect();
+    let (mut chunks_read, mut bytes_read) = (0u64, 0u64);
+    let results: Vec<(ChunkId, Result<u64, String>)> = rt.block_on(
+        stream::iter(chosen.iter().map(|(id, e)| {
+            let key = objects::chunk_key(dataset, id);
+            let (id, plain_len, hash) = (**id, e.plain_len, e.sealed_hash);
+            let keys = keys.clone();
+            async move {
+                let r = match store.get_required(&key, "a referenced chunk").await {
+                    Err(e) => Err(e.to_string()),
+                    Ok(b) => tokio::task::spawn_blocking(move || {
+                        if *blake3::hash(&b).as_bytes() != hash {
+                            Err(format!(
+                                "its {} bytes do not hash as recorded: truncated or altered",
+                                b.len()
+                            ))
+                        } else {
+                            vault::chunk::open(&keys, &id, plain_len, &b)
+                                .map(|_| b.len() as u64)
+                                .map_err(|e| e.to_string())
+                        }
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string())),
+                };
+                (id, r)
+            }
+        }))
+        .buffer_unordered(concurrency.max(1))
+        .collect(),
+    );
+    for (id, r) in results {
+        match r {
+            Ok(n) => {
+                chunks_read += 1;
+                bytes_read += n;
+            }
+            Err(reason) => bad.push(BadChunk {
+                id: id.to_string(),
+                reason: format!(
+                    "{}: {reason}",
+                    store.locate(&objects::chunk_key(dataset, &id))
+                ),
+                referenced_by: expect
+                    .get(&id)
+                    .map(|e| e.referenced_by.clone())
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(ArchiveScrub {
+        dataset: dataset.to_string(),
+        archive: store.url().to_string(),
+        snapshots: snaps.len(),
+        log_pieces: pieces.len(),
+        chunks_listed: listed.len(),
+        chunks_referenced: expect.len(),
+        chunks_read,
+        bytes_read,
+        bad,
+        seconds,
+        mb_per_s: bytes_read as f64 / 1e6 / seconds.max(1e-9),
+    })
+}
