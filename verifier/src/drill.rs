@@ -38,7 +38,7 @@ pub enum DrillError {
 pub struct Reference {
     pub head_seq: u64,
     pub head_time_ns: i64,
-    /// Where the figure comes from, e.g. "this site (primary)".
+    /// Where the figure comes from, e.g. "the primary zjk-a".
     pub source: String,
 }
 
@@ -87,6 +87,7 @@ pub struct DrillReport {
     pub rpo_seconds: Option<f64>,
     pub reference: Option<Reference>,
     pub phases_seconds: Phases,
+    pub scratch_removed: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -149,6 +150,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
         rpo_seconds: None,
         reference: spec.reference.clone(),
         phases_seconds: Phases::default(),
+        scratch_removed: false,
     };
     let outcome = Store::open(&spec.store).and_then(|store| {
         Restorer {
@@ -202,8 +204,12 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
         Err(e) => report.error = Some(e.to_string()),
     }
     report.finished = rfc3339(Utc::now());
-    if let Err(e) = scratch.close() {
-        tracing::warn!(error = %e, "cannot remove the drill's scratch directory");
+    let scratch_path = scratch.path().to_path_buf();
+    match scratch.close() {
+        Ok(()) => report.scratch_removed = true,
+        Err(e) => {
+            tracing::warn!(path = %scratch_path.display(), error = %e, "cannot remove the drill's scratch directory")
+        }
     }
     Ok(report)
 }
@@ -320,10 +326,19 @@ pub fn markdown(r: &DrillReport) -> String {
             s.push_str(&format!("- {p}\n"));
         }
     }
-    s.push_str(
-        "\nEvery chunk was checked against its id (SM4-GCM tag and keyed BLAKE3) while \
-         writing, and the restored tree's namespace digest was compared with the one the \
-         archive recorded. The scratch directory was removed.\n",
-    );
+    if r.passed() {
+        s.push_str(
+            "\nEvery chunk was checked against its id (SM4-GCM tag and keyed BLAKE3) while \
+             writing, and the restored tree's namespace digest was compared with the one the \
+             archive recorded.",
+        );
+    } else {
+        s.push_str("\nThe restore did not complete as a verified copy: see above.");
+    }
+    s.push_str(if r.scratch_removed {
+        " The scratch directory was removed.\n"
+    } else {
+        " The scratch directory could NOT be removed (see the log).\n"
+    });
     s
 }

@@ -65,14 +65,26 @@ fn reference(cfg: &Config, dataset: &str) -> Option<verifier::Reference> {
         },
         Role::Follower => {
             let up = &v["replication"]["upstream"];
-            let lag = up["lag_seconds"].as_f64().unwrap_or(0.0);
-            verifier::Reference {
-                head_seq: up["upstream_head_seq"].as_u64().unwrap_or(head_seq),
-                head_time_ns: head_time + (lag * 1e9) as i64,
-                source: format!(
-                    "the upstream's head as seen from {} (its head plus the replication lag){staleness}",
-                    cfg.site.name
-                ),
+            let up_head = up["upstream_head_seq"].as_u64().unwrap_or(0).max(head_seq);
+            if up_head == head_seq {
+                // In step with the upstream: this site's head is the primary's.
+                verifier::Reference {
+                    head_seq,
+                    head_time_ns: head_time,
+                    source: format!("{}, in step with its upstream{staleness}", cfg.site.name),
+                }
+            } else {
+                // Behind: the upstream's head time is not known here; now is
+                // an upper bound, so the RPO reported is never too small.
+                verifier::Reference {
+                    head_seq: up_head,
+                    head_time_ns: vault::dataset::now_ns(),
+                    source: format!(
+                        "{}, {} records behind its upstream: RPO measured against now, an upper bound{staleness}",
+                        cfg.site.name,
+                        up_head - head_seq
+                    ),
+                }
             }
         }
     })

@@ -126,7 +126,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 .archive_settings()
                 .map_err(|(f, m)| anyhow!("{}: {f}: {m}", a.config.display()))?
                 .ok_or_else(|| anyhow!("{} has no [archive]", a.config.display()))?;
-            let store = archive::Store::open(&settings.store)?;
+            // Like a restore, a scrub is the time to use the link fully.
+            let mut store_cfg = settings.store.clone();
+            store_cfg.concurrency = store_cfg.concurrency.max(32);
+            let store = archive::Store::open(&store_cfg)?;
             let rt = crate::cmd::archive::runtime()?;
             let read = match (a.read_data, a.read_data_subset) {
                 (true, _) => verifier::scrub::ReadData::All,
@@ -138,7 +141,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 }
                 (false, None) => verifier::scrub::ReadData::None,
             };
-            let r = verifier::scrub::archive(rt.handle(), &store, &key.derive(), &name, read, 16)?;
+            let r = verifier::scrub::archive(rt.handle(), &store, &key.derive(), &name, read, 32)?;
             ok &= r.ok();
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -1,0 +1,136 @@
+//! Scrub throughput: a mixed tree (1 GiB by default) is ingested and
+//! archived into s3s-fs, the daemon stopped, caches dropped, then
+//! `triad verify --scrub --max-rate 0` (the site's RocksDB store) and
+//! `triad verify --archive --read-data` (the object store) are timed.
+//! Prints MB/s of sealed bytes checked, median of `--runs` runs.
+//!
+//! Run: `cargo run -p triad-tests --bin bench-scrub -- [--mib 1024] [--runs 3] [--dir DIR]`
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use triad_tests::s3::S3Server;
+use triad_tests::{arg, make_tree, triad_bin};
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn status(site: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(site.join("datasets/files/status.json")).ok()?).ok()
+}
+
+fn verify(cfg: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(triad_bin())
+        .args(["verify", "--dataset", "files", "--json", "--config"])
+        .arg(cfg)
+        .args(args)
+        .output()
+        .expect("triad verify");
+    assert!(
+        out.status.success(),
+        "verify failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let runs: usize = arg("--runs").and_then(|s| s.parse().ok()).unwrap_or(3);
+    let base =
+        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
+            .join(format!("triad-bench-scrub-{}", std::process::id()));
+    let src = base.join("source");
+    std::fs::create_dir_all(&src).expect("bench dir");
+    eprintln!("writing a {mib} MiB mixed tree under {}", src.display());
+    let (bytes, files) = make_tree(&src, mib << 20);
+    let s3 = S3Server::start("bench");
+    let key = base.join("bench.key");
+    let st = Command::new(triad_bin())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .status()
+        .expect("keygen");
+    assert!(st.success());
+    let creds = s3.credentials_file(&base);
+    let site = base.join("site");
+    let cfg = base.join("bench.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[site]\nname = \"bench\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\" }}\n\n[archive]\nurl = \"s3://bench/triad\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"1s\"\n",
+            site.display(),
+            key.display(),
+            src.display(),
+            s3.endpoint(),
+            creds.display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(triad_bin())
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .env("TRIAD_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("daemon");
+    let t = Instant::now();
+    loop {
+        let v = status(&site).unwrap_or_default();
+        let head = v["log"]["head_seq"].as_u64().unwrap_or(0);
+        if v["source"]["settled"].as_bool() == Some(true)
+            && head > 0
+            && v["archive"]["shipped_seq"].as_u64().unwrap_or(0) >= head
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3600),
+            "ingest did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    let (mut local_bytes, mut remote_bytes) = (0, 0);
+    for _ in 0..runs {
+        drop_caches();
+        let v = verify(&cfg, &["--scrub", "--max-rate", "0"]);
+        local.push(v["mb_per_s"].as_f64().unwrap_or(0.0));
+        local_bytes = v["bytes"].as_u64().unwrap_or(0);
+        drop_caches();
+        let v = verify(&cfg, &["--archive", "--read-data"]);
+        remote.push(v["mb_per_s"].as_f64().unwrap_or(0.0));
+        remote_bytes = v["bytes_read"].as_u64().unwrap_or(0);
+    }
+    println!(
+        "bench-scrub: {files} files, {:.0} MB source, median of {runs}",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "  local store (RocksDB)   {:7.1} MB/s of {:.0} MB sealed (hash, SM4-GCM tag, id)",
+        median(local),
+        local_bytes as f64 / 1e6
+    );
+    println!(
+        "  archive (s3s-fs, HTTP)  {:7.1} MB/s of {:.0} MB sealed (download, hash, tag, id)",
+        median(remote),
+        remote_bytes as f64 / 1e6
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
