@@ -106,12 +106,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
                     if r.ok() { "OK" } else { "PROBLEMS FOUND" }
                 );
                 for b in &r.bad {
-                    println!(
-                        "  BAD chunk {}: {} (in {})",
-                        b.id,
-                        b.reason,
-                        b.referenced_by.join(", ")
-                    );
+                    let users = if b.referenced_by.is_empty() {
+                        "held by a pin of a file still being logged".to_string()
+                    } else {
+                        format!("in {}", b.referenced_by.join(", "))
+                    };
+                    println!("  BAD chunk {}: {} ({users})", b.id, b.reason);
                 }
                 if r.running_digest != r.recomputed_digest {
                     println!(
