@@ -227,14 +227,23 @@ pub fn run(cfg: Config) -> Result<()> {
             .iter()
             .map(|r| (r.ds.name().to_string(), r.ds.clone()))
             .collect();
-        let up = Arc::new(Upstream::new(datasets, cfg.followers()));
+        let up = Arc::new(Upstream::new(datasets, cfg.followers()).with_site(&cfg.site.name));
         let server_cfg = replicator::tls::server_config(tls).context("loading [tls]")?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(&addr))
             .with_context(|| format!("listen.replication: binding {addr}"))?;
+        // Every configured site may connect (cross-site verify asks any of
+        // them); the Follow call itself admits only followers.
         let allowed = {
             let up = up.clone();
-            Arc::new(move |site: &str| up.is_follower(site))
+            // This site too: `triad verify` here asks its own daemon.
+            let known: std::collections::HashSet<String> = cfg
+                .peer
+                .iter()
+                .map(|p| p.name.clone())
+                .chain(std::iter::once(cfg.site.name.clone()))
+                .collect();
+            Arc::new(move |site: &str| up.is_follower(site) || known.contains(site))
                 as Arc<dyn Fn(&str) -> bool + Send + Sync>
         };
         let mut rx = shutdown_rx.clone();

@@ -262,6 +262,28 @@ pub async fn run(
     }
 }
 
+/// Asks a site for its checkpoints of a dataset (cross-site verify).
+pub async fn fetch_checkpoints(
+    site: &UpstreamAddr,
+    dataset: &str,
+    key_id: &str,
+    with_paths: bool,
+) -> Result<pb::CheckpointsReply, String> {
+    let channel = connect(site).await?;
+    let mut client = pb::replication_client::ReplicationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    client
+        .checkpoints(pb::CheckpointsRequest {
+            dataset: dataset.to_string(),
+            key_id: key_id.to_string(),
+            with_paths,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{}: {}", site.name, s.message()))
+}
+
 async fn connect(up: &UpstreamAddr) -> Result<Channel, String> {
     let tls = client_config(&up.tls, &up.name).map_err(|e| e.to_string())?;
     Endpoint::from_shared(format!("https://{}", up.address))

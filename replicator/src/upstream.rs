@@ -92,6 +92,8 @@ struct Link {
 
 /// The replication service of one site.
 pub struct Upstream {
+    /// This site's name, as other sites know it.
+    site: String,
     datasets: HashMap<String, Arc<Dataset>>,
     /// Configured followers and their commit policy.
     followers: HashMap<String, FollowerPolicy>,
@@ -107,6 +109,7 @@ impl Upstream {
         followers: HashMap<String, FollowerPolicy>,
     ) -> Upstream {
         Upstream {
+            site: String::new(),
             datasets,
             followers,
             links: Arc::new(Mutex::new(HashMap::new())),
@@ -179,6 +182,12 @@ impl Upstream {
     /// True for sites configured to follow this one.
     pub fn is_follower(&self, site: &str) -> bool {
         self.followers.contains_key(site)
+    }
+
+    /// Names this site in answers to other sites.
+    pub fn with_site(mut self, site: &str) -> Upstream {
+        self.site = site.to_string();
+        self
     }
 
     /// The configured followers of one dataset.
@@ -384,6 +393,68 @@ type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::UpstreamMessage, Status
 impl pb::replication_server::Replication for Arc<Upstream> {
     type FollowStream = FollowStream;
 
+    async fn checkpoints(
+        &self,
+        req: Request<pb::CheckpointsRequest>,
+    ) -> Result<Response<pb::CheckpointsReply>, Status> {
+        if req.extensions().get::<PeerInfo>().is_none() {
+            return Err(Status::unauthenticated("no client certificate"));
+        }
+        let r = req.into_inner();
+        let ds = self.datasets.get(&r.dataset).cloned().ok_or_else(|| {
+            Status::not_found(format!("this site has no dataset `{}`", r.dataset))
+        })?;
+        if r.key_id != ds.key_id() {
+            return Err(Status::failed_precondition(format!(
+                "dataset `{}` has key id {} here, not {}",
+                r.dataset,
+                ds.key_id(),
+                r.key_id
+            )));
+        }
+        let site = self.site.clone();
+        let reply = tokio::task::spawn_blocking(move || -> vault::Result<pb::CheckpointsReply> {
+            let head_seq = ds.head_seq();
+            let checkpoints = ds
+                .state()
+                .checkpoints()?
+                .into_iter()
+                .map(|c| pb::CheckpointInfo {
+                    seq: c.seq,
+                    hash: c.hash.to_vec(),
+                    digest: c.digest.to_vec(),
+                })
+                .collect();
+            let (paths_seq, paths) = if r.with_paths {
+                ds.state().with_snapshot(|snap| -> vault::Result<_> {
+                    let a = snap.applied()?;
+                    let paths = snap
+                        .entries()?
+                        .into_iter()
+                        .map(|(p, e)| pb::PathDigest {
+                            digest: blake3::hash(&e.digest_bytes(&p)).as_bytes().to_vec(),
+                            path: p,
+                        })
+                        .collect();
+                    Ok((a.seq, paths))
+                })?
+            } else {
+                (0, Vec::new())
+            };
+            Ok(pb::CheckpointsReply {
+                site,
+                head_seq,
+                checkpoints,
+                paths_seq,
+                paths,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(reply))
+    }
+
     async fn follow(
         &self,
         req: Request<Streaming<pb::FollowerMessage>>,
@@ -393,6 +464,14 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             .get::<PeerInfo>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        // Every configured site may connect (for verify); only followers follow.
+        if !self.is_follower(&peer.site) {
+            tracing::warn!(site = %peer.site, addr = %peer.addr, "refused Follow from a site that is not configured to follow this one");
+            return Err(Status::permission_denied(format!(
+                "site {} is not configured to follow this site (give its [[peer]] a mode)",
+                peer.site
+            )));
+        }
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::FollowerMessage {

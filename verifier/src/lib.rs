@@ -5,8 +5,11 @@
 //! - [`scrub`]: re-read every chunk of a site's copy or of its archive and
 //!   check it; recompute the namespace digest.
 //!
-//! Cross-site verify and repair are not built yet (docs/architecture.md).
+//! - [`cross`]: comparing the sites' checkpoints and naming the odd one out.
+//!
+//! Repair is not built yet (docs/architecture.md).
 
+pub mod cross;
 pub mod drill;
 pub mod scrub;
 

@@ -1,7 +1,8 @@
-//! `triad verify --scrub [--archive]`: re-read and check every chunk of this
-//! site's copy (and of its archive), and recompute the namespace digest
-//! (verifier/src/scrub.rs). Exits 1 when anything is wrong. Cross-site
-//! verify is not built yet.
+//! `triad verify`: with no flags, cross-site verify (every configured site's
+//! checkpoints compared over the replication port; verifier/src/cross.rs);
+//! `--scrub` re-reads and checks every chunk of this site's copy and
+//! recomputes the namespace digest, `--archive` does the same for its object
+//! store (verifier/src/scrub.rs). Exits 1 when anything is wrong.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -48,12 +49,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    if !a.scrub && !a.archive {
-        bail!(
-            "cross-site verify is not built yet; `triad verify --scrub` checks this site's copy \
-             and `--archive` its object store"
-        );
-    }
     let cfg = Config::load(&a.config)?;
     let rate = match a.max_rate.trim() {
         "0" => 0,
@@ -73,6 +68,36 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .dataset(&name)
             .ok_or_else(|| anyhow!("dataset `{name}` is not in the config"))?;
         let key = DatasetKey::load(&d.key_file)?;
+        if !a.scrub && !a.archive {
+            let r = cross_site(&cfg, &name, &key)?;
+            ok &= r.agree;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "verify of dataset {name}: {}",
+                    if r.agree { "OK" } else { "NOT OK" }
+                );
+                for s in &r.sites {
+                    match &s.error {
+                        Some(e) => println!("  {:<10} unreachable: {e}", s.site),
+                        None => println!(
+                            "  {:<10} head seq {:>10}, newest checkpoint {}",
+                            s.site,
+                            s.head_seq,
+                            s.newest_checkpoint
+                                .map(|q| q.to_string())
+                                .unwrap_or_else(|| "none".into())
+                        ),
+                    }
+                }
+                println!("  {}", r.verdict);
+                for p in &r.differing_paths {
+                    println!("  differs: {p}");
+                }
+            }
+            continue;
+        }
         if a.scrub {
             let view = View::open(&cfg.dataset_dir(&name), &name, &key)
                 .with_context(|| format!("opening dataset `{name}`"))?;
@@ -176,4 +201,138 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Gathers every configured site's checkpoints (this site's from its own
+/// copy, the others' over the replication port) and compares them; when one
+/// site is the odd one out, fetches its namespace and a majority site's to
+/// name the paths that differ.
+fn cross_site(cfg: &Config, name: &str, key: &DatasetKey) -> Result<verifier::cross::CrossReport> {
+    use verifier::cross::SiteView;
+    let tls = cfg.tls.as_ref().ok_or_else(|| {
+        anyhow!("cross-site verify connects to the other sites: the config needs [tls]")
+    })?;
+    let files = replicator::tls::TlsFiles {
+        ca: tls.ca.clone(),
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+    };
+    let rt = crate::cmd::archive::runtime()?;
+    let view = View::open(&cfg.dataset_dir(name), name, key)
+        .with_context(|| format!("opening dataset `{name}`"))?;
+    let local_paths = || -> Result<verifier::cross::PathDigests> {
+        let paths = view
+            .entries()?
+            .into_iter()
+            .map(|(p, e)| {
+                let d = blake3::hash(&e.digest_bytes(&p)).as_bytes().to_vec();
+                (p, d)
+            })
+            .collect();
+        Ok((view.applied().seq, paths))
+    };
+    let addr = |p: &crate::config::Peer| replicator::follower::UpstreamAddr {
+        name: p.name.clone(),
+        address: p.address.clone(),
+        tls: files.clone(),
+    };
+    let fetch = |p: &crate::config::Peer, with_paths: bool| {
+        rt.block_on(replicator::follower::fetch_checkpoints(
+            &addr(p),
+            name,
+            &key.key_id(),
+            with_paths,
+        ))
+    };
+    let to32 = |b: &[u8]| -> [u8; 32] { b.try_into().unwrap_or([0; 32]) };
+    let from_reply = |site: &str, r: replicator::pb::CheckpointsReply| SiteView {
+        site: site.to_string(),
+        head_seq: r.head_seq,
+        checkpoints: r
+            .checkpoints
+            .iter()
+            .map(|c| (c.seq, (to32(&c.hash), to32(&c.digest))))
+            .collect(),
+        paths: None,
+        error: None,
+    };
+    // This site: its daemon when it serves the replication port (it knows
+    // checkpoints not yet flushed), otherwise its copy on disk.
+    let own = cfg
+        .listen
+        .as_ref()
+        .and_then(|l| l.replication.as_deref())
+        .map(|a| crate::config::Peer {
+            name: cfg.site.name.clone(),
+            address: a.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"),
+            mode: None,
+            on_unreachable: None,
+            wait_limit: None,
+            bandwidth: None,
+        });
+    let own_reply = own.as_ref().and_then(|p| fetch(p, false).ok());
+    let mut sites = vec![match own_reply {
+        Some(r) => from_reply(&cfg.site.name, r),
+        None => SiteView {
+            site: cfg.site.name.clone(),
+            head_seq: view.applied().seq,
+            checkpoints: view
+                .state()
+                .checkpoints()?
+                .into_iter()
+                .map(|c| (c.seq, (c.hash, c.digest)))
+                .collect(),
+            paths: None,
+            error: None,
+        },
+    }];
+    for p in &cfg.peer {
+        sites.push(match fetch(p, false) {
+            Ok(r) => from_reply(&p.name, r),
+            Err(e) => SiteView {
+                site: p.name.clone(),
+                error: Some(e),
+                ..SiteView::default()
+            },
+        });
+    }
+    let first = verifier::cross::compare(name, &sites);
+    let Some(odd) = first.odd_site.clone() else {
+        return Ok(first);
+    };
+    // Name the paths: the odd site's namespace and a majority site's.
+    let seq = first.compared_seq.unwrap_or(0);
+    let odd_hash = sites
+        .iter()
+        .find(|s| s.site == odd)
+        .and_then(|s| s.checkpoints.get(&seq).copied());
+    let good = sites
+        .iter()
+        .find(|s| s.error.is_none() && s.checkpoints.get(&seq).copied() != odd_hash)
+        .map(|s| s.site.clone());
+    for who in [Some(odd), good].into_iter().flatten() {
+        let remote = if who == cfg.site.name {
+            own.as_ref()
+        } else {
+            cfg.peer.iter().find(|p| p.name == who)
+        };
+        let paths = if remote.is_none() && who == cfg.site.name {
+            local_paths()?
+        } else {
+            let Some(p) = remote else {
+                continue;
+            };
+            match fetch(p, true) {
+                Ok(r) => (
+                    r.paths_seq,
+                    r.paths.into_iter().map(|d| (d.path, d.digest)).collect(),
+                ),
+                Err(_) => continue,
+            }
+        };
+        if let Some(s) = sites.iter_mut().find(|s| s.site == who) {
+            s.paths = Some(paths);
+        }
+    }
+    Ok(verifier::cross::compare(name, &sites))
 }

@@ -1,0 +1,141 @@
+//! Cross-site verify over the replication port: three equal copies verify
+//! clean from any site; a follower that was fed another history from some
+//! seq on (by a forged upstream) is named as the odd one out, with the
+//! checkpoints between which its chain parted and the paths that differ.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::deploy::*;
+use common::*;
+use rand::SeedableRng;
+
+fn write_some(root: &Path, tag: &str, n: usize, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in 0..n {
+        let d = root.join(format!("{tag}/{}", i % 7));
+        std::fs::create_dir_all(&d).unwrap();
+        write_file(
+            &d.join(format!("f{i}")),
+            100 + (i * 997) % 9_000,
+            i % 2 == 0,
+            &mut rng,
+        );
+    }
+}
+
+fn verify(site: &Site) -> (bool, serde_json::Value) {
+    let out = Command::new(triad_bin())
+        .args(["verify", "--dataset", "files", "--json", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}
+
+fn head(site: &Site) -> u64 {
+    site.status()
+        .and_then(|v| v["log"]["head_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+fn wait_head(site: &Site, at_least: u64) {
+    let start = Instant::now();
+    while head(site) < at_least {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} stayed at seq {} (< {at_least})\n{}",
+            site.config.display(),
+            head(site),
+            site.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted() {
+    let mut dep = Deployment::new(None);
+    // The primary goes on when the same-city site is gone.
+    dep.sync_policy = "on_unreachable = \"degrade\"\nwait_limit = \"1s\"\n".into();
+    dep.configure(None);
+    write_some(&dep.a.source, "first", 300, 1);
+    dep.start();
+    dep.a.wait_settled(now_ns(), Duration::from_secs(60));
+    let (fork_seq, _, _) = wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));
+    assert!(fork_seq >= 256, "a checkpoint exists: head {fork_seq}");
+
+    // Clean, asked from the primary and from the remote site.
+    for s in [&dep.a, &dep.c] {
+        let (ok, v) = verify(s);
+        assert!(ok, "{v}");
+        assert_eq!(v["agree"], true, "{v}");
+        assert_eq!(v["compared_seq"].as_u64(), Some(fork_seq / 256 * 256));
+    }
+
+    // A forged upstream that shares the history up to `fork_seq`: a copy of
+    // the primary's site, which then takes other changes.
+    assert!(dep.b.stop().success());
+    assert!(dep.a.stop().success());
+    let mut forged = Site::new();
+    forged.share_key_of(&dep.a);
+    for (from, to) in [(&dep.a.data, &forged.data), (&dep.a.source, &forged.source)] {
+        let _ = std::fs::remove_dir_all(to);
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let port = free_port();
+    forged.set_config(&format!(
+        "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[listen]\nreplication = \"127.0.0.1:{port}\"\n\n{}\n{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
+        forged.data.display(),
+        tls(&dep.names.certs, "zjk-a"),
+        peer("zjk-b", dep.ports[1], Some("async")),
+        forged.key.display(),
+        forged.source.display()
+    ));
+    forged.start();
+    write_some(&forged.source, "fake", 300, 8);
+    dep.a.start();
+    write_some(&dep.a.source, "real", 300, 9);
+    // The same-city site now follows the forged upstream.
+    let b_config = std::fs::read_to_string(&dep.b.config).unwrap();
+    dep.b.set_config(&b_config.replace(
+        &format!("127.0.0.1:{}\"", dep.ports[0]),
+        &format!("127.0.0.1:{port}\""),
+    ));
+    dep.b.start();
+    let target = (fork_seq / 256 + 1) * 256;
+    wait_head(&forged, target);
+    wait_head(&dep.a, target);
+    wait_head(&dep.b, target);
+    wait_head(&dep.c, target);
+
+    let (ok, v) = verify(&dep.c);
+    assert!(!ok, "{v}");
+    assert_eq!(v["agree"], false);
+    assert_eq!(v["odd_site"], "zjk-b", "{v}");
+    let until = v["agreed_until"].as_u64().unwrap();
+    let from = v["differs_from"].as_u64().unwrap();
+    assert!(
+        until <= fork_seq && fork_seq < from,
+        "parted between {until} and {from}, forked at {fork_seq}: {v}"
+    );
+    let paths = v["differing_paths"].to_string();
+    assert!(paths.contains("fake/") || paths.contains("real/"), "{v}");
+    forged.stop();
+}

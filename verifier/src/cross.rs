@@ -1,0 +1,241 @@
+//! Cross-site verify: comparing the three sites' `(seq, chain hash, digest)`
+//! checkpoints. Two copies that agree on the chain hash at a seq agree on
+//! the whole history up to it; the digest says their namespaces agree. With
+//! three sites, a copy that disagrees with the other two is named by
+//! majority, with the checkpoint range in which it parted and, when the
+//! namespaces were fetched, the paths whose entries differ.
+//!
+//! This module only compares; fetching is the caller's (the daemon's
+//! replication port, authenticated by the deployment's certificates).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+/// A namespace as compared: the seq it was read at, and path -> entry digest.
+pub type PathDigests = (u64, BTreeMap<Vec<u8>, Vec<u8>>);
+
+/// One site's answer (or why there is none).
+#[derive(Debug, Clone, Default)]
+pub struct SiteView {
+    pub site: String,
+    pub head_seq: u64,
+    /// seq -> (chain hash, digest summary).
+    pub checkpoints: BTreeMap<u64, ([u8; 32], [u8; 32])>,
+    /// The seq the paths describe, and path -> entry digest.
+    pub paths: Option<PathDigests>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteSummary {
+    pub site: String,
+    pub head_seq: u64,
+    pub newest_checkpoint: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// The verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrossReport {
+    pub dataset: String,
+    pub sites: Vec<SiteSummary>,
+    /// The highest checkpoint seq every reachable site has.
+    pub compared_seq: Option<u64>,
+    /// True when every site answered and all agree at `compared_seq`.
+    pub agree: bool,
+    /// The site that disagrees with the other two.
+    pub odd_site: Option<String>,
+    /// The odd site still agreed with the majority at this checkpoint...
+    pub agreed_until: Option<u64>,
+    /// ...and no longer at this one: the chains parted in between.
+    pub differs_from: Option<u64>,
+    /// Paths whose entries differ between the odd site and the majority (at
+    /// most 100), when the namespaces were compared.
+    pub differing_paths: Vec<String>,
+    /// The seqs the compared namespaces were at (odd site, majority site).
+    pub paths_compared_at: Option<(u64, u64)>,
+    pub verdict: String,
+}
+
+/// Compares the sites' checkpoints.
+pub fn compare(dataset: &str, sites: &[SiteView]) -> CrossReport {
+    let summaries = sites
+        .iter()
+        .map(|s| SiteSummary {
+            site: s.site.clone(),
+            head_seq: s.head_seq,
+            newest_checkpoint: s.checkpoints.keys().next_back().copied(),
+            error: s.error.clone(),
+        })
+        .collect();
+    let mut r = CrossReport {
+        dataset: dataset.to_string(),
+        sites: summaries,
+        compared_seq: None,
+        agree: false,
+        odd_site: None,
+        agreed_until: None,
+        differs_from: None,
+        differing_paths: Vec::new(),
+        paths_compared_at: None,
+        verdict: String::new(),
+    };
+    let up: Vec<&SiteView> = sites.iter().filter(|s| s.error.is_none()).collect();
+    let down: Vec<&str> = sites
+        .iter()
+        .filter(|s| s.error.is_some())
+        .map(|s| s.site.as_str())
+        .collect();
+    if up.len() < 2 {
+        r.verdict = format!(
+            "cannot compare: only {} site(s) answered (unreachable: {})",
+            up.len(),
+            down.join(", ")
+        );
+        return r;
+    }
+    let mut common: BTreeSet<u64> = up[0].checkpoints.keys().copied().collect();
+    for s in &up[1..] {
+        common.retain(|q| s.checkpoints.contains_key(q));
+    }
+    let Some(&seq) = common.iter().next_back() else {
+        r.verdict = "the sites have no checkpoint in common yet (one is written every 256 \
+                     records); try again later"
+            .into();
+        return r;
+    };
+    r.compared_seq = Some(seq);
+    // Group the sites by what they hold at `seq`.
+    let mut groups: BTreeMap<([u8; 32], [u8; 32]), Vec<&SiteView>> = BTreeMap::new();
+    for s in &up {
+        groups.entry(s.checkpoints[&seq]).or_default().push(s);
+    }
+    if groups.len() == 1 {
+        r.agree = down.is_empty();
+        r.verdict = if down.is_empty() {
+            format!("all {} copies agree at seq {seq}", up.len())
+        } else {
+            format!(
+                "the {} reachable copies agree at seq {seq}; not compared: {}",
+                up.len(),
+                down.join(", ")
+            )
+        };
+        return r;
+    }
+    let mut by_size: Vec<&Vec<&SiteView>> = groups.values().collect();
+    by_size.sort_by_key(|g| std::cmp::Reverse(g.len()));
+    let (majority, minority) = (by_size[0], by_size[1]);
+    if majority.len() < 2 || minority.len() != 1 || by_size.len() > 2 {
+        r.verdict = format!(
+            "the copies disagree at seq {seq} and no majority names an odd one out ({} groups)",
+            groups.len()
+        );
+        return r;
+    }
+    let odd = minority[0];
+    let good = majority[0];
+    r.odd_site = Some(odd.site.clone());
+    for q in &common {
+        if odd.checkpoints[q] == good.checkpoints[q] {
+            r.agreed_until = Some(*q);
+        } else {
+            r.differs_from = Some(*q);
+            break;
+        }
+    }
+    if let (Some((oseq, op)), Some((gseq, gp))) = (&odd.paths, &good.paths) {
+        r.paths_compared_at = Some((*oseq, *gseq));
+        let keys: BTreeSet<&Vec<u8>> = op.keys().chain(gp.keys()).collect();
+        for k in keys {
+            if op.get(k) != gp.get(k) {
+                r.differing_paths
+                    .push(String::from_utf8_lossy(k).into_owned());
+                if r.differing_paths.len() >= 100 {
+                    break;
+                }
+            }
+        }
+    }
+    r.verdict = format!(
+        "{} disagrees with {} at seq {seq}: its chain parted after checkpoint {} and before \
+         checkpoint {}",
+        odd.site,
+        majority
+            .iter()
+            .map(|s| s.site.as_str())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        r.agreed_until
+            .map(|q| q.to_string())
+            .unwrap_or_else(|| "none (from the start)".into()),
+        r.differs_from.unwrap_or(seq)
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(name: &str, cps: &[(u64, u8)]) -> SiteView {
+        SiteView {
+            site: name.into(),
+            head_seq: cps.last().map(|c| c.0 + 10).unwrap_or(0),
+            checkpoints: cps
+                .iter()
+                .map(|(q, h)| (*q, ([*h; 32], [*h; 32])))
+                .collect(),
+            ..SiteView::default()
+        }
+    }
+
+    #[test]
+    fn equal_copies_agree_at_the_highest_common_checkpoint() {
+        let a = site("a", &[(256, 1), (512, 2), (768, 3)]);
+        let b = site("b", &[(256, 1), (512, 2), (768, 3)]);
+        let c = site("c", &[(256, 1), (512, 2)]);
+        let r = compare("d", &[a, b, c]);
+        assert!(r.agree);
+        assert_eq!(r.compared_seq, Some(512));
+    }
+
+    #[test]
+    fn the_odd_one_out_is_named_with_where_it_parted_and_the_paths() {
+        let a = site("a", &[(256, 1), (512, 2), (768, 3)]);
+        let b = site("b", &[(256, 1), (512, 2), (768, 3)]);
+        let mut c = site("c", &[(256, 1), (512, 9), (768, 9)]);
+        let mut a2 = a.clone();
+        a2.paths = Some((
+            768,
+            [(b"x".to_vec(), vec![1]), (b"y".to_vec(), vec![2])].into(),
+        ));
+        c.paths = Some((
+            768,
+            [(b"x".to_vec(), vec![1]), (b"y".to_vec(), vec![3])].into(),
+        ));
+        let r = compare("d", &[a2, b, c]);
+        assert!(!r.agree);
+        assert_eq!(r.odd_site.as_deref(), Some("c"));
+        assert_eq!((r.agreed_until, r.differs_from), (Some(256), Some(512)));
+        assert_eq!(r.differing_paths, vec!["y"]);
+        assert!(
+            r.verdict.contains("c disagrees with a and b"),
+            "{}",
+            r.verdict
+        );
+    }
+
+    #[test]
+    fn without_a_majority_or_enough_answers_nobody_is_blamed() {
+        let a = site("a", &[(256, 1)]);
+        let b = site("b", &[(256, 2)]);
+        let mut c = site("c", &[(256, 3)]);
+        let r = compare("d", &[a.clone(), b.clone(), c.clone()]);
+        assert!(r.odd_site.is_none() && !r.agree);
+        c.error = Some("unreachable".into());
+        let r = compare("d", &[a, c]);
+        assert!(r.verdict.contains("cannot compare"), "{}", r.verdict);
+    }
+}
