@@ -284,6 +284,33 @@ pub async fn fetch_checkpoints(
         .map_err(|s| format!("{}: {}", site.name, s.message()))
 }
 
+/// Asks a site for sealed chunks by id (repair). The caller checks them.
+pub async fn fetch_chunks(
+    site: &UpstreamAddr,
+    dataset: &str,
+    key_id: &str,
+    ids: &[vault::ChunkId],
+) -> Result<Vec<(vault::ChunkId, Vec<u8>)>, String> {
+    let channel = connect(site).await?;
+    let mut client = pb::replication_client::ReplicationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let reply = client
+        .chunks(pb::ChunksRequest {
+            dataset: dataset.to_string(),
+            key_id: key_id.to_string(),
+            ids: ids.iter().map(|i| i.0.to_vec()).collect(),
+        })
+        .await
+        .map_err(|s| format!("{}: {}", site.name, s.message()))?
+        .into_inner();
+    Ok(reply
+        .chunks
+        .into_iter()
+        .filter_map(|c| Some((vault::ChunkId(c.id.as_slice().try_into().ok()?), c.sealed)))
+        .collect())
+}
+
 async fn connect(up: &UpstreamAddr) -> Result<Channel, String> {
     let tls = client_config(&up.tls, &up.name).map_err(|e| e.to_string())?;
     Endpoint::from_shared(format!("https://{}", up.address))

@@ -393,6 +393,46 @@ type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::UpstreamMessage, Status
 impl pb::replication_server::Replication for Arc<Upstream> {
     type FollowStream = FollowStream;
 
+    async fn chunks(
+        &self,
+        req: Request<pb::ChunksRequest>,
+    ) -> Result<Response<pb::ChunksReply>, Status> {
+        if req.extensions().get::<PeerInfo>().is_none() {
+            return Err(Status::unauthenticated("no client certificate"));
+        }
+        let r = req.into_inner();
+        let ds = self.datasets.get(&r.dataset).cloned().ok_or_else(|| {
+            Status::not_found(format!("this site has no dataset `{}`", r.dataset))
+        })?;
+        if r.key_id != ds.key_id() {
+            return Err(Status::failed_precondition(format!(
+                "dataset `{}` has key id {} here, not {}",
+                r.dataset,
+                ds.key_id(),
+                r.key_id
+            )));
+        }
+        if r.ids.len() > 4096 {
+            return Err(Status::invalid_argument("at most 4096 chunks at a time"));
+        }
+        let chunks = tokio::task::spawn_blocking(move || {
+            r.ids
+                .iter()
+                .filter_map(|id| {
+                    let id = vault::ChunkId(id.as_slice().try_into().ok()?);
+                    let sealed = ds.state().chunk_bytes(&id).ok()??;
+                    Some(pb::ChunkBytes {
+                        id: id.0.to_vec(),
+                        sealed,
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ChunksReply { chunks }))
+    }
+
     async fn checkpoints(
         &self,
         req: Request<pb::CheckpointsRequest>,

@@ -121,6 +121,45 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
     assert_eq!(bad[0]["id"], id.to_string());
     assert!(bad[0]["referenced_by"].to_string().contains("f8"), "{v}");
 
+    // Repair (daemon stopped): good bytes from this site's archive, checked
+    // against what the site recorded; the damaged bytes kept as evidence.
+    let out = Command::new(triad_bin())
+        .args([
+            "verify",
+            "--dataset",
+            "files",
+            "--scrub",
+            "--repair",
+            "--config",
+        ])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("REPAIRED {id} from s3://")),
+        "{text}"
+    );
+    let evidence = site.dataset_dir().join("evidence");
+    let kept: Vec<String> = std::fs::read_dir(&evidence)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        kept.iter().any(|n| n.starts_with(&id.to_string())),
+        "{kept:?}"
+    );
+    let log = std::fs::read_to_string(evidence.join("repairs.log")).unwrap();
+    assert!(log.contains(&id.to_string()), "{log}");
+    let (out, v) = verify(&site.config, &["--scrub"]);
+    assert!(out.status.success(), "clean after the repair: {v}");
+
     // In the archive: one chunk object altered, another deleted.
     let chunks: Vec<std::path::PathBuf> =
         std::fs::read_dir(s3.root.join("triad/site-a/files/chunks"))
@@ -157,4 +196,41 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
         text.contains(&name(altered)) && text.contains("altered"),
         "{text}"
     );
+
+    // Repair the archive from this site's copy; the altered object is kept
+    // aside in the bucket.
+    let out = Command::new(triad_bin())
+        .args([
+            "verify",
+            "--dataset",
+            "files",
+            "--archive",
+            "--read-data",
+            "--repair",
+            "--config",
+        ])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&name(altered)) && text.contains(&name(deleted)),
+        "{text}"
+    );
+    let aside: Vec<String> = std::fs::read_dir(s3.root.join("triad/site-a/files/evidence"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        aside.iter().any(|n| n.starts_with(&name(altered))),
+        "{aside:?}"
+    );
+    let (out, v) = verify(&site.config, &["--archive", "--read-data"]);
+    assert!(out.status.success(), "clean after the repair: {v}");
 }

@@ -202,6 +202,8 @@ enum Work {
         entries: Vec<(Vec<u8>, Entry)>,
         pins: Vec<(ChunkId, u64)>,
     },
+    /// Good bytes for a stored chunk found damaged (a scrub's repair).
+    Repair { chunk: SealedChunk },
 }
 
 impl Work {
@@ -209,7 +211,7 @@ impl Work {
         match self {
             Work::Change { attachments, .. } => attachments.iter().map(|a| a.sealed.len()).sum(),
             Work::Replicated { payloads } => payloads.iter().map(|p| p.len()).sum(),
-            Work::Install { .. } => 0,
+            Work::Install { .. } | Work::Repair { .. } => 0,
         }
     }
 }
@@ -467,6 +469,14 @@ impl Dataset {
         })
     }
 
+    /// Replaces the stored bytes of a chunk found damaged with `chunk`, which
+    /// must be exactly what the chunk's metadata records (sealing is
+    /// deterministic, so every healthy copy holds these bytes). Serialized
+    /// with commits, so no apply races it.
+    pub fn repair_chunk(&self, chunk: SealedChunk) -> std::result::Result<(), SubmitError> {
+        self.send_work(Work::Repair { chunk }).map(|_| ())
+    }
+
     /// Stores chunks that arrive during a state transfer.
     pub fn stage_chunks(&self, chunks: &[SealedChunk]) -> Result<()> {
         self.state.stage_chunks(chunks)
@@ -694,6 +704,20 @@ fn commit_loop(
                 Err(_) => break,
             },
         };
+        if let Work::Repair { .. } = &first.work {
+            let Submission { work, reply } = first;
+            if let Work::Repair { chunk } = work {
+                let res = state
+                    .repair_chunk(&chunk)
+                    .map(|_| Committed {
+                        seq: applied.seq,
+                        time_ns: applied.time_ns,
+                    })
+                    .map_err(SubmitError::from);
+                let _ = reply.send(res);
+            }
+            continue;
+        }
         if let Work::Install { .. } = &first.work {
             let Submission { work, reply } = first;
             if let Work::Install {
@@ -714,7 +738,7 @@ fn commit_loop(
         let mut bytes: usize = group[0].work.bytes();
         while bytes < GROUP_BYTES {
             match rx.try_recv() {
-                Ok(s) if matches!(s.work, Work::Install { .. }) => {
+                Ok(s) if matches!(s.work, Work::Install { .. } | Work::Repair { .. }) => {
                     carried = Some(s);
                     break;
                 }
@@ -765,8 +789,8 @@ fn commit_loop(
                         prev = hash;
                         seq += 1;
                     }),
-                    Work::Install { .. } => {
-                        Err(VaultError::Closed("install out of turn".into()).into())
+                    Work::Install { .. } | Work::Repair { .. } => {
+                        Err(VaultError::Closed("install or repair out of turn".into()).into())
                     }
                     Work::Replicated { payloads } => {
                         let mut r = Ok(());

@@ -475,6 +475,29 @@ impl State {
         self.db.flush_cfs_opt(&cfs, &fo).map_err(|e| self.err(e))
     }
 
+    /// Rewrites a stored chunk's bytes with `c`, after checking that they are
+    /// what its metadata records and that they open under its id. Durable
+    /// when it returns (this write is not in the change log). Fails, writing
+    /// nothing, for a chunk that is not stored or bytes that do not match.
+    pub fn repair_chunk(&self, c: &SealedChunk) -> Result<()> {
+        let Some(meta) = self.chunk_meta(&c.id)? else {
+            return Err(VaultError::BadChunk {
+                id: c.id,
+                reason: "not stored here: nothing to repair".into(),
+            });
+        };
+        if c.sealed.len() != meta.sealed_len as usize || c.sealed_hash() != meta.sealed_hash {
+            return Err(VaultError::BadChunk {
+                id: c.id,
+                reason: "the replacement bytes are not the ones recorded for this chunk".into(),
+            });
+        }
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_CHUNKS)?, c.id.0, &c.sealed);
+        self.write(b)?;
+        self.flush()
+    }
+
     /// Compacts every column family now, blob garbage collection included,
     /// so space held by deleted chunks is given back and obsolete files are
     /// deleted at once rather than when RocksDB gets to them.

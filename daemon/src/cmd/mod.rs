@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod demo;
 pub mod drill;
 pub mod keygen;
+pub mod repair;
 pub mod restore;
 pub mod status;
 pub mod verify;

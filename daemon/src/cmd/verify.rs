@@ -43,6 +43,12 @@ pub struct Args {
     /// share of disk and CPU ("0" for no limit).
     #[arg(long, default_value = "100MiB/s")]
     max_rate: String,
+    /// Repair what the scrub found: with --scrub, damaged chunks of this
+    /// site's copy from this site's archive or another site (the daemon must
+    /// be stopped); with --archive, missing or damaged chunk objects from
+    /// this site's copy. Damaged bytes are kept in <dataset>/evidence/.
+    #[arg(long)]
+    repair: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -117,7 +123,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 bar.set_position(d);
             })?;
             bar.finish_and_clear();
-            ok &= r.ok();
+            drop(view);
+            let repaired = if a.repair && !r.bad.is_empty() {
+                let ids: Vec<String> = r.bad.iter().map(|b| b.id.clone()).collect();
+                Some(crate::cmd::repair::local(&cfg, &name, &key, &ids)?)
+            } else {
+                None
+            };
+            ok &= r.ok()
+                || (r.running_digest == r.recomputed_digest
+                    && repaired.as_ref().is_some_and(|x| x.failed.is_empty()));
+            if let Some(rep) = &repaired {
+                print_repair(rep, a.json)?;
+            }
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -167,7 +185,24 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 (false, None) => verifier::scrub::ReadData::None,
             };
             let r = verifier::scrub::archive(rt.handle(), &store, &key.derive(), &name, read, 32)?;
-            ok &= r.ok();
+            let fixable: Vec<String> = r
+                .bad
+                .iter()
+                .filter(|b| !b.id.is_empty())
+                .map(|b| b.id.clone())
+                .collect();
+            let repaired = if a.repair && !fixable.is_empty() {
+                Some(crate::cmd::repair::archive(&cfg, &name, &key, &fixable)?)
+            } else {
+                None
+            };
+            ok &= r.ok()
+                || repaired
+                    .as_ref()
+                    .is_some_and(|x| x.failed.is_empty() && r.bad.iter().all(|b| !b.id.is_empty()));
+            if let Some(rep) = &repaired {
+                print_repair(rep, a.json)?;
+            }
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -335,4 +370,18 @@ fn cross_site(cfg: &Config, name: &str, key: &DatasetKey) -> Result<verifier::cr
         }
     }
     Ok(verifier::cross::compare(name, &sites))
+}
+
+fn print_repair(r: &crate::cmd::repair::RepairReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::json!({ "repair": r }));
+    } else {
+        for x in &r.repaired {
+            println!("  REPAIRED {x}");
+        }
+        for x in &r.failed {
+            println!("  NOT REPAIRED {x}");
+        }
+    }
+    Ok(())
 }
