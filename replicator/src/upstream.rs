@@ -387,6 +387,9 @@ fn send_state(
     })
 }
 
+/// Where `triad verify --scrub` leaves its result in a dataset directory.
+pub const LAST_SCRUB: &str = "last-scrub.json";
+
 type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::UpstreamMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -481,12 +484,20 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             } else {
                 (0, Vec::new())
             };
+            // The last scrub's result, as `triad verify --scrub` left it.
+            let scrub: serde_json::Value = std::fs::read(ds.dir().join(LAST_SCRUB))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
             Ok(pb::CheckpointsReply {
                 site,
                 head_seq,
                 checkpoints,
                 paths_seq,
                 paths,
+                scrub_time_ns: scrub["time_ns"].as_i64().unwrap_or(0),
+                scrub_damaged: scrub["damaged"].as_u64().unwrap_or(0),
+                scrub_digest_ok: scrub["digest_ok"].as_bool().unwrap_or(true),
             })
         })
         .await

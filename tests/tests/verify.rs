@@ -83,6 +83,48 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
         assert_eq!(v["compared_seq"].as_u64(), Some(fork_seq / 256 * 256));
     }
 
+    // A byte flipped in the remote site's stored chunk: its scrub finds it,
+    // cross-site verify from the primary names the site, and a repair with
+    // bytes from another site (over the replication port) clears it.
+    assert!(dep.c.stop().success());
+    flip_stored_chunk(&dep.c, b"first/2/f2");
+    let scrub = |s: &Site, repair: bool| {
+        let mut c = Command::new(triad_bin());
+        c.args(["verify", "--dataset", "files", "--scrub", "--config"])
+            .arg(&s.config);
+        if repair {
+            c.arg("--repair");
+        }
+        c.output().unwrap()
+    };
+    let out = scrub(&dep.c, false);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    dep.c.start();
+    wait_head(&dep.c, fork_seq);
+    let (ok, v) = verify(&dep.a);
+    assert!(!ok, "{v}");
+    assert_eq!(v["damaged_sites"], serde_json::json!(["sjz-c"]), "{v}");
+    assert!(dep.c.stop().success());
+    let out = scrub(&dep.c, true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("REPAIRED") && text.contains("from site zjk-"),
+        "{text}"
+    );
+    dep.c.start();
+    wait_head(&dep.c, fork_seq);
+    let (ok, v) = verify(&dep.a);
+    assert!(ok, "clean after the repair: {v}");
+
     // A forged upstream that shares the history up to `fork_seq`: a copy of
     // the primary's site, which then takes other changes.
     assert!(dep.b.stop().success());
@@ -138,4 +180,27 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     let paths = v["differing_paths"].to_string();
     assert!(paths.contains("fake/") || paths.contains("real/"), "{v}");
     forged.stop();
+}
+
+/// Flips a byte inside the stored (sealed) bytes of `path`'s first chunk,
+/// where RocksDB keeps it in a blob file: damage no write path would make.
+fn flip_stored_chunk(site: &Site, path: &[u8]) {
+    let sealed = {
+        let st = vault::state::State::open_read_only(&site.dataset_dir().join("state")).unwrap();
+        let e = st.entry(path).unwrap().unwrap();
+        st.chunk_bytes(&e.chunks()[0].id).unwrap().unwrap()
+    };
+    let needle = &sealed[sealed.len() / 2..sealed.len() / 2 + 64];
+    for e in std::fs::read_dir(site.dataset_dir().join("state")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "blob") {
+            let mut b = std::fs::read(&p).unwrap();
+            if let Some(pos) = b.windows(needle.len()).position(|w| w == needle) {
+                b[pos + 10] ^= 0x01;
+                std::fs::write(&p, &b).unwrap();
+                return;
+            }
+        }
+    }
+    panic!("the chunk's bytes are not in a blob file");
 }

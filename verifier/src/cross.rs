@@ -24,6 +24,8 @@ pub struct SiteView {
     pub checkpoints: BTreeMap<u64, ([u8; 32], [u8; 32])>,
     /// The seq the paths describe, and path -> entry digest.
     pub paths: Option<PathDigests>,
+    /// The site's last scrub: (when, chunks left damaged, digest equal).
+    pub scrub: Option<(i64, u64, bool)>,
     pub error: Option<String>,
 }
 
@@ -32,6 +34,10 @@ pub struct SiteSummary {
     pub site: String,
     pub head_seq: u64,
     pub newest_checkpoint: Option<u64>,
+    /// When its last scrub ran (ns), if it did, and what it left damaged.
+    pub last_scrub_ns: Option<i64>,
+    pub scrub_damaged_chunks: u64,
+    pub scrub_digest_ok: bool,
     pub error: Option<String>,
 }
 
@@ -46,6 +52,9 @@ pub struct CrossReport {
     pub agree: bool,
     /// The site that disagrees with the other two.
     pub odd_site: Option<String>,
+    /// Sites whose last scrub left damaged chunks or a wrong digest: their
+    /// checkpoints may agree while their stored bytes do not.
+    pub damaged_sites: Vec<String>,
     /// The odd site still agreed with the majority at this checkpoint...
     pub agreed_until: Option<u64>,
     /// ...and no longer at this one: the chains parted in between.
@@ -58,14 +67,38 @@ pub struct CrossReport {
     pub verdict: String,
 }
 
-/// Compares the sites' checkpoints.
+/// Compares the sites' checkpoints, and names sites whose last scrub found
+/// damage (agreeing checkpoints say nothing about stored bytes).
 pub fn compare(dataset: &str, sites: &[SiteView]) -> CrossReport {
+    let mut r = compare_chains(dataset, sites);
+    r.damaged_sites = sites
+        .iter()
+        .filter(|s| {
+            s.scrub
+                .is_some_and(|(_, bad, digest_ok)| bad > 0 || !digest_ok)
+        })
+        .map(|s| s.site.clone())
+        .collect();
+    if !r.damaged_sites.is_empty() {
+        r.agree = false;
+        r.verdict.push_str(&format!(
+            "; the last scrub at {} found damage (run `triad verify --scrub --repair` there)",
+            r.damaged_sites.join(", ")
+        ));
+    }
+    r
+}
+
+fn compare_chains(dataset: &str, sites: &[SiteView]) -> CrossReport {
     let summaries = sites
         .iter()
         .map(|s| SiteSummary {
             site: s.site.clone(),
             head_seq: s.head_seq,
             newest_checkpoint: s.checkpoints.keys().next_back().copied(),
+            last_scrub_ns: s.scrub.map(|x| x.0),
+            scrub_damaged_chunks: s.scrub.map(|x| x.1).unwrap_or(0),
+            scrub_digest_ok: s.scrub.is_none_or(|x| x.2),
             error: s.error.clone(),
         })
         .collect();
@@ -75,6 +108,7 @@ pub fn compare(dataset: &str, sites: &[SiteView]) -> CrossReport {
         compared_seq: None,
         agree: false,
         odd_site: None,
+        damaged_sites: Vec::new(),
         agreed_until: None,
         differs_from: None,
         differing_paths: Vec::new(),
@@ -222,6 +256,22 @@ mod tests {
         assert_eq!(r.differing_paths, vec!["y"]);
         assert!(
             r.verdict.contains("c disagrees with a and b"),
+            "{}",
+            r.verdict
+        );
+    }
+
+    #[test]
+    fn a_site_whose_scrub_found_damage_is_named_though_its_chain_agrees() {
+        let a = site("a", &[(256, 1)]);
+        let mut b = site("b", &[(256, 1)]);
+        b.scrub = Some((5, 1, true));
+        let c = site("c", &[(256, 1)]);
+        let r = compare("d", &[a, b, c]);
+        assert!(!r.agree);
+        assert_eq!(r.damaged_sites, vec!["b"]);
+        assert!(
+            r.verdict.contains("scrub at b found damage"),
             "{}",
             r.verdict
         );

@@ -136,6 +136,27 @@ pub fn run(a: Args) -> Result<ExitCode> {
             if let Some(rep) = &repaired {
                 print_repair(rep, a.json)?;
             }
+            // Left for cross-site verify, which reports it to the others.
+            let damaged = match &repaired {
+                Some(rep) => rep.failed.len(),
+                None => r.bad.len(),
+            };
+            let last = serde_json::json!({
+                "time_ns": vault::dataset::now_ns(),
+                "seq": r.seq,
+                "chunks": r.chunks,
+                "damaged": damaged,
+                "digest_ok": r.running_digest == r.recomputed_digest,
+            });
+            let path = cfg
+                .dataset_dir(&name)
+                .join(replicator::upstream::LAST_SCRUB);
+            if let Err(e) = std::fs::write(&path, last.to_string()) {
+                eprintln!(
+                    "warning: cannot record the scrub result in {}: {e}",
+                    path.display()
+                );
+            }
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -289,6 +310,11 @@ fn cross_site(cfg: &Config, name: &str, key: &DatasetKey) -> Result<verifier::cr
             .map(|c| (c.seq, (to32(&c.hash), to32(&c.digest))))
             .collect(),
         paths: None,
+        scrub: (r.scrub_time_ns > 0).then_some((
+            r.scrub_time_ns,
+            r.scrub_damaged,
+            r.scrub_digest_ok,
+        )),
         error: None,
     };
     // This site: its daemon when it serves the replication port (it knows
@@ -318,6 +344,16 @@ fn cross_site(cfg: &Config, name: &str, key: &DatasetKey) -> Result<verifier::cr
                 .map(|c| (c.seq, (c.hash, c.digest)))
                 .collect(),
             paths: None,
+            scrub: std::fs::read(cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .map(|v| {
+                    (
+                        v["time_ns"].as_i64().unwrap_or(0),
+                        v["damaged"].as_u64().unwrap_or(0),
+                        v["digest_ok"].as_bool().unwrap_or(true),
+                    )
+                }),
             error: None,
         },
     }];
