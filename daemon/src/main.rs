@@ -70,8 +70,10 @@ enum Command {
     Prune(cmd::archive::Args),
     /// Restore an archive into a scratch directory, verify it, report RTO and RPO.
     Drill(cmd::drill::Args),
-    /// Scrub this site's copy (--scrub) and its archive (--archive).
+    /// Compare the sites' copies; scrub (--scrub, --archive) and repair (--repair).
     Verify(cmd::verify::Args),
+    /// Move a follower's copy aside so the daemon fetches it again from its upstream.
+    Resync(cmd::resync::Args),
     /// Show each dataset's log, state and source status.
     Status(cmd::status::Args),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
         Command::Prune(a) => cmd::archive::run(cmd::archive::Job::Prune, a),
         Command::Drill(a) => cmd::drill::run(a),
         Command::Verify(a) => cmd::verify::run(a),
+        Command::Resync(a) => cmd::resync::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };

@@ -180,6 +180,37 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     let paths = v["differing_paths"].to_string();
     assert!(paths.contains("fake/") || paths.contains("real/"), "{v}");
     forged.stop();
+
+    // Re-sync the odd site from the majority: its copy is moved aside as
+    // evidence and it follows the real primary again from scratch.
+    assert!(dep.b.stop().success());
+    let out = Command::new(triad_bin())
+        .args(["resync", "--dataset", "files", "--config"])
+        .arg(&dep.b.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = std::fs::read_dir(dep.b.data.join("datasets"))
+        .unwrap()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("files.replaced-")
+        });
+    assert!(kept, "the replaced copy is kept");
+    dep.b.set_config(&b_config);
+    dep.b.start();
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(120));
+    let target = head(&dep.a);
+    if target / 256 * 256 > 0 {
+        let (ok, v) = verify(&dep.c);
+        assert!(ok, "clean after the re-sync: {v}");
+    }
 }
 
 /// Flips a byte inside the stored (sealed) bytes of `path`'s first chunk,

@@ -9,6 +9,7 @@ pub mod drill;
 pub mod keygen;
 pub mod repair;
 pub mod restore;
+pub mod resync;
 pub mod status;
 pub mod verify;
 
