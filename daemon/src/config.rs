@@ -38,8 +38,8 @@ pub struct Config {
     #[serde(default)]
     pub dataset: Vec<DatasetConfig>,
     pub archive: Option<ArchiveSection>,
-    pub verify: Option<toml::Table>,
-    pub drill: Option<toml::Table>,
+    pub verify: Option<VerifySection>,
+    pub drill: Option<DrillSection>,
     #[serde(default)]
     pub log: Log,
 }
@@ -145,6 +145,36 @@ pub struct ArchiveSection {
     pub prune_grace: Option<String>,
     /// Time limit of one request to the store; it is then retried. Default "60s".
     pub request_timeout: Option<String>,
+}
+
+/// `[verify]`: cross-site verify and scrubs run by the daemon.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySection {
+    /// Cron (with seconds, UTC) for cross-site verify.
+    pub schedule: Option<String>,
+    /// Cron for scrubbing this site's copy.
+    pub scrub_schedule: Option<String>,
+    /// Most bytes a second a scheduled scrub reads. Default "100MiB/s".
+    pub scrub_max_rate: Option<String>,
+    /// Repair what a scheduled scrub finds (from the archive or another
+    /// site), keeping the damaged bytes as evidence. Default false.
+    #[serde(default)]
+    pub repair: bool,
+}
+
+/// `[drill]`: restore drills run by the daemon.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// Cron (with seconds, UTC).
+    pub schedule: Option<String>,
+    /// Default `<data_dir>/reports`.
+    pub reports_dir: Option<PathBuf>,
+    /// The archive to drill; default this site's `[archive]`.
+    pub url: Option<String>,
+    pub endpoint: Option<String>,
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// `[archive]` after validation.
@@ -483,6 +513,35 @@ impl Config {
             self.archive_settings()
                 .map_err(|(field, message)| invalid(field, message))?;
         }
+        let cron = |field: &str, v: &Option<String>| -> Result<(), ConfigError> {
+            if let Some(t) = v {
+                archive::schedule::Schedule::parse(field, t)
+                    .map_err(|e| invalid(field.into(), e.to_string()))?;
+            }
+            Ok(())
+        };
+        if let Some(vf) = &self.verify {
+            cron("verify.schedule", &vf.schedule)?;
+            cron("verify.scrub_schedule", &vf.scrub_schedule)?;
+            if let Some(r) = &vf.scrub_max_rate {
+                parse_bandwidth(r).map_err(|m| invalid("verify.scrub_max_rate".into(), m))?;
+            }
+            if vf.schedule.is_some() && self.tls.is_none() {
+                return Err(invalid(
+                    "verify.schedule".into(),
+                    "cross-site verify connects to the other sites: add [tls]".into(),
+                ));
+            }
+        }
+        if let Some(d) = &self.drill {
+            cron("drill.schedule", &d.schedule)?;
+            if d.url.is_none() && self.archive.is_none() {
+                return Err(invalid(
+                    "drill.url".into(),
+                    "a drill restores an archive: set drill.url or this site's [archive]".into(),
+                ));
+            }
+        }
         if let Some(f) = &self.log.format {
             if f != "human" && f != "json" {
                 return Err(invalid(
@@ -498,12 +557,6 @@ impl Config {
     /// version, so the operator is told rather than left to assume.
     pub fn unused_sections(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        if self.verify.is_some() {
-            v.push("[verify]");
-        }
-        if self.drill.is_some() {
-            v.push("[drill]");
-        }
         if self.listen.as_ref().is_some_and(|l| l.http.is_some()) {
             v.push("listen.http");
         }

@@ -4,6 +4,7 @@
 //! subcommand lives in its own file under `cmd/`.
 
 mod archiving;
+mod checks;
 mod cmd;
 mod config;
 mod runtime;

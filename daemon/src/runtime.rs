@@ -34,6 +34,8 @@ pub struct DatasetStatus {
     pub retention: Retention,
     /// This site's archive, when `[archive]` is set.
     pub archive: Option<crate::archiving::ArchiveStatus>,
+    /// Scheduled verify, scrub and drill results, when any is scheduled.
+    pub checks: Option<crate::checks::ChecksStatus>,
     pub failure: Option<String>,
 }
 
@@ -104,6 +106,7 @@ struct Running {
     follow: Option<Arc<Mutex<FollowStatus>>>,
     retention: Mutex<Retention>,
     archive: Option<Arc<crate::archiving::Shared>>,
+    checks: Option<crate::checks::Shared>,
 }
 
 /// Removes log segments no longer needed: every record in them is durable in
@@ -199,6 +202,7 @@ pub fn run(cfg: Config) -> Result<()> {
             follow: None,
             retention: Mutex::new(Retention::default()),
             archive: None,
+            checks: None,
         });
     }
 
@@ -290,6 +294,19 @@ pub fn run(cfg: Config) -> Result<()> {
         tracing::info!(url = %settings.store.url, schedule = settings.schedule.as_ref().map(|s| s.text()), "archiving");
     }
 
+    // Scheduled verify, scrubs and drills.
+    let (checks, checks_thread) = crate::checks::start(
+        &cfg,
+        running.iter().map(|r| r.ds.clone()).collect(),
+        stop.clone(),
+    )
+    .context("starting the checks thread")?;
+    if checks_thread.is_some() {
+        for (r, c) in running.iter_mut().zip(checks) {
+            r.checks = Some(c);
+        }
+    }
+
     let mut threads = Vec::new();
     match cfg.site.role {
         Role::Primary => {
@@ -379,6 +396,11 @@ pub fn run(cfg: Config) -> Result<()> {
             Err(_) => failed = Some("a source thread panicked".into()),
         }
     }
+    if let Some(t) = checks_thread {
+        if t.join().is_err() {
+            failed = Some("the checks thread panicked".into());
+        }
+    }
     // The archive threads ship the log's last records before they end.
     for t in archive_threads {
         if t.join().is_err() {
@@ -434,6 +456,10 @@ fn status_of(
             .archive
             .as_ref()
             .and_then(|a| a.status.lock().ok().map(|s| s.clone())),
+        checks: r
+            .checks
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|s| s.clone())),
         replication: ReplicationStatus {
             followers,
             upstream: follow,

@@ -46,7 +46,7 @@ pub struct Args {
 }
 
 /// The primary's head as this site knows it, from its status file.
-fn reference(cfg: &Config, dataset: &str) -> Option<verifier::Reference> {
+pub(crate) fn reference(cfg: &Config, dataset: &str) -> Option<verifier::Reference> {
     let b = std::fs::read(cfg.dataset_dir(dataset).join(crate::runtime::STATUS_FILE)).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
     let head_seq = v["log"]["head_seq"].as_u64()?;

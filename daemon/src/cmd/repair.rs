@@ -60,8 +60,22 @@ pub fn local(
     bad_ids: &[String],
 ) -> Result<RepairReport> {
     let ds = crate::runtime::open_dataset(cfg, name).map_err(|e| {
-        anyhow!("{e:#}; repairing this site's copy needs the daemon stopped (or rebuild it from a healthy site)")
+        anyhow!("{e:#}; repairing this site's copy from the command line needs the daemon stopped (a running daemon repairs after its scheduled scrub with [verify] repair = true)")
     })?;
+    let report = with_dataset(cfg, name, key, &ds, bad_ids);
+    ds.close()?;
+    report
+}
+
+/// Repairs damaged chunks of an open dataset (the daemon's own, or one the
+/// command line opened).
+pub fn with_dataset(
+    cfg: &Config,
+    name: &str,
+    key: &DatasetKey,
+    ds: &vault::Dataset,
+    bad_ids: &[String],
+) -> Result<RepairReport> {
     let evidence = cfg.dataset_dir(name).join("evidence");
     std::fs::create_dir_all(&evidence)
         .with_context(|| format!("creating {}", evidence.display()))?;
@@ -158,7 +172,6 @@ pub fn local(
             .repaired
             .push(format!("{id} from {source} (evidence: {kept})"));
     }
-    ds.close()?;
     Ok(report)
 }
 

@@ -136,27 +136,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             if let Some(rep) = &repaired {
                 print_repair(rep, a.json)?;
             }
-            // Left for cross-site verify, which reports it to the others.
-            let damaged = match &repaired {
-                Some(rep) => rep.failed.len(),
-                None => r.bad.len(),
-            };
-            let last = serde_json::json!({
-                "time_ns": vault::dataset::now_ns(),
-                "seq": r.seq,
-                "chunks": r.chunks,
-                "damaged": damaged,
-                "digest_ok": r.running_digest == r.recomputed_digest,
-            });
-            let path = cfg
-                .dataset_dir(&name)
-                .join(replicator::upstream::LAST_SCRUB);
-            if let Err(e) = std::fs::write(&path, last.to_string()) {
-                eprintln!(
-                    "warning: cannot record the scrub result in {}: {e}",
-                    path.display()
-                );
-            }
+            record_scrub(&cfg, &name, &r, repaired.as_ref());
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -263,7 +243,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
 /// copy, the others' over the replication port) and compares them; when one
 /// site is the odd one out, fetches its namespace and a majority site's to
 /// name the paths that differ.
-fn cross_site(cfg: &Config, name: &str, key: &DatasetKey) -> Result<verifier::cross::CrossReport> {
+pub(crate) fn cross_site(
+    cfg: &Config,
+    name: &str,
+    key: &DatasetKey,
+) -> Result<verifier::cross::CrossReport> {
     use verifier::cross::SiteView;
     let tls = cfg.tls.as_ref().ok_or_else(|| {
         anyhow!("cross-site verify connects to the other sites: the config needs [tls]")
@@ -420,4 +404,29 @@ fn print_repair(r: &crate::cmd::repair::RepairReport, json: bool) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Leaves a scrub's result in `<dataset>/last-scrub.json`, where the
+/// daemon serves it to cross-site verify at the other sites.
+pub(crate) fn record_scrub(
+    cfg: &Config,
+    name: &str,
+    r: &verifier::scrub::LocalScrub,
+    repaired: Option<&crate::cmd::repair::RepairReport>,
+) {
+    let damaged = match repaired {
+        Some(rep) => rep.failed.len(),
+        None => r.bad.len(),
+    };
+    let last = serde_json::json!({
+        "time_ns": vault::dataset::now_ns(),
+        "seq": r.seq,
+        "chunks": r.chunks,
+        "damaged": damaged,
+        "digest_ok": r.running_digest == r.recomputed_digest,
+    });
+    let path = cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB);
+    if let Err(e) = std::fs::write(&path, last.to_string()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the scrub result");
+    }
 }

@@ -1,0 +1,274 @@
+//! The daemon's scheduled checks, one thread per site: cross-site verify on
+//! `[verify] schedule`, scrubs of this site's copy on `[verify]
+//! scrub_schedule` (repairing what they find when `[verify] repair = true`),
+//! and restore drills on `[drill] schedule`. Results and counters go into
+//! each dataset's `status.json` (`checks`), where monitoring reads them.
+//!
+//! The work is the same code the commands run (`triad verify`, `triad
+//! drill`); a failing check is recorded and logged, never a reason to stop
+//! the daemon.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use archive::schedule::Schedule;
+use chrono::Utc;
+use serde::Serialize;
+use vault::{Dataset, DatasetKey, View};
+
+use crate::config::Config;
+
+/// The `checks` part of `status.json`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChecksStatus {
+    pub last_verify_ns: i64,
+    pub last_verify_agree: Option<bool>,
+    pub last_verify_verdict: Option<String>,
+    pub verify_mismatch_total: u64,
+    pub last_scrub_ns: i64,
+    pub last_scrub_ok: Option<bool>,
+    pub last_scrub_damaged: u64,
+    pub last_scrub_mb_per_s: f64,
+    pub repairs_total: u64,
+    pub last_drill_ns: i64,
+    pub last_drill_result: Option<String>,
+    pub last_drill_rto_seconds: Option<f64>,
+    pub last_drill_rpo_seconds: Option<f64>,
+    pub last_drill_report: Option<String>,
+    pub drill_failures_total: u64,
+    pub last_error: Option<String>,
+}
+
+pub type Shared = Arc<Mutex<ChecksStatus>>;
+
+fn update(s: &Shared, f: impl FnOnce(&mut ChecksStatus)) {
+    if let Ok(mut g) = s.lock() {
+        f(&mut g);
+    }
+}
+
+fn next(s: &Option<Schedule>) -> Option<chrono::DateTime<Utc>> {
+    s.as_ref().and_then(|s| s.next_after(Utc::now()))
+}
+
+fn parse(field: &str, v: &Option<String>) -> Option<Schedule> {
+    v.as_ref().and_then(|t| Schedule::parse(field, t).ok())
+}
+
+/// Starts the checks thread when any check is scheduled; returns each
+/// dataset's shared status.
+pub fn start(
+    cfg: &Config,
+    datasets: Vec<Arc<Dataset>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<(Vec<Shared>, Option<std::thread::JoinHandle<()>>)> {
+    let shared: Vec<Shared> = datasets.iter().map(|_| Shared::default()).collect();
+    let verify = cfg.verify.clone().unwrap_or_default();
+    let drill = cfg.drill.clone().unwrap_or_default();
+    let (sv, ss, sd) = (
+        parse("verify.schedule", &verify.schedule),
+        parse("verify.scrub_schedule", &verify.scrub_schedule),
+        parse("drill.schedule", &drill.schedule),
+    );
+    if sv.is_none() && ss.is_none() && sd.is_none() {
+        return Ok((shared, None));
+    }
+    let (cfg, sh) = (cfg.clone(), shared.clone());
+    let handle = std::thread::Builder::new()
+        .name("checks".into())
+        .spawn(move || {
+            let (mut nv, mut ns, mut nd) = (next(&sv), next(&ss), next(&sd));
+            while !stop.load(Ordering::Acquire) {
+                let now = Utc::now();
+                let due = |t: &Option<chrono::DateTime<Utc>>| t.is_some_and(|t| now >= t);
+                if due(&nv) {
+                    for (ds, s) in datasets.iter().zip(&sh) {
+                        run_verify(&cfg, ds, s);
+                    }
+                    nv = next(&sv);
+                }
+                if due(&ns) {
+                    for (ds, s) in datasets.iter().zip(&sh) {
+                        run_scrub(&cfg, ds, s, &stop);
+                    }
+                    ns = next(&ss);
+                }
+                if due(&nd) {
+                    for (ds, s) in datasets.iter().zip(&sh) {
+                        run_drill(&cfg, ds, s);
+                    }
+                    nd = next(&sd);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })?;
+    Ok((shared, Some(handle)))
+}
+
+fn key_of(cfg: &Config, ds: &Dataset) -> anyhow::Result<DatasetKey> {
+    let d = cfg
+        .dataset(ds.name())
+        .ok_or_else(|| anyhow::anyhow!("dataset `{}` is not in the config", ds.name()))?;
+    Ok(DatasetKey::load(&d.key_file)?)
+}
+
+fn run_verify(cfg: &Config, ds: &Dataset, s: &Shared) {
+    let r = key_of(cfg, ds).and_then(|k| crate::cmd::verify::cross_site(cfg, ds.name(), &k));
+    match r {
+        Ok(r) => {
+            if r.agree {
+                tracing::info!(dataset = ds.name(), verdict = %r.verdict, "cross-site verify");
+            } else {
+                tracing::error!(dataset = ds.name(), verdict = %r.verdict, "cross-site verify: the copies do not agree");
+            }
+            update(s, |c| {
+                c.last_verify_ns = vault::dataset::now_ns();
+                c.last_verify_agree = Some(r.agree);
+                c.last_verify_verdict = Some(r.verdict.clone());
+                if !r.agree {
+                    c.verify_mismatch_total += 1;
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(dataset = ds.name(), error = %format!("{e:#}"), "cross-site verify could not run");
+            update(s, |c| c.last_error = Some(format!("verify: {e:#}")));
+        }
+    }
+}
+
+fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared, stop: &AtomicBool) {
+    let verify = cfg.verify.clone().unwrap_or_default();
+    let rate = verify
+        .scrub_max_rate
+        .as_deref()
+        .and_then(|r| crate::config::parse_bandwidth(r).ok())
+        .unwrap_or(100 << 20);
+    let r = (|| -> anyhow::Result<()> {
+        let key = key_of(cfg, ds)?;
+        let view = View::open(&cfg.dataset_dir(ds.name()), ds.name(), &key)?;
+        let r = verifier::scrub::local(ds.name(), &view, Some(rate), &|_, _| {
+            let _ = stop.load(Ordering::Relaxed);
+        })?;
+        drop(view);
+        let repaired = if verify.repair && !r.bad.is_empty() {
+            let ids: Vec<String> = r.bad.iter().map(|b| b.id.clone()).collect();
+            Some(crate::cmd::repair::with_dataset(
+                cfg,
+                ds.name(),
+                &key,
+                ds,
+                &ids,
+            )?)
+        } else {
+            None
+        };
+        crate::cmd::verify::record_scrub(cfg, ds.name(), &r, repaired.as_ref());
+        let damaged = repaired
+            .as_ref()
+            .map(|x| x.failed.len())
+            .unwrap_or(r.bad.len()) as u64;
+        if r.ok() {
+            tracing::info!(
+                dataset = ds.name(),
+                chunks = r.chunks,
+                mb_per_s = r.mb_per_s,
+                "scrub clean"
+            );
+        } else {
+            tracing::error!(
+                dataset = ds.name(),
+                bad = r.bad.len(),
+                damaged_after_repair = damaged,
+                "scrub found damage"
+            );
+        }
+        update(s, |c| {
+            c.last_scrub_ns = vault::dataset::now_ns();
+            c.last_scrub_ok = Some(damaged == 0 && r.running_digest == r.recomputed_digest);
+            c.last_scrub_damaged = damaged;
+            c.last_scrub_mb_per_s = r.mb_per_s;
+            c.repairs_total += repaired.as_ref().map(|x| x.repaired.len()).unwrap_or(0) as u64;
+        });
+        Ok(())
+    })();
+    if let Err(e) = r {
+        tracing::warn!(dataset = ds.name(), error = %format!("{e:#}"), "scrub could not run");
+        update(s, |c| c.last_error = Some(format!("scrub: {e:#}")));
+    }
+}
+
+fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
+    let drill = cfg.drill.clone().unwrap_or_default();
+    let r = (|| -> anyhow::Result<verifier::DrillReport> {
+        let key = key_of(cfg, ds)?;
+        let mut store = match (&drill.url, cfg.archive_settings()) {
+            (Some(url), Ok(own)) => {
+                let mut st = own
+                    .map(|o| o.store)
+                    .unwrap_or_else(|| archive::StoreConfig::new(url));
+                st.url = url.clone();
+                st
+            }
+            (None, Ok(Some(own))) => own.store,
+            (_, Err((f, m))) => anyhow::bail!("{f}: {m}"),
+            (None, Ok(None)) => anyhow::bail!("no archive to drill"),
+        };
+        if drill.endpoint.is_some() {
+            store.endpoint = drill.endpoint.clone();
+        }
+        if drill.credentials_file.is_some() {
+            store.credentials_file = drill.credentials_file.clone();
+        }
+        let reports = drill
+            .reports_dir
+            .clone()
+            .unwrap_or_else(|| cfg.site.data_dir.join("reports"));
+        let spec = verifier::DrillSpec {
+            dataset: ds.name(),
+            key: &key,
+            store,
+            at: archive::At::Latest,
+            at_text: "latest".into(),
+            scratch_parent: cfg.site.data_dir.clone(),
+            reports_dir: reports.clone(),
+            reference: crate::cmd::drill::reference(cfg, ds.name()),
+            concurrency: 32,
+        };
+        let rt = crate::cmd::archive::runtime()?;
+        let report = verifier::drill::run(&spec, rt.handle())?;
+        let (json, _) = verifier::drill::write_reports(&report, &reports)?;
+        update(s, |c| {
+            c.last_drill_report = Some(json.display().to_string())
+        });
+        Ok(report)
+    })();
+    match r {
+        Ok(report) => {
+            if report.passed() {
+                tracing::info!(dataset = ds.name(), rto = report.rto_seconds, rpo = ?report.rpo_seconds, "restore drill passed");
+            } else {
+                tracing::error!(dataset = ds.name(), error = ?report.error, "restore drill FAILED");
+            }
+            update(s, |c| {
+                c.last_drill_ns = vault::dataset::now_ns();
+                c.last_drill_result = Some(report.result.clone());
+                c.last_drill_rto_seconds = Some(report.rto_seconds);
+                c.last_drill_rpo_seconds = report.rpo_seconds;
+                if !report.passed() {
+                    c.drill_failures_total += 1;
+                }
+            });
+        }
+        Err(e) => {
+            tracing::error!(dataset = ds.name(), error = %format!("{e:#}"), "restore drill could not run");
+            update(s, |c| {
+                c.last_drill_ns = vault::dataset::now_ns();
+                c.last_drill_result = Some("failed".into());
+                c.drill_failures_total += 1;
+                c.last_error = Some(format!("drill: {e:#}"));
+            });
+        }
+    }
+}
