@@ -496,7 +496,8 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                 paths_seq,
                 paths,
                 scrub_time_ns: scrub["time_ns"].as_i64().unwrap_or(0),
-                scrub_damaged: scrub["damaged"].as_u64().unwrap_or(0),
+                scrub_damaged: scrub["damaged"].as_u64().unwrap_or(0)
+                    + scrub["archive_damaged"].as_u64().unwrap_or(0),
                 scrub_digest_ok: scrub["digest_ok"].as_bool().unwrap_or(true),
             })
         })

@@ -43,6 +43,21 @@ fn verify(site: &Site) -> (bool, serde_json::Value) {
     (out.status.success(), v)
 }
 
+/// Verify once every site answers (a site just restarted may not serve yet).
+fn verify_all_up(site: &Site) -> (bool, serde_json::Value) {
+    let start = Instant::now();
+    loop {
+        let (ok, v) = verify(site);
+        let all_up = v["sites"]
+            .as_array()
+            .is_some_and(|s| s.iter().all(|x| x["error"].is_null()));
+        if all_up || start.elapsed() > Duration::from_secs(30) {
+            return (ok, v);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn head(site: &Site) -> u64 {
     site.status()
         .and_then(|v| v["log"]["head_seq"].as_u64())
@@ -69,6 +84,14 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     // The primary goes on when the same-city site is gone.
     dep.sync_policy = "on_unreachable = \"degrade\"\nwait_limit = \"1s\"\n".into();
     dep.configure(None);
+    // The remote site archives into the embedded default store (file://).
+    let c_archive = dep.c.tmp.path().join("archive");
+    let mut c_text = std::fs::read_to_string(&dep.c.config).unwrap();
+    c_text.push_str(&format!(
+        "\n[archive]\nurl = \"file://{}\"\nlog_flush_interval = \"500ms\"\n",
+        c_archive.display()
+    ));
+    dep.c.set_config(&c_text);
     write_some(&dep.a.source, "first", 300, 1);
     dep.start();
     dep.a.wait_settled(now_ns(), Duration::from_secs(60));
@@ -83,11 +106,60 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
         assert_eq!(v["compared_seq"].as_u64(), Some(fork_seq / 256 * 256));
     }
 
+    // A chunk object deleted from the remote site's archive: its archive
+    // scrub finds it, verify from the primary names the site, and a repair
+    // from the site's copy clears it.
+    let start = Instant::now();
+    while dep
+        .c
+        .status()
+        .and_then(|v| v["archive"]["shipped_seq"].as_u64())
+        .unwrap_or(0)
+        < fork_seq
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "remote archive not shipped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victim = std::fs::read_dir(c_archive.join("files/chunks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .expect("a chunk object");
+    std::fs::remove_file(&victim).unwrap();
+    let archive_scrub = |repair: bool| {
+        let mut cmd = Command::new(triad_bin());
+        cmd.args(["verify", "--dataset", "files", "--archive", "--config"])
+            .arg(&dep.c.config);
+        if repair {
+            cmd.arg("--repair");
+        }
+        cmd.output().unwrap()
+    };
+    assert!(!archive_scrub(false).status.success());
+    let (ok, v) = verify(&dep.a);
+    assert!(!ok, "{v}");
+    assert_eq!(v["damaged_sites"], serde_json::json!(["sjz-c"]), "{v}");
+    let out = archive_scrub(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(victim.exists(), "re-uploaded from the site's copy");
+    let (ok, v) = verify(&dep.a);
+    assert!(ok, "clean after the archive repair: {v}");
+
     // A byte flipped in the remote site's stored chunk: its scrub finds it,
     // cross-site verify from the primary names the site, and a repair with
     // bytes from another site (over the replication port) clears it.
     assert!(dep.c.stop().success());
-    flip_stored_chunk(&dep.c, b"first/2/f2");
+    let flipped = flip_stored_chunk(&dep.c, b"first/2/f2");
+    // Not in its own archive either: the good bytes must come from a site.
+    let _ = std::fs::remove_file(c_archive.join(format!("files/chunks/{flipped}")));
     let scrub = |s: &Site, repair: bool| {
         let mut c = Command::new(triad_bin());
         c.args(["verify", "--dataset", "files", "--scrub", "--config"])
@@ -105,7 +177,7 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     );
     dep.c.start();
     wait_head(&dep.c, fork_seq);
-    let (ok, v) = verify(&dep.a);
+    let (ok, v) = verify_all_up(&dep.a);
     assert!(!ok, "{v}");
     assert_eq!(v["damaged_sites"], serde_json::json!(["sjz-c"]), "{v}");
     assert!(dep.c.stop().success());
@@ -122,7 +194,7 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     );
     dep.c.start();
     wait_head(&dep.c, fork_seq);
-    let (ok, v) = verify(&dep.a);
+    let (ok, v) = verify_all_up(&dep.a);
     assert!(ok, "clean after the repair: {v}");
 
     // A forged upstream that shares the history up to `fork_seq`: a copy of
@@ -215,11 +287,12 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
 
 /// Flips a byte inside the stored (sealed) bytes of `path`'s first chunk,
 /// where RocksDB keeps it in a blob file: damage no write path would make.
-fn flip_stored_chunk(site: &Site, path: &[u8]) {
-    let sealed = {
+fn flip_stored_chunk(site: &Site, path: &[u8]) -> vault::ChunkId {
+    let (id, sealed) = {
         let st = vault::state::State::open_read_only(&site.dataset_dir().join("state")).unwrap();
         let e = st.entry(path).unwrap().unwrap();
-        st.chunk_bytes(&e.chunks()[0].id).unwrap().unwrap()
+        let id = e.chunks()[0].id;
+        (id, st.chunk_bytes(&id).unwrap().unwrap())
     };
     let needle = &sealed[sealed.len() / 2..sealed.len() / 2 + 64];
     for e in std::fs::read_dir(site.dataset_dir().join("state")).unwrap() {
@@ -229,7 +302,7 @@ fn flip_stored_chunk(site: &Site, path: &[u8]) {
             if let Some(pos) = b.windows(needle.len()).position(|w| w == needle) {
                 b[pos + 10] ^= 0x01;
                 std::fs::write(&p, &b).unwrap();
-                return;
+                return id;
             }
         }
     }

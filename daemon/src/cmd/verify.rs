@@ -204,6 +204,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
             if let Some(rep) = &repaired {
                 print_repair(rep, a.json)?;
             }
+            let left = match &repaired {
+                Some(rep) => rep.failed.len() + r.bad.iter().filter(|b| b.id.is_empty()).count(),
+                None => r.bad.len(),
+            };
+            record_archive_scrub(&cfg, &name, left);
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -334,7 +339,8 @@ pub(crate) fn cross_site(
                 .map(|v| {
                     (
                         v["time_ns"].as_i64().unwrap_or(0),
-                        v["damaged"].as_u64().unwrap_or(0),
+                        v["damaged"].as_u64().unwrap_or(0)
+                            + v["archive_damaged"].as_u64().unwrap_or(0),
                         v["digest_ok"].as_bool().unwrap_or(true),
                     )
                 }),
@@ -418,15 +424,35 @@ pub(crate) fn record_scrub(
         Some(rep) => rep.failed.len(),
         None => r.bad.len(),
     };
-    let last = serde_json::json!({
-        "time_ns": vault::dataset::now_ns(),
-        "seq": r.seq,
-        "chunks": r.chunks,
-        "damaged": damaged,
-        "digest_ok": r.running_digest == r.recomputed_digest,
-    });
     let path = cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB);
+    let mut last: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    last["time_ns"] = vault::dataset::now_ns().into();
+    last["seq"] = r.seq.into();
+    last["chunks"] = r.chunks.into();
+    last["damaged"] = damaged.into();
+    last["digest_ok"] = (r.running_digest == r.recomputed_digest).into();
     if let Err(e) = std::fs::write(&path, last.to_string()) {
         tracing::warn!(path = %path.display(), error = %e, "cannot record the scrub result");
+    }
+}
+
+/// Adds an archive scrub's result (what it left damaged) to
+/// `<dataset>/last-scrub.json`.
+pub(crate) fn record_archive_scrub(cfg: &Config, name: &str, damaged: usize) {
+    let path = cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB);
+    let mut last: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    last["archive_time_ns"] = vault::dataset::now_ns().into();
+    last["archive_damaged"] = damaged.into();
+    if last.get("time_ns").is_none() {
+        last["time_ns"] = vault::dataset::now_ns().into();
+    }
+    if let Err(e) = std::fs::write(&path, last.to_string()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the archive scrub result");
     }
 }
