@@ -32,6 +32,8 @@ pub struct ChecksStatus {
     pub last_scrub_mb_per_s: f64,
     pub repairs_total: u64,
     pub last_drill_ns: i64,
+    /// When a drill last passed (0: never since start).
+    pub last_drill_success_ns: i64,
     pub last_drill_result: Option<String>,
     pub last_drill_rto_seconds: Option<f64>,
     pub last_drill_rpo_seconds: Option<f64>,
@@ -256,7 +258,9 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
                 c.last_drill_result = Some(report.result.clone());
                 c.last_drill_rto_seconds = Some(report.rto_seconds);
                 c.last_drill_rpo_seconds = report.rpo_seconds;
-                if !report.passed() {
+                if report.passed() {
+                    c.last_drill_success_ns = c.last_drill_ns;
+                } else {
                     c.drill_failures_total += 1;
                 }
             });

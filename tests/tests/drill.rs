@@ -183,6 +183,7 @@ fn scheduled_drills_and_scrubs_report_in_status() {
         let c = &v["checks"];
         if c["last_drill_result"] == "passed" && c["last_scrub_ok"] == true {
             assert!(c["last_drill_rto_seconds"].as_f64().unwrap() > 0.0, "{c}");
+            assert!(c["last_drill_success_ns"].as_i64().unwrap() > 0, "{c}");
             // (A drill that ran before anything was archived counts as a
             // failure; the later ones pass.)
             break;
