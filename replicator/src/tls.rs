@@ -2,8 +2,8 @@
 //!
 //! The server side accepts TCP connections itself and completes the TLS
 //! handshake before gRPC sees anything, so a stranger (no certificate, a
-//! certificate from another CA, a valid certificate for a site that may not
-//! follow this one, or random bytes) is refused and logged with its address,
+//! certificate from another CA, a valid certificate for a site this one does
+//! not list as a peer, or random bytes) is refused and logged with its address,
 //! and nothing it sends is read as a request. The client side uses tonic's
 //! TLS with the deployment CA and checks the upstream's certificate names the
 //! site it meant to reach.
@@ -249,7 +249,7 @@ pub fn accept(
                         tracing::warn!(
                             peer = %addr,
                             site = other.as_deref().unwrap_or("?"),
-                            "refused a replication connection: its certificate names a site that is not configured to follow this one"
+                            "refused a replication connection: its certificate names a site that is not in this site's [[peer]] list"
                         );
                     }
                 }

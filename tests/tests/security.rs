@@ -192,6 +192,41 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
     .expect("a follower ahead is refused");
     assert!(e.contains("ends at"), "{e}");
 
+    // A configured site that is not a follower here may connect (for
+    // cross-site verify) but not follow: the primary's certificate asking
+    // the same-city site for its log.
+    let primary_files = replicator::tls::TlsFiles {
+        ca: ca.clone(),
+        cert: certs.join("zjk-a.pem"),
+        key: certs.join("zjk-a.key"),
+    };
+    let denied = rt.block_on(async {
+        let ch =
+            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", dep.ports[1]))
+                .unwrap()
+                .tls_config(replicator::tls::client_config(&primary_files, "zjk-b").unwrap())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut client = pb::replication_client::ReplicationClient::new(ch);
+        let msg = pb::FollowerMessage {
+            msg: Some(pb::follower_message::Msg::Hello(pb::Hello {
+                dataset: "files".into(),
+                key_id: dep.a.key().key_id(),
+                from_seq: 1,
+                ..Default::default()
+            })),
+        };
+        client.follow(tokio_stream::iter(vec![msg])).await.err()
+    });
+    let status = denied.expect("Follow refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("not configured to follow"),
+        "{status:?}"
+    );
+
     // Everyone is still up, and no copy changed.
     std::thread::sleep(Duration::from_millis(500));
     for s in [&dep.a, &dep.b, &dep.c] {
@@ -207,7 +242,10 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         log.contains("refused a replication connection: TLS handshake failed"),
         "{log}"
     );
-    assert!(log.contains("not configured to follow this one"), "{log}");
+    assert!(
+        log.contains("names a site that is not in this site's [[peer]] list"),
+        "{log}"
+    );
     write_some_files(&dep.a.source.join("later"));
     dep.a.wait_settled(now_ns(), Duration::from_secs(60));
     wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(60));

@@ -7,7 +7,8 @@
 //!
 //! - [`cross`]: comparing the sites' checkpoints and naming the odd one out.
 //!
-//! Repair is not built yet (docs/architecture.md).
+//! Repairs, which write to a site's copy or its archive, are the daemon's
+//! (daemon/src/cmd/repair.rs): this crate finds and reports.
 
 pub mod cross;
 pub mod drill;

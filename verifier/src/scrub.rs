@@ -11,7 +11,8 @@
 //!   piece's chunks must be listed with a plausible size; with `read` (all or
 //!   a sampled percentage) their bytes are fetched and checked the same way.
 //!
-//! Scrubs only report; repair is not built yet.
+//! Scrubs only report; `triad verify --repair` (daemon/src/cmd/repair.rs)
+//! fetches good bytes for what they find.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
