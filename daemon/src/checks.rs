@@ -205,24 +205,12 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
     let drill = cfg.drill.clone().unwrap_or_default();
     let r = (|| -> anyhow::Result<verifier::DrillReport> {
         let key = key_of(cfg, ds)?;
-        let mut store = match (&drill.url, cfg.archive_settings()) {
-            (Some(url), Ok(own)) => {
-                let mut st = own
-                    .map(|o| o.store)
-                    .unwrap_or_else(|| archive::StoreConfig::new(url));
-                st.url = url.clone();
-                st
-            }
-            (None, Ok(Some(own))) => own.store,
-            (_, Err((f, m))) => anyhow::bail!("{f}: {m}"),
-            (None, Ok(None)) => anyhow::bail!("no archive to drill"),
-        };
-        if drill.endpoint.is_some() {
-            store.endpoint = drill.endpoint.clone();
-        }
-        if drill.credentials_file.is_some() {
-            store.credentials_file = drill.credentials_file.clone();
-        }
+        let store = crate::cmd::drill::drill_store(
+            cfg,
+            drill.url.as_deref(),
+            drill.endpoint.clone(),
+            drill.credentials_file.clone(),
+        )?;
         let reports = drill
             .reports_dir
             .clone()

@@ -184,6 +184,24 @@ impl Upstream {
         self.followers.contains_key(site)
     }
 
+    /// A dataset another site asks about, if this site has it with the same
+    /// key.
+    // tonic's own error type, returned as is by the handlers.
+    #[allow(clippy::result_large_err)]
+    fn dataset_for(&self, dataset: &str, key_id: &str) -> Result<Arc<Dataset>, Status> {
+        let ds =
+            self.datasets.get(dataset).cloned().ok_or_else(|| {
+                Status::not_found(format!("this site has no dataset `{dataset}`"))
+            })?;
+        if key_id != ds.key_id() {
+            return Err(Status::failed_precondition(format!(
+                "dataset `{dataset}` has key id {} here, not {key_id}",
+                ds.key_id()
+            )));
+        }
+        Ok(ds)
+    }
+
     /// Names this site in answers to other sites.
     pub fn with_site(mut self, site: &str) -> Upstream {
         self.site = site.to_string();
@@ -390,6 +408,18 @@ fn send_state(
 /// Where `triad verify --scrub` leaves its result in a dataset directory.
 pub const LAST_SCRUB: &str = "last-scrub.json";
 
+/// The last scrub recorded in a dataset directory: when, how many chunks it
+/// left damaged (copy and archive), and whether the digest recomputed equal.
+pub fn read_last_scrub(dataset_dir: &std::path::Path) -> Option<(i64, u64, bool)> {
+    let b = std::fs::read(dataset_dir.join(LAST_SCRUB)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    Some((
+        v["time_ns"].as_i64().unwrap_or(0),
+        v["damaged"].as_u64().unwrap_or(0) + v["archive_damaged"].as_u64().unwrap_or(0),
+        v["digest_ok"].as_bool().unwrap_or(true),
+    ))
+}
+
 type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::UpstreamMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -404,17 +434,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             return Err(Status::unauthenticated("no client certificate"));
         }
         let r = req.into_inner();
-        let ds = self.datasets.get(&r.dataset).cloned().ok_or_else(|| {
-            Status::not_found(format!("this site has no dataset `{}`", r.dataset))
-        })?;
-        if r.key_id != ds.key_id() {
-            return Err(Status::failed_precondition(format!(
-                "dataset `{}` has key id {} here, not {}",
-                r.dataset,
-                ds.key_id(),
-                r.key_id
-            )));
-        }
+        let ds = self.dataset_for(&r.dataset, &r.key_id)?;
         if r.ids.len() > 4096 {
             return Err(Status::invalid_argument("at most 4096 chunks at a time"));
         }
@@ -444,17 +464,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             return Err(Status::unauthenticated("no client certificate"));
         }
         let r = req.into_inner();
-        let ds = self.datasets.get(&r.dataset).cloned().ok_or_else(|| {
-            Status::not_found(format!("this site has no dataset `{}`", r.dataset))
-        })?;
-        if r.key_id != ds.key_id() {
-            return Err(Status::failed_precondition(format!(
-                "dataset `{}` has key id {} here, not {}",
-                r.dataset,
-                ds.key_id(),
-                r.key_id
-            )));
-        }
+        let ds = self.dataset_for(&r.dataset, &r.key_id)?;
         let site = self.site.clone();
         let reply = tokio::task::spawn_blocking(move || -> vault::Result<pb::CheckpointsReply> {
             let head_seq = ds.head_seq();
@@ -485,20 +495,17 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                 (0, Vec::new())
             };
             // The last scrub's result, as `triad verify --scrub` left it.
-            let scrub: serde_json::Value = std::fs::read(ds.dir().join(LAST_SCRUB))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
+            let (scrub_time_ns, scrub_damaged, scrub_digest_ok) =
+                read_last_scrub(ds.dir()).unwrap_or((0, 0, true));
             Ok(pb::CheckpointsReply {
                 site,
                 head_seq,
                 checkpoints,
                 paths_seq,
                 paths,
-                scrub_time_ns: scrub["time_ns"].as_i64().unwrap_or(0),
-                scrub_damaged: scrub["damaged"].as_u64().unwrap_or(0)
-                    + scrub["archive_damaged"].as_u64().unwrap_or(0),
-                scrub_digest_ok: scrub["digest_ok"].as_bool().unwrap_or(true),
+                scrub_time_ns,
+                scrub_damaged,
+                scrub_digest_ok,
             })
         })
         .await

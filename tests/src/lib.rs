@@ -59,3 +59,34 @@ pub fn triad_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("own path");
     exe.parent().expect("target dir").join("triad")
 }
+
+/// Syncs and drops the page cache (as root), so a timed read starts cold.
+pub fn drop_caches() {
+    let _ = std::process::Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Bytes under `p`, as `du -sb` counts them.
+pub fn du(p: &Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-sb"])
+        .arg(p)
+        .output()
+        .expect("du");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The median of `v` (which must not be empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The `status.json` of dataset `files` at the site whose data dir is `site`.
+pub fn files_status(site: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(site.join("datasets/files/status.json")).ok()?).ok()
+}

@@ -18,14 +18,8 @@ use triad_tests::s3::{FaultProxy, S3Server};
 const BUCKET: &str = "triad";
 const PREFIX: &str = "site-a";
 
-fn with_archive(site: &Site, s3: &S3Server, endpoint: &str, extra: &str) {
-    let creds = s3.credentials_file(site.tmp.path());
-    let mut text = std::fs::read_to_string(&site.config).unwrap();
-    text.push_str(&format!(
-        "\n[archive]\nurl = \"s3://{BUCKET}/{PREFIX}\"\nendpoint = \"{endpoint}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\nrequest_timeout = \"3s\"\n{extra}\n",
-        creds.display()
-    ));
-    site.set_config(&text);
+fn with_archive(site: &Site, endpoint: &str, extra: &str) {
+    site.add_s3_archive(endpoint, &format!("request_timeout = \"3s\"\n{extra}"));
 }
 
 fn triad(args: &[&str], config: &Path) -> Output {
@@ -54,25 +48,6 @@ fn snapshot(site: &Site) -> u64 {
         "triad snapshot",
     );
     v["snapshot"]["seq"].as_u64().expect("snapshot seq")
-}
-
-fn wait_shipped(site: &Site, seq: u64, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        let shipped = site
-            .status()
-            .and_then(|v| v["archive"]["shipped_seq"].as_u64())
-            .unwrap_or(0);
-        if shipped >= seq {
-            return;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "archive shipped only to seq {shipped}, wanted {seq}; status {}",
-            site.status().map(|v| v.to_string()).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn restore_from_archive(site: &Site, at: &str, to: &Path) -> Output {
@@ -129,7 +104,7 @@ fn head_seq(v: &serde_json::Value) -> u64 {
 fn point_in_time_restores_from_s3_alone() {
     let s3 = S3Server::start(BUCKET);
     let mut site = Site::new();
-    with_archive(&site, &s3, &s3.endpoint(), "");
+    with_archive(&site, &s3.endpoint(), "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     site.start();
 
@@ -155,7 +130,7 @@ fn point_in_time_restores_from_s3_alone() {
     let st4 = site.wait_settled(now_ns(), Duration::from_secs(60));
     let seq4 = head_seq(&st4);
     let keep4 = keep(&site, "keep4");
-    wait_shipped(&site, seq4, Duration::from_secs(60));
+    site.wait_shipped(seq4, Duration::from_secs(60));
     assert!(
         snap1 < seq2 && seq2 < snap2 && snap2 <= seq4,
         "{snap1} {seq2} {snap2} {seq4}"
@@ -258,7 +233,7 @@ fn a_failing_store_delays_the_archive_but_never_breaks_it() {
     let s3 = S3Server::start(BUCKET);
     let proxy = FaultProxy::start(s3.port, 35);
     let mut site = Site::new();
-    with_archive(&site, &s3, &proxy.endpoint(), "concurrency = 4");
+    with_archive(&site, &proxy.endpoint(), "concurrency = 4");
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     site.start();
     let mut last = 0;
@@ -287,7 +262,7 @@ fn a_failing_store_delays_the_archive_but_never_breaks_it() {
             "no snapshot got through"
         );
     }
-    wait_shipped(&site, last, Duration::from_secs(240));
+    site.wait_shipped(last, Duration::from_secs(240));
     let keep_last = keep(&site, "keep-last");
     assert!(
         proxy.faults.load(std::sync::atomic::Ordering::Relaxed) >= 5,
@@ -325,7 +300,7 @@ fn a_failing_store_delays_the_archive_but_never_breaks_it() {
 fn damaged_objects_are_named_at_restore() {
     let s3 = S3Server::start(BUCKET);
     let mut site = Site::new();
-    with_archive(&site, &s3, &s3.endpoint(), "");
+    with_archive(&site, &s3.endpoint(), "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     site.start();
     change(&site.source, 1, &mut rng);
@@ -336,7 +311,7 @@ fn damaged_objects_are_named_at_restore() {
     let snap2 = snapshot(&site);
     change(&site.source, 3, &mut rng);
     let st = site.wait_settled(now_ns(), Duration::from_secs(60));
-    wait_shipped(&site, head_seq(&st), Duration::from_secs(60));
+    site.wait_shipped(head_seq(&st), Duration::from_secs(60));
     let keep_latest = keep(&site, "latest");
     site.stop();
     assert!(snap < snap2);
@@ -440,7 +415,6 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
     let mut site = Site::new();
     with_archive(
         &site,
-        &s3,
         &s3.endpoint(),
         "prune_grace = \"1s\"\nretention = { last = 2 }",
     );
@@ -578,7 +552,6 @@ fn scheduled_snapshots_with_retention_stay_restorable() {
     let mut site = Site::new();
     with_archive(
         &site,
-        &s3,
         &s3.endpoint(),
         "snapshot_schedule = \"*/2 * * * * *\"\nretention = { last = 2 }\nprune_grace = \"1s\"",
     );
@@ -656,13 +629,7 @@ fn a_gap_in_the_shipped_log_is_bridged_by_a_snapshot() {
         "role = \"primary\"\nlog_segment_size = \"1MiB\"\nlog_retention_max = \"2MiB\"\n",
     );
     site.set_config(&text);
-    let creds = triad_tests::s3::write_credentials(site.tmp.path());
-    let mut text = std::fs::read_to_string(&site.config).unwrap();
-    text.push_str(&format!(
-        "\n[archive]\nurl = \"s3://{BUCKET}/{PREFIX}\"\nendpoint = \"http://127.0.0.1:{port}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\nrequest_timeout = \"3s\"\n",
-        creds.display()
-    ));
-    site.set_config(&text);
+    with_archive(&site, &format!("http://127.0.0.1:{port}"), "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
     site.start();
     // About 8 MiB of changes with no store: the cap removes unshipped segments.
@@ -698,7 +665,7 @@ fn a_gap_in_the_shipped_log_is_bridged_by_a_snapshot() {
     change(&site.source, 3, &mut rng);
     let st = site.wait_settled(now_ns(), Duration::from_secs(60));
     let head = head_seq(&st);
-    wait_shipped(&site, head, Duration::from_secs(120));
+    site.wait_shipped(head, Duration::from_secs(120));
     let v = site.status().unwrap();
     assert!(
         v["archive"]["last_snapshot"]["seq"].as_u64().unwrap_or(0) >= first_retained - 1,

@@ -39,14 +39,7 @@ fn count(root: &Path) -> (u64, u64) {
 fn a_drill_reports_what_it_restored_and_a_damaged_archive_fails_it() {
     let s3 = S3Server::start("triad");
     let mut site = Site::new();
-    let creds = s3.credentials_file(site.tmp.path());
-    let mut text = std::fs::read_to_string(&site.config).unwrap();
-    text.push_str(&format!(
-        "\n[archive]\nurl = \"s3://triad/site-a\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\n",
-        s3.endpoint(),
-        creds.display()
-    ));
-    site.set_config(&text);
+    site.add_s3_archive(&s3.endpoint(), "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for i in 0..60 {
         let d = site.source.join(format!("d{}", i % 6));
@@ -71,16 +64,7 @@ fn a_drill_reports_what_it_restored_and_a_damaged_archive_fails_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let start = Instant::now();
-    while site
-        .status()
-        .and_then(|v| v["archive"]["shipped_seq"].as_u64())
-        .unwrap_or(0)
-        < head
-    {
-        assert!(start.elapsed() < Duration::from_secs(60), "log not shipped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    site.wait_shipped(head, Duration::from_secs(60));
     let (files, bytes) = count(&site.source);
 
     let reports = site.tmp.path().join("reports");
@@ -156,16 +140,14 @@ fn a_drill_reports_what_it_restored_and_a_damaged_archive_fails_it() {
 fn scheduled_drills_and_scrubs_report_in_status() {
     let s3 = S3Server::start("triad");
     let mut site = Site::new();
-    let creds = s3.credentials_file(site.tmp.path());
     let reports = site.tmp.path().join("reports");
-    let mut text = std::fs::read_to_string(&site.config).unwrap();
-    text.push_str(&format!(
-        "\n[archive]\nurl = \"s3://triad/site-a\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\nsnapshot_schedule = \"*/2 * * * * *\"\n\n[verify]\nscrub_schedule = \"*/3 * * * * *\"\nrepair = true\n\n[drill]\nschedule = \"*/3 * * * * *\"\nreports_dir = \"{}\"\n",
-        s3.endpoint(),
-        creds.display(),
-        reports.display()
-    ));
-    site.set_config(&text);
+    site.add_s3_archive(
+        &s3.endpoint(),
+        &format!(
+            "snapshot_schedule = \"*/2 * * * * *\"\n\n[verify]\nscrub_schedule = \"*/3 * * * * *\"\nrepair = true\n\n[drill]\nschedule = \"*/3 * * * * *\"\nreports_dir = \"{}\"",
+            reports.display()
+        ),
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
     for i in 0..20 {
         write_file(

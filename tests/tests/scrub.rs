@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{now_ns, triad_bin, write_file, Site};
 use rand::SeedableRng;
@@ -29,14 +29,7 @@ fn verify(config: &Path, args: &[&str]) -> (Output, serde_json::Value) {
 fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
     let s3 = S3Server::start("triad");
     let mut site = Site::new();
-    let creds = s3.credentials_file(site.tmp.path());
-    let mut text = std::fs::read_to_string(&site.config).unwrap();
-    text.push_str(&format!(
-        "\n[archive]\nurl = \"s3://triad/site-a\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\n",
-        s3.endpoint(),
-        creds.display()
-    ));
-    site.set_config(&text);
+    site.add_s3_archive(&s3.endpoint(), "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     for i in 0..40 {
         write_file(
@@ -55,16 +48,7 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let start = Instant::now();
-    while site
-        .status()
-        .and_then(|v| v["archive"]["shipped_seq"].as_u64())
-        .unwrap_or(0)
-        < head
-    {
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    site.wait_shipped(head, Duration::from_secs(60));
 
     // Clean, with the daemon running.
     let (out, v) = verify(&site.config, &["--scrub", "--max-rate", "0"]);

@@ -109,20 +109,7 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     // A chunk object deleted from the remote site's archive: its archive
     // scrub finds it, verify from the primary names the site, and a repair
     // from the site's copy clears it.
-    let start = Instant::now();
-    while dep
-        .c
-        .status()
-        .and_then(|v| v["archive"]["shipped_seq"].as_u64())
-        .unwrap_or(0)
-        < fork_seq
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "remote archive not shipped"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    dep.c.wait_shipped(fork_seq, Duration::from_secs(60));
     let victim = std::fs::read_dir(c_archive.join("files/chunks"))
         .unwrap()
         .flatten()

@@ -72,14 +72,7 @@ fn daemon_running(dataset_dir: &Path) -> bool {
 pub fn run(job: Job, a: Args) -> Result<ExitCode> {
     let cfg = Config::load(&a.config)?;
     let s = settings(&cfg, &a.config)?;
-    let names: Vec<String> = match &a.dataset {
-        Some(d) => {
-            cfg.dataset(d)
-                .with_context(|| format!("dataset `{d}` is not in {}", a.config.display()))?;
-            vec![d.clone()]
-        }
-        None => cfg.dataset.iter().map(|d| d.name.clone()).collect(),
-    };
+    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.config)?;
     let rt = runtime()?;
     let mut ok = true;
     for name in names {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use vault::DatasetKey;
 
 use crate::config::{Config, Role};
@@ -90,42 +90,53 @@ pub(crate) fn reference(cfg: &Config, dataset: &str) -> Option<verifier::Referen
     })
 }
 
-pub fn run(a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.config)?;
-    let at: archive::At = a.at.parse().map_err(|e: String| anyhow!(e))?;
+/// The store a drill restores: `url` (with this site's `[archive]` settings
+/// as the base) or this site's own archive; `endpoint` and
+/// `credentials_file` override.
+pub(crate) fn drill_store(
+    cfg: &Config,
+    url: Option<&str>,
+    endpoint: Option<String>,
+    credentials_file: Option<PathBuf>,
+) -> Result<archive::StoreConfig> {
     let own = cfg
         .archive_settings()
-        .map_err(|(f, m)| anyhow!("{}: {f}: {m}", a.config.display()))?;
-    let mut store = match (&a.from_archive, own) {
+        .map_err(|(f, m)| anyhow!("{f}: {m}"))?;
+    let mut store = match (url, own) {
         (Some(url), own) => {
             let mut s = own
                 .map(|o| o.store)
                 .unwrap_or_else(|| archive::StoreConfig::new(url));
-            s.url = url.clone();
+            s.url = url.to_string();
             s
         }
         (None, Some(own)) => own.store,
         (None, None) => {
             return Err(anyhow!(
-                "{} has no [archive]; pass --from-archive URL",
-                a.config.display()
+                "no [archive] here: give the archive to drill (--from-archive or drill.url)"
             ))
         }
     };
-    if a.endpoint.is_some() {
-        store.endpoint = a.endpoint.clone();
+    if endpoint.is_some() {
+        store.endpoint = endpoint;
     }
-    if a.credentials_file.is_some() {
-        store.credentials_file = a.credentials_file.clone();
+    if credentials_file.is_some() {
+        store.credentials_file = credentials_file;
     }
-    let names: Vec<String> = match &a.dataset {
-        Some(d) => {
-            cfg.dataset(d)
-                .with_context(|| format!("dataset `{d}` is not in {}", a.config.display()))?;
-            vec![d.clone()]
-        }
-        None => cfg.dataset.iter().map(|d| d.name.clone()).collect(),
-    };
+    Ok(store)
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let cfg = Config::load(&a.config)?;
+    let at: archive::At = a.at.parse().map_err(|e: String| anyhow!(e))?;
+    let store = drill_store(
+        &cfg,
+        a.from_archive.as_deref(),
+        a.endpoint.clone(),
+        a.credentials_file.clone(),
+    )
+    .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
+    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.config)?;
     let reports = a
         .reports
         .clone()

@@ -13,7 +13,27 @@ pub mod resync;
 pub mod status;
 pub mod verify;
 
+use std::path::Path;
+
+use anyhow::Context;
 use tracing_subscriber::EnvFilter;
+
+/// The datasets a command works on: the one named (which must be in the
+/// config), or all of the config's.
+pub fn dataset_names(
+    cfg: &crate::config::Config,
+    dataset: Option<&str>,
+    config_path: &Path,
+) -> anyhow::Result<Vec<String>> {
+    match dataset {
+        Some(d) => {
+            cfg.dataset(d)
+                .with_context(|| format!("dataset `{d}` is not in {}", config_path.display()))?;
+            Ok(vec![d.to_string()])
+        }
+        None => Ok(cfg.dataset.iter().map(|d| d.name.clone()).collect()),
+    }
+}
 
 /// Logs go to stderr; `TRIAD_LOG` (or `RUST_LOG`) filters, default `info`.
 pub fn init_logging(format: &str) {

@@ -60,14 +60,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         "0" => 0,
         r => crate::config::parse_bandwidth(r).map_err(|e| anyhow!("--max-rate: {e}"))?,
     };
-    let names: Vec<String> = match &a.dataset {
-        Some(d) => {
-            cfg.dataset(d)
-                .with_context(|| format!("dataset `{d}` is not in {}", a.config.display()))?;
-            vec![d.clone()]
-        }
-        None => cfg.dataset.iter().map(|d| d.name.clone()).collect(),
-    };
+    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.config)?;
     let mut ok = true;
     for name in names {
         let d = cfg
@@ -263,9 +256,18 @@ pub(crate) fn cross_site(
         key: tls.key.clone(),
     };
     let rt = crate::cmd::archive::runtime()?;
-    let view = View::open(&cfg.dataset_dir(name), name, key)
-        .with_context(|| format!("opening dataset `{name}`"))?;
+    // This site's copy on disk is read only when its daemon does not answer.
+    let view = std::cell::OnceCell::new();
+    let open_view = || -> Result<&View> {
+        if let Some(v) = view.get() {
+            return Ok(v);
+        }
+        let v = View::open(&cfg.dataset_dir(name), name, key)
+            .with_context(|| format!("opening dataset `{name}`"))?;
+        Ok(view.get_or_init(|| v))
+    };
     let local_paths = || -> Result<verifier::cross::PathDigests> {
+        let view = open_view()?;
         let paths = view
             .entries()?
             .into_iter()
@@ -323,29 +325,22 @@ pub(crate) fn cross_site(
     let own_reply = own.as_ref().and_then(|p| fetch(p, false).ok());
     let mut sites = vec![match own_reply {
         Some(r) => from_reply(&cfg.site.name, r),
-        None => SiteView {
-            site: cfg.site.name.clone(),
-            head_seq: view.applied().seq,
-            checkpoints: view
-                .state()
-                .checkpoints()?
-                .into_iter()
-                .map(|c| (c.seq, (c.hash, c.digest)))
-                .collect(),
-            paths: None,
-            scrub: std::fs::read(cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .map(|v| {
-                    (
-                        v["time_ns"].as_i64().unwrap_or(0),
-                        v["damaged"].as_u64().unwrap_or(0)
-                            + v["archive_damaged"].as_u64().unwrap_or(0),
-                        v["digest_ok"].as_bool().unwrap_or(true),
-                    )
-                }),
-            error: None,
-        },
+        None => {
+            let view = open_view()?;
+            SiteView {
+                site: cfg.site.name.clone(),
+                head_seq: view.applied().seq,
+                checkpoints: view
+                    .state()
+                    .checkpoints()?
+                    .into_iter()
+                    .map(|c| (c.seq, (c.hash, c.digest)))
+                    .collect(),
+                paths: None,
+                scrub: replicator::upstream::read_last_scrub(&cfg.dataset_dir(name)),
+                error: None,
+            }
+        }
     }];
     for p in &cfg.peer {
         sites.push(match fetch(p, false) {
@@ -412,8 +407,24 @@ fn print_repair(r: &crate::cmd::repair::RepairReport, json: bool) -> Result<()> 
     Ok(())
 }
 
-/// Leaves a scrub's result in `<dataset>/last-scrub.json`, where the
-/// daemon serves it to cross-site verify at the other sites.
+/// Updates `<dataset>/last-scrub.json`, where the daemon serves it to
+/// cross-site verify at the other sites; the keys `f` does not set stay.
+fn update_last_scrub(cfg: &Config, name: &str, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB);
+    let mut last: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    f(&mut last);
+    if last.get("time_ns").is_none() {
+        last["time_ns"] = vault::dataset::now_ns().into();
+    }
+    if let Err(e) = std::fs::write(&path, last.to_string()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the scrub result");
+    }
+}
+
+/// Records a scrub of this site's copy.
 pub(crate) fn record_scrub(
     cfg: &Config,
     name: &str,
@@ -424,35 +435,19 @@ pub(crate) fn record_scrub(
         Some(rep) => rep.failed.len(),
         None => r.bad.len(),
     };
-    let path = cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB);
-    let mut last: serde_json::Value = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| serde_json::json!({}));
-    last["time_ns"] = vault::dataset::now_ns().into();
-    last["seq"] = r.seq.into();
-    last["chunks"] = r.chunks.into();
-    last["damaged"] = damaged.into();
-    last["digest_ok"] = (r.running_digest == r.recomputed_digest).into();
-    if let Err(e) = std::fs::write(&path, last.to_string()) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot record the scrub result");
-    }
+    update_last_scrub(cfg, name, |last| {
+        last["time_ns"] = vault::dataset::now_ns().into();
+        last["seq"] = r.seq.into();
+        last["chunks"] = r.chunks.into();
+        last["damaged"] = damaged.into();
+        last["digest_ok"] = (r.running_digest == r.recomputed_digest).into();
+    });
 }
 
-/// Adds an archive scrub's result (what it left damaged) to
-/// `<dataset>/last-scrub.json`.
+/// Records what an archive scrub left damaged.
 pub(crate) fn record_archive_scrub(cfg: &Config, name: &str, damaged: usize) {
-    let path = cfg.dataset_dir(name).join(replicator::upstream::LAST_SCRUB);
-    let mut last: serde_json::Value = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| serde_json::json!({}));
-    last["archive_time_ns"] = vault::dataset::now_ns().into();
-    last["archive_damaged"] = damaged.into();
-    if last.get("time_ns").is_none() {
-        last["time_ns"] = vault::dataset::now_ns().into();
-    }
-    if let Err(e) = std::fs::write(&path, last.to_string()) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot record the archive scrub result");
-    }
+    update_last_scrub(cfg, name, |last| {
+        last["archive_time_ns"] = vault::dataset::now_ns().into();
+        last["archive_damaged"] = damaged.into();
+    });
 }

@@ -19,30 +19,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 use triad_tests::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
-use triad_tests::{arg, make_tree, triad_bin};
-
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
-fn du(p: &Path) -> u64 {
-    let out = Command::new("du")
-        .args(["-sb"])
-        .arg(p)
-        .output()
-        .expect("du");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use triad_tests::{arg, drop_caches, du, files_status, make_tree, median, triad_bin};
 
 fn run(cmd: &mut Command, what: &str) -> f64 {
     let t = Instant::now();
@@ -60,10 +37,6 @@ fn run(cmd: &mut Command, what: &str) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-fn status(site: &Path) -> Option<serde_json::Value> {
-    serde_json::from_slice(&std::fs::read(site.join("datasets/files/status.json")).ok()?).ok()
-}
-
 fn wait_settled(site: &Path, after: Instant, started: Instant) {
     let after_ns = {
         let now = std::time::SystemTime::now()
@@ -73,7 +46,7 @@ fn wait_settled(site: &Path, after: Instant, started: Instant) {
         now - after.elapsed().as_nanos() as i64
     };
     loop {
-        if let Some(v) = status(site) {
+        if let Some(v) = files_status(site) {
             let s = &v["source"];
             if s["settled"].as_bool() == Some(true)
                 && s["last_round_end_ns"].as_i64().unwrap_or(0) > after_ns

@@ -5,29 +5,11 @@
 //!
 //! Run: `cargo run -p triad-tests --bin bench-ingest -- [--mib 1024] [--dir DIR]`
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use triad_tests::{arg, make_tree, triad_bin};
-
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
-fn du(p: &Path) -> u64 {
-    let out = Command::new("du")
-        .args(["-sb"])
-        .arg(p)
-        .output()
-        .expect("du");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
+use triad_tests::{arg, drop_caches, du, make_tree, triad_bin};
 
 fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/{file}"))

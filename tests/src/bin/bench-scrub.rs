@@ -11,16 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use triad_tests::s3::S3Server;
-use triad_tests::{arg, make_tree, triad_bin};
-
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
-fn status(site: &Path) -> Option<serde_json::Value> {
-    serde_json::from_slice(&std::fs::read(site.join("datasets/files/status.json")).ok()?).ok()
-}
+use triad_tests::{arg, drop_caches, files_status, make_tree, median, triad_bin};
 
 fn verify(cfg: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(triad_bin())
@@ -36,11 +27,6 @@ fn verify(cfg: &Path, args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("json")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -86,7 +72,7 @@ fn main() {
         .expect("daemon");
     let t = Instant::now();
     loop {
-        let v = status(&site).unwrap_or_default();
+        let v = files_status(&site).unwrap_or_default();
         let head = v["log"]["head_seq"].as_u64().unwrap_or(0);
         if v["source"]["settled"].as_bool() == Some(true)
             && head > 0

@@ -225,6 +225,39 @@ impl Site {
             .expect("run restore")
     }
 
+    /// Adds an `[archive]` at `s3://triad/site-a` behind `endpoint`, with the
+    /// test server's credentials, shipping every 500 ms; `extra` is appended
+    /// (more keys, or further sections).
+    pub fn add_s3_archive(&self, endpoint: &str, extra: &str) {
+        let creds = triad_tests::s3::write_credentials(self.tmp.path());
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(&format!(
+            "\n[archive]\nurl = \"s3://triad/site-a\"\nendpoint = \"{endpoint}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"500ms\"\n{extra}\n",
+            creds.display()
+        ));
+        self.set_config(&text);
+    }
+
+    /// Waits until the archive holds every record up to `seq`.
+    pub fn wait_shipped(&self, seq: u64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let shipped = self
+                .status()
+                .and_then(|v| v["archive"]["shipped_seq"].as_u64())
+                .unwrap_or(0);
+            if shipped >= seq {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "archive shipped only to seq {shipped}, wanted {seq}; status {}",
+                self.status().map(|v| v.to_string()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn key(&self) -> vault::DatasetKey {
         vault::DatasetKey::load(&self.key).unwrap()
     }
