@@ -708,13 +708,7 @@ pub fn read_snapshot(
     s: &SnapshotRef,
     concurrency: usize,
 ) -> Result<SnapshotContent> {
-    let key = s.manifest_key(ds);
-    let manifest = objects::decode_manifest(
-        keys,
-        &key,
-        &rt.block_on(store.get_required(&key, "the manifest"))?,
-    )
-    .map_err(|e| store.locate_err(e))?;
+    let manifest = read_manifest(rt, store, keys, ds, s)?;
     let pages: Vec<objects::Page> = rt.block_on(
         stream::iter(manifest.pages.iter().enumerate().map(|(n, p)| {
             let key = s.page_key(ds, n);

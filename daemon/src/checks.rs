@@ -92,7 +92,7 @@ pub fn start(
                 }
                 if due(&ns) {
                     for (ds, s) in datasets.iter().zip(&sh) {
-                        run_scrub(&cfg, ds, s, &stop);
+                        run_scrub(&cfg, ds, s);
                     }
                     ns = next(&ss);
                 }
@@ -140,7 +140,7 @@ fn run_verify(cfg: &Config, ds: &Dataset, s: &Shared) {
     }
 }
 
-fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared, stop: &AtomicBool) {
+fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared) {
     let verify = cfg.verify.clone().unwrap_or_default();
     let rate = verify
         .scrub_max_rate
@@ -150,9 +150,7 @@ fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared, stop: &AtomicBool) {
     let r = (|| -> anyhow::Result<()> {
         let key = key_of(cfg, ds)?;
         let view = View::open(&cfg.dataset_dir(ds.name()), ds.name(), &key)?;
-        let r = verifier::scrub::local(ds.name(), &view, Some(rate), &|_, _| {
-            let _ = stop.load(Ordering::Relaxed);
-        })?;
+        let r = verifier::scrub::local(ds.name(), &view, Some(rate), &|_, _| {})?;
         drop(view);
         let repaired = if verify.repair && !r.bad.is_empty() {
             let ids: Vec<String> = r.bad.iter().map(|b| b.id.clone()).collect();
