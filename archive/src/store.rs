@@ -29,7 +29,7 @@ const MULTIPART_ABOVE: usize = 16 << 20;
 const PART_SIZE: usize = 8 << 20;
 
 /// Where and how to reach a site's object store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     /// `s3://bucket/prefix` or `file:///absolute/dir`.
     pub url: String,

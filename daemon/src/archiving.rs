@@ -35,8 +35,14 @@ pub struct ArchiveStatus {
     /// Highest seq whose record is in the archive.
     pub shipped_seq: u64,
     pub last_ship_ns: i64,
+    /// The last snapshot this daemon took (none yet since start).
     pub last_snapshot: Option<SnapshotReport>,
+    /// When the newest snapshot in the archive was taken (read from the
+    /// archive at start, so monitoring survives a restart).
     pub last_snapshot_ns: i64,
+    /// Seconds between scheduled snapshots (from the cron schedule), for
+    /// the "snapshot older than its schedule" alert.
+    pub snapshot_interval_seconds: Option<f64>,
     pub last_prune: Option<PruneReport>,
     pub next_snapshot: Option<String>,
     /// The latest failure, cleared by the next success of the same kind.
@@ -62,6 +68,8 @@ pub struct Answer {
 /// Shared between the runtime and a dataset's archive threads.
 pub struct Shared {
     pub status: Mutex<ArchiveStatus>,
+    /// The live settings; a reload replaces them (the store itself stays).
+    settings: Mutex<ArchiveSettings>,
     /// Seq shipped; 0 until known (retention then keeps everything).
     pub shipped: AtomicU64,
     gap: AtomicBool,
@@ -73,6 +81,28 @@ impl Shared {
             f(&mut s);
         }
     }
+
+    fn settings(&self) -> ArchiveSettings {
+        match self.settings.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Applies reloaded settings: schedule, retention, flush interval and
+    /// prune grace. The caller has checked the store is the same.
+    pub fn reload(&self, new: ArchiveSettings) {
+        if let Ok(mut s) = self.settings.lock() {
+            *s = new;
+        }
+    }
+}
+
+/// Seconds between two runs of a cron schedule, from the next two runs.
+pub fn interval_seconds(s: &archive::schedule::Schedule) -> Option<f64> {
+    let a = s.next_after(chrono::Utc::now())?;
+    let b = s.next_after(a)?;
+    Some((b - a).num_milliseconds() as f64 / 1e3)
 }
 
 fn now_ns() -> i64 {
@@ -110,10 +140,19 @@ fn open_archiver(
         match r {
             Ok(a) => {
                 shared.shipped.store(a.shipped_seq(), Ordering::Release);
+                // The newest snapshot already there: its age is what the
+                // schedule alert watches, restart or not.
+                let newest = a
+                    .snapshots()
+                    .ok()
+                    .and_then(|v| v.last().map(|r| r.taken_ms));
                 shared.update(|s| {
                     s.opened = true;
                     s.shipped_seq = a.shipped_seq();
                     s.ship_error = None;
+                    if let Some(ms) = newest {
+                        s.last_snapshot_ns = s.last_snapshot_ns.max(ms.saturating_mul(1_000_000));
+                    }
                 });
                 return Some(Arc::new(a));
             }
@@ -141,6 +180,7 @@ pub fn start(
             url: settings.store.url.clone(),
             ..ArchiveStatus::default()
         }),
+        settings: Mutex::new(settings.clone()),
         shipped: AtomicU64::new(0),
         gap: AtomicBool::new(false),
     });
@@ -153,13 +193,12 @@ pub fn start(
                 return;
             };
             let snapper = {
-                let (a, sh, stop, settings) =
-                    (a.clone(), sh.clone(), stop.clone(), settings.clone());
+                let (a, sh, stop) = (a.clone(), sh.clone(), stop.clone());
                 std::thread::Builder::new()
                     .name(format!("snapshots-{name}"))
-                    .spawn(move || snapshot_loop(&a, &settings, &sh, &stop))
+                    .spawn(move || snapshot_loop(&a, &sh, &stop))
             };
-            ship_loop(&a, &settings, &sh, &stop);
+            ship_loop(&a, &sh, &stop);
             if let Ok(t) = snapper {
                 let _ = t.join();
             }
@@ -196,12 +235,12 @@ fn ship_once(a: &Archiver, sh: &Shared) {
     }
 }
 
-fn ship_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &AtomicBool) {
+fn ship_loop(a: &Archiver, sh: &Shared, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         if !sh.gap.load(Ordering::Acquire) {
             ship_once(a, sh);
         }
-        nap(stop, settings.log_flush_interval);
+        nap(stop, sh.settings().log_flush_interval);
     }
     // A clean stop ships what the log holds, so the archive ends where the
     // site did.
@@ -210,15 +249,30 @@ fn ship_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &Atomi
     }
 }
 
-fn snapshot_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &AtomicBool) {
+fn snapshot_loop(a: &Archiver, sh: &Shared, stop: &AtomicBool) {
     let requests = a.dataset().dir().join(REQUESTS_DIR);
-    let mut next = settings
-        .schedule
-        .as_ref()
-        .and_then(|s| s.next_after(chrono::Utc::now()));
+    let mut settings = sh.settings();
+    let next_of = |settings: &ArchiveSettings| {
+        settings
+            .schedule
+            .as_ref()
+            .and_then(|s| s.next_after(chrono::Utc::now()))
+    };
+    let mut next = next_of(&settings);
     let mut retry_at: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
-        sh.update(|s| s.next_snapshot = next.map(|t| t.to_rfc3339()));
+        let now_settings = sh.settings();
+        if now_settings.schedule.as_ref().map(|s| s.text())
+            != settings.schedule.as_ref().map(|s| s.text())
+        {
+            next = next_of(&now_settings);
+        }
+        settings = now_settings;
+        let settings = &settings;
+        sh.update(|s| {
+            s.next_snapshot = next.map(|t| t.to_rfc3339());
+            s.snapshot_interval_seconds = settings.schedule.as_ref().and_then(interval_seconds);
+        });
         let due = next.is_some_and(|t| chrono::Utc::now() >= t)
             || retry_at.is_some_and(|t| Instant::now() >= t);
         // A bridging snapshot that failed waits for its retry time too.
@@ -250,10 +304,7 @@ fn snapshot_loop(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, stop: &A
             }
         }
         if due {
-            next = settings
-                .schedule
-                .as_ref()
-                .and_then(|s| s.next_after(chrono::Utc::now()));
+            next = next_of(settings);
         }
         for (path, kind) in pending_requests(&requests) {
             let answer = match kind.as_str() {

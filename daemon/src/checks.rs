@@ -39,6 +39,11 @@ pub struct ChecksStatus {
     pub last_drill_rpo_seconds: Option<f64>,
     pub last_drill_report: Option<String>,
     pub drill_failures_total: u64,
+    /// Seconds between scheduled runs (from the cron schedules), for the
+    /// "overdue" alerts; absent when not scheduled.
+    pub verify_interval_seconds: Option<f64>,
+    pub scrub_interval_seconds: Option<f64>,
+    pub drill_interval_seconds: Option<f64>,
     pub last_error: Option<String>,
 }
 
@@ -58,54 +63,128 @@ fn parse(field: &str, v: &Option<String>) -> Option<Schedule> {
     v.as_ref().and_then(|t| Schedule::parse(field, t).ok())
 }
 
-/// Starts the checks thread when any check is scheduled; returns each
-/// dataset's shared status.
+/// Starts the checks thread; returns each dataset's shared status. The
+/// schedules are read from `live` on every round, so a reload (SIGHUP)
+/// applies them. Drills and scrubs run by hand (`triad drill`, `triad
+/// verify --scrub`) are picked up from the evidence they leave (the drill's
+/// `latest-<dataset>.json`, the dataset's `last-scrub.json`), so monitoring
+/// sees them too, and sees them again after a restart.
 pub fn start(
-    cfg: &Config,
+    live: crate::config::Live,
     datasets: Vec<Arc<Dataset>>,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<(Vec<Shared>, Option<std::thread::JoinHandle<()>>)> {
+) -> std::io::Result<(Vec<Shared>, std::thread::JoinHandle<()>)> {
     let shared: Vec<Shared> = datasets.iter().map(|_| Shared::default()).collect();
-    let verify = cfg.verify.clone().unwrap_or_default();
-    let drill = cfg.drill.clone().unwrap_or_default();
-    let (sv, ss, sd) = (
-        parse("verify.schedule", &verify.schedule),
-        parse("verify.scrub_schedule", &verify.scrub_schedule),
-        parse("drill.schedule", &drill.schedule),
-    );
-    if sv.is_none() && ss.is_none() && sd.is_none() {
-        return Ok((shared, None));
-    }
-    let (cfg, sh) = (cfg.clone(), shared.clone());
+    let sh = shared.clone();
     let handle = std::thread::Builder::new()
         .name("checks".into())
         .spawn(move || {
-            let (mut nv, mut ns, mut nd) = (next(&sv), next(&ss), next(&sd));
+            let mut schedules: (Option<Schedule>, Option<Schedule>, Option<Schedule>) =
+                (None, None, None);
+            let (mut nv, mut ns, mut nd) = (None, None, None);
+            let mut seen: Option<Arc<Config>> = None;
+            let mut next_evidence = std::time::Instant::now();
             while !stop.load(Ordering::Acquire) {
+                let cfg = crate::config::current(&live);
+                if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &cfg)) {
+                    let verify = cfg.verify.clone().unwrap_or_default();
+                    let drill = cfg.drill.clone().unwrap_or_default();
+                    let (sv, ss, sd) = (
+                        parse("verify.schedule", &verify.schedule),
+                        parse("verify.scrub_schedule", &verify.scrub_schedule),
+                        parse("drill.schedule", &drill.schedule),
+                    );
+                    (nv, ns, nd) = (next(&sv), next(&ss), next(&sd));
+                    let interval = |s: &Option<Schedule>| {
+                        s.as_ref().and_then(crate::archiving::interval_seconds)
+                    };
+                    for c in &sh {
+                        update(c, |c| {
+                            c.verify_interval_seconds = interval(&sv);
+                            c.scrub_interval_seconds = interval(&ss);
+                            c.drill_interval_seconds = interval(&sd);
+                        });
+                    }
+                    schedules = (sv, ss, sd);
+                    seen = Some(cfg.clone());
+                }
+                let (sv, ss, sd) = &schedules;
+                if std::time::Instant::now() >= next_evidence {
+                    next_evidence = std::time::Instant::now() + Duration::from_secs(5);
+                    for (ds, s) in datasets.iter().zip(&sh) {
+                        read_evidence(&cfg, ds.name(), s);
+                    }
+                }
                 let now = Utc::now();
                 let due = |t: &Option<chrono::DateTime<Utc>>| t.is_some_and(|t| now >= t);
                 if due(&nv) {
                     for (ds, s) in datasets.iter().zip(&sh) {
                         run_verify(&cfg, ds, s);
                     }
-                    nv = next(&sv);
+                    nv = next(sv);
                 }
                 if due(&ns) {
                     for (ds, s) in datasets.iter().zip(&sh) {
                         run_scrub(&cfg, ds, s);
                     }
-                    ns = next(&ss);
+                    ns = next(ss);
                 }
                 if due(&nd) {
                     for (ds, s) in datasets.iter().zip(&sh) {
                         run_drill(&cfg, ds, s);
                     }
-                    nd = next(&sd);
+                    nd = next(sd);
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
         })?;
-    Ok((shared, Some(handle)))
+    Ok((shared, handle))
+}
+
+/// Where a dataset's drill reports go.
+fn reports_dir(cfg: &Config) -> std::path::PathBuf {
+    cfg.drill
+        .as_ref()
+        .and_then(|d| d.reports_dir.clone())
+        .unwrap_or_else(|| cfg.site.data_dir.join("reports"))
+}
+
+/// Takes in drills and scrubs recorded on disk that are newer than what the
+/// status holds (run by hand, or before this start).
+fn read_evidence(cfg: &Config, dataset: &str, s: &Shared) {
+    let latest = reports_dir(cfg).join(format!("latest-{dataset}.json"));
+    let report = std::fs::read(&latest)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<verifier::DrillReport>(&b).ok());
+    if let Some(r) = report {
+        let finished_ns = chrono::DateTime::parse_from_rfc3339(&r.finished)
+            .ok()
+            .and_then(|t| t.timestamp_nanos_opt())
+            .unwrap_or(0);
+        update(s, |c| {
+            if finished_ns > c.last_drill_ns {
+                c.last_drill_ns = finished_ns;
+                c.last_drill_result = Some(r.result.clone());
+                c.last_drill_rto_seconds = Some(r.rto_seconds);
+                c.last_drill_rpo_seconds = r.rpo_seconds;
+                c.last_drill_report = Some(latest.display().to_string());
+                if r.passed() {
+                    c.last_drill_success_ns = finished_ns;
+                }
+            }
+        });
+    }
+    if let Some((t, damaged, digest_ok)) =
+        replicator::upstream::read_last_scrub(&cfg.dataset_dir(dataset))
+    {
+        update(s, |c| {
+            if t > c.last_scrub_ns {
+                c.last_scrub_ns = t;
+                c.last_scrub_ok = Some(damaged == 0 && digest_ok);
+                c.last_scrub_damaged = damaged;
+            }
+        });
+    }
 }
 
 fn key_of(cfg: &Config, ds: &Dataset) -> anyhow::Result<DatasetKey> {
@@ -209,10 +288,7 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
             drill.endpoint.clone(),
             drill.credentials_file.clone(),
         )?;
-        let reports = drill
-            .reports_dir
-            .clone()
-            .unwrap_or_else(|| cfg.site.data_dir.join("reports"));
+        let reports = reports_dir(cfg);
         let spec = verifier::DrillSpec {
             dataset: ds.name(),
             key: &key,

@@ -8,6 +8,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The config the daemon runs with now; a reload (SIGHUP) swaps it.
+pub type Live = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>;
+
+/// The config in force.
+pub fn current(live: &Live) -> std::sync::Arc<Config> {
+    match live.read() {
+        Ok(c) => c.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
 /// A config problem: the field path and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,7 +38,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub site: Site,
@@ -51,7 +62,7 @@ pub enum Role {
     Follower,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
     pub name: String,
@@ -64,9 +75,13 @@ pub struct Site {
     pub log_retention_max: Option<String>,
     /// Size at which a log segment is closed. Default "64MiB".
     pub log_segment_size: Option<String>,
+    /// Longest a stop (SIGTERM) waits for the archive's last upload and a
+    /// running check before abandoning them. Default "30s"; keep it below
+    /// the unit's TimeoutStopSec.
+    pub stop_timeout: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub ca: PathBuf,
@@ -74,14 +89,14 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub replication: Option<String>,
     pub http: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     pub name: String,
@@ -92,7 +107,7 @@ pub struct Peer {
     pub bandwidth: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
     pub name: String,
@@ -102,7 +117,7 @@ pub struct DatasetConfig {
     pub source: Option<SourceConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SourceConfig {
     Directory {
@@ -120,7 +135,7 @@ pub enum SourceConfig {
 }
 
 /// `[archive]`: this site's own object store.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveSection {
     /// `s3://bucket/prefix` or `file:///absolute/dir`.
@@ -148,7 +163,7 @@ pub struct ArchiveSection {
 }
 
 /// `[verify]`: cross-site verify and scrubs run by the daemon.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifySection {
     /// Cron (with seconds, UTC) for cross-site verify.
@@ -164,7 +179,7 @@ pub struct VerifySection {
 }
 
 /// `[drill]`: restore drills run by the daemon.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DrillSection {
     /// Cron (with seconds, UTC).
@@ -187,7 +202,7 @@ pub struct ArchiveSettings {
     pub prune_grace: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     /// `human` (default) or `json`.
@@ -383,6 +398,9 @@ impl Config {
                 parse_duration(w).map_err(|m| invalid(format!("peer[{i}].wait_limit"), m))?;
             }
         }
+        if let Some(t) = &self.site.stop_timeout {
+            parse_duration(t).map_err(|m| invalid("site.stop_timeout".into(), m))?;
+        }
         for (field, v) in [
             ("site.log_retention_max", &self.site.log_retention_max),
             ("site.log_segment_size", &self.site.log_segment_size),
@@ -553,14 +571,108 @@ impl Config {
         Ok(())
     }
 
-    /// Sections accepted for the deployment's shape but not acted on by this
-    /// version, so the operator is told rather than left to assume.
-    pub fn unused_sections(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.listen.as_ref().is_some_and(|l| l.http.is_some()) {
-            v.push("listen.http");
+    /// How long a stop waits for the archive's last upload and running
+    /// checks (`site.stop_timeout`, default 30 s).
+    pub fn stop_timeout(&self) -> Duration {
+        self.site
+            .stop_timeout
+            .as_deref()
+            .and_then(|s| parse_duration(s).ok())
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// What a reload (SIGHUP) from `self` to `new` changes: the settings it
+    /// applies, and the ones that differ but only take effect at a restart.
+    pub fn reload_changes(&self, new: &Config) -> (Vec<&'static str>, Vec<&'static str>) {
+        let mut applied = Vec::new();
+        if self.site.log_retention_max != new.site.log_retention_max {
+            applied.push("site.log_retention_max");
         }
-        v
+        if self.site.stop_timeout != new.site.stop_timeout {
+            applied.push("site.stop_timeout");
+        }
+        let policy = |c: &Config| {
+            c.peer
+                .iter()
+                .map(|p| {
+                    (
+                        p.name.clone(),
+                        p.mode.clone(),
+                        p.on_unreachable.clone(),
+                        p.wait_limit.clone(),
+                        p.bandwidth.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        if policy(self) != policy(new) {
+            applied.push("peer mode, on_unreachable, wait_limit, bandwidth");
+        }
+        let archive_live = |c: &Config| {
+            c.archive.as_ref().map(|a| {
+                (
+                    a.log_flush_interval.clone(),
+                    a.snapshot_schedule.clone(),
+                    a.retention.clone(),
+                    a.prune_grace.clone(),
+                )
+            })
+        };
+        if archive_live(self) != archive_live(new) {
+            applied.push("archive schedule, retention, log_flush_interval, prune_grace");
+        }
+        if self.verify != new.verify {
+            applied.push("[verify]");
+        }
+        if self.drill != new.drill {
+            applied.push("[drill]");
+        }
+        // Everything else needs a restart: compare with the live settings
+        // taken out.
+        let fixed = |c: &Config| {
+            let mut c = c.clone();
+            c.site.log_retention_max = None;
+            c.site.stop_timeout = None;
+            for p in &mut c.peer {
+                p.mode = None;
+                p.on_unreachable = None;
+                p.wait_limit = None;
+                p.bandwidth = None;
+            }
+            if let Some(a) = &mut c.archive {
+                a.log_flush_interval = None;
+                a.snapshot_schedule = None;
+                a.retention = None;
+                a.prune_grace = None;
+            }
+            c.verify = None;
+            c.drill = None;
+            c
+        };
+        let (a, b) = (fixed(self), fixed(new));
+        let mut restart = Vec::new();
+        if a.site != b.site {
+            restart.push("[site] name, role, data_dir, upstream, log_segment_size");
+        }
+        if a.tls != b.tls {
+            restart.push("[tls]");
+        }
+        if a.listen != b.listen {
+            restart.push("[listen]");
+        }
+        if a.peer != b.peer {
+            restart.push("[[peer]] names and addresses");
+        }
+        if a.dataset != b.dataset {
+            restart.push("[[dataset]]");
+        }
+        if a.archive.is_some() != b.archive.is_some() || a.archive != b.archive {
+            restart.push("[archive] store (url, endpoint, region, credentials, concurrency, request_timeout)");
+        }
+        if a.log != b.log {
+            restart.push("[log]");
+        }
+        (applied, restart)
     }
 
     /// The validated `[archive]` section, if any; errors are (field, message).

@@ -7,7 +7,10 @@ mod archiving;
 mod checks;
 mod cmd;
 mod config;
+mod http;
+mod metrics;
 mod runtime;
+mod service;
 mod source;
 
 use std::path::PathBuf;

@@ -1,13 +1,15 @@
 //! The site runtime: opens every configured dataset; at the primary runs its
 //! source; serves the log to the sites that follow this one; at a follower
-//! follows the upstream; keeps each dataset's status file current; and stops
-//! cleanly on SIGTERM or SIGINT (a second signal aborts at once).
+//! follows the upstream; serves `listen.http`; keeps each dataset's status
+//! file current; tells systemd where it is (`service.rs`); reloads what can
+//! be reloaded on SIGHUP; and stops cleanly on SIGTERM or SIGINT within
+//! `site.stop_timeout` (a second signal aborts at once).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use replicator::follower::{FollowStatus, UpstreamAddr};
@@ -16,7 +18,9 @@ use replicator::upstream::{LinkStatus, Upstream, MAX_MESSAGE};
 use serde::Serialize;
 use vault::{Dataset, DatasetKey};
 
-use crate::config::{Config, Role};
+use crate::config::{Config, Live, Role};
+use crate::http::{Phase, SiteView};
+use crate::service::Notifier;
 use crate::source::{DirSource, Stats, StatsView};
 
 /// What `status.json` in each dataset directory holds.
@@ -159,24 +163,28 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
 }
 
 /// Runs the daemon until a stop signal; returns once everything is closed.
-pub fn run(cfg: Config) -> Result<()> {
-    let unused = cfg.unused_sections();
-    if !unused.is_empty() {
-        tracing::warn!(sections = ?unused, "these config settings are checked but not used by this version");
-    }
+/// `path` is where the config came from, read again on SIGHUP.
+pub fn run(path: &Path, cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&cfg.site.data_dir)
         .with_context(|| format!("creating site.data_dir {}", cfg.site.data_dir.display()))?;
+    let mut notifier = Notifier::from_env();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .context("installing signal handlers")?;
     {
-        let stop = stop.clone();
+        let (stop, reload) = (stop.clone(), reload.clone());
         std::thread::spawn(move || {
             for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    reload.store(true, Ordering::Release);
+                    continue;
+                }
                 if stop.swap(true, Ordering::AcqRel) {
                     tracing::warn!(
                         signal = sig,
@@ -190,6 +198,32 @@ pub fn run(cfg: Config) -> Result<()> {
                 );
             }
         });
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("triad-net")
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+
+    // The HTTP endpoint comes up first, so /healthz answers and /readyz
+    // says "opening" while a long log replay runs.
+    let view = Arc::new(SiteView::new(
+        &cfg.site.name,
+        match cfg.site.role {
+            Role::Primary => "primary",
+            Role::Follower => "follower",
+        },
+    ));
+    let mut http = None;
+    if let Some(addr) = cfg.listen.as_ref().and_then(|l| l.http.clone()) {
+        http = Some(
+            crate::http::serve(&rt, &addr, view.clone(), shutdown_rx.clone())
+                .with_context(|| format!("listen.http: binding {addr}"))?,
+        );
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /v1/status");
     }
 
     // Open every dataset first: a wrong key or a damaged log stops the start
@@ -206,13 +240,6 @@ pub fn run(cfg: Config) -> Result<()> {
         });
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("triad-net")
-        .enable_all()
-        .build()
-        .context("starting the network runtime")?;
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let tls = cfg.tls.as_ref().map(|t| TlsFiles {
         ca: t.ca.clone(),
         cert: t.cert.clone(),
@@ -275,10 +302,10 @@ pub fn run(cfg: Config) -> Result<()> {
 
     // Each dataset's archive: log shipping and snapshots into this site's store.
     let mut archive_threads = Vec::new();
-    if let Some(settings) = cfg
+    let archive_settings = cfg
         .archive_settings()
-        .map_err(|(field, message)| anyhow::anyhow!("{field}: {message}"))?
-    {
+        .map_err(|(field, message)| anyhow::anyhow!("{field}: {message}"))?;
+    if let Some(settings) = &archive_settings {
         for r in running.iter_mut() {
             let (shared, handle) = crate::archiving::start(
                 settings.clone(),
@@ -294,17 +321,16 @@ pub fn run(cfg: Config) -> Result<()> {
         tracing::info!(url = %settings.store.url, schedule = settings.schedule.as_ref().map(|s| s.text()), "archiving");
     }
 
-    // Scheduled verify, scrubs and drills.
+    // Scheduled verify, scrubs and drills, from the live config.
+    let live: Live = Arc::new(RwLock::new(Arc::new(cfg.clone())));
     let (checks, checks_thread) = crate::checks::start(
-        &cfg,
+        live.clone(),
         running.iter().map(|r| r.ds.clone()).collect(),
         stop.clone(),
     )
     .context("starting the checks thread")?;
-    if checks_thread.is_some() {
-        for (r, c) in running.iter_mut().zip(checks) {
-            r.checks = Some(c);
-        }
+    for (r, c) in running.iter_mut().zip(checks) {
+        r.checks = Some(c);
     }
 
     let mut threads = Vec::new();
@@ -365,29 +391,63 @@ pub fn run(cfg: Config) -> Result<()> {
     }
 
     tracing::info!(site = %cfg.site.name, role = ?cfg.site.role, datasets = running.len(), "triad is running");
-    let write_all = |running: &[Running]| {
-        for r in running {
-            let st = status_of(&cfg, r, upstream.as_deref(), &refusals);
-            write_status(&cfg.dataset_dir(r.ds.name()).join(STATUS_FILE), &st);
+    let publish = |cfg: &Config, running: &[Running]| {
+        let all: Vec<DatasetStatus> = running
+            .iter()
+            .map(|r| status_of(cfg, r, upstream.as_deref(), &refusals))
+            .collect();
+        for st in &all {
+            write_status(&cfg.dataset_dir(&st.dataset).join(STATUS_FILE), st);
         }
+        let line = status_line(&all);
+        view.publish(all);
+        line
     };
-    let mut next_retention = std::time::Instant::now();
+    view.set_phase(Phase::Running);
+    let line = publish(&cfg, &running);
+    notifier.ready(&line);
+
+    let mut cfg = cfg;
+    let mut next_retention = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        if std::time::Instant::now() >= next_retention {
-            next_retention = std::time::Instant::now() + Duration::from_secs(2);
+        if reload.swap(false, Ordering::AcqRel) {
+            notifier.reloading();
+            cfg = reload_config(
+                path,
+                cfg,
+                &live,
+                &running,
+                upstream.as_deref(),
+                &archive_settings,
+            );
+            let line = publish(&cfg, &running);
+            notifier.ready(&line);
+        }
+        if Instant::now() >= next_retention {
+            next_retention = Instant::now() + Duration::from_secs(2);
             for r in &running {
                 if let Err(e) = retain(&cfg, r, upstream.as_deref()) {
                     tracing::warn!(dataset = r.ds.name(), error = %e, "log retention failed; will retry");
                 }
             }
         }
-        write_all(&running);
+        let line = publish(&cfg, &running);
+        notifier.tick(&line);
         if running.iter().any(|r| r.ds.failure().is_some()) {
             stop.store(true, Ordering::Release);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let _ = shutdown_tx.send(true);
+
+    // The stop. Sources finish their round (they check the flag between
+    // files, and a commit wait is bounded by its wait_limit); the archive's
+    // last upload and a running check get `site.stop_timeout`, after which
+    // they are abandoned: an upload not finished is invisible in the store
+    // (a piece or manifest is written whole or not at all) and is shipped
+    // again by the next start.
+    let deadline = Instant::now() + cfg.stop_timeout();
+    view.set_phase(Phase::Stopping);
+    notifier.stopping("stopping: closing the log and finishing uploads");
     let mut failed = None;
     for t in threads {
         match t.join() {
@@ -396,21 +456,34 @@ pub fn run(cfg: Config) -> Result<()> {
             Err(_) => failed = Some("a source thread panicked".into()),
         }
     }
-    if let Some(t) = checks_thread {
-        if t.join().is_err() {
-            failed = Some("the checks thread panicked".into());
+    // The replication links stop only now, so a sync follower could still
+    // acknowledge the sources' last round.
+    let _ = shutdown_tx.send(true);
+    let mut abandoned = Vec::new();
+    for (what, t) in std::iter::once(("checks", checks_thread))
+        .chain(archive_threads.into_iter().map(|t| ("archive upload", t)))
+    {
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if t.is_finished() {
+            if t.join().is_err() {
+                failed = Some(format!("the {what} thread panicked"));
+            }
+        } else {
+            abandoned.push(what);
         }
     }
-    // The archive threads ship the log's last records before they end.
-    for t in archive_threads {
-        if t.join().is_err() {
-            failed = Some("an archive thread panicked".into());
-        }
+    if !abandoned.is_empty() {
+        tracing::warn!(
+            abandoned = ?abandoned,
+            stop_timeout = ?cfg.stop_timeout(),
+            "stop: abandoned work still running after site.stop_timeout; nothing partial is visible in the archive and the next start ships the rest"
+        );
     }
-    if let Some(s) = server {
-        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), s).await });
+    for h in [server, http].into_iter().flatten() {
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), h).await });
     }
-    rt.shutdown_timeout(Duration::from_secs(5));
     for r in &running {
         if let Some(f) = r.ds.failure() {
             failed = Some(f);
@@ -418,12 +491,129 @@ pub fn run(cfg: Config) -> Result<()> {
         r.ds.close()
             .with_context(|| format!("closing dataset `{}`", r.ds.name()))?;
     }
-    write_all(&running);
+    publish(&cfg, &running);
+    if abandoned.is_empty() {
+        rt.shutdown_timeout(Duration::from_secs(5));
+    } else {
+        // Threads still inside the runtime are left to the process exit.
+        rt.shutdown_background();
+    }
     if let Some(f) = failed {
         bail!("stopped because of an error: {f}");
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Reads the config again (SIGHUP) and applies what can change while
+/// running: commit policies and bandwidth, the log cap, the archive's
+/// schedule and retention, and the check schedules. What needs a restart
+/// is named; a config that does not load is refused and the running one
+/// kept.
+fn reload_config(
+    path: &Path,
+    old: Config,
+    live: &Live,
+    running: &[Running],
+    upstream: Option<&Upstream>,
+    archive_at_start: &Option<crate::config::ArchiveSettings>,
+) -> Config {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the config does not load; still running with the previous one");
+            return old;
+        }
+    };
+    let (applied, restart) = old.reload_changes(&new);
+    let new_archive = match new.archive_settings() {
+        Ok(a) => a,
+        Err((field, message)) => {
+            tracing::error!(
+                field,
+                message,
+                "reload refused; still running with the previous config"
+            );
+            return old;
+        }
+    };
+    if applied.is_empty() && restart.is_empty() {
+        tracing::info!(config = %path.display(), "reloaded: nothing changed");
+    } else {
+        tracing::info!(config = %path.display(), applied = ?applied, "reloaded");
+    }
+    if !restart.is_empty() {
+        tracing::warn!(
+            needs_restart = ?restart,
+            "these settings changed but take effect only at a restart (systemctl restart triad); until then the running values stay"
+        );
+    }
+    // What needs a restart keeps its running value: the returned config
+    // carries the new live settings over the old fixed ones.
+    let mut kept = old;
+    kept.site.log_retention_max = new.site.log_retention_max;
+    kept.site.stop_timeout = new.site.stop_timeout;
+    for p in &mut kept.peer {
+        if let Some(n) = new.peer.iter().find(|n| n.name == p.name) {
+            p.mode = n.mode.clone();
+            p.on_unreachable = n.on_unreachable.clone();
+            p.wait_limit = n.wait_limit.clone();
+            p.bandwidth = n.bandwidth.clone();
+        }
+    }
+    if let (Some(k), Some(n)) = (&mut kept.archive, &new.archive) {
+        if new_archive.as_ref().map(|a| &a.store) == archive_at_start.as_ref().map(|a| &a.store) {
+            k.log_flush_interval = n.log_flush_interval.clone();
+            k.snapshot_schedule = n.snapshot_schedule.clone();
+            k.retention = n.retention.clone();
+            k.prune_grace = n.prune_grace.clone();
+        }
+    }
+    kept.verify = new.verify;
+    kept.drill = new.drill;
+
+    if let Some(up) = upstream {
+        up.set_policies(kept.followers());
+    }
+    if let (Some(at_start), Some(now)) = (archive_at_start, &new_archive) {
+        if at_start.store == now.store {
+            for a in running.iter().filter_map(|r| r.archive.as_ref()) {
+                a.reload(now.clone());
+            }
+        }
+    }
+    if let Ok(mut l) = live.write() {
+        *l = Arc::new(kept.clone());
+    }
+    kept
+}
+
+/// The one-line summary systemd shows (`STATUS=`): per dataset, the head
+/// and the lag of each link.
+fn status_line(all: &[DatasetStatus]) -> String {
+    let mut parts = Vec::new();
+    for d in all {
+        let mut p = format!("{}: head {}", d.dataset, d.log.head_seq);
+        for f in &d.replication.followers {
+            if f.connected {
+                p.push_str(&format!(", {} lag {:.1}s", f.site, f.lag_seconds));
+            } else {
+                p.push_str(&format!(", {} DOWN", f.site));
+            }
+        }
+        if let Some(u) = &d.replication.upstream {
+            if u.connected {
+                p.push_str(&format!(", {:.1}s behind {}", u.lag_seconds, u.upstream));
+            } else {
+                p.push_str(&format!(", upstream {} DOWN", u.upstream));
+            }
+        }
+        if d.failure.is_some() {
+            p.push_str(", FAILED");
+        }
+        parts.push(p);
+    }
+    parts.join("; ")
 }
 
 fn status_of(

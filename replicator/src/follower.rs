@@ -38,6 +38,10 @@ pub struct FollowStatus {
     pub last_error: Option<String>,
     /// Set when this site's log parted from the upstream's: applying stopped.
     pub diverged: Option<String>,
+    /// Catching up by state transfer: set from its first message until it
+    /// is installed (a broken link leaves it set, since the copy is still
+    /// behind the upstream's retained log). The site reports not ready.
+    pub receiving_transfer: bool,
     #[serde(skip)]
     next_time_ns: i64,
     #[serde(skip)]
@@ -402,7 +406,11 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
                 }
             }
             Some(upstream_message::Msg::Transfer(t)) => {
-                if let Err(e) = on_transfer(ds, &tx, &mut xfer, t).await {
+                let r = on_transfer(ds, &tx, &mut xfer, t).await;
+                if let Ok(mut s) = status.lock() {
+                    s.receiving_transfer = r.is_ok() && xfer.is_some();
+                }
+                if let Err(e) = r {
                     return End::Retry(format!("state transfer: {e}"));
                 }
             }

@@ -95,8 +95,8 @@ pub struct Upstream {
     /// This site's name, as other sites know it.
     site: String,
     datasets: HashMap<String, Arc<Dataset>>,
-    /// Configured followers and their commit policy.
-    followers: HashMap<String, FollowerPolicy>,
+    /// Configured followers and their commit policy; replaced on reload.
+    followers: Arc<std::sync::RwLock<HashMap<String, FollowerPolicy>>>,
     links: Arc<Mutex<HashMap<(String, String), Link>>>,
     generation: std::sync::atomic::AtomicU64,
     /// Woken on every acknowledgement, for writers waiting on the policy.
@@ -111,7 +111,7 @@ impl Upstream {
         Upstream {
             site: String::new(),
             datasets,
-            followers,
+            followers: Arc::new(std::sync::RwLock::new(followers)),
             links: Arc::new(Mutex::new(HashMap::new())),
             generation: std::sync::atomic::AtomicU64::new(0),
             acked: Arc::new(tokio::sync::Notify::new()),
@@ -131,9 +131,10 @@ impl Upstream {
                 .get(dataset)
                 .map(|d| d.head_seq())
                 .unwrap_or(seq);
-            let mut pending: Vec<(&String, &FollowerPolicy)> = Vec::new();
+            let mut pending: Vec<(String, FollowerPolicy)> = Vec::new();
+            let policies = self.policies();
             if let Ok(mut links) = self.links.lock() {
-                for (site, p) in self.followers.iter().filter(|(_, p)| p.mode == "sync") {
+                for (site, p) in policies.iter().filter(|(_, p)| p.mode == "sync") {
                     let l = links
                         .entry((dataset.to_string(), site.clone()))
                         .or_default();
@@ -142,7 +143,7 @@ impl Upstream {
                         tracing::info!(site = %site, dataset, "sync follower has caught up: back to synchronous");
                     }
                     if l.acked < seq && !l.degraded {
-                        pending.push((site, p));
+                        pending.push((site.clone(), p.clone()));
                     }
                 }
             }
@@ -181,7 +182,22 @@ impl Upstream {
 
     /// True for sites configured to follow this one.
     pub fn is_follower(&self, site: &str) -> bool {
-        self.followers.contains_key(site)
+        self.policies().contains_key(site)
+    }
+
+    /// The followers' commit policies as configured now.
+    fn policies(&self) -> HashMap<String, FollowerPolicy> {
+        self.followers.read().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the followers' commit policies (a config reload). Links
+    /// already open keep streaming; a new bandwidth applies from their
+    /// next batch, a new mode or wait limit from the next commit wait.
+    pub fn set_policies(&self, followers: HashMap<String, FollowerPolicy>) {
+        if let Ok(mut f) = self.followers.write() {
+            *f = followers;
+        }
+        self.acked.notify_waiters();
     }
 
     /// A dataset another site asks about, if this site has it with the same
@@ -226,7 +242,8 @@ impl Upstream {
         for name in names {
             let ds = &self.datasets[name];
             let head = ds.head_seq();
-            let mut sites: Vec<(&String, &FollowerPolicy)> = self.followers.iter().collect();
+            let policies = self.policies();
+            let mut sites: Vec<(&String, &FollowerPolicy)> = policies.iter().collect();
             sites.sort_by_key(|(s, _)| s.as_str());
             for (site, policy) in sites {
                 let mode = &policy.mode;
@@ -622,11 +639,17 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         tracing::info!(site = %peer.site, dataset = %hello.dataset, from_seq = from, addr = %peer.addr, "follower connected");
 
         let (tx, rx) = mpsc::channel::<Result<pb::UpstreamMessage, Status>>(4);
-        let rate = self
-            .followers
-            .get(&peer.site)
-            .and_then(|p| p.bandwidth)
-            .filter(|r| *r > 0);
+        let rate_of = {
+            let (followers, site) = (self.followers.clone(), peer.site.clone());
+            move || {
+                followers
+                    .read()
+                    .ok()
+                    .and_then(|f| f.get(&site).and_then(|p| p.bandwidth))
+                    .filter(|r| *r > 0)
+            }
+        };
+        let rate = rate_of();
         // With a bandwidth limit, batches hold about a quarter second of
         // traffic, so pacing is smooth rather than bursts of 4 MiB.
         let batch_bytes = rate
@@ -695,7 +718,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                         };
                         next += batch.len() as u64;
                         let bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
-                        if let Some(rate) = rate {
+                        if let Some(rate) = rate_of() {
                             // Token pacing: a batch leaves no earlier than the
                             // link's budget allows.
                             let now = tokio::time::Instant::now();

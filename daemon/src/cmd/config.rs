@@ -51,13 +51,6 @@ pub fn run(cmd: ConfigCommand) -> Result<ExitCode> {
             }
         }
     }
-    let unused = cfg.unused_sections();
-    if !unused.is_empty() {
-        println!(
-            "note: {} are checked but not used by this version",
-            unused.join(", ")
-        );
-    }
     if problems > 0 {
         return Ok(ExitCode::FAILURE);
     }

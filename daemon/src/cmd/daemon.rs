@@ -9,6 +9,6 @@ use crate::config::Config;
 
 pub fn run(config: &Path) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    crate::runtime::run(cfg)?;
+    crate::runtime::run(config, cfg)?;
     Ok(ExitCode::SUCCESS)
 }

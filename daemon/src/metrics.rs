@@ -1,0 +1,513 @@
+//! `/metrics`: the site's status in the Prometheus text format, built at
+//! each scrape from the main loop's latest snapshot (so a scrape costs one
+//! small registry and never touches the data path).
+//!
+//! Every series carries `site` (this site's name) and, where it applies,
+//! `dataset` and `peer`. Replication series carry `link`: `follower` at the
+//! site that serves the log (the peer follows this site), `upstream` at the
+//! site that follows (the peer is where this site's log comes from). The
+//! names, and what each alert in `configs/alerts.yml` does with them, are
+//! listed in docs/operations.md.
+
+use prometheus::{Encoder, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::http::{Phase, SiteView};
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Registers metrics into one registry, all labelled with the site.
+struct Metrics {
+    reg: Registry,
+    site: String,
+}
+
+impl Metrics {
+    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
+        let g = GaugeVec::new(
+            Opts::new(name, help).const_label("site", self.site.clone()),
+            labels,
+        )?;
+        self.reg.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+
+    fn counter(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        let c = IntCounterVec::new(
+            Opts::new(name, help).const_label("site", self.site.clone()),
+            labels,
+        )?;
+        self.reg.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+}
+
+fn secs(ns: i64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// The metrics text for the site as it is now.
+pub fn render(view: &SiteView) -> prometheus::Result<String> {
+    let datasets = view.datasets();
+    let m = Metrics {
+        reg: Registry::new(),
+        site: view.site.clone(),
+    };
+
+    let info = m.gauge(
+        "triad_build_info",
+        "Always 1; the version and role as labels.",
+        &["version", "role"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION"), view.role])
+        .set(1.0);
+    let started = m.gauge(
+        "triad_start_timestamp_seconds",
+        "When this daemon started (for alerts on work that has never run since).",
+        &[],
+    )?;
+    started.with_label_values(&[]).set(secs(view.started_ns));
+    let ready = m.gauge(
+        "triad_ready",
+        "1 when every dataset is open and usable (what /readyz answers).",
+        &[],
+    )?;
+    ready.with_label_values(&[]).set(flag(
+        view.not_ready(&datasets).is_empty() && view.phase() == Phase::Running,
+    ));
+
+    let head = m.gauge(
+        "triad_wal_head_seq",
+        "Highest seq durable in this site's change log.",
+        &["dataset"],
+    )?;
+    let applied = m.gauge(
+        "triad_applied_seq",
+        "Highest seq applied to this site's state.",
+        &["dataset"],
+    )?;
+    let last_commit = m.gauge(
+        "triad_wal_last_commit_timestamp_seconds",
+        "When the newest record in the log was committed.",
+        &["dataset"],
+    )?;
+    let log_bytes = m.gauge(
+        "triad_wal_retained_bytes",
+        "Bytes of change log kept on disk.",
+        &["dataset"],
+    )?;
+    let log_first = m.gauge(
+        "triad_wal_first_seq",
+        "Oldest seq still in the local log.",
+        &["dataset"],
+    )?;
+    let failed = m.gauge(
+        "triad_dataset_failed",
+        "1 when the dataset stopped on an error (diverged, damaged log); see triad status.",
+        &["dataset"],
+    )?;
+    let forced = m.counter(
+        "triad_wal_forced_transfers_total",
+        "Followers the log size cap (site.log_retention_max) pushed into a state transfer.",
+        &["dataset"],
+    )?;
+
+    let lag_s = m.gauge(
+        "triad_replication_lag_seconds",
+        "Age of the oldest change the follower lacks (0 when caught up).",
+        &["dataset", "peer", "link"],
+    )?;
+    let lag_r = m.gauge(
+        "triad_replication_lag_records",
+        "Records the follower lacks.",
+        &["dataset", "peer", "link"],
+    )?;
+    let lag_b = m.gauge(
+        "triad_replication_lag_bytes",
+        "Bytes of log the follower lacks.",
+        &["dataset", "peer", "link"],
+    )?;
+    let connected = m.gauge(
+        "triad_peer_connected",
+        "1 while the replication link to the peer is up.",
+        &["dataset", "peer", "link"],
+    )?;
+    let acked = m.gauge(
+        "triad_replication_acked_seq",
+        "Highest seq the follower has acknowledged as durable.",
+        &["dataset", "peer", "mode"],
+    )?;
+    let degraded = m.gauge(
+        "triad_replication_degraded",
+        "1 while a sync follower is degraded to async (on_unreachable = degrade).",
+        &["dataset", "peer"],
+    )?;
+    let degradations = m.counter(
+        "triad_replication_degradations_total",
+        "Times a sync follower was degraded to async since start.",
+        &["dataset", "peer"],
+    )?;
+    let transfer = m.gauge(
+        "triad_replication_receiving_transfer",
+        "1 while this site catches up by state transfer (not ready).",
+        &["dataset", "peer"],
+    )?;
+    let refused = m.counter(
+        "triad_replication_refused_connections_total",
+        "Connections refused at the replication port since start, by reason.",
+        &["reason"],
+    )?;
+
+    let commit_failing = m.gauge(
+        "triad_source_commit_failing",
+        "1 while the commit policy fails: a sync follower does not acknowledge in time.",
+        &["dataset"],
+    )?;
+    let commit_failures = m.counter(
+        "triad_source_commit_failures_total",
+        "Source rounds whose changes a sync follower did not acknowledge in time.",
+        &["dataset"],
+    )?;
+    let files = m.counter(
+        "triad_source_files_ingested_total",
+        "Files read and logged by the source.",
+        &["dataset"],
+    )?;
+    let src_bytes = m.counter(
+        "triad_source_bytes_read_total",
+        "Bytes read by the source.",
+        &["dataset"],
+    )?;
+    let pending = m.gauge(
+        "triad_source_pending_paths",
+        "Changed paths waiting for the next round.",
+        &["dataset"],
+    )?;
+
+    let arch_open = m.gauge(
+        "triad_archive_open",
+        "1 once this site's object store answered.",
+        &["dataset"],
+    )?;
+    let arch_shipped = m.gauge(
+        "triad_archive_shipped_seq",
+        "Highest seq in this site's archive.",
+        &["dataset"],
+    )?;
+    let arch_lag = m.gauge(
+        "triad_archive_lag_records",
+        "Records committed here and not yet in the archive.",
+        &["dataset"],
+    )?;
+    let arch_ship = m.gauge(
+        "triad_archive_last_ship_timestamp_seconds",
+        "When the log was last shipped to the archive.",
+        &["dataset"],
+    )?;
+    let arch_err = m.gauge(
+        "triad_archive_error",
+        "1 while the last attempt of this kind failed (ship, snapshot, prune).",
+        &["dataset", "kind"],
+    )?;
+    let gaps = m.counter(
+        "triad_archive_gaps_bridged_total",
+        "Gaps in the local log bridged by a snapshot since start.",
+        &["dataset"],
+    )?;
+    let snap_ok = m.gauge(
+        "triad_snapshot_last_success_timestamp_seconds",
+        "When the newest snapshot in the archive was taken.",
+        &["dataset"],
+    )?;
+    let snap_dur = m.gauge(
+        "triad_snapshot_last_duration_seconds",
+        "How long the last snapshot took.",
+        &["dataset"],
+    )?;
+    let snap_bytes = m.gauge(
+        "triad_snapshot_last_bytes",
+        "Bytes of data in the last snapshot.",
+        &["dataset"],
+    )?;
+    let snap_up = m.gauge(
+        "triad_snapshot_last_uploaded_bytes",
+        "Bytes the last snapshot uploaded (new chunks only).",
+        &["dataset"],
+    )?;
+    let snap_every = m.gauge(
+        "triad_snapshot_interval_seconds",
+        "Seconds between scheduled snapshots.",
+        &["dataset"],
+    )?;
+    let chunks_missing = m.gauge(
+        "triad_archive_chunks_missing",
+        "Chunks kept snapshots need that the last prune did not find in the store.",
+        &["dataset"],
+    )?;
+
+    let verify_t = m.gauge(
+        "triad_verify_last_timestamp_seconds",
+        "When cross-site verify last ran.",
+        &["dataset"],
+    )?;
+    let verify_ok = m.gauge(
+        "triad_verify_last_agree",
+        "1 when the last cross-site verify found the three copies in agreement.",
+        &["dataset"],
+    )?;
+    let verify_bad = m.counter(
+        "triad_verify_mismatch_total",
+        "Cross-site verifies that found copies disagreeing, since start.",
+        &["dataset"],
+    )?;
+    let verify_every = m.gauge(
+        "triad_verify_interval_seconds",
+        "Seconds between scheduled verifies.",
+        &["dataset"],
+    )?;
+    let scrub_t = m.gauge(
+        "triad_scrub_last_timestamp_seconds",
+        "When this copy was last scrubbed.",
+        &["dataset"],
+    )?;
+    let scrub_ok = m.gauge(
+        "triad_scrub_last_ok",
+        "1 when the last scrub found nothing damaged (after any repair).",
+        &["dataset"],
+    )?;
+    let scrub_bad = m.gauge(
+        "triad_scrub_last_damaged_chunks",
+        "Chunks the last scrub left damaged.",
+        &["dataset"],
+    )?;
+    let scrub_every = m.gauge(
+        "triad_scrub_interval_seconds",
+        "Seconds between scheduled scrubs.",
+        &["dataset"],
+    )?;
+    let repairs = m.counter(
+        "triad_repairs_total",
+        "Chunks repaired by scheduled scrubs since start.",
+        &["dataset"],
+    )?;
+    let drill_t = m.gauge(
+        "triad_drill_last_timestamp_seconds",
+        "When a restore drill last finished.",
+        &["dataset"],
+    )?;
+    let drill_ok_t = m.gauge(
+        "triad_drill_last_success_timestamp_seconds",
+        "When a restore drill last passed.",
+        &["dataset"],
+    )?;
+    let drill_ok = m.gauge(
+        "triad_drill_last_passed",
+        "1 when the last restore drill passed.",
+        &["dataset"],
+    )?;
+    let drill_rto = m.gauge(
+        "triad_drill_last_rto_seconds",
+        "Recovery time of the last drill.",
+        &["dataset"],
+    )?;
+    let drill_rpo = m.gauge(
+        "triad_drill_last_rpo_seconds",
+        "Recovery point of the last drill: how much older the restored point was than the primary.",
+        &["dataset"],
+    )?;
+    let drill_fail = m.counter(
+        "triad_drill_failures_total",
+        "Scheduled drills that failed since start.",
+        &["dataset"],
+    )?;
+    let drill_every = m.gauge(
+        "triad_drill_interval_seconds",
+        "Seconds between scheduled drills.",
+        &["dataset"],
+    )?;
+
+    for d in datasets.iter() {
+        let ds = d.dataset.as_str();
+        head.with_label_values(&[ds]).set(d.log.head_seq as f64);
+        applied
+            .with_label_values(&[ds])
+            .set(d.log.applied_seq as f64);
+        last_commit
+            .with_label_values(&[ds])
+            .set(secs(d.log.last_commit_ns));
+        log_bytes
+            .with_label_values(&[ds])
+            .set(d.retention.log_bytes as f64);
+        log_first
+            .with_label_values(&[ds])
+            .set(d.retention.first_seq as f64);
+        failed
+            .with_label_values(&[ds])
+            .set(flag(d.failure.is_some()));
+        forced
+            .with_label_values(&[ds])
+            .inc_by(d.retention.forced_transfers);
+
+        for f in &d.replication.followers {
+            let l = [ds, f.site.as_str(), "follower"];
+            lag_s.with_label_values(&l).set(f.lag_seconds);
+            lag_r.with_label_values(&l).set(f.lag_records as f64);
+            lag_b.with_label_values(&l).set(f.lag_bytes as f64);
+            connected.with_label_values(&l).set(flag(f.connected));
+            acked
+                .with_label_values(&[ds, f.site.as_str(), f.mode.as_str()])
+                .set(f.acked_seq as f64);
+            degraded
+                .with_label_values(&[ds, &f.site])
+                .set(flag(f.degraded));
+            degradations
+                .with_label_values(&[ds, &f.site])
+                .inc_by(f.degradations);
+        }
+        if let Some(u) = &d.replication.upstream {
+            let l = [ds, u.upstream.as_str(), "upstream"];
+            lag_s.with_label_values(&l).set(u.lag_seconds);
+            lag_r.with_label_values(&l).set(u.lag_records as f64);
+            lag_b.with_label_values(&l).set(u.lag_bytes as f64);
+            connected.with_label_values(&l).set(flag(u.connected));
+            transfer
+                .with_label_values(&[ds, &u.upstream])
+                .set(flag(u.receiving_transfer));
+        }
+
+        if let Some(s) = &d.source {
+            commit_failing
+                .with_label_values(&[ds])
+                .set(flag(s.commit_failing));
+            commit_failures
+                .with_label_values(&[ds])
+                .inc_by(s.commit_failures);
+            files.with_label_values(&[ds]).inc_by(s.files_ingested);
+            src_bytes.with_label_values(&[ds]).inc_by(s.bytes_read);
+            pending.with_label_values(&[ds]).set(s.pending_paths as f64);
+        }
+
+        if let Some(a) = &d.archive {
+            arch_open.with_label_values(&[ds]).set(flag(a.opened));
+            arch_shipped
+                .with_label_values(&[ds])
+                .set(a.shipped_seq as f64);
+            if a.opened {
+                arch_lag
+                    .with_label_values(&[ds])
+                    .set(d.log.head_seq.saturating_sub(a.shipped_seq) as f64);
+            }
+            if a.last_ship_ns > 0 {
+                arch_ship.with_label_values(&[ds]).set(secs(a.last_ship_ns));
+            }
+            for (kind, e) in [
+                ("ship", &a.ship_error),
+                ("snapshot", &a.snapshot_error),
+                ("prune", &a.prune_error),
+            ] {
+                arch_err
+                    .with_label_values(&[ds, kind])
+                    .set(flag(e.is_some()));
+            }
+            gaps.with_label_values(&[ds]).inc_by(a.gaps_bridged);
+            if a.last_snapshot_ns > 0 {
+                snap_ok
+                    .with_label_values(&[ds])
+                    .set(secs(a.last_snapshot_ns));
+            }
+            if let Some(r) = &a.last_snapshot {
+                snap_dur.with_label_values(&[ds]).set(r.seconds);
+                snap_bytes.with_label_values(&[ds]).set(r.bytes as f64);
+                snap_up
+                    .with_label_values(&[ds])
+                    .set(r.bytes_uploaded as f64);
+            }
+            if let Some(i) = a.snapshot_interval_seconds {
+                snap_every.with_label_values(&[ds]).set(i);
+            }
+            if let Some(p) = &a.last_prune {
+                chunks_missing
+                    .with_label_values(&[ds])
+                    .set(p.chunks_missing as f64);
+            }
+        }
+
+        if let Some(c) = &d.checks {
+            if c.last_verify_ns > 0 {
+                verify_t
+                    .with_label_values(&[ds])
+                    .set(secs(c.last_verify_ns));
+            }
+            if let Some(a) = c.last_verify_agree {
+                verify_ok.with_label_values(&[ds]).set(flag(a));
+            }
+            verify_bad
+                .with_label_values(&[ds])
+                .inc_by(c.verify_mismatch_total);
+            if let Some(i) = c.verify_interval_seconds {
+                verify_every.with_label_values(&[ds]).set(i);
+            }
+            if c.last_scrub_ns > 0 {
+                scrub_t.with_label_values(&[ds]).set(secs(c.last_scrub_ns));
+            }
+            if let Some(ok) = c.last_scrub_ok {
+                scrub_ok.with_label_values(&[ds]).set(flag(ok));
+                scrub_bad
+                    .with_label_values(&[ds])
+                    .set(c.last_scrub_damaged as f64);
+            }
+            if let Some(i) = c.scrub_interval_seconds {
+                scrub_every.with_label_values(&[ds]).set(i);
+            }
+            repairs.with_label_values(&[ds]).inc_by(c.repairs_total);
+            if c.last_drill_ns > 0 {
+                drill_t.with_label_values(&[ds]).set(secs(c.last_drill_ns));
+                drill_ok
+                    .with_label_values(&[ds])
+                    .set(flag(c.last_drill_result.as_deref() == Some("passed")));
+            }
+            if c.last_drill_success_ns > 0 {
+                drill_ok_t
+                    .with_label_values(&[ds])
+                    .set(secs(c.last_drill_success_ns));
+            }
+            if let Some(r) = c.last_drill_rto_seconds {
+                drill_rto.with_label_values(&[ds]).set(r);
+            }
+            if let Some(r) = c.last_drill_rpo_seconds {
+                drill_rpo.with_label_values(&[ds]).set(r);
+            }
+            drill_fail
+                .with_label_values(&[ds])
+                .inc_by(c.drill_failures_total);
+            if let Some(i) = c.drill_interval_seconds {
+                drill_every.with_label_values(&[ds]).set(i);
+            }
+        }
+    }
+    if let Some(d) = datasets.first() {
+        // Refusals are per site, repeated in every dataset's status.
+        refused
+            .with_label_values(&["handshake"])
+            .inc_by(d.replication.refused_handshakes);
+        refused
+            .with_label_values(&["unknown_site"])
+            .inc_by(d.replication.refused_unknown_sites);
+    }
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&m.reg.gather(), &mut out)?;
+    String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
