@@ -141,18 +141,10 @@ pub fn start(
     Ok((shared, handle))
 }
 
-/// Where a dataset's drill reports go.
-fn reports_dir(cfg: &Config) -> std::path::PathBuf {
-    cfg.drill
-        .as_ref()
-        .and_then(|d| d.reports_dir.clone())
-        .unwrap_or_else(|| cfg.site.data_dir.join("reports"))
-}
-
 /// Takes in drills and scrubs recorded on disk that are newer than what the
 /// status holds (run by hand, or before this start).
 fn read_evidence(cfg: &Config, dataset: &str, s: &Shared) {
-    let latest = reports_dir(cfg).join(format!("latest-{dataset}.json"));
+    let latest = cfg.reports_dir().join(format!("latest-{dataset}.json"));
     let report = std::fs::read(&latest)
         .ok()
         .and_then(|b| serde_json::from_slice::<verifier::DrillReport>(&b).ok());
@@ -288,7 +280,7 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
             drill.endpoint.clone(),
             drill.credentials_file.clone(),
         )?;
-        let reports = reports_dir(cfg);
+        let reports = cfg.reports_dir();
         let spec = verifier::DrillSpec {
             dataset: ds.name(),
             key: &key,

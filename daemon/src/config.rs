@@ -790,6 +790,33 @@ impl Config {
     }
 
     /// The peer this site streams from, for a follower.
+    /// The `[tls]` files, for connecting to or serving other sites.
+    pub fn tls_files(&self) -> Option<replicator::tls::TlsFiles> {
+        self.tls.as_ref().map(|t| replicator::tls::TlsFiles {
+            ca: t.ca.clone(),
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+        })
+    }
+
+    /// Where drill reports go: `[drill] reports_dir`, else `<data_dir>/reports`.
+    pub fn reports_dir(&self) -> PathBuf {
+        self.drill
+            .as_ref()
+            .and_then(|d| d.reports_dir.clone())
+            .unwrap_or_else(|| self.site.data_dir.join("reports"))
+    }
+
+    /// How to reach the named `[[peer]]` over the replication port.
+    pub fn peer_addr(&self, name: &str) -> Option<replicator::follower::UpstreamAddr> {
+        let p = self.peer.iter().find(|p| p.name == name)?;
+        Some(replicator::follower::UpstreamAddr {
+            name: p.name.clone(),
+            address: p.address.clone(),
+            tls: self.tls_files()?,
+        })
+    }
+
     pub fn upstream_peer(&self) -> Option<&Peer> {
         let up = self.site.upstream.as_ref()?;
         self.peer.iter().find(|p| &p.name == up)

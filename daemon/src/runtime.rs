@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use replicator::follower::{FollowStatus, UpstreamAddr};
-use replicator::tls::{Refusals, TlsFiles};
+use replicator::tls::Refusals;
 use replicator::upstream::{LinkStatus, Upstream, MAX_MESSAGE};
 use serde::Serialize;
 use vault::{Dataset, DatasetKey};
@@ -240,11 +240,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         });
     }
 
-    let tls = cfg.tls.as_ref().map(|t| TlsFiles {
-        ca: t.ca.clone(),
-        cert: t.cert.clone(),
-        key: t.key.clone(),
-    });
+    let tls = cfg.tls_files();
 
     // Serve the log to the sites that follow this one.
     let refusals = Arc::new(Refusals::default());
@@ -258,7 +254,15 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             .iter()
             .map(|r| (r.ds.name().to_string(), r.ds.clone()))
             .collect();
-        let up = Arc::new(Upstream::new(datasets, cfg.followers()).with_site(&cfg.site.name));
+        let site_status = {
+            let view = view.clone();
+            Arc::new(move || view.status_json().to_string()) as replicator::upstream::StatusSource
+        };
+        let up = Arc::new(
+            Upstream::new(datasets, cfg.followers())
+                .with_site(&cfg.site.name)
+                .with_status(site_status),
+        );
         let server_cfg = replicator::tls::server_config(tls).context("loading [tls]")?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(&addr))

@@ -288,6 +288,18 @@ pub async fn fetch_checkpoints(
         .map_err(|s| format!("{}: {}", site.name, s.message()))
 }
 
+/// Asks a site for its status document (`triad status --all`).
+pub async fn fetch_site_status(site: &UpstreamAddr) -> Result<String, String> {
+    let channel = connect(site).await?;
+    let mut client = pb::replication_client::ReplicationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE);
+    client
+        .site_status(pb::SiteStatusRequest {})
+        .await
+        .map(|r| r.into_inner().json)
+        .map_err(|s| format!("{}: {}", site.name, s.message()))
+}
+
 /// Asks a site for sealed chunks by id (repair). The caller checks them.
 pub async fn fetch_chunks(
     site: &UpstreamAddr,

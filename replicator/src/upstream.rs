@@ -101,7 +101,12 @@ pub struct Upstream {
     generation: std::sync::atomic::AtomicU64,
     /// Woken on every acknowledgement, for writers waiting on the policy.
     acked: Arc<tokio::sync::Notify>,
+    /// The site's status document, for the SiteStatus call.
+    site_status: Option<StatusSource>,
 }
+
+/// Produces the site's status JSON (the daemon's `/v1/status`).
+pub type StatusSource = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl Upstream {
     pub fn new(
@@ -115,7 +120,14 @@ impl Upstream {
             links: Arc::new(Mutex::new(HashMap::new())),
             generation: std::sync::atomic::AtomicU64::new(0),
             acked: Arc::new(tokio::sync::Notify::new()),
+            site_status: None,
         }
+    }
+
+    /// Answers SiteStatus calls with what `f` returns.
+    pub fn with_status(mut self, f: StatusSource) -> Upstream {
+        self.site_status = Some(f);
+        self
     }
 
     /// Waits until every sync follower has acknowledged `seq` of `dataset`,
@@ -471,6 +483,23 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ChunksReply { chunks }))
+    }
+
+    async fn site_status(
+        &self,
+        req: Request<pb::SiteStatusRequest>,
+    ) -> Result<Response<pb::SiteStatusReply>, Status> {
+        if req.extensions().get::<PeerInfo>().is_none() {
+            return Err(Status::unauthenticated("no client certificate"));
+        }
+        let f = self
+            .site_status
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this site does not report its status"))?;
+        let json = tokio::task::spawn_blocking(move || f())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::SiteStatusReply { json }))
     }
 
     async fn checkpoints(

@@ -5,8 +5,10 @@
 //! then the remote's copy is restored and compared with the source, the
 //! remote takes a snapshot into its own (file://) archive, that archive alone
 //! is restored and compared, a restore drill reports RTO and RPO, the
-//! primary verifies the three copies against each other, and the remote's
-//! copy is scrubbed.
+//! primary verifies the three copies against each other, the remote's copy
+//! is scrubbed, and `triad status --all` shows the three sites. Each site
+//! serves /metrics. The drill's report is kept (the rest is removed unless
+//! `--keep`), and the demo ends by saying where it is.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -165,6 +167,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     );
 
     let ports = [free_port()?, free_port()?, free_port()?];
+    let http_ports = [free_port()?, free_port()?, free_port()?];
+    let reports = base.join("reports");
     let peer = |i: usize, mode: &str| {
         let mode = if mode.is_empty() {
             String::new()
@@ -193,7 +197,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
         };
         let peers = match i {
             0 => peer(1, "sync") + &peer(2, "async"),
-            1 => peer(0, "") + &peer(2, "async"),
+            // The remote follows the primary, so the same-city site gives
+            // it no mode (a mode would make it wait for a follower that
+            // never comes).
+            1 => peer(0, "") + &peer(2, ""),
             _ => peer(0, "") + &peer(1, ""),
         };
         let source = if i == 0 {
@@ -204,18 +211,29 @@ pub fn run(a: Args) -> Result<ExitCode> {
         } else {
             String::new()
         };
+        // The drill is of the remote's archive; its daemon reports it.
+        let drill = if i == 2 {
+            format!("\n[drill]\nreports_dir = \"{}\"\n", reports.display())
+        } else {
+            String::new()
+        };
         // Each site archives into its own store: the embedded default, a
         // directory (file://); a real deployment points at S3.
         let text = format!(
-            "{head}\n[listen]\nreplication = \"127.0.0.1:{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{name}.pem\"\nkey = \"{c}/{name}.key\"\n\n{peers}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n{source}\n[archive]\nurl = \"file://{}\"\nlog_flush_interval = \"1s\"\n",
+            "{head}\n[listen]\nreplication = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{name}.pem\"\nkey = \"{c}/{name}.key\"\n\n{peers}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n{source}\n[archive]\nurl = \"file://{}\"\nlog_flush_interval = \"1s\"\n{drill}",
             ports[i],
+            http_ports[i],
             key.display(),
             dir.join("archive").display(),
             c = certs.display(),
         );
         let config = dir.join("triad.toml");
         std::fs::write(&config, text)?;
-        println!("   {name} ({role}): config {}", config.display());
+        println!(
+            "   {name} ({role}): config {}, metrics http://127.0.0.1:{}/metrics",
+            config.display(),
+            http_ports[i]
+        );
         sites.push(Site {
             name,
             status: dir.join("data/datasets/files/status.json"),
@@ -336,7 +354,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .args(["drill", "--dataset", "files", "--config"])
         .arg(&sites[2].config)
         .arg("--reports")
-        .arg(base.join("reports"))
+        .arg(&reports)
         .status()?
         .success();
     println!("== cross-site verify from the primary: the three sites' checkpoints compared");
@@ -359,16 +377,45 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .arg(&sites[2].config)
         .status()?
         .success();
+    println!("== the three sites as an operator sees them: triad status --all (from the primary)");
+    // The daemons pick up the drill's report within a few seconds.
+    std::thread::sleep(Duration::from_secs(6));
+    ok &= Command::new(&exe)
+        .args(["status", "--all", "--config"])
+        .arg(&sites[0].config)
+        .status()?
+        .success();
     for s in sites.iter_mut().rev() {
         s.signal(libc::SIGTERM);
     }
+    drop(sites);
     if a.keep {
         println!("== kept {}", base.display());
     } else {
-        drop(sites);
-        let _ = std::fs::remove_dir_all(&base);
+        // Everything but the drill's report, which is the demo's record.
+        for e in std::fs::read_dir(&base)?.flatten() {
+            if e.path() != reports {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        }
     }
     println!("{}", if ok { "demo passed" } else { "demo FAILED" });
+    let mut written: Vec<PathBuf> = std::fs::read_dir(&reports)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    written.sort();
+    match written
+        .iter()
+        .find(|p| p.extension().is_some_and(|x| x == "md"))
+    {
+        Some(md) => println!(
+            "the drill report: {}\n(and {}/)",
+            md.display(),
+            reports.display()
+        ),
+        None => println!("no drill report was written (see the output above)"),
+    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

@@ -34,7 +34,7 @@ pub struct Args {
     /// `latest`, a seq, or an RFC 3339 time.
     #[arg(long, default_value = "latest")]
     at: String,
-    /// Where the reports go; default <data_dir>/reports.
+    /// Where the reports go; default [drill] reports_dir, else <data_dir>/reports.
     #[arg(long)]
     reports: Option<PathBuf>,
     /// Where the scratch directory is made; default <data_dir>.
@@ -137,10 +137,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     )
     .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
     let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.config)?;
-    let reports = a
-        .reports
-        .clone()
-        .unwrap_or_else(|| cfg.site.data_dir.join("reports"));
+    let reports = a.reports.clone().unwrap_or_else(|| cfg.reports_dir());
     let scratch = a
         .scratch
         .clone()

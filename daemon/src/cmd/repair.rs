@@ -84,11 +84,6 @@ pub fn with_dataset(
         _ => None,
     };
     let rt = crate::cmd::archive::runtime()?;
-    let tls = cfg.tls.as_ref().map(|t| replicator::tls::TlsFiles {
-        ca: t.ca.clone(),
-        cert: t.cert.clone(),
-        key: t.key.clone(),
-    });
     let mut report = RepairReport::default();
     for s in bad_ids {
         let Some(id) = parse_id(s) else { continue };
@@ -127,23 +122,21 @@ pub fn with_dataset(
             }
         }
         if good.is_none() {
-            if let Some(tls) = &tls {
-                for p in &cfg.peer {
-                    let addr = replicator::follower::UpstreamAddr {
-                        name: p.name.clone(),
-                        address: p.address.clone(),
-                        tls: tls.clone(),
-                    };
-                    if let Ok(got) = rt.block_on(replicator::follower::fetch_chunks(
-                        &addr,
-                        name,
-                        &key.key_id(),
-                        &[id],
-                    )) {
-                        if let Some((_, b)) = got.into_iter().find(|(i, b)| *i == id && fits(b)) {
-                            good = Some((b, format!("site {}", p.name)));
-                            break;
-                        }
+            // Without [tls] there is no peer address to ask.
+            for (p, addr) in cfg
+                .peer
+                .iter()
+                .filter_map(|p| Some((p, cfg.peer_addr(&p.name)?)))
+            {
+                if let Ok(got) = rt.block_on(replicator::follower::fetch_chunks(
+                    &addr,
+                    name,
+                    &key.key_id(),
+                    &[id],
+                )) {
+                    if let Some((_, b)) = got.into_iter().find(|(i, b)| *i == id && fits(b)) {
+                        good = Some((b, format!("site {}", p.name)));
+                        break;
                     }
                 }
             }

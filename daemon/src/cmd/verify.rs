@@ -247,14 +247,9 @@ pub(crate) fn cross_site(
     key: &DatasetKey,
 ) -> Result<verifier::cross::CrossReport> {
     use verifier::cross::SiteView;
-    let tls = cfg.tls.as_ref().ok_or_else(|| {
+    let files = cfg.tls_files().ok_or_else(|| {
         anyhow!("cross-site verify connects to the other sites: the config needs [tls]")
     })?;
-    let files = replicator::tls::TlsFiles {
-        ca: tls.ca.clone(),
-        cert: tls.cert.clone(),
-        key: tls.key.clone(),
-    };
     let rt = crate::cmd::archive::runtime()?;
     // This site's copy on disk is read only when its daemon does not answer.
     let view = std::cell::OnceCell::new();
