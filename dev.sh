@@ -11,11 +11,17 @@ cd "$(dirname "$0")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/triad/target}"
 
 ensure_system() {
+  local missing=()
+  # The service tests check the systemd units with systemd-analyze and the
+  # metrics text and alert rules with Prometheus' promtool.
+  if [ "${1:-}" = test ]; then
+    command -v systemd-analyze >/dev/null || missing+=(systemd)
+    command -v promtool >/dev/null || missing+=(prometheus)
+  fi
   if ! command -v cargo >/dev/null; then
     echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then run this again" >&2
     exit 1
   fi
-  local missing=()
   # RocksDB's build runs bindgen, which loads libclang, and compiles C++.
   # (libclang-cpp alone, which Debian often has, is not enough.)
   compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/*/libclang-[0-9]*.so*" >/dev/null || missing+=(libclang-dev)
@@ -25,7 +31,7 @@ ensure_system() {
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "installing system packages: ${missing[*]}" >&2
       apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
       echo "missing system packages: ${missing[*]}" >&2
       echo "install them with: sudo apt-get install ${missing[*]}" >&2
@@ -54,7 +60,7 @@ case "${1:-}" in
     exec "$CARGO_TARGET_DIR/debug/triad" demo
     ;;
   test)
-    ensure_system
+    ensure_system test
     ensure_s3s_fs
     cargo fmt --all --check
     cargo clippy -q --workspace --all-targets -- -D warnings

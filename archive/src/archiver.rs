@@ -92,7 +92,7 @@ impl RetentionPolicy {
 }
 
 /// What a snapshot did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SnapshotReport {
     pub name: String,
     pub seq: u64,

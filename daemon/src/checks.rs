@@ -23,7 +23,12 @@ use crate::config::Config;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChecksStatus {
     pub last_verify_ns: i64,
+    /// The last verify compared the copies and they agreed (true) or
+    /// differed (false); None when it has not run or could not compare.
     pub last_verify_agree: Option<bool>,
+    /// "agree", "disagree" or "incomplete" (a site did not answer, or no
+    /// common checkpoint yet).
+    pub last_verify_outcome: Option<String>,
     pub last_verify_verdict: Option<String>,
     pub verify_mismatch_total: u64,
     pub last_scrub_ns: i64,
@@ -166,6 +171,22 @@ fn read_evidence(cfg: &Config, dataset: &str, s: &Shared) {
             }
         });
     }
+    let verify = std::fs::read(
+        cfg.dataset_dir(dataset)
+            .join(crate::cmd::verify::LAST_VERIFY),
+    )
+    .ok()
+    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if let Some(v) = verify {
+        let t = v["time_ns"].as_i64().unwrap_or(0);
+        let (agree, disagree) = (v["agree"] == true, v["disagree"] == true);
+        update(s, |c| {
+            if t > c.last_verify_ns {
+                c.last_verify_ns = t;
+                record_verify(c, agree, disagree, v["verdict"].as_str().unwrap_or(""));
+            }
+        });
+    }
     if let Some((t, damaged, digest_ok)) =
         replicator::upstream::read_last_scrub(&cfg.dataset_dir(dataset))
     {
@@ -176,6 +197,23 @@ fn read_evidence(cfg: &Config, dataset: &str, s: &Shared) {
                 c.last_scrub_damaged = damaged;
             }
         });
+    }
+}
+
+/// Takes a verify's outcome into the status.
+fn record_verify(c: &mut ChecksStatus, agree: bool, disagree: bool, verdict: &str) {
+    let outcome = if agree {
+        "agree"
+    } else if disagree {
+        "disagree"
+    } else {
+        "incomplete"
+    };
+    c.last_verify_agree = (agree || disagree).then_some(agree);
+    c.last_verify_outcome = Some(outcome.into());
+    c.last_verify_verdict = Some(verdict.to_string());
+    if disagree {
+        c.verify_mismatch_total += 1;
     }
 }
 
@@ -197,11 +235,7 @@ fn run_verify(cfg: &Config, ds: &Dataset, s: &Shared) {
             }
             update(s, |c| {
                 c.last_verify_ns = vault::dataset::now_ns();
-                c.last_verify_agree = Some(r.agree);
-                c.last_verify_verdict = Some(r.verdict.clone());
-                if !r.agree {
-                    c.verify_mismatch_total += 1;
-                }
+                record_verify(c, r.agree, r.disagree, &r.verdict);
             });
         }
         Err(e) => {

@@ -264,12 +264,17 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
     )?;
     let verify_ok = m.gauge(
         "triad_verify_last_agree",
-        "1 when the last cross-site verify found the three copies in agreement.",
+        "1 when the last cross-site verify compared the copies and they agreed, 0 when they differed (absent when it could not compare).",
         &["dataset"],
     )?;
     let verify_bad = m.counter(
         "triad_verify_mismatch_total",
-        "Cross-site verifies that found copies disagreeing, since start.",
+        "Cross-site verifies that found the copies differing (a fork, or a site whose scrub found damage), since start.",
+        &["dataset"],
+    )?;
+    let verify_incomplete = m.gauge(
+        "triad_verify_last_incomplete",
+        "1 when the last cross-site verify could not compare: a site did not answer, or no common checkpoint yet.",
         &["dataset"],
     )?;
     let verify_every = m.gauge(
@@ -456,6 +461,11 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
             verify_bad
                 .with_label_values(&[ds])
                 .inc_by(c.verify_mismatch_total);
+            if let Some(o) = &c.last_verify_outcome {
+                verify_incomplete
+                    .with_label_values(&[ds])
+                    .set(flag(o == "incomplete"));
+            }
             if let Some(i) = c.verify_interval_seconds {
                 verify_every.with_label_values(&[ds]).set(i);
             }
@@ -510,4 +520,112 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
     let mut out = Vec::new();
     TextEncoder::new().encode(&m.reg.gather(), &mut out)?;
     String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{DatasetStatus, ReplicationStatus, Retention};
+
+    /// A status with every optional part present, as a primary with an
+    /// archive and every check scheduled and run would have.
+    fn full_status() -> DatasetStatus {
+        let link = replicator::upstream::LinkStatus {
+            dataset: "files".into(),
+            site: "zjk-b".into(),
+            mode: "sync".into(),
+            ..Default::default()
+        };
+        DatasetStatus {
+            dataset: "files".into(),
+            site: "zjk-a".into(),
+            role: "primary",
+            pid: 1,
+            updated_ns: 1,
+            log: vault::Status::default(),
+            source: Some(crate::source::StatsView::default()),
+            replication: ReplicationStatus {
+                followers: vec![link],
+                upstream: Some(replicator::follower::FollowStatus::default()),
+                ..Default::default()
+            },
+            retention: Retention::default(),
+            archive: Some(crate::archiving::ArchiveStatus {
+                opened: true,
+                last_ship_ns: 1,
+                last_snapshot: Some(archive::SnapshotReport::default()),
+                last_snapshot_ns: 1,
+                snapshot_interval_seconds: Some(3600.0),
+                last_prune: Some(archive::PruneReport::default()),
+                ..Default::default()
+            }),
+            checks: Some(crate::checks::ChecksStatus {
+                last_verify_ns: 1,
+                last_verify_agree: Some(true),
+                last_verify_outcome: Some("agree".into()),
+                last_scrub_ns: 1,
+                last_scrub_ok: Some(true),
+                last_drill_ns: 1,
+                last_drill_success_ns: 1,
+                last_drill_result: Some("passed".into()),
+                last_drill_rto_seconds: Some(1.0),
+                last_drill_rpo_seconds: Some(0.0),
+                verify_interval_seconds: Some(600.0),
+                scrub_interval_seconds: Some(604800.0),
+                drill_interval_seconds: Some(2678400.0),
+                ..Default::default()
+            }),
+            failure: None,
+        }
+    }
+
+    /// Every metric an alert rule or the dashboard names is one the daemon
+    /// exports: a renamed metric would otherwise silence its alert.
+    #[test]
+    fn alerts_and_dashboard_use_exported_metrics() {
+        let view = SiteView::new("zjk-a", "primary");
+        view.publish(vec![full_status()]);
+        let text = render(&view).expect("render");
+        let exported: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for file in ["alerts.yml", "grafana-dashboard.json"] {
+            let body = std::fs::read_to_string(root.join(file)).expect("read config");
+            let mut named = 0;
+            for (i, _) in body.match_indices("triad_") {
+                let name: String = body[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                named += 1;
+                assert!(
+                    exported.contains(name.as_str()),
+                    "{file} uses {name}, which /metrics does not export"
+                );
+            }
+            assert!(named > 5, "{file} names only {named} triad metrics");
+        }
+    }
+
+    /// Counters end in _total and every family has help text: what
+    /// Prometheus' own linter (promtool check metrics) asks for.
+    #[test]
+    fn metric_names_follow_prometheus_conventions() {
+        let view = SiteView::new("zjk-a", "primary");
+        view.publish(vec![full_status()]);
+        let text = render(&view).expect("render");
+        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut parts = l.split(' ').skip(2);
+            let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            assert!(name.starts_with("triad_"), "{name}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{l}");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no help"
+            );
+        }
+    }
 }

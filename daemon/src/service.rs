@@ -18,15 +18,31 @@ pub struct Notifier {
     last_status_at: Option<Instant>,
 }
 
+/// The watchdog period systemd asks for, as libsystemd's
+/// sd_watchdog_enabled reads it: `WATCHDOG_USEC`, for this process unless
+/// `WATCHDOG_PID` names another. (The sd-notify crate's own check also
+/// requires `WATCHDOG_PID` to be set, which systemd does but not every
+/// supervisor.)
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then_some(usec)
+}
+
 impl Notifier {
     /// Reads `NOTIFY_SOCKET` and `WATCHDOG_USEC` (`WATCHDOG_PID` must be
     /// this process when set). The variables are left in place; triad
     /// starts no child that could misuse them.
     pub fn from_env() -> Notifier {
         let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
-        let mut usec = 0u64;
-        let ping_every = (enabled && sd_notify::watchdog_enabled(false, &mut usec) && usec > 0)
-            .then(|| Duration::from_micros(usec / 2));
+        let ping_every = enabled
+            .then(watchdog_usec)
+            .flatten()
+            .map(|usec| Duration::from_micros(usec / 2));
         if let Some(p) = ping_every {
             tracing::info!(period = ?p * 2, "systemd watchdog enabled");
         }

@@ -64,7 +64,7 @@ pub struct Stats {
     pub last_error: Mutex<Option<String>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 pub struct StatsView {
     pub rounds: u64,
     pub files_ingested: u64,

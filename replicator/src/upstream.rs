@@ -59,7 +59,7 @@ pub struct CommitError {
 }
 
 /// One follower of one dataset, as this site sees it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct LinkStatus {
     pub dataset: String,
     pub site: String,

@@ -225,7 +225,7 @@ struct Submission {
 const COMMIT_TIMES: usize = 1 << 20;
 
 /// What the dataset reports about itself.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
     pub head_seq: u64,
     pub applied_seq: u64,

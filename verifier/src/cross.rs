@@ -50,6 +50,11 @@ pub struct CrossReport {
     pub compared_seq: Option<u64>,
     /// True when every site answered and all agree at `compared_seq`.
     pub agree: bool,
+    /// True when the copies were compared and found to differ (a fork, no
+    /// majority, or a site whose scrub found damage). Not agreeing without
+    /// disagreeing means the comparison was incomplete: a site did not
+    /// answer, or there is no common checkpoint yet.
+    pub disagree: bool,
     /// The site that disagrees with the other two.
     pub odd_site: Option<String>,
     /// Sites whose last scrub left damaged chunks or a wrong digest: their
@@ -81,6 +86,7 @@ pub fn compare(dataset: &str, sites: &[SiteView]) -> CrossReport {
         .collect();
     if !r.damaged_sites.is_empty() {
         r.agree = false;
+        r.disagree = true;
         r.verdict.push_str(&format!(
             "; the last scrub at {} found damage (run `triad verify --scrub --repair` there)",
             r.damaged_sites.join(", ")
@@ -107,6 +113,7 @@ fn compare_chains(dataset: &str, sites: &[SiteView]) -> CrossReport {
         sites: summaries,
         compared_seq: None,
         agree: false,
+        disagree: false,
         odd_site: None,
         damaged_sites: Vec::new(),
         agreed_until: None,
@@ -161,6 +168,7 @@ fn compare_chains(dataset: &str, sites: &[SiteView]) -> CrossReport {
     let mut by_size: Vec<&Vec<&SiteView>> = groups.values().collect();
     by_size.sort_by_key(|g| std::cmp::Reverse(g.len()));
     let (majority, minority) = (by_size[0], by_size[1]);
+    r.disagree = true;
     if majority.len() < 2 || minority.len() != 1 || by_size.len() > 2 {
         r.verdict = format!(
             "the copies disagree at seq {seq} and no majority names an odd one out ({} groups)",
@@ -231,7 +239,7 @@ mod tests {
         let b = site("b", &[(256, 1), (512, 2), (768, 3)]);
         let c = site("c", &[(256, 1), (512, 2)]);
         let r = compare("d", &[a, b, c]);
-        assert!(r.agree);
+        assert!(r.agree && !r.disagree);
         assert_eq!(r.compared_seq, Some(512));
     }
 
@@ -250,7 +258,7 @@ mod tests {
             [(b"x".to_vec(), vec![1]), (b"y".to_vec(), vec![3])].into(),
         ));
         let r = compare("d", &[a2, b, c]);
-        assert!(!r.agree);
+        assert!(!r.agree && r.disagree);
         assert_eq!(r.odd_site.as_deref(), Some("c"));
         assert_eq!((r.agreed_until, r.differs_from), (Some(256), Some(512)));
         assert_eq!(r.differing_paths, vec!["y"]);
@@ -268,7 +276,7 @@ mod tests {
         b.scrub = Some((5, 1, true));
         let c = site("c", &[(256, 1)]);
         let r = compare("d", &[a, b, c]);
-        assert!(!r.agree);
+        assert!(!r.agree && r.disagree);
         assert_eq!(r.damaged_sites, vec!["b"]);
         assert!(
             r.verdict.contains("scrub at b found damage"),
@@ -283,9 +291,18 @@ mod tests {
         let b = site("b", &[(256, 2)]);
         let mut c = site("c", &[(256, 3)]);
         let r = compare("d", &[a.clone(), b.clone(), c.clone()]);
-        assert!(r.odd_site.is_none() && !r.agree);
+        assert!(r.odd_site.is_none() && !r.agree && r.disagree);
         c.error = Some("unreachable".into());
-        let r = compare("d", &[a, c]);
+        let r = compare("d", &[a.clone(), c]);
         assert!(r.verdict.contains("cannot compare"), "{}", r.verdict);
+        // Not comparing is not a disagreement: no mismatch is counted.
+        assert!(!r.agree && !r.disagree);
+        let r = compare("d", &[a.clone(), b.clone(), site("c", &[])]);
+        assert!(
+            r.verdict.contains("no checkpoint in common"),
+            "{}",
+            r.verdict
+        );
+        assert!(!r.agree && !r.disagree);
     }
 }

@@ -41,8 +41,10 @@ pub fn init_logging(format: &str) {
         .or_else(|_| EnvFilter::try_from_default_env())
         // notify logs routine inotify bookkeeping at info; keep it out of the way.
         .unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
+    // Colours only on a terminal: the journal and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

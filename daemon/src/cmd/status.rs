@@ -353,7 +353,13 @@ fn print_site(site: &Value) -> bool {
                     "DISAGREE ({})",
                     age(now, c["last_verify_ns"].as_i64().unwrap_or(0))
                 ),
-                None => "not run since start".into(),
+                None => match c["last_verify_verdict"].as_str() {
+                    Some(v) => format!(
+                        "could not compare ({}): {v}",
+                        age(now, c["last_verify_ns"].as_i64().unwrap_or(0))
+                    ),
+                    None => "none recorded".into(),
+                },
             };
             let scrub = match c["last_scrub_ok"].as_bool() {
                 Some(true) => format!(

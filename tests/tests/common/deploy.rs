@@ -58,6 +58,8 @@ pub struct Deployment {
     pub b: Site,
     pub c: Site,
     pub ports: [u16; 3],
+    /// Each site's `listen.http` port (/metrics, /readyz, /v1/status).
+    pub http: [u16; 3],
     pub names: Names,
     /// Extra keys for the same-city peer in the primary's config (its
     /// commit policy).
@@ -84,6 +86,7 @@ impl Deployment {
             b,
             c,
             ports,
+            http: [free_port(), free_port(), free_port()],
             names,
             sync_policy: String::new(),
             primary_site: String::new(),
@@ -95,9 +98,10 @@ impl Deployment {
 
     pub fn configure(&self, remote_upstream: Option<(String, u16)>) {
         let [pa, pb, pc] = self.ports;
+        let [ha, hb, hc] = self.http;
         let certs = &self.names.certs;
         self.a.set_config(&format!(
-            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n{}\n[listen]\nreplication = \"127.0.0.1:{pa}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
+            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n{}\n[listen]\nreplication = \"127.0.0.1:{pa}\"\nhttp = \"127.0.0.1:{ha}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
             self.a.data.display(),
             self.primary_site,
             tls(certs, "zjk-a"),
@@ -107,7 +111,7 @@ impl Deployment {
             self.a.source.display()
         ));
         self.b.set_config(&format!(
-            "[site]\nname = \"zjk-b\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"zjk-a\"\n\n[listen]\nreplication = \"127.0.0.1:{pb}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
+            "[site]\nname = \"zjk-b\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"zjk-a\"\n\n[listen]\nreplication = \"127.0.0.1:{pb}\"\nhttp = \"127.0.0.1:{hb}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
             self.b.data.display(),
             tls(certs, "zjk-b"),
             peer("zjk-a", pa, None),
@@ -121,7 +125,7 @@ impl Deployment {
             peer("zjk-a", pa, None)
         };
         self.c.set_config(&format!(
-            "[site]\nname = \"sjz-c\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"{up_name}\"\n\n[listen]\nreplication = \"127.0.0.1:{pc}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
+            "[site]\nname = \"sjz-c\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"{up_name}\"\n\n[listen]\nreplication = \"127.0.0.1:{pc}\"\nhttp = \"127.0.0.1:{hc}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
             self.c.data.display(),
             tls(certs, "sjz-c"),
             peer(&up_name, up_port, None),

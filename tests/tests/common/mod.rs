@@ -45,6 +45,8 @@ pub struct Site {
     pub key: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -74,6 +76,7 @@ impl Site {
             config,
             log,
             tmp,
+            env: Vec::new(),
             child: None,
         };
         s.write_config("");
@@ -126,6 +129,7 @@ impl Site {
             .args(["daemon", "--config"])
             .arg(&self.config)
             .env("TRIAD_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
