@@ -258,10 +258,39 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             let view = view.clone();
             Arc::new(move || view.status_json().to_string()) as replicator::upstream::StatusSource
         };
+        // Admin calls do what `triad snapshot` / `triad prune` ask of a
+        // running daemon, through the same request queue.
+        let admin = {
+            let cfg = cfg.clone();
+            Arc::new(move |action: &str, dataset: &str| {
+                if action != "snapshot" && action != "prune" {
+                    return Err(format!(
+                        "unknown admin action `{action}`: snapshot or prune"
+                    ));
+                }
+                if cfg.dataset(dataset).is_none() {
+                    return Err(format!("this site has no dataset `{dataset}`"));
+                }
+                if cfg.archive.is_none() {
+                    return Err("this site has no [archive]".into());
+                }
+                let answer = crate::archiving::request(
+                    &cfg.dataset_dir(dataset),
+                    action,
+                    Duration::from_secs(3600),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok((
+                    answer.ok,
+                    serde_json::to_string(&answer).unwrap_or_default(),
+                ))
+            }) as replicator::upstream::AdminHandler
+        };
         let up = Arc::new(
             Upstream::new(datasets, cfg.followers())
                 .with_site(&cfg.site.name)
-                .with_status(site_status),
+                .with_status(site_status)
+                .with_admin(admin),
         );
         let server_cfg = replicator::tls::server_config(tls).context("loading [tls]")?;
         let listener = rt
@@ -529,7 +558,7 @@ fn reload_config(
             return old;
         }
     };
-    let (applied, restart) = old.reload_changes(&new);
+    let (mut applied, restart) = old.reload_changes(&new);
     let new_archive = match new.archive_settings() {
         Ok(a) => a,
         Err((field, message)) => {
@@ -541,6 +570,11 @@ fn reload_config(
             return old;
         }
     };
+    // With the store itself changed, its schedule and retention wait for
+    // the restart too: they belong to the new store.
+    if new_archive.as_ref().map(|a| &a.store) != archive_at_start.as_ref().map(|a| &a.store) {
+        applied.retain(|a| !a.starts_with("archive "));
+    }
     if applied.is_empty() && restart.is_empty() {
         tracing::info!(config = %path.display(), "reloaded: nothing changed");
     } else {

@@ -300,6 +300,28 @@ pub async fn fetch_site_status(site: &UpstreamAddr) -> Result<String, String> {
         .map_err(|s| format!("{}: {}", site.name, s.message()))
 }
 
+/// Asks a site's daemon to do an admin action (needs that site's own
+/// certificate in `site.tls`). Returns whether it succeeded and its JSON answer.
+pub async fn admin(
+    site: &UpstreamAddr,
+    action: &str,
+    dataset: &str,
+) -> Result<(bool, String), String> {
+    let channel = connect(site).await?;
+    let mut client = pb::replication_client::ReplicationClient::new(channel);
+    client
+        .admin(pb::AdminRequest {
+            action: action.to_string(),
+            dataset: dataset.to_string(),
+        })
+        .await
+        .map(|r| {
+            let r = r.into_inner();
+            (r.ok, r.json)
+        })
+        .map_err(|s| format!("{}: {}", site.name, s.message()))
+}
+
 /// Asks a site for sealed chunks by id (repair). The caller checks them.
 pub async fn fetch_chunks(
     site: &UpstreamAddr,

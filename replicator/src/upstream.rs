@@ -103,7 +103,13 @@ pub struct Upstream {
     acked: Arc<tokio::sync::Notify>,
     /// The site's status document, for the SiteStatus call.
     site_status: Option<StatusSource>,
+    /// Carries out Admin calls (this site's own certificate only).
+    admin: Option<AdminHandler>,
 }
+
+/// Does an admin action (`action`, `dataset`) at this site: returns whether
+/// it succeeded and the answer as JSON, or why it could not run.
+pub type AdminHandler = Arc<dyn Fn(&str, &str) -> Result<(bool, String), String> + Send + Sync>;
 
 /// Produces the site's status JSON (the daemon's `/v1/status`).
 pub type StatusSource = Arc<dyn Fn() -> String + Send + Sync>;
@@ -121,7 +127,14 @@ impl Upstream {
             generation: std::sync::atomic::AtomicU64::new(0),
             acked: Arc::new(tokio::sync::Notify::new()),
             site_status: None,
+            admin: None,
         }
+    }
+
+    /// Answers Admin calls with `f`.
+    pub fn with_admin(mut self, f: AdminHandler) -> Upstream {
+        self.admin = Some(f);
+        self
     }
 
     /// Answers SiteStatus calls with what `f` returns.
@@ -483,6 +496,38 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ChunksReply { chunks }))
+    }
+
+    async fn admin(
+        &self,
+        req: Request<pb::AdminRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let caller = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.site.clone())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        if caller != self.site {
+            tracing::warn!(site = %caller, "refused an admin call: it needs this site's own certificate");
+            return Err(Status::permission_denied(format!(
+                "admin calls at {} need its own certificate; {caller} may only read",
+                self.site
+            )));
+        }
+        let f = self
+            .admin
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this site takes no admin calls"))?;
+        let r = req.into_inner();
+        tracing::info!(action = %r.action, dataset = %r.dataset, "admin call");
+        let answer = tokio::task::spawn_blocking(move || f(&r.action, &r.dataset))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::AdminReply {
+            ok: answer.0,
+            json: answer.1,
+        }))
     }
 
     async fn site_status(

@@ -227,6 +227,45 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         "{status:?}"
     );
 
+    // Admin calls change things: another site's certificate is refused; the
+    // site's own certificate gets through to the action (which here finds
+    // no [archive] to snapshot).
+    let admin = |files: &replicator::tls::TlsFiles| {
+        rt.block_on(async {
+            let ch = tonic::transport::Endpoint::from_shared(format!(
+                "https://127.0.0.1:{}",
+                dep.ports[0]
+            ))
+            .unwrap()
+            .tls_config(replicator::tls::client_config(files, "zjk-a").unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+            pb::replication_client::ReplicationClient::new(ch)
+                .admin(pb::AdminRequest {
+                    action: "snapshot".into(),
+                    dataset: "files".into(),
+                })
+                .await
+                .map_err(Box::new)
+        })
+    };
+    let same_city = replicator::tls::TlsFiles {
+        ca: ca.clone(),
+        cert: certs.join("zjk-b.pem"),
+        key: certs.join("zjk-b.key"),
+    };
+    let status = admin(&same_city).expect_err("another site's admin call");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("need its own certificate"),
+        "{status:?}"
+    );
+    let status = admin(&primary_files).expect_err("no archive to snapshot");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("no [archive]"), "{status:?}");
+
     // Everyone is still up, and no copy changed.
     std::thread::sleep(Duration::from_millis(500));
     for s in [&dep.a, &dep.b, &dep.c] {

@@ -32,6 +32,12 @@ pub struct Args {
     /// How long to wait for a running daemon to finish.
     #[arg(long, default_value = "1h", value_parser = crate::config::parse_duration)]
     timeout: Duration,
+    /// Ask this site's daemon over the replication port (an Admin call
+    /// with the site's own certificate from [tls]) instead of through its
+    /// dataset directory: for running it from another host that holds the
+    /// site's certificate. Snapshot and prune only.
+    #[arg(long)]
+    over_tls: bool,
 }
 
 pub enum Job {
@@ -85,7 +91,9 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
                 } else {
                     "prune"
                 };
-                let answer = if daemon_running(&dir) {
+                let answer = if a.over_tls {
+                    over_tls(&cfg, &rt, kind, &name)?
+                } else if daemon_running(&dir) {
                     // A daemon started without [archive] would never answer.
                     let archiving = std::fs::read(dir.join(crate::runtime::STATUS_FILE))
                         .ok()
@@ -114,6 +122,40 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Asks the site's daemon with an Admin call on its replication port.
+fn over_tls(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+    kind: &str,
+    name: &str,
+) -> Result<crate::archiving::Answer> {
+    let listen = cfg
+        .listen
+        .as_ref()
+        .and_then(|l| l.replication.clone())
+        .ok_or_else(|| anyhow!("--over-tls needs listen.replication in the config"))?;
+    let tls = cfg
+        .tls_files()
+        .ok_or_else(|| anyhow!("--over-tls needs [tls] with this site's certificate"))?;
+    // A wildcard listen address is reached on loopback.
+    let address = listen
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    let addr = replicator::follower::UpstreamAddr {
+        name: cfg.site.name.clone(),
+        address,
+        tls,
+    };
+    eprintln!(
+        "asking {} over TLS to {kind} dataset {name} ...",
+        cfg.site.name
+    );
+    let (_, json) = rt
+        .block_on(replicator::follower::admin(&addr, kind, name))
+        .map_err(|e| anyhow!("dataset `{name}`: {e}"))?;
+    serde_json::from_str(&json).with_context(|| format!("dataset `{name}`: the daemon's answer"))
 }
 
 fn direct(
