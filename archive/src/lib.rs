@@ -19,5 +19,5 @@ pub mod store;
 
 pub use archiver::{Archiver, PruneReport, RetentionPolicy, SnapshotReport};
 pub use error::{ArchiveError, Result};
-pub use restore::{At, Progress, Restorer};
+pub use restore::{ArchiveRestore, At, Progress, Restorer};
 pub use store::{Store, StoreConfig};

@@ -94,6 +94,11 @@ pub struct Tls {
 pub struct Listen {
     pub replication: Option<String>,
     pub http: Option<String>,
+    /// The `triad put` / `triad get` socket. Default `<data_dir>/triad.sock`.
+    pub socket: Option<PathBuf>,
+    /// Group given the socket (mode 0660), e.g. "postgres" so a database's
+    /// archive_command may use it. Default: the daemon's own group.
+    pub socket_group: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -340,6 +345,20 @@ impl Config {
             }
         }
         if let Some(l) = &self.listen {
+            if let Some(s) = l.socket.as_ref().filter(|s| !s.is_absolute()) {
+                return Err(invalid(
+                    "listen.socket".into(),
+                    format!("`{}` must be an absolute path", s.display()),
+                ));
+            }
+            if let Some(g) = &l.socket_group {
+                if crate::pushed::group_id(g).is_none() {
+                    return Err(invalid(
+                        "listen.socket_group".into(),
+                        format!("there is no group `{g}` in /etc/group"),
+                    ));
+                }
+            }
             for (field, addr) in [
                 ("listen.replication", &l.replication),
                 ("listen.http", &l.http),
@@ -519,12 +538,8 @@ impl Config {
                         ));
                     }
                 }
-                SourceConfig::Pushed {} => {
-                    return Err(invalid(
-                        format!("dataset[{i}].source.kind"),
-                        "\"pushed\" datasets (triad put/get) are not available in this version; use kind = \"directory\"".into(),
-                    ));
-                }
+                // Filled by `triad put`; nothing to check.
+                SourceConfig::Pushed {} => {}
             }
         }
         if self.archive.is_some() {
@@ -797,6 +812,14 @@ impl Config {
             cert: t.cert.clone(),
             key: t.key.clone(),
         })
+    }
+
+    /// The put/get socket: `listen.socket`, else `<data_dir>/triad.sock`.
+    pub fn socket_path(&self) -> PathBuf {
+        self.listen
+            .as_ref()
+            .and_then(|l| l.socket.clone())
+            .unwrap_or_else(|| self.site.data_dir.join(crate::pushed::SOCKET))
     }
 
     /// Where drill reports go: `[drill] reports_dir`, else `<data_dir>/reports`.

@@ -9,6 +9,7 @@ mod cmd;
 mod config;
 mod http;
 mod metrics;
+mod pushed;
 mod runtime;
 mod service;
 mod source;
@@ -80,6 +81,12 @@ enum Command {
     Resync(cmd::resync::Args),
     /// Show each dataset's log, state and source status.
     Status(cmd::status::Args),
+    /// Store an object (a file, or stdin with `-`) in a pushed dataset; exits 0
+    /// only once the commit policy holds. For a database's archive_command.
+    Put(cmd::push::PutArgs),
+    /// Fetch an object from the local daemon or an archive; exits 1 with
+    /// nothing written when there is no such name. For restore_command.
+    Get(cmd::push::GetArgs),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
     Demo(cmd::demo::Args),
 }
@@ -106,6 +113,8 @@ fn main() -> ExitCode {
         Command::Resync(a) => cmd::resync::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Put(a) => cmd::push::put(a),
+        Command::Get(a) => cmd::push::get(a),
     };
     match result {
         Ok(code) => code,

@@ -366,6 +366,59 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         r.checks = Some(c);
     }
 
+    // The put/get socket, at every site: puts into pushed datasets at the
+    // primary (answered once the commit policy holds), gets anywhere.
+    let push_thread = {
+        let targets: HashMap<String, crate::pushed::Target> = running
+            .iter()
+            .zip(&cfg.dataset)
+            .map(|(r, d)| {
+                let pushed = cfg.site.role == Role::Primary
+                    && matches!(d.source, Some(crate::config::SourceConfig::Pushed {}));
+                let gate = upstream.clone().map(|up| {
+                    let (handle, name) = (rt.handle().clone(), d.name.clone());
+                    Arc::new(move |seq| {
+                        handle
+                            .block_on(up.wait_committed(&name, seq))
+                            .map_err(|e| e.to_string())
+                    }) as crate::source::CommitGate
+                });
+                let t = crate::pushed::Target {
+                    ds: r.ds.clone(),
+                    accepts_puts: pushed,
+                    gate,
+                    lock: Mutex::new(()),
+                };
+                (d.name.clone(), t)
+            })
+            .collect();
+        let path = cfg.socket_path();
+        let group = cfg
+            .listen
+            .as_ref()
+            .and_then(|l| l.socket_group.as_deref())
+            .and_then(crate::pushed::group_id);
+        let any_pushed = targets.values().any(|t| t.accepts_puts);
+        match crate::pushed::bind(&path, group) {
+            Ok(listener) => {
+                tracing::info!(socket = %path.display(), "serving triad put / triad get");
+                Some(
+                    crate::pushed::serve(listener, Arc::new(targets), stop.clone())
+                        .context("starting the put/get socket")?,
+                )
+            }
+            // Without a pushed dataset the socket only serves gets: not
+            // worth refusing to start over.
+            Err(e) if !any_pushed => {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot serve triad get here; set listen.socket");
+                None
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("listen.socket: binding {}", path.display()))
+            }
+        }
+    };
+
     let mut threads = Vec::new();
     match cfg.site.role {
         Role::Primary => {
@@ -489,6 +542,10 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             Err(_) => failed = Some("a source thread panicked".into()),
         }
     }
+    if let Some(t) = push_thread {
+        let _ = t.join();
+    }
+    let _ = std::fs::remove_file(cfg.socket_path());
     // The replication links stop only now, so a sync follower could still
     // acknowledge the sources' last round.
     let _ = shutdown_tx.send(true);

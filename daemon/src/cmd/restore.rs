@@ -23,42 +23,42 @@ pub struct Args {
         env = "TRIAD_CONFIG",
         default_value = "/etc/triad/triad.toml"
     )]
-    config: PathBuf,
+    pub(crate) config: PathBuf,
     /// The dataset to restore.
     #[arg(long)]
-    dataset: String,
+    pub(crate) dataset: String,
     /// Target directory; must be missing or empty.
     #[arg(long)]
-    to: PathBuf,
+    pub(crate) to: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Restore from this archive (s3://bucket/prefix or file:///dir) instead
     /// of the site's copy. Store settings come from the config's [archive]
     /// when it has one, else from the flags below and the AWS_* environment.
     #[arg(long)]
-    from_archive: Option<String>,
+    pub(crate) from_archive: Option<String>,
     /// With --from-archive: `latest` (default), a seq (`1234`), or an RFC 3339
     /// time (`2026-11-27T10:00:00Z`: the last change committed by then).
     #[arg(long, default_value = "latest")]
-    at: String,
+    pub(crate) at: String,
     /// With --from-archive and no config: the dataset's key file.
     #[arg(long)]
-    key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// With --from-archive and no config: the S3 endpoint.
     #[arg(long)]
-    endpoint: Option<String>,
+    pub(crate) endpoint: Option<String>,
     /// With --from-archive and no config: the S3 region.
     #[arg(long)]
-    region: Option<String>,
+    pub(crate) region: Option<String>,
     /// With --from-archive and no config: the credentials file.
     #[arg(long)]
-    credentials_file: Option<PathBuf>,
+    pub(crate) credentials_file: Option<PathBuf>,
     /// With --from-archive: chunk downloads in flight. A restore is the time
     /// to use the link fully (the daemon's `archive.concurrency` is for
     /// background work); one chunk is about 200 KiB to 4 MiB.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    concurrency: u16,
+    pub(crate) concurrency: u16,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
@@ -132,6 +132,41 @@ fn print_report(a: &Args, report: &vault::restore::Report, started: Instant) -> 
 }
 
 fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
+    let started = Instant::now();
+    let r = restore_from_archive(&a, url, true)?;
+    if !a.json {
+        println!(
+            "archive {url}: dataset {} from {} plus {} archived log records, to seq {} ({}); {} chunks, {} bytes downloaded; {:.1}s snapshot, {:.1}s log replay, {:.1}s writing and checking the tree",
+            a.dataset,
+            r.snapshot
+                .as_deref()
+                .map(|s| format!("snapshot {s}"))
+                .unwrap_or_else(|| "an empty dataset".into()),
+            r.replayed_records,
+            r.seq,
+            chrono::DateTime::from_timestamp_nanos(r.time_ns).to_rfc3339(),
+            r.chunks_downloaded,
+            r.bytes_downloaded,
+            r.seconds_snapshot,
+            r.seconds_replay,
+            r.seconds_write
+        );
+    }
+    if !a.json {
+        for s in &r.skipped_snapshots {
+            println!("warning: skipped a newer snapshot that does not read back whole: {s}");
+        }
+    }
+    print_report(&a, &r.report, started)
+}
+
+/// Restores `a.dataset` from the archive at `url` into `a.to` (with a
+/// progress bar on a terminal when `show_progress`).
+pub(crate) fn restore_from_archive(
+    a: &Args,
+    url: &str,
+    show_progress: bool,
+) -> Result<archive::ArchiveRestore> {
     crate::cmd::archive::check_restore_args(url)?;
     let at: archive::At = a.at.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     // The config, when there is one, gives the key and the store settings.
@@ -177,9 +212,8 @@ fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
     store_cfg.concurrency = usize::from(a.concurrency);
     let store = archive::Store::open(&store_cfg)?;
     let rt = crate::cmd::archive::runtime()?;
-    let started = Instant::now();
     let bar = ProgressBar::new(0);
-    if std::io::stderr().is_terminal() {
+    if show_progress && std::io::stderr().is_terminal() {
         bar.set_style(
             ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} eta {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -215,28 +249,5 @@ fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
         .restore(at, &a.to, &progress)
         .with_context(|| format!("restoring dataset `{}` from {url}", a.dataset))?;
     bar.finish_and_clear();
-    if !a.json {
-        println!(
-            "archive {url}: dataset {} from {} plus {} archived log records, to seq {} ({}); {} chunks, {} bytes downloaded; {:.1}s snapshot, {:.1}s log replay, {:.1}s writing and checking the tree",
-            a.dataset,
-            r.snapshot
-                .as_deref()
-                .map(|s| format!("snapshot {s}"))
-                .unwrap_or_else(|| "an empty dataset".into()),
-            r.replayed_records,
-            r.seq,
-            chrono::DateTime::from_timestamp_nanos(r.time_ns).to_rfc3339(),
-            r.chunks_downloaded,
-            r.bytes_downloaded,
-            r.seconds_snapshot,
-            r.seconds_replay,
-            r.seconds_write
-        );
-    }
-    if !a.json {
-        for s in &r.skipped_snapshots {
-            println!("warning: skipped a newer snapshot that does not read back whole: {s}");
-        }
-    }
-    print_report(&a, &r.report, started)
+    Ok(r)
 }

@@ -68,6 +68,10 @@ pub struct Deployment {
     pub primary_site: String,
     /// Extra keys for the remote peer in the primary's config.
     pub remote_policy: String,
+    /// The primary's `source = ...` line; a watched directory when empty.
+    pub primary_source: String,
+    /// Sections appended to the primary's config (e.g. [archive]).
+    pub primary_extra: String,
 }
 
 impl Deployment {
@@ -91,6 +95,8 @@ impl Deployment {
             sync_policy: String::new(),
             primary_site: String::new(),
             remote_policy: String::new(),
+            primary_source: String::new(),
+            primary_extra: String::new(),
         };
         d.configure(remote_upstream);
         d
@@ -101,14 +107,22 @@ impl Deployment {
         let [ha, hb, hc] = self.http;
         let certs = &self.names.certs;
         self.a.set_config(&format!(
-            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n{}\n[listen]\nreplication = \"127.0.0.1:{pa}\"\nhttp = \"127.0.0.1:{ha}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}\n",
+            "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n{}\n[listen]\nreplication = \"127.0.0.1:{pa}\"\nhttp = \"127.0.0.1:{ha}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n{}\n{}",
             self.a.data.display(),
             self.primary_site,
             tls(certs, "zjk-a"),
             peer("zjk-b", pb, Some("sync")).replace("mode = \"sync\"\n", &format!("mode = \"sync\"\n{}", self.sync_policy)),
             peer("sjz-c", pc, Some("async")).replace("mode = \"async\"\n", &format!("mode = \"async\"\n{}", self.remote_policy)),
             self.a.key.display(),
-            self.a.source.display()
+            if self.primary_source.is_empty() {
+                format!(
+                    "source = {{ kind = \"directory\", path = \"{}\", debounce = \"100ms\" }}",
+                    self.a.source.display()
+                )
+            } else {
+                self.primary_source.clone()
+            },
+            self.primary_extra,
         ));
         self.b.set_config(&format!(
             "[site]\nname = \"zjk-b\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"zjk-a\"\n\n[listen]\nreplication = \"127.0.0.1:{pb}\"\nhttp = \"127.0.0.1:{hb}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",

@@ -1,0 +1,606 @@
+//! Pushed datasets: objects handed to the daemon by `triad put` (a
+//! database's archive_command) and fetched by `triad get` (its
+//! restore_command), over a Unix socket in the site's data directory.
+//!
+//! A put streams the object into the dataset like any file: cut into
+//! chunks, sealed, logged (large objects in several records held by pins),
+//! then one Put record names it. It answers only once the commit policy
+//! holds (durable here and acknowledged by every sync follower), so a
+//! database never drops a WAL segment triad could still lose. Pushing a
+//! name again with the same content succeeds without a new record (after
+//! checking that the earlier record is committed); different content is
+//! refused, as PostgreSQL requires of an archive_command.
+//!
+//! Wire format, one request per connection: a JSON header line, then for a
+//! put the object as frames (u32 length, big-endian, then bytes) ended by a
+//! zero-length frame and the BLAKE3 hash of the whole object, so a client
+//! that dies half-way can never leave a truncated object behind. The answer
+//! is a JSON line; for a get it is followed by `size` bytes and their
+//! BLAKE3 hash.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vault::chunk::{self, ChunkId};
+use vault::{ChunkRef, Dataset, Entry, Node, Op, SubmitError};
+
+use crate::source::CommitGate;
+
+/// The socket's file name in `site.data_dir`.
+pub const SOCKET: &str = "triad.sock";
+
+/// Sealed chunks sent per Pin record while a large object streams in.
+const BATCH_BYTES: usize = 8 << 20;
+/// Largest frame a client may send.
+const MAX_FRAME: usize = 16 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    /// "put" or "get".
+    pub op: String,
+    pub dataset: String,
+    pub name: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    pub error: Option<String>,
+    /// get: the name does not exist (restore_command's "end of WAL").
+    #[serde(default)]
+    pub missing: bool,
+    /// put: the same content was already there.
+    #[serde(default)]
+    pub existed: bool,
+    /// put: the seq that named the object; get: none.
+    pub seq: Option<u64>,
+    /// get: bytes that follow the answer line.
+    pub size: Option<u64>,
+}
+
+/// A name a pushed object may have: one path component, as a database's
+/// file names are.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 255
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+    {
+        return Err(format!(
+            "`{name}` is not a valid object name: 1 to 255 bytes, no `/`, not `.` or `..`"
+        ));
+    }
+    Ok(())
+}
+
+/// One dataset the socket serves.
+pub struct Target {
+    pub ds: Arc<Dataset>,
+    /// Puts are taken here (a pushed dataset at the primary).
+    pub accepts_puts: bool,
+    /// Waits for the commit policy (primary with followers).
+    pub gate: Option<CommitGate>,
+    /// One put at a time per dataset: two puts of one name must not race
+    /// past the same-content check.
+    pub lock: Mutex<()>,
+}
+
+/// Binds the socket (replacing a stale one) with mode 0660 and, when
+/// `group` is set, that group, so a database's user can reach it.
+pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is in use by another daemon", path.display()),
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// The gid of a group named in /etc/group.
+pub fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// Serves the socket until `stop`; one thread per connection.
+pub fn serve(
+    listener: UnixListener,
+    targets: Arc<HashMap<String, Target>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("push-socket".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let t = targets.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("push-conn".into())
+                            .spawn(move || handle(conn, &t));
+                        if let Err(e) = spawned {
+                            tracing::warn!(error = %e, "cannot start a thread for a put/get");
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting on the put/get socket");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        })
+}
+
+fn send(conn: &mut UnixStream, a: &Answer) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(a).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    conn.write_all(&line)
+}
+
+fn refuse(conn: &mut UnixStream, error: String) {
+    let _ = send(
+        conn,
+        &Answer {
+            error: Some(error),
+            ..Answer::default()
+        },
+    );
+}
+
+fn handle(conn: UnixStream, targets: &HashMap<String, Target>) {
+    let _ = conn.set_nonblocking(false);
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut input = BufReader::new(conn);
+    let mut header = String::new();
+    if input.read_line(&mut header).is_err() {
+        return;
+    }
+    let req: Request = match serde_json::from_str(&header) {
+        Ok(r) => r,
+        Err(e) => return refuse(&mut out, format!("bad request header: {e}")),
+    };
+    if let Err(e) = check_name(&req.name) {
+        return refuse(&mut out, e);
+    }
+    let Some(t) = targets.get(&req.dataset) else {
+        return refuse(
+            &mut out,
+            format!("this site has no dataset `{}`", req.dataset),
+        );
+    };
+    match req.op.as_str() {
+        "put" if !t.accepts_puts => refuse(
+            &mut out,
+            format!(
+                "dataset `{}` takes no puts here: put at the primary, into a dataset with source = {{ kind = \"pushed\" }}",
+                req.dataset
+            ),
+        ),
+        "put" => {
+            let answer = put(t, &req.name, &mut input);
+            match &answer {
+                Ok(a) => {
+                    tracing::info!(dataset = %req.dataset, name = %req.name, seq = ?a.seq, existed = a.existed, "put");
+                    let _ = send(&mut out, a);
+                }
+                Err(e) => {
+                    tracing::warn!(dataset = %req.dataset, name = %req.name, error = %e, "put refused");
+                    refuse(&mut out, e.clone());
+                }
+            }
+        }
+        "get" => {
+            if let Err(e) = get(t, &req.name, &mut out) {
+                tracing::warn!(dataset = %req.dataset, name = %req.name, error = %e, "get failed");
+            }
+        }
+        other => refuse(&mut out, format!("unknown op `{other}`: put or get")),
+    }
+}
+
+/// Reads the framed object, hashing it; fails on a short stream or a hash
+/// that does not match, so a partial object never counts as whole.
+struct Frames<R> {
+    inner: R,
+    left: usize,
+    hasher: blake3::Hasher,
+    done: bool,
+}
+
+impl<R: Read> Read for Frames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut len = [0u8; 4];
+            self.inner.read_exact(&mut len)?;
+            let len = u32::from_be_bytes(len) as usize;
+            if len > MAX_FRAME {
+                return Err(std::io::Error::other(format!("frame of {len} bytes")));
+            }
+            if len == 0 {
+                let mut want = [0u8; 32];
+                self.inner.read_exact(&mut want)?;
+                if self.hasher.finalize().as_bytes() != &want {
+                    return Err(std::io::Error::other(
+                        "the object's BLAKE3 does not match what the client sent",
+                    ));
+                }
+                self.done = true;
+                return Ok(0);
+            }
+            self.left = len;
+        }
+        let n = self.left.min(buf.len());
+        self.inner.read_exact(&mut buf[..n])?;
+        self.hasher.update(&buf[..n]);
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, String> {
+    let _one = t.lock.lock().map_err(|_| "a put panicked".to_string())?;
+    let ds = &t.ds;
+    let keys = ds.keys();
+    let mut pinned: Vec<ChunkId> = Vec::new();
+    let release = |pinned: &mut Vec<ChunkId>| {
+        if !pinned.is_empty() {
+            let ops = vec![Op::Unpin {
+                ids: std::mem::take(pinned),
+            }];
+            if let Err(e) = ds.submit(ops, Vec::new()) {
+                tracing::warn!(error = %e, "releasing a refused put's chunks");
+            }
+        }
+    };
+    let mut frames = Frames {
+        inner: input,
+        left: 0,
+        hasher: blake3::Hasher::new(),
+        done: false,
+    };
+    let mut refs: Vec<ChunkRef> = Vec::new();
+    let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut size = 0u64;
+    for piece in chunk::stream(&mut frames) {
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => {
+                release(&mut pinned);
+                return Err(format!("reading the object: {e}; nothing was stored"));
+            }
+        };
+        size += piece.len() as u64;
+        let id = ChunkId::of(keys, &piece);
+        refs.push(ChunkRef {
+            id,
+            len: piece.len() as u32,
+        });
+        let known = pinned.contains(&id)
+            || batch.iter().any(|(b, _)| *b == id)
+            || ds.has_chunk(&id).map_err(|e| e.to_string())?;
+        if known {
+            continue;
+        }
+        batch_bytes += piece.len();
+        batch.push((id, piece));
+        if batch_bytes >= BATCH_BYTES {
+            let sealed = seal(keys, &batch);
+            let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
+            if let Err(e) = ds.submit(vec![Op::Pin { ids: ids.clone() }], sealed) {
+                release(&mut pinned);
+                return Err(format!("logging the object: {e}"));
+            }
+            pinned.extend(ids);
+            batch.clear();
+            batch_bytes = 0;
+        }
+    }
+    if !frames.done {
+        release(&mut pinned);
+        return Err("the object ended without its end frame; nothing was stored".into());
+    }
+    let existing = ds.entry(name.as_bytes()).map_err(|e| e.to_string())?;
+    if let Some(old) = existing {
+        let same = matches!(&old.node, Node::File { chunks } if *chunks == refs);
+        release(&mut pinned);
+        if !same {
+            return Err(format!(
+                "`{name}` already exists in dataset `{}` with different content ({} bytes there, {size} sent); an archived object is never replaced",
+                ds.name(),
+                old.size
+            ));
+        }
+        // Pushed again (a retry after a failed commit wait): it is whole,
+        // but only succeeds once the commit policy holds for it too.
+        let head = ds.head_seq();
+        if let Some(gate) = &t.gate {
+            gate(head)?;
+        }
+        return Ok(Answer {
+            ok: true,
+            existed: true,
+            seq: Some(head),
+            ..Answer::default()
+        });
+    }
+    let entry = Entry {
+        node: Node::File { chunks: refs },
+        mode: 0o640,
+        mtime_ns: vault::dataset::now_ns(),
+        size,
+    };
+    let mut ops = vec![Op::Put {
+        path: name.as_bytes().to_vec(),
+        entry,
+    }];
+    if !pinned.is_empty() {
+        ops.push(Op::Unpin {
+            ids: pinned.clone(),
+        });
+    }
+    let seq = match ds.submit(ops, seal(keys, &batch)) {
+        Ok(c) => c.seq,
+        Err(SubmitError::Missing(m)) => {
+            release(&mut pinned);
+            return Err(format!(
+                "{} chunk(s) were released while the object streamed in; push it again",
+                m.0.len()
+            ));
+        }
+        Err(SubmitError::Vault(e)) => {
+            release(&mut pinned);
+            return Err(format!("logging the object: {e}"));
+        }
+    };
+    if let Some(gate) = &t.gate {
+        gate(seq)?;
+    }
+    Ok(Answer {
+        ok: true,
+        seq: Some(seq),
+        ..Answer::default()
+    })
+}
+
+fn seal(keys: &vault::Keys, batch: &[(ChunkId, Vec<u8>)]) -> Vec<vault::SealedChunk> {
+    let items: Vec<(ChunkId, &[u8])> = batch.iter().map(|(id, p)| (*id, p.as_slice())).collect();
+    chunk::seal_many(keys, &items)
+}
+
+fn get(t: &Target, name: &str, out: &mut UnixStream) -> Result<(), String> {
+    let ds = &t.ds;
+    let entry = match ds.entry(name.as_bytes()) {
+        Ok(Some(e)) => e,
+        Ok(None) => {
+            let _ = send(
+                out,
+                &Answer {
+                    missing: true,
+                    error: Some(format!("`{name}` is not in dataset `{}`", ds.name())),
+                    ..Answer::default()
+                },
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            refuse(out, e.to_string());
+            return Err(e.to_string());
+        }
+    };
+    let Node::File { chunks } = &entry.node else {
+        refuse(out, format!("`{name}` is not a file"));
+        return Ok(());
+    };
+    send(
+        out,
+        &Answer {
+            ok: true,
+            size: Some(entry.size),
+            ..Answer::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    // Streamed chunk by chunk: a chunk that fails its checks ends the
+    // stream early, and the client, missing bytes and the trailing hash,
+    // writes nothing.
+    let mut hasher = blake3::Hasher::new();
+    for r in chunks {
+        // Names in a pushed dataset are never replaced or deleted, so the
+        // chunks an entry names stay while it is read.
+        let st = ds.state();
+        let plain = st
+            .chunk_meta(&r.id)
+            .and_then(|m| Ok(m.zip(st.chunk_bytes(&r.id)?)))
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.ok_or_else(|| format!("chunk {} is missing", r.id.short())))
+            .and_then(|(m, sealed)| {
+                chunk::open(ds.keys(), &r.id, m.plain_len, &sealed)
+                    .map_err(|e| format!("chunk {}: {e}", r.id.short()))
+            })
+            .map_err(|e| {
+                format!("`{name}` cannot be read whole: {e} (run `triad verify --scrub --repair`)")
+            })?;
+        hasher.update(&plain);
+        out.write_all(&plain).map_err(|e| e.to_string())?;
+    }
+    out.write_all(hasher.finalize().as_bytes())
+        .map_err(|e| e.to_string())
+}
+
+/// The client side: `triad put` and `triad get`.
+pub mod client {
+    use super::*;
+
+    fn connect(socket: &Path) -> Result<UnixStream, String> {
+        UnixStream::connect(socket).map_err(|e| {
+            format!(
+                "cannot reach the triad daemon at {}: {e} (is it running, and may this user use its socket? see listen.socket_group)",
+                socket.display()
+            )
+        })
+    }
+
+    fn answer(input: &mut impl BufRead) -> Result<Answer, String> {
+        let mut line = String::new();
+        input
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the daemon's answer: {e}"))?;
+        serde_json::from_str(&line)
+            .map_err(|e| format!("the daemon's answer `{}` does not parse: {e}", line.trim()))
+    }
+
+    /// Sends `object` as `name`; returns the daemon's answer.
+    pub fn put(
+        socket: &Path,
+        dataset: &str,
+        name: &str,
+        object: &mut impl Read,
+    ) -> Result<Answer, String> {
+        check_name(name)?;
+        let mut conn = connect(socket)?;
+        let req = Request {
+            op: "put".into(),
+            dataset: dataset.into(),
+            name: name.into(),
+        };
+        let mut head = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        head.push(b'\n');
+        let sent = (|| -> Result<(), String> {
+            let io = |e: std::io::Error| format!("sending to the daemon: {e}");
+            conn.write_all(&head).map_err(io)?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = object
+                    .read(&mut buf)
+                    .map_err(|e| format!("reading the object: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                conn.write_all(&(n as u32).to_be_bytes()).map_err(io)?;
+                conn.write_all(&buf[..n]).map_err(io)?;
+            }
+            conn.write_all(&0u32.to_be_bytes()).map_err(io)?;
+            conn.write_all(hasher.finalize().as_bytes()).map_err(io)
+        })();
+        // A daemon that refuses early (no such dataset, not the primary)
+        // answers and hangs up before the object is sent: its answer says
+        // why better than the broken pipe does.
+        match (sent, answer(&mut BufReader::new(conn))) {
+            (_, Ok(a)) => Ok(a),
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => Err(e),
+        }
+    }
+
+    /// Fetches `name` into `dest` (through a temporary file, fsynced and
+    /// renamed); nothing is written unless the whole object arrived and
+    /// matched its hash. Returns the answer (`missing` when there is no
+    /// such name).
+    pub fn get(socket: &Path, dataset: &str, name: &str, dest: &Path) -> Result<Answer, String> {
+        check_name(name)?;
+        let mut conn = connect(socket)?;
+        let req = Request {
+            op: "get".into(),
+            dataset: dataset.into(),
+            name: name.into(),
+        };
+        let mut head = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        head.push(b'\n');
+        conn.write_all(&head)
+            .map_err(|e| format!("sending to the daemon: {e}"))?;
+        let mut input = BufReader::new(conn);
+        let a = answer(&mut input)?;
+        if !a.ok {
+            return Ok(a);
+        }
+        let size = a.size.unwrap_or(0);
+        write_whole(dest, &mut input, size, |got, input| {
+            let mut want = [0u8; 32];
+            input
+                .read_exact(&mut want)
+                .map_err(|e| format!("reading the object's hash: {e}"))?;
+            (got == want)
+                .then_some(())
+                .ok_or_else(|| "the object's BLAKE3 does not match; nothing written".to_string())
+        })?;
+        Ok(a)
+    }
+
+    /// Copies `size` bytes into a temporary file next to `dest`, checks them
+    /// with `check(blake3)`, fsyncs and renames into place.
+    pub fn write_whole<R: Read>(
+        dest: &Path,
+        from: &mut R,
+        size: u64,
+        check: impl FnOnce([u8; 32], &mut R) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let tmp: PathBuf = {
+            let mut s = dest.as_os_str().to_owned();
+            s.push(format!(".triad-{}.tmp", std::process::id()));
+            s.into()
+        };
+        let r = (|| {
+            let mut f = std::fs::File::create(&tmp)
+                .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0u64;
+            let mut body = from.by_ref().take(size);
+            loop {
+                let n = body
+                    .read(&mut buf)
+                    .map_err(|e| format!("receiving the object: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                f.write_all(&buf[..n])
+                    .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+                got += n as u64;
+            }
+            if got != size {
+                return Err(format!("the object ended after {got} of {size} bytes"));
+            }
+            check(*hasher.finalize().as_bytes(), from)?;
+            f.sync_all()
+                .map_err(|e| format!("syncing {}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, dest)
+                .map_err(|e| format!("renaming into {}: {e}", dest.display()))
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+}

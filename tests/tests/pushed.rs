@@ -1,0 +1,244 @@
+//! Pushed datasets with three real daemons: `triad put` (a database's
+//! archive_command) answers only once the same-city site has the object,
+//! is idempotent for the same content and refuses different content under
+//! a name; `triad get` (restore_command) returns the bytes from any site's
+//! daemon or straight from an archive, and exits 1 with nothing written for
+//! a name that does not exist.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::deploy::*;
+use common::*;
+use rand::{RngCore, SeedableRng};
+
+fn deployment(extra: &str) -> Deployment {
+    let mut d = Deployment::new(None);
+    d.primary_source = "source = { kind = \"pushed\" }".into();
+    d.primary_extra = extra.into();
+    d.configure(None);
+    d
+}
+
+fn put(site: &Site, path: &Path, name: &str) -> Output {
+    Command::new(triad_bin())
+        .args(["put", "--dataset", "files", "--config"])
+        .arg(&site.config)
+        .arg(path)
+        .arg(name)
+        .output()
+        .unwrap()
+}
+
+fn get(site: &Site, name: &str, dest: &Path) -> Output {
+    Command::new(triad_bin())
+        .args(["get", "--dataset", "files", "--config"])
+        .arg(&site.config)
+        .arg(name)
+        .arg(dest)
+        .output()
+        .unwrap()
+}
+
+fn segment(dir: &Path, name: &str, seed: u64, len: usize) -> PathBuf {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; len];
+    // Half random, half repetitive: like WAL, part of it compresses.
+    rng.fill_bytes(&mut data[..len / 2]);
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn wait_ready(site: &Site) {
+    let start = Instant::now();
+    while !site.data.join("triad.sock").exists() || site.status().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            site.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn put_and_get_round_trip_and_follow_archive_command_rules() {
+    let mut d = deployment("");
+    d.start();
+    for s in [&d.a, &d.b, &d.c] {
+        wait_ready(s);
+    }
+    let work = d.a.tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let seg = segment(&work, "000000010000000000000001", 1, 16 << 20);
+
+    let o = put(&d.a, &seg, "000000010000000000000001");
+    assert!(o.status.success(), "{}", err(&o));
+    // Answered only after the sync follower had it: the same-city site
+    // serves it at once.
+    let back = work.join("from-b");
+    let o = get(&d.b, "000000010000000000000001", &back);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&seg).unwrap());
+
+    // The same name and content again: success, no new record.
+    let head = d.a.status().unwrap()["log"]["head_seq"].as_u64().unwrap();
+    let o = put(&d.a, &seg, "000000010000000000000001");
+    assert!(o.status.success(), "{}", err(&o));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        d.a.status().unwrap()["log"]["head_seq"].as_u64(),
+        Some(head)
+    );
+
+    // The same name with different content: refused, loudly; the stored
+    // object is unchanged.
+    let other = segment(&work, "other", 2, 1 << 20);
+    let o = put(&d.a, &other, "000000010000000000000001");
+    assert!(!o.status.success());
+    assert!(err(&o).contains("different content"), "{}", err(&o));
+    let again = work.join("again");
+    assert!(get(&d.a, "000000010000000000000001", &again)
+        .status
+        .success());
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&seg).unwrap());
+
+    // A base backup streamed on stdin.
+    let mut child = Command::new(triad_bin())
+        .args(["put", "--dataset", "files", "--config"])
+        .arg(&d.a.config)
+        .args(["-", "base-1.tar"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tar = std::fs::read(segment(&work, "tar", 3, 5 << 20)).unwrap();
+    child.stdin.take().unwrap().write_all(&tar).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+
+    // A name that does not exist: exit 1 and nothing written.
+    let none = work.join("none");
+    let o = get(&d.a, "000000010000000000000009", &none);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(!none.exists());
+    assert!(std::fs::read_dir(&work).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp")));
+
+    // Bad names are refused before anything is sent.
+    let o = put(&d.a, &seg, "../escape");
+    assert!(!o.status.success());
+    assert!(err(&o).contains("not a valid object name"), "{}", err(&o));
+
+    // Every site ends with the same copy; the remote serves the base backup.
+    wait_replicated(&d.a, &[&d.b, &d.c], Duration::from_secs(60));
+    let tar_back = work.join("tar-from-c");
+    assert!(get(&d.c, "base-1.tar", &tar_back).status.success());
+    assert_eq!(std::fs::read(&tar_back).unwrap(), tar);
+    // Puts go to the primary only.
+    let o = put(&d.b, &seg, "000000010000000000000002");
+    assert!(!o.status.success());
+    assert!(err(&o).contains("takes no puts here"), "{}", err(&o));
+}
+
+#[test]
+fn with_the_sync_follower_down_put_fails_and_succeeds_once_it_returns() {
+    let mut d = deployment("");
+    d.sync_policy = "on_unreachable = \"wait\"\nwait_limit = \"2s\"\n".into();
+    d.configure(None);
+    d.start();
+    for s in [&d.a, &d.b, &d.c] {
+        wait_ready(s);
+    }
+    let work = d.a.tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let first = segment(&work, "000000010000000000000001", 10, 1 << 20);
+    assert!(put(&d.a, &first, "000000010000000000000001")
+        .status
+        .success());
+
+    // The same-city site stops: the database's archive_command fails (it
+    // keeps the segment and retries), naming the follower.
+    assert!(d.b.stop().success());
+    let names: Vec<String> = (2..=4)
+        .map(|i| format!("00000001000000000000000{i}"))
+        .collect();
+    for (i, n) in names.iter().enumerate() {
+        let p = segment(&work, n, 20 + i as u64, 1 << 20);
+        let o = put(&d.a, &p, n);
+        assert!(
+            !o.status.success(),
+            "put succeeded with the sync follower down"
+        );
+        assert!(err(&o).contains("zjk-b"), "{}", err(&o));
+    }
+
+    // It returns; the retries succeed, and it has every segment.
+    d.b.start();
+    wait_ready(&d.b);
+    for n in &names {
+        let o = put(&d.a, &work.join(n), n);
+        assert!(o.status.success(), "{}", err(&o));
+    }
+    for n in std::iter::once(&"000000010000000000000001".to_string()).chain(&names) {
+        let back = work.join(format!("{n}.b"));
+        let o = get(&d.b, n, &back);
+        assert!(o.status.success(), "{n}: {}", err(&o));
+        assert_eq!(
+            std::fs::read(&back).unwrap(),
+            std::fs::read(work.join(n)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn get_from_an_archive_needs_no_daemon() {
+    let archive_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", archive_dir.path().display());
+    let mut d = deployment(&format!(
+        "\n[archive]\nurl = \"{url}\"\nlog_flush_interval = \"500ms\"\n"
+    ));
+    d.start();
+    for s in [&d.a, &d.b, &d.c] {
+        wait_ready(s);
+    }
+    let work = d.a.tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let seg = segment(&work, "000000010000000000000001", 30, 3 << 20);
+    assert!(put(&d.a, &seg, "000000010000000000000001").status.success());
+    let head = d.a.status().unwrap()["log"]["head_seq"].as_u64().unwrap();
+    d.a.wait_shipped(head, Duration::from_secs(60));
+    assert!(d.a.stop().success());
+
+    let fetch = |name: &str, dest: &Path| {
+        Command::new(triad_bin())
+            .args(["get", "--dataset", "files", "--from-archive", &url])
+            .arg("--key-file")
+            .arg(&d.a.key)
+            .args(["--config", "/nonexistent/triad.toml"])
+            .arg(name)
+            .arg(dest)
+            .output()
+            .unwrap()
+    };
+    let back = work.join("from-archive");
+    let o = fetch("000000010000000000000001", &back);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&seg).unwrap());
+    let none = work.join("none");
+    let o = fetch("000000010000000000000002", &none);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(!none.exists());
+}
