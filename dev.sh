@@ -17,6 +17,8 @@ ensure_system() {
   if [ "${1:-}" = test ]; then
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     command -v promtool >/dev/null || missing+=(prometheus)
+    # The database log-shipping test runs a real PostgreSQL server.
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   fi
   if ! command -v cargo >/dev/null; then
     echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then run this again" >&2

@@ -88,5 +88,110 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// The `status.json` of dataset `files` at the site whose data dir is `site`.
 pub fn files_status(site: &Path) -> Option<serde_json::Value> {
-    serde_json::from_slice(&std::fs::read(site.join("datasets/files/status.json")).ok()?).ok()
+    status(&site.join("datasets/files/status.json"))
+}
+
+/// Three daemons on loopback for the benchmarks: primary `a` (with the
+/// given `source = ...` line, and a sync follower `b` and an async follower
+/// `c`), each in `<base>/<name>` with its config `triad.toml`.
+pub struct ThreeSites {
+    pub children: Vec<std::process::Child>,
+    /// Each site's status.json.
+    pub statuses: Vec<PathBuf>,
+    pub configs: Vec<PathBuf>,
+}
+
+/// Starts the three sites and waits two seconds for them to connect.
+pub fn start_three_sites(base: &Path, source: &str) -> ThreeSites {
+    use std::process::{Command, Stdio};
+    let triad = triad_bin();
+    let certs = base.join("certs");
+    let ok = Command::new(&triad)
+        .args(["certs", "--out"])
+        .arg(&certs)
+        .args(["a", "b", "c"])
+        .output()
+        .expect("certs");
+    assert!(
+        ok.status.success(),
+        "certs: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let key = base.join("k.key");
+    let ok = Command::new(&triad)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .expect("keygen");
+    assert!(ok.status.success());
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    };
+    let ports = [free_port(), free_port(), free_port()];
+    let names = ["a", "b", "c"];
+    let mut sites = ThreeSites {
+        children: Vec::new(),
+        statuses: Vec::new(),
+        configs: Vec::new(),
+    };
+    for i in 0..3 {
+        let dir = base.join(names[i]);
+        std::fs::create_dir_all(&dir).expect("site dir");
+        let peers: String = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| {
+                let mode = match (i, j) {
+                    (0, 1) => "mode = \"sync\"\n",
+                    (0, 2) => "mode = \"async\"\n",
+                    _ => "",
+                };
+                format!(
+                    "[[peer]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n{mode}\n",
+                    names[j], ports[j]
+                )
+            })
+            .collect();
+        let role = if i == 0 {
+            "role = \"primary\"".to_string()
+        } else {
+            "role = \"follower\"\nupstream = \"a\"".to_string()
+        };
+        let source = if i == 0 { source } else { "" };
+        let cfg = format!(
+            "[site]\nname = \"{n}\"\n{role}\ndata_dir = \"{d}\"\n\n[listen]\nreplication = \"127.0.0.1:{p}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{n}.pem\"\nkey = \"{c}/{n}.key\"\n\n{peers}[[dataset]]\nname = \"files\"\nkey_file = \"{k}\"\n{source}",
+            n = names[i],
+            d = dir.join("data").display(),
+            p = ports[i],
+            c = certs.display(),
+            k = key.display()
+        );
+        let path = dir.join("triad.toml");
+        std::fs::write(&path, cfg).expect("config");
+        let log = std::fs::File::create(dir.join("daemon.log")).expect("log");
+        sites.children.push(
+            Command::new(&triad)
+                .args(["daemon", "--config"])
+                .arg(&path)
+                .env("TRIAD_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("daemon"),
+        );
+        sites
+            .statuses
+            .push(dir.join("data/datasets/files/status.json"));
+        sites.configs.push(path);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    sites
+}
+
+/// A status.json, if it reads.
+pub fn status(p: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }

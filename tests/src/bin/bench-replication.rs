@@ -8,23 +8,10 @@
 //!
 //! Run: `cargo run -p triad-tests --bin bench-replication -- [--mib 1024] [--dir DIR]`
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use triad_tests::{arg, make_tree, triad_bin};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn status(p: &Path) -> Option<serde_json::Value> {
-    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
-}
+use triad_tests::{arg, make_tree, start_three_sites, status};
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -41,85 +28,12 @@ fn main() {
             .join(format!("triad-bench-repl-{}", std::process::id()));
     let src = base.join("source");
     std::fs::create_dir_all(&src).expect("create bench dir");
-    let triad = triad_bin();
-    let certs = base.join("certs");
-    let ok = Command::new(&triad)
-        .args(["certs", "--out"])
-        .arg(&certs)
-        .args(["a", "b", "c"])
-        .output()
-        .expect("certs");
-    assert!(
-        ok.status.success(),
-        "certs: {}",
-        String::from_utf8_lossy(&ok.stderr)
+    let source = format!(
+        "source = {{ kind = \"directory\", path = \"{}\" }}\n",
+        src.display()
     );
-    let key = base.join("k.key");
-    let ok = Command::new(&triad)
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .expect("keygen");
-    assert!(ok.status.success());
-    let ports = [free_port(), free_port(), free_port()];
-    let names = ["a", "b", "c"];
-    let mut children: Vec<Child> = Vec::new();
-    let mut statuses = Vec::new();
-    for i in 0..3 {
-        let dir = base.join(names[i]);
-        std::fs::create_dir_all(&dir).expect("site dir");
-        let peers: String = (0..3)
-            .filter(|j| *j != i)
-            .map(|j| {
-                let mode = match (i, j) {
-                    (0, 1) => "mode = \"sync\"\n",
-                    (0, 2) => "mode = \"async\"\n",
-                    _ => "",
-                };
-                format!(
-                    "[[peer]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n{mode}\n",
-                    names[j], ports[j]
-                )
-            })
-            .collect();
-        let role = if i == 0 {
-            "role = \"primary\"".to_string()
-        } else {
-            "role = \"follower\"\nupstream = \"a\"".to_string()
-        };
-        let source = if i == 0 {
-            format!(
-                "source = {{ kind = \"directory\", path = \"{}\" }}\n",
-                src.display()
-            )
-        } else {
-            String::new()
-        };
-        let cfg = format!(
-            "[site]\nname = \"{n}\"\n{role}\ndata_dir = \"{d}\"\n\n[listen]\nreplication = \"127.0.0.1:{p}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{n}.pem\"\nkey = \"{c}/{n}.key\"\n\n{peers}[[dataset]]\nname = \"files\"\nkey_file = \"{k}\"\n{source}",
-            n = names[i],
-            d = dir.join("data").display(),
-            p = ports[i],
-            c = certs.display(),
-            k = key.display()
-        );
-        let path = dir.join("triad.toml");
-        std::fs::write(&path, cfg).expect("config");
-        let log = std::fs::File::create(dir.join("daemon.log")).expect("log");
-        children.push(
-            Command::new(&triad)
-                .args(["daemon", "--config"])
-                .arg(&path)
-                .env("TRIAD_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("daemon"),
-        );
-        statuses.push(dir.join("data/datasets/files/status.json"));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    let sites = start_three_sites(&base, &source);
+    let (children, statuses) = (sites.children, sites.statuses);
     eprintln!("writing a {mib} MiB mixed tree into the primary's watched directory");
     let t0 = Instant::now();
     let writer = {
