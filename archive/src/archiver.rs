@@ -691,6 +691,23 @@ pub fn list_snapshots(rt: &Handle, store: &Store, ds: &str) -> Result<Vec<Snapsh
     Ok(out)
 }
 
+/// The newest seq the archive holds for a dataset (from one listing of its
+/// log pieces and snapshots; nothing is read or checked).
+pub fn archived_head(rt: &Handle, store: &Store, ds: &str) -> Result<u64> {
+    let pieces = rt.block_on(store.list(&objects::log_prefix(ds)))?;
+    let from_log = pieces
+        .iter()
+        .filter_map(|l| PieceRef::parse(&l.key))
+        .map(|p| p.last)
+        .max()
+        .unwrap_or(0);
+    let from_snapshots = list_snapshots(rt, store, ds)?
+        .last()
+        .map(|s| s.seq)
+        .unwrap_or(0);
+    Ok(from_log.max(from_snapshots))
+}
+
 /// A snapshot as read back: its manifest, namespace, and the BLAKE3 of the
 /// sealed bytes of every chunk it references.
 pub struct SnapshotContent {

@@ -348,7 +348,13 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     );
     std::fs::set_permissions(&data2, std::fs::Permissions::from_mode(0o700)).unwrap();
     let (want_count, target) = points[1].clone();
-    let restore_cmd = get("%f", Path::new("%p"));
+    // restore_command keeps the restored archive in a cache: one restore,
+    // then every segment is a copy (a newer archive is restored again).
+    let restore_cmd = format!(
+        "{} --cache {}",
+        get("%f", Path::new("%p")),
+        r.join("get-cache").display()
+    );
     let pg2 = Pg {
         bin,
         data: data2.clone(),

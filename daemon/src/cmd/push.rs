@@ -72,6 +72,12 @@ pub struct GetArgs {
     /// With --from-archive and no config: the credentials file.
     #[arg(long)]
     credentials_file: Option<PathBuf>,
+    /// With --from-archive (and --at latest): keep the restored dataset in
+    /// this directory and serve later gets from it, restoring again only
+    /// when the archive has moved on. Makes restore_command cheap after its
+    /// first call.
+    #[arg(long)]
+    cache: Option<PathBuf>,
 }
 
 fn socket(explicit: &Option<PathBuf>, config: &Path) -> Result<PathBuf> {
@@ -135,11 +141,15 @@ pub fn get(a: GetArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Restores the dataset from the archive into a scratch directory next to
-/// DEST and takes the one object from it. Every chunk is checked on the way
-/// as in any archive restore. It downloads the whole dataset at that point,
-/// so it suits a few objects (a base backup, a recovery's WAL), not bulk use.
+/// Restores the dataset from the archive and takes the one object from it.
+/// Every chunk is checked on the way as in any archive restore. Without
+/// `--cache` each call restores the whole dataset into a scratch directory
+/// next to DEST; with it, the restored dataset is kept and reused while the
+/// archive holds nothing newer.
 fn get_from_archive(a: &GetArgs, url: &str) -> Result<ExitCode> {
+    if let Some(cache) = &a.cache {
+        return get_cached(a, url, cache);
+    }
     let parent = a
         .dest
         .parent()
@@ -150,10 +160,80 @@ fn get_from_archive(a: &GetArgs, url: &str) -> Result<ExitCode> {
         .tempdir_in(parent)
         .with_context(|| format!("creating a scratch directory in {}", parent.display()))?;
     let to = scratch.path().join("restore");
-    let args = crate::cmd::restore::Args {
+    let seq = restore_into(a, url, &to)?;
+    copy_out(a, &to.join(&a.name), &format!("{url} (at seq {seq})"))
+}
+
+/// Restores the dataset at `a.at` from `url` into `to`; returns its seq.
+fn restore_into(a: &GetArgs, url: &str, to: &Path) -> Result<u64> {
+    let args = restore_args(a, url, to);
+    let r = crate::cmd::restore::restore_from_archive(&args, url, false)?;
+    if !r.report.ok() {
+        bail!(
+            "the archive did not restore cleanly: {}",
+            r.report.problems.join("; ")
+        );
+    }
+    Ok(r.seq)
+}
+
+/// `get --cache`: `<cache>/<dataset>/tree` holds the dataset as restored at
+/// the seq in `<cache>/<dataset>/seq`; it is restored again (into a new
+/// tree, then swapped in) when the archive's newest seq is beyond it. A lock
+/// file keeps two gets from restoring at once.
+fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
+    if a.at != "latest" {
+        bail!("--cache serves the archive's latest state; drop --cache to use --at");
+    }
+    let dir = cache.join(&a.dataset);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = std::fs::File::create(dir.join("LOCK"))
+        .with_context(|| format!("creating {}", dir.join("LOCK").display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", dir.join("LOCK").display()))?;
+    let (tree, seq_file) = (dir.join("tree"), dir.join("seq"));
+    let cached: Option<u64> = std::fs::read_to_string(&seq_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|_| tree.is_dir());
+    let fresh = match cached {
+        // Present in the cache: objects are never replaced, so it is final.
+        Some(_) if tree.join(&a.name).is_file() => true,
+        Some(seq) => {
+            let (store, _, _) =
+                crate::cmd::restore::open_archive(&restore_args(a, url, &tree), url)?;
+            let rt = crate::cmd::archive::runtime()?;
+            archive::archiver::archived_head(rt.handle(), &store, &a.dataset)? <= seq
+        }
+        None => false,
+    };
+    if !fresh {
+        let new = dir.join("tree.new");
+        let _ = std::fs::remove_dir_all(&new);
+        let seq = restore_into(a, url, &new)?;
+        let old = dir.join("tree.old");
+        let _ = std::fs::remove_dir_all(&old);
+        if tree.exists() {
+            std::fs::rename(&tree, &old)?;
+        }
+        std::fs::rename(&new, &tree)?;
+        vault::dataset::write_replace(&seq_file, seq.to_string().as_bytes(), true)?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    let seq = std::fs::read_to_string(&seq_file).unwrap_or_default();
+    copy_out(
+        a,
+        &tree.join(&a.name),
+        &format!("{url} (cached at seq {})", seq.trim()),
+    )
+}
+
+/// The restore arguments for reading `url` (store and key settings).
+fn restore_args(a: &GetArgs, url: &str, to: &Path) -> crate::cmd::restore::Args {
+    crate::cmd::restore::Args {
         config: a.config.clone(),
         dataset: a.dataset.clone(),
-        to: to.clone(),
+        to: to.to_path_buf(),
         json: true,
         from_archive: Some(url.to_string()),
         at: a.at.clone(),
@@ -162,22 +242,16 @@ fn get_from_archive(a: &GetArgs, url: &str) -> Result<ExitCode> {
         region: a.region.clone(),
         credentials_file: a.credentials_file.clone(),
         concurrency: 32,
-    };
-    let r = crate::cmd::restore::restore_from_archive(&args, url, false)?;
-    if !r.report.ok() {
-        bail!(
-            "the archive did not restore cleanly: {}",
-            r.report.problems.join("; ")
-        );
     }
-    let src = to.join(&a.name);
-    let mut f = match std::fs::File::open(&src) {
+}
+
+/// Copies one restored object to DEST (whole or not at all); exit 1 when
+/// it is not there.
+fn copy_out(a: &GetArgs, src: &Path, from: &str) -> Result<ExitCode> {
+    let mut f = match std::fs::File::open(src) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "{}: not in dataset {} in {url} (at seq {})",
-                a.name, a.dataset, r.seq
-            );
+            eprintln!("{}: not in dataset {} in {from}", a.name, a.dataset);
             return Ok(ExitCode::FAILURE);
         }
         Err(e) => return Err(e).with_context(|| format!("opening {}", src.display())),

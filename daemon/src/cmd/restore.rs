@@ -167,8 +167,56 @@ pub(crate) fn restore_from_archive(
     url: &str,
     show_progress: bool,
 ) -> Result<archive::ArchiveRestore> {
-    crate::cmd::archive::check_restore_args(url)?;
     let at: archive::At = a.at.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let (store, key, store_cfg) = open_archive(a, url)?;
+    let rt = crate::cmd::archive::runtime()?;
+    let bar = ProgressBar::new(0);
+    if show_progress && std::io::stderr().is_terminal() {
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let restorer = archive::Restorer {
+        rt: rt.handle(),
+        store: &store,
+        dataset: &a.dataset,
+        key: &key,
+        concurrency: store_cfg.concurrency,
+    };
+    let progress = |p: archive::Progress| match p {
+        archive::Progress::Chunks(done, total) => {
+            bar.set_message("downloading chunks");
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        archive::Progress::Records(done, total) => {
+            bar.set_message("replaying the archived log");
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        archive::Progress::Written(b) => {
+            bar.set_message("writing files (bytes)");
+            bar.set_length(bar.length().unwrap_or(0).max(b));
+            bar.set_position(b);
+        }
+    };
+    let r = restorer
+        .restore(at, &a.to, &progress)
+        .with_context(|| format!("restoring dataset `{}` from {url}", a.dataset))?;
+    bar.finish_and_clear();
+    Ok(r)
+}
+
+/// The store and dataset key for reading the archive at `url`: from the
+/// config when there is one, overridden by the flags.
+pub(crate) fn open_archive(
+    a: &Args,
+    url: &str,
+) -> Result<(archive::Store, DatasetKey, archive::StoreConfig)> {
+    crate::cmd::archive::check_restore_args(url)?;
     // The config, when there is one, gives the key and the store settings.
     let cfg = if a.config.exists() {
         Some(Config::load(&a.config)?)
@@ -211,43 +259,5 @@ pub(crate) fn restore_from_archive(
     }
     store_cfg.concurrency = usize::from(a.concurrency);
     let store = archive::Store::open(&store_cfg)?;
-    let rt = crate::cmd::archive::runtime()?;
-    let bar = ProgressBar::new(0);
-    if show_progress && std::io::stderr().is_terminal() {
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-    } else {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    let restorer = archive::Restorer {
-        rt: rt.handle(),
-        store: &store,
-        dataset: &a.dataset,
-        key: &key,
-        concurrency: store_cfg.concurrency,
-    };
-    let progress = |p: archive::Progress| match p {
-        archive::Progress::Chunks(done, total) => {
-            bar.set_message("downloading chunks");
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-        archive::Progress::Records(done, total) => {
-            bar.set_message("replaying the archived log");
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-        archive::Progress::Written(b) => {
-            bar.set_message("writing files (bytes)");
-            bar.set_length(bar.length().unwrap_or(0).max(b));
-            bar.set_position(b);
-        }
-    };
-    let r = restorer
-        .restore(at, &a.to, &progress)
-        .with_context(|| format!("restoring dataset `{}` from {url}", a.dataset))?;
-    bar.finish_and_clear();
-    Ok(r)
+    Ok((store, key, store_cfg))
 }
