@@ -85,7 +85,8 @@ enum Command {
     /// only once the commit policy holds. For a database's archive_command.
     Put(cmd::push::PutArgs),
     /// Fetch an object from the local daemon or an archive; exits 1 with
-    /// nothing written when there is no such name. For restore_command.
+    /// nothing written when there is no such name, 255 when it could not
+    /// fetch (so a restore_command stops recovery rather than end it).
     Get(cmd::push::GetArgs),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
     Demo(cmd::demo::Args),

@@ -180,6 +180,11 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         "Source rounds whose changes a sync follower did not acknowledge in time.",
         &["dataset"],
     )?;
+    let puts = m.counter(
+        "triad_puts_total",
+        "triad put calls into a pushed dataset, by result: stored, existed (same content again), refused, commit_failed (durable here, not acknowledged by a sync follower in time).",
+        &["dataset", "result"],
+    )?;
     let files = m.counter(
         "triad_source_files_ingested_total",
         "Files read and logged by the source.",
@@ -392,6 +397,20 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
                 .set(flag(u.receiving_transfer));
         }
 
+        if let Some(p) = &d.puts {
+            // A failing put is the commit policy failing, as for a source round.
+            commit_failing
+                .with_label_values(&[ds])
+                .set(flag(p.commit_failing));
+            for (result, n) in [
+                ("stored", p.stored),
+                ("existed", p.existed),
+                ("refused", p.refused),
+                ("commit_failed", p.commit_failures),
+            ] {
+                puts.with_label_values(&[ds, result]).inc_by(n);
+            }
+        }
         if let Some(s) = &d.source {
             commit_failing
                 .with_label_values(&[ds])
@@ -544,6 +563,7 @@ mod tests {
             updated_ns: 1,
             log: vault::Status::default(),
             source: Some(crate::source::StatsView::default()),
+            puts: Some(crate::pushed::PutStatsView::default()),
             replication: ReplicationStatus {
                 followers: vec![link],
                 upstream: Some(replicator::follower::FollowStatus::default()),

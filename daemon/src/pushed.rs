@@ -82,6 +82,80 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What puts into one dataset did since start (status and metrics).
+#[derive(Default)]
+pub struct PutStats {
+    pub stored: std::sync::atomic::AtomicU64,
+    pub existed: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    /// Durable here but not acknowledged by a sync follower in time.
+    pub commit_failures: std::sync::atomic::AtomicU64,
+    /// The last put failed its commit wait (cleared by the next success).
+    pub commit_failing: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// The `puts` part of `status.json`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PutStatsView {
+    pub stored: u64,
+    pub existed: u64,
+    pub refused: u64,
+    pub commit_failures: u64,
+    pub commit_failing: bool,
+    pub last_error: Option<String>,
+}
+
+impl PutStats {
+    pub fn view(&self) -> PutStatsView {
+        PutStatsView {
+            stored: self.stored.load(Ordering::Relaxed),
+            existed: self.existed.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            commit_failures: self.commit_failures.load(Ordering::Relaxed),
+            commit_failing: self.commit_failing.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    fn record(&self, r: &Result<Answer, PutError>) {
+        let counter = match r {
+            Ok(a) if a.existed => &self.existed,
+            Ok(_) => &self.stored,
+            Err(PutError::Commit(_)) => &self.commit_failures,
+            Err(PutError::Refused(_)) => &self.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(_) => self.commit_failing.store(false, Ordering::Relaxed),
+            Err(e) => {
+                if matches!(e, PutError::Commit(_)) {
+                    self.commit_failing.store(true, Ordering::Relaxed);
+                }
+                if let Ok(mut l) = self.last_error.lock() {
+                    *l = Some(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// Why a put did not succeed.
+#[derive(Debug, thiserror::Error)]
+enum PutError {
+    /// Stored and durable here, but the commit policy does not hold yet.
+    #[error("{0}")]
+    Commit(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<String> for PutError {
+    fn from(s: String) -> PutError {
+        PutError::Refused(s)
+    }
+}
+
 /// One dataset the socket serves.
 pub struct Target {
     pub ds: Arc<Dataset>,
@@ -92,6 +166,7 @@ pub struct Target {
     /// One put at a time per dataset: two puts of one name must not race
     /// past the same-content check.
     pub lock: Mutex<()>,
+    pub stats: Arc<PutStats>,
 }
 
 /// Binds the socket (replacing a stale one) with mode 0660 and, when
@@ -204,6 +279,7 @@ fn handle(conn: UnixStream, targets: &HashMap<String, Target>) {
         ),
         "put" => {
             let answer = put(t, &req.name, &mut input);
+            t.stats.record(&answer);
             match &answer {
                 Ok(a) => {
                     tracing::info!(dataset = %req.dataset, name = %req.name, seq = ?a.seq, existed = a.existed, "put");
@@ -211,7 +287,7 @@ fn handle(conn: UnixStream, targets: &HashMap<String, Target>) {
                 }
                 Err(e) => {
                     tracing::warn!(dataset = %req.dataset, name = %req.name, error = %e, "put refused");
-                    refuse(&mut out, e.clone());
+                    refuse(&mut out, e.to_string());
                 }
             }
         }
@@ -266,7 +342,7 @@ impl<R: Read> Read for Frames<R> {
     }
 }
 
-fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, String> {
+fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError> {
     let _one = t.lock.lock().map_err(|_| "a put panicked".to_string())?;
     let ds = &t.ds;
     let keys = ds.keys();
@@ -296,7 +372,9 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, String> 
             Ok(p) => p,
             Err(e) => {
                 release(&mut pinned);
-                return Err(format!("reading the object: {e}; nothing was stored"));
+                return Err(PutError::Refused(format!(
+                    "reading the object: {e}; nothing was stored"
+                )));
             }
         };
         size += piece.len() as u64;
@@ -318,7 +396,7 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, String> 
             let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
             if let Err(e) = ds.submit(vec![Op::Pin { ids: ids.clone() }], sealed) {
                 release(&mut pinned);
-                return Err(format!("logging the object: {e}"));
+                return Err(PutError::Refused(format!("logging the object: {e}")));
             }
             pinned.extend(ids);
             batch.clear();
@@ -327,24 +405,26 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, String> 
     }
     if !frames.done {
         release(&mut pinned);
-        return Err("the object ended without its end frame; nothing was stored".into());
+        return Err(PutError::Refused(
+            "the object ended without its end frame; nothing was stored".into(),
+        ));
     }
     let existing = ds.entry(name.as_bytes()).map_err(|e| e.to_string())?;
     if let Some(old) = existing {
         let same = matches!(&old.node, Node::File { chunks } if *chunks == refs);
         release(&mut pinned);
         if !same {
-            return Err(format!(
+            return Err(PutError::Refused(format!(
                 "`{name}` already exists in dataset `{}` with different content ({} bytes there, {size} sent); an archived object is never replaced",
                 ds.name(),
                 old.size
-            ));
+            )));
         }
         // Pushed again (a retry after a failed commit wait): it is whole,
         // but only succeeds once the commit policy holds for it too.
         let head = ds.head_seq();
         if let Some(gate) = &t.gate {
-            gate(head)?;
+            gate(head).map_err(PutError::Commit)?;
         }
         return Ok(Answer {
             ok: true,
@@ -372,18 +452,18 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, String> 
         Ok(c) => c.seq,
         Err(SubmitError::Missing(m)) => {
             release(&mut pinned);
-            return Err(format!(
+            return Err(PutError::Refused(format!(
                 "{} chunk(s) were released while the object streamed in; push it again",
                 m.0.len()
-            ));
+            )));
         }
         Err(SubmitError::Vault(e)) => {
             release(&mut pinned);
-            return Err(format!("logging the object: {e}"));
+            return Err(PutError::Refused(format!("logging the object: {e}")));
         }
     };
     if let Some(gate) = &t.gate {
-        gate(seq)?;
+        gate(seq).map_err(PutError::Commit)?;
     }
     Ok(Answer {
         ok: true,

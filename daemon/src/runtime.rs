@@ -34,6 +34,8 @@ pub struct DatasetStatus {
     pub log: vault::Status,
     /// The directory source (primary only).
     pub source: Option<StatsView>,
+    /// `triad put` into a pushed dataset (primary only).
+    pub puts: Option<crate::pushed::PutStatsView>,
     pub replication: ReplicationStatus,
     pub retention: Retention,
     /// This site's archive, when `[archive]` is set.
@@ -111,6 +113,7 @@ struct Running {
     retention: Mutex<Retention>,
     archive: Option<Arc<crate::archiving::Shared>>,
     checks: Option<crate::checks::Shared>,
+    puts: Option<Arc<crate::pushed::PutStats>>,
 }
 
 /// Removes log segments no longer needed: every record in them is durable in
@@ -237,6 +240,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             retention: Mutex::new(Retention::default()),
             archive: None,
             checks: None,
+            puts: None,
         });
     }
 
@@ -370,7 +374,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     // primary (answered once the commit policy holds), gets anywhere.
     let push_thread = {
         let targets: HashMap<String, crate::pushed::Target> = running
-            .iter()
+            .iter_mut()
             .zip(&cfg.dataset)
             .map(|(r, d)| {
                 let pushed = cfg.site.role == Role::Primary
@@ -383,11 +387,16 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
                             .map_err(|e| e.to_string())
                     }) as crate::source::CommitGate
                 });
+                let stats = Arc::new(crate::pushed::PutStats::default());
+                if pushed {
+                    r.puts = Some(stats.clone());
+                }
                 let t = crate::pushed::Target {
                     ds: r.ds.clone(),
                     accepts_puts: pushed,
                     gate,
                     lock: Mutex::new(()),
+                    stats,
                 };
                 (d.name.clone(), t)
             })
@@ -736,6 +745,7 @@ fn status_of(
         updated_ns: vault::dataset::now_ns(),
         log: ds.status(),
         source: r.stats.as_ref().map(|s| s.view()),
+        puts: r.puts.as_ref().map(|p| p.view()),
         retention: r.retention.lock().map(|x| x.clone()).unwrap_or_default(),
         archive: r
             .archive

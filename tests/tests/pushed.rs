@@ -140,6 +140,22 @@ fn put_and_get_round_trip_and_follow_archive_command_rules() {
         .to_string_lossy()
         .contains(".tmp")));
 
+    // A get that cannot fetch (no daemon there) is not "missing": status
+    // 255, which stops a PostgreSQL recovery instead of ending it.
+    let o = Command::new(triad_bin())
+        .args(["get", "--dataset", "files", "--socket"])
+        .arg(work.join("no-such.sock"))
+        .args(["000000010000000000000001"])
+        .arg(work.join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(255), "{}", err(&o));
+    assert!(
+        err(&o).contains("cannot reach the triad daemon"),
+        "{}",
+        err(&o)
+    );
+
     // Bad names are refused before anything is sent.
     let o = put(&d.a, &seg, "../escape");
     assert!(!o.status.success());
@@ -188,6 +204,12 @@ fn with_the_sync_follower_down_put_fails_and_succeeds_once_it_returns() {
         assert!(err(&o).contains("zjk-b"), "{}", err(&o));
     }
 
+    // Status and metrics say so: the commit policy is failing.
+    std::thread::sleep(Duration::from_millis(600));
+    let puts = d.a.status().unwrap()["puts"].clone();
+    assert_eq!(puts["commit_failing"], true, "{puts}");
+    assert_eq!(puts["commit_failures"], 3, "{puts}");
+
     // It returns; the retries succeed, and it has every segment.
     d.b.start();
     wait_ready(&d.b);
@@ -195,6 +217,10 @@ fn with_the_sync_follower_down_put_fails_and_succeeds_once_it_returns() {
         let o = put(&d.a, &work.join(n), n);
         assert!(o.status.success(), "{}", err(&o));
     }
+    std::thread::sleep(Duration::from_millis(600));
+    let puts = d.a.status().unwrap()["puts"].clone();
+    assert_eq!(puts["commit_failing"], false, "{puts}");
+    assert_eq!(puts["existed"], 3, "{puts}");
     for n in std::iter::once(&"000000010000000000000001".to_string()).chain(&names) {
         let back = work.join(format!("{n}.b"));
         let o = get(&d.b, n, &back);

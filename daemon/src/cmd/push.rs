@@ -118,7 +118,27 @@ pub fn put(a: PutArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exit status of `triad get` when it could not fetch (as opposed to the
+/// name not existing, status 1). PostgreSQL treats a restore_command status
+/// above 125 as fatal and stops recovery, instead of taking the failure for
+/// the end of the archive and promoting early.
+const GET_FAILED: u8 = 255;
+
 pub fn get(a: GetArgs) -> Result<ExitCode> {
+    match get_inner(a) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!(": {cause}"));
+            }
+            eprintln!("error: {msg}");
+            Ok(ExitCode::from(GET_FAILED))
+        }
+    }
+}
+
+fn get_inner(a: GetArgs) -> Result<ExitCode> {
     crate::pushed::check_name(&a.name).map_err(|e| anyhow!(e))?;
     if let Some(url) = a.from_archive.clone() {
         return get_from_archive(&a, &url);

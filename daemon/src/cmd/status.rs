@@ -163,7 +163,7 @@ fn alerts(site: &Value) -> Vec<String> {
             say(format!("FAILED: {f}"));
         }
         // Only a commit policy failing now counts, not one that recovered.
-        if v["source"]["commit_failing"] == true {
+        if v["source"]["commit_failing"] == true || v["puts"]["commit_failing"] == true {
             say("the commit policy is failing: a sync follower does not acknowledge".into());
         }
         for f in v["replication"]["followers"]
@@ -268,6 +268,20 @@ fn print_site(site: &Value) -> bool {
                 src["pending_paths"],
                 src["committed_seq"],
                 src["commit_failures"],
+            );
+        }
+        let p = &v["puts"];
+        if p.is_object() {
+            println!(
+                "    puts: {} stored, {} already there, {} refused, {} not acknowledged in time{}",
+                p["stored"],
+                p["existed"],
+                p["refused"],
+                p["commit_failures"],
+                p["last_error"]
+                    .as_str()
+                    .map(|e| format!("  last problem: {e}"))
+                    .unwrap_or_default()
             );
         }
         for f in v["replication"]["followers"]
