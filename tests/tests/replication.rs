@@ -483,12 +483,27 @@ fn a_follower_behind_the_retained_log_catches_up_by_state_transfer() {
         .contains("forced the log past what this follower has"));
 
     dep.c.start();
-    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(90));
-    assert!(
-        dep.c.log_text().contains("receiving a state transfer"),
-        "{}",
-        dep.c.log_text()
+    // While the transfer runs the remote is not ready: hold the primary
+    // still (SIGSTOP) as soon as the transfer begins, and ask.
+    wait_until("the transfer to begin", Duration::from_secs(60), || {
+        dep.c.log_text().contains("receiving a state transfer")
+    });
+    let pid_a = dep.a.pid().unwrap() as i32;
+    // SAFETY: signals to a daemon this test started.
+    unsafe { libc::kill(pid_a, libc::SIGSTOP) };
+    wait_until(
+        "/readyz to report the transfer",
+        Duration::from_secs(10),
+        || {
+            let (code, body) = http_get(dep.http[2], "/readyz");
+            code == 503 && body.contains("catching up by state transfer from zjk-a")
+        },
     );
+    unsafe { libc::kill(pid_a, libc::SIGCONT) };
+    wait_replicated(&dep.a, &[&dep.b, &dep.c], Duration::from_secs(90));
+    wait_until("/readyz to be ready again", Duration::from_secs(10), || {
+        http_get(dep.http[2], "/readyz").0 == 200
+    });
     // It streams on after the transfer.
     write_some(&dep.a.source, "after", 20, 17);
     dep.a.wait_settled(now_ns(), Duration::from_secs(60));

@@ -36,19 +36,10 @@ fn tool(name: &str, package: &str) -> String {
     name.to_string()
 }
 
-fn get(port: u16, path: &str) -> (u16, String) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
-        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("GET {url}: {e}"),
-    }
-}
-
 /// Scrapes /metrics, checks the text with `promtool check metrics` (the
 /// Prometheus project's parser and linter) and parses it.
 fn scrape(port: u16) -> prometheus_parse::Scrape {
-    let (code, text) = get(port, "/metrics");
+    let (code, text) = http_get(port, "/metrics");
     assert_eq!(code, 200, "{text}");
     let mut child = Command::new(tool("promtool", "prometheus"))
         .args(["check", "metrics"])
@@ -145,9 +136,9 @@ fn metrics_from_three_sites_follow_a_paused_follower() {
             "{site}"
         );
         assert_eq!(value(&s, "triad_ready", &[]), Some(1.0), "{site}");
-        assert_eq!(get(*port, "/healthz").0, 200);
-        assert_eq!(get(*port, "/readyz").0, 200);
-        let (code, body) = get(*port, "/v1/status");
+        assert_eq!(http_get(*port, "/healthz").0, 200);
+        assert_eq!(http_get(*port, "/readyz").0, 200);
+        let (code, body) = http_get(*port, "/v1/status");
         assert_eq!(code, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["site"], site);
@@ -168,7 +159,7 @@ fn metrics_from_three_sites_follow_a_paused_follower() {
             value(&a, "triad_peer_connected", &follower(peer)),
             Some(1.0),
             "{peer}: {}",
-            get(d.http[0], "/metrics").1
+            http_get(d.http[0], "/metrics").1
         );
     }
     let c = scrape(d.http[2]);
@@ -316,7 +307,7 @@ fn systemd_notify_ready_status_watchdog_reload_and_stop() {
     let ready = notify.wait_for("READY=1", 60);
     // READY comes only once the log is open and the listener is bound: the
     // endpoint answers ready at once, and the status says so.
-    assert_eq!(get(port, "/readyz").0, 200, "not ready after READY=1");
+    assert_eq!(http_get(port, "/readyz").0, 200, "not ready after READY=1");
     assert!(
         ready.contains("STATUS=files: head "),
         "READY without a status line: {ready}"
@@ -358,7 +349,7 @@ fn systemd_notify_ready_status_watchdog_reload_and_stop() {
             .then_some(())
     });
     assert!(s.log_text().contains("[listen]"));
-    assert_eq!(get(port, "/healthz").0, 200);
+    assert_eq!(http_get(port, "/healthz").0, 200);
 
     // SIGTERM: STOPPING=1, then a clean exit.
     signal(s.pid().unwrap(), libc::SIGTERM);

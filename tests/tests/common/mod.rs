@@ -434,3 +434,13 @@ pub fn write_file(path: &Path, len: usize, random: bool, rng: &mut impl rand::Rn
     }
     std::fs::write(path, data).unwrap();
 }
+
+/// GET `path` from a daemon's HTTP endpoint on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
