@@ -8,6 +8,7 @@ mod checks;
 mod cmd;
 mod config;
 mod http;
+mod ingest;
 mod metrics;
 mod pushed;
 mod runtime;
@@ -37,13 +38,8 @@ struct Cli {
 enum Command {
     /// Run the site daemon.
     Daemon {
-        #[arg(
-            long,
-            short,
-            env = "TRIAD_CONFIG",
-            default_value = "/etc/triad/triad.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        cfg: cmd::ConfigPath,
     },
     /// Create a new dataset key file (mode 0600).
     Keygen {
@@ -96,12 +92,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let from_config = match &cli.command {
         // A config that fails to load is reported by the command itself.
-        Command::Daemon { config } => config::Config::load(config).ok().and_then(|c| c.log.format),
+        Command::Daemon { cfg } => config::Config::load(&cfg.config)
+            .ok()
+            .and_then(|c| c.log.format),
         _ => None,
     };
     cmd::init_logging(cli.log_format.or(from_config).as_deref().unwrap_or("human"));
     let result = match cli.command {
-        Command::Daemon { config } => cmd::daemon::run(&config),
+        Command::Daemon { cfg } => cmd::daemon::run(&cfg.config),
         Command::Keygen { out } => cmd::keygen::run(&out),
         Command::Certs { out, sites } => cmd::certs::run(&out, &sites),
         Command::Config { command } => cmd::config::run(command),

@@ -29,15 +29,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vault::chunk::{self, ChunkId};
-use vault::{ChunkRef, Dataset, Entry, Node, Op, SubmitError};
+use vault::{Dataset, Entry, Node, Op, SubmitError};
 
 use crate::source::CommitGate;
 
 /// The socket's file name in `site.data_dir`.
 pub const SOCKET: &str = "triad.sock";
 
-/// Sealed chunks sent per Pin record while a large object streams in.
-const BATCH_BYTES: usize = 8 << 20;
 /// Largest frame a client may send.
 const MAX_FRAME: usize = 16 << 20;
 
@@ -345,7 +343,6 @@ impl<R: Read> Read for Frames<R> {
 fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError> {
     let _one = t.lock.lock().map_err(|_| "a put panicked".to_string())?;
     let ds = &t.ds;
-    let keys = ds.keys();
     let mut pinned: Vec<ChunkId> = Vec::new();
     let release = |pinned: &mut Vec<ChunkId>| {
         if !pinned.is_empty() {
@@ -363,46 +360,18 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
         hasher: blake3::Hasher::new(),
         done: false,
     };
-    let mut refs: Vec<ChunkRef> = Vec::new();
-    let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let mut size = 0u64;
-    for piece in chunk::stream(&mut frames) {
-        let piece = match piece {
-            Ok(p) => p,
-            Err(e) => {
-                release(&mut pinned);
-                return Err(PutError::Refused(format!(
-                    "reading the object: {e}; nothing was stored"
-                )));
-            }
-        };
-        size += piece.len() as u64;
-        let id = ChunkId::of(keys, &piece);
-        refs.push(ChunkRef {
-            id,
-            len: piece.len() as u32,
-        });
-        let known = pinned.contains(&id)
-            || batch.iter().any(|(b, _)| *b == id)
-            || ds.has_chunk(&id).map_err(|e| e.to_string())?;
-        if known {
-            continue;
+    let streamed = match crate::ingest::stream(ds, &mut frames, &mut pinned, |_| {}) {
+        Ok(s) => s,
+        Err(e) => {
+            release(&mut pinned);
+            let what = match e {
+                crate::ingest::StreamError::Read(e) => format!("reading the object: {e}"),
+                crate::ingest::StreamError::Vault(e) => format!("logging the object: {e}"),
+            };
+            return Err(PutError::Refused(format!("{what}; nothing was stored")));
         }
-        batch_bytes += piece.len();
-        batch.push((id, piece));
-        if batch_bytes >= BATCH_BYTES {
-            let sealed = seal(keys, &batch);
-            let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
-            if let Err(e) = ds.submit(vec![Op::Pin { ids: ids.clone() }], sealed) {
-                release(&mut pinned);
-                return Err(PutError::Refused(format!("logging the object: {e}")));
-            }
-            pinned.extend(ids);
-            batch.clear();
-            batch_bytes = 0;
-        }
-    }
+    };
+    let (refs, batch, size) = (streamed.refs, streamed.batch, streamed.size);
     if !frames.done {
         release(&mut pinned);
         return Err(PutError::Refused(
@@ -448,7 +417,7 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
             ids: pinned.clone(),
         });
     }
-    let seq = match ds.submit(ops, seal(keys, &batch)) {
+    let seq = match ds.submit(ops, crate::ingest::seal(ds.keys(), &batch)) {
         Ok(c) => c.seq,
         Err(SubmitError::Missing(m)) => {
             release(&mut pinned);
@@ -470,11 +439,6 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
         seq: Some(seq),
         ..Answer::default()
     })
-}
-
-fn seal(keys: &vault::Keys, batch: &[(ChunkId, Vec<u8>)]) -> Vec<vault::SealedChunk> {
-    let items: Vec<(ChunkId, &[u8])> = batch.iter().map(|(id, p)| (*id, p.as_slice())).collect();
-    chunk::seal_many(keys, &items)
 }
 
 fn get(t: &Target, name: &str, out: &mut UnixStream) -> Result<(), String> {

@@ -27,16 +27,14 @@ use globset::{GlobSet, GlobSetBuilder};
 use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
-use vault::chunk::{self, ChunkId};
+use vault::chunk::ChunkId;
 use vault::dataset::now_ns;
-use vault::{ChunkRef, Dataset, Entry, Node, Op, SubmitError};
+use vault::{Dataset, Entry, Node, Op, SubmitError};
 
 use crate::config::DirectorySettings;
 
 /// Ops per record for metadata-only changes.
 const OPS_PER_RECORD: usize = 1000;
-/// New chunk bytes sent per record while a large file is read.
-const BATCH_BYTES: usize = 8 << 20;
 /// A file whose mtime is this close to its read time is read again later.
 const RACY_NS: i64 = 2_000_000_000;
 const MAX_READ_ATTEMPTS: usize = 5;
@@ -811,47 +809,18 @@ impl DirSource {
                     return self.submit_meta(unpin(&mut pinned));
                 }
             };
-            let mut refs: Vec<ChunkRef> = Vec::new();
-            let mut batch: Vec<(ChunkId, Vec<u8>)> = Vec::new();
-            let mut batch_bytes = 0usize;
-            let mut read_failed = None;
-            for piece in chunk::stream(&file) {
-                let piece = match piece {
-                    Ok(p) => p,
-                    Err(e) => {
-                        read_failed = Some(e);
-                        break;
-                    }
-                };
-                self.stats
-                    .bytes_read
-                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                let id = ChunkId::of(keys, &piece);
-                refs.push(ChunkRef {
-                    id,
-                    len: piece.len() as u32,
-                });
-                if pinned.contains(&id)
-                    || batch.iter().any(|(b, _)| *b == id)
-                    || self.ds.has_chunk(&id)?
-                {
-                    continue;
+            let stats = &self.stats;
+            let streamed = crate::ingest::stream(&self.ds, &file, &mut pinned, |n| {
+                stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            });
+            let (refs, batch) = match streamed {
+                Ok(s) => (s.refs, s.batch),
+                Err(crate::ingest::StreamError::Read(e)) => {
+                    self.skip(rel, &format!("read failed: {e}"));
+                    return self.submit_meta(unpin(&mut pinned));
                 }
-                batch_bytes += piece.len();
-                batch.push((id, piece));
-                if batch_bytes >= BATCH_BYTES {
-                    let sealed = seal_batch(keys, &batch);
-                    let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
-                    self.submit_with_retry(vec![Op::Pin { ids: ids.clone() }], sealed)?;
-                    pinned.extend(ids);
-                    batch.clear();
-                    batch_bytes = 0;
-                }
-            }
-            if let Some(e) = read_failed {
-                self.skip(rel, &format!("read failed: {e}"));
-                return self.submit_meta(unpin(&mut pinned));
-            }
+                Err(crate::ingest::StreamError::Vault(e)) => return Err(e.into()),
+            };
             let md2 = file.metadata().ok();
             let md3 = abs.symlink_metadata().ok();
             let same = |m: &Option<std::fs::Metadata>| {
@@ -886,7 +855,7 @@ impl DirSource {
             if ops.is_empty() {
                 return Ok(());
             }
-            let sealed = seal_batch(keys, &batch);
+            let sealed = crate::ingest::seal(keys, &batch);
             match self.ds.submit(ops, sealed) {
                 Ok(_) => {
                     pinned.clear();
@@ -902,26 +871,4 @@ impl DirSource {
         self.queue_reread(rel, Duration::from_secs(1));
         self.submit_meta(unpin(&mut pinned))
     }
-
-    fn submit_with_retry(
-        &self,
-        ops: Vec<Op>,
-        sealed: Vec<vault::SealedChunk>,
-    ) -> Result<(), SourceError> {
-        match self.ds.submit(ops, sealed) {
-            Ok(_) => Ok(()),
-            Err(SubmitError::Vault(e)) => Err(e.into()),
-            // A Pin only needs the chunks it carries, so this cannot happen.
-            Err(SubmitError::Missing(m)) => Err(vault::VaultError::Closed(format!(
-                "pin reported {} missing chunks",
-                m.0.len()
-            ))
-            .into()),
-        }
-    }
-}
-
-fn seal_batch(keys: &vault::Keys, batch: &[(ChunkId, Vec<u8>)]) -> Vec<vault::SealedChunk> {
-    let items: Vec<(ChunkId, &[u8])> = batch.iter().map(|(id, p)| (*id, p.as_slice())).collect();
-    chunk::seal_many(keys, &items)
 }

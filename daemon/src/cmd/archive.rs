@@ -4,7 +4,7 @@
 //! scheduled ones); with no daemon they open the dataset and do the work
 //! themselves, shipping the log first.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +16,8 @@ use crate::config::{ArchiveSettings, Config};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    cfg: crate::cmd::ConfigPath,
     /// The dataset; all of the config's datasets when absent.
     #[arg(long)]
     dataset: Option<String>,
@@ -76,9 +71,9 @@ fn daemon_running(dataset_dir: &Path) -> bool {
 }
 
 pub fn run(job: Job, a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.config)?;
-    let s = settings(&cfg, &a.config)?;
-    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.config)?;
+    let cfg = Config::load(&a.cfg.config)?;
+    let s = settings(&cfg, &a.cfg.config)?;
+    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.cfg.config)?;
     let rt = runtime()?;
     let mut ok = true;
     for name in names {

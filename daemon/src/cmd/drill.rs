@@ -12,13 +12,8 @@ use crate::config::{Config, Role};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    cfg: crate::cmd::ConfigPath,
     /// The dataset; all of the config's datasets when absent.
     #[arg(long)]
     dataset: Option<String>,
@@ -127,7 +122,7 @@ pub(crate) fn drill_store(
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.config)?;
+    let cfg = Config::load(&a.cfg.config)?;
     let at: archive::At = a.at.parse().map_err(|e: String| anyhow!(e))?;
     let store = drill_store(
         &cfg,
@@ -135,8 +130,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         a.endpoint.clone(),
         a.credentials_file.clone(),
     )
-    .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
-    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.config)?;
+    .map_err(|e| anyhow!("{}: {e}", a.cfg.config.display()))?;
+    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.cfg.config)?;
     let reports = a.reports.clone().unwrap_or_else(|| cfg.reports_dir());
     let scratch = a
         .scratch

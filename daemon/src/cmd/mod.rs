@@ -53,3 +53,16 @@ pub fn init_logging(format: &str) {
         builder.init();
     }
 }
+
+/// `--config`: the site config file, for every command that reads one.
+#[derive(clap::Args, Clone)]
+pub struct ConfigPath {
+    /// The site config file.
+    #[arg(
+        long,
+        short,
+        env = "TRIAD_CONFIG",
+        default_value = "/etc/triad/triad.toml"
+    )]
+    pub config: std::path::PathBuf,
+}

@@ -12,22 +12,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::config::Config;
 use crate::pushed::client;
 
+/// Where the daemon is and which dataset: shared by put and get.
 #[derive(clap::Args)]
-pub struct PutArgs {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    config: PathBuf,
+pub struct Daemon {
+    #[command(flatten)]
+    cfg: crate::cmd::ConfigPath,
     /// The daemon's socket (default: the config's listen.socket, else
     /// <data_dir>/triad.sock). With it, no config is read.
     #[arg(long, env = "TRIAD_SOCKET")]
     socket: Option<PathBuf>,
-    /// A dataset with source = { kind = "pushed" }.
+    /// A dataset with source = { kind = "pushed" } at the primary.
     #[arg(long)]
     dataset: String,
+}
+
+#[derive(clap::Args)]
+pub struct PutArgs {
+    #[command(flatten)]
+    daemon: Daemon,
     /// The file to store, or `-` for stdin (then NAME is required).
     path: PathBuf,
     /// The name to store it under (default: PATH's file name).
@@ -36,19 +38,8 @@ pub struct PutArgs {
 
 #[derive(clap::Args)]
 pub struct GetArgs {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    config: PathBuf,
-    /// The daemon's socket (default: the config's listen.socket, else
-    /// <data_dir>/triad.sock).
-    #[arg(long, env = "TRIAD_SOCKET")]
-    socket: Option<PathBuf>,
-    #[arg(long)]
-    dataset: String,
+    #[command(flatten)]
+    daemon: Daemon,
     /// The object's name.
     name: String,
     /// Where to write it; written whole or not at all.
@@ -98,7 +89,7 @@ pub fn put(a: PutArgs) -> Result<ExitCode> {
             .ok_or_else(|| anyhow!("{} has no file name; give a NAME", a.path.display()))?
             .to_string(),
     };
-    let sock = socket(&a.socket, &a.config)?;
+    let sock = socket(&a.daemon.socket, &a.daemon.cfg.config)?;
     let mut input: Box<dyn Read> = if a.path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
@@ -107,11 +98,12 @@ pub fn put(a: PutArgs) -> Result<ExitCode> {
                 .with_context(|| format!("opening {}", a.path.display()))?,
         )
     };
-    let answer = client::put(&sock, &a.dataset, &name, &mut input).map_err(|e| anyhow!(e))?;
+    let answer =
+        client::put(&sock, &a.daemon.dataset, &name, &mut input).map_err(|e| anyhow!(e))?;
     if !answer.ok {
         bail!(
             "put {name} into dataset {}: {}",
-            a.dataset,
+            a.daemon.dataset,
             answer.error.unwrap_or_else(|| "refused".into())
         );
     }
@@ -143,18 +135,18 @@ fn get_inner(a: GetArgs) -> Result<ExitCode> {
     if let Some(url) = a.from_archive.clone() {
         return get_from_archive(&a, &url);
     }
-    let sock = socket(&a.socket, &a.config)?;
-    let answer = client::get(&sock, &a.dataset, &a.name, &a.dest).map_err(|e| anyhow!(e))?;
+    let sock = socket(&a.daemon.socket, &a.daemon.cfg.config)?;
+    let answer = client::get(&sock, &a.daemon.dataset, &a.name, &a.dest).map_err(|e| anyhow!(e))?;
     if answer.missing {
         // What restore_command must do at the end of the archived WAL.
-        eprintln!("{}: not in dataset {}", a.name, a.dataset);
+        eprintln!("{}: not in dataset {}", a.name, a.daemon.dataset);
         return Ok(ExitCode::FAILURE);
     }
     if !answer.ok {
         bail!(
             "get {} from dataset {}: {}",
             a.name,
-            a.dataset,
+            a.daemon.dataset,
             answer.error.unwrap_or_else(|| "refused".into())
         );
     }
@@ -205,7 +197,7 @@ fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
     if a.at != "latest" {
         bail!("--cache serves the archive's latest state; drop --cache to use --at");
     }
-    let dir = cache.join(&a.dataset);
+    let dir = cache.join(&a.daemon.dataset);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let lock = std::fs::File::create(dir.join("LOCK"))
         .with_context(|| format!("creating {}", dir.join("LOCK").display()))?;
@@ -223,7 +215,7 @@ fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
             let (store, _, _) =
                 crate::cmd::restore::open_archive(&restore_args(a, url, &tree), url)?;
             let rt = crate::cmd::archive::runtime()?;
-            archive::archiver::archived_head(rt.handle(), &store, &a.dataset)? <= seq
+            archive::archiver::archived_head(rt.handle(), &store, &a.daemon.dataset)? <= seq
         }
         None => false,
     };
@@ -251,8 +243,8 @@ fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
 /// The restore arguments for reading `url` (store and key settings).
 fn restore_args(a: &GetArgs, url: &str, to: &Path) -> crate::cmd::restore::Args {
     crate::cmd::restore::Args {
-        config: a.config.clone(),
-        dataset: a.dataset.clone(),
+        cfg: a.daemon.cfg.clone(),
+        dataset: a.daemon.dataset.clone(),
         to: to.to_path_buf(),
         json: true,
         from_archive: Some(url.to_string()),
@@ -271,7 +263,7 @@ fn copy_out(a: &GetArgs, src: &Path, from: &str) -> Result<ExitCode> {
     let mut f = match std::fs::File::open(src) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("{}: not in dataset {} in {from}", a.name, a.dataset);
+            eprintln!("{}: not in dataset {} in {from}", a.name, a.daemon.dataset);
             return Ok(ExitCode::FAILURE);
         }
         Err(e) => return Err(e).with_context(|| format!("opening {}", src.display())),

@@ -17,13 +17,8 @@ use crate::config::Config;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    pub(crate) config: PathBuf,
+    #[command(flatten)]
+    pub(crate) cfg: crate::cmd::ConfigPath,
     /// The dataset to restore.
     #[arg(long)]
     pub(crate) dataset: String,
@@ -65,10 +60,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(url) = a.from_archive.clone() {
         return from_archive(a, &url);
     }
-    let cfg = Config::load(&a.config)?;
-    let d = cfg
-        .dataset(&a.dataset)
-        .with_context(|| format!("dataset `{}` is not in {}", a.dataset, a.config.display()))?;
+    let cfg = Config::load(&a.cfg.config)?;
+    let d = cfg.dataset(&a.dataset).with_context(|| {
+        format!(
+            "dataset `{}` is not in {}",
+            a.dataset,
+            a.cfg.config.display()
+        )
+    })?;
     let key = DatasetKey::load(&d.key_file)?;
     let started = Instant::now();
     let view = View::open(&cfg.dataset_dir(&a.dataset), &a.dataset, &key)
@@ -218,8 +217,8 @@ pub(crate) fn open_archive(
 ) -> Result<(archive::Store, DatasetKey, archive::StoreConfig)> {
     crate::cmd::archive::check_restore_args(url)?;
     // The config, when there is one, gives the key and the store settings.
-    let cfg = if a.config.exists() {
-        Some(Config::load(&a.config)?)
+    let cfg = if a.cfg.config.exists() {
+        Some(Config::load(&a.cfg.config)?)
     } else {
         None
     };
@@ -231,20 +230,20 @@ pub(crate) fn open_archive(
                 format!(
                     "dataset `{}` is not in {}; pass --key-file",
                     a.dataset,
-                    a.config.display()
+                    a.cfg.config.display()
                 )
             })?
             .key_file
             .clone(),
         (None, None) => anyhow::bail!(
             "no config at {} and no --key-file: the dataset key is needed to read the archive",
-            a.config.display()
+            a.cfg.config.display()
         ),
     };
     let key = DatasetKey::load(&key_file)?;
     let mut store_cfg = match cfg.as_ref().map(|c| c.archive_settings()) {
         Some(Ok(Some(s))) => s.store,
-        Some(Err((f, m))) => anyhow::bail!("{}: {f}: {m}", a.config.display()),
+        Some(Err((f, m))) => anyhow::bail!("{}: {f}: {m}", a.cfg.config.display()),
         _ => archive::StoreConfig::new(url),
     };
     store_cfg.url = url.to_string();

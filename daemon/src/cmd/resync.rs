@@ -4,7 +4,6 @@
 //! whole, as evidence, and the next start of the daemon fetches the dataset
 //! again from the upstream (a state transfer, then the log).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -13,22 +12,22 @@ use crate::config::{Config, Role};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    cfg: crate::cmd::ConfigPath,
     /// The dataset to fetch again.
     #[arg(long)]
     dataset: String,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.config)?;
-    cfg.dataset(&a.dataset)
-        .with_context(|| format!("dataset `{}` is not in {}", a.dataset, a.config.display()))?;
+    let cfg = Config::load(&a.cfg.config)?;
+    cfg.dataset(&a.dataset).with_context(|| {
+        format!(
+            "dataset `{}` is not in {}",
+            a.dataset,
+            a.cfg.config.display()
+        )
+    })?;
     if cfg.site.role != Role::Follower {
         bail!(
             "site {} is the primary: it has no upstream to fetch from; restore it from a \

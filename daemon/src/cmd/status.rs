@@ -5,7 +5,6 @@
 //! SiteStatus call). Exits 1 when anything needs attention, listing it
 //! under "alerts", so scripts and monitoring can use the exit code.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -16,13 +15,8 @@ use crate::runtime::STATUS_FILE;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    cfg: crate::cmd::ConfigPath,
     /// Show every site of the deployment: this one and each [[peer]].
     #[arg(long)]
     all: bool,
@@ -38,7 +32,7 @@ pub struct Args {
 const STALE_SECONDS: f64 = 5.0;
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.config)?;
+    let cfg = Config::load(&a.cfg.config)?;
     let mut names: Vec<String> = vec![cfg.site.name.clone()];
     if a.all {
         names.extend(cfg.peer.iter().map(|p| p.name.clone()));

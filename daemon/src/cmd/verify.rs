@@ -5,7 +5,6 @@
 //! store (verifier/src/scrub.rs). Exits 1 when anything is wrong.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,13 +15,8 @@ use crate::config::Config;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(
-        long,
-        short,
-        env = "TRIAD_CONFIG",
-        default_value = "/etc/triad/triad.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    cfg: crate::cmd::ConfigPath,
     /// The dataset; all of the config's datasets when absent.
     #[arg(long)]
     dataset: Option<String>,
@@ -55,12 +49,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.config)?;
+    let cfg = Config::load(&a.cfg.config)?;
     let rate = match a.max_rate.trim() {
         "0" => 0,
         r => crate::config::parse_bandwidth(r).map_err(|e| anyhow!("--max-rate: {e}"))?,
     };
-    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.config)?;
+    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.cfg.config)?;
     let mut ok = true;
     for name in names {
         let d = cfg
@@ -161,8 +155,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         if a.archive {
             let settings = cfg
                 .archive_settings()
-                .map_err(|(f, m)| anyhow!("{}: {f}: {m}", a.config.display()))?
-                .ok_or_else(|| anyhow!("{} has no [archive]", a.config.display()))?;
+                .map_err(|(f, m)| anyhow!("{}: {f}: {m}", a.cfg.config.display()))?
+                .ok_or_else(|| anyhow!("{} has no [archive]", a.cfg.config.display()))?;
             // Like a restore, a scrub is the time to use the link fully.
             let mut store_cfg = settings.store.clone();
             store_cfg.concurrency = store_cfg.concurrency.max(32);
