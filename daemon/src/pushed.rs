@@ -523,6 +523,22 @@ pub mod client {
             .map_err(|e| format!("the daemon's answer `{}` does not parse: {e}", line.trim()))
     }
 
+    /// Connects and sends the request header.
+    fn request(socket: &Path, op: &str, dataset: &str, name: &str) -> Result<UnixStream, String> {
+        check_name(name)?;
+        let mut conn = connect(socket)?;
+        let req = Request {
+            op: op.into(),
+            dataset: dataset.into(),
+            name: name.into(),
+        };
+        let mut head = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        head.push(b'\n');
+        conn.write_all(&head)
+            .map_err(|e| format!("sending to the daemon: {e}"))?;
+        Ok(conn)
+    }
+
     /// Sends `object` as `name`; returns the daemon's answer.
     pub fn put(
         socket: &Path,
@@ -530,18 +546,9 @@ pub mod client {
         name: &str,
         object: &mut impl Read,
     ) -> Result<Answer, String> {
-        check_name(name)?;
-        let mut conn = connect(socket)?;
-        let req = Request {
-            op: "put".into(),
-            dataset: dataset.into(),
-            name: name.into(),
-        };
-        let mut head = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
-        head.push(b'\n');
+        let mut conn = request(socket, "put", dataset, name)?;
         let sent = (|| -> Result<(), String> {
             let io = |e: std::io::Error| format!("sending to the daemon: {e}");
-            conn.write_all(&head).map_err(io)?;
             let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; 1 << 20];
             loop {
@@ -572,17 +579,7 @@ pub mod client {
     /// matched its hash. Returns the answer (`missing` when there is no
     /// such name).
     pub fn get(socket: &Path, dataset: &str, name: &str, dest: &Path) -> Result<Answer, String> {
-        check_name(name)?;
-        let mut conn = connect(socket)?;
-        let req = Request {
-            op: "get".into(),
-            dataset: dataset.into(),
-            name: name.into(),
-        };
-        let mut head = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
-        head.push(b'\n');
-        conn.write_all(&head)
-            .map_err(|e| format!("sending to the daemon: {e}"))?;
+        let conn = request(socket, "get", dataset, name)?;
         let mut input = BufReader::new(conn);
         let a = answer(&mut input)?;
         if !a.ok {

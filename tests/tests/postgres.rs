@@ -54,6 +54,18 @@ fn ok(o: Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// Gives `path` (and with `recursive` everything below it) to postgres.
+fn chown_pg(path: &Path, recursive: bool) {
+    let mut c = Command::new("chown");
+    if recursive {
+        c.arg("-R");
+    }
+    ok(
+        c.arg("postgres").arg(path).output().unwrap(),
+        "chown postgres",
+    );
+}
+
 struct Pg {
     bin: PathBuf,
     data: PathBuf,
@@ -136,13 +148,7 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     std::fs::set_permissions(r, std::fs::Permissions::from_mode(0o755)).unwrap();
     // Owned by postgres (root writes here regardless): the server's logs
     // and socket go here too.
-    ok(
-        Command::new("chown")
-            .args(["postgres", r.to_str().unwrap()])
-            .output()
-            .unwrap(),
-        "chown",
-    );
+    chown_pg(r, false);
     let triad = r.join("triad");
     std::fs::copy(triad_bin(), &triad).unwrap();
     let socket = r.join("triad.sock");
@@ -173,24 +179,12 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     // restore_command reads the dataset key as the postgres user.
     let key = r.join("dataset.key");
     std::fs::copy(&d.a.key, &key).unwrap();
-    ok(
-        Command::new("chown")
-            .args(["postgres", key.to_str().unwrap()])
-            .output()
-            .unwrap(),
-        "chown key",
-    );
+    chown_pg(&key, false);
 
     // The first cluster, archiving through `triad put`.
     let data1 = r.join("data1");
     std::fs::create_dir(&data1).unwrap();
-    ok(
-        Command::new("chown")
-            .args(["postgres", data1.to_str().unwrap()])
-            .output()
-            .unwrap(),
-        "chown",
-    );
+    chown_pg(&data1, false);
     ok(
         as_pg(
             bin.join("initdb").to_str().unwrap(),
@@ -319,13 +313,7 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     };
     let data2 = r.join("data2");
     std::fs::create_dir(&data2).unwrap();
-    ok(
-        Command::new("chown")
-            .args(["postgres", data2.to_str().unwrap()])
-            .output()
-            .unwrap(),
-        "chown",
-    );
+    chown_pg(&data2, false);
     let tar = r.join("base.tar");
     ok(
         as_pg("sh", &["-c", &get("base.tar", &tar)]),
@@ -373,13 +361,7 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     .unwrap();
     drop(conf);
     std::fs::write(data2.join("recovery.signal"), b"").unwrap();
-    ok(
-        Command::new("chown")
-            .args(["-R", "postgres", data2.to_str().unwrap()])
-            .output()
-            .unwrap(),
-        "chown",
-    );
+    chown_pg(&data2, true);
     pg2.start();
     until(300, "recovery to finish and promote", || {
         pg2.sql("select pg_is_in_recovery()") == "f"
