@@ -17,10 +17,7 @@ use crate::config::{ArchiveSettings, Config};
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    cfg: crate::cmd::ConfigPath,
-    /// The dataset; all of the config's datasets when absent.
-    #[arg(long)]
-    dataset: Option<String>,
+    target: crate::cmd::Datasets,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -71,9 +68,8 @@ fn daemon_running(dataset_dir: &Path) -> bool {
 }
 
 pub fn run(job: Job, a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.cfg.config)?;
-    let s = settings(&cfg, &a.cfg.config)?;
-    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.cfg.config)?;
+    let (cfg, names) = a.target.load()?;
+    let s = settings(&cfg, &a.target.cfg.config)?;
     let rt = runtime()?;
     let mut ok = true;
     for name in names {

@@ -13,10 +13,7 @@ use crate::config::{Config, Role};
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    cfg: crate::cmd::ConfigPath,
-    /// The dataset; all of the config's datasets when absent.
-    #[arg(long)]
-    dataset: Option<String>,
+    target: crate::cmd::Datasets,
     /// The archive to restore (s3://bucket/prefix or file:///dir); default
     /// this site's [archive]. Another site's archive takes its URL here and
     /// its endpoint and credentials from --endpoint / --credentials-file.
@@ -122,7 +119,7 @@ pub(crate) fn drill_store(
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.cfg.config)?;
+    let (cfg, names) = a.target.load()?;
     let at: archive::At = a.at.parse().map_err(|e: String| anyhow!(e))?;
     let store = drill_store(
         &cfg,
@@ -130,8 +127,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         a.endpoint.clone(),
         a.credentials_file.clone(),
     )
-    .map_err(|e| anyhow!("{}: {e}", a.cfg.config.display()))?;
-    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.cfg.config)?;
+    .map_err(|e| anyhow!("{}: {e}", a.target.cfg.config.display()))?;
     let reports = a.reports.clone().unwrap_or_else(|| cfg.reports_dir());
     let scratch = a
         .scratch

@@ -14,25 +14,34 @@ pub mod resync;
 pub mod status;
 pub mod verify;
 
-use std::path::Path;
-
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
-/// The datasets a command works on: the one named (which must be in the
-/// config), or all of the config's.
-pub fn dataset_names(
-    cfg: &crate::config::Config,
-    dataset: Option<&str>,
-    config_path: &Path,
-) -> anyhow::Result<Vec<String>> {
-    match dataset {
-        Some(d) => {
-            cfg.dataset(d)
-                .with_context(|| format!("dataset `{d}` is not in {}", config_path.display()))?;
-            Ok(vec![d.to_string()])
-        }
-        None => Ok(cfg.dataset.iter().map(|d| d.name.clone()).collect()),
+/// `--config` and `--dataset`, for the commands that work on one dataset or
+/// on every dataset of the config.
+#[derive(clap::Args)]
+pub struct Datasets {
+    #[command(flatten)]
+    pub cfg: ConfigPath,
+    /// The dataset; all of the config's datasets when absent.
+    #[arg(long)]
+    pub dataset: Option<String>,
+}
+
+impl Datasets {
+    /// The config, and the datasets named (checked to be in it).
+    pub fn load(&self) -> anyhow::Result<(crate::config::Config, Vec<String>)> {
+        let cfg = crate::config::Config::load(&self.cfg.config)?;
+        let names = match &self.dataset {
+            Some(d) => {
+                cfg.dataset(d).with_context(|| {
+                    format!("dataset `{d}` is not in {}", self.cfg.config.display())
+                })?;
+                vec![d.clone()]
+            }
+            None => cfg.dataset.iter().map(|d| d.name.clone()).collect(),
+        };
+        Ok((cfg, names))
     }
 }
 

@@ -16,10 +16,7 @@ use crate::config::Config;
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    cfg: crate::cmd::ConfigPath,
-    /// The dataset; all of the config's datasets when absent.
-    #[arg(long)]
-    dataset: Option<String>,
+    target: crate::cmd::Datasets,
     /// Re-read every chunk of this site's copy and recompute the digest.
     #[arg(long)]
     scrub: bool,
@@ -49,12 +46,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    let cfg = Config::load(&a.cfg.config)?;
+    let (cfg, names) = a.target.load()?;
     let rate = match a.max_rate.trim() {
         "0" => 0,
         r => crate::config::parse_bandwidth(r).map_err(|e| anyhow!("--max-rate: {e}"))?,
     };
-    let names = crate::cmd::dataset_names(&cfg, a.dataset.as_deref(), &a.cfg.config)?;
     let mut ok = true;
     for name in names {
         let d = cfg
@@ -155,8 +151,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         if a.archive {
             let settings = cfg
                 .archive_settings()
-                .map_err(|(f, m)| anyhow!("{}: {f}: {m}", a.cfg.config.display()))?
-                .ok_or_else(|| anyhow!("{} has no [archive]", a.cfg.config.display()))?;
+                .map_err(|(f, m)| anyhow!("{}: {f}: {m}", a.target.cfg.config.display()))?
+                .ok_or_else(|| anyhow!("{} has no [archive]", a.target.cfg.config.display()))?;
             // Like a restore, a scrub is the time to use the link fully.
             let mut store_cfg = settings.store.clone();
             store_cfg.concurrency = store_cfg.concurrency.max(32);
