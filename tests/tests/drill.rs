@@ -54,11 +54,7 @@ fn a_drill_reports_what_it_restored_and_a_damaged_archive_fails_it() {
     site.start();
     let st = site.wait_settled(now_ns(), Duration::from_secs(60));
     let head = st["log"]["head_seq"].as_u64().unwrap();
-    let out = Command::new(triad_bin())
-        .args(["snapshot", "--dataset", "files", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
+    let out = site.cli(&["snapshot", "--dataset", "files"]);
     assert!(
         out.status.success(),
         "{}",

@@ -261,11 +261,7 @@ fn malformed_configs_are_refused_naming_the_field() {
         good.replace("role = \"primary\"", "role = \"leader\""),
     )
     .unwrap();
-    let out = Command::new(triad_bin())
-        .args(["daemon", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
+    let out = site.cli(&["daemon"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("role"));
     assert!(!site.data.exists(), "nothing created on a bad config");

@@ -25,23 +25,11 @@ fn deployment(extra: &str) -> Deployment {
 }
 
 fn put(site: &Site, path: &Path, name: &str) -> Output {
-    Command::new(triad_bin())
-        .args(["put", "--dataset", "files", "--config"])
-        .arg(&site.config)
-        .arg(path)
-        .arg(name)
-        .output()
-        .unwrap()
+    site.cli(&["put", "--dataset", "files", &path.to_string_lossy(), name])
 }
 
 fn get(site: &Site, name: &str, dest: &Path) -> Output {
-    Command::new(triad_bin())
-        .args(["get", "--dataset", "files", "--config"])
-        .arg(&site.config)
-        .arg(name)
-        .arg(dest)
-        .output()
-        .unwrap()
+    site.cli(&["get", "--dataset", "files", name, &dest.to_string_lossy()])
 }
 
 fn segment(dir: &Path, name: &str, seed: u64, len: usize) -> PathBuf {

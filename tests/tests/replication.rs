@@ -54,11 +54,7 @@ fn followers_hold_identical_copies_that_restore_to_the_source() {
     }
     // `triad status` shows both ends of each link and exits 0 when healthy.
     let status = |s: &Site| {
-        let out = std::process::Command::new(triad_bin())
-            .args(["status", "--config"])
-            .arg(&s.config)
-            .output()
-            .unwrap();
+        let out = s.cli(&["status"]);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).to_string(),

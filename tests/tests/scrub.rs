@@ -42,11 +42,7 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
     site.start();
     let st = site.wait_settled(now_ns(), Duration::from_secs(60));
     let head = st["log"]["head_seq"].as_u64().unwrap();
-    let out = Command::new(triad_bin())
-        .args(["snapshot", "--dataset", "files", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
+    let out = site.cli(&["snapshot", "--dataset", "files"]);
     assert!(out.status.success());
     site.wait_shipped(head, Duration::from_secs(60));
 
@@ -107,18 +103,7 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
 
     // Repair (daemon stopped): good bytes from this site's archive, checked
     // against what the site recorded; the damaged bytes kept as evidence.
-    let out = Command::new(triad_bin())
-        .args([
-            "verify",
-            "--dataset",
-            "files",
-            "--scrub",
-            "--repair",
-            "--config",
-        ])
-        .arg(&site.config)
-        .output()
-        .unwrap();
+    let out = site.cli(&["verify", "--dataset", "files", "--scrub", "--repair"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -183,19 +168,14 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
 
     // Repair the archive from this site's copy; the altered object is kept
     // aside in the bucket.
-    let out = Command::new(triad_bin())
-        .args([
-            "verify",
-            "--dataset",
-            "files",
-            "--archive",
-            "--read-data",
-            "--repair",
-            "--config",
-        ])
-        .arg(&site.config)
-        .output()
-        .unwrap();
+    let out = site.cli(&[
+        "verify",
+        "--dataset",
+        "files",
+        "--archive",
+        "--read-data",
+        "--repair",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),

@@ -217,11 +217,7 @@ fn metrics_from_three_sites_follow_a_paused_follower() {
     });
 
     // `triad status --all` from the primary reaches every site.
-    let out = Command::new(triad_bin())
-        .args(["status", "--all", "--json", "--config"])
-        .arg(&d.a.config)
-        .output()
-        .unwrap();
+    let out = d.a.cli(&["status", "--all", "--json"]);
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let sites: Vec<&str> = all
         .as_array()

@@ -28,11 +28,7 @@ fn write_some(root: &Path, tag: &str, n: usize, seed: u64) {
 }
 
 fn verify(site: &Site) -> (bool, serde_json::Value) {
-    let out = Command::new(triad_bin())
-        .args(["verify", "--dataset", "files", "--json", "--config"])
-        .arg(&site.config)
-        .output()
-        .unwrap();
+    let out = site.cli(&["verify", "--dataset", "files", "--json"]);
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
         panic!(
             "{}{}",
@@ -243,11 +239,7 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     // Re-sync the odd site from the majority: its copy is moved aside as
     // evidence and it follows the real primary again from scratch.
     assert!(dep.b.stop().success());
-    let out = Command::new(triad_bin())
-        .args(["resync", "--dataset", "files", "--config"])
-        .arg(&dep.b.config)
-        .output()
-        .unwrap();
+    let out = dep.b.cli(&["resync", "--dataset", "files"]);
     assert!(
         out.status.success(),
         "{}",

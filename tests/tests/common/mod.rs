@@ -219,14 +219,24 @@ impl Site {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn restore(&self, to: &Path) -> Output {
+    /// Runs `triad ARGS --config <this site's config>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(triad_bin())
-            .args(["restore", "--config"])
+            .args(args)
+            .arg("--config")
             .arg(&self.config)
-            .args(["--dataset", "files", "--to"])
-            .arg(to)
             .output()
-            .expect("run restore")
+            .expect("run triad")
+    }
+
+    pub fn restore(&self, to: &Path) -> Output {
+        self.cli(&[
+            "restore",
+            "--dataset",
+            "files",
+            "--to",
+            &to.to_string_lossy(),
+        ])
     }
 
     /// Adds an `[archive]` at `s3://triad/site-a` behind `endpoint`, with the
