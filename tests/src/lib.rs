@@ -195,3 +195,74 @@ pub fn start_three_sites(base: &Path, source: &str) -> ThreeSites {
 pub fn status(p: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
+
+/// Where a benchmark works: `<--dir or the temp dir>/triad-bench-<name>-<pid>`,
+/// with an empty `source/` in it. Returns (base, source).
+pub fn bench_dir(name: &str) -> (PathBuf, PathBuf) {
+    let base =
+        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
+            .join(format!("triad-bench-{name}-{}", std::process::id()));
+    let src = base.join("source");
+    std::fs::create_dir_all(&src).expect("create bench dir");
+    (base, src)
+}
+
+/// One primary site for the single-site benchmarks: a new key and a config
+/// in `base` watching `src`, with `extra` appended (an [archive] section).
+pub struct OneSite {
+    pub config: PathBuf,
+    /// The site's data dir.
+    pub data: PathBuf,
+}
+
+impl OneSite {
+    pub fn new(base: &Path, src: &Path, extra: &str) -> OneSite {
+        use std::process::Command;
+        let key = base.join("bench.key");
+        let out = Command::new(triad_bin())
+            .args(["keygen", "--out"])
+            .arg(&key)
+            .output()
+            .expect("keygen");
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let site = OneSite {
+            config: base.join("bench.toml"),
+            data: base.join("site"),
+        };
+        std::fs::write(
+            &site.config,
+            format!(
+                "[site]\nname = \"bench\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\" }}\n{extra}",
+                site.data.display(),
+                key.display(),
+                src.display(),
+            ),
+        )
+        .expect("config");
+        site
+    }
+
+    /// Starts its daemon (warnings only on the terminal).
+    pub fn spawn(&self) -> std::process::Child {
+        std::process::Command::new(triad_bin())
+            .args(["daemon", "--config"])
+            .arg(&self.config)
+            .env("TRIAD_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("daemon")
+    }
+}
+
+/// An [archive] section for `s3://bench/triad` on the test server.
+pub fn s3_archive_section(s3: &s3::S3Server, base: &Path, extra: &str) -> String {
+    format!(
+        "\n[archive]\nurl = \"s3://bench/triad\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n{extra}",
+        s3.endpoint(),
+        s3.credentials_file(base).display()
+    )
+}

@@ -14,12 +14,15 @@
 //! Needs `restic` (Debian package) and s3s-fs (installed by `./dev.sh test`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 use triad_tests::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
-use triad_tests::{arg, drop_caches, du, files_status, make_tree, median, triad_bin};
+use triad_tests::{
+    arg, bench_dir, drop_caches, du, files_status, make_tree, median, s3_archive_section,
+    triad_bin, OneSite,
+};
 
 fn run(cmd: &mut Command, what: &str) -> f64 {
     let t = Instant::now();
@@ -87,11 +90,7 @@ fn change_one_percent(src: &Path) -> usize {
 fn main() {
     let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
     let runs: usize = arg("--runs").and_then(|s| s.parse().ok()).unwrap_or(3);
-    let base =
-        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
-            .join(format!("triad-bench-archive-{}", std::process::id()));
-    let src = base.join("source");
-    std::fs::create_dir_all(&src).expect("create bench dir");
+    let (base, src) = bench_dir("archive");
     if Command::new("restic").arg("version").output().is_err() {
         panic!("restic is not installed: apt-get install restic");
     }
@@ -101,37 +100,11 @@ fn main() {
     let s3 = S3Server::start("bench");
 
     // triad: a primary archiving into s3://bench/triad.
-    let key = base.join("bench.key");
-    run(
-        Command::new(triad_bin())
-            .args(["keygen", "--out"])
-            .arg(&key),
-        "keygen",
-    );
-    let creds = s3.credentials_file(&base);
-    let site = base.join("site");
-    let cfg = base.join("bench.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nname = \"bench\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\" }}\n\n[archive]\nurl = \"s3://bench/triad\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n",
-            site.display(),
-            key.display(),
-            src.display(),
-            s3.endpoint(),
-            creds.display()
-        ),
-    )
-    .expect("config");
+    let one = OneSite::new(&base, &src, &s3_archive_section(&s3, &base, ""));
+    let (site, cfg) = (one.data.clone(), one.config.clone());
     drop_caches();
     let started = Instant::now();
-    let mut child = Command::new(triad_bin())
-        .args(["daemon", "--config"])
-        .arg(&cfg)
-        .env("TRIAD_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("daemon");
+    let mut child = one.spawn();
     wait_settled(&site, started, started);
     let ingest = started.elapsed().as_secs_f64();
     let snapshot = |what: &str| {

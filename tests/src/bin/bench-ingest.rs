@@ -5,11 +5,10 @@
 //!
 //! Run: `cargo run -p triad-tests --bin bench-ingest -- [--mib 1024] [--dir DIR]`
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use triad_tests::{arg, drop_caches, du, make_tree, triad_bin};
+use triad_tests::{arg, bench_dir, drop_caches, du, make_tree, OneSite};
 
 fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/{file}"))
@@ -23,11 +22,7 @@ fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
 
 fn main() {
     let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
-    let base =
-        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
-            .join(format!("triad-bench-{}", std::process::id()));
-    let src = base.join("source");
-    std::fs::create_dir_all(&src).expect("create bench dir");
+    let (base, src) = bench_dir("ingest");
     eprintln!("writing a {mib} MiB mixed tree under {}", src.display());
     let (bytes, files) = make_tree(&src, mib << 20);
     let mb = bytes as f64 / 1e6;
@@ -46,38 +41,11 @@ fn main() {
     let cp_sync_secs = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(base.join("cp-copy"));
 
-    let key = base.join("bench.key");
-    let out = Command::new(triad_bin())
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .expect("keygen");
-    assert!(
-        out.status.success(),
-        "keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let site = base.join("site");
-    let cfg = base.join("bench.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nname = \"bench\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\" }}\n",
-            site.display(),
-            key.display(),
-            src.display()
-        ),
-    )
-    .expect("config");
+    let one = OneSite::new(&base, &src, "");
+    let site = one.data.clone();
     drop_caches();
     let t = Instant::now();
-    let mut child = Command::new(triad_bin())
-        .args(["daemon", "--config"])
-        .arg(&cfg)
-        .env("TRIAD_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("daemon");
+    let mut child = one.spawn();
     let status = site.join("datasets/files/status.json");
     let mut peak_rss_kib = 0;
     loop {

@@ -7,20 +7,17 @@
 //!
 //! Run: `cargo run -p triad-tests --bin bench-put -- [--segments 64] [--dir DIR]`
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use rand::{RngCore, SeedableRng};
-use triad_tests::{arg, median, start_three_sites, triad_bin};
+use triad_tests::{arg, bench_dir, median, start_three_sites, triad_bin};
 
 const SEGMENT: usize = 16 << 20;
 
 fn main() {
     let n: usize = arg("--segments").and_then(|s| s.parse().ok()).unwrap_or(64);
-    let base =
-        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
-            .join(format!("triad-bench-put-{}", std::process::id()));
+    let (base, _) = bench_dir("put");
     let wal = base.join("wal");
     let copies = base.join("cp-archive");
     std::fs::create_dir_all(&wal).expect("bench dir");

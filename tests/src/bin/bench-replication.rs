@@ -8,10 +8,9 @@
 //!
 //! Run: `cargo run -p triad-tests --bin bench-replication -- [--mib 1024] [--dir DIR]`
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use triad_tests::{arg, make_tree, start_three_sites, status};
+use triad_tests::{arg, bench_dir, make_tree, start_three_sites, status};
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -23,11 +22,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 fn main() {
     let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
-    let base =
-        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
-            .join(format!("triad-bench-repl-{}", std::process::id()));
-    let src = base.join("source");
-    std::fs::create_dir_all(&src).expect("create bench dir");
+    let (base, src) = bench_dir("repl");
     let source = format!(
         "source = {{ kind = \"directory\", path = \"{}\" }}\n",
         src.display()

@@ -6,12 +6,15 @@
 //!
 //! Run: `cargo run -p triad-tests --bin bench-scrub -- [--mib 1024] [--runs 3] [--dir DIR]`
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use triad_tests::s3::S3Server;
-use triad_tests::{arg, drop_caches, files_status, make_tree, median, triad_bin};
+use triad_tests::{
+    arg, bench_dir, drop_caches, files_status, make_tree, median, s3_archive_section, triad_bin,
+    OneSite,
+};
 
 fn verify(cfg: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(triad_bin())
@@ -32,44 +35,17 @@ fn verify(cfg: &Path, args: &[&str]) -> serde_json::Value {
 fn main() {
     let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
     let runs: usize = arg("--runs").and_then(|s| s.parse().ok()).unwrap_or(3);
-    let base =
-        PathBuf::from(arg("--dir").unwrap_or_else(|| std::env::temp_dir().display().to_string()))
-            .join(format!("triad-bench-scrub-{}", std::process::id()));
-    let src = base.join("source");
-    std::fs::create_dir_all(&src).expect("bench dir");
+    let (base, src) = bench_dir("scrub");
     eprintln!("writing a {mib} MiB mixed tree under {}", src.display());
     let (bytes, files) = make_tree(&src, mib << 20);
     let s3 = S3Server::start("bench");
-    let key = base.join("bench.key");
-    let st = Command::new(triad_bin())
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .stdout(Stdio::null())
-        .status()
-        .expect("keygen");
-    assert!(st.success());
-    let creds = s3.credentials_file(&base);
-    let site = base.join("site");
-    let cfg = base.join("bench.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[site]\nname = \"bench\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"directory\", path = \"{}\" }}\n\n[archive]\nurl = \"s3://bench/triad\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\nlog_flush_interval = \"1s\"\n",
-            site.display(),
-            key.display(),
-            src.display(),
-            s3.endpoint(),
-            creds.display()
-        ),
-    )
-    .expect("config");
-    let mut child = Command::new(triad_bin())
-        .args(["daemon", "--config"])
-        .arg(&cfg)
-        .env("TRIAD_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("daemon");
+    let one = OneSite::new(
+        &base,
+        &src,
+        &s3_archive_section(&s3, &base, "log_flush_interval = \"1s\"\n"),
+    );
+    let (site, cfg) = (one.data.clone(), one.config.clone());
+    let mut child = one.spawn();
     let t = Instant::now();
     loop {
         let v = files_status(&site).unwrap_or_default();
