@@ -681,7 +681,7 @@ impl Config {
         if a.dataset != b.dataset {
             restart.push("[[dataset]]");
         }
-        if a.archive.is_some() != b.archive.is_some() || a.archive != b.archive {
+        if a.archive != b.archive {
             restart.push("[archive] store (url, endpoint, region, credentials, concurrency, request_timeout)");
         }
         if a.log != b.log {

@@ -96,7 +96,7 @@ impl SiteView {
         self.datasets.read().map(|d| d.clone()).unwrap_or_default()
     }
 
-    /// Seconds since the main loop last published.
+    /// Nanoseconds since the main loop last published.
     fn stale_ns(&self) -> i64 {
         vault::dataset::now_ns() - self.tick_ns.load(Ordering::Acquire)
     }

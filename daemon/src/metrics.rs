@@ -11,7 +11,7 @@
 
 use prometheus::{Encoder, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 
-use crate::http::{Phase, SiteView};
+use crate::http::SiteView;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -84,9 +84,10 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         "1 when every dataset is open and usable (what /readyz answers).",
         &[],
     )?;
-    ready.with_label_values(&[]).set(flag(
-        view.not_ready(&datasets).is_empty() && view.phase() == Phase::Running,
-    ));
+    // not_ready covers the phase (opening, stopping) too.
+    ready
+        .with_label_values(&[])
+        .set(flag(view.not_ready(&datasets).is_empty()));
 
     let head = m.gauge(
         "triad_wal_head_seq",

@@ -505,7 +505,8 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     let mut cfg = cfg;
     let mut next_retention = Instant::now();
     while !stop.load(Ordering::Acquire) {
-        if reload.swap(false, Ordering::AcqRel) {
+        let reloaded = reload.swap(false, Ordering::AcqRel);
+        if reloaded {
             notifier.reloading();
             cfg = reload_config(
                 path,
@@ -515,8 +516,6 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
                 upstream.as_deref(),
                 &archive_settings,
             );
-            let line = publish(&cfg, &running);
-            notifier.ready(&line);
         }
         if Instant::now() >= next_retention {
             next_retention = Instant::now() + Duration::from_secs(2);
@@ -527,7 +526,11 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             }
         }
         let line = publish(&cfg, &running);
-        notifier.tick(&line);
+        if reloaded {
+            notifier.ready(&line);
+        } else {
+            notifier.tick(&line);
+        }
         if running.iter().any(|r| r.ds.failure().is_some()) {
             stop.store(true, Ordering::Release);
         }
