@@ -596,95 +596,86 @@ impl Config {
             .unwrap_or(Duration::from_secs(30))
     }
 
-    /// What a reload (SIGHUP) from `self` to `new` changes: the settings it
-    /// applies, and the ones that differ but only take effect at a restart.
+    /// What a running daemon becomes when it reloads `new` (SIGHUP): `self`
+    /// with the settings that can change live taken from `new` (the log cap
+    /// and stop timeout, each peer's commit policy and bandwidth, the
+    /// archive's schedule, retention, flush interval and prune grace while
+    /// its store is unchanged, `[verify]` and `[drill]`). Everything else
+    /// keeps its running value until a restart.
+    pub fn reloaded(&self, new: &Config) -> Config {
+        let mut k = self.clone();
+        k.site.log_retention_max = new.site.log_retention_max.clone();
+        k.site.stop_timeout = new.site.stop_timeout.clone();
+        for p in &mut k.peer {
+            if let Some(n) = new.peer.iter().find(|n| n.name == p.name) {
+                p.mode = n.mode.clone();
+                p.on_unreachable = n.on_unreachable.clone();
+                p.wait_limit = n.wait_limit.clone();
+                p.bandwidth = n.bandwidth.clone();
+            }
+        }
+        if let (Some(a), Some(n)) = (&mut k.archive, &new.archive) {
+            // The store's own settings, with the live ones blanked.
+            let store = |x: &ArchiveSection| ArchiveSection {
+                log_flush_interval: None,
+                snapshot_schedule: None,
+                retention: None,
+                prune_grace: None,
+                ..x.clone()
+            };
+            if store(a) == store(n) {
+                a.log_flush_interval = n.log_flush_interval.clone();
+                a.snapshot_schedule = n.snapshot_schedule.clone();
+                a.retention = n.retention.clone();
+                a.prune_grace = n.prune_grace.clone();
+            }
+        }
+        k.verify = new.verify.clone();
+        k.drill = new.drill.clone();
+        k
+    }
+
+    /// What a reload from `self` to `new` changes: the settings it applies
+    /// (where `reloaded` differs from `self`), and the ones that differ but
+    /// only take effect at a restart (where `new` still differs from it).
     pub fn reload_changes(&self, new: &Config) -> (Vec<&'static str>, Vec<&'static str>) {
+        let kept = self.reloaded(new);
         let mut applied = Vec::new();
-        if self.site.log_retention_max != new.site.log_retention_max {
-            applied.push("site.log_retention_max");
+        if self.site != kept.site {
+            applied.push("site.log_retention_max, site.stop_timeout");
         }
-        if self.site.stop_timeout != new.site.stop_timeout {
-            applied.push("site.stop_timeout");
-        }
-        let policy = |c: &Config| {
-            c.peer
-                .iter()
-                .map(|p| {
-                    (
-                        p.name.clone(),
-                        p.mode.clone(),
-                        p.on_unreachable.clone(),
-                        p.wait_limit.clone(),
-                        p.bandwidth.clone(),
-                    )
-                })
-                .collect::<Vec<_>>()
-        };
-        if policy(self) != policy(new) {
+        if self.peer != kept.peer {
             applied.push("peer mode, on_unreachable, wait_limit, bandwidth");
         }
-        let archive_live = |c: &Config| {
-            c.archive.as_ref().map(|a| {
-                (
-                    a.log_flush_interval.clone(),
-                    a.snapshot_schedule.clone(),
-                    a.retention.clone(),
-                    a.prune_grace.clone(),
-                )
-            })
-        };
-        if archive_live(self) != archive_live(new) {
+        if self.archive != kept.archive {
             applied.push("archive schedule, retention, log_flush_interval, prune_grace");
         }
-        if self.verify != new.verify {
+        if self.verify != kept.verify {
             applied.push("[verify]");
         }
-        if self.drill != new.drill {
+        if self.drill != kept.drill {
             applied.push("[drill]");
         }
-        // Everything else needs a restart: compare with the live settings
-        // taken out.
-        let fixed = |c: &Config| {
-            let mut c = c.clone();
-            c.site.log_retention_max = None;
-            c.site.stop_timeout = None;
-            for p in &mut c.peer {
-                p.mode = None;
-                p.on_unreachable = None;
-                p.wait_limit = None;
-                p.bandwidth = None;
-            }
-            if let Some(a) = &mut c.archive {
-                a.log_flush_interval = None;
-                a.snapshot_schedule = None;
-                a.retention = None;
-                a.prune_grace = None;
-            }
-            c.verify = None;
-            c.drill = None;
-            c
-        };
-        let (a, b) = (fixed(self), fixed(new));
         let mut restart = Vec::new();
-        if a.site != b.site {
+        if kept.site != new.site {
             restart.push("[site] name, role, data_dir, upstream, log_segment_size");
         }
-        if a.tls != b.tls {
+        if kept.tls != new.tls {
             restart.push("[tls]");
         }
-        if a.listen != b.listen {
+        if kept.listen != new.listen {
             restart.push("[listen]");
         }
-        if a.peer != b.peer {
+        if kept.peer != new.peer {
             restart.push("[[peer]] names and addresses");
         }
-        if a.dataset != b.dataset {
+        if kept.dataset != new.dataset {
             restart.push("[[dataset]]");
         }
-        if a.archive != b.archive {
+        if kept.archive != new.archive {
             restart.push("[archive] store (url, endpoint, region, credentials, concurrency, request_timeout)");
         }
-        if a.log != b.log {
+        if kept.log != new.log {
             restart.push("[log]");
         }
         (applied, restart)

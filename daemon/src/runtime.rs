@@ -508,14 +508,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         let reloaded = reload.swap(false, Ordering::AcqRel);
         if reloaded {
             notifier.reloading();
-            cfg = reload_config(
-                path,
-                cfg,
-                &live,
-                &running,
-                upstream.as_deref(),
-                &archive_settings,
-            );
+            cfg = reload_config(path, cfg, &live, &running, upstream.as_deref());
         }
         if Instant::now() >= next_retention {
             next_retention = Instant::now() + Duration::from_secs(2);
@@ -618,8 +611,8 @@ fn reload_config(
     live: &Live,
     running: &[Running],
     upstream: Option<&Upstream>,
-    archive_at_start: &Option<crate::config::ArchiveSettings>,
 ) -> Config {
+    // Config::load validates everything, the archive section included.
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -627,23 +620,7 @@ fn reload_config(
             return old;
         }
     };
-    let (mut applied, restart) = old.reload_changes(&new);
-    let new_archive = match new.archive_settings() {
-        Ok(a) => a,
-        Err((field, message)) => {
-            tracing::error!(
-                field,
-                message,
-                "reload refused; still running with the previous config"
-            );
-            return old;
-        }
-    };
-    // With the store itself changed, its schedule and retention wait for
-    // the restart too: they belong to the new store.
-    if new_archive.as_ref().map(|a| &a.store) != archive_at_start.as_ref().map(|a| &a.store) {
-        applied.retain(|a| !a.starts_with("archive "));
-    }
+    let (applied, restart) = old.reload_changes(&new);
     if applied.is_empty() && restart.is_empty() {
         tracing::info!(config = %path.display(), "reloaded: nothing changed");
     } else {
@@ -655,38 +632,13 @@ fn reload_config(
             "these settings changed but take effect only at a restart (systemctl restart triad); until then the running values stay"
         );
     }
-    // What needs a restart keeps its running value: the returned config
-    // carries the new live settings over the old fixed ones.
-    let mut kept = old;
-    kept.site.log_retention_max = new.site.log_retention_max;
-    kept.site.stop_timeout = new.site.stop_timeout;
-    for p in &mut kept.peer {
-        if let Some(n) = new.peer.iter().find(|n| n.name == p.name) {
-            p.mode = n.mode.clone();
-            p.on_unreachable = n.on_unreachable.clone();
-            p.wait_limit = n.wait_limit.clone();
-            p.bandwidth = n.bandwidth.clone();
-        }
-    }
-    if let (Some(k), Some(n)) = (&mut kept.archive, &new.archive) {
-        if new_archive.as_ref().map(|a| &a.store) == archive_at_start.as_ref().map(|a| &a.store) {
-            k.log_flush_interval = n.log_flush_interval.clone();
-            k.snapshot_schedule = n.snapshot_schedule.clone();
-            k.retention = n.retention.clone();
-            k.prune_grace = n.prune_grace.clone();
-        }
-    }
-    kept.verify = new.verify;
-    kept.drill = new.drill;
-
+    let kept = old.reloaded(&new);
     if let Some(up) = upstream {
         up.set_policies(kept.followers());
     }
-    if let (Some(at_start), Some(now)) = (archive_at_start, &new_archive) {
-        if at_start.store == now.store {
-            for a in running.iter().filter_map(|r| r.archive.as_ref()) {
-                a.reload(now.clone());
-            }
+    if let Ok(Some(settings)) = kept.archive_settings() {
+        for a in running.iter().filter_map(|r| r.archive.as_ref()) {
+            a.reload(settings.clone());
         }
     }
     if let Ok(mut l) = live.write() {
