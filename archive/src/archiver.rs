@@ -136,6 +136,8 @@ pub struct Archiver {
     index: Index,
     /// Last archived (seq, chain hash).
     shipped: Mutex<Option<(u64, Hash)>>,
+    /// Seq of the last head written (see [`objects::Head`]).
+    head_written: Mutex<u64>,
     /// Held while shipping, and by prune: a piece's chunks are uploaded (or
     /// skipped because the index has them) before the piece exists, and
     /// prune must not judge them unreferenced in between.
@@ -158,7 +160,7 @@ impl Archiver {
         let name = ds.name().to_string();
         let owner_key = objects::owner_key(&name);
         let mut fresh = false;
-        match rt.block_on(store.get(&owner_key))? {
+        match rt.block_on(store.get(&owner_key, objects::MAX_SMALL_OBJECT_BYTES))? {
             Some(o) if o != site.as_bytes() => {
                 return Err(ArchiveError::Config(format!(
                     "{}: dataset {name} there is archived by site {:?}, not this site {site:?}; \
@@ -183,6 +185,7 @@ impl Archiver {
             site: site.to_string(),
             index,
             shipped: Mutex::new(None),
+            head_written: Mutex::new(0),
             ship: Mutex::new(()),
             jobs: Mutex::new(()),
             concurrency: concurrency.max(1),
@@ -196,8 +199,11 @@ impl Archiver {
         let newest_snap = a.snapshots()?.pop();
         let piece_end = match pieces.last() {
             Some(last) => {
-                let bytes =
-                    a.rt.block_on(a.store.get_required(&last.key, "the newest log piece"))?;
+                let bytes = a.rt.block_on(a.store.get_required(
+                    &last.key,
+                    "the newest log piece",
+                    objects::MAX_PIECE_BYTES,
+                ))?;
                 let piece =
                     objects::decode_piece(&last.key, &bytes).map_err(|e| a.store.locate_err(e))?;
                 Some((last.last, piece.end_hash))
@@ -224,6 +230,29 @@ impl Archiver {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Records `seq` as the archive's newest point, once it is in the store
+    /// (never moving the head back).
+    fn write_head(&self, seq: u64, chain_hash: Hash, time_ns: i64) -> Result<()> {
+        let mut written = self.head_written.lock().unwrap_or_else(|p| p.into_inner());
+        if seq <= *written {
+            return Ok(());
+        }
+        let key = objects::head_key(self.ds.name());
+        let head = objects::Head {
+            version: objects::HEAD_VERSION,
+            dataset: self.ds.name().to_string(),
+            site: self.site.clone(),
+            seq,
+            chain_hash,
+            time_ns,
+            written_ns: vault::dataset::now_ns(),
+        };
+        let bytes = objects::encode_head(self.ds.keys(), &key, &head)?;
+        self.rt.block_on(self.store.put(&key, bytes))?;
+        *written = seq;
+        Ok(())
     }
 
     fn lock_shipped(&self) -> std::sync::MutexGuard<'_, Option<(u64, Hash)>> {
@@ -333,6 +362,7 @@ impl Archiver {
             });
             self.rt.block_on(self.store.put(&piece.key, bytes))?;
             *self.lock_shipped() = Some((piece.last, end_hash));
+            self.write_head(piece.last, end_hash, last_time)?;
             prev = Some(end_hash);
             tracing::debug!(
                 dataset = self.ds.name(),
@@ -483,6 +513,7 @@ impl Archiver {
         let sealed = objects::encode_manifest(&keys, &key, &manifest)?;
         // Written last: the snapshot exists from here on.
         self.rt.block_on(self.store.put(&key, sealed))?;
+        self.write_head(manifest.seq, manifest.chain_hash, manifest.time_ns)?;
         let report = SnapshotReport {
             name: snap_ref.name,
             seq: manifest.seq,
@@ -555,9 +586,11 @@ impl Archiver {
             if oldest_kept.is_some_and(|o| p.last <= o) {
                 continue;
             }
-            let bytes = self
-                .rt
-                .block_on(self.store.get_required(&p.key, "a log piece"))?;
+            let bytes = self.rt.block_on(self.store.get_required(
+                &p.key,
+                "a log piece",
+                objects::MAX_PIECE_BYTES,
+            ))?;
             let piece =
                 objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
             for r in &piece.records {
@@ -573,7 +606,10 @@ impl Archiver {
         let now = Utc::now();
         let grace_ms = grace.as_millis() as i64;
         let pending_key = objects::pending_key(name);
-        let mut pending: Pending = match self.rt.block_on(self.store.get(&pending_key))? {
+        let mut pending: Pending = match self
+            .rt
+            .block_on(self.store.get(&pending_key, objects::MAX_SMALL_OBJECT_BYTES))?
+        {
             Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
                 // Only delays deletions: every candidate waits a full grace
                 // period again.
@@ -730,7 +766,9 @@ pub fn read_snapshot(
         stream::iter(manifest.pages.iter().enumerate().map(|(n, p)| {
             let key = s.page_key(ds, n);
             async move {
-                let b = store.get_required(&key, "a page of the snapshot").await?;
+                let b = store
+                    .get_required(&key, "a page of the snapshot", p.sealed_len)
+                    .await?;
                 objects::decode_page(keys, &key, &b, p).map_err(|e| store.locate_err(e))
             }
         }))
@@ -765,7 +803,7 @@ pub fn read_manifest(
     objects::decode_manifest(
         keys,
         &key,
-        &rt.block_on(store.get_required(&key, "the manifest"))?,
+        &rt.block_on(store.get_required(&key, "the manifest", objects::MAX_MANIFEST_BYTES))?,
     )
     .map_err(|e| store.locate_err(e))
 }

@@ -30,6 +30,18 @@ pub type Namespace = Vec<(Vec<u8>, Entry)>;
 /// The manifest encoding this version writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// The most bytes a log piece may have: the archiver cuts pieces at 64 MiB
+/// of log, and one record may pass that alone by up to the largest change
+/// a writer may submit. Readers refuse anything longer unread.
+pub const MAX_PIECE_BYTES: u64 = (64 << 20) + vault::record::MAX_SUBMIT as u64;
+
+/// The most bytes a snapshot manifest may have (it holds the page list and
+/// the pins, tens of bytes each).
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// The most bytes of the small bookkeeping objects (`OWNER`, `prune/pending`).
+pub const MAX_SMALL_OBJECT_BYTES: u64 = 16 << 20;
+
 /// Namespace entries per manifest page.
 pub const PAGE_ENTRIES: usize = 20_000;
 
@@ -43,6 +55,57 @@ pub fn chunks_prefix(ds: &str) -> String {
 
 pub fn owner_key(ds: &str) -> String {
     format!("{ds}/OWNER")
+}
+
+/// The archive's authenticated head (see [`Head`]).
+pub fn head_key(ds: &str) -> String {
+    format!("{ds}/HEAD")
+}
+
+/// The newest point the archive holds, as the site that writes it last
+/// recorded it: sealed under the manifest key and bound to its name, so
+/// nobody without the dataset key can write one. A restore of `latest`
+/// compares it with the pieces and snapshots it finds: fewer means someone
+/// removed the newest ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub version: u32,
+    pub dataset: String,
+    pub site: String,
+    pub seq: u64,
+    pub chain_hash: Hash,
+    /// Commit time of the record at `seq`.
+    pub time_ns: i64,
+    /// Wall time the head was written.
+    pub written_ns: i64,
+}
+
+pub const HEAD_VERSION: u32 = 1;
+
+pub fn encode_head(keys: &Keys, key: &str, h: &Head) -> Result<Vec<u8>> {
+    let plain = postcard::to_allocvec(h).map_err(|e| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    Ok(seal(keys, key, &plain))
+}
+
+pub fn decode_head(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Head> {
+    let plain = open(keys, key, sealed)?;
+    let h: Head = postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("head does not decode: {e}"),
+    })?;
+    if h.version != HEAD_VERSION {
+        return Err(ArchiveError::Damaged {
+            key: key.to_string(),
+            reason: format!(
+                "head version {}; this triad reads version {HEAD_VERSION}",
+                h.version
+            ),
+        });
+    }
+    Ok(h)
 }
 
 pub fn pending_key(ds: &str) -> String {
@@ -83,12 +146,18 @@ impl PieceRef {
         }
     }
 
+    /// Parses a piece's name. Names come from a store listing, so they are
+    /// hostile: one whose range is empty, starts at 0 or reaches the last
+    /// seq there is (where `last + 1` would overflow) is no piece.
     pub fn parse(key: &str) -> Option<PieceRef> {
         let name = key.rsplit('/').next()?.strip_suffix(".lp")?;
         let mut it = name.split('-');
-        let first = it.next()?.parse().ok()?;
-        let last = it.next()?.parse().ok()?;
+        let first: u64 = it.next()?.parse().ok()?;
+        let last: u64 = it.next()?.parse().ok()?;
         let t = it.next()?.parse().ok()?;
+        if it.next().is_some() || first == 0 || first > last || last == u64::MAX {
+            return None;
+        }
         Some(PieceRef {
             key: key.to_string(),
             first,
@@ -269,6 +338,14 @@ pub fn decode_page(keys: &Keys, key: &str, sealed: &[u8], expect: &PageRef) -> R
         key: key.to_string(),
         reason: format!("page does not decode: {e}"),
     })?;
+    // The seal shows who wrote the page (a holder of the key), not that
+    // the writer was honest: every path is checked before it is used.
+    for (p, _) in &page.entries {
+        vault::path::check(p).map_err(|e| ArchiveError::Damaged {
+            key: key.to_string(),
+            reason: format!("refused: {e}"),
+        })?;
+    }
     if page.entries.len() != expect.entries as usize {
         return Err(ArchiveError::Damaged {
             key: key.to_string(),
@@ -317,6 +394,14 @@ impl PieceRecord {
             },
             rec.attachments,
         ))
+    }
+
+    /// The record without its chunks' bytes (its attachment list left
+    /// empty): enough to check its seal, and so its header, against the key.
+    pub fn header_record(&self) -> Option<vault::record::Record> {
+        let mut v = self.head.clone();
+        v.extend_from_slice(&0u32.to_le_bytes());
+        vault::record::Record::decode_payload(&v)
     }
 
     /// The record's previous hash, as its header states it.
@@ -446,7 +531,7 @@ pub fn decode_piece(key: &str, bytes: &[u8]) -> Result<Piece> {
         }
         let seq = u64::from_le_bytes(head[..8].try_into().map_err(|_| bad())?);
         let time_ns = i64::from_le_bytes(head[16..24].try_into().map_err(|_| bad())?);
-        let want = first + i as u64;
+        let want = first.checked_add(i as u64).ok_or_else(bad)?;
         if seq != want {
             return Err(damaged(format!(
                 "record {i} has seq {seq}, expected {want}"

@@ -89,6 +89,12 @@ pub struct ArchiveRestore {
     pub seconds_write: f64,
     /// Newer snapshots passed over because they did not read back whole.
     pub skipped_snapshots: Vec<String>,
+    /// The archive's authenticated head (`HEAD`), when it has one.
+    pub head_seq: Option<u64>,
+    /// What the restore could not prove about the archive, said loudly by
+    /// every caller: no authenticated head, records past it, records whose
+    /// time is not sealed (written before 0.2).
+    pub warnings: Vec<String>,
     pub report: vault::restore::Report,
 }
 
@@ -101,6 +107,10 @@ pub struct Restorer<'a> {
     pub dataset: &'a str,
     pub key: &'a DatasetKey,
     pub concurrency: usize,
+    /// A second source of truth for `latest`: the archive must reach at
+    /// least this seq (another site's head, or what this site shipped), or
+    /// the restore fails as a rollback.
+    pub expect_seq: Option<u64>,
 }
 
 impl Restorer<'_> {
@@ -140,6 +150,18 @@ impl Restorer<'_> {
             .map(|p| p.last)
             .max(snaps.last().map(|s| s.seq))
             .unwrap_or(0);
+        let mut warnings = Vec::new();
+        let head = self.check_head(&keys, newest, at, &mut warnings)?;
+        if let (At::Latest, Some(n)) = (at, self.expect_seq) {
+            if newest < n {
+                return Err(ArchiveError::NoRestorePoint(format!(
+                    "ROLLBACK: {} reaches seq {newest}, but at least seq {n} was expected of it \
+                     (--expect-seq, or what the site that writes it shipped): its newest objects \
+                     were removed or replaced by older ones; nothing was restored",
+                    self.store.url()
+                )));
+            }
+        }
         let target_seq = match at {
             At::Latest => newest,
             At::Seq(n) if n > newest => {
@@ -187,12 +209,18 @@ impl Restorer<'_> {
             .filter(|p| p.last > from_seq && p.first <= target_seq)
             .collect();
         needed.sort_by_key(|p| p.first);
-        let mut next = from_seq + 1;
+        // Seqs come from object names, so the arithmetic is checked: piece
+        // names never reach u64::MAX (PieceRef::parse), a snapshot name may.
+        let mut next = from_seq.checked_add(1).ok_or_else(|| {
+            ArchiveError::NoRestorePoint(format!(
+                "a snapshot claims seq {from_seq}, which no log reaches"
+            ))
+        })?;
         for p in &needed {
             if p.first > next {
                 break;
             }
-            next = next.max(p.last + 1);
+            next = next.max(p.last.saturating_add(1));
         }
         if next <= target_seq {
             return Err(ArchiveError::NoRestorePoint(format!(
@@ -246,10 +274,14 @@ impl Restorer<'_> {
             seconds_replay: 0.0,
             seconds_write: 0.0,
             skipped_snapshots: skipped,
+            head_seq: head.as_ref().map(|h| h.seq),
+            warnings,
             bytes_downloaded: 0,
             report: vault::restore::Report::default(),
         };
-        let r = self.fill(&ds, start, &needed, target_seq, at, &mut out, progress);
+        let r = self
+            .fill(&ds, start, &needed, target_seq, at, &mut out, progress)
+            .and_then(|()| self.check_reached(&ds, head.as_ref(), &pieces, at, &mut out));
         let closed = ds.close();
         r?;
         closed?;
@@ -261,6 +293,147 @@ impl Restorer<'_> {
         out.report = vault::restore::restore(&view, to, &|b| progress(Progress::Written(b)))?;
         out.seconds_write = t.elapsed().as_secs_f64();
         Ok(out)
+    }
+
+    /// Reads the archive's authenticated head and compares it with the
+    /// newest seq its snapshots and pieces reach: fewer is a rollback (an
+    /// error); no head, or records past it, are warnings.
+    fn check_head(
+        &self,
+        keys: &vault::Keys,
+        newest: u64,
+        at: At,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<objects::Head>> {
+        let key = objects::head_key(self.dataset);
+        let head = match self
+            .rt
+            .block_on(self.store.get(&key, objects::MAX_SMALL_OBJECT_BYTES))?
+        {
+            Some(b) => {
+                Some(objects::decode_head(keys, &key, &b).map_err(|e| self.store.locate_err(e))?)
+            }
+            None => None,
+        };
+        match &head {
+            None => warnings.push(format!(
+                "{} has no authenticated head record: a removal of the archive's newest objects \
+                 cannot be noticed from the archive alone; compare the restored seq with another \
+                 site's (--expect-seq)",
+                self.store.locate(&key)
+            )),
+            // An older point can still be restored from what is left.
+            Some(h) if h.seq > newest && at != At::Latest => warnings.push(format!(
+                "the archive's authenticated head is seq {}, but its snapshots and log reach \
+                 only seq {newest}: its newest objects were removed",
+                h.seq
+            )),
+            Some(h) if h.seq > newest => {
+                return Err(ArchiveError::NoRestorePoint(format!(
+                "ROLLBACK: the archive's authenticated head is seq {} (written by site {}), but \
+                     its snapshots and log reach only seq {newest}: its newest objects were \
+                     removed; nothing was restored",
+                h.seq, h.site
+            )))
+            }
+            Some(h) if h.seq < newest => warnings.push(format!(
+                "the archive holds records up to seq {newest}, past its authenticated head at seq \
+                 {} (an interrupted update of {}); the records themselves are sealed",
+                h.seq,
+                self.store.locate(&key)
+            )),
+            Some(_) => {}
+        }
+        Ok(head)
+    }
+
+    /// After the replay: the chain at the head's seq must be the head's,
+    /// and a restore to a time must not have stopped early on names alone
+    /// (a piece renamed to end later than it does): the record after the
+    /// restored point must be sealed with a later time.
+    fn check_reached(
+        &self,
+        ds: &Dataset,
+        head: Option<&objects::Head>,
+        pieces: &[PieceRef],
+        at: At,
+        out: &mut ArchiveRestore,
+    ) -> Result<()> {
+        let reached = ds.head_seq();
+        if let Some(h) = head.filter(|h| h.seq <= reached) {
+            match ds.chain_hash_at(h.seq)? {
+                Some(c) if c == h.chain_hash => {}
+                Some(c) => {
+                    return Err(ArchiveError::Damaged {
+                        key: self.store.locate(&objects::head_key(self.dataset)),
+                        reason: format!(
+                            "the archived history reaches chain hash {} at seq {}, but the \
+                             authenticated head records {}: the log was altered",
+                            hex::encode(c),
+                            h.seq,
+                            hex::encode(h.chain_hash)
+                        ),
+                    })
+                }
+                None => {}
+            }
+        }
+        let At::Time(t) = at else { return Ok(()) };
+        if let Some(p) = pieces
+            .iter()
+            .find(|p| p.first <= reached + 1 && p.last > reached)
+        {
+            let bytes = self.rt.block_on(self.store.get_required(
+                &p.key,
+                "a log piece",
+                objects::MAX_PIECE_BYTES,
+            ))?;
+            let piece =
+                objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
+            if let Some(r) = piece.records.iter().find(|r| r.seq == reached + 1) {
+                self.check_cut(r, t, &p.key, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first record left out of a restore to time `t` must really be
+    /// later than `t`: its time is checked against its seal.
+    fn check_cut(
+        &self,
+        r: &objects::PieceRecord,
+        t: i64,
+        piece: &str,
+        out: &mut ArchiveRestore,
+    ) -> Result<()> {
+        let keys = self.key.derive();
+        let damaged = |reason: String| ArchiveError::Damaged {
+            key: self.store.locate(piece),
+            reason,
+        };
+        let rec = r
+            .header_record()
+            .ok_or_else(|| damaged(format!("record {} does not decode", r.seq)))?;
+        match rec.header_authenticated(&keys) {
+            Ok(true) if rec.time_ns > t => Ok(()),
+            Ok(true) => Err(damaged(format!(
+                "record {} was committed at or before the requested time, but the piece's name \
+                 ended the restore before it: the archive's names were altered",
+                r.seq
+            ))),
+            Ok(false) => {
+                out.warnings.push(format!(
+                    "record {} (written before 0.2) does not seal its commit time: that the \
+                     restore stopped at the requested time rests on unauthenticated times",
+                    r.seq
+                ));
+                Ok(())
+            }
+            Err(e) => Err(damaged(format!(
+                "record {}, the first after the requested time: {e}",
+                r.seq
+            ))),
+        }
     }
 
     /// Downloads chunk objects in parallel, checks each against the BLAKE3
@@ -277,7 +450,14 @@ impl Restorer<'_> {
         let store = self.store;
         let mut results = stream::iter(want.into_iter().map(|(id, len, expect)| async move {
             let key = objects::chunk_key(self.dataset, &id);
-            let bytes = store.get_required(&key, "a referenced chunk").await?;
+            // Refused unread if longer than any sealing of `len` bytes.
+            let bytes = store
+                .get_required(
+                    &key,
+                    "a referenced chunk",
+                    vault::chunk::max_sealed_len(len),
+                )
+                .await?;
             let checked = tokio::task::spawn_blocking(move || {
                 let r = if *blake3::hash(&bytes).as_bytes() == expect {
                     Ok(())
@@ -403,9 +583,11 @@ impl Restorer<'_> {
         let t = std::time::Instant::now();
         let to_replay = target_seq.saturating_sub(from_seq);
         for p in pieces {
-            let bytes = self
-                .rt
-                .block_on(self.store.get_required(&p.key, "a log piece"))?;
+            let bytes = self.rt.block_on(self.store.get_required(
+                &p.key,
+                "a log piece",
+                objects::MAX_PIECE_BYTES,
+            ))?;
             let piece =
                 objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
             // The name is not covered by the trailer: the content must agree.
@@ -431,6 +613,12 @@ impl Restorer<'_> {
                 .take_while(|r| r.seq <= target_seq && !matches!(at, At::Time(t) if r.time_ns > t))
                 .count();
             let stop = skip + take < piece.records.len();
+            if let (true, At::Time(t)) = (stop, at) {
+                let cut = &piece.records[skip + take];
+                if cut.seq <= target_seq {
+                    self.check_cut(cut, t, &p.key, out)?;
+                }
+            }
             let records = &piece.records[skip..skip + take];
             // The chunks they brought, unless the scratch copy has them.
             let mut want = Vec::new();

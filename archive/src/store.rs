@@ -332,24 +332,59 @@ impl Store {
         .map_err(|e| ArchiveError::Stopped(e.to_string()))?
     }
 
-    /// Reads an object whole; `None` when it does not exist.
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        match self.inner.get(&self.path(key)).await {
-            Ok(r) => {
-                let b = r.bytes().await.map_err(|e| self.err("reading", key, e))?;
-                Ok(Some(b.to_vec()))
+    /// Reads an object of at most `max` bytes; None when it does not exist.
+    /// The size the store reports is checked before the body is read, and
+    /// the body is read no further than `max` whatever the store said, so
+    /// an object someone replaced with a huge one costs nothing to refuse.
+    pub async fn get(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        let r = match self.inner.get(&self.path(key)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("reading", key, e)),
+        };
+        let too_big = |n: u64| ArchiveError::Damaged {
+            key: self.locate(key),
+            reason: format!(
+                "{n} bytes, more than the {max} expected of it; refused without reading it"
+            ),
+        };
+        let size = r.meta.size as u64;
+        if size > max {
+            return Err(too_big(size));
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        let mut body = r.into_stream();
+        while let Some(part) = body
+            .try_next()
+            .await
+            .map_err(|e| self.err("reading", key, e))?
+        {
+            if (out.len() + part.len()) as u64 > max {
+                return Err(too_big((out.len() + part.len()) as u64));
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("reading", key, e)),
+            out.extend_from_slice(&part);
+        }
+        Ok(Some(out))
+    }
+
+    /// Copies an object inside the store (no bytes pass through this
+    /// site); false when there is nothing to copy.
+    pub async fn copy_if_exists(&self, from: &str, to: &str) -> Result<bool> {
+        match self.inner.copy(&self.path(from), &self.path(to)).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err("copying", from, e)),
         }
     }
 
-    /// Reads an object that must exist.
-    pub async fn get_required(&self, key: &str, what: &str) -> Result<Vec<u8>> {
-        self.get(key).await?.ok_or_else(|| ArchiveError::Missing {
-            key: self.locate(key),
-            reason: format!("{what} is not in {}", self.url),
-        })
+    /// Reads an object that must exist, of at most `max` bytes.
+    pub async fn get_required(&self, key: &str, what: &str, max: u64) -> Result<Vec<u8>> {
+        self.get(key, max)
+            .await?
+            .ok_or_else(|| ArchiveError::Missing {
+                key: self.locate(key),
+                reason: format!("{what} is not in {}", self.url),
+            })
     }
 
     /// Every object under `prefix` (relative keys), in key order.

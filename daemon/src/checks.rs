@@ -325,6 +325,11 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
             reports_dir: reports.clone(),
             reference: crate::cmd::drill::reference(cfg, ds.name()),
             concurrency: 32,
+            expect_seq: drill
+                .url
+                .is_none()
+                .then(|| crate::cmd::drill::shipped(cfg, ds.name()))
+                .flatten(),
         };
         let rt = crate::cmd::archive::runtime()?;
         let report = verifier::drill::run(&spec, rt.handle())?;

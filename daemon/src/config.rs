@@ -894,6 +894,29 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
             .to_string()
     }
 
+    /// Fuzz target: any bytes as a config file give a config or an error
+    /// naming the field, never a panic (`TRIAD_FUZZ_INPUTS` sets the count;
+    /// see tests/tests/fuzz.rs).
+    #[test]
+    fn fuzz_config() {
+        let mut seeds = vec![GOOD.as_bytes().to_vec()];
+        for f in ["primary.toml", "local.toml", "remote.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs")
+                .join(f);
+            seeds.push(std::fs::read(p).unwrap());
+        }
+        triad_tests::fuzz::campaign("config", seeds, |b| {
+            if let Ok(text) = std::str::from_utf8(b) {
+                if let Ok(c) = Config::parse(Path::new("site.toml"), text) {
+                    let _ = c.archive_settings();
+                    let _ = c.followers();
+                    let _ = c.log_cap();
+                }
+            }
+        });
+    }
+
     #[test]
     fn the_sketch_parses() {
         let c = Config::parse(Path::new("site.toml"), GOOD).unwrap();

@@ -39,6 +39,22 @@ pub const SOCKET: &str = "triad.sock";
 /// Largest frame a client may send.
 const MAX_FRAME: usize = 16 << 20;
 
+/// Longest request header line; the header is a few short fields.
+pub const MAX_HEADER: usize = 4096;
+
+/// How long a client may take to send its header once connected.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a put's stream may stall between two reads before the put is
+/// dropped (its chunks released): long enough for a producer such as
+/// pg_basebackup between files, short enough that a stuck client is gone
+/// in minutes. The client connects only once its input has bytes, so a
+/// producer's slow start (a spread checkpoint) does not count.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Clients served at once; more are refused with an answer, not queued.
+pub const MAX_CLIENTS: usize = 64;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
     /// "put" or "get".
@@ -66,15 +82,11 @@ pub struct Answer {
 /// A name a pushed object may have: one path component, as a database's
 /// file names are.
 pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
-        || name.len() > 255
-        || name == "."
-        || name == ".."
-        || name.contains('/')
-        || name.contains('\0')
-    {
+    // The namespace path rules (vault::path), and one component only.
+    if name.contains('/') || vault::path::check(name.as_bytes()).is_err() {
         return Err(format!(
-            "`{name}` is not a valid object name: 1 to 255 bytes, no `/`, not `.` or `..`"
+            "`{}` is not a valid object name: 1 to 255 bytes, no `/`, not `.` or `..`",
+            name.escape_debug()
         ));
     }
     Ok(())
@@ -196,23 +208,41 @@ pub fn group_id(name: &str) -> Option<u32> {
     })
 }
 
-/// Serves the socket until `stop`; one thread per connection.
+/// Serves the socket until `stop`; one thread per connection, at most
+/// [`MAX_CLIENTS`] at once.
 pub fn serve(
     listener: UnixListener,
     targets: Arc<HashMap<String, Target>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("push-socket".into())
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 match listener.accept() {
-                    Ok((conn, _)) => {
-                        let t = targets.clone();
+                    Ok((mut conn, _)) => {
+                        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                            active.fetch_sub(1, Ordering::AcqRel);
+                            tracing::warn!(limit = MAX_CLIENTS, "refused a put/get client: too many at once");
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                            refuse(
+                                &mut conn,
+                                format!("the daemon is serving {MAX_CLIENTS} clients already; try again"),
+                            );
+                            continue;
+                        }
+                        let (t, active) = (targets.clone(), active.clone());
+                        let done = active.clone();
                         let spawned = std::thread::Builder::new()
                             .name("push-conn".into())
-                            .spawn(move || handle(conn, &t));
+                            .spawn(move || {
+                                handle(conn, &t);
+                                done.fetch_sub(1, Ordering::AcqRel);
+                            });
                         if let Err(e) = spawned {
+                            active.fetch_sub(1, Ordering::AcqRel);
                             tracing::warn!(error = %e, "cannot start a thread for a put/get");
                         }
                     }
@@ -244,16 +274,45 @@ fn refuse(conn: &mut UnixStream, error: String) {
     );
 }
 
+/// Reads the header line, at most [`MAX_HEADER`] bytes, within
+/// [`HEADER_TIMEOUT`].
+fn read_header(conn: &UnixStream, input: &mut impl BufRead) -> Result<String, String> {
+    conn.set_read_timeout(Some(HEADER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut header = Vec::new();
+    input
+        .take(MAX_HEADER as u64)
+        .read_until(b'\n', &mut header)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                format!("no request header within {HEADER_TIMEOUT:?}")
+            }
+            _ => format!("reading the request header: {e}"),
+        })?;
+    if header.last() != Some(&b'\n') {
+        return Err(format!(
+            "the request header must be one line of at most {MAX_HEADER} bytes"
+        ));
+    }
+    conn.set_read_timeout(Some(BODY_IDLE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    String::from_utf8(header).map_err(|_| "the request header is not UTF-8".to_string())
+}
+
 fn handle(conn: UnixStream, targets: &HashMap<String, Target>) {
     let _ = conn.set_nonblocking(false);
+    let _ = conn.set_write_timeout(Some(BODY_IDLE_TIMEOUT));
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
     let mut input = BufReader::new(conn);
-    let mut header = String::new();
-    if input.read_line(&mut header).is_err() {
-        return;
-    }
+    let header = match read_header(&out, &mut input) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a put/get client");
+            return refuse(&mut out, e);
+        }
+    };
     let req: Request = match serde_json::from_str(&header) {
         Ok(r) => r,
         Err(e) => return refuse(&mut out, format!("bad request header: {e}")),
@@ -340,8 +399,12 @@ impl<R: Read> Read for Frames<R> {
     }
 }
 
+/// Streams the object in, then names it. The stream goes into the
+/// dataset's chunk store as it arrives (sealed, logged in batches held by
+/// Pin records: that is the spool), with no lock held, so a slow or stuck
+/// client never holds back other puts; only the name check and the record
+/// that names the object take the dataset's put lock, for milliseconds.
 fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError> {
-    let _one = t.lock.lock().map_err(|_| "a put panicked".to_string())?;
     let ds = &t.ds;
     let mut pinned: Vec<ChunkId> = Vec::new();
     let release = |pinned: &mut Vec<ChunkId>| {
@@ -365,6 +428,14 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
         Err(e) => {
             release(&mut pinned);
             let what = match e {
+                crate::ingest::StreamError::Read(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    format!("the client sent nothing for {BODY_IDLE_TIMEOUT:?}")
+                }
                 crate::ingest::StreamError::Read(e) => format!("reading the object: {e}"),
                 crate::ingest::StreamError::Vault(e) => format!("logging the object: {e}"),
             };
@@ -378,8 +449,10 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
             "the object ended without its end frame; nothing was stored".into(),
         ));
     }
+    let one = t.lock.lock().map_err(|_| "a put panicked".to_string())?;
     let existing = ds.entry(name.as_bytes()).map_err(|e| e.to_string())?;
     if let Some(old) = existing {
+        drop(one);
         let same = matches!(&old.node, Node::File { chunks } if *chunks == refs);
         release(&mut pinned);
         if !same {
@@ -417,7 +490,11 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
             ids: pinned.clone(),
         });
     }
-    let seq = match ds.submit(ops, crate::ingest::seal(ds.keys(), &batch)) {
+    let submitted = ds.submit(ops, crate::ingest::seal(ds.keys(), &batch));
+    // Named (or refused): the next put of this name sees it. The commit
+    // wait needs no lock.
+    drop(one);
+    let seq = match submitted {
         Ok(c) => c.seq,
         Err(SubmitError::Missing(m)) => {
             release(&mut pinned);
@@ -544,27 +621,38 @@ pub mod client {
         socket: &Path,
         dataset: &str,
         name: &str,
-        object: &mut impl Read,
+        object: &mut dyn Read,
     ) -> Result<Answer, String> {
+        check_name(name)?;
+        let read = |object: &mut dyn Read, buf: &mut [u8]| {
+            object
+                .read(buf)
+                .map_err(|e| format!("reading the object: {e}"))
+        };
+        // The first bytes are read before connecting: a producer that takes
+        // minutes to start (pg_basebackup waiting for its checkpoint)
+        // holds no connection open meanwhile, and an input that cannot be
+        // read at all fails here without reaching the daemon.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = read(object, &mut buf)?;
         let mut conn = request(socket, "put", dataset, name)?;
         let sent = (|| -> Result<(), String> {
             let io = |e: std::io::Error| format!("sending to the daemon: {e}");
             let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = object
-                    .read(&mut buf)
-                    .map_err(|e| format!("reading the object: {e}"))?;
-                if n == 0 {
-                    break;
-                }
+            while n > 0 {
                 hasher.update(&buf[..n]);
                 conn.write_all(&(n as u32).to_be_bytes()).map_err(io)?;
                 conn.write_all(&buf[..n]).map_err(io)?;
+                n = read(object, &mut buf)?;
             }
             conn.write_all(&0u32.to_be_bytes()).map_err(io)?;
             conn.write_all(hasher.finalize().as_bytes()).map_err(io)
         })();
+        if sent.is_err() {
+            // The daemon then sees the object end early, stores nothing and
+            // answers, instead of waiting for the rest.
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+        }
         // A daemon that refuses early (no such dataset, not the primary)
         // answers and hangs up before the object is sent: its answer says
         // why better than the broken pipe does.
@@ -643,5 +731,42 @@ pub mod client {
             let _ = std::fs::remove_file(&tmp);
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fuzz target: the request header as the socket reads it (one line of
+    /// at most MAX_HEADER bytes, JSON, a checked name).
+    #[test]
+    fn fuzz_socket_header() {
+        let seeds = vec![
+            br#"{"op":"put","dataset":"pg","name":"000000010000000000000001"}"#.to_vec(),
+            br#"{"op":"get","dataset":"files","name":"base.tar"}"#.to_vec(),
+        ];
+        triad_tests::fuzz::campaign("socket header", seeds, |b| {
+            let mut line = b.to_vec();
+            line.push(b'\n');
+            let (a, mut b2) = UnixStream::pair().unwrap();
+            b2.write_all(&line).ok();
+            drop(b2);
+            let mut input = BufReader::new(a.try_clone().unwrap());
+            if let Ok(h) = read_header(&a, &mut input) {
+                assert!(h.len() <= MAX_HEADER);
+                if let Ok(r) = serde_json::from_str::<Request>(&h) {
+                    let _ = check_name(&r.name);
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn names_are_one_checked_component() {
+        assert!(check_name("000000010000000000000001").is_ok());
+        for bad in ["", ".", "..", "a/b", "/abs", "a\0b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -129,11 +129,12 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
     let shipped = r
         .archive
         .as_ref()
-        .map(|a| a.shipped.load(Ordering::Acquire) + 1)
+        .map(|a| a.shipped.load(Ordering::Acquire).saturating_add(1))
         .unwrap_or(u64::MAX);
+    // Acks are capped at what was sent, but the arithmetic stays checked.
     let keep_from = links
         .iter()
-        .map(|l| l.acked_seq + 1)
+        .map(|l| l.acked_seq.saturating_add(1))
         .fold((durable + 1).min(shipped), u64::min);
     vault::wal::remove_segments_before(&log_dir, keep_from, None)?;
     let (bytes, mut first) = vault::wal::log_extent(&log_dir)?;
@@ -141,10 +142,9 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
     if let Some(cap) = cfg.log_cap().filter(|c| bytes > *c) {
         let (_, _, new_first) =
             vault::wal::remove_segments_before(&log_dir, durable + 1, Some(cap))?;
-        for l in links
-            .iter()
-            .filter(|l| l.acked_seq + 1 < new_first && l.acked_seq + 1 >= first)
-        {
+        for l in links.iter().filter(|l| {
+            l.acked_seq.saturating_add(1) < new_first && l.acked_seq.saturating_add(1) >= first
+        }) {
             forced += 1;
             tracing::error!(
                 dataset = ds.name(),

@@ -79,15 +79,87 @@ fn chunk_id(b: &[u8]) -> Result<vault::ChunkId, String> {
     ))
 }
 
+/// Why a state transfer stopped.
+enum TransferError {
+    /// The link or this site failed: reconnect and try again.
+    Retry(String),
+    /// The upstream offered something this site must never take (a step
+    /// back in history, no proof of continuity, a hostile path): the copy
+    /// is kept as it is and the follower stops, reported as DIVERGED.
+    Refused(String),
+}
+
+impl From<&str> for TransferError {
+    fn from(s: &str) -> TransferError {
+        TransferError::Retry(s.to_string())
+    }
+}
+
+impl From<String> for TransferError {
+    fn from(s: String) -> TransferError {
+        TransferError::Retry(s)
+    }
+}
+
+/// Decides whether a transfer beginning at `b` may replace this site's
+/// copy, whose head is `head` and chain hash there `ours`: an empty copy
+/// takes any; otherwise the transfer must not be behind the head, and the
+/// upstream must show its chain hash at this site's head, equal to ours.
+pub fn transfer_allowed(
+    head: u64,
+    ours: Option<[u8; 32]>,
+    b: &pb::TransferBegin,
+) -> Result<(), String> {
+    if head == 0 {
+        return Ok(());
+    }
+    if b.seq < head {
+        return Err(format!(
+            "the upstream offered a state transfer at seq {}, behind this site's head {head}: \
+             history only moves forward here; the copy is kept as it is",
+            b.seq
+        ));
+    }
+    if b.follower_head_seq != head {
+        return Err(format!(
+            "the upstream's state transfer proves continuity at seq {}, not at this site's head {head}; \
+             the copy is kept as it is",
+            b.follower_head_seq
+        ));
+    }
+    match ours {
+        Some(h) if h.as_slice() == b.follower_head_hash.as_slice() => Ok(()),
+        Some(h) => Err(format!(
+            "the upstream's chain hash at seq {head} is {} but this site's is {}: its history is not \
+             this site's, so its state transfer is refused and the copy kept as it is",
+            hex::encode(&b.follower_head_hash),
+            hex::encode(h)
+        )),
+        None => Err(format!(
+            "this site has no chain hash at its own head {head} to compare a state transfer with; \
+             the copy is kept as it is"
+        )),
+    }
+}
+
 async fn on_transfer(
     ds: &Arc<Dataset>,
     tx: &mpsc::Sender<pb::FollowerMessage>,
     xfer: &mut Option<Transfer>,
     t: pb::Transfer,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     use pb::transfer::Part;
     match t.part {
         Some(Part::Begin(b)) => {
+            let d = ds.clone();
+            let (head, ours) = tokio::task::spawn_blocking(move || {
+                let head = d.head_seq();
+                d.chain_hash_at(head).map(|h| (head, h))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            transfer_allowed(head, ours, &b).map_err(TransferError::Refused)?;
             tracing::warn!(
                 dataset = ds.name(),
                 seq = b.seq,
@@ -117,6 +189,11 @@ async fn on_transfer(
         Some(Part::Entries(e)) => {
             let x = xfer.as_mut().ok_or("entries before the transfer began")?;
             for ne in e.entries {
+                vault::path::check(&ne.path).map_err(|e| {
+                    TransferError::Refused(format!(
+                        "the upstream's state transfer was refused: {e}"
+                    ))
+                })?;
                 let entry = vault::Entry::decode(&ne.entry).ok_or("malformed namespace entry")?;
                 x.entries.push((ne.path, entry));
             }
@@ -435,6 +512,13 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
                     Ok(Err(SubmitError::Vault(e @ VaultError::Diverged { .. }))) => {
                         return End::Diverged(e.to_string())
                     }
+                    // A record that does not open or names a hostile path
+                    // comes the same way again on every retry: stop and say so.
+                    Ok(Err(SubmitError::Vault(e @ VaultError::BadRecord { .. }))) => {
+                        return End::Diverged(format!(
+                            "DIVERGED: refused a record from the upstream: {e}; this site keeps what it has"
+                        ))
+                    }
                     Ok(Err(e)) => return End::Retry(format!("appending replicated records: {e}")),
                     Err(e) => return End::Retry(e.to_string()),
                 }
@@ -444,8 +528,14 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
                 if let Ok(mut s) = status.lock() {
                     s.receiving_transfer = r.is_ok() && xfer.is_some();
                 }
-                if let Err(e) = r {
-                    return End::Retry(format!("state transfer: {e}"));
+                match r {
+                    Ok(()) => {}
+                    Err(TransferError::Retry(e)) => {
+                        return End::Retry(format!("state transfer: {e}"))
+                    }
+                    Err(TransferError::Refused(e)) => {
+                        return End::Diverged(format!("DIVERGED: {e}"))
+                    }
                 }
             }
             Some(upstream_message::Msg::Heartbeat(h)) => {

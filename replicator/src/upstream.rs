@@ -21,6 +21,10 @@ use crate::tls::PeerInfo;
 
 /// Records sent per message, about.
 const BATCH_BYTES: usize = 4 << 20;
+
+/// Most chunk bytes one `Chunks` reply carries (at least one chunk is
+/// always sent, and chunks are far smaller than the message limit).
+pub const CHUNKS_REPLY_BYTES: usize = 64 << 20;
 /// Largest message either side accepts: one record may be up to 256 MiB.
 pub const MAX_MESSAGE: usize = 512 << 20;
 
@@ -84,7 +88,11 @@ struct Link {
     /// mark a newer one disconnected.
     generation: u64,
     address: Option<String>,
+    /// What the follower acknowledged, never more than `sent`.
     acked: u64,
+    /// The last seq this connection handed to the follower (or the head it
+    /// declared holding when it connected): an ack beyond it is a lie.
+    sent: u64,
     last_ack_ns: i64,
     degraded: bool,
     degradations: u64,
@@ -163,11 +171,13 @@ impl Upstream {
                     let l = links
                         .entry((dataset.to_string(), site.clone()))
                         .or_default();
-                    if l.degraded && l.acked >= head {
+                    if l.degraded && l.connected && l.acked >= head {
                         l.degraded = false;
                         tracing::info!(site = %site, dataset, "sync follower has caught up: back to synchronous");
                     }
-                    if l.acked < seq && !l.degraded {
+                    // A disconnected follower does not count, whatever it
+                    // acknowledged before.
+                    if (l.acked < seq || !l.connected) && !l.degraded {
                         pending.push((site.clone(), p.clone()));
                     }
                 }
@@ -276,7 +286,7 @@ impl Upstream {
                     .get(&(name.clone(), site.clone()))
                     .cloned()
                     .unwrap_or_default();
-                if l.degraded && l.acked >= head {
+                if l.degraded && l.connected && l.acked >= head {
                     // Caught up: the next commit wait clears it; report it cleared now.
                     tracing::info!(site = %site, dataset = %name, "sync follower has caught up: back to synchronous");
                     l.degraded = false;
@@ -289,7 +299,7 @@ impl Upstream {
                     // The oldest change the follower lacks; if it is older than
                     // what is remembered, the oldest remembered is a lower bound.
                     let t = ds
-                        .commit_time(l.acked + 1)
+                        .commit_time(l.acked.saturating_add(1))
                         .or_else(|| ds.commit_time(head.saturating_sub(1_000_000).max(1)));
                     t.map(|t| (now - t).max(0) as f64 / 1e9).unwrap_or(0.0)
                 };
@@ -323,6 +333,20 @@ impl Upstream {
     }
 }
 
+/// Records that this connection handed the follower everything up to `seq`.
+fn mark_sent(
+    links: &Mutex<HashMap<(String, String), Link>>,
+    key: &(String, String),
+    generation: u64,
+    seq: u64,
+) {
+    if let Ok(mut l) = links.lock() {
+        if let Some(l) = l.get_mut(key).filter(|l| l.generation == generation) {
+            l.sent = l.sent.max(seq);
+        }
+    }
+}
+
 fn heartbeat(ds: &Dataset, acked: u64) -> pb::UpstreamMessage {
     let head = ds.head_seq();
     pb::UpstreamMessage {
@@ -330,7 +354,7 @@ fn heartbeat(ds: &Dataset, acked: u64) -> pb::UpstreamMessage {
             head_seq: head,
             head_time_ns: ds.commit_time(head).unwrap_or(0),
             next_time_ns: if acked < head {
-                ds.commit_time(acked + 1).unwrap_or(0)
+                ds.commit_time(acked.saturating_add(1)).unwrap_or(0)
             } else {
                 0
             },
@@ -355,10 +379,14 @@ fn transfer_msg(part: pb::transfer::Part) -> Result<pb::UpstreamMessage, Status>
 
 /// Sends the dataset's state at one consistent point, then the chunks the
 /// follower asks for, all from the same snapshot. Returns the seq sent.
+///
+/// `prior` is the follower's head and this site's chain hash there, which
+/// the follower checks before it lets the transfer replace its copy.
 fn send_state(
     ds: &Dataset,
     tx: &mpsc::Sender<Result<pb::UpstreamMessage, Status>>,
     need: &std::sync::mpsc::Receiver<pb::NeedChunks>,
+    prior: (u64, Vec<u8>),
 ) -> Result<u64, String> {
     use pb::transfer::Part;
     let send = |m| {
@@ -381,6 +409,8 @@ fn send_state(
                     count: *n,
                 })
                 .collect(),
+            follower_head_seq: prior.0,
+            follower_head_hash: prior.1,
         })))?;
         for batch in entries.chunks(20_000) {
             send(transfer_msg(Part::Entries(pb::TransferEntries {
@@ -480,18 +510,34 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         if r.ids.len() > 4096 {
             return Err(Status::invalid_argument("at most 4096 chunks at a time"));
         }
+        // Each id is answered once, and the reply stops growing at
+        // CHUNKS_REPLY_BYTES: the caller asks again for what was left out.
+        // So a request repeating one large id cannot make this site
+        // buffer gigabytes (it did, 7.8 GB for 2,000 copies).
         let chunks = tokio::task::spawn_blocking(move || {
-            r.ids
-                .iter()
-                .filter_map(|id| {
-                    let id = vault::ChunkId(id.as_slice().try_into().ok()?);
-                    let sealed = ds.state().chunk_bytes(&id).ok()??;
-                    Some(pb::ChunkBytes {
-                        id: id.0.to_vec(),
-                        sealed,
-                    })
-                })
-                .collect()
+            let mut seen = std::collections::HashSet::new();
+            let mut bytes = 0usize;
+            let mut out = Vec::new();
+            for id in &r.ids {
+                if bytes >= CHUNKS_REPLY_BYTES {
+                    break;
+                }
+                let Ok(id) = <[u8; 32]>::try_from(id.as_slice()) else {
+                    continue;
+                };
+                if !seen.insert(id) {
+                    continue;
+                }
+                let Ok(Some(sealed)) = ds.state().chunk_bytes(&vault::ChunkId(id)) else {
+                    continue;
+                };
+                bytes += sealed.len();
+                out.push(pb::ChunkBytes {
+                    id: id.to_vec(),
+                    sealed,
+                });
+            }
+            out
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -567,6 +613,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                     seq: c.seq,
                     hash: c.hash.to_vec(),
                     digest: c.digest.to_vec(),
+                    hmac_sm3: c.hmac_sm3.to_vec(),
                 })
                 .collect();
             let (paths_seq, paths) = if r.with_paths {
@@ -686,6 +733,25 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                 Err(e) => return Err(Status::internal(e.to_string())),
             }
         }
+        // The proof the follower asks of a transfer: our chain hash at its
+        // head. Without one its copy is never replaced.
+        let prior = if transfer && from > 1 {
+            match ds.chain_hash_at(from - 1) {
+                Ok(Some(h)) => (from - 1, h.to_vec()),
+                Ok(None) => {
+                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = from - 1,
+                        "refusing a state transfer: this site has no chain hash at the follower's head to prove continuity");
+                    return Err(Status::failed_precondition(format!(
+                        "cannot show that this site's history continues the follower's at its head (seq {}); \
+                         rebuild the follower with `triad resync`",
+                        from - 1
+                    )));
+                }
+                Err(e) => return Err(Status::internal(e.to_string())),
+            }
+        } else {
+            (0, Vec::new())
+        };
         let start = if transfer { first_retained } else { from };
         let ld = log_dir.clone();
         let mut tail = tokio::task::spawn_blocking(move || Tail::new(&ld, start))
@@ -709,6 +775,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             l.generation = generation;
             l.address = Some(peer.addr.to_string());
             l.acked = from - 1;
+            l.sent = from - 1;
         });
         tracing::info!(site = %peer.site, dataset = %hello.dataset, from_seq = from, addr = %peer.addr, "follower connected");
 
@@ -737,10 +804,12 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                 if transfer {
                     let (d, t) = (ds.clone(), tx.clone());
                     let sent =
-                        tokio::task::spawn_blocking(move || send_state(&d, &t, &need_rx)).await;
+                        tokio::task::spawn_blocking(move || send_state(&d, &t, &need_rx, prior))
+                            .await;
                     match sent {
                         Ok(Ok(seq)) => {
                             next = seq + 1;
+                            mark_sent(&links, &key, generation, seq);
                             let ld = log_dir.clone();
                             match tokio::task::spawn_blocking(move || Tail::new(&ld, seq + 1)).await
                             {
@@ -791,6 +860,8 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                             }
                         };
                         next += batch.len() as u64;
+                        // Before it leaves, so an honest ack is never capped.
+                        mark_sent(&links, &key, generation, next - 1);
                         let bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
                         if let Some(rate) = rate_of() {
                             // Token pacing: a batch leaves no earlier than the
@@ -843,7 +914,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                             if let Ok(mut l) = links.lock() {
                                 let l = l.entry(key.clone()).or_default();
                                 if l.generation == generation {
-                                    l.acked = l.acked.max(a.durable_seq);
+                                    l.acked = l.acked.max(a.durable_seq.min(l.sent));
                                     l.last_ack_ns = now_ns();
                                 }
                             }

@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmark harnesses in `src/bin/` and the
 //! end-to-end tests in tests/: test trees, arguments, and the S3 test server.
 
+pub mod fuzz;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

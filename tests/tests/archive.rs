@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_tree, now_ns, triad_bin, write_file, Site};
+use common::{assert_same_tree, now_ns, rfc3339, triad_bin, write_file, Site};
 use rand::SeedableRng;
 use triad_tests::s3::{FaultProxy, S3Server};
 
@@ -120,7 +120,7 @@ fn point_in_time_restores_from_s3_alone() {
     let seq2 = head_seq(&st2);
     let keep2 = keep(&site, "keep2");
     std::thread::sleep(Duration::from_millis(1100));
-    let time2 = chrono_like_rfc3339(now_ns());
+    let time2 = rfc3339(now_ns());
     std::thread::sleep(Duration::from_millis(1100));
 
     change(&site.source, 3, &mut rng);
@@ -212,20 +212,6 @@ fn point_in_time_restores_from_s3_alone() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// RFC 3339 with nanoseconds, UTC, without a date library in the tests.
-fn chrono_like_rfc3339(ns: i64) -> String {
-    let out = Command::new("date")
-        .args([
-            "-u",
-            "-d",
-            &format!("@{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000),
-        ])
-        .arg("+%Y-%m-%dT%H:%M:%S.%NZ")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 #[test]
@@ -510,15 +496,24 @@ fn the_store_uploads_large_objects_in_parts_and_explains_refusals() {
         .map(|i| (i.wrapping_mul(31) >> 7) as u8)
         .collect();
     rt.block_on(store.put("big/object", big.clone())).unwrap();
-    let back = rt.block_on(store.get("big/object")).unwrap().unwrap();
+    let back = rt
+        .block_on(store.get("big/object", 40 << 20))
+        .unwrap()
+        .unwrap();
     assert!(back == big, "the object reads back as written");
+    // One byte over what the reader expects is refused, unread.
+    let e = rt
+        .block_on(store.get("big/object", (40 << 20) - 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("refused without reading it"), "{e}");
     let listed = rt.block_on(store.list("big/")).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].key, "big/object");
     assert_eq!(listed[0].size, 40 << 20);
-    assert!(rt.block_on(store.get("big/none")).unwrap().is_none());
+    assert!(rt.block_on(store.get("big/none", 1)).unwrap().is_none());
     rt.block_on(store.delete("big/object")).unwrap();
-    assert!(rt.block_on(store.get("big/object")).unwrap().is_none());
+    assert!(rt.block_on(store.get("big/object", 1)).unwrap().is_none());
 
     // A bucket that does not exist.
     let nobucket = archive::Store::open(&cfg("s3://no-such-bucket/p", &creds)).unwrap();

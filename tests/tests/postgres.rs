@@ -241,6 +241,16 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
         .unwrap();
     ok(backup, "pg_basebackup | triad put");
 
+    // A put that sent its header and a first frame, then stopped: WAL
+    // archiving must go on past it (it held every put back once). It stays
+    // connected for the whole test.
+    let mut stuck = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stuck
+        .write_all(b"{\"op\":\"put\",\"dataset\":\"files\",\"name\":\"stuck\"}\n")
+        .unwrap();
+    stuck.write_all(&1000u32.to_be_bytes()).unwrap();
+    stuck.write_all(&[7u8; 1000]).unwrap();
+
     // Rounds of writes; after each, a recorded (count, time) and a segment
     // switch that archive_command must carry.
     let archived = || pg.sql("select coalesce(last_archived_wal, '') from pg_stat_archiver");
@@ -379,4 +389,5 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
         "{}",
         pg2.log()
     );
+    drop(stuck);
 }

@@ -31,6 +31,13 @@ const FLAG_ZSTD: u8 = 1;
 /// Version byte, flags byte.
 const SEAL_HEADER: usize = 2;
 
+/// The most sealed bytes a chunk of `plain_len` plaintext bytes can take:
+/// zstd is used only when it shrinks the chunk, so header and tag are all
+/// that is added. Readers refuse anything longer before they read it.
+pub fn max_sealed_len(plain_len: u32) -> u64 {
+    plain_len as u64 + (SEAL_HEADER + TAG_LEN) as u64
+}
+
 /// Keyed BLAKE3 hash of a chunk's plaintext.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChunkId(pub [u8; 32]);
@@ -83,6 +90,10 @@ pub enum OpenError {
     Decompress,
     #[error("plaintext does not hash to the chunk id")]
     IdMismatch,
+    #[error(
+        "claims {plain_len} plaintext bytes in {sealed} sealed bytes: more than any chunk triad cuts"
+    )]
+    TooLarge { plain_len: u32, sealed: usize },
     #[error("plaintext length {got} differs from the recorded {want}")]
     Length { got: usize, want: usize },
 }
@@ -137,6 +148,14 @@ pub fn open(
 ) -> Result<Vec<u8>, OpenError> {
     if sealed.len() < SEAL_HEADER + TAG_LEN || sealed[0] != SEAL_VERSION {
         return Err(OpenError::Format);
+    }
+    // The length is claimed by whoever sent the chunk: nothing larger than
+    // the cutter makes is ever allocated for it.
+    if plain_len > CHUNK_MAX || sealed.len() as u64 > max_sealed_len(plain_len) {
+        return Err(OpenError::TooLarge {
+            plain_len,
+            sealed: sealed.len(),
+        });
     }
     let flags = sealed[1];
     let mut buf = sealed[SEAL_HEADER..].to_vec();

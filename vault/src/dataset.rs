@@ -495,6 +495,12 @@ impl Dataset {
         self.state.latest_checkpoint()
     }
 
+    /// The chain hash after record `seq` of this site's history, if known
+    /// (see [`crate::state::State::chain_hash_at`]).
+    pub fn chain_hash_at(&self, seq: u64) -> Result<Option<crate::record::Hash>> {
+        self.state.chain_hash_at(seq)
+    }
+
     /// The checkpoint recorded at `seq`, if one was.
     pub fn checkpoint_at(&self, seq: u64) -> Result<Option<crate::state::Checkpoint>> {
         self.state.checkpoint_at(seq)

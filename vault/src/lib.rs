@@ -6,13 +6,16 @@
 //! - [`chunk`]: FastCDC cutting, chunk ids, sealing
 //! - [`lthash`]: the homomorphic namespace digest
 //! - [`ops`]: namespace entries and the ops records carry
+//! - [`path`]: the validation every namespace path passes
 //! - [`record`]: record layout, sealing and the hash chain
 //! - [`wal`]: segment files, group-committed appends, crash recovery
 //! - [`state`]: RocksDB state and applying records to it
 //! - [`pin`]: pinned copies of the state for readers in other processes
 //! - [`dataset`]: an open dataset: identity, committer thread, read views
+//! - [`beneath`]: writing a tree beneath one directory descriptor
 //! - [`restore`]: rebuilding a tree and digesting a tree on disk
 
+pub mod beneath;
 pub mod chunk;
 pub mod crypto;
 pub mod dataset;
@@ -20,6 +23,7 @@ pub mod error;
 pub mod keys;
 pub mod lthash;
 pub mod ops;
+pub mod path;
 pub mod pin;
 pub mod record;
 pub mod restore;
@@ -31,3 +35,4 @@ pub use dataset::{Committed, Dataset, Options, Status, SubmitError, View};
 pub use error::{Result, VaultError};
 pub use keys::{DatasetKey, Keys};
 pub use ops::{ChunkRef, Entry, Node, Op};
+pub use path::{PathError, RelPath};

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::ChunkId;
 use crate::keys::Keys;
 use crate::lthash::LtHash;
+use crate::path::PathError;
 
 /// A reference from a file to one of its chunks, in file order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +108,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// Checks every path the op names (decoders call this on whatever
+    /// arrives from a log, a peer or a store).
+    pub fn check_paths(&self) -> Result<(), PathError> {
+        match self {
+            Op::Put { path, .. } | Op::Delete { path } => crate::path::check(path),
+            Op::Rename { from, to } => {
+                crate::path::check(from)?;
+                crate::path::check(to)
+            }
+            Op::Pin { .. } | Op::Unpin { .. } => Ok(()),
+        }
+    }
+
     /// Chunks this op needs to be present when it applies.
     pub fn needs(&self) -> Vec<ChunkId> {
         match self {
@@ -122,8 +136,14 @@ pub fn encode_ops(ops: &[Op]) -> Vec<u8> {
     postcard::to_allocvec(ops).expect("ops encode")
 }
 
-pub fn decode_ops(b: &[u8]) -> Option<Vec<Op>> {
-    postcard::from_bytes(b).ok()
+/// Decodes a record's ops and checks every path in them; the error says
+/// which rule was broken.
+pub fn decode_ops(b: &[u8]) -> Result<Vec<Op>, String> {
+    let ops: Vec<Op> = postcard::from_bytes(b).map_err(|e| format!("ops do not decode: {e}"))?;
+    for op in &ops {
+        op.check_paths().map_err(|e| e.to_string())?;
+    }
+    Ok(ops)
 }
 
 /// Parent path of a relative path ("" for top-level entries).

@@ -36,10 +36,29 @@ pub struct Record {
     pub attachments: Vec<SealedChunk>,
 }
 
-fn aad(seq: u64, epoch: u64) -> [u8; 16] {
+/// The associated data of records sealed before 0.2: seq and epoch only,
+/// so their commit time and chain link are not authenticated. Still opened,
+/// never written.
+fn aad_v1(seq: u64, epoch: u64) -> [u8; 16] {
     let mut a = [0u8; 16];
     a[..8].copy_from_slice(&seq.to_le_bytes());
     a[8..].copy_from_slice(&epoch.to_le_bytes());
+    a
+}
+
+/// The associated data every record is sealed with: its whole header
+/// (seq, epoch, commit time, previous chain hash) under a version tag. So
+/// whoever lacks the key cannot shift a record's time or splice it onto
+/// another chain without the seal failing, in the log, on the wire and in
+/// an archive.
+fn aad_v2(seq: u64, epoch: u64, time_ns: i64, prev_hash: &Hash) -> [u8; 72] {
+    let mut a = [0u8; 72];
+    a[..8].copy_from_slice(b"triadR2\0");
+    a[8..16].copy_from_slice(&seq.to_le_bytes());
+    a[16..24].copy_from_slice(&epoch.to_le_bytes());
+    a[24..32].copy_from_slice(&time_ns.to_le_bytes());
+    a[32..64].copy_from_slice(prev_hash);
+    // The last 8 bytes stay zero: room for a flags word.
     a
 }
 
@@ -57,14 +76,18 @@ impl Record {
         attachments: Vec<SealedChunk>,
     ) -> Record {
         let plain = encode_ops(ops);
+        let aad = aad_v2(seq, epoch, time_ns, &prev_hash);
+        // The nonce covers everything the tag covers: two records that
+        // differ only in time or chain link (a seq reused after a torn tail
+        // was cut) never share a nonce.
         let nonce_full = blake3::Hasher::new_keyed(&keys.record_nonce)
-            .update(&aad(seq, epoch))
+            .update(&aad)
             .update(&plain)
             .finalize();
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&nonce_full.as_bytes()[..NONCE_LEN]);
         let mut ct = plain;
-        sm4_gcm_seal(&keys.record_seal, &nonce, &aad(seq, epoch), &mut ct);
+        sm4_gcm_seal(&keys.record_seal, &nonce, &aad, &mut ct);
         let mut sealed_ops = Vec::with_capacity(NONCE_LEN + ct.len());
         sealed_ops.extend_from_slice(&nonce);
         sealed_ops.extend_from_slice(&ct);
@@ -78,8 +101,20 @@ impl Record {
         }
     }
 
-    /// Decrypts the ops. Fails on a wrong key or altered bytes.
+    /// Decrypts the ops. Fails on a wrong key or altered bytes, the header
+    /// included (records sealed before 0.2 bind only seq and epoch; see
+    /// [`Record::header_authenticated`]).
     pub fn open_ops(&self, keys: &Keys) -> Result<Vec<Op>> {
+        self.open_checked(keys).map(|(ops, _)| ops)
+    }
+
+    /// Whether this record's commit time and chain link are covered by its
+    /// seal (every record written since 0.2). Fails as [`Record::open_ops`].
+    pub fn header_authenticated(&self, keys: &Keys) -> Result<bool> {
+        self.open_checked(keys).map(|(_, v2)| v2)
+    }
+
+    fn open_checked(&self, keys: &Keys) -> Result<(Vec<Op>, bool)> {
         let bad = |reason: &str| VaultError::BadRecord {
             seq: self.seq,
             reason: reason.to_string(),
@@ -89,18 +124,29 @@ impl Record {
         }
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&self.sealed_ops[..NONCE_LEN]);
+        let v2 = aad_v2(self.seq, self.epoch, self.time_ns, &self.prev_hash);
         let mut buf = self.sealed_ops[NONCE_LEN..].to_vec();
-        if !sm4_gcm_open(
-            &keys.record_seal,
-            &nonce,
-            &aad(self.seq, self.epoch),
-            &mut buf,
-        ) {
-            return Err(bad(
-                "SM4-GCM tag does not match: wrong key or altered record",
-            ));
-        }
-        decode_ops(&buf).ok_or_else(|| bad("ops do not decode"))
+        let header_sealed = if sm4_gcm_open(&keys.record_seal, &nonce, &v2, &mut buf) {
+            true
+        } else {
+            // A failed open leaves the buffer unspecified: start again from
+            // the sealed bytes, with the associated data of older records.
+            buf = self.sealed_ops[NONCE_LEN..].to_vec();
+            if !sm4_gcm_open(
+                &keys.record_seal,
+                &nonce,
+                &aad_v1(self.seq, self.epoch),
+                &mut buf,
+            ) {
+                return Err(bad(
+                    "SM4-GCM tag does not match: wrong key, or the record (its time or chain link included) was altered",
+                ));
+            }
+            false
+        };
+        decode_ops(&buf)
+            .map(|ops| (ops, header_sealed))
+            .map_err(|e| bad(&e))
     }
 
     /// Seals ops and encodes a record's payload straight from borrowed
@@ -276,6 +322,19 @@ mod tests {
         let mut moved = back.clone();
         moved.seq = 8;
         assert!(moved.open_ops(&keys).is_err(), "ops are bound to their seq");
+        assert!(back.header_authenticated(&keys).unwrap());
+        let mut shifted = back.clone();
+        shifted.time_ns += 1;
+        assert!(
+            shifted.open_ops(&keys).is_err(),
+            "ops are bound to their time"
+        );
+        let mut spliced = back.clone();
+        spliced.prev_hash[0] ^= 1;
+        assert!(
+            spliced.open_ops(&keys).is_err(),
+            "ops are bound to their chain link"
+        );
         let wrong = DatasetKey::generate().derive();
         assert!(back.open_ops(&wrong).is_err());
     }

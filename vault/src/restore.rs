@@ -10,11 +10,10 @@
 //! affected path is named in the report.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -23,12 +22,14 @@ use filetime::FileTime;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::beneath::Beneath;
 use crate::chunk::{self, ChunkId};
 use crate::dataset::View;
 use crate::error::{Result, VaultError};
 use crate::keys::Keys;
 use crate::lthash::LtHash;
 use crate::ops::{ChunkRef, Entry, Node};
+use crate::path::RelPath;
 
 /// What a restore did and found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -50,19 +51,15 @@ impl Report {
     }
 }
 
-fn rel_to_path(root: &Path, rel: &[u8]) -> PathBuf {
-    root.join(OsStr::from_bytes(rel))
-}
-
-fn tmp_name(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.as_bytes().to_vec())
-        .unwrap_or_default();
-    let mut t = b".triad-restore.".to_vec();
-    t.extend_from_slice(&name);
-    t.extend_from_slice(format!(".{}", std::process::id()).as_bytes());
-    dest.with_file_name(OsStr::from_bytes(&t))
+/// A temporary name for the next file or symlink, short enough for any
+/// file system whatever the final name's length.
+fn tmp_name(counter: &AtomicU64) -> Vec<u8> {
+    format!(
+        ".triad-restore.{}.{}",
+        std::process::id(),
+        counter.fetch_add(1, Ordering::Relaxed)
+    )
+    .into_bytes()
 }
 
 fn io<'a>(context: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VaultError + 'a {
@@ -88,41 +85,26 @@ fn fetch_chunk(view: &View, c: &ChunkRef) -> std::result::Result<Vec<u8>, String
     chunk::open(view.keys(), &c.id, c.len, &sealed).map_err(|e| format!("chunk {}: {e}", c.id))
 }
 
-fn write_file(
+/// Writes one file's chunks, checked, then its mode and mtime, into the
+/// open temporary file `f`.
+fn fill_file(
     view: &View,
-    dest: &Path,
+    f: &mut File,
     entry: &Entry,
     chunks: &[ChunkRef],
     done: &AtomicU64,
     progress: &(dyn Fn(u64) + Sync),
 ) -> std::result::Result<(), String> {
-    let tmp = tmp_name(dest);
-    let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-        for c in chunks {
-            let plain = fetch_chunk(view, c)?;
-            f.write_all(&plain)
-                .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-            let n = done.fetch_add(plain.len() as u64, Ordering::Relaxed) + plain.len() as u64;
-            progress(n);
-        }
-        f.set_permissions(fs::Permissions::from_mode(entry.mode))
-            .map_err(|e| format!("setting mode: {e}"))?;
-        filetime::set_file_handle_times(&f, None, Some(mtime(entry.mtime_ns)))
-            .map_err(|e| format!("setting mtime: {e}"))?;
-        drop(f);
-        fs::rename(&tmp, dest).map_err(|e| format!("renaming into place: {e}"))
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
+    for c in chunks {
+        let plain = fetch_chunk(view, c)?;
+        f.write_all(&plain).map_err(|e| format!("writing: {e}"))?;
+        let n = done.fetch_add(plain.len() as u64, Ordering::Relaxed) + plain.len() as u64;
+        progress(n);
     }
-    res
+    f.set_permissions(fs::Permissions::from_mode(entry.mode))
+        .map_err(|e| format!("setting mode: {e}"))?;
+    filetime::set_file_handle_times(f, None, Some(mtime(entry.mtime_ns)))
+        .map_err(|e| format!("setting mtime: {e}"))
 }
 
 fn mtime(ns: i64) -> FileTime {
@@ -134,6 +116,12 @@ fn mtime(ns: i64) -> FileTime {
 
 /// Restores the whole dataset as `view` sees it into `to`, which must be
 /// missing or empty. `progress` is called with bytes written so far.
+///
+/// Every path is checked ([`RelPath`]) before anything is written for it,
+/// and every write goes through one descriptor of `to` ([`Beneath`]), so a
+/// hostile namespace (absolute paths, `..`, symlinks standing where
+/// directories should be) cannot place anything outside `to`: such entries
+/// are refused, named in the report's problems, and the restore fails.
 pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Report> {
     match fs::read_dir(to) {
         Ok(mut rd) => {
@@ -152,6 +140,7 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
         }
         Err(e) => return Err(VaultError::io("restore target", to, e)),
     }
+    let target = Beneath::open(to).map_err(io("opening restore target", to))?;
     let entries = view.entries()?;
     let applied = view.applied().clone();
     let mut report = Report {
@@ -160,67 +149,55 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
         ..Report::default()
     };
     let mut problems_list = Vec::new();
-    // Only entries whose parent was restored as a directory are written, so
-    // nothing is ever written through a symlink (which could point outside
-    // the target). A consistent namespace never has such entries.
+    let mut checked: Vec<(RelPath, &Entry)> = Vec::with_capacity(entries.len());
+    for (p, e) in &entries {
+        match RelPath::new(p.clone()) {
+            Ok(rp) => checked.push((rp, e)),
+            Err(why) => problems_list.push(format!("refused: {why}; nothing was written for it")),
+        }
+    }
+    // Only entries whose parent was restored as a directory are written
+    // (a consistent namespace never has others); the descriptor walk
+    // refuses a symlink in a directory's place in any case.
     let mut dirs_made: HashSet<&[u8]> = HashSet::new();
-    let placeable = |p: &[u8], made: &HashSet<&[u8]>| {
-        let parent = crate::ops::parent(p);
+    let placeable = |p: &RelPath, made: &HashSet<&[u8]>| {
+        let (parent, _) = p.split_last();
         parent.is_empty() || made.contains(parent)
     };
     // Directories first, parents before children (sorted order), writable
     // by us until the end.
-    for (p, _) in entries.iter().filter(|(_, e)| e.is_dir()) {
-        let d = rel_to_path(to, p);
+    for (p, _) in checked.iter().filter(|(_, e)| e.is_dir()) {
         if !placeable(p, &dirs_made) {
-            problems_list.push(format!(
-                "{}: parent directory was not restored",
-                String::from_utf8_lossy(p)
-            ));
+            problems_list.push(format!("{p}: parent directory was not restored"));
             continue;
         }
-        match fs::create_dir(&d)
-            .and_then(|_| fs::set_permissions(&d, fs::Permissions::from_mode(0o700)))
-        {
+        match target.mkdir(p) {
             Ok(()) => {
-                dirs_made.insert(p.as_slice());
+                dirs_made.insert(p.as_bytes());
                 report.dirs += 1;
             }
-            Err(e) => problems_list.push(format!(
-                "{}: creating directory: {e}",
-                String::from_utf8_lossy(p)
-            )),
+            Err(e) => problems_list.push(format!("{p}: creating directory: {e}")),
         }
     }
     let problems = Mutex::new(problems_list);
     let done = AtomicU64::new(0);
+    let tmp_counter = AtomicU64::new(0);
     let (ok_files, ok_links, ok_bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    entries.par_iter().for_each(|(p, e)| {
+    checked.par_iter().for_each(|(p, e)| {
         if e.is_dir() {
             return;
         }
-        let dest = rel_to_path(to, p);
         let res = if !placeable(p, &dirs_made) {
             Err("parent directory was not restored".to_string())
         } else {
+            let tmp = tmp_name(&tmp_counter);
             match &e.node {
-                Node::File { chunks } => write_file(view, &dest, e, chunks, &done, progress),
-                Node::Symlink { target } => {
-                    let tmp = tmp_name(&dest);
-                    std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
-                        .and_then(|_| {
-                            filetime::set_symlink_file_times(
-                                &tmp,
-                                mtime(e.mtime_ns),
-                                mtime(e.mtime_ns),
-                            )
-                        })
-                        .and_then(|_| fs::rename(&tmp, &dest))
-                        .map_err(|err| {
-                            let _ = fs::remove_file(&tmp);
-                            format!("creating symlink: {err}")
-                        })
+                Node::File { chunks } => {
+                    target.write_file(p, &tmp, |f| fill_file(view, f, e, chunks, &done, progress))
                 }
+                Node::Symlink { target: to } => target
+                    .symlink(p, &tmp, to, e.mtime_ns)
+                    .map_err(|err| format!("creating symlink: {err}")),
                 Node::Dir => Ok(()),
             }
         };
@@ -235,7 +212,7 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
             }
             Err(why) => {
                 if let Ok(mut v) = problems.lock() {
-                    v.push(format!("{}: {why}", String::from_utf8_lossy(p)));
+                    v.push(format!("{p}: {why}"));
                 }
             }
         }
@@ -245,19 +222,15 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
     report.files = ok_files.load(Ordering::Relaxed);
     report.symlinks = ok_links.load(Ordering::Relaxed);
     report.bytes = ok_bytes.load(Ordering::Relaxed);
-    for (p, e) in entries
+    for (p, e) in checked
         .iter()
         .rev()
-        .filter(|(p, e)| e.is_dir() && dirs_made.contains(p.as_slice()))
+        .filter(|(p, e)| e.is_dir() && dirs_made.contains(p.as_bytes()))
     {
-        let d = rel_to_path(to, p);
-        let res = fs::set_permissions(&d, fs::Permissions::from_mode(e.mode))
-            .and_then(|_| filetime::set_file_mtime(&d, mtime(e.mtime_ns)));
-        if let Err(err) = res {
-            report.problems.push(format!(
-                "{}: setting directory metadata: {err}",
-                String::from_utf8_lossy(p)
-            ));
+        if let Err(err) = target.set_dir_meta(p, e.mode, e.mtime_ns) {
+            report
+                .problems
+                .push(format!("{p}: setting directory metadata: {err}"));
         }
     }
     if let Err(e) = sync_filesystem(to) {

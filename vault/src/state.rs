@@ -7,6 +7,9 @@
 //! - `pins`: chunk id -> references held by `Pin` ops of files still in flight
 //! - `meta`: applied seq, chain hash, commit time and the running LtHash digest
 //! - `checkpoints`: seq -> (chain hash, digest, HMAC-SM3 evidence)
+//! - `chain`: seq -> chain hash after that record, for every record this
+//!   state applied (40 bytes a record), so this site can prove to a follower
+//!   that a state transfer continues the follower's own history
 //!
 //! State is written with RocksDB's own WAL disabled: triad's change log already
 //! holds every byte, and replaying it from the applied seq rebuilds whatever a
@@ -43,13 +46,15 @@ const CF_CHUNKMETA: &str = "chunkmeta";
 const CF_PINS: &str = "pins";
 const CF_META: &str = "meta";
 const CF_CHECKPOINTS: &str = "checkpoints";
-const ALL_CFS: [&str; 6] = [
+const CF_CHAIN: &str = "chain";
+const ALL_CFS: [&str; 7] = [
     CF_NS,
     CF_CHUNKS,
     CF_CHUNKMETA,
     CF_PINS,
     CF_META,
     CF_CHECKPOINTS,
+    CF_CHAIN,
 ];
 
 const K_APPLIED: &[u8] = b"applied";
@@ -554,6 +559,12 @@ impl State {
         let mut digest = LtHash::default();
         let mut refs: HashMap<ChunkId, u64> = HashMap::new();
         for (p, e) in entries {
+            crate::path::check(p).map_err(|e| {
+                self.corrupt(format!(
+                    "transferred namespace at seq {} refused: {e}; nothing was installed",
+                    applied.seq
+                ))
+            })?;
             digest.add(&e.digest_element(keys, p));
             for c in e.chunks() {
                 *refs.entry(c.id).or_default() += 1;
@@ -608,9 +619,34 @@ impl State {
                 refs.len() - seen
             )));
         }
+        b.put_cf(self.cf(CF_CHAIN)?, applied.seq.to_be_bytes(), applied.hash);
         self.put_applied(&mut b, &applied)?;
         self.write(b)?;
         self.flush()
+    }
+
+    /// The chain hash after record `seq`, if this state applied it (or
+    /// recorded a checkpoint or installed a transfer there).
+    pub fn chain_hash_at(&self, seq: u64) -> Result<Option<Hash>> {
+        let cf = self.cf(CF_CHAIN)?;
+        if let Some(v) = self
+            .db
+            .get_pinned_cf(cf, seq.to_be_bytes())
+            .map_err(|e| self.err(e))?
+        {
+            let h: Hash = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| self.corrupt(format!("chain hash at seq {seq} malformed")))?;
+            return Ok(Some(h));
+        }
+        // States written before the chain index know the applied record's
+        // hash and their checkpoints'.
+        let applied = self.applied()?;
+        if applied.seq == seq {
+            return Ok(Some(applied.hash));
+        }
+        Ok(self.checkpoint_at(seq)?.map(|c| c.hash))
     }
 }
 
@@ -698,6 +734,8 @@ pub struct Overlay {
     pins: HashMap<ChunkId, u64>,
     applied: Applied,
     checkpoints: Vec<Checkpoint>,
+    /// (seq, chain hash) of every record applied in this overlay.
+    chain: Vec<(u64, Hash)>,
 }
 
 impl Overlay {
@@ -961,6 +999,7 @@ impl Overlay {
         self.applied.seq = seq;
         self.applied.hash = hash;
         self.applied.time_ns = time_ns;
+        self.chain.push((seq, hash));
         if seq.is_multiple_of(CHECKPOINT_INTERVAL) {
             self.checkpoints.push(Checkpoint::new(
                 keys,
@@ -1008,6 +1047,10 @@ impl Overlay {
         let cps = st.cf(CF_CHECKPOINTS)?;
         for c in &self.checkpoints {
             b.put_cf(cps, c.seq.to_be_bytes(), c.encode());
+        }
+        let chain = st.cf(CF_CHAIN)?;
+        for (seq, h) in &self.chain {
+            b.put_cf(chain, seq.to_be_bytes(), h);
         }
         st.put_applied(&mut b, &self.applied)?;
         Ok((b, self.applied))

@@ -54,6 +54,9 @@ pub struct DrillSpec<'a> {
     pub reports_dir: PathBuf,
     pub reference: Option<Reference>,
     pub concurrency: usize,
+    /// The archive must reach at least this seq (`--expect-seq`): less is
+    /// a rollback and fails the drill.
+    pub expect_seq: Option<u64>,
 }
 
 /// A drill's outcome, as written to the JSON report.
@@ -80,6 +83,12 @@ pub struct DrillReport {
     pub restored_digest: String,
     pub problems: Vec<String>,
     pub skipped_snapshots: Vec<String>,
+    /// The archive's authenticated head, when it has one.
+    #[serde(default)]
+    pub archive_head_seq: Option<u64>,
+    /// What the restore could not prove (see `ArchiveRestore::warnings`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// Wall time to a verified restore.
     pub rto_seconds: f64,
     /// Primary head time minus the restored point's time; absent without a
@@ -146,6 +155,8 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
         restored_digest: String::new(),
         problems: Vec::new(),
         skipped_snapshots: Vec::new(),
+        archive_head_seq: None,
+        warnings: Vec::new(),
         rto_seconds: 0.0,
         rpo_seconds: None,
         reference: spec.reference.clone(),
@@ -159,6 +170,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             dataset: spec.dataset,
             key: spec.key,
             concurrency: spec.concurrency,
+            expect_seq: spec.expect_seq,
         }
         .restore(spec.at, &scratch.path().join("restored"), &|_| {})
     });
@@ -178,6 +190,8 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             report.restored_digest = r.report.restored_digest.clone();
             report.problems = r.report.problems.clone();
             report.skipped_snapshots = r.skipped_snapshots;
+            report.archive_head_seq = r.head_seq;
+            report.warnings = r.warnings;
             report.phases_seconds = Phases {
                 snapshot: r.seconds_snapshot,
                 replay: r.seconds_replay,
@@ -293,6 +307,13 @@ pub fn markdown(r: &DrillReport) -> String {
             "Files / directories / symlinks",
             format!("{} / {} / {}", r.files, r.directories, r.symlinks),
         ),
+        (
+            "Archive head (authenticated)",
+            match r.archive_head_seq {
+                Some(s) => format!("seq {s}"),
+                None => "none: a removal of the newest objects could not be noticed".into(),
+            },
+        ),
         ("Bytes restored", r.bytes.to_string()),
         ("Bytes downloaded", r.bytes_downloaded.to_string()),
         ("Digest recorded", format!("`{}`", r.expected_digest)),
@@ -318,6 +339,12 @@ pub fn markdown(r: &DrillReport) -> String {
         s.push_str("\n## Problems\n\n");
         for p in &r.problems {
             s.push_str(&format!("- {p}\n"));
+        }
+    }
+    if !r.warnings.is_empty() {
+        s.push_str("\n## Warnings\n\n");
+        for w in &r.warnings {
+            s.push_str(&format!("- {w}\n"));
         }
     }
     if !r.skipped_snapshots.is_empty() {

@@ -275,7 +275,7 @@ pub fn archive(
         .collect();
     for p in &pieces {
         let decoded = rt
-            .block_on(store.get_required(&p.key, "a log piece"))
+            .block_on(store.get_required(&p.key, "a log piece", objects::MAX_PIECE_BYTES))
             .and_then(|b| objects::decode_piece(&p.key, &b).map_err(|e| store.locate_err(e)));
         match decoded {
             Ok(piece) => {
@@ -341,7 +341,8 @@ pub fn archive(
             let (id, plain_len, hash) = (**id, e.plain_len, e.sealed_hash);
             let keys = keys.clone();
             async move {
-                let r = match store.get_required(&key, "a referenced chunk").await {
+                let max = vault::chunk::max_sealed_len(plain_len);
+                let r = match store.get_required(&key, "a referenced chunk", max).await {
                     Err(e) => Err(e.to_string()),
                     Ok(b) => tokio::task::spawn_blocking(move || {
                         if *blake3::hash(&b).as_bytes() != hash {

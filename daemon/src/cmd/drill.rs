@@ -35,6 +35,19 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Fail the drill unless the archive reaches at least this seq (another
+    /// site's head): the check that catches a store rolled back. A drill of
+    /// this site's own archive expects at least what this site shipped.
+    #[arg(long)]
+    expect_seq: Option<u64>,
+}
+
+/// What this site's status file says it shipped to its own archive: a
+/// drill of that archive must find at least as much there.
+pub(crate) fn shipped(cfg: &Config, dataset: &str) -> Option<u64> {
+    let b = std::fs::read(cfg.dataset_dir(dataset).join(crate::runtime::STATUS_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    v["archive"]["shipped_seq"].as_u64().filter(|s| *s > 0)
 }
 
 /// The primary's head as this site knows it, from its status file.
@@ -150,6 +163,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
             reports_dir: reports.clone(),
             reference: reference(&cfg, &name),
             concurrency: 32,
+            expect_seq: a.expect_seq.or_else(|| {
+                a.from_archive
+                    .is_none()
+                    .then(|| shipped(&cfg, &name))
+                    .flatten()
+            }),
         };
         let report = verifier::drill::run(&spec, rt.handle())?;
         let (json_path, md_path) = verifier::drill::write_reports(&report, &reports)?;

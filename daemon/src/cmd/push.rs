@@ -93,10 +93,15 @@ pub fn put(a: PutArgs) -> Result<ExitCode> {
     let mut input: Box<dyn Read> = if a.path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(
-            std::fs::File::open(&a.path)
-                .with_context(|| format!("opening {}", a.path.display()))?,
-        )
+        let f = std::fs::File::open(&a.path)
+            .with_context(|| format!("opening {}", a.path.display()))?;
+        if f.metadata().is_ok_and(|m| m.is_dir()) {
+            bail!(
+                "{} is a directory: triad put stores one file (for a tree, use a directory dataset)",
+                a.path.display()
+            );
+        }
+        Box::new(f)
     };
     let answer =
         client::put(&sock, &a.daemon.dataset, &name, &mut input).map_err(|e| anyhow!(e))?;
@@ -254,6 +259,7 @@ fn restore_args(a: &GetArgs, url: &str, to: &Path) -> crate::cmd::restore::Args 
         region: a.region.clone(),
         credentials_file: a.credentials_file.clone(),
         concurrency: 32,
+        expect_seq: None,
     }
 }
 

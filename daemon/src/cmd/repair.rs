@@ -115,7 +115,8 @@ pub fn with_dataset(
         // Good bytes: this site's archive, then the other sites.
         let mut good: Option<(Vec<u8>, String)> = None;
         if let Some(st) = &store {
-            if let Ok(Some(b)) = rt.block_on(st.get(&archive::objects::chunk_key(name, &id))) {
+            let key = archive::objects::chunk_key(name, &id);
+            if let Ok(Some(b)) = rt.block_on(st.get(&key, meta.sealed_len as u64)) {
                 if fits(&b) {
                     good = Some((b, st.url().to_string()));
                 }
@@ -206,13 +207,12 @@ pub fn archive(
         let key_name = archive::objects::chunk_key(name, &id);
         let stamp = vault::dataset::now_ns() / 1_000_000;
         // The damaged object is kept aside in the bucket before the upload.
-        let kept = match rt.block_on(store.get(&key_name))? {
-            Some(old) => {
-                let aside = format!("{name}/evidence/{id}-{stamp}");
-                rt.block_on(store.put(&aside, old))?;
-                store.locate(&aside)
-            }
-            None => "the object was missing".into(),
+        // A server-side copy: the damaged object may be any size.
+        let aside = format!("{name}/evidence/{id}-{stamp}");
+        let kept = if rt.block_on(store.copy_if_exists(&key_name, &aside))? {
+            store.locate(&aside)
+        } else {
+            "the object was missing".into()
         };
         rt.block_on(store.put(&key_name, bytes))?;
         log_line(

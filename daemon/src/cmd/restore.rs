@@ -54,6 +54,11 @@ pub struct Args {
     /// background work); one chunk is about 200 KiB to 4 MiB.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) concurrency: u16,
+    /// With --from-archive and `--at latest`: fail unless the archive
+    /// reaches at least this seq (another site's head, or what the writing
+    /// site shipped): the check that catches a store rolled back.
+    #[arg(long)]
+    pub(crate) expect_seq: Option<u64>,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
@@ -156,6 +161,10 @@ fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
             println!("warning: skipped a newer snapshot that does not read back whole: {s}");
         }
     }
+    // On stderr, JSON or not: what the archive could not prove.
+    for w in &r.warnings {
+        eprintln!("WARNING: {w}");
+    }
     print_report(&a, &r.report, started)
 }
 
@@ -184,6 +193,7 @@ pub(crate) fn restore_from_archive(
         dataset: &a.dataset,
         key: &key,
         concurrency: store_cfg.concurrency,
+        expect_seq: a.expect_seq,
     };
     let progress = |p: archive::Progress| match p {
         archive::Progress::Chunks(done, total) => {

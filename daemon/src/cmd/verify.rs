@@ -308,9 +308,30 @@ fn compare_sites(
         ))
     };
     let to32 = |b: &[u8]| -> [u8; 32] { b.try_into().unwrap_or([0; 32]) };
+    let keys = key.derive();
+    // Every checkpoint must carry evidence that verifies under the key: a
+    // site that sends one that does not is lying or damaged, and its
+    // answer is not compared.
+    let forged = |r: &replicator::pb::CheckpointsReply| {
+        r.checkpoints.iter().find_map(|c| {
+            let cp = vault::state::Checkpoint {
+                seq: c.seq,
+                hash: to32(&c.hash),
+                digest: to32(&c.digest),
+                hmac_sm3: to32(&c.hmac_sm3),
+            };
+            (!cp.verify(&keys)).then_some(c.seq)
+        })
+    };
     let from_reply = |site: &str, r: replicator::pb::CheckpointsReply| SiteView {
         site: site.to_string(),
         head_seq: r.head_seq,
+        error: forged(&r).map(|seq| {
+            format!(
+                "its checkpoint at seq {seq} carries HMAC-SM3 evidence that does not verify under \
+                 this dataset's key: forged or damaged (or sent by a triad older than 0.2)"
+            )
+        }),
         checkpoints: r
             .checkpoints
             .iter()
@@ -322,7 +343,6 @@ fn compare_sites(
             r.scrub_damaged,
             r.scrub_digest_ok,
         )),
-        error: None,
     };
     // This site: its daemon when it serves the replication port (it knows
     // checkpoints not yet flushed), otherwise its copy on disk.

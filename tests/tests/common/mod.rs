@@ -454,3 +454,17 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         Err(e) => panic!("GET {url}: {e}"),
     }
 }
+
+/// RFC 3339 with nanoseconds, UTC, without a date library in the tests.
+pub fn rfc3339(ns: i64) -> String {
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000),
+        ])
+        .arg("+%Y-%m-%dT%H:%M:%S.%NZ")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

@@ -1,0 +1,214 @@
+//! Writing a tree beneath one directory and nowhere else.
+//!
+//! A restore target is opened once; every later step names its place as a
+//! checked [`RelPath`] and reaches it from that descriptor one component at a
+//! time with `openat(O_NOFOLLOW | O_DIRECTORY)`, then acts on the last
+//! component with the `*at` calls (mkdirat, openat with O_EXCL, symlinkat,
+//! renameat, utimensat without following). So neither a hostile path (`/`,
+//! `..`) nor a symlink placed in the tree, by the data being restored or by
+//! someone else racing the restore, can make a write land outside the
+//! target. This walks component by component rather than asking openat2 for
+//! RESOLVE_BENEATH because the kernels government systems run (4.19 on
+//! Kylin V10) predate openat2.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, CWD};
+
+use crate::path::RelPath;
+
+/// A directory opened once, under which everything is written.
+pub struct Beneath {
+    root: OwnedFd,
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+fn os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+/// A timestamp as the kernel takes it, from nanoseconds since the epoch.
+pub fn timespec(ns: i64) -> Timespec {
+    Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000),
+    }
+}
+
+impl Beneath {
+    /// Opens `root` (which the operator named, so it may itself be reached
+    /// through symlinks; nothing beneath it may).
+    pub fn open(root: &Path) -> io::Result<Beneath> {
+        let fd = rustix::fs::openat(
+            CWD,
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Beneath { root: fd })
+    }
+
+    /// The directory at `components` (a `/`-separated run of checked
+    /// components; empty for the root), reached without following any
+    /// symlink.
+    fn dir(&self, components: &[u8]) -> io::Result<OwnedFd> {
+        let mut cur = rustix::fs::openat(&self.root, ".", dir_flags(), Mode::empty())?;
+        if components.is_empty() {
+            return Ok(cur);
+        }
+        for c in components.split(|&b| b == b'/') {
+            cur = rustix::fs::openat(&cur, os(c), dir_flags(), Mode::empty())?;
+        }
+        Ok(cur)
+    }
+
+    /// The parent directory of `p` and the last component's name.
+    fn parent<'a>(&self, p: &'a RelPath) -> io::Result<(OwnedFd, &'a [u8])> {
+        let (parent, name) = p.split_last();
+        Ok((self.dir(parent)?, name))
+    }
+
+    /// Creates the directory `p` with mode 0700 (its recorded mode is set
+    /// later, once everything beneath it is written).
+    pub fn mkdir(&self, p: &RelPath) -> io::Result<()> {
+        let (parent, name) = self.parent(p)?;
+        rustix::fs::mkdirat(&parent, os(name), Mode::from_raw_mode(0o700))?;
+        // The umask may have taken bits the restore itself needs.
+        let d = rustix::fs::openat(&parent, os(name), dir_flags(), Mode::empty())?;
+        rustix::fs::fchmod(&d, Mode::from_raw_mode(0o700))?;
+        Ok(())
+    }
+
+    /// Writes a file at `p` through a temporary name in the same directory:
+    /// `fill` writes the contents and sets what it likes on the open file;
+    /// the file is renamed into place only if `fill` succeeds, and the
+    /// temporary is removed otherwise.
+    pub fn write_file(
+        &self,
+        p: &RelPath,
+        tmp: &[u8],
+        fill: impl FnOnce(&mut File) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let (parent, name) = self
+            .parent(p)
+            .map_err(|e| format!("opening its directory: {e}"))?;
+        let fd = rustix::fs::openat(
+            &parent,
+            os(tmp),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| format!("creating a temporary file: {e}"))?;
+        let mut f = File::from(fd);
+        let res = fill(&mut f).and_then(|()| {
+            drop(f);
+            rustix::fs::renameat(&parent, os(tmp), &parent, os(name))
+                .map_err(|e| format!("renaming into place: {e}"))
+        });
+        if res.is_err() {
+            let _ = rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty());
+        }
+        res
+    }
+
+    /// Creates the symlink `p` pointing at `target` (which may point
+    /// anywhere: it is data, and nothing here ever follows it) with the
+    /// given mtime, through a temporary name.
+    pub fn symlink(&self, p: &RelPath, tmp: &[u8], target: &[u8], mtime_ns: i64) -> io::Result<()> {
+        let (parent, name) = self.parent(p)?;
+        rustix::fs::symlinkat(os(target), &parent, os(tmp))?;
+        let t = timespec(mtime_ns);
+        let res = rustix::fs::utimensat(
+            &parent,
+            os(tmp),
+            &Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .and_then(|()| rustix::fs::renameat(&parent, os(tmp), &parent, os(name)));
+        if res.is_err() {
+            let _ = rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty());
+        }
+        Ok(res?)
+    }
+
+    /// Gives the directory `p` its recorded mode and mtime.
+    pub fn set_dir_meta(&self, p: &RelPath, mode: u32, mtime_ns: i64) -> io::Result<()> {
+        let d = self.dir(p.as_bytes())?;
+        rustix::fs::fchmod(&d, Mode::from_raw_mode(mode & 0o7777))?;
+        let t = timespec(mtime_ns);
+        rustix::fs::futimens(
+            d.as_fd(),
+            &Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_symlinked_directory_in_the_tree_is_never_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        let b = Beneath::open(root.path()).unwrap();
+        let err = b
+            .write_file(&rel("link/x"), b".tmp", |_| Ok(()))
+            .unwrap_err();
+        assert!(err.contains("opening its directory"), "{err}");
+        assert!(b.mkdir(&rel("link/d")).is_err());
+        assert!(b.symlink(&rel("link/s"), b".tmp", b"/etc", 0).is_err());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn writes_land_beneath_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let b = Beneath::open(root.path()).unwrap();
+        b.mkdir(&rel("d")).unwrap();
+        b.write_file(&rel("d/f"), b".tmp", |f| {
+            use std::io::Write;
+            f.write_all(b"hi").map_err(|e| e.to_string())
+        })
+        .unwrap();
+        b.symlink(&rel("d/s"), b".tmp2", b"/etc/passwd", 1_000_000_000)
+            .unwrap();
+        b.set_dir_meta(&rel("d"), 0o750, 2_000_000_000).unwrap();
+        assert_eq!(std::fs::read(root.path().join("d/f")).unwrap(), b"hi");
+        assert_eq!(
+            std::fs::read_link(root.path().join("d/s")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+        let failed = b.write_file(&rel("d/g"), b".tmp3", |_| Err("no".into()));
+        assert!(failed.is_err());
+        let names: Vec<_> = std::fs::read_dir(root.path().join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names.len(),
+            2,
+            "the failed write left its temporary: {names:?}"
+        );
+    }
+}
