@@ -182,6 +182,11 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
         let to = dir.join("target");
         let out = restore_from(&url, &keyf, &to, "latest");
         let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            std::fs::read_dir(&canary).unwrap().count(),
+            0,
+            "{what}: {err}"
+        );
         assert!(
             !out.status.success(),
             "{what} in a page: restore succeeded\n{err}"
@@ -209,6 +214,11 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
         let to = dir.join("target");
         let out = restore_from(&url, &keyf, &to, "latest");
         let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            std::fs::read_dir(&canary).unwrap().count(),
+            0,
+            "{what}: {err}"
+        );
         assert!(
             !out.status.success(),
             "{what} in the log: restore succeeded\n{err}"
@@ -322,12 +332,6 @@ fn a_rolled_back_or_retimed_archive_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("WARNING"), "{err}");
-    // With another site's head as a second source: one more than the
-    // archive holds is a rollback.
-    let out = restore_with(&url, &keyf, &target("expect"), &["--expect-seq", "6"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("ROLLBACK"), "{err}");
-
     // A record's time shifted later, and the piece's trailer recomputed: a
     // restore to that record's true time would stop before it and exit 0.
     let third = &pieces[1];
@@ -379,6 +383,11 @@ fn a_rolled_back_or_retimed_archive_is_refused() {
         err.contains("WARNING") && err.contains("no authenticated head"),
         "{err}"
     );
+    // With another site's head as a second source: one more than the
+    // archive holds is a rollback.
+    let out = restore_with(&url, &keyf, &target("expect"), &["--expect-seq", "6"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("ROLLBACK"), "{err}");
 }
 
 /// An upstream that holds the primary's certificate and answers every
@@ -763,22 +772,32 @@ fn an_oversized_object_in_the_archive_is_refused_unread() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("refused without reading it"), "{err}");
-    // SAFETY: getrusage fills the struct it is given.
-    let maxrss_kb = unsafe {
+    let mut child = child;
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+    // This child's own peak RSS (other tests' children are not counted).
+    let (status, maxrss_kb) = unsafe {
+        // SAFETY: wait4 fills the status and rusage it is given, for a
+        // child of this process that nothing else waits for.
         let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
-        u.ru_maxrss as u64
+        let mut status = 0;
+        let r = libc::wait4(child.id() as i32, &mut status, 0, &mut u);
+        assert_eq!(r, child.id() as i32);
+        (status, u.ru_maxrss as u64)
     };
+    let err = reader.join().unwrap();
     eprintln!(
         "restore refused a 2 GiB object in {:?} with peak RSS {} MiB",
         started.elapsed(),
         maxrss_kb >> 10
     );
-    assert!(maxrss_kb < 200 << 10, "peak RSS {maxrss_kb} kB");
+    assert!(maxrss_kb < 200 << 10, "peak RSS {maxrss_kb} kB\n{err}");
+    assert!(status != 0, "{err}");
+    assert!(err.contains("refused without reading it"), "{err}");
 }
 
 fn socket_client(path: &Path) -> UnixStream {
