@@ -193,6 +193,18 @@ impl Archiver {
         if fresh || !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
         }
+        // The head never moves back, across restarts too.
+        let head_key = objects::head_key(&name);
+        if let Some(b) =
+            a.rt.block_on(a.store.get(&head_key, objects::MAX_SMALL_OBJECT_BYTES))?
+        {
+            match objects::decode_head(a.ds.keys(), &head_key, &b) {
+                Ok(h) => *a.head_written.lock().unwrap_or_else(|p| p.into_inner()) = h.seq,
+                Err(e) => {
+                    tracing::error!(dataset = %name, error = %e, "the archive's head does not open; it is written anew with the next piece")
+                }
+            }
+        }
         // Where the archive's log ends: the newest piece, or, when prune
         // removed every piece, the newest snapshot.
         let pieces = a.pieces()?;
@@ -775,7 +787,8 @@ pub fn read_snapshot(
         .buffered(concurrency.max(1))
         .try_collect(),
     )?;
-    let mut entries = Vec::with_capacity(manifest.entries as usize);
+    // The count is the manifest's claim: reserve no more than one page's.
+    let mut entries = Vec::with_capacity((manifest.entries as usize).min(objects::PAGE_ENTRIES));
     let mut sealed_hashes = std::collections::HashMap::new();
     for p in pages {
         entries.extend(p.entries);

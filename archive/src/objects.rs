@@ -154,8 +154,13 @@ impl PieceRef {
         let mut it = name.split('-');
         let first: u64 = it.next()?.parse().ok()?;
         let last: u64 = it.next()?.parse().ok()?;
-        let t = it.next()?.parse().ok()?;
+        let t: i64 = it.next()?.parse().ok()?;
         if it.next().is_some() || first == 0 || first > last || last == u64::MAX {
+            return None;
+        }
+        // Only the exact name the shipper writes: `9-9-0.lp` would sort
+        // after every real piece and pass for the newest.
+        if name != format!("{first:020}-{last:020}-{t:019}") {
             return None;
         }
         Some(PieceRef {

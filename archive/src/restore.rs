@@ -132,6 +132,10 @@ impl Restorer<'_> {
                 ),
             ));
         }
+        // The head is read before anything is listed: a piece is always in
+        // the store before the head that counts it, so a head ahead of the
+        // listing means objects were removed, not that a ship raced us.
+        let head = self.read_head(&keys)?;
         let snaps = list_snapshots(self.rt, self.store, ds_name)?;
         let pieces: Vec<PieceRef> = self
             .rt
@@ -146,12 +150,13 @@ impl Restorer<'_> {
             )));
         }
         let newest = pieces
-            .last()
+            .iter()
             .map(|p| p.last)
-            .max(snaps.last().map(|s| s.seq))
+            .max()
+            .max(snaps.iter().map(|s| s.seq).max())
             .unwrap_or(0);
         let mut warnings = Vec::new();
-        let head = self.check_head(&keys, newest, at, &mut warnings)?;
+        self.judge_head(head.as_ref(), newest, at, &mut warnings)?;
         if let (At::Latest, Some(n)) = (at, self.expect_seq) {
             if newest < n {
                 return Err(ArchiveError::NoRestorePoint(format!(
@@ -295,27 +300,50 @@ impl Restorer<'_> {
         Ok(out)
     }
 
-    /// Reads the archive's authenticated head and compares it with the
-    /// newest seq its snapshots and pieces reach: fewer is a rollback (an
-    /// error); no head, or records past it, are warnings.
-    fn check_head(
+    /// Reads the archive's authenticated head, which must have been written
+    /// by the site that owns the archive (a head copied from another site's
+    /// archive of the dataset is refused).
+    fn read_head(&self, keys: &vault::Keys) -> Result<Option<objects::Head>> {
+        let key = objects::head_key(self.dataset);
+        let Some(b) = self
+            .rt
+            .block_on(self.store.get(&key, objects::MAX_SMALL_OBJECT_BYTES))?
+        else {
+            return Ok(None);
+        };
+        let head = objects::decode_head(keys, &key, &b).map_err(|e| self.store.locate_err(e))?;
+        let owner_key = objects::owner_key(self.dataset);
+        if let Some(owner) = self
+            .rt
+            .block_on(self.store.get(&owner_key, objects::MAX_SMALL_OBJECT_BYTES))?
+        {
+            if owner != head.site.as_bytes() {
+                return Err(ArchiveError::Damaged {
+                    key: self.store.locate(&key),
+                    reason: format!(
+                        "written by site {}, but the archive belongs to site {}: a head copied \
+                         from another archive",
+                        head.site,
+                        String::from_utf8_lossy(&owner)
+                    ),
+                });
+            }
+        }
+        Ok(Some(head))
+    }
+
+    /// Compares the archive's head with the newest seq its snapshots and
+    /// pieces reach: fewer is a rollback (an error for `latest`); no head,
+    /// or records past it, are warnings.
+    fn judge_head(
         &self,
-        keys: &vault::Keys,
+        head: Option<&objects::Head>,
         newest: u64,
         at: At,
         warnings: &mut Vec<String>,
-    ) -> Result<Option<objects::Head>> {
+    ) -> Result<()> {
         let key = objects::head_key(self.dataset);
-        let head = match self
-            .rt
-            .block_on(self.store.get(&key, objects::MAX_SMALL_OBJECT_BYTES))?
-        {
-            Some(b) => {
-                Some(objects::decode_head(keys, &key, &b).map_err(|e| self.store.locate_err(e))?)
-            }
-            None => None,
-        };
-        match &head {
+        match head {
             None => warnings.push(format!(
                 "{} has no authenticated head record: a removal of the archive's newest objects \
                  cannot be noticed from the archive alone; compare the restored seq with another \
@@ -344,7 +372,7 @@ impl Restorer<'_> {
             )),
             Some(_) => {}
         }
-        Ok(head)
+        Ok(())
     }
 
     /// After the replay: the chain at the head's seq must be the head's,

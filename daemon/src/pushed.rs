@@ -274,25 +274,51 @@ fn refuse(conn: &mut UnixStream, error: String) {
     );
 }
 
-/// Reads the header line, at most [`MAX_HEADER`] bytes, within
-/// [`HEADER_TIMEOUT`].
+/// Reads the header line, at most [`MAX_HEADER`] bytes, all of it within
+/// [`HEADER_TIMEOUT`] of the first read: the deadline is absolute, so a
+/// client sending a byte every few seconds cannot stretch it.
 fn read_header(conn: &UnixStream, input: &mut impl BufRead) -> Result<String, String> {
-    conn.set_read_timeout(Some(HEADER_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + HEADER_TIMEOUT;
+    let late = || format!("no request header within {HEADER_TIMEOUT:?}");
     let mut header = Vec::new();
-    input
-        .take(MAX_HEADER as u64)
-        .read_until(b'\n', &mut header)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                format!("no request header within {HEADER_TIMEOUT:?}")
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        conn.set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let buf = match input.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(late())
             }
-            _ => format!("reading the request header: {e}"),
-        })?;
-    if header.last() != Some(&b'\n') {
-        return Err(format!(
-            "the request header must be one line of at most {MAX_HEADER} bytes"
-        ));
+            Err(e) => return Err(format!("reading the request header: {e}")),
+        };
+        if buf.is_empty() {
+            return Err("the client closed the connection before its header ended".into());
+        }
+        let room = MAX_HEADER - header.len();
+        let (take, done) = match buf.iter().take(room).position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len().min(room), false),
+        };
+        header.extend_from_slice(&buf[..take]);
+        input.consume(take);
+        if done {
+            break;
+        }
+        if header.len() >= MAX_HEADER {
+            return Err(format!(
+                "the request header must be one line of at most {MAX_HEADER} bytes"
+            ));
+        }
     }
     conn.set_read_timeout(Some(BODY_IDLE_TIMEOUT))
         .map_err(|e| e.to_string())?;

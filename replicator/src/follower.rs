@@ -71,6 +71,9 @@ struct Transfer {
     applied: vault::state::Applied,
     entries: Vec<(Vec<u8>, vault::Entry)>,
     pins: Vec<(vault::ChunkId, u64)>,
+    /// This site's head when the transfer began: nothing may be appended
+    /// until it is installed, so it must still be the head then.
+    head_at_begin: u64,
 }
 
 fn chunk_id(b: &[u8]) -> Result<vault::ChunkId, String> {
@@ -113,9 +116,11 @@ pub fn transfer_allowed(
     if head == 0 {
         return Ok(());
     }
-    if b.seq < head {
+    // An upstream transfers only past the follower's head (it no longer
+    // holds the records after it): at the head or behind it is a rewrite.
+    if b.seq <= head {
         return Err(format!(
-            "the upstream offered a state transfer at seq {}, behind this site's head {head}: \
+            "the upstream offered a state transfer at seq {}, not past this site's head {head}: \
              history only moves forward here; the copy is kept as it is",
             b.seq
         ));
@@ -167,6 +172,24 @@ async fn on_transfer(
             );
             let digest =
                 vault::lthash::LtHash::try_from_bytes(&b.digest).ok_or("malformed digest")?;
+            let hash: [u8; 32] = b
+                .chain_hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| "malformed chain hash")?;
+            let evidence = vault::state::Checkpoint {
+                seq: b.seq,
+                hash,
+                digest: digest.summary(),
+                hmac_sm3: b.evidence.as_slice().try_into().unwrap_or([0; 32]),
+            };
+            if !evidence.verify(ds.keys()) {
+                return Err(TransferError::Refused(format!(
+                    "the upstream's state transfer at seq {} carries checkpoint evidence that does not \
+                     verify under this dataset's key; the copy is kept as it is",
+                    b.seq
+                )));
+            }
             let mut pins = Vec::new();
             for p in b.pins {
                 pins.push((chunk_id(&p.id)?, p.count));
@@ -174,16 +197,13 @@ async fn on_transfer(
             *xfer = Some(Transfer {
                 applied: vault::state::Applied {
                     seq: b.seq,
-                    hash: b
-                        .chain_hash
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| "malformed chain hash")?,
+                    hash,
                     time_ns: b.time_ns,
                     digest,
                 },
                 entries: Vec::new(),
                 pins,
+                head_at_begin: head,
             });
         }
         Some(Part::Entries(e)) => {
@@ -242,6 +262,11 @@ async fn on_transfer(
             }
         }
         Some(Part::Chunks(c)) => {
+            if xfer.is_none() {
+                return Err(TransferError::Refused(
+                    "the upstream sent transfer chunks outside a state transfer".into(),
+                ));
+            }
             let keys = ds.keys().clone();
             let mut chunks = Vec::with_capacity(c.chunks.len());
             for sc in c.chunks {
@@ -265,6 +290,14 @@ async fn on_transfer(
         }
         Some(Part::End(_)) => {
             let x = xfer.take().ok_or("no transfer")?;
+            if ds.head_seq() != x.head_at_begin {
+                return Err(TransferError::Refused(format!(
+                    "this site's head moved from {} to {} during the state transfer; the transfer \
+                     is not installed and the copy is kept as it is",
+                    x.head_at_begin,
+                    ds.head_seq()
+                )));
+            }
             let d = ds.clone();
             let c = tokio::task::spawn_blocking(move || {
                 d.install_transfer(x.applied, x.entries, x.pins)
@@ -496,6 +529,15 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
             Err(s) => return End::Retry(format!("stream: {s}")),
         };
         match msg.msg {
+            Some(upstream_message::Msg::Records(_)) if xfer.is_some() => {
+                // Records appended during a transfer would be cut by its
+                // install: the protocol never does this, a forger would.
+                return End::Diverged(
+                    "DIVERGED: the upstream sent records in the middle of a state transfer; \
+                     nothing was installed and the copy is kept as it is"
+                        .into(),
+                );
+            }
             Some(upstream_message::Msg::Records(r)) => {
                 let d = ds.clone();
                 let res =
@@ -555,5 +597,44 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn begin(seq: u64, proof_seq: u64, proof: [u8; 32]) -> pb::TransferBegin {
+        pb::TransferBegin {
+            seq,
+            follower_head_seq: proof_seq,
+            follower_head_hash: proof.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_empty_copy_takes_any_transfer() {
+        assert!(transfer_allowed(0, None, &begin(1, 0, [0; 32])).is_ok());
+    }
+
+    #[test]
+    fn a_transfer_behind_the_head_is_refused() {
+        let e = transfer_allowed(5, Some([1; 32]), &begin(1, 5, [1; 32])).unwrap_err();
+        assert!(e.contains("not past this site's head 5"), "{e}");
+        let e = transfer_allowed(5, Some([1; 32]), &begin(5, 5, [1; 32])).unwrap_err();
+        assert!(e.contains("not past this site's head 5"), "{e}");
+    }
+
+    #[test]
+    fn a_transfer_must_prove_the_followers_own_head() {
+        let ours = Some([1; 32]);
+        assert!(transfer_allowed(5, ours, &begin(900, 5, [1; 32])).is_ok());
+        let e = transfer_allowed(5, ours, &begin(900, 5, [2; 32])).unwrap_err();
+        assert!(e.contains("its history is not this site's"), "{e}");
+        let e = transfer_allowed(5, ours, &begin(900, 4, [1; 32])).unwrap_err();
+        assert!(e.contains("proves continuity at seq 4"), "{e}");
+        let e = transfer_allowed(5, None, &begin(900, 5, [1; 32])).unwrap_err();
+        assert!(e.contains("no chain hash at its own head"), "{e}");
     }
 }

@@ -411,6 +411,14 @@ fn send_state(
                 .collect(),
             follower_head_seq: prior.0,
             follower_head_hash: prior.1,
+            evidence: vault::state::Checkpoint::new(
+                ds.keys(),
+                applied.seq,
+                applied.hash,
+                applied.digest.summary(),
+            )
+            .hmac_sm3
+            .to_vec(),
         })))?;
         for batch in entries.chunks(20_000) {
             send(transfer_msg(Part::Entries(pb::TransferEntries {

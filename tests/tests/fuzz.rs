@@ -298,6 +298,7 @@ fn fuzz_replication_frames() {
                     }],
                     follower_head_seq: 4,
                     follower_head_hash: vec![9; 32],
+                    evidence: vec![0; 32],
                 })),
             })),
         }
@@ -345,7 +346,7 @@ fn fuzz_replication_frames() {
                         let _ = vault::lthash::LtHash::try_from_bytes(&begin.digest);
                         let ours = Some([9u8; 32]);
                         if replicator::follower::transfer_allowed(7, ours, &begin).is_ok() {
-                            assert!(begin.seq >= 7 && begin.follower_head_seq == 7);
+                            assert!(begin.seq > 7 && begin.follower_head_seq == 7);
                         }
                     }
                     Some(pb::transfer::Part::Entries(es)) => {

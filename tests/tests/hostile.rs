@@ -429,6 +429,7 @@ impl pb::replication_server::Replication for RollbackUpstream {
                 pins: Vec::new(),
                 follower_head_seq: 0,
                 follower_head_hash: Vec::new(),
+                evidence: Vec::new(),
             })),
             transfer(Part::EntriesEnd(pb::TransferEntriesEnd {})),
             transfer(Part::End(pb::TransferEnd {})),
@@ -529,7 +530,7 @@ fn an_upstream_cannot_roll_a_follower_back_with_a_state_transfer() {
         let v = f.status().unwrap();
         let failure = v["failure"].as_str().unwrap();
         assert!(
-            failure.contains(&format!("behind this site's head {head}")),
+            failure.contains(&format!("not past this site's head {head}")),
             "{failure}"
         );
         // The copy is exactly what it was.

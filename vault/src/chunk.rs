@@ -31,11 +31,14 @@ const FLAG_ZSTD: u8 = 1;
 /// Version byte, flags byte.
 const SEAL_HEADER: usize = 2;
 
-/// The most sealed bytes a chunk of `plain_len` plaintext bytes can take:
-/// zstd is used only when it shrinks the chunk, so header and tag are all
-/// that is added. Readers refuse anything longer before they read it.
+/// The most sealed bytes a chunk of `plain_len` plaintext bytes can take
+/// (`plain_len` capped at [`CHUNK_MAX`]): zstd is used only when it shrinks
+/// the chunk, so header and tag are all that is added. Readers refuse
+/// anything longer before they read it.
 pub fn max_sealed_len(plain_len: u32) -> u64 {
-    plain_len as u64 + (SEAL_HEADER + TAG_LEN) as u64
+    // A claim above what the cutter makes is bounded too: such a chunk is
+    // refused when opened, and must not be downloaded whole first.
+    plain_len.min(CHUNK_MAX) as u64 + (SEAL_HEADER + TAG_LEN) as u64
 }
 
 /// Keyed BLAKE3 hash of a chunk's plaintext.

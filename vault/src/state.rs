@@ -225,8 +225,15 @@ impl State {
         let mut opts = db_options();
         opts.create_if_missing(false);
         opts.create_missing_column_families(false);
+        // A state written before a column family existed (`chain`, 0.2)
+        // lacks it until the daemon opens it read-write: open what is
+        // there, and readers treat a missing index as empty.
+        let present = DB::list_cf(&opts, pinned.path()).unwrap_or_default();
         let cfs = ALL_CFS
             .iter()
+            .filter(|n| {
+                **n != CF_CHAIN || present.is_empty() || present.iter().any(|p| p == CF_CHAIN)
+            })
             .map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
         let db =
             DB::open_cf_descriptors_read_only(&opts, pinned.path(), cfs, false).map_err(|e| {
@@ -628,12 +635,15 @@ impl State {
     /// The chain hash after record `seq`, if this state applied it (or
     /// recorded a checkpoint or installed a transfer there).
     pub fn chain_hash_at(&self, seq: u64) -> Result<Option<Hash>> {
-        let cf = self.cf(CF_CHAIN)?;
-        if let Some(v) = self
-            .db
-            .get_pinned_cf(cf, seq.to_be_bytes())
-            .map_err(|e| self.err(e))?
-        {
+        let found = match self.db.cf_handle(CF_CHAIN) {
+            Some(cf) => self
+                .db
+                .get_pinned_cf(cf, seq.to_be_bytes())
+                .map_err(|e| self.err(e))?,
+            // A read-only view of a state from before the index.
+            None => None,
+        };
+        if let Some(v) = found {
             let h: Hash = v
                 .as_ref()
                 .try_into()
