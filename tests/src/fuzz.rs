@@ -86,9 +86,9 @@ pub fn campaign(name: &str, seeds: Vec<Vec<u8>>, target: impl Fn(&[u8])) {
             .unwrap_or(0x7121ad),
     );
     let n = inputs();
-    let started = std::time::Instant::now();
     // The panic hook is process-wide: one campaign at a time swaps it.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let started = std::time::Instant::now();
     // Panics are the findings: keep the default hook from printing each.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
