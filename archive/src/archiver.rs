@@ -316,6 +316,13 @@ impl Archiver {
         let shipped = *self.lock_shipped();
         let from = shipped.map(|(s, _)| s + 1).unwrap_or(1);
         if from > head {
+            // Nothing new to ship; a head whose write failed last time is
+            // written now.
+            if let Some((seq, hash)) = shipped {
+                if let Some(t) = self.ds.commit_time(seq) {
+                    self.write_head(seq, hash, t)?;
+                }
+            }
             return Ok(Some(head.min(from - 1)));
         }
         let log_dir = self.ds.dir().join("log");

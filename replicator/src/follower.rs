@@ -483,11 +483,13 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
         .max_encoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(16);
     let d = ds.clone();
-    let checkpoint = tokio::task::spawn_blocking(move || d.latest_checkpoint())
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .flatten();
+    let (checkpoint, head_hash) = tokio::task::spawn_blocking(move || {
+        let c = d.latest_checkpoint().ok().flatten();
+        let h = d.chain_hash_at(d.head_seq()).ok().flatten();
+        (c, h)
+    })
+    .await
+    .unwrap_or((None, None));
     let hello = pb::FollowerMessage {
         msg: Some(follower_message::Msg::Hello(pb::Hello {
             dataset: ds.name().to_string(),
@@ -495,6 +497,7 @@ async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<Follow
             from_seq: ds.head_seq() + 1,
             checkpoint_seq: checkpoint.as_ref().map(|c| c.seq).unwrap_or(0),
             checkpoint_hash: checkpoint.map(|c| c.hash.to_vec()).unwrap_or_default(),
+            head_hash: head_hash.map(|h| h.to_vec()).unwrap_or_default(),
         })),
     };
     if tx.send(hello).await.is_err() {

@@ -707,6 +707,25 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             )));
         }
         let from = hello.from_seq.max(1);
+        // The follower's history must be ours at its head, where we still
+        // know our hash: a fork is named now, not when we next append.
+        if from > 1 && !hello.head_hash.is_empty() {
+            match ds.chain_hash_at(from - 1) {
+                Ok(Some(ours)) if ours.as_slice() != hello.head_hash.as_slice() => {
+                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = from - 1,
+                        "refused a follower whose chain hash at its head differs from ours: its copy diverged");
+                    return Err(Status::failed_precondition(format!(
+                        "DIVERGED at seq {}: the follower's chain hash there is {} but this site's is {}; \
+                         the follower's copy is kept as it is",
+                        from - 1,
+                        hex::encode(&hello.head_hash),
+                        hex::encode(ours)
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(Status::internal(e.to_string())),
+            }
+        }
         let log_dir = ds.dir().join("log");
         let first_retained = vault::wal::log_extent(&log_dir)
             .map_err(|e| Status::internal(e.to_string()))?

@@ -321,6 +321,7 @@ fn fuzz_replication_frames() {
                 from_seq: 3,
                 checkpoint_seq: 256,
                 checkpoint_hash: vec![4; 32],
+                head_hash: vec![6; 32],
             })),
         }
         .encode_to_vec(),
