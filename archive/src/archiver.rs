@@ -211,13 +211,7 @@ impl Archiver {
         let newest_snap = a.snapshots()?.pop();
         let piece_end = match pieces.last() {
             Some(last) => {
-                let bytes = a.rt.block_on(a.store.get_required(
-                    &last.key,
-                    "the newest log piece",
-                    objects::MAX_PIECE_BYTES,
-                ))?;
-                let piece =
-                    objects::decode_piece(&last.key, &bytes).map_err(|e| a.store.locate_err(e))?;
+                let piece = read_piece(&a.rt, &a.store, &last.key, "the newest log piece")?;
                 Some((last.last, piece.end_hash))
             }
             None => None,
@@ -605,13 +599,7 @@ impl Archiver {
             if oldest_kept.is_some_and(|o| p.last <= o) {
                 continue;
             }
-            let bytes = self.rt.block_on(self.store.get_required(
-                &p.key,
-                "a log piece",
-                objects::MAX_PIECE_BYTES,
-            ))?;
-            let piece =
-                objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
+            let piece = read_piece(&self.rt, &self.store, &p.key, "a log piece")?;
             for r in &piece.records {
                 live.extend(r.attachments.iter().map(|a| a.0));
             }
@@ -809,6 +797,13 @@ pub fn read_snapshot(
         entries,
         sealed_hashes,
     })
+}
+
+/// Reads and decodes one log piece (at most [`objects::MAX_PIECE_BYTES`]),
+/// naming it by its full location when it is missing or damaged.
+pub fn read_piece(rt: &Handle, store: &Store, key: &str, what: &str) -> Result<objects::Piece> {
+    let bytes = rt.block_on(store.get_required(key, what, objects::MAX_PIECE_BYTES))?;
+    objects::decode_piece(key, &bytes).map_err(|e| store.locate_err(e))
 }
 
 /// Reads just the manifest of a snapshot.

@@ -83,11 +83,7 @@ pub struct Head {
 pub const HEAD_VERSION: u32 = 1;
 
 pub fn encode_head(keys: &Keys, key: &str, h: &Head) -> Result<Vec<u8>> {
-    let plain = postcard::to_allocvec(h).map_err(|e| ArchiveError::Damaged {
-        key: key.to_string(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    Ok(seal(keys, key, &plain))
+    encode_sealed(keys, key, h)
 }
 
 pub fn decode_head(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Head> {
@@ -242,6 +238,15 @@ pub struct Manifest {
     pub pages: Vec<PageRef>,
 }
 
+/// Postcard-encodes `v` and seals it (below) under the object's name.
+fn encode_sealed<T: Serialize>(keys: &Keys, key: &str, v: &T) -> Result<Vec<u8>> {
+    let plain = postcard::to_allocvec(v).map_err(|e| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    Ok(seal(keys, key, &plain))
+}
+
 /// Seals `plain` with SM4-GCM under the manifest key, bound to the object's
 /// key so an object moved to another name does not open.
 pub fn seal(keys: &Keys, key: &str, plain: &[u8]) -> Vec<u8> {
@@ -278,11 +283,7 @@ pub fn open(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Vec<u8>> {
 }
 
 pub fn encode_manifest(keys: &Keys, key: &str, m: &Manifest) -> Result<Vec<u8>> {
-    let plain = postcard::to_allocvec(m).map_err(|e| ArchiveError::Damaged {
-        key: key.to_string(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    Ok(seal(keys, key, &plain))
+    encode_sealed(keys, key, m)
 }
 
 pub fn decode_manifest(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Manifest> {
@@ -318,11 +319,7 @@ pub struct Page {
 }
 
 pub fn encode_page(keys: &Keys, key: &str, page: &Page) -> Result<Vec<u8>> {
-    let plain = postcard::to_allocvec(page).map_err(|e| ArchiveError::Damaged {
-        key: key.to_string(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    Ok(seal(keys, key, &plain))
+    encode_sealed(keys, key, page)
 }
 
 pub fn decode_page(keys: &Keys, key: &str, sealed: &[u8], expect: &PageRef) -> Result<Page> {

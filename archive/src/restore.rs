@@ -22,7 +22,7 @@ use tokio::runtime::Handle;
 use vault::state::Applied;
 use vault::{ChunkId, Dataset, DatasetKey, SealedChunk};
 
-use crate::archiver::{list_snapshots, read_snapshot};
+use crate::archiver::{list_snapshots, read_piece, read_snapshot};
 use crate::error::{ArchiveError, Result};
 use crate::objects::{self, PieceRef, SnapshotRef};
 use crate::store::Store;
@@ -411,13 +411,7 @@ impl Restorer<'_> {
             .iter()
             .find(|p| p.first <= reached + 1 && p.last > reached)
         {
-            let bytes = self.rt.block_on(self.store.get_required(
-                &p.key,
-                "a log piece",
-                objects::MAX_PIECE_BYTES,
-            ))?;
-            let piece =
-                objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
+            let piece = read_piece(self.rt, self.store, &p.key, "a log piece")?;
             if let Some(r) = piece.records.iter().find(|r| r.seq == reached + 1) {
                 self.check_cut(r, t, &p.key, out)?;
             }
@@ -611,13 +605,7 @@ impl Restorer<'_> {
         let t = std::time::Instant::now();
         let to_replay = target_seq.saturating_sub(from_seq);
         for p in pieces {
-            let bytes = self.rt.block_on(self.store.get_required(
-                &p.key,
-                "a log piece",
-                objects::MAX_PIECE_BYTES,
-            ))?;
-            let piece =
-                objects::decode_piece(&p.key, &bytes).map_err(|e| self.store.locate_err(e))?;
+            let piece = read_piece(self.rt, self.store, &p.key, "a log piece")?;
             // The name is not covered by the trailer: the content must agree.
             let (first, last) = (
                 piece.records.first().map(|r| r.seq),

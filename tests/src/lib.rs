@@ -125,12 +125,6 @@ pub fn start_three_sites(base: &Path, source: &str) -> ThreeSites {
         .output()
         .expect("keygen");
     assert!(ok.status.success());
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
-    };
     let ports = [free_port(), free_port(), free_port()];
     let names = ["a", "b", "c"];
     let mut sites = ThreeSites {
@@ -266,4 +260,117 @@ pub fn s3_archive_section(s3: &s3::S3Server, base: &Path, extra: &str) -> String
         s3.endpoint(),
         s3.credentials_file(base).display()
     )
+}
+
+/// A file entry of one chunk holding `data`, and that chunk sealed: what a
+/// key holder puts into a record (the hostile-input tests and the fuzz
+/// seeds build datasets with it).
+pub fn one_chunk_file(keys: &vault::Keys, data: &[u8]) -> (vault::Entry, vault::SealedChunk) {
+    let id = vault::ChunkId::of(keys, data);
+    let entry = vault::Entry {
+        node: vault::Node::File {
+            chunks: vec![vault::ChunkRef {
+                id,
+                len: data.len() as u32,
+            }],
+        },
+        mode: 0o644,
+        mtime_ns: 1_700_000_000_000_000_000,
+        size: data.len() as u64,
+    };
+    (entry, vault::chunk::seal(keys, id, data))
+}
+
+/// A port for a server the tests start, below the kernel's ephemeral range
+/// (`ip_local_port_range`), so that no outgoing connection (the tests
+/// make thousands) can take it between this call and the server's bind:
+/// handing out port 0's answer did exactly that. Ports are handed out in
+/// turn within a process, from a start that differs between processes, and
+/// each is checked free with a bind first.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768)
+        .clamp(2048, 65535);
+    let base = 1024u32;
+    let span = low - base;
+    let start = std::process::id() * 7919 % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}");
+}
+
+/// A dataset of the test's own making with a file:// archive beside it, as
+/// a key holder would build one: the hostile-input tests craft archives
+/// with it, the fuzz targets take their seeds from it.
+pub struct KeyHolder {
+    pub rt: tokio::runtime::Runtime,
+    pub ds: std::sync::Arc<vault::Dataset>,
+    pub archiver: archive::Archiver,
+    /// The archive's `file://` URL (`<dir>/bucket`).
+    pub url: String,
+}
+
+impl KeyHolder {
+    /// Creates the dataset in `<dir>/site` and its archive, written as `site`.
+    pub fn new(dir: &Path, key: &vault::DatasetKey, site: &str) -> KeyHolder {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let ds = std::sync::Arc::new(
+            vault::Dataset::open(
+                &dir.join("site"),
+                "files",
+                key,
+                vault::Options {
+                    create: true,
+                    ..vault::Options::default()
+                },
+            )
+            .expect("dataset"),
+        );
+        let url = format!("file://{}", dir.join("bucket").display());
+        std::fs::create_dir_all(dir.join("bucket")).expect("bucket");
+        let store = archive::Store::open(&archive::StoreConfig::new(&url)).expect("store");
+        let archiver = archive::Archiver::open(
+            std::sync::Arc::new(store),
+            rt.handle().clone(),
+            ds.clone(),
+            site,
+            4,
+        )
+        .expect("archiver");
+        KeyHolder {
+            rt,
+            ds,
+            archiver,
+            url,
+        }
+    }
+
+    /// Submits a `Put` of a one-chunk file holding `data`.
+    pub fn put_file(&self, path: &str, data: &[u8]) {
+        let (entry, chunk) = one_chunk_file(self.ds.keys(), data);
+        self.ds
+            .submit(
+                vec![vault::Op::Put {
+                    path: path.as_bytes().to_vec(),
+                    entry,
+                }],
+                vec![chunk],
+            )
+            .expect("submit");
+    }
+
+    /// Closes the dataset (the archive stays).
+    pub fn close(self) {
+        drop(self.archiver);
+        self.ds.close().expect("close");
+    }
 }

@@ -51,14 +51,6 @@ pub fn write_credentials(dir: &Path) -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub struct S3Server {
     pub root: PathBuf,
     pub port: u16,
@@ -69,12 +61,12 @@ pub struct S3Server {
 impl S3Server {
     /// Starts a server with one bucket, `bucket`.
     pub fn start(bucket: &str) -> S3Server {
-        S3Server::start_on(bucket, free_port())
+        S3Server::start_on(bucket, crate::free_port())
     }
 
     /// A free loopback port, for a server started later with [`start_on`].
     pub fn reserve_port() -> u16 {
-        free_port()
+        crate::free_port()
     }
 
     /// Starts a server on `port` (for a store that appears only later).

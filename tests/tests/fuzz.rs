@@ -16,12 +16,11 @@
 //! mutation engine runs on the stable toolchain in the normal build.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use prost::Message;
 use replicator::pb;
 use triad_tests::fuzz::campaign;
-use vault::{ChunkId, ChunkRef, Dataset, DatasetKey, Entry, Keys, Node, Op};
+use vault::{ChunkId, DatasetKey, Entry, Keys, Node, Op};
 
 fn key() -> (DatasetKey, Keys) {
     let k = DatasetKey::from_bytes([42; 32]);
@@ -30,21 +29,7 @@ fn key() -> (DatasetKey, Keys) {
 }
 
 fn file(keys: &Keys, data: &[u8]) -> (Entry, vault::SealedChunk) {
-    let id = ChunkId::of(keys, data);
-    (
-        Entry {
-            node: Node::File {
-                chunks: vec![ChunkRef {
-                    id,
-                    len: data.len() as u32,
-                }],
-            },
-            mode: 0o644,
-            mtime_ns: 1,
-            size: data.len() as u64,
-        },
-        vault::chunk::seal(keys, id, data),
-    )
+    triad_tests::one_chunk_file(keys, data)
 }
 
 fn sample_ops(keys: &Keys) -> Vec<Op> {
@@ -78,33 +63,15 @@ fn sample_ops(keys: &Keys) -> Vec<Op> {
     ]
 }
 
-/// A small real dataset, for seeds of the log and the archive.
-fn sample_dataset(dir: &Path) -> Arc<Dataset> {
-    let (k, keys) = key();
-    let ds = Arc::new(
-        Dataset::open(
-            dir,
-            "files",
-            &k,
-            vault::Options {
-                create: true,
-                ..vault::Options::default()
-            },
-        )
-        .unwrap(),
-    );
+/// A small real dataset with its archive, for seeds of the log and the
+/// archive's objects.
+fn sample_dataset(dir: &Path) -> triad_tests::KeyHolder {
+    let (k, _) = key();
+    let holder = triad_tests::KeyHolder::new(dir, &k, "fuzz");
     for i in 0..4u8 {
-        let (e, c) = file(&keys, &[i; 100]);
-        ds.submit(
-            vec![Op::Put {
-                path: format!("d/f{i}").into_bytes(),
-                entry: e,
-            }],
-            vec![c],
-        )
-        .unwrap();
+        holder.put_file(&format!("d/f{i}"), &[i; 100]);
     }
-    ds
+    holder
 }
 
 fn record_seeds(keys: &Keys) -> Vec<Vec<u8>> {
@@ -153,9 +120,8 @@ fn fuzz_ops_and_entries_behind_the_seal() {
 #[test]
 fn fuzz_log_segments() {
     let tmp = tempfile::tempdir().unwrap();
-    let ds = sample_dataset(&tmp.path().join("ds"));
-    ds.close().unwrap();
-    let log = tmp.path().join("ds/log");
+    sample_dataset(tmp.path()).close();
+    let log = tmp.path().join("site/log");
     let seg = std::fs::read_dir(&log)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -182,15 +148,9 @@ fn fuzz_log_segments() {
 #[test]
 fn fuzz_archive_objects() {
     let tmp = tempfile::tempdir().unwrap();
-    let ds = sample_dataset(&tmp.path().join("ds"));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = format!("file://{}", tmp.path().join("bucket").display());
-    std::fs::create_dir_all(tmp.path().join("bucket")).unwrap();
-    let store = Arc::new(archive::Store::open(&archive::StoreConfig::new(&url)).unwrap());
-    let a = archive::Archiver::open(store, rt.handle().clone(), ds.clone(), "fuzz", 2).unwrap();
-    a.ship_log().unwrap();
-    a.snapshot().unwrap();
-    drop(a);
+    let holder = sample_dataset(tmp.path());
+    holder.archiver.ship_log().unwrap();
+    holder.archiver.snapshot().unwrap();
     let bucket = tmp.path().join("bucket/files");
     let read_all = |sub: &str, ext: Option<&str>| -> Vec<Vec<u8>> {
         walkdir::WalkDir::new(bucket.join(sub))
@@ -269,7 +229,7 @@ fn fuzz_archive_objects() {
         let _ = archive::objects::SnapshotRef::parse_manifest_key(&s);
         let _ = archive::objects::parse_chunk_key(&s);
     });
-    ds.close().unwrap();
+    holder.close();
 }
 
 #[test]

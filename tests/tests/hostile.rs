@@ -17,7 +17,7 @@ use common::deploy::*;
 use common::*;
 use rand::RngCore;
 use replicator::pb;
-use vault::{ChunkId, ChunkRef, Dataset, DatasetKey, Entry, Node, Op};
+use vault::{DatasetKey, Entry, Node, Op};
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -53,21 +53,7 @@ fn rss(pid: u32) -> u64 {
 }
 
 fn file_entry(key: &DatasetKey, data: &[u8]) -> (Entry, vault::SealedChunk) {
-    let keys = key.derive();
-    let id = ChunkId::of(&keys, data);
-    let sealed = vault::chunk::seal(&keys, id, data);
-    let entry = Entry {
-        node: Node::File {
-            chunks: vec![ChunkRef {
-                id,
-                len: data.len() as u32,
-            }],
-        },
-        mode: 0o644,
-        mtime_ns: 1_700_000_000_000_000_000,
-        size: data.len() as u64,
-    };
-    (entry, sealed)
+    triad_tests::one_chunk_file(&key.derive(), data)
 }
 
 /// What someone holding the dataset key (any site) can write into an
@@ -81,36 +67,13 @@ fn crafted_archive(
     after: Vec<Op>,
     attachments: Vec<vault::SealedChunk>,
 ) -> (String, u64) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ds = Arc::new(
-        Dataset::open(
-            &dir.join("crafted"),
-            "files",
-            key,
-            vault::Options {
-                create: true,
-                ..vault::Options::default()
-            },
-        )
-        .unwrap(),
-    );
-    let (good, sealed) = file_entry(key, b"an ordinary file\n");
-    ds.submit(
-        vec![Op::Put {
-            path: b"good.txt".to_vec(),
-            entry: good,
-        }],
-        vec![sealed],
-    )
-    .unwrap();
+    let k = triad_tests::KeyHolder::new(dir, key, "evil");
+    k.put_file("good.txt", b"an ordinary file\n");
     let had_before = !before.is_empty();
     if had_before {
-        ds.submit(before, attachments.clone()).unwrap();
+        k.ds.submit(before, attachments.clone()).unwrap();
     }
-    let url = format!("file://{}", dir.join("bucket").display());
-    std::fs::create_dir_all(dir.join("bucket")).unwrap();
-    let store = Arc::new(archive::Store::open(&archive::StoreConfig::new(&url)).unwrap());
-    let a = archive::Archiver::open(store, rt.handle().clone(), ds.clone(), "evil", 4).unwrap();
+    let (ds, a, url) = (&k.ds, &k.archiver, k.url.clone());
     a.ship_log().unwrap();
     let snap_seq = a.snapshot().unwrap().seq;
     if !after.is_empty() {
@@ -118,8 +81,7 @@ fn crafted_archive(
             .unwrap();
         a.ship_log().unwrap();
     }
-    drop(a);
-    ds.close().unwrap();
+    k.close();
     (url, snap_seq)
 }
 
@@ -167,6 +129,16 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
         ("dot-dot", b"../canary/relative-escape".to_vec()),
         ("nested dot-dot", b"sub/../../canary/nested-escape".to_vec()),
     ];
+    // Restores `url` into `to`: nothing may land beside the target, and
+    // the restore must fail; returns what it said.
+    let refused = |url: &str, to: &Path, what: &str| -> String {
+        let out = restore_from(url, &keyf, to, "latest");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let leaked = std::fs::read_dir(&canary).unwrap().count();
+        assert_eq!(leaked, 0, "{what}: written beside the target\n{err}");
+        assert!(!out.status.success(), "{what}: restore succeeded\n{err}");
+        err
+    };
     for (what, path) in &hostile {
         // In a snapshot page.
         let dir = tmp.path().join(format!("page-{what}"));
@@ -179,25 +151,9 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
         );
         // Without the log (as after a prune) only the page holds the path.
         std::fs::remove_dir_all(dir.join("bucket/files/log")).unwrap();
-        let to = dir.join("target");
-        let out = restore_from(&url, &keyf, &to, "latest");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            std::fs::read_dir(&canary).unwrap().count(),
-            0,
-            "{what}: {err}"
-        );
-        assert!(
-            !out.status.success(),
-            "{what} in a page: restore succeeded\n{err}"
-        );
+        let err = refused(&url, &dir.join("target"), &format!("{what} in a page"));
         assert!(
             err.contains("refused") && err.contains("page-"),
-            "{what}: {err}"
-        );
-        assert_eq!(
-            std::fs::read_dir(&canary).unwrap().count(),
-            0,
             "{what}: {err}"
         );
 
@@ -211,25 +167,9 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
             vec![put(path)],
             vec![sealed.clone()],
         );
-        let to = dir.join("target");
-        let out = restore_from(&url, &keyf, &to, "latest");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            std::fs::read_dir(&canary).unwrap().count(),
-            0,
-            "{what}: {err}"
-        );
-        assert!(
-            !out.status.success(),
-            "{what} in the log: restore succeeded\n{err}"
-        );
+        let err = refused(&url, &dir.join("target"), &format!("{what} in the log"));
         assert!(
             err.contains(".lp") && err.contains("record seq 2") && err.contains("path `"),
-            "{what}: {err}"
-        );
-        assert_eq!(
-            std::fs::read_dir(&canary).unwrap().count(),
-            0,
             "{what}: {err}"
         );
         let to = dir.join("at-snapshot");
@@ -263,9 +203,7 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
         Vec::new(),
         vec![sealed.clone()],
     );
-    let out = restore_from(&url, &keyf, &dir.join("target"), "latest");
-    assert!(!out.status.success());
-    assert_eq!(std::fs::read_dir(&canary).unwrap().count(), 0);
+    refused(&url, &dir.join("target"), "a file through a symlink");
     assert!(!Path::new(std::str::from_utf8(&absolute).unwrap()).exists());
 }
 
@@ -273,42 +211,18 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
 /// record (seqs 2 to 5), 20 ms apart. Returns the store URL and the pieces'
 /// paths on disk, oldest first.
 fn archive_of_pieces(dir: &Path, key: &DatasetKey) -> (String, Vec<std::path::PathBuf>) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ds = Arc::new(
-        Dataset::open(
-            &dir.join("site"),
-            "files",
-            key,
-            vault::Options {
-                create: true,
-                ..vault::Options::default()
-            },
-        )
-        .unwrap(),
-    );
-    let url = format!("file://{}", dir.join("bucket").display());
-    std::fs::create_dir_all(dir.join("bucket")).unwrap();
-    let store = Arc::new(archive::Store::open(&archive::StoreConfig::new(&url)).unwrap());
-    let a = archive::Archiver::open(store, rt.handle().clone(), ds.clone(), "zjk-a", 4).unwrap();
+    let k = triad_tests::KeyHolder::new(dir, key, "zjk-a");
     for i in 1..=5u8 {
-        let (e, c) = file_entry(key, format!("version {i}\n").as_bytes());
-        ds.submit(
-            vec![Op::Put {
-                path: format!("f{i}").into_bytes(),
-                entry: e,
-            }],
-            vec![c],
-        )
-        .unwrap();
+        k.put_file(&format!("f{i}"), format!("version {i}\n").as_bytes());
         if i == 1 {
-            a.snapshot().unwrap();
+            k.archiver.snapshot().unwrap();
         } else {
-            a.ship_log().unwrap();
+            k.archiver.ship_log().unwrap();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    drop(a);
-    ds.close().unwrap();
+    let url = k.url.clone();
+    k.close();
     let mut pieces: Vec<_> = std::fs::read_dir(dir.join("bucket/files/log"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -564,13 +478,7 @@ async fn lying_follower(
     tokio::sync::mpsc::Sender<pb::FollowerMessage>,
     tonic::Streaming<pb::UpstreamMessage>,
 ) {
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(replicator::tls::client_config(&tls_files(certs, "zjk-b"), "zjk-a").unwrap())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = dial(port, &tls_files(certs, "zjk-b"), "zjk-a").await;
     let mut client = pb::replication_client::ReplicationClient::new(ch);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::FollowerMessage {
@@ -709,13 +617,7 @@ fn requests_that_claim_a_lot_cost_the_daemon_little() {
     let ids = vec![largest.id.0.to_vec(); 1000];
     for _ in 0..3 {
         let reply = rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-                .unwrap()
-                .tls_config(replicator::tls::client_config(&files, "zjk-a").unwrap())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let ch = dial(port, &files, "zjk-a").await;
             pb::replication_client::ReplicationClient::new(ch)
                 .max_decoding_message_size(512 << 20)
                 .chunks(pb::ChunksRequest {

@@ -149,13 +149,7 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
     };
     let refusal = |hello: pb::Hello| {
         rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-                .unwrap()
-                .tls_config(replicator::tls::client_config(&files, "zjk-a").unwrap())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let ch = dial(port, &files, "zjk-a").await;
             let mut client = pb::replication_client::ReplicationClient::new(ch);
             let msg = pb::FollowerMessage {
                 msg: Some(pb::follower_message::Msg::Hello(hello)),
@@ -201,14 +195,7 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         key: certs.join("zjk-a.key"),
     };
     let denied = rt.block_on(async {
-        let ch =
-            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", dep.ports[1]))
-                .unwrap()
-                .tls_config(replicator::tls::client_config(&primary_files, "zjk-b").unwrap())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+        let ch = dial(dep.ports[1], &primary_files, "zjk-b").await;
         let mut client = pb::replication_client::ReplicationClient::new(ch);
         let msg = pb::FollowerMessage {
             msg: Some(pb::follower_message::Msg::Hello(pb::Hello {
@@ -232,16 +219,7 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
     // no [archive] to snapshot).
     let admin = |files: &replicator::tls::TlsFiles| {
         rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(format!(
-                "https://127.0.0.1:{}",
-                dep.ports[0]
-            ))
-            .unwrap()
-            .tls_config(replicator::tls::client_config(files, "zjk-a").unwrap())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+            let ch = dial(dep.ports[0], files, "zjk-a").await;
             pb::replication_client::ReplicationClient::new(ch)
                 .admin(pb::AdminRequest {
                     action: "snapshot".into(),

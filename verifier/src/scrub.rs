@@ -274,9 +274,7 @@ pub fn archive(
         .filter_map(|l| PieceRef::parse(&l.key))
         .collect();
     for p in &pieces {
-        let decoded = rt
-            .block_on(store.get_required(&p.key, "a log piece", objects::MAX_PIECE_BYTES))
-            .and_then(|b| objects::decode_piece(&p.key, &b).map_err(|e| store.locate_err(e)));
+        let decoded = archive::archiver::read_piece(rt, store, &p.key, "a log piece");
         match decoded {
             Ok(piece) => {
                 for r in &piece.records {

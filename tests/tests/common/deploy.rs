@@ -1,19 +1,12 @@
 //! A three-site deployment of real daemons on loopback: certificates from
 //! `triad certs`, one config per site, and waiting for followers to catch up.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::*;
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use triad_tests::free_port;
 
 pub struct Names {
     pub certs: PathBuf,
@@ -201,4 +194,20 @@ pub fn wait_replicated(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A gRPC channel to the replication port on `port`, presenting `files`
+/// and expecting the answering certificate to name `site`.
+pub async fn dial(
+    port: u16,
+    files: &replicator::tls::TlsFiles,
+    site: &str,
+) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(replicator::tls::client_config(files, site).unwrap())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
