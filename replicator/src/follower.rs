@@ -147,6 +147,31 @@ pub fn transfer_allowed(
     }
 }
 
+/// Checks a transfer's checkpoint evidence (HMAC-SM3 under the dataset's
+/// evidence key over its seq, chain hash and digest summary).
+pub fn transfer_evidence_holds(
+    keys: &vault::Keys,
+    b: &pb::TransferBegin,
+    hash: [u8; 32],
+    digest: &vault::lthash::LtHash,
+) -> Result<(), String> {
+    let evidence = vault::state::Checkpoint {
+        seq: b.seq,
+        hash,
+        digest: digest.summary(),
+        hmac_sm3: b.evidence.as_slice().try_into().unwrap_or([0; 32]),
+    };
+    if evidence.verify(keys) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the upstream's state transfer at seq {} carries checkpoint evidence that does not \
+             verify under this dataset's key; the copy is kept as it is",
+            b.seq
+        ))
+    }
+}
+
 async fn on_transfer(
     ds: &Arc<Dataset>,
     tx: &mpsc::Sender<pb::FollowerMessage>,
@@ -177,19 +202,8 @@ async fn on_transfer(
                 .as_slice()
                 .try_into()
                 .map_err(|_| "malformed chain hash")?;
-            let evidence = vault::state::Checkpoint {
-                seq: b.seq,
-                hash,
-                digest: digest.summary(),
-                hmac_sm3: b.evidence.as_slice().try_into().unwrap_or([0; 32]),
-            };
-            if !evidence.verify(ds.keys()) {
-                return Err(TransferError::Refused(format!(
-                    "the upstream's state transfer at seq {} carries checkpoint evidence that does not \
-                     verify under this dataset's key; the copy is kept as it is",
-                    b.seq
-                )));
-            }
+            transfer_evidence_holds(ds.keys(), &b, hash, &digest)
+                .map_err(TransferError::Refused)?;
             let mut pins = Vec::new();
             for p in b.pins {
                 pins.push((chunk_id(&p.id)?, p.count));
@@ -614,6 +628,23 @@ mod tests {
             follower_head_hash: proof.to_vec(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_transfer_needs_evidence_under_the_dataset_key() {
+        let keys = vault::DatasetKey::from_bytes([3; 32]).derive();
+        let digest = vault::lthash::LtHash::default();
+        let good = vault::state::Checkpoint::new(&keys, 9, [4; 32], digest.summary());
+        let mut b = begin(9, 0, [0; 32]);
+        b.evidence = good.hmac_sm3.to_vec();
+        assert!(transfer_evidence_holds(&keys, &b, [4; 32], &digest).is_ok());
+        // Another point, another key, or no evidence at all.
+        assert!(transfer_evidence_holds(&keys, &b, [5; 32], &digest).is_err());
+        let other = vault::DatasetKey::from_bytes([8; 32]).derive();
+        assert!(transfer_evidence_holds(&other, &b, [4; 32], &digest).is_err());
+        b.evidence.clear();
+        let e = transfer_evidence_holds(&keys, &b, [4; 32], &digest).unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
     }
 
     #[test]

@@ -287,6 +287,25 @@ fn a_rolled_back_or_retimed_archive_is_refused() {
     );
     std::fs::write(newest, kept).unwrap();
 
+    // A head from another site's archive of the dataset (same key, so it
+    // opens) is not this archive's.
+    let other = tmp.path().join("other");
+    let foreign = triad_tests::KeyHolder::new(&other, &key, "sjz-c");
+    foreign.put_file("x", b"x");
+    foreign.archiver.ship_log().unwrap();
+    foreign.close();
+    let ours = std::fs::read(tmp.path().join("bucket/files/HEAD")).unwrap();
+    std::fs::copy(
+        other.join("bucket/files/HEAD"),
+        tmp.path().join("bucket/files/HEAD"),
+    )
+    .unwrap();
+    let out = restore_from(&url, &keyf, &target("foreign-head"), "latest");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("copied from another archive"), "{err}");
+    std::fs::write(tmp.path().join("bucket/files/HEAD"), ours).unwrap();
+
     // Without its head the archive restores, saying loudly what it cannot
     // know.
     std::fs::remove_file(tmp.path().join("bucket/files/HEAD")).unwrap();
