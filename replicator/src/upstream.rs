@@ -382,11 +382,14 @@ fn transfer_msg(part: pb::transfer::Part) -> Result<pb::UpstreamMessage, Status>
 ///
 /// `prior` is the follower's head and this site's chain hash there, which
 /// the follower checks before it lets the transfer replace its copy.
+/// `before_end` is called with the transfer's seq just before the last
+/// message leaves, so the follower's ack of it is never capped.
 fn send_state(
     ds: &Dataset,
     tx: &mpsc::Sender<Result<pb::UpstreamMessage, Status>>,
     need: &std::sync::mpsc::Receiver<pb::NeedChunks>,
     prior: (u64, Vec<u8>),
+    before_end: impl FnOnce(u64),
 ) -> Result<u64, String> {
     use pb::transfer::Part;
     let send = |m| {
@@ -473,6 +476,7 @@ fn send_state(
                 break;
             }
         }
+        before_end(applied.seq);
         send(transfer_msg(Part::End(pb::TransferEnd {})))?;
         tracing::info!(
             dataset = ds.name(),
@@ -830,13 +834,16 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                 let mut next_free = tokio::time::Instant::now();
                 if transfer {
                     let (d, t) = (ds.clone(), tx.clone());
-                    let sent =
-                        tokio::task::spawn_blocking(move || send_state(&d, &t, &need_rx, prior))
-                            .await;
+                    let (l, k) = (links.clone(), key.clone());
+                    let sent = tokio::task::spawn_blocking(move || {
+                        send_state(&d, &t, &need_rx, prior, |seq| {
+                            mark_sent(&l, &k, generation, seq)
+                        })
+                    })
+                    .await;
                     match sent {
                         Ok(Ok(seq)) => {
                             next = seq + 1;
-                            mark_sent(&links, &key, generation, seq);
                             let ld = log_dir.clone();
                             match tokio::task::spawn_blocking(move || Tail::new(&ld, seq + 1)).await
                             {
