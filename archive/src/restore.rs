@@ -286,7 +286,9 @@ impl Restorer<'_> {
         };
         let r = self
             .fill(&ds, start, &needed, target_seq, at, &mut out, progress)
-            .and_then(|()| self.check_reached(&ds, head.as_ref(), &pieces, at, &mut out));
+            .and_then(|cut_checked| {
+                self.check_reached(&ds, head.as_ref(), &pieces, at, cut_checked, &mut out)
+            });
         let closed = ds.close();
         r?;
         closed?;
@@ -378,13 +380,16 @@ impl Restorer<'_> {
     /// After the replay: the chain at the head's seq must be the head's,
     /// and a restore to a time must not have stopped early on names alone
     /// (a piece renamed to end later than it does): the record after the
-    /// restored point must be sealed with a later time.
+    /// restored point must be sealed with a later time. `cut_checked` says
+    /// the replay already checked that record (it stopped inside a piece),
+    /// so its piece is not fetched again.
     fn check_reached(
         &self,
         ds: &Dataset,
         head: Option<&objects::Head>,
         pieces: &[PieceRef],
         at: At,
+        cut_checked: bool,
         out: &mut ArchiveRestore,
     ) -> Result<()> {
         let reached = ds.head_seq();
@@ -407,6 +412,9 @@ impl Restorer<'_> {
             }
         }
         let At::Time(t) = at else { return Ok(()) };
+        if cut_checked {
+            return Ok(());
+        }
         if let Some(p) = pieces
             .iter()
             .find(|p| p.first <= reached + 1 && p.last > reached)
@@ -531,8 +539,11 @@ impl Restorer<'_> {
         at: At,
         out: &mut ArchiveRestore,
         progress: &(dyn Fn(Progress) + Sync),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
+        // Whether the first record after the restored point was checked
+        // (a restore to a time that stopped inside a piece).
+        let mut cut_checked = false;
         let t = std::time::Instant::now();
         if let Some((s, content)) = start {
             let crate::archiver::SnapshotContent {
@@ -630,10 +641,10 @@ impl Restorer<'_> {
                 .count();
             let stop = skip + take < piece.records.len();
             if let (true, At::Time(t)) = (stop, at) {
-                let cut = &piece.records[skip + take];
-                if cut.seq <= target_seq {
-                    self.check_cut(cut, t, &p.key, out)?;
-                }
+                // Whether the names' target or the time stopped it, the
+                // record left out must be sealed later than the time.
+                self.check_cut(&piece.records[skip + take], t, &p.key, out)?;
+                cut_checked = true;
             }
             let records = &piece.records[skip..skip + take];
             // The chunks they brought, unless the scratch copy has them.
@@ -706,6 +717,6 @@ impl Restorer<'_> {
                 ds.head_seq()
             )));
         }
-        Ok(())
+        Ok(cut_checked)
     }
 }

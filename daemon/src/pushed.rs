@@ -208,6 +208,15 @@ pub fn group_id(name: &str) -> Option<u32> {
     })
 }
 
+/// One of the [`MAX_CLIENTS`] slots, given back when dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves the socket until `stop`; one thread per connection, at most
 /// [`MAX_CLIENTS`] at once.
 pub fn serve(
@@ -233,16 +242,17 @@ pub fn serve(
                             );
                             continue;
                         }
-                        let (t, active) = (targets.clone(), active.clone());
-                        let done = active.clone();
+                        let t = targets.clone();
+                        // Released however the connection ends: a panic,
+                        // or a thread that could not start.
+                        let slot = Slot(active.clone());
                         let spawned = std::thread::Builder::new()
                             .name("push-conn".into())
                             .spawn(move || {
+                                let _slot = slot;
                                 handle(conn, &t);
-                                done.fetch_sub(1, Ordering::AcqRel);
                             });
                         if let Err(e) = spawned {
-                            active.fetch_sub(1, Ordering::AcqRel);
                             tracing::warn!(error = %e, "cannot start a thread for a put/get");
                         }
                     }

@@ -106,7 +106,7 @@ impl From<String> for TransferError {
 
 /// Decides whether a transfer beginning at `b` may replace this site's
 /// copy, whose head is `head` and chain hash there `ours`: an empty copy
-/// takes any; otherwise the transfer must not be behind the head, and the
+/// takes any; otherwise the transfer must be past the head, and the
 /// upstream must show its chain hash at this site's head, equal to ours.
 pub fn transfer_allowed(
     head: u64,

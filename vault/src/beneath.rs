@@ -36,7 +36,7 @@ fn os(b: &[u8]) -> &OsStr {
 }
 
 /// A timestamp as the kernel takes it, from nanoseconds since the epoch.
-pub fn timespec(ns: i64) -> Timespec {
+fn timespec(ns: i64) -> Timespec {
     Timespec {
         tv_sec: ns.div_euclid(1_000_000_000),
         tv_nsec: ns.rem_euclid(1_000_000_000),
@@ -60,11 +60,13 @@ impl Beneath {
     /// components; empty for the root), reached without following any
     /// symlink.
     fn dir(&self, components: &[u8]) -> io::Result<OwnedFd> {
-        let mut cur = rustix::fs::openat(&self.root, ".", dir_flags(), Mode::empty())?;
         if components.is_empty() {
-            return Ok(cur);
+            return self.root.try_clone();
         }
-        for c in components.split(|&b| b == b'/') {
+        let mut parts = components.split(|&b| b == b'/');
+        let first = parts.next().unwrap_or_default();
+        let mut cur = rustix::fs::openat(&self.root, os(first), dir_flags(), Mode::empty())?;
+        for c in parts {
             cur = rustix::fs::openat(&cur, os(c), dir_flags(), Mode::empty())?;
         }
         Ok(cur)

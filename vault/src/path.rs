@@ -78,15 +78,6 @@ impl RelPath {
         &self.0
     }
 
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.0
-    }
-
-    /// The components, first to last; each is non-empty and not `.`/`..`.
-    pub fn components(&self) -> impl Iterator<Item = &[u8]> {
-        self.0.split(|&b| b == b'/')
-    }
-
     /// The parent's components and the last component.
     pub fn split_last(&self) -> (&[u8], &[u8]) {
         match self.0.iter().rposition(|&b| b == b'/') {
@@ -158,7 +149,6 @@ mod tests {
     fn splits_parent_and_name() {
         let p = RelPath::new(b"a/b/c".to_vec()).unwrap();
         assert_eq!(p.split_last(), (&b"a/b"[..], &b"c"[..]));
-        assert_eq!(p.components().count(), 3);
         let top = RelPath::new(b"top".to_vec()).unwrap();
         assert_eq!(top.split_last(), (&b""[..], &b"top"[..]));
     }

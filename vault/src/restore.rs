@@ -149,9 +149,9 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
         ..Report::default()
     };
     let mut problems_list = Vec::new();
-    let mut checked: Vec<(RelPath, &Entry)> = Vec::with_capacity(entries.len());
-    for (p, e) in &entries {
-        match RelPath::new(p.clone()) {
+    let mut checked: Vec<(RelPath, Entry)> = Vec::with_capacity(entries.len());
+    for (p, e) in entries {
+        match RelPath::new(p) {
             Ok(rp) => checked.push((rp, e)),
             Err(why) => problems_list.push(format!("refused: {why}; nothing was written for it")),
         }

@@ -45,15 +45,20 @@ pub struct Args {
 /// What this site's status file says it shipped to its own archive: a
 /// drill of that archive must find at least as much there.
 pub(crate) fn shipped(cfg: &Config, dataset: &str) -> Option<u64> {
+    status_of(cfg, dataset)?["archive"]["shipped_seq"]
+        .as_u64()
+        .filter(|s| *s > 0)
+}
+
+/// This site's status file for `dataset`, as the daemon last wrote it.
+fn status_of(cfg: &Config, dataset: &str) -> Option<serde_json::Value> {
     let b = std::fs::read(cfg.dataset_dir(dataset).join(crate::runtime::STATUS_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
-    v["archive"]["shipped_seq"].as_u64().filter(|s| *s > 0)
+    serde_json::from_slice(&b).ok()
 }
 
 /// The primary's head as this site knows it, from its status file.
 pub(crate) fn reference(cfg: &Config, dataset: &str) -> Option<verifier::Reference> {
-    let b = std::fs::read(cfg.dataset_dir(dataset).join(crate::runtime::STATUS_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    let v = status_of(cfg, dataset)?;
     let head_seq = v["log"]["head_seq"].as_u64()?;
     let head_time = v["log"]["last_commit_ns"].as_i64()?;
     let fresh = vault::dataset::now_ns() - v["updated_ns"].as_i64().unwrap_or(0) < 10_000_000_000;
