@@ -19,6 +19,9 @@ ensure_system() {
     command -v promtool >/dev/null || missing+=(prometheus)
     # The database log-shipping test runs a real PostgreSQL server.
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    # The Object Lock test runs the moto S3 server from a Python virtualenv.
+    command -v python3 >/dev/null || missing+=(python3)
+    python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
   fi
   if ! command -v cargo >/dev/null; then
     echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then run this again" >&2
@@ -54,6 +57,18 @@ ensure_s3s_fs() {
   export TRIAD_S3S_FS="$root/bin/s3s-fs"
 }
 
+# The S3 server for the Object Lock test: moto (PyPI), which implements
+# Object Lock and versioning (s3s-fs does not), in its own virtualenv.
+ensure_moto() {
+  local env="$HOME/.cache/triad/tools/moto"
+  if [ ! -x "$env/bin/moto_server" ]; then
+    echo "installing moto 5.1.22, the S3 test server with Object Lock (about a minute, once)" >&2
+    python3 -m venv "$env"
+    "$env/bin/pip" install -q 'moto[server]==5.1.22'
+  fi
+  export TRIAD_MOTO="$env"
+}
+
 case "${1:-}" in
   demo)
     ensure_system
@@ -64,6 +79,7 @@ case "${1:-}" in
   test)
     ensure_system test
     ensure_s3s_fs
+    ensure_moto
     cargo fmt --all --check
     cargo clippy -q --workspace --all-targets -- -D warnings
     # The end-to-end tests start the triad binary, so build it first.

@@ -117,6 +117,14 @@ pub struct PruneReport {
     pub chunks_missing: usize,
     pub log_pieces_deleted: usize,
     pub orphan_objects_deleted: usize,
+    /// Snapshots retention dropped but kept whole because their manifest is
+    /// still under Object Lock.
+    #[serde(default)]
+    pub snapshots_held: Vec<String>,
+    /// Chunks, log pieces and pages prune would delete but left because
+    /// they are still under Object Lock; a later prune takes them.
+    #[serde(default)]
+    pub objects_held: usize,
 }
 
 /// Chunks found unreferenced, with when: deleted by a prune that finds them
@@ -158,6 +166,8 @@ impl Archiver {
         concurrency: usize,
     ) -> Result<Archiver> {
         let name = ds.name().to_string();
+        // A bucket that cannot lock must not look protected.
+        rt.block_on(store.check_object_lock())?;
         let owner_key = objects::owner_key(&name);
         let mut fresh = false;
         match rt.block_on(store.get(&owner_key, objects::MAX_SMALL_OBJECT_BYTES))? {
@@ -373,7 +383,8 @@ impl Archiver {
                 end_hash,
                 records,
             });
-            self.rt.block_on(self.store.put(&piece.key, bytes))?;
+            self.rt
+                .block_on(self.store.put_history(&piece.key, bytes))?;
             *self.lock_shipped() = Some((piece.last, end_hash));
             self.write_head(piece.last, end_hash, last_time)?;
             prev = Some(end_hash);
@@ -502,7 +513,7 @@ impl Archiver {
                     sealed_len: sealed.len() as u64,
                     sealed_hash: *blake3::hash(&sealed).as_bytes(),
                 });
-                self.rt.block_on(self.store.put(&key, sealed))?;
+                self.rt.block_on(self.store.put_history(&key, sealed))?;
             }
             let manifest = Manifest {
                 version: objects::MANIFEST_VERSION,
@@ -525,7 +536,7 @@ impl Archiver {
         let key = snap_ref.manifest_key(&name);
         let sealed = objects::encode_manifest(&keys, &key, &manifest)?;
         // Written last: the snapshot exists from here on.
-        self.rt.block_on(self.store.put(&key, sealed))?;
+        self.rt.block_on(self.store.put_history(&key, sealed))?;
         self.write_head(manifest.seq, manifest.chain_hash, manifest.time_ns)?;
         let report = SnapshotReport {
             name: snap_ref.name,
@@ -547,7 +558,9 @@ impl Archiver {
         let store = &self.store;
         self.rt.block_on(
             stream::iter(chunks.into_iter().map(|c| async move {
-                store.put(&objects::chunk_key(name, &c.id), c.sealed).await
+                store
+                    .put_history(&objects::chunk_key(name, &c.id), c.sealed)
+                    .await
             }))
             .buffer_unordered(self.concurrency)
             .try_collect::<Vec<()>>(),
@@ -573,9 +586,32 @@ impl Archiver {
         let mut report = PruneReport::default();
         let snaps = self.snapshots()?;
         let keep = policy.select(&snaps);
+        // Under Object Lock, nothing still locked is deleted: a delete would
+        // only hide it behind a marker until the lock ends. A snapshot whose
+        // manifest is locked stays whole, chunks and pieces included.
+        let now = Utc::now();
+        let lock = self.store.object_lock();
+        let held = |modified: chrono::DateTime<Utc>| lock.is_some_and(|l| l.holds(modified, now));
+        let manifests_held: HashSet<String> = match lock {
+            Some(_) => self
+                .rt
+                .block_on(self.store.list(&objects::snapshots_prefix(name)))?
+                .into_iter()
+                .filter(|l| l.key.ends_with(".manifest") && held(l.modified))
+                .map(|l| l.key)
+                .collect(),
+            None => HashSet::new(),
+        };
         let (kept, dropped): (Vec<SnapshotRef>, Vec<SnapshotRef>) =
-            snaps.into_iter().partition(|s| keep.contains(&s.name));
+            snaps.into_iter().partition(|s| {
+                keep.contains(&s.name) || manifests_held.contains(&s.manifest_key(name))
+            });
         report.snapshots_kept = kept.len();
+        report.snapshots_held = kept
+            .iter()
+            .filter(|s| !keep.contains(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
 
         // What the kept snapshots reference. They are all read (and checked)
         // before anything is deleted: a damaged kept snapshot stops the prune
@@ -610,7 +646,6 @@ impl Archiver {
             report.snapshots_deleted.push(s.name);
         }
 
-        let now = Utc::now();
         let grace_ms = grace.as_millis() as i64;
         let pending_key = objects::pending_key(name);
         let mut pending: Pending = match self
@@ -651,7 +686,14 @@ impl Archiver {
             }
             let h = hex::encode(id.0);
             match pending.since_ms.get(&h) {
-                Some(since) if now.timestamp_millis() - since >= grace_ms => doomed.push(id),
+                Some(since) if now.timestamp_millis() - since >= grace_ms => {
+                    if held(l.modified) {
+                        report.objects_held += 1;
+                        still.insert(h, *since);
+                    } else {
+                        doomed.push(id);
+                    }
+                }
                 Some(since) => {
                     still.insert(h, *since);
                 }
@@ -686,11 +728,22 @@ impl Archiver {
 
         // Log pieces wholly before the oldest kept snapshot restore nothing.
         if let Some(oldest) = oldest_kept {
-            for p in self.pieces()? {
-                if p.last <= oldest {
-                    self.rt.block_on(self.store.delete(&p.key))?;
-                    report.log_pieces_deleted += 1;
+            let listed = self
+                .rt
+                .block_on(self.store.list(&objects::log_prefix(name)))?;
+            for (p, modified) in listed
+                .iter()
+                .filter_map(|l| PieceRef::parse(&l.key).map(|p| (p, l.modified)))
+            {
+                if p.last > oldest {
+                    continue;
                 }
+                if held(modified) {
+                    report.objects_held += 1;
+                    continue;
+                }
+                self.rt.block_on(self.store.delete(&p.key))?;
+                report.log_pieces_deleted += 1;
             }
         }
         // Pages of deleted snapshots, and of snapshots that never finished.
@@ -706,7 +759,9 @@ impl Archiver {
                 .snapshots_deleted
                 .iter()
                 .any(|s| l.key.contains(&format!("/{s}/")));
-            if of_deleted || age_ms >= grace_ms {
+            if held(l.modified) && (of_deleted || age_ms >= grace_ms) {
+                report.objects_held += 1;
+            } else if of_deleted || age_ms >= grace_ms {
                 self.rt.block_on(self.store.delete(&l.key))?;
                 report.orphan_objects_deleted += 1;
             }
@@ -717,6 +772,7 @@ impl Archiver {
             deleted = report.snapshots_deleted.len(),
             chunks_deleted = report.chunks_deleted,
             chunks_waiting = report.chunks_waiting,
+            held_by_object_lock = report.objects_held + report.snapshots_held.len(),
             "prune complete"
         );
         Ok(report)

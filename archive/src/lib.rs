@@ -4,6 +4,7 @@
 //!
 //! - [`store`]: opening the store (`s3://` or `file://`), retries, errors
 //! - [`objects`]: object names and encodings (pieces, manifests, pages)
+//! - [`lock`]: S3 Object Lock on the history objects
 //! - [`index`]: the local index of chunks already in the store
 //! - [`archiver`]: shipping the log, snapshots, retention, prune
 //! - [`restore`]: planning and carrying out a restore from the archive
@@ -12,6 +13,7 @@
 pub mod archiver;
 pub mod error;
 pub mod index;
+pub mod lock;
 pub mod objects;
 pub mod restore;
 pub mod schedule;
@@ -19,5 +21,6 @@ pub mod store;
 
 pub use archiver::{Archiver, PruneReport, RetentionPolicy, SnapshotReport};
 pub use error::{ArchiveError, Result};
+pub use lock::{LockMode, ObjectLock};
 pub use restore::{ArchiveRestore, At, Progress, Restorer};
 pub use store::{Store, StoreConfig};

@@ -91,6 +91,9 @@ pub struct ArchiveRestore {
     pub skipped_snapshots: Vec<String>,
     /// The archive's authenticated head (`HEAD`), when it has one.
     pub head_seq: Option<u64>,
+    /// How many of the given checkpoints the restored history covered, all
+    /// of which it matched.
+    pub checkpoints_compared: u64,
     /// What the restore could not prove about the archive, said loudly by
     /// every caller: no authenticated head, records past it, records whose
     /// time is not sealed (written before 0.2).
@@ -111,6 +114,10 @@ pub struct Restorer<'a> {
     /// least this seq (another site's head, or what this site shipped), or
     /// the restore fails as a rollback.
     pub expect_seq: Option<u64>,
+    /// A site's own checkpoints of the dataset (a drill passes its site's):
+    /// each is checked under the dataset's key, and the restored history
+    /// must agree with every one it covers.
+    pub checkpoints: &'a [vault::state::Checkpoint],
 }
 
 impl Restorer<'_> {
@@ -280,6 +287,7 @@ impl Restorer<'_> {
             seconds_write: 0.0,
             skipped_snapshots: skipped,
             head_seq: head.as_ref().map(|h| h.seq),
+            checkpoints_compared: 0,
             warnings,
             bytes_downloaded: 0,
             report: vault::restore::Report::default(),
@@ -288,7 +296,8 @@ impl Restorer<'_> {
             .fill(&ds, start, &needed, target_seq, at, &mut out, progress)
             .and_then(|cut_checked| {
                 self.check_reached(&ds, head.as_ref(), &pieces, at, cut_checked, &mut out)
-            });
+            })
+            .and_then(|()| self.check_checkpoints(&ds, &keys, &mut out));
         let closed = ds.close();
         r?;
         closed?;
@@ -373,6 +382,61 @@ impl Restorer<'_> {
                 self.store.locate(&key)
             )),
             Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// After the replay: every given checkpoint must carry valid evidence,
+    /// and the restored history must agree with each one in its range (the
+    /// chain hash at its seq, and the digest where the restore itself
+    /// checkpointed there). An archive that verifies on its own but parts
+    /// from the history this site authenticated fails here.
+    fn check_checkpoints(
+        &self,
+        ds: &Dataset,
+        keys: &vault::Keys,
+        out: &mut ArchiveRestore,
+    ) -> Result<()> {
+        let reached = ds.head_seq();
+        for c in self.checkpoints {
+            if !c.verify(keys) {
+                return Err(ArchiveError::NoRestorePoint(format!(
+                    "this site's checkpoint at seq {} fails its HMAC-SM3 under the dataset's \
+                     key: the site's own evidence was altered, so the archive cannot be \
+                     compared with it (run `triad verify --scrub` here)",
+                    c.seq
+                )));
+            }
+            if c.seq < out.snapshot_seq || c.seq > reached {
+                continue;
+            }
+            let Some(hash) = ds.chain_hash_at(c.seq)? else {
+                continue;
+            };
+            let digest_differs = ds
+                .checkpoint_at(c.seq)?
+                .is_some_and(|mine| mine.digest != c.digest);
+            if hash != c.hash || digest_differs {
+                return Err(ArchiveError::Damaged {
+                    key: self.store.locate(&format!("{}/", self.dataset)),
+                    reason: format!(
+                        "the archived history differs from this site's authenticated checkpoint \
+                         at seq {}: the archive holds {} where the site holds {}",
+                        c.seq,
+                        if hash != c.hash {
+                            format!("chain hash {}", hex::encode(hash))
+                        } else {
+                            "another digest".to_string()
+                        },
+                        if hash != c.hash {
+                            hex::encode(c.hash)
+                        } else {
+                            "its own".to_string()
+                        }
+                    ),
+                });
+            }
+            out.checkpoints_compared += 1;
         }
         Ok(())
     }
@@ -718,5 +782,105 @@ impl Restorer<'_> {
             )));
         }
         Ok(cut_checked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archiver::Archiver;
+    use crate::store::StoreConfig;
+
+    /// A dataset of `n` one-file records archived to a `file://` store under
+    /// `dir`; returns the store and the dataset's checkpoints.
+    fn archived(
+        dir: &Path,
+        key: &DatasetKey,
+        n: u64,
+    ) -> (
+        tokio::runtime::Runtime,
+        Store,
+        Vec<vault::state::Checkpoint>,
+    ) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ds = Arc::new(
+            Dataset::open(
+                &dir.join("site"),
+                "files",
+                key,
+                vault::Options {
+                    create: true,
+                    ..vault::Options::default()
+                },
+            )
+            .unwrap(),
+        );
+        let url = format!("file://{}", dir.join("bucket").display());
+        let store = Arc::new(Store::open(&StoreConfig::new(&url)).unwrap());
+        let a = Archiver::open(store, rt.handle().clone(), ds.clone(), "a", 2).unwrap();
+        for i in 1..=n {
+            let data = format!("record {i}\n");
+            let id = ChunkId::of(ds.keys(), data.as_bytes());
+            let entry = vault::Entry {
+                node: vault::Node::File {
+                    chunks: vec![vault::ChunkRef {
+                        id,
+                        len: data.len() as u32,
+                    }],
+                },
+                mode: 0o644,
+                mtime_ns: 0,
+                size: data.len() as u64,
+            };
+            ds.submit(
+                vec![vault::Op::Put {
+                    path: format!("f{}", i % 7).into_bytes(),
+                    entry,
+                }],
+                vec![vault::chunk::seal(ds.keys(), id, data.as_bytes())],
+            )
+            .unwrap();
+        }
+        a.ship_log().unwrap();
+        let cps = ds.state().checkpoints().unwrap();
+        drop(a);
+        ds.close().unwrap();
+        (rt, Store::open(&StoreConfig::new(&url)).unwrap(), cps)
+    }
+
+    #[test]
+    fn a_checkpoint_whose_evidence_fails_is_refused_and_a_good_one_is_matched() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DatasetKey::generate();
+        let n = vault::state::CHECKPOINT_INTERVAL + 3;
+        let (rt, store, cps) = archived(dir.path(), &key, n);
+        assert!(!cps.is_empty(), "no checkpoint after {n} records");
+        let restore = |cps: &[vault::state::Checkpoint], to: &str| {
+            Restorer {
+                rt: rt.handle(),
+                store: &store,
+                dataset: "files",
+                key: &key,
+                concurrency: 2,
+                expect_seq: None,
+                checkpoints: cps,
+            }
+            .restore(At::Latest, &dir.path().join(to), &|_| {})
+        };
+        let r = restore(&cps, "good").unwrap();
+        assert_eq!(r.checkpoints_compared, cps.len() as u64);
+        let mut forged = cps.clone();
+        forged[0].hmac_sm3[0] ^= 1;
+        let e = restore(&forged, "forged").unwrap_err().to_string();
+        assert!(e.contains("fails its HMAC-SM3"), "{e}");
+        // A checkpoint with a valid tag under another key is refused too.
+        let other = vault::state::Checkpoint::new(
+            &DatasetKey::generate().derive(),
+            cps[0].seq,
+            cps[0].hash,
+            cps[0].digest,
+        );
+        let e = restore(&[other], "other-key").unwrap_err().to_string();
+        assert!(e.contains("fails its HMAC-SM3"), "{e}");
     }
 }

@@ -6,7 +6,8 @@
 //! connections come from `object_store`'s own retry layer; concurrency is
 //! bounded by its `LimitStore`. This wrapper adds what operators need on top:
 //! keys relative to the configured prefix, multipart uploads for large
-//! objects, and errors that name the store, the object and the likely fix.
+//! objects, Object Lock on history objects ([`crate::lock`]), and errors
+//! that name the store, the object and the likely fix.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
+use object_store::client::HttpConnector;
 use object_store::limit::LimitStore;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
@@ -23,6 +25,7 @@ use object_store::{
 use serde::Deserialize;
 
 use crate::error::{ArchiveError, Result};
+use crate::lock::{DeleteMarker, Locker, ObjectLock};
 
 /// Objects above this size are uploaded in parts.
 const MULTIPART_ABOVE: usize = 16 << 20;
@@ -48,6 +51,8 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// Retries of a failed request before giving up.
     pub max_retries: usize,
+    /// Lock history objects for a period (S3 only).
+    pub object_lock: Option<ObjectLock>,
 }
 
 impl StoreConfig {
@@ -61,6 +66,7 @@ impl StoreConfig {
             concurrency: 8,
             timeout: Duration::from_secs(60),
             max_retries: 10,
+            object_lock: None,
         }
     }
 }
@@ -71,6 +77,19 @@ struct Credentials {
     access_key_id: String,
     secret_access_key: String,
     session_token: Option<String>,
+}
+
+/// The bucket's URL for signed requests, as `object_store` addresses it:
+/// `endpoint/bucket/` path-style, the endpoint itself virtual-hosted, or
+/// AWS's regional host.
+fn bucket_url(cfg: &StoreConfig, bucket: &str, region: &str) -> Result<url::Url, String> {
+    let text = match (&cfg.endpoint, cfg.virtual_hosted) {
+        (Some(e), false) => format!("{}/{bucket}/", e.trim_end_matches('/')),
+        (Some(e), true) => format!("{}/", e.trim_end_matches('/')),
+        (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}/"),
+        (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com/"),
+    };
+    url::Url::parse(&text).map_err(|e| format!("bucket URL {text}: {e}"))
 }
 
 /// One object as listed.
@@ -90,6 +109,8 @@ pub struct Store {
     /// For `file://`: the directory, whose files triad fsyncs itself
     /// (object_store's local store does not).
     local_root: Option<PathBuf>,
+    /// With `object_lock`: the signed requests it needs.
+    locker: Option<Locker>,
 }
 
 impl std::fmt::Debug for Store {
@@ -103,7 +124,15 @@ impl Store {
         let bad = |m: String| ArchiveError::Config(format!("archive.url {:?}: {m}", cfg.url));
         let url = url::Url::parse(&cfg.url).map_err(|e| bad(e.to_string()))?;
         let mut local_root = None;
+        let mut locker = None;
         let (inner, prefix): (Arc<dyn ObjectStore>, String) = match url.scheme() {
+            "file" if cfg.object_lock.is_some() => {
+                return Err(bad(
+                    "archive.object_lock needs an S3 store with Object Lock; a file:// archive \
+                     cannot lock its objects"
+                        .into(),
+                ))
+            }
             "file" => {
                 let dir = url
                     .to_file_path()
@@ -121,6 +150,10 @@ impl Store {
                     .host_str()
                     .filter(|b| !b.is_empty())
                     .ok_or_else(|| bad("s3:// needs a bucket: s3://bucket/prefix".into()))?;
+                let client_options = ClientOptions::new()
+                    .with_timeout(cfg.timeout)
+                    .with_connect_timeout(Duration::from_secs(10))
+                    .with_allow_http(true);
                 let mut b = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_virtual_hosted_style_request(cfg.virtual_hosted)
@@ -133,13 +166,9 @@ impl Store {
                         max_retries: cfg.max_retries,
                         retry_timeout: Duration::from_secs(300),
                     })
-                    .with_client_options(
-                        ClientOptions::new()
-                            .with_timeout(cfg.timeout)
-                            .with_connect_timeout(Duration::from_secs(10))
-                            .with_allow_http(true),
-                    );
-                b = b.with_region(cfg.region.as_deref().unwrap_or("us-east-1"));
+                    .with_client_options(client_options.clone());
+                let region = cfg.region.as_deref().unwrap_or("us-east-1");
+                b = b.with_region(region);
                 if let Some(e) = &cfg.endpoint {
                     b = b.with_endpoint(e);
                 }
@@ -172,6 +201,20 @@ impl Store {
                     }
                 }
                 let s3 = b.build().map_err(|e| bad(e.to_string()))?;
+                if let Some(lock) = cfg.object_lock {
+                    let base = bucket_url(cfg, bucket, region).map_err(bad)?;
+                    let client = object_store::client::ReqwestConnector::default()
+                        .connect(&client_options)
+                        .map_err(|e| bad(e.to_string()))?;
+                    locker = Some(Locker::new(
+                        client,
+                        Arc::clone(s3.credentials()),
+                        region.to_string(),
+                        base,
+                        lock,
+                        cfg.max_retries,
+                    ));
+                }
                 (Arc::new(s3), url.path().trim_matches('/').to_string())
             }
             other => {
@@ -186,7 +229,26 @@ impl Store {
             prefix,
             url: cfg.url.clone(),
             local_root,
+            locker,
         })
+    }
+
+    /// The lock history objects get, if any.
+    pub fn object_lock(&self) -> Option<ObjectLock> {
+        self.locker.as_ref().map(|l| l.lock())
+    }
+
+    /// With `object_lock`: fails unless the bucket has Object Lock enabled.
+    pub async fn check_object_lock(&self) -> Result<()> {
+        match &self.locker {
+            Some(l) => l.check_bucket().await.map_err(|e| ArchiveError::Store {
+                url: self.url.clone(),
+                op: "checking the Object Lock configuration of",
+                key: "the bucket".into(),
+                message: e.to_string(),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -302,6 +364,57 @@ impl Store {
                 .map_err(|e| self.err("completing the multipart upload of", key, e))?;
         }
         self.sync_local(key).await
+    }
+
+    /// Writes an object of the archive's history (a log piece, chunk,
+    /// snapshot page or manifest): locked for the configured period when
+    /// `object_lock` is set, else as [`Store::put`].
+    pub async fn put_history(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        match &self.locker {
+            Some(l) => l
+                .put(self.path(key).as_ref(), bytes)
+                .await
+                .map_err(|e| self.lock_err("writing (locked)", key, e)),
+            None => self.put(key, bytes).await,
+        }
+    }
+
+    fn lock_err(&self, op: &'static str, key: &str, e: crate::lock::LockError) -> ArchiveError {
+        ArchiveError::Store {
+            url: self.url.clone(),
+            op,
+            key: key.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The delete markers hiding objects under `prefix` (relative keys),
+    /// oldest first. Empty without `object_lock`: the store may not keep
+    /// versions at all.
+    pub async fn delete_markers(&self, prefix: &str) -> Result<Vec<DeleteMarker>> {
+        let Some(l) = &self.locker else {
+            return Ok(Vec::new());
+        };
+        let full = format!("{}/", self.path(prefix.trim_end_matches('/')).as_ref());
+        let mut found = l
+            .delete_markers(&full)
+            .await
+            .map_err(|e| self.lock_err("listing the delete markers under", prefix, e))?;
+        for m in &mut found {
+            m.key = self.relative(&ObjPath::from(m.key.as_str()));
+        }
+        Ok(found)
+    }
+
+    /// Removes a delete marker, so the version it hid is current again.
+    pub async fn remove_delete_marker(&self, m: &DeleteMarker) -> Result<()> {
+        match &self.locker {
+            Some(l) => l
+                .delete_version(self.path(&m.key).as_ref(), &m.version_id)
+                .await
+                .map_err(|e| self.lock_err("removing the delete marker of", &m.key, e)),
+            None => Ok(()),
+        }
     }
 
     /// For `file://`: makes the object and its directory durable before the

@@ -330,6 +330,7 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
                 .is_none()
                 .then(|| crate::cmd::drill::shipped(cfg, ds.name()))
                 .flatten(),
+            checkpoints: ds.state().checkpoints()?,
         };
         let rt = crate::cmd::archive::runtime()?;
         let report = verifier::drill::run(&spec, rt.handle())?;

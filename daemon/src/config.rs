@@ -165,6 +165,13 @@ pub struct ArchiveSection {
     pub prune_grace: Option<String>,
     /// Time limit of one request to the store; it is then retried. Default "60s".
     pub request_timeout: Option<String>,
+    /// Lock every log piece, chunk and snapshot object for this long from
+    /// its upload (S3 Object Lock; the bucket must have it enabled), e.g.
+    /// "30d". Off when absent.
+    pub object_lock: Option<String>,
+    /// `governance` (default: users with s3:BypassGovernanceRetention may
+    /// still delete) or `compliance` (nobody may).
+    pub object_lock_mode: Option<String>,
 }
 
 /// `[verify]`: cross-site verify and scrubs run by the daemon.
@@ -733,7 +740,39 @@ impl Config {
         if !(1..=256).contains(&concurrency) {
             return Err((f("concurrency"), "must be between 1 and 256".into()));
         }
+        let object_lock = match &a.object_lock {
+            Some(p) => {
+                let period = parse_duration(p).map_err(|m| (f("object_lock"), m))?;
+                if period < Duration::from_secs(86_400) {
+                    // S3 counts retention in whole days; a shorter lock is
+                    // a typo more often than a plan.
+                    return Err((f("object_lock"), "must be at least 1d".into()));
+                }
+                if !a.url.starts_with("s3://") {
+                    return Err((
+                        f("object_lock"),
+                        "needs an s3:// archive on a bucket with Object Lock enabled".into(),
+                    ));
+                }
+                let mode_text = a.object_lock_mode.as_deref().unwrap_or("governance");
+                let mode = archive::LockMode::parse(mode_text).ok_or_else(|| {
+                    (
+                        f("object_lock_mode"),
+                        format!("`{mode_text}`: expected governance or compliance"),
+                    )
+                })?;
+                Some(archive::ObjectLock { mode, period })
+            }
+            None if a.object_lock_mode.is_some() => {
+                return Err((
+                    f("object_lock_mode"),
+                    "has no effect without archive.object_lock".into(),
+                ))
+            }
+            None => None,
+        };
         let mut store = archive::StoreConfig::new(&a.url);
+        store.object_lock = object_lock;
         store.endpoint = a.endpoint.clone();
         store.region = a.region.clone();
         store.credentials_file = a.credentials_file.clone();

@@ -69,6 +69,9 @@ enum Command {
     Snapshots(cmd::archive::Args),
     /// Apply retention and delete what no kept snapshot needs.
     Prune(cmd::archive::Args),
+    /// Bring back archive objects hidden by plain deletes (buckets with
+    /// Object Lock, which keep every version).
+    Undelete(cmd::archive::UndeleteArgs),
     /// Restore an archive into a scratch directory, verify it, report RTO and RPO.
     Drill(cmd::drill::Args),
     /// Compare the sites' copies; scrub (--scrub, --archive) and repair (--repair).
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => cmd::archive::run(cmd::archive::Job::Snapshot, a),
         Command::Snapshots(a) => cmd::archive::run(cmd::archive::Job::List, a),
         Command::Prune(a) => cmd::archive::run(cmd::archive::Job::Prune, a),
+        Command::Undelete(a) => cmd::archive::undelete(a),
         Command::Drill(a) => cmd::drill::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Resync(a) => cmd::resync::run(a),

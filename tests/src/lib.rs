@@ -1,7 +1,8 @@
 //! Helpers shared by the benchmark harnesses in `src/bin/` and the
-//! end-to-end tests in tests/: test trees, arguments, and the S3 test server.
+//! end-to-end tests in tests/: test trees, arguments, and the S3 test servers.
 
 pub mod fuzz;
+pub mod moto;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -322,10 +323,16 @@ pub struct KeyHolder {
 impl KeyHolder {
     /// Creates the dataset in `<dir>/site` and its archive, written as `site`.
     pub fn new(dir: &Path, key: &vault::DatasetKey, site: &str) -> KeyHolder {
+        KeyHolder::at(&dir.join("site"), &dir.join("bucket"), key, site)
+    }
+
+    /// Creates the dataset `files` in `dataset_dir` and its archive in
+    /// `bucket` (a `file://` store), written as `site`.
+    pub fn at(dataset_dir: &Path, bucket: &Path, key: &vault::DatasetKey, site: &str) -> KeyHolder {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let ds = std::sync::Arc::new(
             vault::Dataset::open(
-                &dir.join("site"),
+                dataset_dir,
                 "files",
                 key,
                 vault::Options {
@@ -335,8 +342,8 @@ impl KeyHolder {
             )
             .expect("dataset"),
         );
-        let url = format!("file://{}", dir.join("bucket").display());
-        std::fs::create_dir_all(dir.join("bucket")).expect("bucket");
+        let url = format!("file://{}", bucket.display());
+        std::fs::create_dir_all(bucket).expect("bucket");
         let store = archive::Store::open(&archive::StoreConfig::new(&url)).expect("store");
         let archiver = archive::Archiver::open(
             std::sync::Arc::new(store),

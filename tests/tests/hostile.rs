@@ -827,3 +827,86 @@ fn stuck_and_flooding_socket_clients_hold_back_no_put() {
     );
     assert!(peak < 2 * idle, "peak {peak} against idle {idle}");
 }
+
+/// A key holder replaces a site's archive with another history of its own
+/// making: self-consistent, under a head it sealed itself, so the restore
+/// alone cannot tell. The site's drill compares the restored history with
+/// its own authenticated checkpoints, and fails it.
+#[test]
+fn a_drill_refuses_an_archive_that_parts_from_the_sites_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keyf = tmp.path().join("files.key");
+    let key = keygen(&keyf);
+    let data = tmp.path().join("data");
+    let records = vault::state::CHECKPOINT_INTERVAL + 20;
+    let history = |dataset_dir: &Path, bucket: &Path, word: &str| {
+        let k = triad_tests::KeyHolder::at(dataset_dir, bucket, &key, "zjk-a");
+        for i in 1..=records {
+            k.put_file(&format!("f{}", i % 50), format!("{word} {i}\n").as_bytes());
+            if i == 10 {
+                k.archiver.snapshot().unwrap();
+            }
+        }
+        k.archiver.ship_log().unwrap();
+        k.close();
+    };
+    // The site's own copy and archive, and the forger's archive.
+    history(
+        &data.join("datasets/files"),
+        &tmp.path().join("real"),
+        "real",
+    );
+    history(
+        &tmp.path().join("forger"),
+        &tmp.path().join("forged"),
+        "forged",
+    );
+    let source = tmp.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let drill = |bucket: &str| {
+        let config = tmp.path().join(format!("{bucket}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n\n\
+                 [[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n\
+                 source = {{ kind = \"directory\", path = \"{}\" }}\n\n\
+                 [archive]\nurl = \"file://{}\"\n",
+                data.display(),
+                keyf.display(),
+                source.display(),
+                tmp.path().join(bucket).display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(triad_bin())
+            .args(["drill", "--dataset", "files", "--json", "--config"])
+            .arg(&config)
+            .arg("--reports")
+            .arg(tmp.path().join(format!("reports-{bucket}")))
+            .output()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "drill printed no report: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), r)
+    };
+    let (ok, r) = drill("real");
+    assert!(ok, "the site's own archive fails its drill: {r}");
+    assert_eq!(r["restored_seq"].as_u64(), Some(records));
+    assert!(r["checkpoints_compared"].as_u64().unwrap() >= 1, "{r}");
+
+    let (ok, r) = drill("forged");
+    assert!(!ok, "a forged archive passed the drill: {r}");
+    let why = r["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&format!(
+            "differs from this site's authenticated checkpoint at seq {}",
+            vault::state::CHECKPOINT_INTERVAL
+        )),
+        "{why}"
+    );
+}

@@ -57,6 +57,10 @@ pub struct DrillSpec<'a> {
     /// The archive must reach at least this seq (`--expect-seq`): less is
     /// a rollback and fails the drill.
     pub expect_seq: Option<u64>,
+    /// The drilling site's own checkpoints of the dataset: the restored
+    /// history must agree with each one it covers, and each must carry
+    /// valid HMAC-SM3 evidence.
+    pub checkpoints: Vec<vault::state::Checkpoint>,
 }
 
 /// A drill's outcome, as written to the JSON report.
@@ -89,6 +93,10 @@ pub struct DrillReport {
     /// What the restore could not prove (see `ArchiveRestore::warnings`).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// How many of the site's own checkpoints the restored history
+    /// covered and matched.
+    #[serde(default)]
+    pub checkpoints_compared: u64,
     /// Wall time to a verified restore.
     pub rto_seconds: f64,
     /// Primary head time minus the restored point's time; absent without a
@@ -157,6 +165,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
         skipped_snapshots: Vec::new(),
         archive_head_seq: None,
         warnings: Vec::new(),
+        checkpoints_compared: 0,
         rto_seconds: 0.0,
         rpo_seconds: None,
         reference: spec.reference.clone(),
@@ -171,6 +180,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             key: spec.key,
             concurrency: spec.concurrency,
             expect_seq: spec.expect_seq,
+            checkpoints: &spec.checkpoints,
         }
         .restore(spec.at, &scratch.path().join("restored"), &|_| {})
     });
@@ -192,6 +202,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             report.skipped_snapshots = r.skipped_snapshots;
             report.archive_head_seq = r.head_seq;
             report.warnings = r.warnings;
+            report.checkpoints_compared = r.checkpoints_compared;
             report.phases_seconds = Phases {
                 snapshot: r.seconds_snapshot,
                 replay: r.seconds_replay,
@@ -313,6 +324,10 @@ pub fn markdown(r: &DrillReport) -> String {
                 Some(s) => format!("seq {s}"),
                 None => "none: a removal of the newest objects could not be noticed".into(),
             },
+        ),
+        (
+            "This site's checkpoints matched (HMAC-SM3 checked)",
+            r.checkpoints_compared.to_string(),
         ),
         ("Bytes restored", r.bytes.to_string()),
         ("Bytes downloaded", r.bytes_downloaded.to_string()),

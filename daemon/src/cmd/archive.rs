@@ -1,5 +1,5 @@
-//! `triad snapshot`, `triad snapshots` and `triad prune`: the archive on
-//! demand. With the daemon running they ask it (through request files in
+//! `triad snapshot`, `triad snapshots`, `triad prune` and `triad
+//! undelete`: the archive on demand. With the daemon running they ask it (through request files in
 //! the dataset directory, so snapshots and prunes stay serialized with the
 //! scheduled ones); with no daemon they open the dataset and do the work
 //! themselves, shipping the log first.
@@ -223,6 +223,14 @@ fn print_answer(name: &str, a: &crate::archiving::Answer, json: bool) -> Result<
             p.log_pieces_deleted,
             p.orphan_objects_deleted
         );
+        if !p.snapshots_held.is_empty() || p.objects_held > 0 {
+            println!(
+                "dataset {name}: held by Object Lock: {} snapshots retention dropped ({}) and {} other objects stay until their lock ends; a later prune deletes them",
+                p.snapshots_held.len(),
+                p.snapshots_held.join(", "),
+                p.objects_held
+            );
+        }
         if p.chunks_missing > 0 {
             println!(
                 "dataset {name}: MISSING: {} chunks that kept snapshots or log pieces reference are not in the store (removed outside triad?); the index was rebuilt, so the next snapshot uploads those the dataset still holds; restores through the affected snapshots name them",
@@ -296,4 +304,76 @@ pub fn check_restore_args(from: &str) -> Result<()> {
         bail!("--from-archive `{from}` must be s3://bucket/prefix or file:///absolute/dir");
     }
     Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct UndeleteArgs {
+    #[command(flatten)]
+    target: crate::cmd::Datasets,
+    /// Only delete markers made at or after this RFC 3339 time (when the
+    /// deletes began), so what prune removed earlier stays removed.
+    #[arg(long)]
+    since: Option<String>,
+    /// List what would come back; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `triad undelete`: in a bucket with Object Lock (so versioned), a plain
+/// delete only puts a marker in front of the object. Removing the markers
+/// under a dataset's prefix makes the hidden versions current again: how
+/// an archive comes back after someone deleted it with the site's own
+/// credentials.
+pub fn undelete(a: UndeleteArgs) -> Result<ExitCode> {
+    let (cfg, names) = a.target.load()?;
+    let s = settings(&cfg, &a.target.cfg.config)?;
+    if s.store.object_lock.is_none() {
+        bail!(
+            "{}: undelete needs archive.object_lock (a versioned bucket with Object Lock): \
+             without versions a deleted object is gone",
+            a.target.cfg.config.display()
+        );
+    }
+    let since = match &a.since {
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .with_context(|| format!("--since {t:?}: expected an RFC 3339 time"))?
+                .with_timezone(&chrono::Utc),
+        ),
+        None => None,
+    };
+    let rt = runtime()?;
+    let store = Store::open(&s.store)?;
+    for name in names {
+        let markers: Vec<_> = rt
+            .block_on(store.delete_markers(&format!("{name}/")))?
+            .into_iter()
+            .filter(|m| since.is_none_or(|t| m.modified >= t))
+            .collect();
+        for m in &markers {
+            if a.dry_run {
+                println!("would bring back {}", store.locate(&m.key));
+            } else {
+                rt.block_on(store.remove_delete_marker(m))?;
+            }
+        }
+        let verb = if a.dry_run {
+            "would bring back"
+        } else {
+            "brought back"
+        };
+        println!(
+            "dataset {name}: {verb} {} objects hidden by delete markers{}",
+            markers.len(),
+            match (&a.since, markers.first(), markers.last()) {
+                (_, Some(f), Some(l)) => format!(
+                    " made between {} and {}",
+                    f.modified.to_rfc3339(),
+                    l.modified.to_rfc3339()
+                ),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -100,6 +100,27 @@ pub(crate) fn reference(cfg: &Config, dataset: &str) -> Option<verifier::Referen
     })
 }
 
+/// This site's checkpoints of `dataset`, read beside a running daemon; none
+/// when the site holds no copy (a drill of another site's archive from a
+/// host without the dataset).
+fn site_checkpoints(
+    cfg: &Config,
+    dataset: &str,
+    key: &DatasetKey,
+) -> Vec<vault::state::Checkpoint> {
+    let dir = cfg.dataset_dir(dataset);
+    if !dir.exists() {
+        return Vec::new();
+    }
+    match vault::View::open(&dir, dataset, key).and_then(|v| v.state().checkpoints()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(dataset, error = %e, "this site's checkpoints could not be read; the drill compares the archive with none");
+            Vec::new()
+        }
+    }
+}
+
 /// The store a drill restores: `url` (with this site's `[archive]` settings
 /// as the base) or this site's own archive; `endpoint` and
 /// `credentials_file` override.
@@ -174,6 +195,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                     .then(|| shipped(&cfg, &name))
                     .flatten()
             }),
+            checkpoints: site_checkpoints(&cfg, &name, &key),
         };
         let report = verifier::drill::run(&spec, rt.handle())?;
         let (json_path, md_path) = verifier::drill::write_reports(&report, &reports)?;

@@ -214,7 +214,7 @@ pub fn archive(
         } else {
             "the object was missing".into()
         };
-        rt.block_on(store.put(&key_name, bytes))?;
+        rt.block_on(store.put_history(&key_name, bytes))?;
         log_line(
             &evidence,
             &serde_json::json!({

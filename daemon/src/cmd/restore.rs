@@ -194,6 +194,7 @@ pub(crate) fn restore_from_archive(
         key: &key,
         concurrency: store_cfg.concurrency,
         expect_seq: a.expect_seq,
+        checkpoints: &[],
     };
     let progress = |p: archive::Progress| match p {
         archive::Progress::Chunks(done, total) => {
