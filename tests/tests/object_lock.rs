@@ -2,7 +2,9 @@
 //! every history object goes up locked; the site's own credentials cannot
 //! delete a locked version; prune keeps what is still locked; a plain
 //! delete only hides objects, and `triad undelete` brings them back so the
-//! restore works again; a bucket without Object Lock is refused.
+//! restore works again; a bucket without Object Lock is refused. The
+//! signing of locked uploads is checked against s3s-fs, which verifies
+//! SigV4 (moto does not).
 
 mod common;
 
@@ -267,4 +269,54 @@ fn a_bucket_without_object_lock_is_refused() {
     let t = text(&out);
     assert!(!out.status.success(), "{t}");
     assert!(t.contains("object_lock"), "{t}");
+}
+
+/// moto accepts any signature, so the signing of the locked upload is
+/// proven against s3s-fs, which checks SigV4 (and ignores the lock
+/// headers): the upload, with its lock headers and Content-MD5 signed, is
+/// accepted with the right secret and refused with a wrong one.
+#[test]
+fn locked_uploads_are_signed_as_s3_checks_them() {
+    let s3 = triad_tests::s3::S3Server::start("triad");
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = |creds: &Path| {
+        let mut c = archive::StoreConfig::new("s3://triad/locked");
+        c.endpoint = Some(s3.endpoint());
+        c.credentials_file = Some(creds.to_path_buf());
+        c.max_retries = 0;
+        c.object_lock = Some(archive::ObjectLock {
+            mode: archive::LockMode::Compliance,
+            period: Duration::from_secs(86_400),
+        });
+        archive::Store::open(&c).unwrap()
+    };
+    let good = store(&s3.credentials_file(tmp.path()));
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+    rt.block_on(good.put_history("files/chunks/ab", body.clone()))
+        .unwrap();
+    let back = rt
+        .block_on(good.get("files/chunks/ab", 1 << 20))
+        .unwrap()
+        .unwrap();
+    assert!(back == body, "the object reads back as written");
+
+    let bad = tmp.path().join("bad.credentials");
+    std::fs::write(
+        &bad,
+        format!(
+            "access_key_id = \"{}\"\nsecret_access_key = \"not-the-secret\"\n",
+            triad_tests::s3::ACCESS_KEY
+        ),
+    )
+    .unwrap();
+    let e = rt
+        .block_on(store(&bad).put_history("files/chunks/cd", body))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HTTP 403"), "{e}");
+    assert!(
+        !e.contains("not-the-secret"),
+        "the secret is not shown: {e}"
+    );
 }
