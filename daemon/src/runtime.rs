@@ -100,7 +100,7 @@ pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
 
 fn write_status(path: &Path, st: &DatasetStatus) {
     if let Ok(body) = serde_json::to_vec_pretty(st) {
-        if let Err(e) = vault::dataset::write_replace(path, &body, false) {
+        if let Err(e) = vault::fs::write_replace(path, &body, false) {
             tracing::warn!(error = %e, "cannot write status file");
         }
     }

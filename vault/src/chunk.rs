@@ -8,12 +8,11 @@
 //! and the BLAKE3 hash of the sealed bytes lets anyone check a copy without
 //! the key.
 
-use std::fmt;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use crate::crypto::{sm4_gcm_open, sm4_gcm_seal, NONCE_LEN, TAG_LEN};
+pub use crate::id::ChunkId;
 use crate::keys::Keys;
 
 /// FastCDC bounds. Part of the dataset's identity: changing them changes every
@@ -41,29 +40,10 @@ pub fn max_sealed_len(plain_len: u32) -> u64 {
     plain_len.min(CHUNK_MAX) as u64 + (SEAL_HEADER + TAG_LEN) as u64
 }
 
-/// Keyed BLAKE3 hash of a chunk's plaintext.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ChunkId(pub [u8; 32]);
-
 impl ChunkId {
+    /// The keyed BLAKE3 hash of `plaintext`: a chunk's id.
     pub fn of(keys: &Keys, plaintext: &[u8]) -> Self {
         ChunkId(*blake3::keyed_hash(&keys.chunk_id, plaintext).as_bytes())
-    }
-
-    pub fn short(&self) -> String {
-        hex::encode(&self.0[..8])
-    }
-}
-
-impl fmt::Display for ChunkId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for ChunkId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChunkId({})", self.short())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::chunk::ChunkId;
+use crate::id::ChunkId;
 
 /// Errors from a site's copy: keys, chunks, the change log and the state.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,9 @@
 //!
 //! - [`keys`]: the dataset key and its derived sub-keys
 //! - [`crypto`]: SM4-GCM and HMAC-SM3
-//! - [`chunk`]: FastCDC cutting, chunk ids, sealing
+//! - [`id`]: the chunk id, a plain value
+//! - [`chunk`]: FastCDC cutting, making chunk ids, sealing
+//! - [`fs`]: files replaced atomically, directories synced
 //! - [`lthash`]: the homomorphic namespace digest
 //! - [`ops`]: namespace entries and the ops records carry
 //! - [`path`]: the validation every namespace path passes
@@ -20,6 +22,8 @@ pub mod chunk;
 pub mod crypto;
 pub mod dataset;
 pub mod error;
+pub mod fs;
+pub mod id;
 pub mod keys;
 pub mod lthash;
 pub mod ops;

@@ -668,7 +668,7 @@ impl Wal {
     /// and the next record must be `base.seq + 1` continuing `base.hash`.
     pub fn reset_to(&mut self, base: Base) -> Result<()> {
         let path = self.dir.join(BASE_FILE);
-        crate::dataset::write_atomic(&path, &base.encode())?;
+        crate::fs::write_atomic(&path, &base.encode())?;
         // The replaced log is kept aside, not deleted: if this copy had in
         // fact diverged after its newest checkpoint, the evidence survives.
         let segs = list_segments(&self.dir)?;

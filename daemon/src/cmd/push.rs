@@ -234,7 +234,7 @@ fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
             std::fs::rename(&tree, &old)?;
         }
         std::fs::rename(&new, &tree)?;
-        vault::dataset::write_replace(&seq_file, seq.to_string().as_bytes(), true)?;
+        vault::fs::write_replace(&seq_file, seq.to_string().as_bytes(), true)?;
         let _ = std::fs::remove_dir_all(&old);
     }
     let seq = std::fs::read_to_string(&seq_file).unwrap_or_default();

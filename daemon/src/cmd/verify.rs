@@ -248,7 +248,7 @@ pub(crate) fn cross_site(
     });
     let dir = cfg.dataset_dir(name);
     if dir.is_dir() {
-        if let Err(e) = vault::dataset::write_replace(
+        if let Err(e) = vault::fs::write_replace(
             &dir.join(LAST_VERIFY),
             record.to_string().as_bytes(),
             false,
