@@ -22,38 +22,9 @@ use tokio::runtime::Handle;
 use vault::Dataset;
 
 use crate::config::ArchiveSettings;
+use crate::status::ArchiveStatus;
 
 pub const REQUESTS_DIR: &str = "requests";
-
-/// The archive part of `status.json`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ArchiveStatus {
-    pub url: String,
-    /// The store answered and the archive is open; until then nothing is
-    /// shipped and requests wait.
-    pub opened: bool,
-    /// Highest seq whose record is in the archive.
-    pub shipped_seq: u64,
-    pub last_ship_ns: i64,
-    /// The last snapshot this daemon took (none yet since start).
-    pub last_snapshot: Option<SnapshotReport>,
-    /// When the newest snapshot in the archive was taken (read from the
-    /// archive at start, so monitoring survives a restart).
-    pub last_snapshot_ns: i64,
-    /// Seconds between scheduled snapshots (from the cron schedule), for
-    /// the "snapshot older than its schedule" alert.
-    pub snapshot_interval_seconds: Option<f64>,
-    pub last_prune: Option<PruneReport>,
-    pub next_snapshot: Option<String>,
-    /// The latest failure, cleared by the next success of the same kind.
-    pub ship_error: Option<String>,
-    pub snapshot_error: Option<String>,
-    pub prune_error: Option<String>,
-    /// Gaps in the local log bridged by a snapshot since start.
-    pub gaps_bridged: u64,
-    /// A gap was found and its bridging snapshot has not succeeded yet.
-    pub gaps_bridged_pending: bool,
-}
 
 /// A request from the CLI, as a file `<id>.<kind>` in the requests dir; the
 /// answer is written to `<id>.result`.
@@ -452,7 +423,7 @@ pub fn request(dataset_dir: &Path, kind: &str, timeout: Duration) -> std::io::Re
 
 /// The daemon's error opening its store, while it has not opened it.
 fn unreachable_store(dataset_dir: &Path) -> Option<String> {
-    let b = std::fs::read(dataset_dir.join(crate::runtime::STATUS_FILE)).ok()?;
+    let b = std::fs::read(dataset_dir.join(crate::status::STATUS_FILE)).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
     let a = &v["archive"];
     if a["opened"].as_bool() == Some(false) {

@@ -14,43 +14,10 @@ use std::time::Duration;
 
 use archive::schedule::Schedule;
 use chrono::Utc;
-use serde::Serialize;
 use vault::{Dataset, DatasetKey, View};
 
 use crate::config::Config;
-
-/// The `checks` part of `status.json`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ChecksStatus {
-    pub last_verify_ns: i64,
-    /// The last verify compared the copies and they agreed (true) or
-    /// differed (false); None when it has not run or could not compare.
-    pub last_verify_agree: Option<bool>,
-    /// "agree", "disagree" or "incomplete" (a site did not answer, or no
-    /// common checkpoint yet).
-    pub last_verify_outcome: Option<String>,
-    pub last_verify_verdict: Option<String>,
-    pub verify_mismatch_total: u64,
-    pub last_scrub_ns: i64,
-    pub last_scrub_ok: Option<bool>,
-    pub last_scrub_damaged: u64,
-    pub last_scrub_mb_per_s: f64,
-    pub repairs_total: u64,
-    pub last_drill_ns: i64,
-    /// When a drill last passed (0: never since start).
-    pub last_drill_success_ns: i64,
-    pub last_drill_result: Option<String>,
-    pub last_drill_rto_seconds: Option<f64>,
-    pub last_drill_rpo_seconds: Option<f64>,
-    pub last_drill_report: Option<String>,
-    pub drill_failures_total: u64,
-    /// Seconds between scheduled runs (from the cron schedules), for the
-    /// "overdue" alerts; absent when not scheduled.
-    pub verify_interval_seconds: Option<f64>,
-    pub scrub_interval_seconds: Option<f64>,
-    pub drill_interval_seconds: Option<f64>,
-    pub last_error: Option<String>,
-}
+use crate::status::ChecksStatus;
 
 pub type Shared = Arc<Mutex<ChecksStatus>>;
 

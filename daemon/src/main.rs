@@ -14,6 +14,7 @@ mod pushed;
 mod runtime;
 mod service;
 mod source;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

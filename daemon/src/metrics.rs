@@ -11,7 +11,7 @@
 
 use prometheus::{Encoder, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 
-use crate::http::SiteView;
+use crate::status::SiteView;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -545,7 +545,7 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{DatasetStatus, ReplicationStatus, Retention};
+    use crate::status::{DatasetStatus, ReplicationStatus, Retention};
 
     /// A status with every optional part present, as a primary with an
     /// archive and every check scheduled and run would have.
@@ -563,15 +563,15 @@ mod tests {
             pid: 1,
             updated_ns: 1,
             log: vault::Status::default(),
-            source: Some(crate::source::StatsView::default()),
-            puts: Some(crate::pushed::PutStatsView::default()),
+            source: Some(crate::status::StatsView::default()),
+            puts: Some(crate::status::PutStatsView::default()),
             replication: ReplicationStatus {
                 followers: vec![link],
                 upstream: Some(replicator::follower::FollowStatus::default()),
                 ..Default::default()
             },
             retention: Retention::default(),
-            archive: Some(crate::archiving::ArchiveStatus {
+            archive: Some(crate::status::ArchiveStatus {
                 opened: true,
                 last_ship_ns: 1,
                 last_snapshot: Some(archive::SnapshotReport::default()),
@@ -580,7 +580,7 @@ mod tests {
                 last_prune: Some(archive::PruneReport::default()),
                 ..Default::default()
             }),
-            checks: Some(crate::checks::ChecksStatus {
+            checks: Some(crate::status::ChecksStatus {
                 last_verify_ns: 1,
                 last_verify_agree: Some(true),
                 last_verify_outcome: Some("agree".into()),

@@ -32,6 +32,7 @@ use vault::chunk::{self, ChunkId};
 use vault::{Dataset, Entry, Node, Op, SubmitError};
 
 use crate::source::CommitGate;
+use crate::status::PutStatsView;
 
 /// The socket's file name in `site.data_dir`.
 pub const SOCKET: &str = "triad.sock";
@@ -103,17 +104,6 @@ pub struct PutStats {
     /// The last put failed its commit wait (cleared by the next success).
     pub commit_failing: AtomicBool,
     pub last_error: Mutex<Option<String>>,
-}
-
-/// The `puts` part of `status.json`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PutStatsView {
-    pub stored: u64,
-    pub existed: u64,
-    pub refused: u64,
-    pub commit_failures: u64,
-    pub commit_failing: bool,
-    pub last_error: Option<String>,
 }
 
 impl PutStats {

@@ -15,57 +15,12 @@ use anyhow::{bail, Context, Result};
 use replicator::follower::{FollowStatus, UpstreamAddr};
 use replicator::tls::Refusals;
 use replicator::upstream::{LinkStatus, Upstream, MAX_MESSAGE};
-use serde::Serialize;
 use vault::{Dataset, DatasetKey};
 
 use crate::config::{Config, Live, Role};
-use crate::http::{Phase, SiteView};
 use crate::service::Notifier;
-use crate::source::{DirSource, Stats, StatsView};
-
-/// What `status.json` in each dataset directory holds.
-#[derive(Serialize)]
-pub struct DatasetStatus {
-    pub dataset: String,
-    pub site: String,
-    pub role: &'static str,
-    pub pid: u32,
-    pub updated_ns: i64,
-    pub log: vault::Status,
-    /// The directory source (primary only).
-    pub source: Option<StatsView>,
-    /// `triad put` into a pushed dataset (primary only).
-    pub puts: Option<crate::pushed::PutStatsView>,
-    pub replication: ReplicationStatus,
-    pub retention: Retention,
-    /// This site's archive, when `[archive]` is set.
-    pub archive: Option<crate::archiving::ArchiveStatus>,
-    /// Scheduled verify, scrub and drill results, when any is scheduled.
-    pub checks: Option<crate::checks::ChecksStatus>,
-    pub failure: Option<String>,
-}
-
-/// The retained change log.
-#[derive(Serialize, Default, Clone)]
-pub struct Retention {
-    pub first_seq: u64,
-    pub log_bytes: u64,
-    /// Followers the size cap pushed behind the retained log since start.
-    pub forced_transfers: u64,
-}
-
-#[derive(Serialize, Default)]
-pub struct ReplicationStatus {
-    /// The sites following this one, with what each has acknowledged.
-    pub followers: Vec<LinkStatus>,
-    /// The site this one follows (followers only).
-    pub upstream: Option<FollowStatus>,
-    /// Connections refused at the replication port since start.
-    pub refused_handshakes: u64,
-    pub refused_unknown_sites: u64,
-}
-
-pub const STATUS_FILE: &str = "status.json";
+use crate::source::{DirSource, Stats};
+use crate::status::{DatasetStatus, Phase, ReplicationStatus, Retention, SiteView, STATUS_FILE};
 
 /// Opens a dataset for the daemon, turning key problems into clear errors.
 pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
@@ -96,14 +51,6 @@ pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
         "dataset open"
     );
     Ok(ds)
-}
-
-fn write_status(path: &Path, st: &DatasetStatus) {
-    if let Ok(body) = serde_json::to_vec_pretty(st) {
-        if let Err(e) = vault::fs::write_replace(path, &body, false) {
-            tracing::warn!(error = %e, "cannot write status file");
-        }
-    }
 }
 
 struct Running {
@@ -492,7 +439,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             .map(|r| status_of(cfg, r, upstream.as_deref(), &refusals))
             .collect();
         for st in &all {
-            write_status(&cfg.dataset_dir(&st.dataset).join(STATUS_FILE), st);
+            crate::status::write(&cfg.dataset_dir(&st.dataset).join(STATUS_FILE), st);
         }
         let line = status_line(&all);
         view.publish(all);

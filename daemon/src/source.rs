@@ -26,12 +26,12 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 use globset::{GlobSet, GlobSetBuilder};
 use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
-use serde::Serialize;
 use vault::chunk::ChunkId;
 use vault::dataset::now_ns;
 use vault::{Dataset, Entry, Node, Op, SubmitError};
 
 use crate::config::DirectorySettings;
+use crate::status::StatsView;
 
 /// Ops per record for metadata-only changes.
 const OPS_PER_RECORD: usize = 1000;
@@ -60,26 +60,6 @@ pub struct Stats {
     pub busy: AtomicBool,
     pub initial_scan_done: AtomicBool,
     pub last_error: Mutex<Option<String>>,
-}
-
-#[derive(Serialize, Default)]
-pub struct StatsView {
-    pub rounds: u64,
-    pub files_ingested: u64,
-    pub bytes_read: u64,
-    pub skipped: u64,
-    pub pending_paths: u64,
-    pub busy: bool,
-    pub initial_scan_done: bool,
-    /// No events pending, no round running, and every event seen so far has
-    /// been handled by a completed round.
-    pub settled: bool,
-    pub last_event_ns: i64,
-    pub last_round_end_ns: i64,
-    pub committed_seq: u64,
-    pub commit_failures: u64,
-    pub commit_failing: bool,
-    pub last_error: Option<String>,
 }
 
 impl Stats {

@@ -8,7 +8,6 @@
 //! and the BLAKE3 hash of the sealed bytes lets anyone check a copy without
 //! the key.
 
-
 use rayon::prelude::*;
 
 use crate::crypto::{sm4_gcm_open, sm4_gcm_seal, NONCE_LEN, TAG_LEN};

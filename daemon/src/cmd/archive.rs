@@ -86,7 +86,7 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
                     over_tls(&cfg, &rt, kind, &name)?
                 } else if daemon_running(&dir) {
                     // A daemon started without [archive] would never answer.
-                    let archiving = std::fs::read(dir.join(crate::runtime::STATUS_FILE))
+                    let archiving = std::fs::read(dir.join(crate::status::STATUS_FILE))
                         .ok()
                         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                         .is_some_and(|v| v["archive"].is_object());

@@ -52,7 +52,7 @@ pub(crate) fn shipped(cfg: &Config, dataset: &str) -> Option<u64> {
 
 /// This site's status file for `dataset`, as the daemon last wrote it.
 fn status_of(cfg: &Config, dataset: &str) -> Option<serde_json::Value> {
-    let b = std::fs::read(cfg.dataset_dir(dataset).join(crate::runtime::STATUS_FILE)).ok()?;
+    let b = std::fs::read(cfg.dataset_dir(dataset).join(crate::status::STATUS_FILE)).ok()?;
     serde_json::from_slice(&b).ok()
 }
 

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::runtime::STATUS_FILE;
+use crate::status::STATUS_FILE;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -248,11 +248,9 @@ pub(crate) fn cross_site(
     });
     let dir = cfg.dataset_dir(name);
     if dir.is_dir() {
-        if let Err(e) = vault::fs::write_replace(
-            &dir.join(LAST_VERIFY),
-            record.to_string().as_bytes(),
-            false,
-        ) {
+        if let Err(e) =
+            vault::fs::write_replace(&dir.join(LAST_VERIFY), record.to_string().as_bytes(), false)
+        {
             tracing::warn!(dataset = name, error = %e, "cannot record the verify result");
         }
     }
