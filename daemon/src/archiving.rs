@@ -3,9 +3,10 @@
 //! - the shipper uploads the durable log every `log_flush_interval` (and a
 //!   last time at a clean stop), so the archive trails the site by seconds;
 //! - the snapshotter takes snapshots on the cron schedule, on request
-//!   (`triad snapshot` / `triad prune` drop request files into
-//!   `<dataset>/requests/`) and when the shipper found a gap the log can no
-//!   longer fill, then applies retention and prunes.
+//!   (`triad snapshot` / `triad prune` from another process drop request
+//!   files into `<dataset>/requests/`; the replication port's Admin call
+//!   sends a job down [`Shared::ask`]'s channel) and when the shipper found
+//!   a gap the log can no longer fill, then applies retention and prunes.
 //!
 //! The store being down never stops replication or the source: errors are
 //! logged, shown in `status.json`, and the work is retried. Log segments stay
@@ -36,9 +37,46 @@ pub struct Answer {
     pub prune: Option<PruneReport>,
 }
 
+/// A snapshot or prune asked for inside the daemon (an Admin call), with
+/// where its answer goes.
+struct Job {
+    kind: Kind,
+    reply: crossbeam_channel::Sender<Answer>,
+}
+
+/// What can be asked of a dataset's archive on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Snapshot,
+    Prune,
+}
+
+impl Kind {
+    /// As request files and Admin calls name it.
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "snapshot" => Some(Kind::Snapshot),
+            "prune" => Some(Kind::Prune),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Snapshot => "snapshot",
+            Kind::Prune => "prune",
+        }
+    }
+}
+
 /// Shared between the runtime and a dataset's archive threads.
 pub struct Shared {
     pub status: Mutex<ArchiveStatus>,
+    /// In-process requests; the CLI's come as files (`REQUESTS_DIR`).
+    jobs: (
+        crossbeam_channel::Sender<Job>,
+        crossbeam_channel::Receiver<Job>,
+    ),
     /// The live settings; a reload replaces them (the store itself stays).
     settings: Mutex<ArchiveSettings>,
     /// Seq shipped; 0 until known (retention then keeps everything).
@@ -58,6 +96,43 @@ impl Shared {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Asks the snapshot thread for `kind` and waits up to `timeout` for its
+    /// answer. Gives up early when the store was never reached (the thread
+    /// answers only once it has been).
+    pub fn ask(&self, kind: Kind, timeout: Duration) -> Result<Answer, String> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.jobs
+            .0
+            .send(Job { kind, reply })
+            .map_err(|_| "the archive threads have stopped".to_string())?;
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            match answer.recv_timeout(Duration::from_secs(1)) {
+                Ok(a) => return Ok(a),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err("the archive threads stopped before answering".into())
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            }
+            let unreachable = self
+                .status
+                .lock()
+                .ok()
+                .filter(|s| !s.opened)
+                .and_then(|s| s.ship_error.clone());
+            if let Some(e) = unreachable.filter(|_| started.elapsed() > Duration::from_secs(5)) {
+                return Err(format!(
+                    "the daemon has not reached its archive yet, so it cannot {}: {e}",
+                    kind.as_str()
+                ));
+            }
+        }
+        Err(format!(
+            "no answer within {}s (see the daemon's log)",
+            timeout.as_secs()
+        ))
     }
 
     /// Applies reloaded settings: schedule, retention, flush interval and
@@ -152,6 +227,7 @@ pub fn start(
             ..ArchiveStatus::default()
         }),
         settings: Mutex::new(settings.clone()),
+        jobs: crossbeam_channel::unbounded(),
         shipped: AtomicU64::new(0),
         gap: AtomicBool::new(false),
     });
@@ -278,29 +354,37 @@ fn snapshot_loop(a: &Archiver, sh: &Shared, stop: &AtomicBool) {
             next = next_of(settings);
         }
         for (path, kind) in pending_requests(&requests) {
-            let answer = match kind.as_str() {
-                "snapshot" => match run_snapshot(a, settings, sh, false) {
-                    Ok(r) => Answer {
-                        ok: true,
-                        error: None,
-                        snapshot: Some(r),
-                        prune: None,
-                    },
-                    Err(e) => failed(e),
-                },
-                _ => match run_prune(a, settings, sh) {
-                    Ok(r) => Answer {
-                        ok: true,
-                        error: None,
-                        snapshot: None,
-                        prune: Some(r),
-                    },
-                    Err(e) => failed(e),
-                },
-            };
-            answer_request(&path, &answer);
+            answer_request(&path, &on_demand(a, settings, sh, kind));
+        }
+        while let Ok(job) = sh.jobs.1.try_recv() {
+            // The asker may have given up; its answer is then dropped.
+            let _ = job.reply.send(on_demand(a, settings, sh, job.kind));
         }
         nap(stop, Duration::from_millis(500));
+    }
+}
+
+/// A snapshot or prune asked for, answered.
+fn on_demand(a: &Archiver, settings: &ArchiveSettings, sh: &Shared, kind: Kind) -> Answer {
+    match kind {
+        Kind::Snapshot => match run_snapshot(a, settings, sh, false) {
+            Ok(r) => Answer {
+                ok: true,
+                error: None,
+                snapshot: Some(r),
+                prune: None,
+            },
+            Err(e) => failed(e),
+        },
+        Kind::Prune => match run_prune(a, settings, sh) {
+            Ok(r) => Answer {
+                ok: true,
+                error: None,
+                snapshot: None,
+                prune: Some(r),
+            },
+            Err(e) => failed(e),
+        },
     }
 }
 
@@ -357,16 +441,16 @@ fn run_prune(a: &Archiver, settings: &ArchiveSettings, sh: &Shared) -> Result<Pr
 }
 
 /// Request files (`<id>.snapshot`, `<id>.prune`) not yet answered.
-fn pending_requests(dir: &Path) -> Vec<(PathBuf, String)> {
+fn pending_requests(dir: &Path) -> Vec<(PathBuf, Kind)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut out: Vec<(PathBuf, String)> = rd
+    let mut out: Vec<(PathBuf, Kind)> = rd
         .flatten()
         .filter_map(|e| {
             let p = e.path();
-            let kind = p.extension()?.to_str()?.to_string();
-            (kind == "snapshot" || kind == "prune").then_some((p, kind))
+            let kind = Kind::parse(p.extension()?.to_str()?)?;
+            Some((p, kind))
         })
         .collect();
     out.sort();
@@ -423,12 +507,7 @@ pub fn request(dataset_dir: &Path, kind: &str, timeout: Duration) -> std::io::Re
 
 /// The daemon's error opening its store, while it has not opened it.
 fn unreachable_store(dataset_dir: &Path) -> Option<String> {
-    let b = std::fs::read(dataset_dir.join(crate::status::STATUS_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
-    let a = &v["archive"];
-    if a["opened"].as_bool() == Some(false) {
-        a["ship_error"].as_str().map(str::to_string)
-    } else {
-        None
-    }
+    let st =
+        crate::status::DatasetStatus::read(&dataset_dir.join(crate::status::STATUS_FILE)).ok()?;
+    st.archive.filter(|a| !a.opened)?.ship_error
 }

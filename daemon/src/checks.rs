@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use archive::schedule::Schedule;
 use chrono::Utc;
-use vault::{Dataset, DatasetKey, View};
+use vault::Dataset;
 
 use crate::config::Config;
+use crate::ops::verify::{scrub_and_repair, Repair};
 use crate::status::ChecksStatus;
 
 pub type Shared = Arc<Mutex<ChecksStatus>>;
@@ -140,7 +141,7 @@ fn read_evidence(cfg: &Config, dataset: &str, s: &Shared) {
     }
     let verify = std::fs::read(
         cfg.dataset_dir(dataset)
-            .join(crate::cmd::verify::LAST_VERIFY),
+            .join(crate::ops::verify::LAST_VERIFY),
     )
     .ok()
     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
@@ -184,15 +185,9 @@ fn record_verify(c: &mut ChecksStatus, agree: bool, disagree: bool, verdict: &st
     }
 }
 
-fn key_of(cfg: &Config, ds: &Dataset) -> anyhow::Result<DatasetKey> {
-    let d = cfg
-        .dataset(ds.name())
-        .ok_or_else(|| anyhow::anyhow!("dataset `{}` is not in the config", ds.name()))?;
-    Ok(DatasetKey::load(&d.key_file)?)
-}
-
 fn run_verify(cfg: &Config, ds: &Dataset, s: &Shared) {
-    let r = key_of(cfg, ds).and_then(|k| crate::cmd::verify::cross_site(cfg, ds.name(), &k));
+    let r = crate::ops::dataset_key(cfg, ds.name())
+        .and_then(|k| crate::ops::verify::cross_site(cfg, ds.name(), &k));
     match r {
         Ok(r) => {
             if r.agree {
@@ -220,28 +215,16 @@ fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared) {
         .and_then(|r| crate::config::parse_bandwidth(r).ok())
         .unwrap_or(100 << 20);
     let r = (|| -> anyhow::Result<()> {
-        let key = key_of(cfg, ds)?;
-        let view = View::open(&cfg.dataset_dir(ds.name()), ds.name(), &key)?;
-        let r = verifier::scrub::local(ds.name(), &view, Some(rate), &|_, _| {})?;
-        drop(view);
-        let repaired = if verify.repair && !r.bad.is_empty() {
-            let ids: Vec<String> = r.bad.iter().map(|b| b.id.clone()).collect();
-            Some(crate::cmd::repair::with_dataset(
-                cfg,
-                ds.name(),
-                &key,
-                ds,
-                &ids,
-            )?)
+        let key = crate::ops::dataset_key(cfg, ds.name())?;
+        let repair = if verify.repair {
+            Repair::With(ds)
         } else {
-            None
+            Repair::No
         };
-        crate::cmd::verify::record_scrub(cfg, ds.name(), &r, repaired.as_ref());
-        let damaged = repaired
-            .as_ref()
-            .map(|x| x.failed.len())
-            .unwrap_or(r.bad.len()) as u64;
-        if r.ok() {
+        let out = scrub_and_repair(cfg, ds.name(), &key, Some(rate), repair, &|_, _| {})?;
+        let r = &out.scrub;
+        let damaged = out.damaged();
+        if out.ok() {
             tracing::info!(
                 dataset = ds.name(),
                 chunks = r.chunks,
@@ -253,15 +236,16 @@ fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared) {
                 dataset = ds.name(),
                 bad = r.bad.len(),
                 damaged_after_repair = damaged,
+                digest_ok = out.digest_ok(),
                 "scrub found damage"
             );
         }
         update(s, |c| {
             c.last_scrub_ns = vault::dataset::now_ns();
-            c.last_scrub_ok = Some(damaged == 0 && r.running_digest == r.recomputed_digest);
+            c.last_scrub_ok = Some(out.ok());
             c.last_scrub_damaged = damaged;
             c.last_scrub_mb_per_s = r.mb_per_s;
-            c.repairs_total += repaired.as_ref().map(|x| x.repaired.len()).unwrap_or(0) as u64;
+            c.repairs_total += out.repaired.as_ref().map_or(0, |x| x.repaired.len()) as u64;
         });
         Ok(())
     })();
@@ -274,34 +258,23 @@ fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared) {
 fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
     let drill = cfg.drill.clone().unwrap_or_default();
     let r = (|| -> anyhow::Result<verifier::DrillReport> {
-        let key = key_of(cfg, ds)?;
-        let store = crate::cmd::drill::drill_store(
+        let key = crate::ops::dataset_key(cfg, ds.name())?;
+        let store = crate::ops::drill::store(
             cfg,
             drill.url.as_deref(),
             drill.endpoint.clone(),
             drill.credentials_file.clone(),
         )?;
-        let reports = cfg.reports_dir();
-        let spec = verifier::DrillSpec {
-            dataset: ds.name(),
-            key: &key,
+        let spec = crate::ops::drill::spec(
+            cfg,
+            ds.name(),
+            &key,
             store,
-            at: archive::At::Latest,
-            at_text: "latest".into(),
-            scratch_parent: cfg.site.data_dir.clone(),
-            reports_dir: reports.clone(),
-            reference: crate::cmd::drill::reference(cfg, ds.name()),
-            concurrency: 32,
-            expect_seq: drill
-                .url
-                .is_none()
-                .then(|| crate::cmd::drill::shipped(cfg, ds.name()))
-                .flatten(),
-            checkpoints: ds.state().checkpoints()?,
-        };
-        let rt = crate::cmd::archive::runtime()?;
-        let report = verifier::drill::run(&spec, rt.handle())?;
-        let (json, _) = verifier::drill::write_reports(&report, &reports)?;
+            drill.url.is_none(),
+            ds.state().checkpoints()?,
+        );
+        let rt = crate::ops::runtime()?;
+        let (report, json, _) = crate::ops::drill::run(&spec, &rt)?;
         update(s, |c| {
             c.last_drill_report = Some(json.display().to_string())
         });

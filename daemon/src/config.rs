@@ -62,6 +62,16 @@ pub enum Role {
     Follower,
 }
 
+impl Role {
+    /// As the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Follower => "follower",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
@@ -106,8 +116,8 @@ pub struct Listen {
 pub struct Peer {
     pub name: String,
     pub address: String,
-    pub mode: Option<String>,
-    pub on_unreachable: Option<String>,
+    pub mode: Option<replicator::upstream::Mode>,
+    pub on_unreachable: Option<replicator::upstream::OnUnreachable>,
     pub wait_limit: Option<String>,
     pub bandwidth: Option<String>,
 }
@@ -231,6 +241,19 @@ pub struct DirectorySettings {
     pub workers: usize,
 }
 
+/// The put/get socket's file name in `site.data_dir`.
+pub const SOCKET: &str = "triad.sock";
+
+/// The gid of a group named in /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -294,6 +317,17 @@ impl Config {
             field,
             message,
         };
+        self.validate_site(&invalid)?;
+        self.validate_links(&invalid)?;
+        self.validate_datasets(&invalid)?;
+        self.validate_checks(&invalid)
+    }
+
+    /// `[site]`: name, data dir, role and upstream, stop timeout, log sizes.
+    fn validate_site(
+        &self,
+        invalid: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         if !valid_name(&self.site.name) {
             return Err(invalid(
                 "site.name".into(),
@@ -334,6 +368,30 @@ impl Config {
             }
             _ => {}
         }
+        if let Some(t) = &self.site.stop_timeout {
+            parse_duration(t).map_err(|m| invalid("site.stop_timeout".into(), m))?;
+        }
+        for (field, v) in [
+            ("site.log_retention_max", &self.site.log_retention_max),
+            ("site.log_segment_size", &self.site.log_segment_size),
+        ] {
+            if let Some(v) = v {
+                parse_bandwidth(v).map_err(|_| {
+                    invalid(
+                        field.into(),
+                        format!("`{v}` is not a size; write it like \"50GiB\" or \"64MiB\""),
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `[tls]`, `[listen]` and `[[peer]]`, and that they fit together.
+    fn validate_links(
+        &self,
+        invalid: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         if let Some(t) = &self.tls {
             for (field, path) in [
                 ("tls.ca", &t.ca),
@@ -359,7 +417,7 @@ impl Config {
                 ));
             }
             if let Some(g) = &l.socket_group {
-                if crate::pushed::group_id(g).is_none() {
+                if group_id(g).is_none() {
                     return Err(invalid(
                         "listen.socket_group".into(),
                         format!("there is no group `{g}` in /etc/group"),
@@ -404,40 +462,8 @@ impl Config {
             if let Some(b) = &p.bandwidth {
                 parse_bandwidth(b).map_err(|m| invalid(format!("peer[{i}].bandwidth"), m))?;
             }
-            if let Some(m) = &p.mode {
-                if m != "sync" && m != "async" {
-                    return Err(invalid(
-                        format!("peer[{i}].mode"),
-                        format!("`{m}` must be \"sync\" or \"async\""),
-                    ));
-                }
-            }
-            if let Some(m) = &p.on_unreachable {
-                if m != "wait" && m != "degrade" {
-                    return Err(invalid(
-                        format!("peer[{i}].on_unreachable"),
-                        format!("`{m}` must be \"wait\" or \"degrade\""),
-                    ));
-                }
-            }
             if let Some(w) = &p.wait_limit {
                 parse_duration(w).map_err(|m| invalid(format!("peer[{i}].wait_limit"), m))?;
-            }
-        }
-        if let Some(t) = &self.site.stop_timeout {
-            parse_duration(t).map_err(|m| invalid("site.stop_timeout".into(), m))?;
-        }
-        for (field, v) in [
-            ("site.log_retention_max", &self.site.log_retention_max),
-            ("site.log_segment_size", &self.site.log_segment_size),
-        ] {
-            if let Some(v) = v {
-                parse_bandwidth(v).map_err(|_| {
-                    invalid(
-                        field.into(),
-                        format!("`{v}` is not a size; write it like \"50GiB\" or \"64MiB\""),
-                    )
-                })?;
             }
         }
         let serves = self
@@ -456,6 +482,14 @@ impl Config {
                 "[[peer]] entries with a mode follow this site, so it must listen: add replication = \"0.0.0.0:7400\"".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Each `[[dataset]]` and its source.
+    fn validate_datasets(
+        &self,
+        invalid: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         if self.dataset.is_empty() {
             return Err(invalid(
                 "dataset".into(),
@@ -549,6 +583,14 @@ impl Config {
                 SourceConfig::Pushed {} => {}
             }
         }
+        Ok(())
+    }
+
+    /// `[archive]`, `[verify]`, `[drill]` and `[log]`.
+    fn validate_checks(
+        &self,
+        invalid: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         if self.archive.is_some() {
             self.archive_settings()
                 .map_err(|(field, message)| invalid(field, message))?;
@@ -615,8 +657,8 @@ impl Config {
         k.site.stop_timeout = new.site.stop_timeout.clone();
         for p in &mut k.peer {
             if let Some(n) = new.peer.iter().find(|n| n.name == p.name) {
-                p.mode = n.mode.clone();
-                p.on_unreachable = n.on_unreachable.clone();
+                p.mode = n.mode;
+                p.on_unreachable = n.on_unreachable;
                 p.wait_limit = n.wait_limit.clone();
                 p.bandwidth = n.bandwidth.clone();
             }
@@ -793,19 +835,16 @@ impl Config {
     pub fn followers(
         &self,
     ) -> std::collections::HashMap<String, replicator::upstream::FollowerPolicy> {
-        use replicator::upstream::{FollowerPolicy, OnUnreachable};
+        use replicator::upstream::FollowerPolicy;
         self.peer
             .iter()
             .filter_map(|p| {
-                let mode = p.mode.clone()?;
+                let mode = p.mode?;
                 Some((
                     p.name.clone(),
                     FollowerPolicy {
                         mode,
-                        on_unreachable: match p.on_unreachable.as_deref() {
-                            Some("degrade") => OnUnreachable::Degrade,
-                            _ => OnUnreachable::Wait,
-                        },
+                        on_unreachable: p.on_unreachable.unwrap_or_default(),
                         wait_limit: p
                             .wait_limit
                             .as_deref()
@@ -849,7 +888,15 @@ impl Config {
         self.listen
             .as_ref()
             .and_then(|l| l.socket.clone())
-            .unwrap_or_else(|| self.site.data_dir.join(crate::pushed::SOCKET))
+            .unwrap_or_else(|| self.site.data_dir.join(SOCKET))
+    }
+
+    /// The gid of `listen.socket_group` (checked to exist by `validate`).
+    pub fn socket_group(&self) -> Option<u32> {
+        self.listen
+            .as_ref()
+            .and_then(|l| l.socket_group.as_deref())
+            .and_then(group_id)
     }
 
     /// Where drill reports go: `[drill] reports_dir`, else `<data_dir>/reports`.

@@ -9,7 +9,10 @@ mod cmd;
 mod config;
 mod http;
 mod ingest;
+#[cfg(test)]
+mod layers;
 mod metrics;
+mod ops;
 mod pushed;
 mod runtime;
 mod service;
@@ -92,6 +95,19 @@ enum Command {
     Demo(cmd::demo::Args),
 }
 
+/// For the commands whose output is a report: a reader that closes the pipe
+/// early (`triad status | head`) ends the command quietly, as it ends any
+/// Unix tool, instead of a panic in `println!`. The daemon, put and get keep
+/// SIGPIPE ignored: they write to sockets and report a closed one as an
+/// error.
+fn quiet_on_closed_pipe() {
+    // SAFETY: restoring the default disposition of a signal, before any
+    // thread is started, has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let from_config = match &cli.command {
@@ -102,6 +118,12 @@ fn main() -> ExitCode {
         _ => None,
     };
     cmd::init_logging(cli.log_format.or(from_config).as_deref().unwrap_or("human"));
+    if !matches!(
+        cli.command,
+        Command::Daemon { .. } | Command::Put(_) | Command::Get(_) | Command::Demo(_)
+    ) {
+        quiet_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::Daemon { cfg } => cmd::daemon::run(&cfg.config),
         Command::Keygen { out } => cmd::keygen::run(&out),

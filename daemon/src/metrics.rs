@@ -11,7 +11,7 @@
 
 use prometheus::{Encoder, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 
-use crate::status::SiteView;
+use crate::status::{DatasetStatus, SiteView};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -65,7 +65,20 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         reg: Registry::new(),
         site: view.site.clone(),
     };
+    site(&m, view, &datasets)?;
+    log(&m, &datasets)?;
+    replication(&m, &datasets)?;
+    intake(&m, &datasets)?;
+    archive(&m, &datasets)?;
+    verify_and_scrub(&m, &datasets)?;
+    drills(&m, &datasets)?;
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&m.reg.gather(), &mut out)?;
+    String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
 
+/// The daemon itself: version and role, start time, readiness.
+fn site(m: &Metrics, view: &SiteView, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     let info = m.gauge(
         "triad_build_info",
         "Always 1; the version and role as labels.",
@@ -87,8 +100,12 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
     // not_ready covers the phase (opening, stopping) too.
     ready
         .with_label_values(&[])
-        .set(flag(view.not_ready(&datasets).is_empty()));
+        .set(flag(view.not_ready(datasets).is_empty()));
+    Ok(())
+}
 
+/// Each dataset's change log: head, applied, retention, failure.
+fn log(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     let head = m.gauge(
         "triad_wal_head_seq",
         "Highest seq durable in this site's change log.",
@@ -125,6 +142,33 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         &["dataset"],
     )?;
 
+    for d in datasets {
+        let ds = d.dataset.as_str();
+        head.with_label_values(&[ds]).set(d.log.head_seq as f64);
+        applied
+            .with_label_values(&[ds])
+            .set(d.log.applied_seq as f64);
+        last_commit
+            .with_label_values(&[ds])
+            .set(secs(d.log.last_commit_ns));
+        log_bytes
+            .with_label_values(&[ds])
+            .set(d.retention.log_bytes as f64);
+        log_first
+            .with_label_values(&[ds])
+            .set(d.retention.first_seq as f64);
+        failed
+            .with_label_values(&[ds])
+            .set(flag(d.failure.is_some()));
+        forced
+            .with_label_values(&[ds])
+            .inc_by(d.retention.forced_transfers);
+    }
+    Ok(())
+}
+
+/// Replication links, both ways, and refused connections.
+fn replication(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     let lag_s = m.gauge(
         "triad_replication_lag_seconds",
         "Age of the oldest change the follower lacks (0 when caught up).",
@@ -171,6 +215,51 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         &["reason"],
     )?;
 
+    for d in datasets {
+        let ds = d.dataset.as_str();
+        for f in &d.replication.followers {
+            let l = [ds, f.site.as_str(), "follower"];
+            let mode = f.mode.to_string();
+            lag_s.with_label_values(&l).set(f.lag_seconds);
+            lag_r.with_label_values(&l).set(f.lag_records as f64);
+            lag_b.with_label_values(&l).set(f.lag_bytes as f64);
+            connected.with_label_values(&l).set(flag(f.connected));
+            acked
+                .with_label_values(&[ds, f.site.as_str(), mode.as_str()])
+                .set(f.acked_seq as f64);
+            degraded
+                .with_label_values(&[ds, &f.site])
+                .set(flag(f.degraded));
+            degradations
+                .with_label_values(&[ds, &f.site])
+                .inc_by(f.degradations);
+        }
+        if let Some(u) = &d.replication.upstream {
+            let l = [ds, u.upstream.as_str(), "upstream"];
+            lag_s.with_label_values(&l).set(u.lag_seconds);
+            lag_r.with_label_values(&l).set(u.lag_records as f64);
+            lag_b.with_label_values(&l).set(u.lag_bytes as f64);
+            connected.with_label_values(&l).set(flag(u.connected));
+            transfer
+                .with_label_values(&[ds, &u.upstream])
+                .set(flag(u.receiving_transfer));
+        }
+    }
+    if let Some(d) = datasets.first() {
+        // Refusals are per site, repeated in every dataset's status.
+        refused
+            .with_label_values(&["handshake"])
+            .inc_by(d.replication.refused_handshakes);
+        refused
+            .with_label_values(&["unknown_site"])
+            .inc_by(d.replication.refused_unknown_sites);
+    }
+
+    Ok(())
+}
+
+/// Where data enters: the directory source and `triad put`.
+fn intake(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     let commit_failing = m.gauge(
         "triad_source_commit_failing",
         "1 while the commit policy fails: a sync follower does not acknowledge in time.",
@@ -202,6 +291,39 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         &["dataset"],
     )?;
 
+    for d in datasets {
+        let ds = d.dataset.as_str();
+        if let Some(p) = &d.puts {
+            // A failing put is the commit policy failing, as for a source round.
+            commit_failing
+                .with_label_values(&[ds])
+                .set(flag(p.commit_failing));
+            for (result, n) in [
+                ("stored", p.stored),
+                ("existed", p.existed),
+                ("refused", p.refused),
+                ("commit_failed", p.commit_failures),
+            ] {
+                puts.with_label_values(&[ds, result]).inc_by(n);
+            }
+        }
+        if let Some(s) = &d.source {
+            commit_failing
+                .with_label_values(&[ds])
+                .set(flag(s.commit_failing));
+            commit_failures
+                .with_label_values(&[ds])
+                .inc_by(s.commit_failures);
+            files.with_label_values(&[ds]).inc_by(s.files_ingested);
+            src_bytes.with_label_values(&[ds]).inc_by(s.bytes_read);
+            pending.with_label_values(&[ds]).set(s.pending_paths as f64);
+        }
+    }
+    Ok(())
+}
+
+/// The archive: shipping, snapshots, prune.
+fn archive(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     let arch_open = m.gauge(
         "triad_archive_open",
         "1 once this site's object store answered.",
@@ -263,6 +385,58 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         &["dataset"],
     )?;
 
+    for d in datasets {
+        let ds = d.dataset.as_str();
+        if let Some(a) = &d.archive {
+            arch_open.with_label_values(&[ds]).set(flag(a.opened));
+            arch_shipped
+                .with_label_values(&[ds])
+                .set(a.shipped_seq as f64);
+            if a.opened {
+                arch_lag
+                    .with_label_values(&[ds])
+                    .set(d.log.head_seq.saturating_sub(a.shipped_seq) as f64);
+            }
+            if a.last_ship_ns > 0 {
+                arch_ship.with_label_values(&[ds]).set(secs(a.last_ship_ns));
+            }
+            for (kind, e) in [
+                ("ship", &a.ship_error),
+                ("snapshot", &a.snapshot_error),
+                ("prune", &a.prune_error),
+            ] {
+                arch_err
+                    .with_label_values(&[ds, kind])
+                    .set(flag(e.is_some()));
+            }
+            gaps.with_label_values(&[ds]).inc_by(a.gaps_bridged);
+            if a.last_snapshot_ns > 0 {
+                snap_ok
+                    .with_label_values(&[ds])
+                    .set(secs(a.last_snapshot_ns));
+            }
+            if let Some(r) = &a.last_snapshot {
+                snap_dur.with_label_values(&[ds]).set(r.seconds);
+                snap_bytes.with_label_values(&[ds]).set(r.bytes as f64);
+                snap_up
+                    .with_label_values(&[ds])
+                    .set(r.bytes_uploaded as f64);
+            }
+            if let Some(i) = a.snapshot_interval_seconds {
+                snap_every.with_label_values(&[ds]).set(i);
+            }
+            if let Some(p) = &a.last_prune {
+                chunks_missing
+                    .with_label_values(&[ds])
+                    .set(p.chunks_missing as f64);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cross-site verify, scrubs and repairs.
+fn verify_and_scrub(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     let verify_t = m.gauge(
         "triad_verify_last_timestamp_seconds",
         "When cross-site verify last ran.",
@@ -313,6 +487,49 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         "Chunks repaired by scheduled scrubs since start.",
         &["dataset"],
     )?;
+
+    for d in datasets {
+        let ds = d.dataset.as_str();
+        if let Some(c) = &d.checks {
+            if c.last_verify_ns > 0 {
+                verify_t
+                    .with_label_values(&[ds])
+                    .set(secs(c.last_verify_ns));
+            }
+            if let Some(a) = c.last_verify_agree {
+                verify_ok.with_label_values(&[ds]).set(flag(a));
+            }
+            verify_bad
+                .with_label_values(&[ds])
+                .inc_by(c.verify_mismatch_total);
+            if let Some(o) = &c.last_verify_outcome {
+                verify_incomplete
+                    .with_label_values(&[ds])
+                    .set(flag(o == "incomplete"));
+            }
+            if let Some(i) = c.verify_interval_seconds {
+                verify_every.with_label_values(&[ds]).set(i);
+            }
+            if c.last_scrub_ns > 0 {
+                scrub_t.with_label_values(&[ds]).set(secs(c.last_scrub_ns));
+            }
+            if let Some(ok) = c.last_scrub_ok {
+                scrub_ok.with_label_values(&[ds]).set(flag(ok));
+                scrub_bad
+                    .with_label_values(&[ds])
+                    .set(c.last_scrub_damaged as f64);
+            }
+            if let Some(i) = c.scrub_interval_seconds {
+                scrub_every.with_label_values(&[ds]).set(i);
+            }
+            repairs.with_label_values(&[ds]).inc_by(c.repairs_total);
+        }
+    }
+    Ok(())
+}
+
+/// Restore drills.
+fn drills(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     let drill_t = m.gauge(
         "triad_drill_last_timestamp_seconds",
         "When a restore drill last finished.",
@@ -349,159 +566,9 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
         &["dataset"],
     )?;
 
-    for d in datasets.iter() {
+    for d in datasets {
         let ds = d.dataset.as_str();
-        head.with_label_values(&[ds]).set(d.log.head_seq as f64);
-        applied
-            .with_label_values(&[ds])
-            .set(d.log.applied_seq as f64);
-        last_commit
-            .with_label_values(&[ds])
-            .set(secs(d.log.last_commit_ns));
-        log_bytes
-            .with_label_values(&[ds])
-            .set(d.retention.log_bytes as f64);
-        log_first
-            .with_label_values(&[ds])
-            .set(d.retention.first_seq as f64);
-        failed
-            .with_label_values(&[ds])
-            .set(flag(d.failure.is_some()));
-        forced
-            .with_label_values(&[ds])
-            .inc_by(d.retention.forced_transfers);
-
-        for f in &d.replication.followers {
-            let l = [ds, f.site.as_str(), "follower"];
-            lag_s.with_label_values(&l).set(f.lag_seconds);
-            lag_r.with_label_values(&l).set(f.lag_records as f64);
-            lag_b.with_label_values(&l).set(f.lag_bytes as f64);
-            connected.with_label_values(&l).set(flag(f.connected));
-            acked
-                .with_label_values(&[ds, f.site.as_str(), f.mode.as_str()])
-                .set(f.acked_seq as f64);
-            degraded
-                .with_label_values(&[ds, &f.site])
-                .set(flag(f.degraded));
-            degradations
-                .with_label_values(&[ds, &f.site])
-                .inc_by(f.degradations);
-        }
-        if let Some(u) = &d.replication.upstream {
-            let l = [ds, u.upstream.as_str(), "upstream"];
-            lag_s.with_label_values(&l).set(u.lag_seconds);
-            lag_r.with_label_values(&l).set(u.lag_records as f64);
-            lag_b.with_label_values(&l).set(u.lag_bytes as f64);
-            connected.with_label_values(&l).set(flag(u.connected));
-            transfer
-                .with_label_values(&[ds, &u.upstream])
-                .set(flag(u.receiving_transfer));
-        }
-
-        if let Some(p) = &d.puts {
-            // A failing put is the commit policy failing, as for a source round.
-            commit_failing
-                .with_label_values(&[ds])
-                .set(flag(p.commit_failing));
-            for (result, n) in [
-                ("stored", p.stored),
-                ("existed", p.existed),
-                ("refused", p.refused),
-                ("commit_failed", p.commit_failures),
-            ] {
-                puts.with_label_values(&[ds, result]).inc_by(n);
-            }
-        }
-        if let Some(s) = &d.source {
-            commit_failing
-                .with_label_values(&[ds])
-                .set(flag(s.commit_failing));
-            commit_failures
-                .with_label_values(&[ds])
-                .inc_by(s.commit_failures);
-            files.with_label_values(&[ds]).inc_by(s.files_ingested);
-            src_bytes.with_label_values(&[ds]).inc_by(s.bytes_read);
-            pending.with_label_values(&[ds]).set(s.pending_paths as f64);
-        }
-
-        if let Some(a) = &d.archive {
-            arch_open.with_label_values(&[ds]).set(flag(a.opened));
-            arch_shipped
-                .with_label_values(&[ds])
-                .set(a.shipped_seq as f64);
-            if a.opened {
-                arch_lag
-                    .with_label_values(&[ds])
-                    .set(d.log.head_seq.saturating_sub(a.shipped_seq) as f64);
-            }
-            if a.last_ship_ns > 0 {
-                arch_ship.with_label_values(&[ds]).set(secs(a.last_ship_ns));
-            }
-            for (kind, e) in [
-                ("ship", &a.ship_error),
-                ("snapshot", &a.snapshot_error),
-                ("prune", &a.prune_error),
-            ] {
-                arch_err
-                    .with_label_values(&[ds, kind])
-                    .set(flag(e.is_some()));
-            }
-            gaps.with_label_values(&[ds]).inc_by(a.gaps_bridged);
-            if a.last_snapshot_ns > 0 {
-                snap_ok
-                    .with_label_values(&[ds])
-                    .set(secs(a.last_snapshot_ns));
-            }
-            if let Some(r) = &a.last_snapshot {
-                snap_dur.with_label_values(&[ds]).set(r.seconds);
-                snap_bytes.with_label_values(&[ds]).set(r.bytes as f64);
-                snap_up
-                    .with_label_values(&[ds])
-                    .set(r.bytes_uploaded as f64);
-            }
-            if let Some(i) = a.snapshot_interval_seconds {
-                snap_every.with_label_values(&[ds]).set(i);
-            }
-            if let Some(p) = &a.last_prune {
-                chunks_missing
-                    .with_label_values(&[ds])
-                    .set(p.chunks_missing as f64);
-            }
-        }
-
         if let Some(c) = &d.checks {
-            if c.last_verify_ns > 0 {
-                verify_t
-                    .with_label_values(&[ds])
-                    .set(secs(c.last_verify_ns));
-            }
-            if let Some(a) = c.last_verify_agree {
-                verify_ok.with_label_values(&[ds]).set(flag(a));
-            }
-            verify_bad
-                .with_label_values(&[ds])
-                .inc_by(c.verify_mismatch_total);
-            if let Some(o) = &c.last_verify_outcome {
-                verify_incomplete
-                    .with_label_values(&[ds])
-                    .set(flag(o == "incomplete"));
-            }
-            if let Some(i) = c.verify_interval_seconds {
-                verify_every.with_label_values(&[ds]).set(i);
-            }
-            if c.last_scrub_ns > 0 {
-                scrub_t.with_label_values(&[ds]).set(secs(c.last_scrub_ns));
-            }
-            if let Some(ok) = c.last_scrub_ok {
-                scrub_ok.with_label_values(&[ds]).set(flag(ok));
-                scrub_bad
-                    .with_label_values(&[ds])
-                    .set(c.last_scrub_damaged as f64);
-            }
-            if let Some(i) = c.scrub_interval_seconds {
-                scrub_every.with_label_values(&[ds]).set(i);
-            }
-            repairs.with_label_values(&[ds]).inc_by(c.repairs_total);
             if c.last_drill_ns > 0 {
                 drill_t.with_label_values(&[ds]).set(secs(c.last_drill_ns));
                 drill_ok
@@ -527,19 +594,7 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
             }
         }
     }
-    if let Some(d) = datasets.first() {
-        // Refusals are per site, repeated in every dataset's status.
-        refused
-            .with_label_values(&["handshake"])
-            .inc_by(d.replication.refused_handshakes);
-        refused
-            .with_label_values(&["unknown_site"])
-            .inc_by(d.replication.refused_unknown_sites);
-    }
-
-    let mut out = Vec::new();
-    TextEncoder::new().encode(&m.reg.gather(), &mut out)?;
-    String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -553,13 +608,13 @@ mod tests {
         let link = replicator::upstream::LinkStatus {
             dataset: "files".into(),
             site: "zjk-b".into(),
-            mode: "sync".into(),
+            mode: replicator::upstream::Mode::Sync,
             ..Default::default()
         };
         DatasetStatus {
             dataset: "files".into(),
             site: "zjk-a".into(),
-            role: "primary",
+            role: "primary".into(),
             pid: 1,
             updated_ns: 1,
             log: vault::Status::default(),
@@ -597,6 +652,7 @@ mod tests {
                 ..Default::default()
             }),
             failure: None,
+            error: None,
         }
     }
 

@@ -34,9 +34,6 @@ use vault::{Dataset, Entry, Node, Op, SubmitError};
 use crate::source::CommitGate;
 use crate::status::PutStatsView;
 
-/// The socket's file name in `site.data_dir`.
-pub const SOCKET: &str = "triad.sock";
-
 /// Largest frame a client may send.
 const MAX_FRAME: usize = 16 << 20;
 
@@ -186,16 +183,6 @@ pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     }
     l.set_nonblocking(true)?;
     Ok(l)
-}
-
-/// The gid of a group named in /etc/group.
-pub fn group_id(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
 }
 
 /// One of the [`MAX_CLIENTS`] slots, given back when dropped.

@@ -15,43 +15,12 @@ use anyhow::{bail, Context, Result};
 use replicator::follower::{FollowStatus, UpstreamAddr};
 use replicator::tls::Refusals;
 use replicator::upstream::{LinkStatus, Upstream, MAX_MESSAGE};
-use vault::{Dataset, DatasetKey};
+use vault::Dataset;
 
 use crate::config::{Config, Live, Role};
 use crate::service::Notifier;
 use crate::source::{DirSource, Stats};
 use crate::status::{DatasetStatus, Phase, ReplicationStatus, Retention, SiteView, STATUS_FILE};
-
-/// Opens a dataset for the daemon, turning key problems into clear errors.
-pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
-    let d = cfg
-        .dataset(name)
-        .with_context(|| format!("dataset `{name}` is not in the config"))?;
-    let key = DatasetKey::load(&d.key_file)
-        .with_context(|| format!("dataset `{name}`: loading its key"))?;
-    let opts = vault::Options {
-        release_pins: cfg.site.role == Role::Primary,
-        segment_bytes: cfg.segment_bytes(),
-        ..vault::Options::default()
-    };
-    let ds = Dataset::open(&cfg.dataset_dir(name), name, &key, opts).with_context(|| {
-        format!(
-            "dataset `{name}`: opening {}",
-            cfg.dataset_dir(name).display()
-        )
-    })?;
-    let rec = ds.recovery();
-    tracing::info!(
-        dataset = name,
-        segments = rec.segments,
-        records = rec.records,
-        replayed = ds.replayed(),
-        torn_tail = rec.truncated.is_some(),
-        head = ds.head_seq(),
-        "dataset open"
-    );
-    Ok(ds)
-}
 
 struct Running {
     ds: Arc<Dataset>,
@@ -119,37 +88,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         .with_context(|| format!("creating site.data_dir {}", cfg.site.data_dir.display()))?;
     let mut notifier = Notifier::from_env();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let reload = Arc::new(AtomicBool::new(false));
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("installing signal handlers")?;
-    {
-        let (stop, reload) = (stop.clone(), reload.clone());
-        std::thread::spawn(move || {
-            for sig in signals.forever() {
-                if sig == signal_hook::consts::SIGHUP {
-                    reload.store(true, Ordering::Release);
-                    continue;
-                }
-                if stop.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(
-                        signal = sig,
-                        "second stop signal: exiting without a clean stop"
-                    );
-                    std::process::exit(130);
-                }
-                tracing::info!(
-                    signal = sig,
-                    "stopping: finishing the current round and closing the log"
-                );
-            }
-        });
-    }
-
+    let (stop, reload) = signals()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("triad-net")
@@ -160,13 +99,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
 
     // The HTTP endpoint comes up first, so /healthz answers and /readyz
     // says "opening" while a long log replay runs.
-    let view = Arc::new(SiteView::new(
-        &cfg.site.name,
-        match cfg.site.role {
-            Role::Primary => "primary",
-            Role::Follower => "follower",
-        },
-    ));
+    let view = Arc::new(SiteView::new(&cfg.site.name, cfg.site.role.as_str()));
     let mut http = None;
     if let Some(addr) = cfg.listen.as_ref().and_then(|l| l.http.clone()) {
         http = Some(
@@ -181,7 +114,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     let mut running: Vec<Running> = Vec::new();
     for d in &cfg.dataset {
         running.push(Running {
-            ds: Arc::new(open_dataset(&cfg, &d.name)?),
+            ds: Arc::new(crate::ops::open_dataset(&cfg, &d.name)?),
             stats: None,
             follow: None,
             retention: Mutex::new(Retention::default()),
@@ -191,120 +124,14 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         });
     }
 
-    let tls = cfg.tls_files();
-
+    let archive_threads = start_archiving(&cfg, &rt, &mut running, &stop)?;
     // Serve the log to the sites that follow this one.
     let refusals = Arc::new(Refusals::default());
-    let mut upstream: Option<Arc<Upstream>> = None;
-    let mut server = None;
-    if let (Some(addr), Some(tls)) = (
-        cfg.listen.as_ref().and_then(|l| l.replication.clone()),
-        tls.as_ref(),
-    ) {
-        let datasets: HashMap<String, Arc<Dataset>> = running
-            .iter()
-            .map(|r| (r.ds.name().to_string(), r.ds.clone()))
-            .collect();
-        let site_status = {
-            let view = view.clone();
-            Arc::new(move || view.status_json().to_string()) as replicator::upstream::StatusSource
+    let (upstream, server) =
+        match serve_replication(&cfg, &rt, &running, &view, &refusals, &shutdown_rx)? {
+            Some((up, server)) => (Some(up), Some(server)),
+            None => (None, None),
         };
-        // Admin calls do what `triad snapshot` / `triad prune` ask of a
-        // running daemon, through the same request queue.
-        let admin = {
-            let cfg = cfg.clone();
-            Arc::new(move |action: &str, dataset: &str| {
-                if action != "snapshot" && action != "prune" {
-                    return Err(format!(
-                        "unknown admin action `{action}`: snapshot or prune"
-                    ));
-                }
-                if cfg.dataset(dataset).is_none() {
-                    return Err(format!("this site has no dataset `{dataset}`"));
-                }
-                if cfg.archive.is_none() {
-                    return Err("this site has no [archive]".into());
-                }
-                let answer = crate::archiving::request(
-                    &cfg.dataset_dir(dataset),
-                    action,
-                    Duration::from_secs(3600),
-                )
-                .map_err(|e| e.to_string())?;
-                Ok((
-                    answer.ok,
-                    serde_json::to_string(&answer).unwrap_or_default(),
-                ))
-            }) as replicator::upstream::AdminHandler
-        };
-        let up = Arc::new(
-            Upstream::new(datasets, cfg.followers())
-                .with_site(&cfg.site.name)
-                .with_status(site_status)
-                .with_admin(admin),
-        );
-        let server_cfg = replicator::tls::server_config(tls).context("loading [tls]")?;
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(&addr))
-            .with_context(|| format!("listen.replication: binding {addr}"))?;
-        // Every configured site may connect (cross-site verify asks any of
-        // them); the Follow call itself admits only followers.
-        let allowed = {
-            let up = up.clone();
-            // This site too: `triad verify` here asks its own daemon.
-            let known: std::collections::HashSet<String> = cfg
-                .peer
-                .iter()
-                .map(|p| p.name.clone())
-                .chain(std::iter::once(cfg.site.name.clone()))
-                .collect();
-            Arc::new(move |site: &str| up.is_follower(site) || known.contains(site))
-                as Arc<dyn Fn(&str) -> bool + Send + Sync>
-        };
-        let mut rx = shutdown_rx.clone();
-        let svc = replicator::pb::replication_server::ReplicationServer::new(up.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        let (refusals2, cfg2) = (refusals.clone(), server_cfg);
-        server = Some(rt.spawn(async move {
-            let incoming = replicator::tls::accept(listener, cfg2, allowed, refusals2);
-            let r = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(5)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "replication server stopped");
-            }
-        }));
-        tracing::info!(%addr, followers = ?cfg.followers().keys().collect::<Vec<_>>(), "serving replication");
-        upstream = Some(up);
-    }
-
-    // Each dataset's archive: log shipping and snapshots into this site's store.
-    let mut archive_threads = Vec::new();
-    let archive_settings = cfg
-        .archive_settings()
-        .map_err(|(field, message)| anyhow::anyhow!("{field}: {message}"))?;
-    if let Some(settings) = &archive_settings {
-        for r in running.iter_mut() {
-            let (shared, handle) = crate::archiving::start(
-                settings.clone(),
-                rt.handle().clone(),
-                r.ds.clone(),
-                cfg.site.name.clone(),
-                stop.clone(),
-            )
-            .context("starting archive threads")?;
-            r.archive = Some(shared);
-            archive_threads.push(handle);
-        }
-        tracing::info!(url = %settings.store.url, schedule = settings.schedule.as_ref().map(|s| s.text()), "archiving");
-    }
-
     // Scheduled verify, scrubs and drills, from the live config.
     let live: Live = Arc::new(RwLock::new(Arc::new(cfg.clone())));
     let (checks, checks_thread) = crate::checks::start(
@@ -317,120 +144,15 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         r.checks = Some(c);
     }
 
-    // The put/get socket, at every site: puts into pushed datasets at the
-    // primary (answered once the commit policy holds), gets anywhere.
-    let push_thread = {
-        let targets: HashMap<String, crate::pushed::Target> = running
-            .iter_mut()
-            .zip(&cfg.dataset)
-            .map(|(r, d)| {
-                let pushed = cfg.site.role == Role::Primary
-                    && matches!(d.source, Some(crate::config::SourceConfig::Pushed {}));
-                let gate = upstream.clone().map(|up| {
-                    let (handle, name) = (rt.handle().clone(), d.name.clone());
-                    Arc::new(move |seq| {
-                        handle
-                            .block_on(up.wait_committed(&name, seq))
-                            .map_err(|e| e.to_string())
-                    }) as crate::source::CommitGate
-                });
-                let stats = Arc::new(crate::pushed::PutStats::default());
-                if pushed {
-                    r.puts = Some(stats.clone());
-                }
-                let t = crate::pushed::Target {
-                    ds: r.ds.clone(),
-                    accepts_puts: pushed,
-                    gate,
-                    lock: Mutex::new(()),
-                    stats,
-                };
-                (d.name.clone(), t)
-            })
-            .collect();
-        let path = cfg.socket_path();
-        let group = cfg
-            .listen
-            .as_ref()
-            .and_then(|l| l.socket_group.as_deref())
-            .and_then(crate::pushed::group_id);
-        let any_pushed = targets.values().any(|t| t.accepts_puts);
-        match crate::pushed::bind(&path, group) {
-            Ok(listener) => {
-                tracing::info!(socket = %path.display(), "serving triad put / triad get");
-                Some(
-                    crate::pushed::serve(listener, Arc::new(targets), stop.clone())
-                        .context("starting the put/get socket")?,
-                )
-            }
-            // Without a pushed dataset the socket only serves gets: not
-            // worth refusing to start over.
-            Err(e) if !any_pushed => {
-                tracing::warn!(socket = %path.display(), error = %e, "cannot serve triad get here; set listen.socket");
-                None
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("listen.socket: binding {}", path.display()))
-            }
-        }
-    };
-
-    let mut threads = Vec::new();
-    match cfg.site.role {
-        Role::Primary => {
-            for (r, d) in running.iter_mut().zip(&cfg.dataset) {
-                let Some(settings) = d.directory() else {
-                    continue;
-                };
-                let stats = Arc::new(Stats::default());
-                let mut src = DirSource::new(settings, r.ds.clone(), stats.clone(), stop.clone())
-                    .with_context(|| format!("dataset `{}`", d.name))?;
-                if let Some(up) = upstream.clone() {
-                    let (handle, name) = (rt.handle().clone(), d.name.clone());
-                    src = src.with_gate(Arc::new(move |seq| {
-                        handle
-                            .block_on(up.wait_committed(&name, seq))
-                            .map_err(|e| e.to_string())
-                    }));
-                }
-                r.stats = Some(stats);
-                let (name, stop_all) = (d.name.clone(), stop.clone());
-                threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("source-{name}"))
-                        .spawn(move || {
-                            let r = src.run();
-                            if let Err(e) = &r {
-                                tracing::error!(dataset = %name, error = %e, "source stopped");
-                                stop_all.store(true, Ordering::Release);
-                            }
-                            r.map_err(|e| e.to_string())
-                        })
-                        .context("starting source thread")?,
-                );
-            }
-        }
-        Role::Follower => {
-            let (Some(peer), Some(tls)) = (cfg.upstream_peer(), tls.as_ref()) else {
-                bail!("site.upstream and [tls] are required at a follower");
-            };
-            for r in running.iter_mut() {
-                let status = Arc::new(Mutex::new(FollowStatus::default()));
-                r.follow = Some(status.clone());
-                let up = UpstreamAddr {
-                    name: peer.name.clone(),
-                    address: peer.address.clone(),
-                    tls: tls.clone(),
-                };
-                rt.spawn(replicator::follower::run(
-                    r.ds.clone(),
-                    up,
-                    status,
-                    shutdown_rx.clone(),
-                ));
-            }
-        }
-    }
+    let push_thread = serve_socket(&cfg, &rt, &mut running, upstream.as_ref(), &stop)?;
+    let threads = start_intake(
+        &cfg,
+        &rt,
+        &mut running,
+        upstream.as_ref(),
+        &stop,
+        &shutdown_rx,
+    )?;
 
     tracing::info!(site = %cfg.site.name, role = ?cfg.site.role, datasets = running.len(), "triad is running");
     let publish = |cfg: &Config, running: &[Running]| {
@@ -477,74 +199,411 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     }
 
-    // The stop. Sources finish their round (they check the flag between
-    // files, and a commit wait is bounded by its wait_limit); the archive's
-    // last upload and a running check get `site.stop_timeout`, after which
-    // they are abandoned: an upload not finished is invisible in the store
-    // (a piece or manifest is written whole or not at all) and is shipped
-    // again by the next start.
-    let deadline = Instant::now() + cfg.stop_timeout();
     view.set_phase(Phase::Stopping);
     notifier.stopping("stopping: closing the log and finishing uploads");
-    let mut failed = None;
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failed = Some(e),
-            Err(_) => failed = Some("a source thread panicked".into()),
-        }
-    }
-    if let Some(t) = push_thread {
-        let _ = t.join();
-    }
-    let _ = std::fs::remove_file(cfg.socket_path());
-    // The replication links stop only now, so a sync follower could still
-    // acknowledge the sources' last round.
-    let _ = shutdown_tx.send(true);
-    let mut abandoned = Vec::new();
-    for (what, t) in std::iter::once(("checks", checks_thread))
-        .chain(archive_threads.into_iter().map(|t| ("archive upload", t)))
-    {
-        while !t.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if t.is_finished() {
-            if t.join().is_err() {
-                failed = Some(format!("the {what} thread panicked"));
-            }
-        } else {
-            abandoned.push(what);
-        }
-    }
-    if !abandoned.is_empty() {
-        tracing::warn!(
-            abandoned = ?abandoned,
-            stop_timeout = ?cfg.stop_timeout(),
-            "stop: abandoned work still running after site.stop_timeout; nothing partial is visible in the archive and the next start ships the rest"
-        );
-    }
-    for h in [server, http].into_iter().flatten() {
-        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), h).await });
-    }
-    for r in &running {
-        if let Some(f) = r.ds.failure() {
-            failed = Some(f);
-        }
-        r.ds.close()
-            .with_context(|| format!("closing dataset `{}`", r.ds.name()))?;
-    }
+    let stopped = Stopping {
+        cfg: &cfg,
+        rt,
+        running: &running,
+        sources: threads,
+        push_thread,
+        shutdown_tx,
+        checks_thread,
+        archive_threads,
+        servers: [server, http].into_iter().flatten().collect(),
+    };
+    let failed = stopped.run()?;
     publish(&cfg, &running);
-    if abandoned.is_empty() {
-        rt.shutdown_timeout(Duration::from_secs(5));
-    } else {
-        // Threads still inside the runtime are left to the process exit.
-        rt.shutdown_background();
-    }
     if let Some(f) = failed {
         bail!("stopped because of an error: {f}");
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// SIGTERM and SIGINT set the stop flag (a second one exits at once), SIGHUP
+/// the reload flag.
+fn signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("installing signal handlers")?;
+    {
+        let (stop, reload) = (stop.clone(), reload.clone());
+        std::thread::spawn(move || {
+            for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    reload.store(true, Ordering::Release);
+                    continue;
+                }
+                if stop.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        signal = sig,
+                        "second stop signal: exiting without a clean stop"
+                    );
+                    std::process::exit(130);
+                }
+                tracing::info!(
+                    signal = sig,
+                    "stopping: finishing the current round and closing the log"
+                );
+            }
+        });
+    }
+
+    Ok((stop, reload))
+}
+
+/// Serves the log to the sites that follow this one (and cross-site verify
+/// and admin calls to every configured site), when `listen.replication`
+/// and `[tls]` are set.
+fn serve_replication(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+    running: &[Running],
+    view: &Arc<SiteView>,
+    refusals: &Arc<Refusals>,
+    shutdown_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<(Arc<Upstream>, tokio::task::JoinHandle<()>)>> {
+    let (Some(addr), Some(tls)) = (
+        cfg.listen.as_ref().and_then(|l| l.replication.clone()),
+        cfg.tls_files(),
+    ) else {
+        return Ok(None);
+    };
+    {
+        let datasets: HashMap<String, Arc<Dataset>> = running
+            .iter()
+            .map(|r| (r.ds.name().to_string(), r.ds.clone()))
+            .collect();
+        let site_status = {
+            let view = view.clone();
+            Arc::new(move || view.status_json().to_string()) as replicator::upstream::StatusSource
+        };
+        let admin = admin_handler(running);
+        let up = Arc::new(
+            Upstream::new(datasets, cfg.followers())
+                .with_site(&cfg.site.name)
+                .with_status(site_status)
+                .with_admin(admin),
+        );
+        let server_cfg = replicator::tls::server_config(&tls).context("loading [tls]")?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(&addr))
+            .with_context(|| format!("listen.replication: binding {addr}"))?;
+        // Every configured site may connect (cross-site verify asks any of
+        // them); the Follow call itself admits only followers.
+        let allowed = {
+            let up = up.clone();
+            // This site too: `triad verify` here asks its own daemon.
+            let known: std::collections::HashSet<String> = cfg
+                .peer
+                .iter()
+                .map(|p| p.name.clone())
+                .chain(std::iter::once(cfg.site.name.clone()))
+                .collect();
+            Arc::new(move |site: &str| up.is_follower(site) || known.contains(site))
+                as Arc<dyn Fn(&str) -> bool + Send + Sync>
+        };
+        let mut rx = shutdown_rx.clone();
+        let svc = replicator::pb::replication_server::ReplicationServer::new(up.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let (refusals2, cfg2) = (refusals.clone(), server_cfg);
+        let server = rt.spawn(async move {
+            let incoming = replicator::tls::accept(listener, cfg2, allowed, refusals2);
+            let r = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "replication server stopped");
+            }
+        });
+        tracing::info!(%addr, followers = ?cfg.followers().keys().collect::<Vec<_>>(), "serving replication");
+        Ok(Some((up, server)))
+    }
+}
+
+/// Admin calls do what `triad snapshot` / `triad prune` ask of a running
+/// daemon, through the same request queue.
+fn admin_handler(running: &[Running]) -> replicator::upstream::AdminHandler {
+    let archives: HashMap<String, Arc<crate::archiving::Shared>> = running
+        .iter()
+        .filter_map(|r| Some((r.ds.name().to_string(), r.archive.clone()?)))
+        .collect();
+    let names: Vec<String> = running.iter().map(|r| r.ds.name().to_string()).collect();
+    Arc::new(move |action: &str, dataset: &str| {
+        let kind = crate::archiving::Kind::parse(action)
+            .ok_or_else(|| format!("unknown admin action `{action}`: snapshot or prune"))?;
+        if !names.iter().any(|n| n == dataset) {
+            return Err(format!("this site has no dataset `{dataset}`"));
+        }
+        let archive = archives
+            .get(dataset)
+            .ok_or_else(|| "this site has no [archive]".to_string())?;
+        let answer = archive.ask(kind, Duration::from_secs(3600))?;
+        Ok((
+            answer.ok,
+            serde_json::to_string(&answer).unwrap_or_default(),
+        ))
+    })
+}
+
+/// Each dataset's archive: log shipping and snapshots into this site's store.
+fn start_archiving(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+    running: &mut [Running],
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut archive_threads = Vec::new();
+    let archive_settings = cfg
+        .archive_settings()
+        .map_err(|(field, message)| anyhow::anyhow!("{field}: {message}"))?;
+    if let Some(settings) = &archive_settings {
+        for r in running.iter_mut() {
+            let (shared, handle) = crate::archiving::start(
+                settings.clone(),
+                rt.handle().clone(),
+                r.ds.clone(),
+                cfg.site.name.clone(),
+                stop.clone(),
+            )
+            .context("starting archive threads")?;
+            r.archive = Some(shared);
+            archive_threads.push(handle);
+        }
+        tracing::info!(url = %settings.store.url, schedule = settings.schedule.as_ref().map(|s| s.text()), "archiving");
+    }
+
+    Ok(archive_threads)
+}
+
+/// The put/get socket, at every site: puts into pushed datasets at the
+/// primary (answered once the commit policy holds), gets anywhere.
+fn serve_socket(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+    running: &mut [Running],
+    upstream: Option<&Arc<Upstream>>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<std::thread::JoinHandle<()>>> {
+    let targets: HashMap<String, crate::pushed::Target> = running
+        .iter_mut()
+        .zip(&cfg.dataset)
+        .map(|(r, d)| {
+            let pushed = cfg.site.role == Role::Primary
+                && matches!(d.source, Some(crate::config::SourceConfig::Pushed {}));
+            let gate = upstream.map(|up| commit_gate(rt, up, &d.name));
+            let stats = Arc::new(crate::pushed::PutStats::default());
+            if pushed {
+                r.puts = Some(stats.clone());
+            }
+            let t = crate::pushed::Target {
+                ds: r.ds.clone(),
+                accepts_puts: pushed,
+                gate,
+                lock: Mutex::new(()),
+                stats,
+            };
+            (d.name.clone(), t)
+        })
+        .collect();
+    let path = cfg.socket_path();
+    let group = cfg.socket_group();
+    let any_pushed = targets.values().any(|t| t.accepts_puts);
+    Ok(match crate::pushed::bind(&path, group) {
+        Ok(listener) => {
+            tracing::info!(socket = %path.display(), "serving triad put / triad get");
+            Some(
+                crate::pushed::serve(listener, Arc::new(targets), stop.clone())
+                    .context("starting the put/get socket")?,
+            )
+        }
+        // Without a pushed dataset the socket only serves gets: not
+        // worth refusing to start over.
+        Err(e) if !any_pushed => {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot serve triad get here; set listen.socket");
+            None
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("listen.socket: binding {}", path.display()))
+        }
+    })
+}
+
+/// Where the datasets' changes come from: at the primary each directory
+/// dataset's source (a thread), at a follower each dataset's link to the
+/// upstream (a task).
+fn start_intake(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+    running: &mut [Running],
+    upstream: Option<&Arc<Upstream>>,
+    stop: &Arc<AtomicBool>,
+    shutdown_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<std::thread::JoinHandle<std::result::Result<(), String>>>> {
+    let mut threads = Vec::new();
+    match cfg.site.role {
+        Role::Primary => {
+            for (r, d) in running.iter_mut().zip(&cfg.dataset) {
+                let Some(settings) = d.directory() else {
+                    continue;
+                };
+                let stats = Arc::new(Stats::default());
+                let mut src = DirSource::new(settings, r.ds.clone(), stats.clone(), stop.clone())
+                    .with_context(|| format!("dataset `{}`", d.name))?;
+                if let Some(up) = upstream {
+                    src = src.with_gate(commit_gate(rt, up, &d.name));
+                }
+                r.stats = Some(stats);
+                let (name, stop_all) = (d.name.clone(), stop.clone());
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("source-{name}"))
+                        .spawn(move || {
+                            let r = src.run();
+                            if let Err(e) = &r {
+                                tracing::error!(dataset = %name, error = %e, "source stopped");
+                                stop_all.store(true, Ordering::Release);
+                            }
+                            r.map_err(|e| e.to_string())
+                        })
+                        .context("starting source thread")?,
+                );
+            }
+        }
+        Role::Follower => {
+            let (Some(peer), Some(tls)) = (cfg.upstream_peer(), cfg.tls_files()) else {
+                bail!("site.upstream and [tls] are required at a follower");
+            };
+            for r in running.iter_mut() {
+                let status = Arc::new(Mutex::new(FollowStatus::default()));
+                r.follow = Some(status.clone());
+                let up = UpstreamAddr {
+                    name: peer.name.clone(),
+                    address: peer.address.clone(),
+                    tls: tls.clone(),
+                };
+                rt.spawn(replicator::follower::run(
+                    r.ds.clone(),
+                    up,
+                    status,
+                    shutdown_rx.clone(),
+                ));
+            }
+        }
+    }
+
+    Ok(threads)
+}
+
+/// Waits, before a change counts as committed, until the commit policy
+/// holds for it (the sync followers have it durable).
+fn commit_gate(
+    rt: &tokio::runtime::Runtime,
+    up: &Arc<Upstream>,
+    dataset: &str,
+) -> crate::source::CommitGate {
+    let (handle, up, name) = (rt.handle().clone(), up.clone(), dataset.to_string());
+    Arc::new(move |seq| {
+        handle
+            .block_on(up.wait_committed(&name, seq))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// What the stop waits for, in order. Sources finish their round (they
+/// check the flag between files, and a commit wait is bounded by its
+/// wait_limit); the archive's last upload and a running check get
+/// `site.stop_timeout`, after which they are abandoned: an upload not
+/// finished is invisible in the store (a piece or manifest is written whole
+/// or not at all) and is shipped again by the next start.
+struct Stopping<'a> {
+    cfg: &'a Config,
+    rt: tokio::runtime::Runtime,
+    running: &'a [Running],
+    sources: Vec<std::thread::JoinHandle<std::result::Result<(), String>>>,
+    push_thread: Option<std::thread::JoinHandle<()>>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    checks_thread: std::thread::JoinHandle<()>,
+    archive_threads: Vec<std::thread::JoinHandle<()>>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Stopping<'_> {
+    /// Stops everything and closes the datasets; gives the error that
+    /// stopped the daemon, if one did.
+    fn run(self) -> Result<Option<String>> {
+        let deadline = Instant::now() + self.cfg.stop_timeout();
+        let mut failed = None;
+        for t in self.sources {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some("a source thread panicked".into()),
+            }
+        }
+        if let Some(t) = self.push_thread {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(self.cfg.socket_path());
+        // The replication links stop only now, so a sync follower could
+        // still acknowledge the sources' last round.
+        let _ = self.shutdown_tx.send(true);
+        let mut abandoned = Vec::new();
+        for (what, t) in std::iter::once(("checks", self.checks_thread)).chain(
+            self.archive_threads
+                .into_iter()
+                .map(|t| ("archive upload", t)),
+        ) {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if t.is_finished() {
+                if t.join().is_err() {
+                    failed = Some(format!("the {what} thread panicked"));
+                }
+            } else {
+                abandoned.push(what);
+            }
+        }
+        if !abandoned.is_empty() {
+            tracing::warn!(
+                abandoned = ?abandoned,
+                stop_timeout = ?self.cfg.stop_timeout(),
+                "stop: abandoned work still running after site.stop_timeout; nothing partial is visible in the archive and the next start ships the rest"
+            );
+        }
+        for h in self.servers {
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), h).await });
+        }
+        for r in self.running {
+            if let Some(f) = r.ds.failure() {
+                failed = Some(f);
+            }
+            r.ds.close()
+                .with_context(|| format!("closing dataset `{}`", r.ds.name()))?;
+        }
+        if abandoned.is_empty() {
+            self.rt.shutdown_timeout(Duration::from_secs(5));
+        } else {
+            // Threads still inside the runtime are left to the process exit.
+            self.rt.shutdown_background();
+        }
+        Ok(failed)
+    }
 }
 
 /// Reads the config again (SIGHUP) and applies what can change while
@@ -639,10 +698,7 @@ fn status_of(
     DatasetStatus {
         dataset: ds.name().to_string(),
         site: cfg.site.name.clone(),
-        role: match cfg.site.role {
-            Role::Primary => "primary",
-            Role::Follower => "follower",
-        },
+        role: cfg.site.role.as_str().into(),
         pid: std::process::id(),
         updated_ns: vault::dataset::now_ns(),
         log: ds.status(),
@@ -664,5 +720,6 @@ fn status_of(
             refused_unknown_sites: refusals.unknown_site.load(Ordering::Relaxed),
         },
         failure: ds.failure().or(diverged),
+        error: None,
     }
 }

@@ -15,14 +15,17 @@ use std::sync::{Arc, RwLock};
 use archive::{PruneReport, SnapshotReport};
 use replicator::follower::FollowStatus;
 use replicator::upstream::LinkStatus;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// What `status.json` in each dataset directory holds.
-#[derive(Serialize)]
+/// What `status.json` in each dataset directory holds. The runtime writes
+/// it; `triad status`, drills and the archive threads read it back as this
+/// same type (every field defaults, so a file from an older daemon reads).
+#[derive(Serialize, Deserialize, Default, Clone)]
+#[serde(default)]
 pub struct DatasetStatus {
     pub dataset: String,
     pub site: String,
-    pub role: &'static str,
+    pub role: String,
     pub pid: u32,
     pub updated_ns: i64,
     pub log: vault::Status,
@@ -37,10 +40,15 @@ pub struct DatasetStatus {
     /// Scheduled verify, scrub and drill results, when any is scheduled.
     pub checks: Option<ChecksStatus>,
     pub failure: Option<String>,
+    /// Why the reader has no status for this dataset (set by `triad status`
+    /// when the file is missing; the daemon never sets it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The retained change log.
-#[derive(Serialize, Default, Clone)]
+#[derive(Serialize, Deserialize, Default, Clone)]
+#[serde(default)]
 pub struct Retention {
     pub first_seq: u64,
     pub log_bytes: u64,
@@ -48,7 +56,8 @@ pub struct Retention {
     pub forced_transfers: u64,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone)]
+#[serde(default)]
 pub struct ReplicationStatus {
     /// The sites following this one, with what each has acknowledged.
     pub followers: Vec<LinkStatus>,
@@ -72,7 +81,8 @@ pub fn write(path: &Path, st: &DatasetStatus) {
 }
 
 /// The `checks` part of `status.json`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ChecksStatus {
     pub last_verify_ns: i64,
     /// The last verify compared the copies and they agreed (true) or
@@ -105,7 +115,8 @@ pub struct ChecksStatus {
 }
 
 /// The archive part of `status.json`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ArchiveStatus {
     pub url: String,
     /// The store answered and the archive is open; until then nothing is
@@ -135,7 +146,8 @@ pub struct ArchiveStatus {
 }
 
 /// The directory source's part of `status.json`.
-#[derive(Serialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone)]
+#[serde(default)]
 pub struct StatsView {
     pub rounds: u64,
     pub files_ingested: u64,
@@ -156,7 +168,8 @@ pub struct StatsView {
 }
 
 /// The `puts` part of `status.json`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PutStatsView {
     pub stored: u64,
     pub existed: u64,
@@ -167,13 +180,23 @@ pub struct PutStatsView {
 }
 
 /// Where the daemon is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Opening datasets (recovering and replaying their logs).
     Opening,
     Running,
     Stopping,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Opening => "opening",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+        }
+    }
 }
 
 /// What the HTTP handlers answer from: the main loop's latest snapshot.
@@ -191,16 +214,35 @@ pub struct SiteView {
 /// The main loop publishes every 250 ms; a snapshot this old means it is stuck.
 pub(crate) const STALE_NS: i64 = 10_000_000_000;
 
-#[derive(Serialize)]
-pub struct SiteStatus<'a> {
-    pub site: &'a str,
-    pub role: &'a str,
-    pub phase: Phase,
-    pub ready: bool,
+/// A whole site's status: what `/v1/status` and the SiteStatus call serve,
+/// and what `triad status` reads (from them, or assembled from this site's
+/// status files when its daemon is not asked).
+#[derive(Serialize, Deserialize, Default, Clone)]
+#[serde(default)]
+pub struct SiteStatus {
+    pub site: String,
+    pub role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
     /// Why the site is not ready, one line per reason.
     pub not_ready: Vec<String>,
-    pub version: &'static str,
-    pub datasets: &'a [DatasetStatus],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub datasets: Vec<DatasetStatus>,
+    /// Why the site could not be asked (set by the reader).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
+}
+
+impl DatasetStatus {
+    /// Reads a dataset's status file as the daemon last wrote it.
+    pub fn read(path: &Path) -> std::io::Result<DatasetStatus> {
+        let b = std::fs::read(path)?;
+        serde_json::from_slice(&b)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
 }
 
 impl SiteView {
@@ -283,13 +325,14 @@ impl SiteView {
         let datasets = self.datasets();
         let not_ready = self.not_ready(&datasets);
         serde_json::to_value(SiteStatus {
-            site: &self.site,
-            role: self.role,
-            phase: self.phase(),
-            ready: not_ready.is_empty(),
+            site: self.site.clone(),
+            role: self.role.to_string(),
+            phase: Some(self.phase()),
+            ready: Some(not_ready.is_empty()),
             not_ready,
-            version: env!("CARGO_PKG_VERSION"),
-            datasets: &datasets,
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            datasets: datasets.as_ref().clone(),
+            unreachable: None,
         })
         .unwrap_or_default()
     }

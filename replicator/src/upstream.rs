@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -28,11 +28,32 @@ pub const CHUNKS_REPLY_BYTES: usize = 64 << 20;
 /// Largest message either side accepts: one record may be up to 256 MiB.
 pub const MAX_MESSAGE: usize = 512 << 20;
 
+/// Whether a follower takes part in the commit policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A commit waits until this follower has the change durable.
+    Sync,
+    /// The follower gets changes as fast as it can take them; no one waits.
+    #[default]
+    Async,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+        })
+    }
+}
+
 /// What a sync follower's silence means for writers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnUnreachable {
     /// Writers wait up to the limit, then get an error (RPO 0 is kept).
+    #[default]
     Wait,
     /// After the limit the follower is treated as async, with an alert,
     /// until it has caught up again.
@@ -42,8 +63,7 @@ pub enum OnUnreachable {
 /// How a follower takes part in the commit policy.
 #[derive(Clone, Debug)]
 pub struct FollowerPolicy {
-    /// "sync" or "async".
-    pub mode: String,
+    pub mode: Mode,
     pub on_unreachable: OnUnreachable,
     pub wait_limit: Duration,
     /// Bytes per second towards this follower, if limited.
@@ -63,11 +83,12 @@ pub struct CommitError {
 }
 
 /// One follower of one dataset, as this site sees it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LinkStatus {
     pub dataset: String,
     pub site: String,
-    pub mode: String,
+    pub mode: Mode,
     pub connected: bool,
     pub address: Option<String>,
     pub acked_seq: u64,
@@ -167,7 +188,7 @@ impl Upstream {
             let mut pending: Vec<(String, FollowerPolicy)> = Vec::new();
             let policies = self.policies();
             if let Ok(mut links) = self.links.lock() {
-                for (site, p) in policies.iter().filter(|(_, p)| p.mode == "sync") {
+                for (site, p) in policies.iter().filter(|(_, p)| p.mode == Mode::Sync) {
                     let l = links
                         .entry((dataset.to_string(), site.clone()))
                         .or_default();
@@ -281,7 +302,7 @@ impl Upstream {
             let mut sites: Vec<(&String, &FollowerPolicy)> = policies.iter().collect();
             sites.sort_by_key(|(s, _)| s.as_str());
             for (site, policy) in sites {
-                let mode = &policy.mode;
+                let mode = policy.mode;
                 let mut l = links
                     .get(&(name.clone(), site.clone()))
                     .cloned()
@@ -306,7 +327,7 @@ impl Upstream {
                 out.push(LinkStatus {
                     dataset: name.clone(),
                     site: site.clone(),
-                    mode: mode.clone(),
+                    mode,
                     connected: l.connected,
                     address: l.address.clone(),
                     acked_seq: l.acked,

@@ -197,7 +197,8 @@ struct Submission {
 const COMMIT_TIMES: usize = 1 << 20;
 
 /// What the dataset reports about itself.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Status {
     pub head_seq: u64,
     pub applied_seq: u64,

@@ -44,14 +44,6 @@ fn settings(cfg: &Config, path: &Path) -> Result<ArchiveSettings> {
         .ok_or_else(|| anyhow!("{} has no [archive] section", path.display()))
 }
 
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the I/O runtime")
-}
-
 /// True when a daemon holds the dataset open.
 fn daemon_running(dataset_dir: &Path) -> bool {
     let Ok(f) = std::fs::OpenOptions::new()
@@ -70,7 +62,7 @@ fn daemon_running(dataset_dir: &Path) -> bool {
 pub fn run(job: Job, a: Args) -> Result<ExitCode> {
     let (cfg, names) = a.target.load()?;
     let s = settings(&cfg, &a.target.cfg.config)?;
-    let rt = runtime()?;
+    let rt = crate::ops::runtime()?;
     let mut ok = true;
     for name in names {
         let dir = cfg.dataset_dir(&name);
@@ -156,7 +148,7 @@ fn direct(
     name: &str,
     snapshot: bool,
 ) -> Result<crate::archiving::Answer> {
-    let ds = Arc::new(crate::runtime::open_dataset(cfg, name)?);
+    let ds = Arc::new(crate::ops::open_dataset(cfg, name)?);
     let store = Arc::new(Store::open(&s.store)?);
     let a = Archiver::open(
         store,
@@ -297,15 +289,6 @@ fn list(
     Ok(())
 }
 
-/// Checks there is nothing unexpected in how a restore from an archive was
-/// asked for.
-pub fn check_restore_args(from: &str) -> Result<()> {
-    if !(from.starts_with("s3://") || from.starts_with("file:///")) {
-        bail!("--from-archive `{from}` must be s3://bucket/prefix or file:///absolute/dir");
-    }
-    Ok(())
-}
-
 #[derive(clap::Args)]
 pub struct UndeleteArgs {
     #[command(flatten)]
@@ -342,7 +325,7 @@ pub fn undelete(a: UndeleteArgs) -> Result<ExitCode> {
         ),
         None => None,
     };
-    let rt = runtime()?;
+    let rt = crate::ops::runtime()?;
     let store = Store::open(&s.store)?;
     for name in names {
         let markers: Vec<_> = rt

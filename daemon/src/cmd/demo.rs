@@ -166,9 +166,60 @@ pub fn run(a: Args) -> Result<ExitCode> {
         names.join(", ")
     );
 
+    let reports = base.join("reports");
+    let mut sites = write_configs(&base, &src, &certs, &key, &reports)?;
+    let exe = std::env::current_exe().context("finding the triad binary")?;
+    let seq = live_replication(&mut sites, &src, &exe)?;
+    let ok = recoveries(&sites, &base, &src, &reports, &exe, seq)?;
+    for s in sites.iter_mut().rev() {
+        s.signal(libc::SIGTERM);
+    }
+    drop(sites);
+    if a.keep {
+        println!("== kept {}", base.display());
+    } else {
+        // Everything but the drill's report, which is the demo's record.
+        for e in std::fs::read_dir(&base)?.flatten() {
+            if e.path() != reports {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        }
+    }
+    println!("{}", if ok { "demo passed" } else { "demo FAILED" });
+    let mut written: Vec<PathBuf> = std::fs::read_dir(&reports)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    written.sort();
+    match written
+        .iter()
+        .find(|p| p.extension().is_some_and(|x| x == "md"))
+    {
+        Some(md) => println!(
+            "the drill report: {}\n(and {}/)",
+            md.display(),
+            reports.display()
+        ),
+        None => println!("no drill report was written (see the output above)"),
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Writes the three sites' configs under `base`: the primary with a sync
+/// and an async follower, each site archiving into its own directory.
+fn write_configs(
+    base: &Path,
+    src: &Path,
+    certs: &Path,
+    key: &Path,
+    reports: &Path,
+) -> Result<Vec<Site>> {
     let ports = [free_port()?, free_port()?, free_port()?];
     let http_ports = [free_port()?, free_port()?, free_port()?];
-    let reports = base.join("reports");
     let peer = |i: usize, mode: &str| {
         let mode = if mode.is_empty() {
             String::new()
@@ -243,17 +294,23 @@ pub fn run(a: Args) -> Result<ExitCode> {
         });
     }
 
-    let exe = std::env::current_exe().context("finding the triad binary")?;
+    Ok(sites)
+}
+
+/// Starts the daemons and shows live replication: the first sync, lag under
+/// a write load, and the remote killed and catching up by itself. Gives the
+/// seq all three sites reached.
+fn live_replication(sites: &mut [Site], src: &Path, exe: &Path) -> Result<u64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     write_tree(&src.join("before"), &mut rng, 200)?;
     for s in sites.iter_mut() {
-        s.start(&exe)?;
+        s.start(exe)?;
     }
     println!("== three daemons running (logs: <site>/daemon.log); initial scan and first sync");
     wait_for("the first sync", Duration::from_secs(120), || {
-        replicated(&sites)
+        replicated(sites)
     })?;
-    println!("{}", lag_line(&sites));
+    println!("{}", lag_line(sites));
 
     println!("== a write load at the primary for 6 seconds, lag as it happens");
     let started = Instant::now();
@@ -263,15 +320,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
         write_tree(&src.join(format!("load/{i}")), &mut rng, 15)?;
         i += 1;
         if last_print.elapsed() >= Duration::from_millis(700) {
-            println!("{}", lag_line(&sites));
+            println!("{}", lag_line(sites));
             last_print = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_for("followers to catch up", Duration::from_secs(120), || {
-        replicated(&sites)
+        replicated(sites)
     })?;
-    println!("{}", lag_line(&sites));
+    println!("{}", lag_line(sites));
 
     println!("== the remote site is killed (SIGKILL) while writes go on, then restarted");
     sites[2].signal(libc::SIGKILL);
@@ -279,20 +336,34 @@ pub fn run(a: Args) -> Result<ExitCode> {
     std::fs::remove_dir_all(src.join("before/d2"))?;
     write_tree(&src.join("while-down"), &mut rng, 200)?;
     std::thread::sleep(Duration::from_secs(2));
-    println!("{}", lag_line(&sites));
-    sites[2].start(&exe)?;
+    println!("{}", lag_line(sites));
+    sites[2].start(exe)?;
     wait_for(
         "the remote to catch up by itself",
         Duration::from_secs(120),
-        || replicated(&sites),
+        || replicated(sites),
     )?;
-    println!("{}", lag_line(&sites));
+    println!("{}", lag_line(sites));
     let (seq, chain, digest) = head(&sites[0]).unwrap_or_default();
     println!("== all three sites at seq {seq}\n   chain hash {chain}\n   digest     {digest}");
 
+    Ok(seq)
+}
+
+/// What an operator does with the copies: restore from a site and from an
+/// archive alone, snapshot, drill, verify, scrub, status. True when every
+/// step passed.
+fn recoveries(
+    sites: &[Site],
+    base: &Path,
+    src: &Path,
+    reports: &Path,
+    exe: &Path,
+    seq: u64,
+) -> Result<bool> {
     println!("== restoring the remote site's copy and comparing it with the source");
     let restored = base.join("restored-from-remote");
-    let ok = Command::new(&exe)
+    let ok = Command::new(exe)
         .args(["restore", "--config"])
         .arg(&sites[2].config)
         .args(["--dataset", "files", "--to"])
@@ -302,7 +373,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let diff = |restored: &Path, what: &str| {
         let d = Command::new("diff")
             .arg("-r")
-            .arg(&src)
+            .arg(src)
             .arg(restored)
             .status();
         match &d {
@@ -317,7 +388,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let mut ok = ok && diff(&restored, "restored-from-remote");
 
     println!("== a snapshot of the remote site's copy into its own object store");
-    ok &= Command::new(&exe)
+    ok &= Command::new(exe)
         .args(["snapshot", "--dataset", "files", "--config"])
         .arg(&sites[2].config)
         .status()?
@@ -334,7 +405,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     )?;
     println!("== restoring from the remote site's archive alone (as if all three sites were lost)");
     let from_archive = base.join("restored-from-archive");
-    ok &= Command::new(&exe)
+    ok &= Command::new(exe)
         .args(["restore", "--from-archive"])
         .arg(format!(
             "file://{}",
@@ -350,21 +421,21 @@ pub fn run(a: Args) -> Result<ExitCode> {
     println!(
         "== a restore drill of the remote site's archive: RTO, RPO and a report for the auditor"
     );
-    ok &= Command::new(&exe)
+    ok &= Command::new(exe)
         .args(["drill", "--dataset", "files", "--config"])
         .arg(&sites[2].config)
         .arg("--reports")
-        .arg(&reports)
+        .arg(reports)
         .status()?
         .success();
     println!("== cross-site verify from the primary: the three sites' checkpoints compared");
-    ok &= Command::new(&exe)
+    ok &= Command::new(exe)
         .args(["verify", "--dataset", "files", "--config"])
         .arg(&sites[0].config)
         .status()?
         .success();
     println!("== a scrub of the remote site's copy: every chunk re-read and checked");
-    ok &= Command::new(&exe)
+    ok &= Command::new(exe)
         .args([
             "verify",
             "--scrub",
@@ -380,47 +451,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
     println!("== the three sites as an operator sees them: triad status --all (from the primary)");
     // The daemons pick up the drill's report within a few seconds.
     std::thread::sleep(Duration::from_secs(6));
-    ok &= Command::new(&exe)
+    ok &= Command::new(exe)
         .args(["status", "--all", "--config"])
         .arg(&sites[0].config)
         .status()?
         .success();
-    for s in sites.iter_mut().rev() {
-        s.signal(libc::SIGTERM);
-    }
-    drop(sites);
-    if a.keep {
-        println!("== kept {}", base.display());
-    } else {
-        // Everything but the drill's report, which is the demo's record.
-        for e in std::fs::read_dir(&base)?.flatten() {
-            if e.path() != reports {
-                let _ =
-                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
-            }
-        }
-    }
-    println!("{}", if ok { "demo passed" } else { "demo FAILED" });
-    let mut written: Vec<PathBuf> = std::fs::read_dir(&reports)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    written.sort();
-    match written
-        .iter()
-        .find(|p| p.extension().is_some_and(|x| x == "md"))
-    {
-        Some(md) => println!(
-            "the drill report: {}\n(and {}/)",
-            md.display(),
-            reports.display()
-        ),
-        None => println!("no drill report was written (see the output above)"),
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ok)
 }
 
 fn write_tree(root: &Path, rng: &mut impl Rng, files: usize) -> Result<()> {

@@ -8,7 +8,6 @@ pub mod demo;
 pub mod drill;
 pub mod keygen;
 pub mod push;
-pub mod repair;
 pub mod restore;
 pub mod resync;
 pub mod status;

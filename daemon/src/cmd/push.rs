@@ -183,8 +183,7 @@ fn get_from_archive(a: &GetArgs, url: &str) -> Result<ExitCode> {
 
 /// Restores the dataset at `a.at` from `url` into `to`; returns its seq.
 fn restore_into(a: &GetArgs, url: &str, to: &Path) -> Result<u64> {
-    let args = restore_args(a, url, to);
-    let r = crate::cmd::restore::restore_from_archive(&args, url, false)?;
+    let r = crate::ops::restore::from_archive(&restore_request(a, url, to), &|_| {})?;
     if !r.report.ok() {
         bail!(
             "the archive did not restore cleanly: {}",
@@ -217,9 +216,8 @@ fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
         // Present in the cache: objects are never replaced, so it is final.
         Some(_) if tree.join(&a.name).is_file() => true,
         Some(seq) => {
-            let (store, _, _) =
-                crate::cmd::restore::open_archive(&restore_args(a, url, &tree), url)?;
-            let rt = crate::cmd::archive::runtime()?;
+            let (store, _, _) = crate::ops::restore::open_archive(&restore_request(a, url, &tree))?;
+            let rt = crate::ops::runtime()?;
             archive::archiver::archived_head(rt.handle(), &store, &a.daemon.dataset)? <= seq
         }
         None => false,
@@ -245,14 +243,13 @@ fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
     )
 }
 
-/// The restore arguments for reading `url` (store and key settings).
-fn restore_args(a: &GetArgs, url: &str, to: &Path) -> crate::cmd::restore::Args {
-    crate::cmd::restore::Args {
-        cfg: a.daemon.cfg.clone(),
+/// What reading `url` into `to` takes (store and key settings).
+fn restore_request(a: &GetArgs, url: &str, to: &Path) -> crate::ops::restore::FromArchive {
+    crate::ops::restore::FromArchive {
+        config: a.daemon.cfg.config.clone(),
         dataset: a.daemon.dataset.clone(),
         to: to.to_path_buf(),
-        json: true,
-        from_archive: Some(url.to_string()),
+        url: url.to_string(),
         at: a.at.clone(),
         key_file: a.key_file.clone(),
         endpoint: a.endpoint.clone(),

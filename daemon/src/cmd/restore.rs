@@ -14,51 +14,71 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vault::{DatasetKey, View};
 
 use crate::config::Config;
+use crate::ops::restore;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub(crate) cfg: crate::cmd::ConfigPath,
+    cfg: crate::cmd::ConfigPath,
     /// The dataset to restore.
     #[arg(long)]
-    pub(crate) dataset: String,
+    dataset: String,
     /// Target directory; must be missing or empty.
     #[arg(long)]
-    pub(crate) to: PathBuf,
+    to: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
-    pub(crate) json: bool,
+    json: bool,
     /// Restore from this archive (s3://bucket/prefix or file:///dir) instead
     /// of the site's copy. Store settings come from the config's [archive]
     /// when it has one, else from the flags below and the AWS_* environment.
     #[arg(long)]
-    pub(crate) from_archive: Option<String>,
+    from_archive: Option<String>,
     /// With --from-archive: `latest` (default), a seq (`1234`), or an RFC 3339
     /// time (`2026-11-27T10:00:00Z`: the last change committed by then).
     #[arg(long, default_value = "latest")]
-    pub(crate) at: String,
+    at: String,
     /// With --from-archive and no config: the dataset's key file.
     #[arg(long)]
-    pub(crate) key_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
     /// With --from-archive and no config: the S3 endpoint.
     #[arg(long)]
-    pub(crate) endpoint: Option<String>,
+    endpoint: Option<String>,
     /// With --from-archive and no config: the S3 region.
     #[arg(long)]
-    pub(crate) region: Option<String>,
+    region: Option<String>,
     /// With --from-archive and no config: the credentials file.
     #[arg(long)]
-    pub(crate) credentials_file: Option<PathBuf>,
+    credentials_file: Option<PathBuf>,
     /// With --from-archive: chunk downloads in flight. A restore is the time
     /// to use the link fully (the daemon's `archive.concurrency` is for
     /// background work); one chunk is about 200 KiB to 4 MiB.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub(crate) concurrency: u16,
+    concurrency: u16,
     /// With --from-archive and `--at latest`: fail unless the archive
     /// reaches at least this seq (another site's head, or what the writing
     /// site shipped): the check that catches a store rolled back.
     #[arg(long)]
-    pub(crate) expect_seq: Option<u64>,
+    expect_seq: Option<u64>,
+}
+
+impl Args {
+    /// What ops/restore.rs needs to read the archive at `url`.
+    fn request(&self, url: &str) -> restore::FromArchive {
+        restore::FromArchive {
+            config: self.cfg.config.clone(),
+            dataset: self.dataset.clone(),
+            to: self.to.clone(),
+            url: url.to_string(),
+            at: self.at.clone(),
+            key_file: self.key_file.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            credentials_file: self.credentials_file.clone(),
+            concurrency: usize::from(self.concurrency),
+            expect_seq: self.expect_seq,
+        }
+    }
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
@@ -137,7 +157,33 @@ fn print_report(a: &Args, report: &vault::restore::Report, started: Instant) -> 
 
 fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
     let started = Instant::now();
-    let r = restore_from_archive(&a, url, true)?;
+    let bar = ProgressBar::new(0);
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let r = restore::from_archive(&a.request(url), &|p| match p {
+        archive::Progress::Chunks(done, total) => {
+            bar.set_message("downloading chunks");
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        archive::Progress::Records(done, total) => {
+            bar.set_message("replaying the archived log");
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        archive::Progress::Written(b) => {
+            bar.set_message("writing files (bytes)");
+            bar.set_length(bar.length().unwrap_or(0).max(b));
+            bar.set_position(b);
+        }
+    })?;
+    bar.finish_and_clear();
     if !a.json {
         println!(
             "archive {url}: dataset {} from {} plus {} archived log records, to seq {} ({}); {} chunks, {} bytes downloaded; {:.1}s snapshot, {:.1}s log replay, {:.1}s writing and checking the tree",
@@ -166,108 +212,4 @@ fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
         eprintln!("WARNING: {w}");
     }
     print_report(&a, &r.report, started)
-}
-
-/// Restores `a.dataset` from the archive at `url` into `a.to` (with a
-/// progress bar on a terminal when `show_progress`).
-pub(crate) fn restore_from_archive(
-    a: &Args,
-    url: &str,
-    show_progress: bool,
-) -> Result<archive::ArchiveRestore> {
-    let at: archive::At = a.at.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let (store, key, store_cfg) = open_archive(a, url)?;
-    let rt = crate::cmd::archive::runtime()?;
-    let bar = ProgressBar::new(0);
-    if show_progress && std::io::stderr().is_terminal() {
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-    } else {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    let restorer = archive::Restorer {
-        rt: rt.handle(),
-        store: &store,
-        dataset: &a.dataset,
-        key: &key,
-        concurrency: store_cfg.concurrency,
-        expect_seq: a.expect_seq,
-        checkpoints: &[],
-    };
-    let progress = |p: archive::Progress| match p {
-        archive::Progress::Chunks(done, total) => {
-            bar.set_message("downloading chunks");
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-        archive::Progress::Records(done, total) => {
-            bar.set_message("replaying the archived log");
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-        archive::Progress::Written(b) => {
-            bar.set_message("writing files (bytes)");
-            bar.set_length(bar.length().unwrap_or(0).max(b));
-            bar.set_position(b);
-        }
-    };
-    let r = restorer
-        .restore(at, &a.to, &progress)
-        .with_context(|| format!("restoring dataset `{}` from {url}", a.dataset))?;
-    bar.finish_and_clear();
-    Ok(r)
-}
-
-/// The store and dataset key for reading the archive at `url`: from the
-/// config when there is one, overridden by the flags.
-pub(crate) fn open_archive(
-    a: &Args,
-    url: &str,
-) -> Result<(archive::Store, DatasetKey, archive::StoreConfig)> {
-    crate::cmd::archive::check_restore_args(url)?;
-    // The config, when there is one, gives the key and the store settings.
-    let cfg = if a.cfg.config.exists() {
-        Some(Config::load(&a.cfg.config)?)
-    } else {
-        None
-    };
-    let key_file = match (&a.key_file, &cfg) {
-        (Some(k), _) => k.clone(),
-        (None, Some(c)) => c
-            .dataset(&a.dataset)
-            .with_context(|| {
-                format!(
-                    "dataset `{}` is not in {}; pass --key-file",
-                    a.dataset,
-                    a.cfg.config.display()
-                )
-            })?
-            .key_file
-            .clone(),
-        (None, None) => anyhow::bail!(
-            "no config at {} and no --key-file: the dataset key is needed to read the archive",
-            a.cfg.config.display()
-        ),
-    };
-    let key = DatasetKey::load(&key_file)?;
-    let mut store_cfg = match cfg.as_ref().map(|c| c.archive_settings()) {
-        Some(Ok(Some(s))) => s.store,
-        Some(Err((f, m))) => anyhow::bail!("{}: {f}: {m}", a.cfg.config.display()),
-        _ => archive::StoreConfig::new(url),
-    };
-    store_cfg.url = url.to_string();
-    if a.endpoint.is_some() {
-        store_cfg.endpoint = a.endpoint.clone();
-    }
-    if a.region.is_some() {
-        store_cfg.region = a.region.clone();
-    }
-    if a.credentials_file.is_some() {
-        store_cfg.credentials_file = a.credentials_file.clone();
-    }
-    store_cfg.concurrency = usize::from(a.concurrency);
-    let store = archive::Store::open(&store_cfg)?;
-    Ok((store, key, store_cfg))
 }

@@ -8,10 +8,9 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 
 use crate::config::Config;
-use crate::status::STATUS_FILE;
+use crate::status::{DatasetStatus, SiteStatus, STATUS_FILE};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,7 +44,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         names = vec![s.clone()];
     }
-    let mut docs = Vec::new();
+    let mut docs: Vec<SiteStatus> = Vec::new();
     for name in &names {
         docs.push(if name == &cfg.site.name {
             local(&cfg)?
@@ -72,35 +71,36 @@ pub fn run(a: Args) -> Result<ExitCode> {
     })
 }
 
-/// This site's document, from its daemon's status files.
-fn local(cfg: &Config) -> Result<Value> {
+/// This site's status, from its daemon's status files.
+fn local(cfg: &Config) -> Result<SiteStatus> {
     let mut datasets = Vec::new();
     for d in &cfg.dataset {
         let path = cfg.dataset_dir(&d.name).join(STATUS_FILE);
-        datasets.push(match std::fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("reading {}", path.display()))?
-            }
-            Err(_) => serde_json::json!({
-                "dataset": d.name,
-                "error": "no status yet: the daemon has not run"
-            }),
+        datasets.push(match DatasetStatus::read(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => DatasetStatus {
+                dataset: d.name.clone(),
+                error: Some("no status yet: the daemon has not run".into()),
+                ..DatasetStatus::default()
+            },
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         });
     }
-    Ok(serde_json::json!({
-        "site": cfg.site.name,
-        "role": format!("{:?}", cfg.site.role).to_lowercase(),
-        "datasets": datasets,
-    }))
+    Ok(SiteStatus {
+        site: cfg.site.name.clone(),
+        role: cfg.site.role.as_str().into(),
+        datasets,
+        ..SiteStatus::default()
+    })
 }
 
-/// A peer's document, asked over the replication port.
-fn remote(cfg: &Config, name: &str) -> Value {
-    let r = (|| -> Result<Value> {
+/// A peer's status, asked over the replication port.
+fn remote(cfg: &Config, name: &str) -> SiteStatus {
+    let r = (|| -> Result<SiteStatus> {
         let addr = cfg.peer_addr(name).ok_or_else(|| {
             anyhow::anyhow!("asking another site needs [tls] in this site's config")
         })?;
-        let rt = crate::cmd::archive::runtime()?;
+        let rt = crate::ops::runtime()?;
         let json = rt
             .block_on(async {
                 tokio::time::timeout(
@@ -111,9 +111,13 @@ fn remote(cfg: &Config, name: &str) -> Value {
             })
             .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
             .map_err(anyhow::Error::msg)?;
-        Ok(serde_json::from_str(&json)?)
+        serde_json::from_str(&json).context("its status does not parse")
     })();
-    r.unwrap_or_else(|e| serde_json::json!({"site": name, "unreachable": format!("{e:#}")}))
+    r.unwrap_or_else(|e| SiteStatus {
+        site: name.to_string(),
+        unreachable: Some(format!("{e:#}")),
+        ..SiteStatus::default()
+    })
 }
 
 fn age(now: i64, ns: i64) -> String {
@@ -127,275 +131,139 @@ fn age(now: i64, ns: i64) -> String {
     format!("{} ago", short.join(" "))
 }
 
-/// What needs attention in a site's document, one line each.
-fn alerts(site: &Value) -> Vec<String> {
+/// What needs attention in a site's status, one line each.
+fn alerts(site: &SiteStatus) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(e) = site["unreachable"].as_str() {
+    if let Some(e) = &site.unreachable {
         out.push(format!("site unreachable: {e}"));
         return out;
     }
-    for r in site["not_ready"].as_array().into_iter().flatten() {
-        if let Some(r) = r.as_str() {
-            out.push(format!("not ready: {r}"));
-        }
+    for r in &site.not_ready {
+        out.push(format!("not ready: {r}"));
     }
     let now = vault::dataset::now_ns();
-    for v in site["datasets"].as_array().into_iter().flatten() {
-        let name = v["dataset"].as_str().unwrap_or("?");
-        let mut say = |m: String| out.push(format!("{name}: {m}"));
-        if let Some(e) = v["error"].as_str() {
-            say(e.to_string());
+    for v in &site.datasets {
+        let name = v.dataset.as_str();
+        if let Some(e) = &v.error {
+            out.push(format!("{name}: {e}"));
             continue;
         }
-        let stale = (now - v["updated_ns"].as_i64().unwrap_or(0)) as f64 / 1e9;
-        if stale > STALE_SECONDS {
-            say(format!(
-                "status is {stale:.0} s old: is the daemon running?"
-            ));
+        out.extend(
+            dataset_alerts(v, now)
+                .into_iter()
+                .map(|m| format!("{name}: {m}")),
+        );
+    }
+    out
+}
+
+/// What needs attention in one dataset.
+fn dataset_alerts(v: &DatasetStatus, now: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    let stale = (now - v.updated_ns) as f64 / 1e9;
+    if stale > STALE_SECONDS {
+        out.push(format!(
+            "status is {stale:.0} s old: is the daemon running?"
+        ));
+    }
+    if let Some(f) = &v.failure {
+        out.push(format!("FAILED: {f}"));
+    }
+    // Only a commit policy failing now counts, not one that recovered.
+    if v.source.as_ref().is_some_and(|s| s.commit_failing)
+        || v.puts.as_ref().is_some_and(|p| p.commit_failing)
+    {
+        out.push("the commit policy is failing: a sync follower does not acknowledge".into());
+    }
+    for f in &v.replication.followers {
+        if !f.connected {
+            out.push(format!("follower {} is not connected", f.site));
         }
-        if let Some(f) = v["failure"].as_str() {
-            say(format!("FAILED: {f}"));
+        if f.degraded {
+            out.push(format!("sync follower {} is DEGRADED to async", f.site));
         }
-        // Only a commit policy failing now counts, not one that recovered.
-        if v["source"]["commit_failing"] == true || v["puts"]["commit_failing"] == true {
-            say("the commit policy is failing: a sync follower does not acknowledge".into());
+    }
+    if let Some(up) = v.replication.upstream.as_ref().filter(|u| !u.connected) {
+        out.push(format!("upstream {} is not connected", up.upstream));
+    }
+    if let Some(a) = &v.archive {
+        for (kind, e) in [
+            ("ship", &a.ship_error),
+            ("snapshot", &a.snapshot_error),
+            ("prune", &a.prune_error),
+        ] {
+            if let Some(e) = e {
+                out.push(format!("archive {kind}: {e}"));
+            }
         }
-        for f in v["replication"]["followers"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        if let Some(every) = a
+            .snapshot_interval_seconds
+            .filter(|_| a.last_snapshot_ns > 0)
         {
-            let peer = f["site"].as_str().unwrap_or("?");
-            if f["connected"] != true {
-                say(format!("follower {peer} is not connected"));
-            }
-            if f["degraded"] == true {
-                say(format!("sync follower {peer} is DEGRADED to async"));
-            }
-        }
-        let up = &v["replication"]["upstream"];
-        if up.is_object() && up["connected"] != true {
-            say(format!(
-                "upstream {} is not connected",
-                up["upstream"].as_str().unwrap_or("?")
-            ));
-        }
-        let a = &v["archive"];
-        for kind in ["ship", "snapshot", "prune"] {
-            if let Some(e) = a[format!("{kind}_error")].as_str() {
-                say(format!("archive {kind}: {e}"));
-            }
-        }
-        if let (Some(every), Some(last)) = (
-            a["snapshot_interval_seconds"].as_f64(),
-            a["last_snapshot_ns"].as_i64().filter(|t| *t > 0),
-        ) {
-            if (now - last) as f64 / 1e9 > 2.0 * every {
-                say(format!(
+            if (now - a.last_snapshot_ns) as f64 / 1e9 > 2.0 * every {
+                out.push(format!(
                     "the newest snapshot is {}, older than twice its schedule",
-                    age(now, last)
+                    age(now, a.last_snapshot_ns)
                 ));
             }
         }
-        let c = &v["checks"];
-        if c["last_verify_agree"] == false {
-            say(format!(
+    }
+    if let Some(c) = &v.checks {
+        if c.last_verify_agree == Some(false) {
+            out.push(format!(
                 "the last cross-site verify found disagreement: {}",
-                c["last_verify_verdict"].as_str().unwrap_or("?")
+                c.last_verify_verdict.as_deref().unwrap_or("?")
             ));
         }
-        if c["last_scrub_ok"] == false {
-            say(format!(
+        if c.last_scrub_ok == Some(false) {
+            out.push(format!(
                 "the last scrub left {} chunk(s) damaged",
-                c["last_scrub_damaged"]
+                c.last_scrub_damaged
             ));
         }
-        if c["last_drill_result"] == "failed" {
-            say("the last restore drill FAILED (see its report)".into());
+        if c.last_drill_result.as_deref() == Some("failed") {
+            out.push("the last restore drill FAILED (see its report)".into());
         }
-        if let (Some(every), Some(last)) = (
-            c["drill_interval_seconds"].as_f64(),
-            c["last_drill_success_ns"].as_i64().filter(|t| *t > 0),
-        ) {
-            if (now - last) as f64 / 1e9 > 1.5 * every {
-                say(format!("no passed drill since {}: overdue", age(now, last)));
+        if let Some(every) = c
+            .drill_interval_seconds
+            .filter(|_| c.last_drill_success_ns > 0)
+        {
+            if (now - c.last_drill_success_ns) as f64 / 1e9 > 1.5 * every {
+                out.push(format!(
+                    "no passed drill since {}: overdue",
+                    age(now, c.last_drill_success_ns)
+                ));
             }
         }
     }
     out
 }
 
+fn connected(up: bool) -> &'static str {
+    if up {
+        "connected"
+    } else {
+        "NOT CONNECTED"
+    }
+}
+
 /// Prints one site; returns true when it has alerts.
-fn print_site(site: &Value) -> bool {
-    let name = site["site"].as_str().unwrap_or("?");
-    if site["unreachable"].is_string() {
+fn print_site(site: &SiteStatus) -> bool {
+    let name = &site.site;
+    if site.unreachable.is_some() {
         println!("site {name}: UNREACHABLE");
     } else {
-        let phase = site["phase"]
-            .as_str()
-            .map(|p| format!("  {p}"))
+        let phase = site
+            .phase
+            .map(|p| format!("  {}", p.as_str()))
             .unwrap_or_default();
-        println!(
-            "site {name} ({}){phase}",
-            site["role"].as_str().unwrap_or("?")
-        );
+        println!("site {name} ({}){phase}", site.role);
     }
     let now = vault::dataset::now_ns();
-    for v in site["datasets"].as_array().into_iter().flatten() {
-        let ds = v["dataset"].as_str().unwrap_or("?");
-        if v["error"].is_string() {
-            continue;
-        }
-        println!(
-            "  {ds}: head seq {} applied {}  digest {}  chain {}",
-            v["log"]["head_seq"],
-            v["log"]["applied_seq"],
-            short(&v["log"]["digest"]),
-            short(&v["log"]["chain_hash"]),
-        );
-        let src = &v["source"];
-        if src.is_object() {
-            println!(
-                "    source: {}  files ingested {}  pending {}  committed to seq {}  commit failures {}",
-                if src["settled"] == true { "settled" } else { "busy" },
-                src["files_ingested"],
-                src["pending_paths"],
-                src["committed_seq"],
-                src["commit_failures"],
-            );
-        }
-        let p = &v["puts"];
-        if p.is_object() {
-            println!(
-                "    puts: {} stored, {} already there, {} refused, {} not acknowledged in time{}",
-                p["stored"],
-                p["existed"],
-                p["refused"],
-                p["commit_failures"],
-                p["last_error"]
-                    .as_str()
-                    .map(|e| format!("  last problem: {e}"))
-                    .unwrap_or_default()
-            );
-        }
-        for f in v["replication"]["followers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            println!(
-                "    follower {} ({}): {}  acked {}  lag {} records, {} bytes, {:.2} s{}",
-                f["site"].as_str().unwrap_or("?"),
-                f["mode"].as_str().unwrap_or("?"),
-                if f["connected"] == true {
-                    "connected"
-                } else {
-                    "NOT CONNECTED"
-                },
-                f["acked_seq"],
-                f["lag_records"],
-                f["lag_bytes"],
-                f["lag_seconds"].as_f64().unwrap_or(0.0),
-                if f["degraded"] == true {
-                    "  DEGRADED to async"
-                } else {
-                    ""
-                }
-            );
-        }
-        let up = &v["replication"]["upstream"];
-        if up.is_object() {
-            println!(
-                "    upstream {}: {}  its head {}  lag {} records, {} bytes, {:.2} s{}",
-                up["upstream"].as_str().unwrap_or("?"),
-                if up["connected"] == true {
-                    "connected"
-                } else {
-                    "NOT CONNECTED"
-                },
-                up["upstream_head_seq"],
-                up["lag_records"],
-                up["lag_bytes"],
-                up["lag_seconds"].as_f64().unwrap_or(0.0),
-                if up["receiving_transfer"] == true {
-                    "  receiving a state transfer"
-                } else {
-                    ""
-                }
-            );
-            if let Some(e) = up["last_error"].as_str() {
-                println!("    last link problem: {e}");
-            }
-        }
-        let a = &v["archive"];
-        if a.is_object() {
-            let snap = match a["last_snapshot"].as_object() {
-                Some(r) => format!(
-                    "{} ({:.1} s, {} bytes, {} uploaded)",
-                    age(now, a["last_snapshot_ns"].as_i64().unwrap_or(0)),
-                    r.get("seconds").and_then(Value::as_f64).unwrap_or(0.0),
-                    r.get("bytes").cloned().unwrap_or_default(),
-                    r.get("bytes_uploaded").cloned().unwrap_or_default(),
-                ),
-                None => age(now, a["last_snapshot_ns"].as_i64().unwrap_or(0)),
-            };
-            println!(
-                "    archive {}: shipped to seq {} ({})  last snapshot {snap}{}",
-                a["url"].as_str().unwrap_or("?"),
-                a["shipped_seq"],
-                age(now, a["last_ship_ns"].as_i64().unwrap_or(0)),
-                a["next_snapshot"]
-                    .as_str()
-                    .map(|n| format!("  next {n}"))
-                    .unwrap_or_default(),
-            );
-        }
-        let c = &v["checks"];
-        if c.is_object() {
-            let verify = match c["last_verify_agree"].as_bool() {
-                Some(true) => format!(
-                    "copies agree ({})",
-                    age(now, c["last_verify_ns"].as_i64().unwrap_or(0))
-                ),
-                Some(false) => format!(
-                    "DISAGREE ({})",
-                    age(now, c["last_verify_ns"].as_i64().unwrap_or(0))
-                ),
-                None => match c["last_verify_verdict"].as_str() {
-                    Some(v) => format!(
-                        "could not compare ({}): {v}",
-                        age(now, c["last_verify_ns"].as_i64().unwrap_or(0))
-                    ),
-                    None => "none recorded".into(),
-                },
-            };
-            let scrub = match c["last_scrub_ok"].as_bool() {
-                Some(true) => format!(
-                    "clean ({})",
-                    age(now, c["last_scrub_ns"].as_i64().unwrap_or(0))
-                ),
-                Some(false) => format!(
-                    "{} chunk(s) DAMAGED ({})",
-                    c["last_scrub_damaged"],
-                    age(now, c["last_scrub_ns"].as_i64().unwrap_or(0))
-                ),
-                None => "never".into(),
-            };
-            println!("    last verify: {verify}  last scrub: {scrub}");
-            match c["last_drill_result"].as_str() {
-                Some(r) => println!(
-                    "    last drill: {r} ({})  RTO {:.1} s  RPO {}  report {}",
-                    age(now, c["last_drill_ns"].as_i64().unwrap_or(0)),
-                    c["last_drill_rto_seconds"].as_f64().unwrap_or(0.0),
-                    c["last_drill_rpo_seconds"]
-                        .as_f64()
-                        .map(|r| format!("{r:.1} s"))
-                        .unwrap_or_else(|| "unknown".into()),
-                    c["last_drill_report"].as_str().unwrap_or("?"),
-                ),
-                None => println!("    last drill: none recorded"),
-            }
-        }
+    for v in site.datasets.iter().filter(|v| v.error.is_none()) {
+        print_log_and_intake(v);
+        print_links(v);
+        print_archive_and_checks(v, now);
     }
     let list = alerts(site);
     if list.is_empty() {
@@ -409,6 +277,135 @@ fn print_site(site: &Value) -> bool {
     !list.is_empty()
 }
 
-fn short(v: &Value) -> &str {
-    v.as_str().map(|s| &s[..16.min(s.len())]).unwrap_or("?")
+fn print_log_and_intake(v: &DatasetStatus) {
+    println!(
+        "  {}: head seq {} applied {}  digest {}  chain {}",
+        v.dataset,
+        v.log.head_seq,
+        v.log.applied_seq,
+        short(&v.log.digest),
+        short(&v.log.chain_hash),
+    );
+    if let Some(src) = &v.source {
+        println!(
+            "    source: {}  files ingested {}  pending {}  committed to seq {}  commit failures {}",
+            if src.settled { "settled" } else { "busy" },
+            src.files_ingested,
+            src.pending_paths,
+            src.committed_seq,
+            src.commit_failures,
+        );
+    }
+    if let Some(p) = &v.puts {
+        println!(
+            "    puts: {} stored, {} already there, {} refused, {} not acknowledged in time{}",
+            p.stored,
+            p.existed,
+            p.refused,
+            p.commit_failures,
+            p.last_error
+                .as_deref()
+                .map(|e| format!("  last problem: {e}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn print_links(v: &DatasetStatus) {
+    for f in &v.replication.followers {
+        println!(
+            "    follower {} ({}): {}  acked {}  lag {} records, {} bytes, {:.2} s{}",
+            f.site,
+            f.mode,
+            connected(f.connected),
+            f.acked_seq,
+            f.lag_records,
+            f.lag_bytes,
+            f.lag_seconds,
+            if f.degraded {
+                "  DEGRADED to async"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(up) = &v.replication.upstream {
+        println!(
+            "    upstream {}: {}  its head {}  lag {} records, {} bytes, {:.2} s{}",
+            up.upstream,
+            connected(up.connected),
+            up.upstream_head_seq,
+            up.lag_records,
+            up.lag_bytes,
+            up.lag_seconds,
+            if up.receiving_transfer {
+                "  receiving a state transfer"
+            } else {
+                ""
+            }
+        );
+        if let Some(e) = &up.last_error {
+            println!("    last link problem: {e}");
+        }
+    }
+}
+
+fn print_archive_and_checks(v: &DatasetStatus, now: i64) {
+    if let Some(a) = &v.archive {
+        let snap = match &a.last_snapshot {
+            Some(r) => format!(
+                "{} ({:.1} s, {} bytes, {} uploaded)",
+                age(now, a.last_snapshot_ns),
+                r.seconds,
+                r.bytes,
+                r.bytes_uploaded,
+            ),
+            None => age(now, a.last_snapshot_ns),
+        };
+        println!(
+            "    archive {}: shipped to seq {} ({})  last snapshot {snap}{}",
+            a.url,
+            a.shipped_seq,
+            age(now, a.last_ship_ns),
+            a.next_snapshot
+                .as_deref()
+                .map(|n| format!("  next {n}"))
+                .unwrap_or_default(),
+        );
+    }
+    let Some(c) = &v.checks else { return };
+    let verify = match c.last_verify_agree {
+        Some(true) => format!("copies agree ({})", age(now, c.last_verify_ns)),
+        Some(false) => format!("DISAGREE ({})", age(now, c.last_verify_ns)),
+        None => match &c.last_verify_verdict {
+            Some(v) => format!("could not compare ({}): {v}", age(now, c.last_verify_ns)),
+            None => "none recorded".into(),
+        },
+    };
+    let scrub = match c.last_scrub_ok {
+        Some(true) => format!("clean ({})", age(now, c.last_scrub_ns)),
+        Some(false) => format!(
+            "{} chunk(s) DAMAGED ({})",
+            c.last_scrub_damaged,
+            age(now, c.last_scrub_ns)
+        ),
+        None => "never".into(),
+    };
+    println!("    last verify: {verify}  last scrub: {scrub}");
+    match &c.last_drill_result {
+        Some(r) => println!(
+            "    last drill: {r} ({})  RTO {:.1} s  RPO {}  report {}",
+            age(now, c.last_drill_ns),
+            c.last_drill_rto_seconds.unwrap_or(0.0),
+            c.last_drill_rpo_seconds
+                .map(|r| format!("{r:.1} s"))
+                .unwrap_or_else(|| "unknown".into()),
+            c.last_drill_report.as_deref().unwrap_or("?"),
+        ),
+        None => println!("    last drill: none recorded"),
+    }
+}
+
+fn short(s: &str) -> &str {
+    s.get(..16).unwrap_or(s)
 }

@@ -1,4 +1,5 @@
-//! `triad verify --repair`: good bytes for what a scrub found damaged.
+//! Good bytes for what a scrub found damaged (`triad verify --repair`, and
+//! the daemon's scheduled scrub with `[verify] repair = true`).
 //!
 //! - In this site's copy (`--scrub --repair`, daemon stopped): each damaged
 //!   chunk is fetched from this site's archive or from another site, checked
@@ -59,7 +60,7 @@ pub fn local(
     key: &DatasetKey,
     bad_ids: &[String],
 ) -> Result<RepairReport> {
-    let ds = crate::runtime::open_dataset(cfg, name).map_err(|e| {
+    let ds = super::open_dataset(cfg, name).map_err(|e| {
         anyhow!("{e:#}; repairing this site's copy from the command line needs the daemon stopped (a running daemon repairs after its scheduled scrub with [verify] repair = true)")
     })?;
     let report = with_dataset(cfg, name, key, &ds, bad_ids);
@@ -83,7 +84,7 @@ pub fn with_dataset(
         Ok(Some(s)) => archive::Store::open(&s.store).ok(),
         _ => None,
     };
-    let rt = crate::cmd::archive::runtime()?;
+    let rt = super::runtime()?;
     let mut report = RepairReport::default();
     for s in bad_ids {
         let Some(id) = parse_id(s) else { continue };
@@ -182,7 +183,7 @@ pub fn archive(
         .map_err(|(f, m)| anyhow!("{f}: {m}"))?
         .ok_or_else(|| anyhow!("no [archive] to repair"))?;
     let store = archive::Store::open(&settings.store)?;
-    let rt = crate::cmd::archive::runtime()?;
+    let rt = super::runtime()?;
     let view = View::open(&cfg.dataset_dir(name), name, key)?;
     let evidence = cfg.dataset_dir(name).join("evidence");
     std::fs::create_dir_all(&evidence)
