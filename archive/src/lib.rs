@@ -20,7 +20,7 @@ pub mod schedule;
 pub mod store;
 
 pub use archiver::{Archiver, PruneReport, RetentionPolicy, SnapshotReport};
-pub use error::{ArchiveError, Result};
+pub use error::{ArchiveError, Result, StoreCause};
 pub use lock::{LockMode, ObjectLock};
 pub use restore::{ArchiveRestore, At, Progress, Restorer};
 pub use store::{Store, StoreConfig};

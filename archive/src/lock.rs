@@ -30,7 +30,8 @@ use object_store::client::{HttpClient, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 /// Who may shorten or lift a lock before it ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LockMode {
     /// Users granted `s3:BypassGovernanceRetention` may delete early.
     Governance,
@@ -39,14 +40,6 @@ pub enum LockMode {
 }
 
 impl LockMode {
-    pub fn parse(s: &str) -> Option<LockMode> {
-        match s {
-            "governance" => Some(LockMode::Governance),
-            "compliance" => Some(LockMode::Compliance),
-            _ => None,
-        }
-    }
-
     fn header(self) -> &'static str {
         match self {
             LockMode::Governance => "GOVERNANCE",
@@ -103,7 +96,7 @@ pub(crate) struct Locker {
 /// Why a request failed: the status (when one came back) and the store's
 /// words, for the caller to put into an [`crate::ArchiveError`].
 #[derive(Debug)]
-pub(crate) struct LockError {
+pub struct LockError {
     pub status: Option<u16>,
     pub message: String,
 }
@@ -116,6 +109,8 @@ impl std::fmt::Display for LockError {
         }
     }
 }
+
+impl std::error::Error for LockError {}
 
 fn lock_err(status: Option<u16>, message: impl Into<String>) -> LockError {
     LockError {

@@ -24,7 +24,7 @@ use object_store::{
 };
 use serde::Deserialize;
 
-use crate::error::{ArchiveError, Result};
+use crate::error::{ArchiveError, Result, StoreCause};
 use crate::lock::{DeleteMarker, Locker, ObjectLock};
 
 /// Objects above this size are uploaded in parts.
@@ -55,6 +55,11 @@ pub struct StoreConfig {
     pub object_lock: Option<ObjectLock>,
 }
 
+/// Requests in flight at once unless configured.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+/// Time limit of one request unless configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl StoreConfig {
     pub fn new(url: &str) -> StoreConfig {
         StoreConfig {
@@ -63,8 +68,8 @@ impl StoreConfig {
             region: None,
             credentials_file: None,
             virtual_hosted: false,
-            concurrency: 8,
-            timeout: Duration::from_secs(60),
+            concurrency: DEFAULT_CONCURRENCY,
+            timeout: DEFAULT_TIMEOUT,
             max_retries: 10,
             object_lock: None,
         }
@@ -241,11 +246,8 @@ impl Store {
     /// With `object_lock`: fails unless the bucket has Object Lock enabled.
     pub async fn check_object_lock(&self) -> Result<()> {
         match &self.locker {
-            Some(l) => l.check_bucket().await.map_err(|e| ArchiveError::Store {
-                url: self.url.clone(),
-                op: "checking the Object Lock configuration of",
-                key: "the bucket".into(),
-                message: e.to_string(),
+            Some(l) => l.check_bucket().await.map_err(|e| {
+                self.lock_err("checking the Object Lock configuration of", "the bucket", e)
             }),
             None => Ok(()),
         }
@@ -308,17 +310,7 @@ impl Store {
                 let s = e.to_string();
                 if s.contains("NoSuchBucket") {
                     " (the bucket does not exist: create it, or fix archive.url)"
-                } else if [
-                    "InvalidAccessKeyId",
-                    "SignatureDoesNotMatch",
-                    "NotSignedUp",
-                    "AccessDenied",
-                    "403 Forbidden",
-                    "401 Unauthorized",
-                ]
-                .iter()
-                .any(|c| s.contains(c))
-                {
+                } else if crate::error::PERMANENT_CODES.iter().any(|c| s.contains(c)) {
                     " (the store refused the request: check the credentials in \
                      archive.credentials_file or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and the \
                      bucket policy)"
@@ -331,7 +323,8 @@ impl Store {
             url: self.url.clone(),
             op,
             key: key.to_string(),
-            message: format!("{e}{hint}"),
+            cause: Box::new(StoreCause::Client(e)),
+            hint,
         }
     }
 
@@ -384,7 +377,8 @@ impl Store {
             url: self.url.clone(),
             op,
             key: key.to_string(),
-            message: e.to_string(),
+            cause: Box::new(StoreCause::Lock(e)),
+            hint: "",
         }
     }
 

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use archive::{Archiver, PruneReport, SnapshotReport, Store};
-use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use vault::Dataset;
 
@@ -27,15 +26,7 @@ use crate::status::ArchiveStatus;
 
 pub const REQUESTS_DIR: &str = "requests";
 
-/// A request from the CLI, as a file `<id>.<kind>` in the requests dir; the
-/// answer is written to `<id>.result`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Answer {
-    pub ok: bool,
-    pub error: Option<String>,
-    pub snapshot: Option<SnapshotReport>,
-    pub prune: Option<PruneReport>,
-}
+pub use crate::ops::archive::{Answer, Kind};
 
 /// A snapshot or prune asked for inside the daemon (an Admin call), with
 /// where its answer goes.
@@ -44,29 +35,15 @@ struct Job {
     reply: crossbeam_channel::Sender<Answer>,
 }
 
-/// What can be asked of a dataset's archive on demand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Kind {
-    Snapshot,
-    Prune,
-}
-
-impl Kind {
-    /// As request files and Admin calls name it.
-    pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "snapshot" => Some(Kind::Snapshot),
-            "prune" => Some(Kind::Prune),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Snapshot => "snapshot",
-            Kind::Prune => "prune",
-        }
-    }
+/// Why an on-demand request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("the archive threads have stopped")]
+    Stopped,
+    #[error("the daemon has not reached its archive yet, so it cannot {}: {error}", kind.as_str())]
+    NotReached { kind: Kind, error: String },
+    #[error("no answer within {}s (see the daemon's log)", .0.as_secs())]
+    Timeout(Duration),
 }
 
 /// Shared between the runtime and a dataset's archive threads.
@@ -101,18 +78,18 @@ impl Shared {
     /// Asks the snapshot thread for `kind` and waits up to `timeout` for its
     /// answer. Gives up early when the store was never reached (the thread
     /// answers only once it has been).
-    pub fn ask(&self, kind: Kind, timeout: Duration) -> Result<Answer, String> {
+    pub fn ask(&self, kind: Kind, timeout: Duration) -> Result<Answer, AskError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.jobs
             .0
             .send(Job { kind, reply })
-            .map_err(|_| "the archive threads have stopped".to_string())?;
+            .map_err(|_| AskError::Stopped)?;
         let started = Instant::now();
         while started.elapsed() < timeout {
             match answer.recv_timeout(Duration::from_secs(1)) {
                 Ok(a) => return Ok(a),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Err("the archive threads stopped before answering".into())
+                    return Err(AskError::Stopped)
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             }
@@ -123,16 +100,10 @@ impl Shared {
                 .filter(|s| !s.opened)
                 .and_then(|s| s.ship_error.clone());
             if let Some(e) = unreachable.filter(|_| started.elapsed() > Duration::from_secs(5)) {
-                return Err(format!(
-                    "the daemon has not reached its archive yet, so it cannot {}: {e}",
-                    kind.as_str()
-                ));
+                return Err(AskError::NotReached { kind, error: e });
             }
         }
-        Err(format!(
-            "no answer within {}s (see the daemon's log)",
-            timeout.as_secs()
-        ))
+        Err(AskError::Timeout(timeout))
     }
 
     /// Applies reloaded settings: schedule, retention, flush interval and
@@ -275,8 +246,14 @@ fn ship_once(a: &Archiver, sh: &Shared) {
                 s.gaps_bridged_pending = true;
             });
         }
-        Err(e) => {
+        Err(e) if e.retryable() => {
             tracing::warn!(dataset = a.dataset().name(), error = %e, "log shipping failed; will retry");
+            sh.update(|s| s.ship_error = Some(e.to_string()));
+        }
+        Err(e) => {
+            // Retried all the same (the operator may fix it any moment), but
+            // said louder: waiting will not make this one pass.
+            tracing::error!(dataset = a.dataset().name(), error = %e, "log shipping failed and will keep failing until the store or its settings are fixed");
             sh.update(|s| s.ship_error = Some(e.to_string()));
         }
     }

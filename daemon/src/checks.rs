@@ -209,11 +209,7 @@ fn run_verify(cfg: &Config, ds: &Dataset, s: &Shared) {
 
 fn run_scrub(cfg: &Config, ds: &Dataset, s: &Shared) {
     let verify = cfg.verify.clone().unwrap_or_default();
-    let rate = verify
-        .scrub_max_rate
-        .as_deref()
-        .and_then(|r| crate::config::parse_bandwidth(r).ok())
-        .unwrap_or(100 << 20);
+    let rate = cfg.scrub_max_rate();
     let r = (|| -> anyhow::Result<()> {
         let key = crate::ops::dataset_key(cfg, ds.name())?;
         let repair = if verify.repair {
@@ -308,5 +304,26 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
                 c.last_error = Some(format!("drill: {e:#}"));
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verify_that_could_not_compare_is_neither_agreement_nor_mismatch() {
+        let mut c = ChecksStatus::default();
+        record_verify(&mut c, true, false, "all agree");
+        assert_eq!(c.last_verify_agree, Some(true));
+        assert_eq!(c.last_verify_outcome.as_deref(), Some("agree"));
+        record_verify(&mut c, false, false, "sjz-c unreachable");
+        assert_eq!(c.last_verify_agree, None, "incomplete is not a verdict");
+        assert_eq!(c.last_verify_outcome.as_deref(), Some("incomplete"));
+        assert_eq!(c.verify_mismatch_total, 0);
+        record_verify(&mut c, false, true, "zjk-b differs");
+        assert_eq!(c.last_verify_agree, Some(false));
+        assert_eq!(c.verify_mismatch_total, 1);
+        assert_eq!(c.last_verify_verdict.as_deref(), Some("zjk-b differs"));
     }
 }

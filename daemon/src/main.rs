@@ -32,8 +32,8 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Log format: human or json (default: the config's [log] format, else human).
-    #[arg(long, global = true, env = "TRIAD_LOG_FORMAT", value_parser = ["human", "json"])]
-    log_format: Option<String>,
+    #[arg(long, global = true, env = "TRIAD_LOG_FORMAT", value_enum)]
+    log_format: Option<config::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,10 +86,16 @@ enum Command {
     Status(cmd::status::Args),
     /// Store an object (a file, or stdin with `-`) in a pushed dataset; exits 0
     /// only once the commit policy holds. For a database's archive_command.
+    ///
+    /// Works at the primary only: a follower's datasets are filled by
+    /// replication, and its daemon refuses puts.
     Put(cmd::push::PutArgs),
     /// Fetch an object from the local daemon or an archive; exits 1 with
     /// nothing written when there is no such name, 255 when it could not
     /// fetch (so a restore_command stops recovery rather than end it).
+    ///
+    /// Works at every site: the primary, either follower (from its
+    /// replicated copy), or with --from-archive from an archive alone.
     Get(cmd::push::GetArgs),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
     Demo(cmd::demo::Args),
@@ -117,7 +123,7 @@ fn main() -> ExitCode {
             .and_then(|c| c.log.format),
         _ => None,
     };
-    cmd::init_logging(cli.log_format.or(from_config).as_deref().unwrap_or("human"));
+    cmd::init_logging(cli.log_format.or(from_config).unwrap_or_default());
     if !matches!(
         cli.command,
         Command::Daemon { .. } | Command::Put(_) | Command::Get(_) | Command::Demo(_)

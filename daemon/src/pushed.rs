@@ -141,8 +141,8 @@ impl PutStats {
 #[derive(Debug, thiserror::Error)]
 enum PutError {
     /// Stored and durable here, but the commit policy does not hold yet.
-    #[error("{0}")]
-    Commit(String),
+    #[error(transparent)]
+    Commit(replicator::upstream::CommitError),
     #[error("{0}")]
     Refused(String),
 }
@@ -773,6 +773,105 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// The socket served in-process over one real dataset on disk.
+    struct Served {
+        tmp: tempfile::TempDir,
+        socket: PathBuf,
+        stop: Arc<AtomicBool>,
+        stats: Arc<PutStats>,
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Release);
+        }
+    }
+
+    fn serve_one(accepts_puts: bool, gate: Option<CommitGate>) -> Served {
+        let tmp = tempfile::tempdir().unwrap();
+        let ds = Dataset::open(
+            &tmp.path().join("ds"),
+            "pg",
+            &vault::DatasetKey::generate(),
+            vault::Options::default(),
+        )
+        .unwrap();
+        let stats = Arc::new(PutStats::default());
+        let targets = HashMap::from([(
+            "pg".to_string(),
+            Target {
+                ds: Arc::new(ds),
+                accepts_puts,
+                gate,
+                lock: Mutex::new(()),
+                stats: stats.clone(),
+            },
+        )]);
+        let socket = tmp.path().join("triad.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        serve(
+            bind(&socket, None).unwrap(),
+            Arc::new(targets),
+            stop.clone(),
+        )
+        .unwrap();
+        Served {
+            tmp,
+            socket,
+            stop,
+            stats,
+        }
+    }
+
+    #[test]
+    fn a_put_is_stored_once_never_replaced_and_read_back_whole() {
+        let s = serve_one(true, None);
+        let wal = vec![7u8; 3 << 20];
+        let a = client::put(&s.socket, "pg", "000000010000000000000001", &mut &wal[..]).unwrap();
+        assert!(a.ok && !a.existed && a.seq.is_some(), "{a:?}");
+        let again =
+            client::put(&s.socket, "pg", "000000010000000000000001", &mut &wal[..]).unwrap();
+        assert!(again.ok && again.existed, "{again:?}");
+        let other =
+            client::put(&s.socket, "pg", "000000010000000000000001", &mut &b"x"[..]).unwrap();
+        assert!(!other.ok, "{other:?}");
+        assert!(other.error.unwrap().contains("never replaced"));
+
+        let dest = s.tmp.path().join("out");
+        let got = client::get(&s.socket, "pg", "000000010000000000000001", &dest).unwrap();
+        assert!(got.ok);
+        assert_eq!(std::fs::read(&dest).unwrap(), wal);
+        let none = client::get(&s.socket, "pg", "00000002.history", &dest).unwrap();
+        assert!(!none.ok && none.missing, "{none:?}");
+        let v = s.stats.view();
+        assert_eq!((v.stored, v.existed, v.refused), (1, 1, 1));
+    }
+
+    #[test]
+    fn puts_are_refused_where_they_do_not_belong_and_a_failed_commit_is_counted() {
+        let s = serve_one(false, None);
+        let a = client::put(&s.socket, "pg", "a", &mut &b"data"[..]).unwrap();
+        assert!(!a.ok);
+        assert!(a.error.unwrap().contains("takes no puts here"));
+        let a = client::put(&s.socket, "nope", "a", &mut &b"data"[..]).unwrap();
+        assert!(!a.ok, "{a:?}");
+
+        let gate: CommitGate = Arc::new(|seq| {
+            Err(replicator::upstream::CommitError {
+                site: "zjk-b".into(),
+                seq,
+                waited: std::time::Duration::from_secs(5),
+            })
+        });
+        let s = serve_one(true, Some(gate));
+        let a = client::put(&s.socket, "pg", "a", &mut &b"data"[..]).unwrap();
+        assert!(!a.ok);
+        assert!(a.error.unwrap().contains("did not acknowledge"));
+        let v = s.stats.view();
+        assert_eq!(v.commit_failures, 1);
+        assert!(v.commit_failing);
     }
 
     #[test]

@@ -124,7 +124,10 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         });
     }
 
-    let archive_threads = start_archiving(&cfg, &rt, &mut running, &stop)?;
+    // The archive threads get their own stop, raised only once the sources
+    // have finished their last round: their final shipment must include it.
+    let archive_stop = Arc::new(AtomicBool::new(false));
+    let archive_threads = start_archiving(&cfg, &rt, &mut running, &archive_stop)?;
     // Serve the log to the sites that follow this one.
     let refusals = Arc::new(Refusals::default());
     let (upstream, server) =
@@ -209,6 +212,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         push_thread,
         shutdown_tx,
         checks_thread,
+        archive_stop,
         archive_threads,
         servers: [server, http].into_iter().flatten().collect(),
     };
@@ -342,19 +346,27 @@ fn admin_handler(running: &[Running]) -> replicator::upstream::AdminHandler {
         .collect();
     let names: Vec<String> = running.iter().map(|r| r.ds.name().to_string()).collect();
     Arc::new(move |action: &str, dataset: &str| {
-        let kind = crate::archiving::Kind::parse(action)
-            .ok_or_else(|| format!("unknown admin action `{action}`: snapshot or prune"))?;
+        use replicator::upstream::{AdminAnswer, AdminError};
+        let kind = crate::archiving::Kind::parse(action).ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "unknown admin action `{action}`: snapshot or prune"
+            ))
+        })?;
         if !names.iter().any(|n| n == dataset) {
-            return Err(format!("this site has no dataset `{dataset}`"));
+            return Err(AdminError::Invalid(format!(
+                "this site has no dataset `{dataset}`"
+            )));
         }
         let archive = archives
             .get(dataset)
-            .ok_or_else(|| "this site has no [archive]".to_string())?;
-        let answer = archive.ask(kind, Duration::from_secs(3600))?;
-        Ok((
-            answer.ok,
-            serde_json::to_string(&answer).unwrap_or_default(),
-        ))
+            .ok_or_else(|| AdminError::NotConfigured("this site has no [archive]".into()))?;
+        let answer = archive
+            .ask(kind, Duration::from_secs(3600))
+            .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+        Ok(AdminAnswer {
+            ok: answer.ok,
+            json: serde_json::to_string(&answer).unwrap_or_default(),
+        })
     })
 }
 
@@ -402,7 +414,9 @@ fn serve_socket(
         .zip(&cfg.dataset)
         .map(|(r, d)| {
             let pushed = cfg.site.role == Role::Primary
-                && matches!(d.source, Some(crate::config::SourceConfig::Pushed {}));
+                && d.source
+                    .as_ref()
+                    .is_some_and(|s| s.kind == crate::config::SourceKind::Pushed);
             let gate = upstream.map(|up| commit_gate(rt, up, &d.name));
             let stats = Arc::new(crate::pushed::PutStats::default());
             if pushed {
@@ -515,11 +529,7 @@ fn commit_gate(
     dataset: &str,
 ) -> crate::source::CommitGate {
     let (handle, up, name) = (rt.handle().clone(), up.clone(), dataset.to_string());
-    Arc::new(move |seq| {
-        handle
-            .block_on(up.wait_committed(&name, seq))
-            .map_err(|e| e.to_string())
-    })
+    Arc::new(move |seq| handle.block_on(up.wait_committed(&name, seq)))
 }
 
 /// What the stop waits for, in order. Sources finish their round (they
@@ -536,6 +546,7 @@ struct Stopping<'a> {
     push_thread: Option<std::thread::JoinHandle<()>>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     checks_thread: std::thread::JoinHandle<()>,
+    archive_stop: Arc<AtomicBool>,
     archive_threads: Vec<std::thread::JoinHandle<()>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -560,6 +571,9 @@ impl Stopping<'_> {
         // The replication links stop only now, so a sync follower could
         // still acknowledge the sources' last round.
         let _ = self.shutdown_tx.send(true);
+        // Nothing appends any more: the archive's last shipment takes the
+        // log to its end.
+        self.archive_stop.store(true, Ordering::Release);
         let mut abandoned = Vec::new();
         for (what, t) in std::iter::once(("checks", self.checks_thread)).chain(
             self.archive_threads
@@ -721,5 +735,46 @@ fn status_of(
         },
         failure: ds.failure().or(diverged),
         error: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replicator::follower::FollowStatus;
+    use replicator::upstream::LinkStatus;
+
+    #[test]
+    fn the_systemd_status_line_names_each_link_and_what_is_down() {
+        let mut primary = DatasetStatus {
+            dataset: "files".into(),
+            ..DatasetStatus::default()
+        };
+        primary.log.head_seq = 42;
+        primary.replication.followers = vec![
+            LinkStatus {
+                site: "zjk-b".into(),
+                connected: true,
+                lag_seconds: 0.31,
+                ..LinkStatus::default()
+            },
+            LinkStatus {
+                site: "sjz-c".into(),
+                ..LinkStatus::default()
+            },
+        ];
+        let mut follower = DatasetStatus {
+            dataset: "pg".into(),
+            failure: Some("disk full".into()),
+            ..DatasetStatus::default()
+        };
+        follower.log.head_seq = 7;
+        let mut up = FollowStatus::default();
+        up.upstream = "zjk-a".into();
+        follower.replication.upstream = Some(up);
+        assert_eq!(
+            status_line(&[primary, follower]),
+            "files: head 42, zjk-b lag 0.3s, sjz-c DOWN; pg: head 7, upstream zjk-a DOWN, FAILED"
+        );
     }
 }

@@ -122,7 +122,8 @@ pub struct DirSource {
 }
 
 /// Blocks until the commit policy holds for a seq, or says why it does not.
-pub type CommitGate = Arc<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+pub type CommitGate =
+    Arc<dyn Fn(u64) -> Result<(), replicator::upstream::CommitError> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -458,7 +459,7 @@ impl DirSource {
                         // source) reports that the policy did not hold.
                         tracing::error!(dataset = self.ds.name(), "{e}");
                         self.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-                        self.stats.note_error(e);
+                        self.stats.note_error(e.to_string());
                     }
                 }
             }
@@ -850,5 +851,133 @@ impl DirSource {
         tracing::warn!(path = %String::from_utf8_lossy(rel), "file kept changing while being read; will try again");
         self.queue_reread(rel, Duration::from_secs(1));
         self.submit_meta(unpin(&mut pinned))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The source against a real dataset on disk, driven by hand (no
+    //! watcher thread, no daemon): scans, excludes, change detection and the
+    //! commit gate.
+
+    use super::*;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        tree: PathBuf,
+        src: DirSource,
+    }
+
+    fn fixture(exclude: &[&str]) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(&tree).unwrap();
+        let ds = Dataset::open(
+            &tmp.path().join("ds"),
+            "files",
+            &vault::DatasetKey::generate(),
+            vault::Options::default(),
+        )
+        .unwrap();
+        let settings = DirectorySettings {
+            path: tree.clone(),
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            rescan_interval: Duration::from_secs(600),
+            debounce: Duration::from_millis(200),
+            workers: 2,
+        };
+        let src = DirSource::new(
+            settings,
+            Arc::new(ds),
+            Arc::new(Stats::default()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        Fixture {
+            _tmp: tmp,
+            tree,
+            src,
+        }
+    }
+
+    fn paths(src: &DirSource) -> Vec<String> {
+        src.ds
+            .entries_with_prefix(b"")
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| String::from_utf8_lossy(&p).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_scan_takes_the_tree_without_what_is_excluded_and_only_changes_after() {
+        let f = fixture(&["*.tmp", "*/cache"]);
+        std::fs::create_dir_all(f.tree.join("docs/cache")).unwrap();
+        std::fs::write(f.tree.join("docs/a.txt"), b"alpha").unwrap();
+        std::fs::write(f.tree.join("docs/b.tmp"), b"scratch").unwrap();
+        std::fs::write(f.tree.join("docs/cache/c.txt"), b"cached").unwrap();
+        // Everything counts as settled: no racy re-reads.
+        f.src.full_scan(i64::MAX).unwrap();
+        assert_eq!(paths(&f.src), ["docs", "docs/a.txt"]);
+        let head = f.src.ds.head_seq();
+        assert!(head > 0);
+
+        f.src.full_scan(i64::MAX).unwrap();
+        assert_eq!(
+            f.src.ds.head_seq(),
+            head,
+            "an unchanged tree appends nothing"
+        );
+
+        std::fs::write(f.tree.join("docs/a.txt"), b"alpha, longer").unwrap();
+        std::fs::remove_file(f.tree.join("docs/b.tmp")).unwrap();
+        f.src.full_scan(i64::MAX).unwrap();
+        assert!(f.src.ds.head_seq() > head, "a changed file is taken again");
+        let e = f.src.ds.entry(b"docs/a.txt").unwrap().unwrap();
+        assert_eq!(e.size, 13);
+
+        std::fs::remove_file(f.tree.join("docs/a.txt")).unwrap();
+        f.src.full_scan(i64::MAX).unwrap();
+        assert_eq!(paths(&f.src), ["docs"]);
+    }
+
+    #[test]
+    fn a_round_counts_as_committed_only_when_the_gate_holds() {
+        let holds = Arc::new(AtomicBool::new(false));
+        let h = holds.clone();
+        let gate: CommitGate = Arc::new(move |seq| {
+            if h.load(Ordering::Acquire) {
+                Ok(())
+            } else {
+                Err(replicator::upstream::CommitError {
+                    site: "zjk-b".into(),
+                    seq,
+                    waited: Duration::from_secs(5),
+                })
+            }
+        });
+        let mut f = fixture(&[]);
+        f.src = f.src.with_gate(gate);
+        std::fs::write(f.tree.join("a"), b"one").unwrap();
+        // The scan's round ends with a commit wait, which fails.
+        f.src.full_scan(i64::MAX).unwrap();
+        let stats = &f.src.stats;
+        assert_eq!(stats.committed_seq.load(Ordering::Acquire), 0);
+        assert!(stats.commit_failing.load(Ordering::Acquire));
+        assert_eq!(stats.commit_failures.load(Ordering::Relaxed), 1);
+        // A later round with nothing new waits again for the same head.
+        f.src.finish_round();
+        assert_eq!(stats.commit_failures.load(Ordering::Relaxed), 2);
+        let err = stats.last_error.lock().unwrap().clone().unwrap();
+        assert!(err.contains("sync follower zjk-b"), "{err}");
+
+        holds.store(true, Ordering::Release);
+        f.src.finish_round();
+        assert_eq!(stats.commit_failures.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            stats.committed_seq.load(Ordering::Acquire),
+            f.src.ds.head_seq()
+        );
+        assert!(!stats.commit_failing.load(Ordering::Acquire));
     }
 }

@@ -16,6 +16,7 @@ use vault::{Dataset, SubmitError, VaultError};
 use crate::pb::{self, follower_message, upstream_message};
 use crate::tls::{client_config, TlsFiles};
 use crate::upstream::MAX_MESSAGE;
+use crate::CallError;
 
 /// Where this site streams a dataset from.
 #[derive(Clone, Debug)]
@@ -397,7 +398,7 @@ pub async fn fetch_checkpoints(
     dataset: &str,
     key_id: &str,
     with_paths: bool,
-) -> Result<pb::CheckpointsReply, String> {
+) -> Result<pb::CheckpointsReply, CallError> {
     let channel = connect(site).await?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
@@ -410,11 +411,11 @@ pub async fn fetch_checkpoints(
         })
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| format!("{}: {}", site.name, s.message()))
+        .map_err(|status| refused(site, status))
 }
 
 /// Asks a site for its status document (`triad status --all`).
-pub async fn fetch_site_status(site: &UpstreamAddr) -> Result<String, String> {
+pub async fn fetch_site_status(site: &UpstreamAddr) -> Result<String, CallError> {
     let channel = connect(site).await?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE);
@@ -422,7 +423,7 @@ pub async fn fetch_site_status(site: &UpstreamAddr) -> Result<String, String> {
         .site_status(pb::SiteStatusRequest {})
         .await
         .map(|r| r.into_inner().json)
-        .map_err(|s| format!("{}: {}", site.name, s.message()))
+        .map_err(|status| refused(site, status))
 }
 
 /// Asks a site's daemon to do an admin action (needs that site's own
@@ -431,7 +432,7 @@ pub async fn admin(
     site: &UpstreamAddr,
     action: &str,
     dataset: &str,
-) -> Result<(bool, String), String> {
+) -> Result<(bool, String), CallError> {
     let channel = connect(site).await?;
     let mut client = pb::replication_client::ReplicationClient::new(channel);
     client
@@ -444,7 +445,7 @@ pub async fn admin(
             let r = r.into_inner();
             (r.ok, r.json)
         })
-        .map_err(|s| format!("{}: {}", site.name, s.message()))
+        .map_err(|status| refused(site, status))
 }
 
 /// Asks a site for sealed chunks by id (repair). The caller checks them.
@@ -453,7 +454,7 @@ pub async fn fetch_chunks(
     dataset: &str,
     key_id: &str,
     ids: &[vault::ChunkId],
-) -> Result<Vec<(vault::ChunkId, Vec<u8>)>, String> {
+) -> Result<Vec<(vault::ChunkId, Vec<u8>)>, CallError> {
     let channel = connect(site).await?;
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
@@ -465,7 +466,7 @@ pub async fn fetch_chunks(
             ids: ids.iter().map(|i| i.0.to_vec()).collect(),
         })
         .await
-        .map_err(|s| format!("{}: {}", site.name, s.message()))?
+        .map_err(|status| refused(site, status))?
         .into_inner();
     Ok(reply
         .chunks
@@ -474,24 +475,39 @@ pub async fn fetch_chunks(
         .collect())
 }
 
-async fn connect(up: &UpstreamAddr) -> Result<Channel, String> {
-    let tls = client_config(&up.tls, &up.name).map_err(|e| e.to_string())?;
+fn refused(site: &UpstreamAddr, status: tonic::Status) -> CallError {
+    CallError::Refused {
+        site: site.name.clone(),
+        status: Box::new(status),
+    }
+}
+
+async fn connect(up: &UpstreamAddr) -> Result<Channel, CallError> {
+    let setup = |message: String| CallError::Setup {
+        site: up.name.clone(),
+        message,
+    };
+    let tls = client_config(&up.tls, &up.name).map_err(|e| setup(e.to_string()))?;
     Endpoint::from_shared(format!("https://{}", up.address))
-        .map_err(|e| format!("address {}: {e}", up.address))?
+        .map_err(|e| setup(format!("address {}: {e}", up.address)))?
         .tls_config(tls)
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| setup(format!("TLS: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| format!("connecting to {} at {}: {e:?}", up.name, up.address))
+        .map_err(|cause| CallError::Connect {
+            site: up.name.clone(),
+            address: up.address.clone(),
+            cause,
+        })
 }
 
 async fn session(ds: &Arc<Dataset>, up: &UpstreamAddr, status: &Arc<Mutex<FollowStatus>>) -> End {
     let channel = match connect(up).await {
         Ok(c) => c,
-        Err(e) => return End::Retry(e),
+        Err(e) => return End::Retry(e.to_string()),
     };
     let mut client = pb::replication_client::ReplicationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)

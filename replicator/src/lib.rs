@@ -25,6 +25,50 @@ pub mod pb {
     tonic::include_proto!("triad.replication.v1");
 }
 
+/// A call to another site (checkpoints, status, chunks, an admin action)
+/// that did not get an answer. [`CallError::retryable`] tells a site that may
+/// answer later (down, cut off, busy) from a refusal that will stand.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// This site's own TLS files or the peer's address are unusable.
+    #[error("{site}: {message}")]
+    Setup { site: String, message: String },
+    /// No connection: the site is down, or the network between is cut.
+    /// The message shows the transport error's Debug form, because its
+    /// Display hides the cause; it is not also chained as a source, which
+    /// would print it twice.
+    #[error("connecting to {site} at {address}: {cause:?}")]
+    Connect {
+        site: String,
+        address: String,
+        cause: tonic::transport::Error,
+    },
+    /// The site answered with an error status.
+    #[error("{site}: {}", status.message())]
+    Refused {
+        site: String,
+        status: Box<tonic::Status>,
+    },
+}
+
+impl CallError {
+    pub fn retryable(&self) -> bool {
+        use tonic::Code;
+        match self {
+            CallError::Setup { .. } => false,
+            CallError::Connect { .. } => true,
+            CallError::Refused { status, .. } => matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::Unknown
+            ),
+        }
+    }
+}
+
 /// Errors setting up replication.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplError {

@@ -138,7 +138,40 @@ pub struct Upstream {
 
 /// Does an admin action (`action`, `dataset`) at this site: returns whether
 /// it succeeded and the answer as JSON, or why it could not run.
-pub type AdminHandler = Arc<dyn Fn(&str, &str) -> Result<(bool, String), String> + Send + Sync>;
+pub type AdminHandler = Arc<dyn Fn(&str, &str) -> Result<AdminAnswer, AdminError> + Send + Sync>;
+
+/// What an admin action answered.
+#[derive(Debug, Clone)]
+pub struct AdminAnswer {
+    pub ok: bool,
+    pub json: String,
+}
+
+/// Why an admin action did not run, each kind with its own status code so
+/// the caller can tell a wrong request from a site that is busy.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// An action or dataset this site does not know.
+    #[error("{0}")]
+    Invalid(String),
+    /// This site is not set up for it (no `[archive]`).
+    #[error("{0}")]
+    NotConfigured(String),
+    /// Not now: the archive is not reached yet, stopped, or did not answer
+    /// in time. Asking again later may work.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Status {
+        match e {
+            AdminError::Invalid(m) => Status::invalid_argument(m),
+            AdminError::NotConfigured(m) => Status::failed_precondition(m),
+            AdminError::Unavailable(m) => Status::unavailable(m),
+        }
+    }
+}
 
 /// Produces the site's status JSON (the daemon's `/v1/status`).
 pub type StatusSource = Arc<dyn Fn() -> String + Send + Sync>;
@@ -256,18 +289,24 @@ impl Upstream {
         self.acked.notify_waiters();
     }
 
-    /// A dataset another site asks about, if this site has it with the same
-    /// key.
+    /// A dataset another site (`caller`) asks about, if this site has it
+    /// with the same key: every call about a dataset starts here.
     // tonic's own error type, returned as is by the handlers.
     #[allow(clippy::result_large_err)]
-    fn dataset_for(&self, dataset: &str, key_id: &str) -> Result<Arc<Dataset>, Status> {
+    fn dataset_for(
+        &self,
+        caller: &str,
+        dataset: &str,
+        key_id: &str,
+    ) -> Result<Arc<Dataset>, Status> {
         let ds =
             self.datasets.get(dataset).cloned().ok_or_else(|| {
                 Status::not_found(format!("this site has no dataset `{dataset}`"))
             })?;
         if key_id != ds.key_id() {
+            tracing::error!(site = %caller, dataset = %dataset, "refused a site holding a different dataset key");
             return Err(Status::failed_precondition(format!(
-                "dataset `{dataset}` has key id {} here, not {key_id}",
+                "dataset `{dataset}` has key id {} here but {key_id} at {caller}: both sites need the same key file",
                 ds.key_id()
             )));
         }
@@ -525,6 +564,15 @@ pub fn read_last_scrub(dataset_dir: &std::path::Path) -> Option<(i64, u64, bool)
     ))
 }
 
+/// The calling site, from its client certificate: every call needs one.
+#[allow(clippy::result_large_err)]
+fn caller<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
+    req.extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))
+}
+
 type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::UpstreamMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -535,11 +583,9 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         &self,
         req: Request<pb::ChunksRequest>,
     ) -> Result<Response<pb::ChunksReply>, Status> {
-        if req.extensions().get::<PeerInfo>().is_none() {
-            return Err(Status::unauthenticated("no client certificate"));
-        }
+        let peer = caller(&req)?;
         let r = req.into_inner();
-        let ds = self.dataset_for(&r.dataset, &r.key_id)?;
+        let ds = self.dataset_for(&peer.site, &r.dataset, &r.key_id)?;
         if r.ids.len() > 4096 {
             return Err(Status::invalid_argument("at most 4096 chunks at a time"));
         }
@@ -581,11 +627,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         &self,
         req: Request<pb::AdminRequest>,
     ) -> Result<Response<pb::AdminReply>, Status> {
-        let caller = req
-            .extensions()
-            .get::<PeerInfo>()
-            .map(|p| p.site.clone())
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let caller = caller(&req)?.site;
         if caller != self.site {
             tracing::warn!(site = %caller, "refused an admin call: it needs this site's own certificate");
             return Err(Status::permission_denied(format!(
@@ -601,11 +643,10 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         tracing::info!(action = %r.action, dataset = %r.dataset, "admin call");
         let answer = tokio::task::spawn_blocking(move || f(&r.action, &r.dataset))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(pb::AdminReply {
-            ok: answer.0,
-            json: answer.1,
+            ok: answer.ok,
+            json: answer.json,
         }))
     }
 
@@ -613,9 +654,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         &self,
         req: Request<pb::SiteStatusRequest>,
     ) -> Result<Response<pb::SiteStatusReply>, Status> {
-        if req.extensions().get::<PeerInfo>().is_none() {
-            return Err(Status::unauthenticated("no client certificate"));
-        }
+        caller(&req)?;
         let f = self
             .site_status
             .clone()
@@ -630,11 +669,9 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         &self,
         req: Request<pb::CheckpointsRequest>,
     ) -> Result<Response<pb::CheckpointsReply>, Status> {
-        if req.extensions().get::<PeerInfo>().is_none() {
-            return Err(Status::unauthenticated("no client certificate"));
-        }
+        let peer = caller(&req)?;
         let r = req.into_inner();
-        let ds = self.dataset_for(&r.dataset, &r.key_id)?;
+        let ds = self.dataset_for(&peer.site, &r.dataset, &r.key_id)?;
         let site = self.site.clone();
         let reply = tokio::task::spawn_blocking(move || -> vault::Result<pb::CheckpointsReply> {
             let head_seq = ds.head_seq();
@@ -689,11 +726,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         &self,
         req: Request<Streaming<pb::FollowerMessage>>,
     ) -> Result<Response<FollowStream>, Status> {
-        let peer = req
-            .extensions()
-            .get::<PeerInfo>()
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let peer = caller(&req)?;
         // Every configured site may connect (for verify); only followers follow.
         if !self.is_follower(&peer.site) {
             tracing::warn!(site = %peer.site, addr = %peer.addr, "refused Follow from a site that is not configured to follow this one");
@@ -709,19 +742,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             }) => h,
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
-        let ds = self.datasets.get(&hello.dataset).cloned().ok_or_else(|| {
-            Status::not_found(format!("this site has no dataset `{}`", hello.dataset))
-        })?;
-        if hello.key_id != ds.key_id() {
-            tracing::error!(site = %peer.site, dataset = %hello.dataset, "refused a follower holding a different dataset key");
-            return Err(Status::failed_precondition(format!(
-                "dataset `{}` has key id {} here but {} at {}: both sites need the same key file",
-                hello.dataset,
-                ds.key_id(),
-                hello.key_id,
-                peer.site
-            )));
-        }
+        let ds = self.dataset_for(&peer.site, &hello.dataset, &hello.key_id)?;
         let head = ds.head_seq();
         if hello.from_seq > head + 1 {
             tracing::error!(site = %peer.site, dataset = %hello.dataset, their_head = hello.from_seq - 1, our_head = head,

@@ -5,7 +5,7 @@
 //! a half-made snapshot; damaged objects are named at restore; retention and
 //! prune keep what they must and remove the rest after the grace period.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

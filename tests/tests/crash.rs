@@ -2,7 +2,7 @@
 //! last restart nothing is lost, the restored tree equals the source, and the
 //! running digest equals a full recomputation.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,7 +2,7 @@
 //! a restore from the site's store must then equal the tree byte for byte
 //! and in metadata, with the daemon running and after it stopped.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! and RPO are measured, and a drill over a damaged archive produces a
 //! failing report and exit status, not a crash.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

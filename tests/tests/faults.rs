@@ -2,7 +2,7 @@
 //! byte in the middle of a segment, a flipped byte in a stored chunk, a wrong
 //! key, a malformed config.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -6,7 +6,7 @@
 //!
 //! CI runs a smoke of each target (`TRIAD_FUZZ_INPUTS`, default 2,000
 //! inputs a target); a long campaign sets it higher, e.g.
-//! `TRIAD_FUZZ_INPUTS=1000000 cargo test --release -p triad-tests --test fuzz`.
+//! `TRIAD_FUZZ_INPUTS=1000000 cargo test --release -p triad-tests --test e2e fuzz::`.
 //! The configuration parser's and the put/get socket's targets live with
 //! them in the daemon (config.rs, pushed.rs); the engine is
 //! `triad_tests::fuzz`.

@@ -4,7 +4,7 @@
 //! what it was sent, and requests that claim large sizes cost the daemon
 //! nothing near what they claim (docs/security.md, section 11).
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -6,7 +6,7 @@
 //! signing of locked uploads is checked against s3s-fs, which verifies
 //! SigV4 (moto does not).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -9,12 +9,12 @@
 //! `triad get --from-archive`) to a time between two recorded rounds, and
 //! holds exactly the rows committed by then.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::deploy::*;
 use common::*;
@@ -124,17 +124,6 @@ impl Drop for Pg {
     }
 }
 
-fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     let bin = pg_bin();
@@ -175,7 +164,9 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     ));
     d.c.set_config(&c_cfg);
     d.start();
-    until(60, "the put/get socket", || socket.exists());
+    wait_until("the put/get socket", Duration::from_secs(60), || {
+        socket.exists()
+    });
     // restore_command reads the dataset key as the postgres user.
     let key = r.join("dataset.key");
     std::fs::copy(&d.a.key, &key).unwrap();
@@ -270,7 +261,7 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
         }
         let seg = pg.sql("select pg_walfile_name(pg_switch_wal())");
         if round == 3 {
-            until(60, "archive_command to fail", || {
+            wait_until("archive_command to fail", Duration::from_secs(60), || {
                 pg.sql("select failed_count from pg_stat_archiver") != "0"
             });
             assert!(archived() < seg, "archived with the sync site down");
@@ -278,15 +269,21 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
             assert!(archived() < seg, "archived with the sync site down");
             d.b.start();
         }
-        until(120, &format!("{seg} to be archived"), || archived() >= seg);
+        wait_until(
+            &format!("{seg} to be archived"),
+            Duration::from_secs(120),
+            || archived() >= seg,
+        );
     }
     // One more round after the last recorded point, which recovery must not
     // replay.
     pg.sql("insert into t (round) select 4 from generate_series(1, 2000)");
     let last = pg.sql("select pg_walfile_name(pg_switch_wal())");
-    until(120, "the last segment to be archived", || {
-        archived() >= last
-    });
+    wait_until(
+        "the last segment to be archived",
+        Duration::from_secs(120),
+        || archived() >= last,
+    );
 
     // Every segment PostgreSQL archived is there, none missing.
     let done: Vec<String> = std::fs::read_dir(data1.join("pg_wal/archive_status"))
@@ -373,9 +370,11 @@ fn postgres_archives_through_triad_and_recovers_to_a_point_in_time() {
     std::fs::write(data2.join("recovery.signal"), b"").unwrap();
     chown_pg(&data2, true);
     pg2.start();
-    until(300, "recovery to finish and promote", || {
-        pg2.sql("select pg_is_in_recovery()") == "f"
-    });
+    wait_until(
+        "recovery to finish and promote",
+        Duration::from_secs(300),
+        || pg2.sql("select pg_is_in_recovery()") == "f",
+    );
     let got: i64 = pg2.sql("select count(*) from t").parse().unwrap();
     assert_eq!(
         got,

@@ -5,7 +5,7 @@
 //! daemon or straight from an archive, and exits 1 with nothing written for
 //! a name that does not exist.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

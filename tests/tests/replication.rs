@@ -2,7 +2,7 @@
 //! certificate: the primary watches a directory, the same-city and remote
 //! sites follow it over mutual TLS and hold identical copies.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -352,14 +352,6 @@ fn follower_link(site: &Site, name: &str) -> serde_json::Value {
         .find(|f| f["site"] == name)
         .unwrap()
         .clone()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

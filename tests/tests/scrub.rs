@@ -4,7 +4,7 @@
 //! one deleted are each found and named, with the paths or objects that use
 //! them, and the exit status says so.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -3,13 +3,13 @@
 //! valid certificate for a site that is not a follower, random bytes,
 //! truncated TLS, and well-authenticated but wrong requests.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::deploy::*;
 use common::*;
@@ -68,17 +68,6 @@ fn refusals(site: &Site) -> (u64, u64) {
     )
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
     let mut dep = Deployment::new(None);
@@ -100,7 +89,9 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
     // No client certificate.
     let (h0, _) = refusals(&dep.a);
     assert!(!handshake(port, &ca, None));
-    wait_for("the refusal to be counted", || refusals(&dep.a).0 > h0);
+    wait_until("the refusal to be counted", Duration::from_secs(20), || {
+        refusals(&dep.a).0 > h0
+    });
 
     // A certificate for a follower's name, but from another CA.
     let other = dep.a.tmp.path().join("other-ca");
@@ -111,7 +102,9 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         &ca,
         Some((&other.join("zjk-b.pem"), &other.join("zjk-b.key")))
     ));
-    wait_for("the refusal to be counted", || refusals(&dep.a).0 > h1);
+    wait_until("the refusal to be counted", Duration::from_secs(20), || {
+        refusals(&dep.a).0 > h1
+    });
 
     // A valid certificate from the deployment CA for a site that is not a
     // follower: issue one with the deployment's CA key.
@@ -124,7 +117,11 @@ fn strangers_on_the_replication_port_are_refused_and_change_nothing() {
         &ca,
         Some((&intruder.join("zjk-x.pem"), &intruder.join("zjk-x.key")))
     ));
-    wait_for("the unknown site to be counted", || refusals(&dep.a).1 > u0);
+    wait_until(
+        "the unknown site to be counted",
+        Duration::from_secs(20),
+        || refusals(&dep.a).1 > u0,
+    );
 
     // Random bytes, and a TLS record header promising more than is sent.
     let mut rng = rand::thread_rng();

@@ -4,7 +4,7 @@
 //! NOTIFY_SOCKET; SIGTERM under load; the units, alert rules and their
 //! unit tests checked by systemd-analyze and promtool.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
@@ -97,21 +97,6 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// Polls `f` every 200 ms until it returns Some, or panics after `secs`.
-fn until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn metrics_from_three_sites_follow_a_paused_follower() {
     let mut d = Deployment::new(None);
@@ -180,12 +165,16 @@ fn metrics_from_three_sites_follow_a_paused_follower() {
     signal(pid_c, libc::SIGSTOP);
     write_some(&d.a.source, "while-paused", 20, 2);
     d.a.wait_settled(now_ns(), Duration::from_secs(60));
-    let first = until(30, "lag for the paused follower", || {
-        let s = scrape(d.http[0]);
-        let records = value(&s, "triad_replication_lag_records", &follower("sjz-c"))?;
-        let secs = value(&s, "triad_replication_lag_seconds", &follower("sjz-c"))?;
-        (records > 0.0 && secs > 0.0).then_some((records, secs))
-    });
+    let first = until(
+        "lag for the paused follower",
+        Duration::from_secs(30),
+        || {
+            let s = scrape(d.http[0]);
+            let records = value(&s, "triad_replication_lag_records", &follower("sjz-c"))?;
+            let secs = value(&s, "triad_replication_lag_seconds", &follower("sjz-c"))?;
+            (records > 0.0 && secs > 0.0).then_some((records, secs))
+        },
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let s = scrape(d.http[0]);
     let later = value(&s, "triad_replication_lag_seconds", &follower("sjz-c")).unwrap();
@@ -205,16 +194,21 @@ fn metrics_from_three_sites_follow_a_paused_follower() {
 
     // Resume: the lag goes back to zero at both ends.
     signal(pid_c, libc::SIGCONT);
-    until(60, "the remote catching up in /metrics", || {
-        let a = scrape(d.http[0]);
-        let c = scrape(d.http[2]);
-        let caught_up = value(&a, "triad_replication_lag_records", &follower("sjz-c")) == Some(0.0)
-            && value(&a, "triad_replication_lag_seconds", &follower("sjz-c")) == Some(0.0)
-            && value(&c, "triad_replication_lag_records", &upstream) == Some(0.0)
-            && value(&c, "triad_wal_head_seq", &[("dataset", "files")])
-                == value(&a, "triad_wal_head_seq", &[("dataset", "files")]);
-        caught_up.then_some(())
-    });
+    until(
+        "the remote catching up in /metrics",
+        Duration::from_secs(60),
+        || {
+            let a = scrape(d.http[0]);
+            let c = scrape(d.http[2]);
+            let caught_up = value(&a, "triad_replication_lag_records", &follower("sjz-c"))
+                == Some(0.0)
+                && value(&a, "triad_replication_lag_seconds", &follower("sjz-c")) == Some(0.0)
+                && value(&c, "triad_replication_lag_records", &upstream) == Some(0.0)
+                && value(&c, "triad_wal_head_seq", &[("dataset", "files")])
+                    == value(&a, "triad_wal_head_seq", &[("dataset", "files")]);
+            caught_up.then_some(())
+        },
+    );
 
     // `triad status --all` from the primary reaches every site.
     let out = d.a.cli(&["status", "--all", "--json"]);
@@ -317,21 +311,25 @@ fn systemd_notify_ready_status_watchdog_reload_and_stop() {
     );
 
     // A change moves the head in the STATUS line.
-    let head = until(30, "the initial scan", || {
+    let head = until("the initial scan", Duration::from_secs(30), || {
         let v = s.status()?;
         let done = v["source"]["initial_scan_done"] == true && v["source"]["settled"] == true;
         done.then(|| v["log"]["head_seq"].as_u64()).flatten()
     });
     write_some(&s.source, "b", 1, 4);
-    until(30, "a STATUS line with the new head", || {
-        let m = notify.wait_for("STATUS=files: head ", 30);
-        let h: u64 = m
-            .trim()
-            .trim_start_matches("STATUS=files: head ")
-            .parse()
-            .unwrap_or(0);
-        (h > head).then_some(())
-    });
+    until(
+        "a STATUS line with the new head",
+        Duration::from_secs(30),
+        || {
+            let m = notify.wait_for("STATUS=files: head ", 30);
+            let h: u64 = m
+                .trim()
+                .trim_start_matches("STATUS=files: head ")
+                .parse()
+                .unwrap_or(0);
+            (h > head).then_some(())
+        },
+    );
 
     // SIGHUP: RELOADING=1, then READY=1 again; a changed listen address is
     // named as needing a restart and the running one stays.
@@ -339,7 +337,7 @@ fn systemd_notify_ready_status_watchdog_reload_and_stop() {
     signal(s.pid().unwrap(), libc::SIGHUP);
     notify.wait_for("RELOADING=1", 10);
     notify.wait_for("READY=1", 10);
-    until(10, "the reload's log line", || {
+    until("the reload's log line", Duration::from_secs(10), || {
         s.log_text()
             .contains("take effect only at a restart")
             .then_some(())

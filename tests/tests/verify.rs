@@ -3,7 +3,7 @@
 //! seq on (by a forged upstream) is named as the odd one out, with the
 //! checkpoints between which its chain parted and the paths that differ.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

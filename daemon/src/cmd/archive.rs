@@ -6,13 +6,13 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use archive::{Archiver, Store};
+use archive::Store;
 
 use crate::config::{ArchiveSettings, Config};
+use crate::ops::archive::{self as ops, Kind};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,12 +70,17 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
             Job::List => list(&cfg, &s, &rt, &name, a.json)?,
             Job::Snapshot | Job::Prune => {
                 let kind = if matches!(job, Job::Snapshot) {
-                    "snapshot"
+                    Kind::Snapshot
                 } else {
-                    "prune"
+                    Kind::Prune
                 };
                 let answer = if a.over_tls {
-                    over_tls(&cfg, &rt, kind, &name)?
+                    eprintln!(
+                        "asking {} over TLS to {} dataset {name} ...",
+                        cfg.site.name,
+                        kind.as_str()
+                    );
+                    ops::over_tls(&cfg, &rt, kind, &name)?
                 } else if daemon_running(&dir) {
                     // A daemon started without [archive] would never answer.
                     let archiving = std::fs::read(dir.join(crate::status::STATUS_FILE))
@@ -88,11 +93,14 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
                              without [archive]); restart it with this config"
                         );
                     }
-                    eprintln!("asking the running daemon to {kind} dataset {name} ...");
-                    crate::archiving::request(&dir, kind, a.timeout)
+                    eprintln!(
+                        "asking the running daemon to {} dataset {name} ...",
+                        kind.as_str()
+                    );
+                    crate::archiving::request(&dir, kind.as_str(), a.timeout)
                         .with_context(|| format!("dataset `{name}`"))?
                 } else {
-                    direct(&cfg, &s, &rt, &name, matches!(job, Job::Snapshot))?
+                    ops::without_daemon(&cfg, &s, &rt, &name, kind)?
                 };
                 ok &= answer.ok;
                 ok &= answer.prune.as_ref().is_none_or(|p| p.chunks_missing == 0);
@@ -107,89 +115,7 @@ pub fn run(job: Job, a: Args) -> Result<ExitCode> {
     })
 }
 
-/// Asks the site's daemon with an Admin call on its replication port.
-fn over_tls(
-    cfg: &Config,
-    rt: &tokio::runtime::Runtime,
-    kind: &str,
-    name: &str,
-) -> Result<crate::archiving::Answer> {
-    let listen = cfg
-        .listen
-        .as_ref()
-        .and_then(|l| l.replication.clone())
-        .ok_or_else(|| anyhow!("--over-tls needs listen.replication in the config"))?;
-    let tls = cfg
-        .tls_files()
-        .ok_or_else(|| anyhow!("--over-tls needs [tls] with this site's certificate"))?;
-    // A wildcard listen address is reached on loopback.
-    let address = listen
-        .replace("0.0.0.0:", "127.0.0.1:")
-        .replace("[::]:", "[::1]:");
-    let addr = replicator::follower::UpstreamAddr {
-        name: cfg.site.name.clone(),
-        address,
-        tls,
-    };
-    eprintln!(
-        "asking {} over TLS to {kind} dataset {name} ...",
-        cfg.site.name
-    );
-    let (_, json) = rt
-        .block_on(replicator::follower::admin(&addr, kind, name))
-        .map_err(|e| anyhow!("dataset `{name}`: {e}"))?;
-    serde_json::from_str(&json).with_context(|| format!("dataset `{name}`: the daemon's answer"))
-}
-
-fn direct(
-    cfg: &Config,
-    s: &ArchiveSettings,
-    rt: &tokio::runtime::Runtime,
-    name: &str,
-    snapshot: bool,
-) -> Result<crate::archiving::Answer> {
-    let ds = Arc::new(crate::ops::open_dataset(cfg, name)?);
-    let store = Arc::new(Store::open(&s.store)?);
-    let a = Archiver::open(
-        store,
-        rt.handle().clone(),
-        ds.clone(),
-        &cfg.site.name,
-        s.store.concurrency,
-    )?;
-    let result = (|| -> archive::Result<crate::archiving::Answer> {
-        let bridged = if a.ship_log()?.is_none() {
-            let r = a.bridge_gap()?;
-            a.ship_log()?;
-            Some(r)
-        } else {
-            None
-        };
-        Ok(if snapshot {
-            crate::archiving::Answer {
-                ok: true,
-                error: None,
-                snapshot: Some(match bridged {
-                    Some(r) => r,
-                    None => a.snapshot()?,
-                }),
-                prune: None,
-            }
-        } else {
-            crate::archiving::Answer {
-                ok: true,
-                error: None,
-                snapshot: None,
-                prune: Some(a.prune(&s.retention, s.prune_grace)?),
-            }
-        })
-    })();
-    drop(a);
-    ds.close()?;
-    Ok(result?)
-}
-
-fn print_answer(name: &str, a: &crate::archiving::Answer, json: bool) -> Result<()> {
+fn print_answer(name: &str, a: &ops::Answer, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(a)?);
         return Ok(());

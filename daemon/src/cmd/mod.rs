@@ -45,7 +45,7 @@ impl Datasets {
 }
 
 /// Logs go to stderr; `TRIAD_LOG` (or `RUST_LOG`) filters, default `info`.
-pub fn init_logging(format: &str) {
+pub fn init_logging(format: crate::config::LogFormat) {
     let filter = EnvFilter::try_from_env("TRIAD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         // notify logs routine inotify bookkeeping at info; keep it out of the way.
@@ -55,7 +55,7 @@ pub fn init_logging(format: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == crate::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

@@ -21,7 +21,8 @@ pub struct Daemon {
     /// <data_dir>/triad.sock). With it, no config is read.
     #[arg(long, env = "TRIAD_SOCKET")]
     socket: Option<PathBuf>,
-    /// A dataset with source = { kind = "pushed" } at the primary.
+    /// A pushed dataset (source = { kind = "pushed" } at the primary; a
+    /// follower holds it by replication).
     #[arg(long)]
     dataset: String,
 }

@@ -109,8 +109,7 @@ fn remote(cfg: &Config, name: &str) -> SiteStatus {
                 )
                 .await
             })
-            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
-            .map_err(anyhow::Error::msg)?;
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??;
         serde_json::from_str(&json).context("its status does not parse")
     })();
     r.unwrap_or_else(|e| SiteStatus {

@@ -35,7 +35,7 @@ pub struct Args {
     read_data_subset: Option<f64>,
     /// Most bytes a second the local scrub reads, so replication keeps its
     /// share of disk and CPU ("0" for no limit).
-    #[arg(long, default_value = "100MiB/s")]
+    #[arg(long, default_value = crate::config::default::SCRUB_MAX_RATE_TEXT)]
     max_rate: String,
     /// Repair what the scrub found: with --scrub, damaged chunks of this
     /// site's copy from this site's archive or another site (the daemon must

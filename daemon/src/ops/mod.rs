@@ -1,11 +1,13 @@
 //! What the command line and the daemon's schedules both do, written once:
 //! opening a dataset, cross-site verify, scrub then repair then record under
-//! one rule, drills from one `DrillSpec`, and restore from an archive.
+//! one rule, drills from one `DrillSpec`, restore from an archive, and
+//! snapshots and prunes on demand.
 //!
 //! This layer sits between the config and intake modules below and the
 //! service (runtime, checks, archiving, http, metrics) and the commands
 //! above: it never imports either (layers.rs checks the arrows).
 
+pub mod archive;
 pub mod drill;
 pub mod repair;
 pub mod restore;

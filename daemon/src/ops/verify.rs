@@ -172,7 +172,7 @@ impl Asker<'_> {
         &self,
         p: &crate::config::Peer,
         with_paths: bool,
-    ) -> std::result::Result<replicator::pb::CheckpointsReply, String> {
+    ) -> std::result::Result<replicator::pb::CheckpointsReply, replicator::CallError> {
         let addr = replicator::follower::UpstreamAddr {
             name: p.name.clone(),
             address: p.address.clone(),
@@ -270,7 +270,7 @@ impl Asker<'_> {
                 Ok(r) => self.view_of(&p.name, r),
                 Err(e) => SiteView {
                     site: p.name.clone(),
-                    error: Some(e),
+                    error: Some(e.to_string()),
                     ..SiteView::default()
                 },
             });

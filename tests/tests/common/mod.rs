@@ -445,6 +445,24 @@ pub fn write_file(path: &Path, len: usize, random: bool, rng: &mut impl rand::Rn
     std::fs::write(path, data).unwrap();
 }
 
+/// Polls `f` every 100 ms until it returns a value, or fails the test after
+/// `timeout`, naming `what` it waited for.
+pub fn until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls a condition as [`until`] does.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    until(what, timeout, || f().then_some(()))
+}
+
 /// GET `path` from a daemon's HTTP endpoint on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     let url = format!("http://127.0.0.1:{port}{path}");

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod units;
+
+pub use units::{parse_bandwidth, parse_duration, Rate, Size, Span};
+
 /// The config the daemon runs with now; a reload (SIGHUP) swaps it.
 pub type Live = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>;
 
@@ -82,13 +86,13 @@ pub struct Site {
     /// Most change log kept for followers that are behind, e.g. "50GiB".
     /// Beyond it the oldest segments go and a follower that still needed them
     /// catches up by state transfer (with an alert). Default: no cap.
-    pub log_retention_max: Option<String>,
+    pub log_retention_max: Option<Size>,
     /// Size at which a log segment is closed. Default "64MiB".
-    pub log_segment_size: Option<String>,
+    pub log_segment_size: Option<Size>,
     /// Longest a stop (SIGTERM) waits for the archive's last upload and a
     /// running check before abandoning them. Default "30s"; keep it below
     /// the unit's TimeoutStopSec.
-    pub stop_timeout: Option<String>,
+    pub stop_timeout: Option<Span>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -118,8 +122,8 @@ pub struct Peer {
     pub address: String,
     pub mode: Option<replicator::upstream::Mode>,
     pub on_unreachable: Option<replicator::upstream::OnUnreachable>,
-    pub wait_limit: Option<String>,
-    pub bandwidth: Option<String>,
+    pub wait_limit: Option<Span>,
+    pub bandwidth: Option<Rate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -132,21 +136,35 @@ pub struct DatasetConfig {
     pub source: Option<SourceConfig>,
 }
 
+/// `source = { kind = ..., ... }`. A plain struct with a `kind` field
+/// rather than an internally tagged enum: serde reads a tagged enum through
+/// a buffer, which would lose the path to a bad value inside it
+/// (`dataset[0].source.debounce`). `validate` checks that only a directory
+/// source has the directory keys.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SourceConfig {
-    Directory {
-        path: PathBuf,
-        #[serde(default)]
-        exclude: Vec<String>,
-        /// Full rescan period, catching anything inotify missed. Default 10m.
-        rescan_interval: Option<String>,
-        /// Quiet time before a burst of events is processed. Default 200ms.
-        debounce: Option<String>,
-        /// Files read and sealed at once. Default 8.
-        workers: Option<usize>,
-    },
-    Pushed {},
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// directory: the tree to watch (required).
+    pub path: Option<PathBuf>,
+    /// directory: glob patterns left out.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// directory: full rescan period, catching anything inotify missed. Default 10m.
+    pub rescan_interval: Option<Span>,
+    /// directory: quiet time before a burst of events is processed. Default 200ms.
+    pub debounce: Option<Span>,
+    /// directory: files read and sealed at once. Default 8.
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A watched directory tree.
+    Directory,
+    /// Objects stored with `triad put`.
+    Pushed,
 }
 
 /// `[archive]`: this site's own object store.
@@ -166,22 +184,22 @@ pub struct ArchiveSection {
     /// Requests to the store in flight at once. Default 8.
     pub concurrency: Option<usize>,
     /// How often the log is shipped even when little was written. Default "5s".
-    pub log_flush_interval: Option<String>,
+    pub log_flush_interval: Option<Span>,
     /// Cron expression with seconds, UTC. No scheduled snapshots when absent.
     pub snapshot_schedule: Option<String>,
     /// Snapshots to keep; everything is kept when absent.
     pub retention: Option<archive::RetentionPolicy>,
     /// How long an unreferenced chunk stays before prune deletes it. Default "24h".
-    pub prune_grace: Option<String>,
+    pub prune_grace: Option<Span>,
     /// Time limit of one request to the store; it is then retried. Default "60s".
-    pub request_timeout: Option<String>,
+    pub request_timeout: Option<Span>,
     /// Lock every log piece, chunk and snapshot object for this long from
     /// its upload (S3 Object Lock; the bucket must have it enabled), e.g.
     /// "30d". Off when absent.
-    pub object_lock: Option<String>,
+    pub object_lock: Option<Span>,
     /// `governance` (default: users with s3:BypassGovernanceRetention may
     /// still delete) or `compliance` (nobody may).
-    pub object_lock_mode: Option<String>,
+    pub object_lock_mode: Option<archive::LockMode>,
 }
 
 /// `[verify]`: cross-site verify and scrubs run by the daemon.
@@ -193,7 +211,7 @@ pub struct VerifySection {
     /// Cron for scrubbing this site's copy.
     pub scrub_schedule: Option<String>,
     /// Most bytes a second a scheduled scrub reads. Default "100MiB/s".
-    pub scrub_max_rate: Option<String>,
+    pub scrub_max_rate: Option<Rate>,
     /// Repair what a scheduled scrub finds (from the archive or another
     /// site), keeping the damaged bytes as evidence. Default false.
     #[serde(default)]
@@ -228,7 +246,51 @@ pub struct ArchiveSettings {
 #[serde(deny_unknown_fields)]
 pub struct Log {
     /// `human` (default) or `json`.
-    pub format: Option<String>,
+    pub format: Option<LogFormat>,
+}
+
+/// How the daemon and commands write their log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line an event.
+    #[default]
+    Human,
+    /// One JSON object a line, for a log collector.
+    Json,
+}
+
+/// Every default the config applies, defined here once. Where a library has
+/// the same setting, its constant is the default, so the two cannot drift.
+pub mod default {
+    use std::time::Duration;
+
+    /// `site.stop_timeout`.
+    pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `site.log_segment_size`.
+    pub const LOG_SEGMENT_BYTES: u64 = vault::wal::DEFAULT_SEGMENT_BYTES;
+    /// `peer.wait_limit`.
+    pub const WAIT_LIMIT: Duration = Duration::from_secs(5);
+    /// `source.rescan_interval`.
+    pub const RESCAN_INTERVAL: Duration = Duration::from_secs(600);
+    /// `source.debounce`.
+    pub const DEBOUNCE: Duration = Duration::from_millis(200);
+    /// `source.workers`.
+    pub const WORKERS: usize = 8;
+    /// `archive.concurrency`.
+    pub const STORE_CONCURRENCY: usize = archive::store::DEFAULT_CONCURRENCY;
+    /// `archive.request_timeout`.
+    pub const REQUEST_TIMEOUT: Duration = archive::store::DEFAULT_TIMEOUT;
+    /// `archive.log_flush_interval`.
+    pub const LOG_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+    /// `archive.prune_grace`.
+    pub const PRUNE_GRACE: Duration = Duration::from_secs(24 * 3600);
+    /// `archive.object_lock_mode`.
+    pub const OBJECT_LOCK_MODE: archive::LockMode = archive::LockMode::Governance;
+    /// `verify.scrub_max_rate`, and `triad verify --scrub --max-rate`.
+    pub const SCRUB_MAX_RATE: u64 = 100 << 20;
+    /// The same, as `--max-rate` spells it.
+    pub const SCRUB_MAX_RATE_TEXT: &str = "100MiB/s";
 }
 
 /// A directory source's settings after validation.
@@ -262,37 +324,6 @@ fn valid_name(s: &str) -> bool {
         && !s.starts_with('.')
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| {
-        format!("`{s}` is not a duration ({e}); write it like \"5s\", \"200ms\" or \"10m\"")
-    })
-}
-
-/// Parses "200MiB/s", "10MB/s" or a plain number of bytes per second.
-pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
-    let bad = || format!("`{s}` is not a bandwidth; write it like \"200MiB/s\" or \"50MB/s\"");
-    let t = s.trim().strip_suffix("/s").unwrap_or(s.trim());
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let mult: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "KB" | "kB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(bad()),
-    };
-    if n <= 0.0 {
-        return Err(bad());
-    }
-    Ok((n * mult) as u64)
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -303,10 +334,26 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        // serde_path_to_error names the field a bad value sits in
+        // (`dataset[0].source.debounce`); errors outside any field, such as
+        // broken TOML, keep toml's own message with its line and column.
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+                let field = e.path().to_string();
+                let inner = e.into_inner();
+                if field == "." || field.is_empty() {
+                    ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        message: inner.to_string().trim_end().to_string(),
+                    }
+                } else {
+                    ConfigError::Invalid {
+                        file: path.to_path_buf(),
+                        field,
+                        message: inner.message().trim_end().to_string(),
+                    }
+                }
+            })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -367,22 +414,6 @@ impl Config {
                 ))
             }
             _ => {}
-        }
-        if let Some(t) = &self.site.stop_timeout {
-            parse_duration(t).map_err(|m| invalid("site.stop_timeout".into(), m))?;
-        }
-        for (field, v) in [
-            ("site.log_retention_max", &self.site.log_retention_max),
-            ("site.log_segment_size", &self.site.log_segment_size),
-        ] {
-            if let Some(v) = v {
-                parse_bandwidth(v).map_err(|_| {
-                    invalid(
-                        field.into(),
-                        format!("`{v}` is not a size; write it like \"50GiB\" or \"64MiB\""),
-                    )
-                })?;
-            }
         }
         Ok(())
     }
@@ -459,12 +490,6 @@ impl Config {
                     format!("`{}` must be host:port, such as 10.1.0.11:7400", p.address),
                 ));
             }
-            if let Some(b) = &p.bandwidth {
-                parse_bandwidth(b).map_err(|m| invalid(format!("peer[{i}].bandwidth"), m))?;
-            }
-            if let Some(w) = &p.wait_limit {
-                parse_duration(w).map_err(|m| invalid(format!("peer[{i}].wait_limit"), m))?;
-            }
         }
         let serves = self
             .listen
@@ -529,15 +554,16 @@ impl Config {
                     ))
                 }
             };
-            match source {
-                SourceConfig::Directory {
-                    path,
-                    exclude,
-                    rescan_interval,
-                    debounce,
-                    workers,
-                } => {
+            match source.kind {
+                SourceKind::Directory => {
                     let field = format!("dataset[{i}].source.path");
+                    let Some(path) = &source.path else {
+                        return Err(invalid(
+                            field,
+                            "a directory source needs the tree it watches, e.g. path = \"/data/x\""
+                                .into(),
+                        ));
+                    };
                     if !path.is_absolute() {
                         return Err(invalid(
                             field,
@@ -555,7 +581,7 @@ impl Config {
                             ),
                         ));
                     }
-                    for (j, pat) in exclude.iter().enumerate() {
+                    for (j, pat) in source.exclude.iter().enumerate() {
                         globset::Glob::new(pat).map_err(|e| {
                             invalid(
                                 format!("dataset[{i}].source.exclude[{j}]"),
@@ -563,24 +589,29 @@ impl Config {
                             )
                         })?;
                     }
-                    if let Some(r) = rescan_interval {
-                        parse_duration(r).map_err(|m| {
-                            invalid(format!("dataset[{i}].source.rescan_interval"), m)
-                        })?;
-                    }
-                    if let Some(r) = debounce {
-                        parse_duration(r)
-                            .map_err(|m| invalid(format!("dataset[{i}].source.debounce"), m))?;
-                    }
-                    if workers.is_some_and(|w| w == 0 || w > 256) {
+                    if source.workers.is_some_and(|w| w == 0 || w > 256) {
                         return Err(invalid(
                             format!("dataset[{i}].source.workers"),
                             "must be between 1 and 256".into(),
                         ));
                     }
                 }
-                // Filled by `triad put`; nothing to check.
-                SourceConfig::Pushed {} => {}
+                // Filled by `triad put`: none of the directory keys apply.
+                SourceKind::Pushed => {
+                    let set = [
+                        ("path", source.path.is_some()),
+                        ("exclude", !source.exclude.is_empty()),
+                        ("rescan_interval", source.rescan_interval.is_some()),
+                        ("debounce", source.debounce.is_some()),
+                        ("workers", source.workers.is_some()),
+                    ];
+                    if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                        return Err(invalid(
+                            format!("dataset[{i}].source.{key}"),
+                            "only a directory source takes this; a pushed dataset is filled by `triad put`".into(),
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -605,9 +636,6 @@ impl Config {
         if let Some(vf) = &self.verify {
             cron("verify.schedule", &vf.schedule)?;
             cron("verify.scrub_schedule", &vf.scrub_schedule)?;
-            if let Some(r) = &vf.scrub_max_rate {
-                parse_bandwidth(r).map_err(|m| invalid("verify.scrub_max_rate".into(), m))?;
-            }
             if vf.schedule.is_some() && self.tls.is_none() {
                 return Err(invalid(
                     "verify.schedule".into(),
@@ -624,14 +652,6 @@ impl Config {
                 ));
             }
         }
-        if let Some(f) = &self.log.format {
-            if f != "human" && f != "json" {
-                return Err(invalid(
-                    "log.format".into(),
-                    format!("`{f}` must be \"human\" or \"json\""),
-                ));
-            }
-        }
         Ok(())
     }
 
@@ -640,9 +660,7 @@ impl Config {
     pub fn stop_timeout(&self) -> Duration {
         self.site
             .stop_timeout
-            .as_deref()
-            .and_then(|s| parse_duration(s).ok())
-            .unwrap_or(Duration::from_secs(30))
+            .map_or(default::STOP_TIMEOUT, |s| s.0)
     }
 
     /// What a running daemon becomes when it reloads `new` (SIGHUP): `self`
@@ -653,14 +671,14 @@ impl Config {
     /// keeps its running value until a restart.
     pub fn reloaded(&self, new: &Config) -> Config {
         let mut k = self.clone();
-        k.site.log_retention_max = new.site.log_retention_max.clone();
-        k.site.stop_timeout = new.site.stop_timeout.clone();
+        k.site.log_retention_max = new.site.log_retention_max;
+        k.site.stop_timeout = new.site.stop_timeout;
         for p in &mut k.peer {
             if let Some(n) = new.peer.iter().find(|n| n.name == p.name) {
                 p.mode = n.mode;
                 p.on_unreachable = n.on_unreachable;
-                p.wait_limit = n.wait_limit.clone();
-                p.bandwidth = n.bandwidth.clone();
+                p.wait_limit = n.wait_limit;
+                p.bandwidth = n.bandwidth;
             }
         }
         if let (Some(a), Some(n)) = (&mut k.archive, &new.archive) {
@@ -673,10 +691,10 @@ impl Config {
                 ..x.clone()
             };
             if store(a) == store(n) {
-                a.log_flush_interval = n.log_flush_interval.clone();
+                a.log_flush_interval = n.log_flush_interval;
                 a.snapshot_schedule = n.snapshot_schedule.clone();
                 a.retention = n.retention.clone();
-                a.prune_grace = n.prune_grace.clone();
+                a.prune_grace = n.prune_grace;
             }
         }
         k.verify = new.verify.clone();
@@ -762,15 +780,14 @@ impl Config {
                 ));
             }
         }
-        let dur = |name: &str, v: &Option<String>, default: &str| {
-            parse_duration(v.as_deref().unwrap_or(default)).map_err(|m| (f(name), m))
-        };
-        let log_flush_interval = dur("log_flush_interval", &a.log_flush_interval, "5s")?;
+        let log_flush_interval = a
+            .log_flush_interval
+            .map_or(default::LOG_FLUSH_INTERVAL, |s| s.0);
         if log_flush_interval.is_zero() {
             return Err((f("log_flush_interval"), "must be more than 0".into()));
         }
-        let prune_grace = dur("prune_grace", &a.prune_grace, "24h")?;
-        let request_timeout = dur("request_timeout", &a.request_timeout, "60s")?;
+        let prune_grace = a.prune_grace.map_or(default::PRUNE_GRACE, |s| s.0);
+        let request_timeout = a.request_timeout.map_or(default::REQUEST_TIMEOUT, |s| s.0);
         let schedule = match &a.snapshot_schedule {
             Some(t) => Some(
                 archive::schedule::Schedule::parse("archive.snapshot_schedule", t)
@@ -778,13 +795,12 @@ impl Config {
             ),
             None => None,
         };
-        let concurrency = a.concurrency.unwrap_or(8);
+        let concurrency = a.concurrency.unwrap_or(default::STORE_CONCURRENCY);
         if !(1..=256).contains(&concurrency) {
             return Err((f("concurrency"), "must be between 1 and 256".into()));
         }
-        let object_lock = match &a.object_lock {
-            Some(p) => {
-                let period = parse_duration(p).map_err(|m| (f("object_lock"), m))?;
+        let object_lock = match a.object_lock {
+            Some(Span(period)) => {
                 if period < Duration::from_secs(86_400) {
                     // S3 counts retention in whole days; a shorter lock is
                     // a typo more often than a plan.
@@ -796,13 +812,7 @@ impl Config {
                         "needs an s3:// archive on a bucket with Object Lock enabled".into(),
                     ));
                 }
-                let mode_text = a.object_lock_mode.as_deref().unwrap_or("governance");
-                let mode = archive::LockMode::parse(mode_text).ok_or_else(|| {
-                    (
-                        f("object_lock_mode"),
-                        format!("`{mode_text}`: expected governance or compliance"),
-                    )
-                })?;
+                let mode = a.object_lock_mode.unwrap_or(default::OBJECT_LOCK_MODE);
                 Some(archive::ObjectLock { mode, period })
             }
             None if a.object_lock_mode.is_some() => {
@@ -845,12 +855,8 @@ impl Config {
                     FollowerPolicy {
                         mode,
                         on_unreachable: p.on_unreachable.unwrap_or_default(),
-                        wait_limit: p
-                            .wait_limit
-                            .as_deref()
-                            .and_then(|w| parse_duration(w).ok())
-                            .unwrap_or(Duration::from_secs(5)),
-                        bandwidth: p.bandwidth.as_deref().and_then(|b| parse_bandwidth(b).ok()),
+                        wait_limit: p.wait_limit.map_or(default::WAIT_LIMIT, |s| s.0),
+                        bandwidth: p.bandwidth.map(|b| b.0),
                     },
                 ))
             })
@@ -859,18 +865,22 @@ impl Config {
 
     /// Size limit of each dataset's retained log, if configured.
     pub fn log_cap(&self) -> Option<u64> {
-        self.site
-            .log_retention_max
-            .as_deref()
-            .and_then(|v| parse_bandwidth(v).ok())
+        self.site.log_retention_max.map(|s| s.0)
     }
 
+    /// Size at which a log segment is closed.
     pub fn segment_bytes(&self) -> u64 {
         self.site
             .log_segment_size
-            .as_deref()
-            .and_then(|v| parse_bandwidth(v).ok())
-            .unwrap_or(64 << 20)
+            .map_or(default::LOG_SEGMENT_BYTES, |s| s.0)
+    }
+
+    /// Most bytes a second a scheduled scrub reads.
+    pub fn scrub_max_rate(&self) -> u64 {
+        self.verify
+            .as_ref()
+            .and_then(|v| v.scrub_max_rate)
+            .map_or(default::SCRUB_MAX_RATE, |r| r.0)
     }
 
     /// The peer this site streams from, for a follower.
@@ -933,28 +943,17 @@ impl Config {
 
 impl DatasetConfig {
     pub fn directory(&self) -> Option<DirectorySettings> {
-        match self.source.as_ref()? {
-            SourceConfig::Directory {
-                path,
-                exclude,
-                rescan_interval,
-                debounce,
-                workers,
-            } => Some(DirectorySettings {
-                path: path.clone(),
-                exclude: exclude.clone(),
-                rescan_interval: rescan_interval
-                    .as_deref()
-                    .and_then(|s| parse_duration(s).ok())
-                    .unwrap_or(Duration::from_secs(600)),
-                debounce: debounce
-                    .as_deref()
-                    .and_then(|s| parse_duration(s).ok())
-                    .unwrap_or(Duration::from_millis(200)),
-                workers: workers.unwrap_or(8),
-            }),
-            SourceConfig::Pushed {} => None,
+        let s = self.source.as_ref()?;
+        if s.kind != SourceKind::Directory {
+            return None;
         }
+        Some(DirectorySettings {
+            path: s.path.clone()?,
+            exclude: s.exclude.clone(),
+            rescan_interval: s.rescan_interval.map_or(default::RESCAN_INTERVAL, |s| s.0),
+            debounce: s.debounce.map_or(default::DEBOUNCE, |s| s.0),
+            workers: s.workers.unwrap_or(default::WORKERS),
+        })
     }
 }
 
@@ -1026,10 +1025,59 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
     }
 
     #[test]
-    fn bandwidths_parse() {
-        assert_eq!(parse_bandwidth("200MiB/s"), Ok(200 << 20));
-        assert_eq!(parse_bandwidth("50MB/s"), Ok(50_000_000));
-        assert!(parse_bandwidth("fast").is_err());
+    fn quantities_are_parsed_once_and_name_their_field() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "data_dir = \"/var/lib/triad\"",
+                &format!("data_dir = \"/var/lib/triad\"\n{extra}"),
+            )
+        };
+        let c = Config::parse(
+            Path::new("site.toml"),
+            &with("stop_timeout = \"3s\"\nlog_segment_size = \"1MiB\""),
+        )
+        .unwrap();
+        assert_eq!(c.stop_timeout(), Duration::from_secs(3));
+        assert_eq!(c.segment_bytes(), 1 << 20);
+        let c = Config::parse(Path::new("site.toml"), GOOD).unwrap();
+        assert_eq!(c.segment_bytes(), vault::wal::DEFAULT_SEGMENT_BYTES);
+        assert_eq!(c.scrub_max_rate(), 100 << 20);
+        assert_eq!(
+            parse_bandwidth(default::SCRUB_MAX_RATE_TEXT),
+            Ok(default::SCRUB_MAX_RATE)
+        );
+        let e = err(&with("stop_timeout = \"soon\""));
+        assert!(
+            e.contains("site.stop_timeout") && e.contains("not a duration"),
+            "{e}"
+        );
+        let e = err(&with("log_segment_size = \"huge\""));
+        assert!(
+            e.contains("site.log_segment_size") && e.contains("64MiB"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("exclude = [\"*.tmp\"]", "debounce = \"later\""));
+        assert!(
+            e.contains("dataset[0].source.debounce") && e.contains("not a duration"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("kind = \"directory\"", "kind = \"pushed\""));
+        assert!(
+            e.contains("dataset[0].source.path") && e.contains("only a directory"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}\n[verify]\nscrub_max_rate = \"quick\"\n"));
+        assert!(
+            e.contains("verify.scrub_max_rate") && e.contains("bandwidth"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}\n[log]\nformat = \"xml\"\n"));
+        assert!(e.contains("log.format") && e.contains("json"), "{e}");
+        let e = err(&format!("{GOOD}\n[archive]\nurl = \"s3://b\"\nobject_lock = \"30d\"\nobject_lock_mode = \"strict\"\n"));
+        assert!(
+            e.contains("archive.object_lock_mode") && e.contains("compliance"),
+            "{e}"
+        );
     }
 
     #[test]
