@@ -21,7 +21,7 @@ use vault::{ChunkId, Dataset, SealedChunk, VaultError};
 use crate::error::{ArchiveError, Result};
 use crate::index::Index;
 use crate::objects::{self, Manifest, Namespace, PageRef, PieceRecord, PieceRef, SnapshotRef};
-use crate::store::Store;
+use crate::store::{Listed, Store};
 
 /// Most bytes of log records in one piece.
 const PIECE_BYTES: usize = 64 << 20;
@@ -464,32 +464,7 @@ impl Archiver {
                     need.push(*id);
                 }
             }
-            let mut missing = Vec::new();
-            for id in &need {
-                if !self.index.has(id)? {
-                    missing.push(*id);
-                }
-            }
-            let (mut up_chunks, mut up_bytes) = (0u64, 0u64);
-            let mut batch: Vec<SealedChunk> = Vec::new();
-            let mut batch_bytes = 0usize;
-            let mut it = missing.iter().peekable();
-            while let Some(id) = it.next() {
-                let c = snap.chunk(id)?.ok_or_else(|| {
-                    ArchiveError::Vault(VaultError::StateCorrupt {
-                        path: st.path().to_path_buf(),
-                        reason: format!("chunk {} is referenced but not stored", id.short()),
-                    })
-                })?;
-                batch_bytes += c.sealed.len();
-                batch.push(c);
-                if batch_bytes >= UPLOAD_BATCH_BYTES || it.peek().is_none() {
-                    up_chunks += batch.len() as u64;
-                    up_bytes += batch_bytes as u64;
-                    self.upload_chunks(std::mem::take(&mut batch))?;
-                    batch_bytes = 0;
-                }
-            }
+            let (up_chunks, up_bytes) = self.upload_missing(snap, st, &need)?;
             let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(0);
             let snap_ref = SnapshotRef::new(applied.seq, now_ns / 1_000_000);
             let mut pages = Vec::new();
@@ -552,6 +527,45 @@ impl Archiver {
         Ok((report, manifest.chain_hash))
     }
 
+    /// Snapshot step: uploads the chunks of `need` that the index does not
+    /// have, read from `snap` (a view of `st`) in batches of about
+    /// [`UPLOAD_BATCH_BYTES`] so memory stays bounded. Returns how many
+    /// chunks and bytes it uploaded, for the report.
+    fn upload_missing(
+        &self,
+        snap: &vault::state::Snap<'_>,
+        st: &vault::state::State,
+        need: &[ChunkId],
+    ) -> Result<(u64, u64)> {
+        let mut missing = Vec::new();
+        for id in need {
+            if !self.index.has(id)? {
+                missing.push(*id);
+            }
+        }
+        let (mut up_chunks, mut up_bytes) = (0u64, 0u64);
+        let mut batch: Vec<SealedChunk> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut it = missing.iter().peekable();
+        while let Some(id) = it.next() {
+            let c = snap.chunk(id)?.ok_or_else(|| {
+                ArchiveError::Vault(VaultError::StateCorrupt {
+                    path: st.path().to_path_buf(),
+                    reason: format!("chunk {} is referenced but not stored", id.short()),
+                })
+            })?;
+            batch_bytes += c.sealed.len();
+            batch.push(c);
+            if batch_bytes >= UPLOAD_BATCH_BYTES || it.peek().is_none() {
+                up_chunks += batch.len() as u64;
+                up_bytes += batch_bytes as u64;
+                self.upload_chunks(std::mem::take(&mut batch))?;
+                batch_bytes = 0;
+            }
+        }
+        Ok((up_chunks, up_bytes))
+    }
+
     fn upload_chunks(&self, chunks: Vec<SealedChunk>) -> Result<()> {
         let name = self.ds.name();
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
@@ -593,13 +607,7 @@ impl Archiver {
         let lock = self.store.object_lock();
         let held = |modified: chrono::DateTime<Utc>| lock.is_some_and(|l| l.holds(modified, now));
         let manifests_held: HashSet<String> = match lock {
-            Some(_) => self
-                .rt
-                .block_on(self.store.list(&objects::snapshots_prefix(name)))?
-                .into_iter()
-                .filter(|l| l.key.ends_with(".manifest") && held(l.modified))
-                .map(|l| l.key)
-                .collect(),
+            Some(_) => self.held_manifests(name, &held)?,
             None => HashSet::new(),
         };
         let (kept, dropped): (Vec<SnapshotRef>, Vec<SnapshotRef>) =
@@ -616,10 +624,68 @@ impl Archiver {
         // What the kept snapshots reference. They are all read (and checked)
         // before anything is deleted: a damaged kept snapshot stops the prune
         // while the older ones still exist.
+        let (mut live, live_pages) = self.snapshot_references(&keys, name, &kept)?;
+        // And what the log pieces a restore may still replay brought.
+        let oldest_kept = kept.iter().map(|s| s.seq).min();
+        self.add_piece_references(oldest_kept, &mut live)?;
+        report.chunks_live = live.len();
+        for s in dropped {
+            self.rt.block_on(self.store.delete(&s.manifest_key(name)))?;
+            report.snapshots_deleted.push(s.name);
+        }
+
+        let grace_ms = grace.as_millis() as i64;
+        self.sweep_chunks(name, &live, now, grace_ms, &held, &mut report)?;
+
+        // Log pieces wholly before the oldest kept snapshot restore nothing.
+        if let Some(oldest) = oldest_kept {
+            self.delete_old_pieces(name, oldest, &held, &mut report)?;
+        }
+        // Pages of deleted snapshots, and of snapshots that never finished.
+        self.delete_orphan_pages(name, &live_pages, now, grace_ms, &held, &mut report)?;
+        tracing::info!(
+            dataset = name,
+            kept = report.snapshots_kept,
+            deleted = report.snapshots_deleted.len(),
+            chunks_deleted = report.chunks_deleted,
+            chunks_waiting = report.chunks_waiting,
+            held_by_object_lock = report.objects_held + report.snapshots_held.len(),
+            "prune complete"
+        );
+        Ok(report)
+    }
+
+    /// Prune step: the keys of the snapshot manifests still under Object
+    /// Lock. Their snapshots are kept whole whatever the retention policy
+    /// says, since deleting the manifest would only hide it behind a marker.
+    fn held_manifests(
+        &self,
+        name: &str,
+        held: &dyn Fn(DateTime<Utc>) -> bool,
+    ) -> Result<HashSet<String>> {
+        Ok(self
+            .rt
+            .block_on(self.store.list(&objects::snapshots_prefix(name)))?
+            .into_iter()
+            .filter(|l| l.key.ends_with(".manifest") && held(l.modified))
+            .map(|l| l.key)
+            .collect())
+    }
+
+    /// Prune step: reads every kept snapshot in full and returns the chunks
+    /// (entries and pins) and the page keys they reference. A snapshot that
+    /// does not read back whole fails the prune here, before anything is
+    /// deleted.
+    fn snapshot_references(
+        &self,
+        keys: &vault::Keys,
+        name: &str,
+        kept: &[SnapshotRef],
+    ) -> Result<(HashSet<ChunkId>, HashSet<String>)> {
         let mut live: HashSet<ChunkId> = HashSet::new();
         let mut live_pages: HashSet<String> = HashSet::new();
-        for s in &kept {
-            let c = read_snapshot(&self.rt, &self.store, &keys, name, s, self.concurrency)?;
+        for s in kept {
+            let c = read_snapshot(&self.rt, &self.store, keys, name, s, self.concurrency)?;
             let (m, entries) = (c.manifest, c.entries);
             for (_, e) in &entries {
                 live.extend(e.chunks().iter().map(|c| c.id));
@@ -629,8 +695,17 @@ impl Archiver {
                 live_pages.insert(s.page_key(name, n));
             }
         }
-        // And what the log pieces a restore may still replay brought.
-        let oldest_kept = kept.iter().map(|s| s.seq).min();
+        Ok((live, live_pages))
+    }
+
+    /// Prune step: adds to `live` the chunks attached to the records of every
+    /// log piece ending after `oldest_kept` (every piece when no snapshot is
+    /// kept), since a restore may still replay those pieces.
+    fn add_piece_references(
+        &self,
+        oldest_kept: Option<u64>,
+        live: &mut HashSet<ChunkId>,
+    ) -> Result<()> {
         for p in self.pieces()? {
             if oldest_kept.is_some_and(|o| p.last <= o) {
                 continue;
@@ -640,17 +715,51 @@ impl Archiver {
                 live.extend(r.attachments.iter().map(|a| a.0));
             }
         }
-        report.chunks_live = live.len();
-        for s in dropped {
-            self.rt.block_on(self.store.delete(&s.manifest_key(name)))?;
-            report.snapshots_deleted.push(s.name);
-        }
+        Ok(())
+    }
 
-        let grace_ms = grace.as_millis() as i64;
+    /// Prune step for chunks, with the grace period: loads the chunks found
+    /// unreferenced by earlier prunes, checks that every `live` chunk is in
+    /// the store, marks the newly unreferenced, deletes those unreferenced
+    /// for at least `grace_ms` (unless Object Lock still holds them) and
+    /// saves what still waits for the next prune.
+    fn sweep_chunks(
+        &self,
+        name: &str,
+        live: &HashSet<ChunkId>,
+        now: DateTime<Utc>,
+        grace_ms: i64,
+        held: &dyn Fn(DateTime<Utc>) -> bool,
+        report: &mut PruneReport,
+    ) -> Result<()> {
         let pending_key = objects::pending_key(name);
-        let mut pending: Pending = match self
+        let mut pending = self.read_pending(name, &pending_key)?;
+        let listed = self
             .rt
-            .block_on(self.store.get(&pending_key, objects::MAX_SMALL_OBJECT_BYTES))?
+            .block_on(self.store.list(&objects::chunks_prefix(name)))?;
+        self.check_live_present(name, &listed, live, report)?;
+        let (doomed, still) =
+            classify_unreferenced(&listed, live, &pending, now, grace_ms, held, report);
+        report.chunks_waiting = still.len();
+        pending.since_ms = still;
+        self.delete_chunks(name, &doomed)?;
+        report.chunks_deleted = doomed.len();
+        let pending_bytes = serde_json::to_vec(&pending).map_err(|e| ArchiveError::Damaged {
+            key: pending_key.clone(),
+            reason: e.to_string(),
+        })?;
+        self.rt
+            .block_on(self.store.put(&pending_key, pending_bytes))?;
+        Ok(())
+    }
+
+    /// Prune step: reads `prune/pending` (when each unreferenced chunk was
+    /// first found so). One that does not decode is replaced by an empty one
+    /// rather than failing the prune.
+    fn read_pending(&self, name: &str, pending_key: &str) -> Result<Pending> {
+        let pending: Pending = match self
+            .rt
+            .block_on(self.store.get(pending_key, objects::MAX_SMALL_OBJECT_BYTES))?
         {
             Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
                 // Only delays deletions: every candidate waits a full grace
@@ -660,9 +769,19 @@ impl Archiver {
             }),
             None => Pending::default(),
         };
-        let listed = self
-            .rt
-            .block_on(self.store.list(&objects::chunks_prefix(name)))?;
+        Ok(pending)
+    }
+
+    /// Prune step: counts the `live` chunks absent from the store listing
+    /// `listed` into the report and, if there are any, says so and rebuilds
+    /// the index from the store.
+    fn check_live_present(
+        &self,
+        name: &str,
+        listed: &[Listed],
+        live: &HashSet<ChunkId>,
+        report: &mut PruneReport,
+    ) -> Result<()> {
         // Every referenced chunk must be in the store. If not, something
         // outside triad removed objects: say so, and forget the index so the
         // next snapshot uploads what is missing.
@@ -675,39 +794,15 @@ impl Archiver {
             tracing::error!(dataset = name, missing = report.chunks_missing, url = self.store.url(), "chunks that kept snapshots or log pieces reference are missing from the store; the index is rebuilt and the next snapshot uploads them again, but restores through the affected snapshots or pieces will name them as missing");
             self.refill_index()?;
         }
-        let mut doomed = Vec::new();
-        let mut still = BTreeMap::new();
-        for l in &listed {
-            let Some(id) = objects::parse_chunk_key(&l.key) else {
-                continue;
-            };
-            if live.contains(&id) {
-                continue;
-            }
-            let h = hex::encode(id.0);
-            match pending.since_ms.get(&h) {
-                Some(since) if now.timestamp_millis() - since >= grace_ms => {
-                    if held(l.modified) {
-                        report.objects_held += 1;
-                        still.insert(h, *since);
-                    } else {
-                        doomed.push(id);
-                    }
-                }
-                Some(since) => {
-                    still.insert(h, *since);
-                }
-                None => {
-                    report.chunks_marked += 1;
-                    still.insert(h, now.timestamp_millis());
-                }
-            }
-        }
-        report.chunks_waiting = still.len();
-        pending.since_ms = still;
+        Ok(())
+    }
+
+    /// Prune step: removes `doomed` from the index, then deletes their chunk
+    /// objects (in parallel).
+    fn delete_chunks(&self, name: &str, doomed: &[ChunkId]) -> Result<()> {
         // The index forgets them first: a snapshot must never skip uploading
         // a chunk that is about to go.
-        self.index.remove(&doomed)?;
+        self.index.remove(doomed)?;
         let store = &self.store;
         self.rt.block_on(
             stream::iter(
@@ -718,35 +813,51 @@ impl Archiver {
             .buffer_unordered(self.concurrency)
             .try_collect::<Vec<()>>(),
         )?;
-        report.chunks_deleted = doomed.len();
-        let pending_bytes = serde_json::to_vec(&pending).map_err(|e| ArchiveError::Damaged {
-            key: pending_key.clone(),
-            reason: e.to_string(),
-        })?;
-        self.rt
-            .block_on(self.store.put(&pending_key, pending_bytes))?;
+        Ok(())
+    }
 
-        // Log pieces wholly before the oldest kept snapshot restore nothing.
-        if let Some(oldest) = oldest_kept {
-            let listed = self
-                .rt
-                .block_on(self.store.list(&objects::log_prefix(name)))?;
-            for (p, modified) in listed
-                .iter()
-                .filter_map(|l| PieceRef::parse(&l.key).map(|p| (p, l.modified)))
-            {
-                if p.last > oldest {
-                    continue;
-                }
-                if held(modified) {
-                    report.objects_held += 1;
-                    continue;
-                }
-                self.rt.block_on(self.store.delete(&p.key))?;
-                report.log_pieces_deleted += 1;
+    /// Prune step: deletes the log pieces that end at or before `oldest`, the
+    /// oldest kept snapshot's seq, except those Object Lock still holds.
+    fn delete_old_pieces(
+        &self,
+        name: &str,
+        oldest: u64,
+        held: &dyn Fn(DateTime<Utc>) -> bool,
+        report: &mut PruneReport,
+    ) -> Result<()> {
+        let listed = self
+            .rt
+            .block_on(self.store.list(&objects::log_prefix(name)))?;
+        for (p, modified) in listed
+            .iter()
+            .filter_map(|l| PieceRef::parse(&l.key).map(|p| (p, l.modified)))
+        {
+            if p.last > oldest {
+                continue;
             }
+            if held(modified) {
+                report.objects_held += 1;
+                continue;
+            }
+            self.rt.block_on(self.store.delete(&p.key))?;
+            report.log_pieces_deleted += 1;
         }
-        // Pages of deleted snapshots, and of snapshots that never finished.
+        Ok(())
+    }
+
+    /// Prune step: deletes the snapshot objects other than manifests that no
+    /// kept snapshot uses (not in `live_pages`): those of the snapshots this
+    /// prune deleted, and any older than `grace_ms` (left by snapshots that
+    /// never finished), except those Object Lock still holds.
+    fn delete_orphan_pages(
+        &self,
+        name: &str,
+        live_pages: &HashSet<String>,
+        now: DateTime<Utc>,
+        grace_ms: i64,
+        held: &dyn Fn(DateTime<Utc>) -> bool,
+        report: &mut PruneReport,
+    ) -> Result<()> {
         for l in self
             .rt
             .block_on(self.store.list(&objects::snapshots_prefix(name)))?
@@ -766,17 +877,53 @@ impl Archiver {
                 report.orphan_objects_deleted += 1;
             }
         }
-        tracing::info!(
-            dataset = name,
-            kept = report.snapshots_kept,
-            deleted = report.snapshots_deleted.len(),
-            chunks_deleted = report.chunks_deleted,
-            chunks_waiting = report.chunks_waiting,
-            held_by_object_lock = report.objects_held + report.snapshots_held.len(),
-            "prune complete"
-        );
-        Ok(report)
+        Ok(())
     }
+}
+
+/// Prune step: sorts the chunks in `listed` that `live` does not reference
+/// by what `pending` (the earlier prunes' findings) says of them. Returns
+/// the chunks to delete now (unreferenced for at least `grace_ms` and not
+/// held by Object Lock) and, by hex id, when each of the others was first
+/// found unreferenced (now, for those marked by this prune).
+fn classify_unreferenced(
+    listed: &[Listed],
+    live: &HashSet<ChunkId>,
+    pending: &Pending,
+    now: DateTime<Utc>,
+    grace_ms: i64,
+    held: &dyn Fn(DateTime<Utc>) -> bool,
+    report: &mut PruneReport,
+) -> (Vec<ChunkId>, BTreeMap<String, i64>) {
+    let mut doomed = Vec::new();
+    let mut still = BTreeMap::new();
+    for l in listed {
+        let Some(id) = objects::parse_chunk_key(&l.key) else {
+            continue;
+        };
+        if live.contains(&id) {
+            continue;
+        }
+        let h = hex::encode(id.0);
+        match pending.since_ms.get(&h) {
+            Some(since) if now.timestamp_millis() - since >= grace_ms => {
+                if held(l.modified) {
+                    report.objects_held += 1;
+                    still.insert(h, *since);
+                } else {
+                    doomed.push(id);
+                }
+            }
+            Some(since) => {
+                still.insert(h, *since);
+            }
+            None => {
+                report.chunks_marked += 1;
+                still.insert(h, now.timestamp_millis());
+            }
+        }
+    }
+    (doomed, still)
 }
 
 /// Every complete snapshot of `ds` in `store`, oldest first.

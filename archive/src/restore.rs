@@ -130,141 +130,34 @@ impl Restorer<'_> {
         let ds_name = self.dataset;
         let keys = self.key.derive();
         // Refuse a non-empty target before downloading anything.
-        if std::fs::read_dir(to).is_ok_and(|mut d| d.next().is_some()) {
-            return Err(ArchiveError::io(
-                "restore target",
-                to,
-                std::io::Error::other(
-                    "directory is not empty; restore into a new or empty directory",
-                ),
-            ));
-        }
+        refuse_non_empty(to)?;
         // The head is read before anything is listed: a piece is always in
         // the store before the head that counts it, so a head ahead of the
         // listing means objects were removed, not that a ship raced us.
         let head = self.read_head(&keys)?;
-        let snaps = list_snapshots(self.rt, self.store, ds_name)?;
-        let pieces: Vec<PieceRef> = self
-            .rt
-            .block_on(self.store.list(&objects::log_prefix(ds_name)))?
-            .iter()
-            .filter_map(|l| PieceRef::parse(&l.key))
-            .collect();
-        if snaps.is_empty() && pieces.is_empty() {
-            return Err(ArchiveError::NoRestorePoint(format!(
-                "{} holds no snapshot and no log of dataset {ds_name}",
-                self.store.url()
-            )));
-        }
-        let newest = pieces
-            .iter()
-            .map(|p| p.last)
-            .max()
-            .max(snaps.iter().map(|s| s.seq).max())
-            .unwrap_or(0);
+        let (snaps, pieces, newest) = self.list_archive()?;
         let mut warnings = Vec::new();
         self.judge_head(head.as_ref(), newest, at, &mut warnings)?;
-        if let (At::Latest, Some(n)) = (at, self.expect_seq) {
-            if newest < n {
-                return Err(ArchiveError::NoRestorePoint(format!(
-                    "ROLLBACK: {} reaches seq {newest}, but at least seq {n} was expected of it \
-                     (--expect-seq, or what the site that writes it shipped): its newest objects \
-                     were removed or replaced by older ones; nothing was restored",
-                    self.store.url()
-                )));
-            }
-        }
-        let target_seq = match at {
-            At::Latest => newest,
-            At::Seq(n) if n > newest => {
-                return Err(ArchiveError::NoRestorePoint(format!(
-                    "seq {n} is past the newest archived record ({newest})"
-                )))
-            }
-            At::Seq(n) => n,
-            // The log is needed at most to the end of the first piece that
-            // ends after the time: it holds the last record at or before it.
-            At::Time(t) => pieces
-                .iter()
-                .find(|p| p.last_time_ns > t)
-                .map(|p| p.last)
-                .unwrap_or(newest),
-        };
+        self.check_expected(at, newest)?;
+        let target_seq = resolve_target(at, newest, &pieces)?;
 
         // The snapshot to start from: the newest at or before the target
         // that reads back whole. A damaged one is skipped (and reported) in
         // favour of an older one plus more of the log.
-        let mut start: Option<Start> = None;
-        let mut skipped = Vec::new();
-        for s in snaps.iter().rev().filter(|s| s.seq <= target_seq) {
-            let c = match read_snapshot(self.rt, self.store, &keys, ds_name, s, self.concurrency) {
-                Ok(c) => c,
-                Err(e @ (ArchiveError::Damaged { .. } | ArchiveError::Missing { .. })) => {
-                    tracing::warn!(snapshot = %s.name, error = %e, "skipping a damaged snapshot; trying an older one");
-                    skipped.push(format!("snapshot {}: {e}", s.name));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if let At::Time(t) = at {
-                if c.manifest.time_ns > t {
-                    continue;
-                }
-            }
-            start = Some((s.clone(), c));
-            break;
-        }
+        let (start, skipped) = self.choose_start(&keys, &snaps, target_seq, at)?;
         let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
         // The log pieces after it must cover (from_seq, target] without a gap.
-        let mut needed: Vec<&PieceRef> = pieces
-            .iter()
-            .filter(|p| p.last > from_seq && p.first <= target_seq)
-            .collect();
-        needed.sort_by_key(|p| p.first);
-        // Seqs come from object names, so the arithmetic is checked: piece
-        // names never reach u64::MAX (PieceRef::parse), a snapshot name may.
-        let mut next = from_seq.checked_add(1).ok_or_else(|| {
-            ArchiveError::NoRestorePoint(format!(
-                "a snapshot claims seq {from_seq}, which no log reaches"
-            ))
-        })?;
-        for p in &needed {
-            if p.first > next {
-                break;
-            }
-            next = next.max(p.last.saturating_add(1));
-        }
-        if next <= target_seq {
-            return Err(ArchiveError::NoRestorePoint(format!(
-                "the archived log has no record {next} (needed to go from {} to seq {target_seq}); \
-                 the nearest points that can be restored are the snapshots: {}{}",
-                match &start {
-                    Some((s, _)) => format!("snapshot {}", s.name),
-                    None => "an empty dataset".into(),
-                },
-                snaps
-                    .iter()
-                    .map(|s| s.seq.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                if skipped.is_empty() {
-                    String::new()
-                } else {
-                    format!("; skipped as damaged: {}", skipped.join("; "))
-                }
-            )));
-        }
+        let needed = needed_pieces(&pieces, from_seq, target_seq);
+        check_log_covers(
+            &needed,
+            from_seq,
+            target_seq,
+            start.as_ref(),
+            &snaps,
+            &skipped,
+        )?;
 
-        let parent = to
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)
-            .map_err(|e| ArchiveError::io("creating the restore target's parent", parent, e))?;
-        let scratch = tempfile::Builder::new()
-            .prefix(".triad-restore-")
-            .tempdir_in(parent)
-            .map_err(|e| ArchiveError::io("creating a scratch directory in", parent, e))?;
+        let scratch = scratch_dir(to)?;
         let ds = Arc::new(Dataset::open(
             scratch.path(),
             ds_name,
@@ -309,6 +202,91 @@ impl Restorer<'_> {
         out.report = vault::restore::restore(&view, to, &|b| progress(Progress::Written(b)))?;
         out.seconds_write = t.elapsed().as_secs_f64();
         Ok(out)
+    }
+
+    /// Restore step: lists the archive's snapshots (oldest first) and log
+    /// pieces, refusing an archive that holds neither, and returns them with
+    /// the newest seq they reach.
+    fn list_archive(&self) -> Result<(Vec<SnapshotRef>, Vec<PieceRef>, u64)> {
+        let ds_name = self.dataset;
+        let snaps = list_snapshots(self.rt, self.store, ds_name)?;
+        let pieces: Vec<PieceRef> = self
+            .rt
+            .block_on(self.store.list(&objects::log_prefix(ds_name)))?
+            .iter()
+            .filter_map(|l| PieceRef::parse(&l.key))
+            .collect();
+        if snaps.is_empty() && pieces.is_empty() {
+            return Err(ArchiveError::NoRestorePoint(format!(
+                "{} holds no snapshot and no log of dataset {ds_name}",
+                self.store.url()
+            )));
+        }
+        let newest = pieces
+            .iter()
+            .map(|p| p.last)
+            .max()
+            .max(snaps.iter().map(|s| s.seq).max())
+            .unwrap_or(0);
+        Ok((snaps, pieces, newest))
+    }
+
+    /// Restore step: for `latest`, the archive must reach at least
+    /// [`Restorer::expect_seq`]; reaching less means its newest objects were
+    /// removed or replaced (a rollback), and nothing is restored.
+    fn check_expected(&self, at: At, newest: u64) -> Result<()> {
+        if let (At::Latest, Some(n)) = (at, self.expect_seq) {
+            if newest < n {
+                return Err(ArchiveError::NoRestorePoint(format!(
+                    "ROLLBACK: {} reaches seq {newest}, but at least seq {n} was expected of it \
+                     (--expect-seq, or what the site that writes it shipped): its newest objects \
+                     were removed or replaced by older ones; nothing was restored",
+                    self.store.url()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Restore step: the newest of `snaps` at or before `target_seq` (and,
+    /// for a time, taken of a point at or before it) that reads back whole,
+    /// or `None` to start from an empty dataset. Also returns a description
+    /// of each damaged or missing snapshot passed over on the way.
+    fn choose_start(
+        &self,
+        keys: &vault::Keys,
+        snaps: &[SnapshotRef],
+        target_seq: u64,
+        at: At,
+    ) -> Result<(Option<Start>, Vec<String>)> {
+        let mut start: Option<Start> = None;
+        let mut skipped = Vec::new();
+        for s in snaps.iter().rev().filter(|s| s.seq <= target_seq) {
+            let c = match read_snapshot(
+                self.rt,
+                self.store,
+                keys,
+                self.dataset,
+                s,
+                self.concurrency,
+            ) {
+                Ok(c) => c,
+                Err(e @ (ArchiveError::Damaged { .. } | ArchiveError::Missing { .. })) => {
+                    tracing::warn!(snapshot = %s.name, error = %e, "skipping a damaged snapshot; trying an older one");
+                    skipped.push(format!("snapshot {}: {e}", s.name));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if let At::Time(t) = at {
+                if c.manifest.time_ns > t {
+                    continue;
+                }
+            }
+            start = Some((s.clone(), c));
+            break;
+        }
+        Ok((start, skipped))
     }
 
     /// Reads the archive's authenticated head, which must have been written
@@ -610,91 +588,14 @@ impl Restorer<'_> {
         let mut cut_checked = false;
         let t = std::time::Instant::now();
         if let Some((s, content)) = start {
-            let crate::archiver::SnapshotContent {
-                manifest: m,
-                entries,
-                sealed_hashes,
-            } = content;
-            let mut want: Vec<(ChunkId, u32, [u8; 32])> = Vec::new();
-            let mut seen = HashSet::new();
-            let unrecorded = |id: &ChunkId| ArchiveError::Damaged {
-                key: self.store.locate(&s.manifest_key(self.dataset)),
-                reason: format!("chunk {} has no recorded hash in the snapshot", id.short()),
-            };
-            for (_, e) in &entries {
-                for c in e.chunks() {
-                    if seen.insert(c.id) {
-                        let h = sealed_hashes.get(&c.id).ok_or_else(|| unrecorded(&c.id))?;
-                        want.push((c.id, c.len, *h));
-                    }
-                }
-            }
-            for (id, _, len, h) in &m.pins {
-                if seen.insert(*id) {
-                    want.push((*id, *len, *h));
-                }
-            }
-            let total = want.len() as u64;
-            let mut batch: Vec<SealedChunk> = Vec::new();
-            let mut batch_bytes = 0usize;
-            let mut done = 0u64;
-            let damaged = self.download(want, out, &mut |c| {
-                batch_bytes += c.sealed.len();
-                batch.push(c);
-                done += 1;
-                progress(Progress::Chunks(done, total));
-                if batch_bytes >= 64 << 20 {
-                    ds.stage_chunks(&batch)?;
-                    batch.clear();
-                    batch_bytes = 0;
-                }
-                Ok(())
-            })?;
-            ds.stage_chunks(&batch)?;
-            if !damaged.is_empty() {
-                return Err(ArchiveError::Damaged {
-                    key: format!("{} chunk object(s) of snapshot {}", damaged.len(), s.name),
-                    reason: damaged.join("; "),
-                });
-            }
-            let digest = vault::lthash::LtHash::try_from_bytes(&m.lthash).ok_or_else(|| {
-                ArchiveError::Damaged {
-                    key: self.store.locate(&s.manifest_key(self.dataset)),
-                    reason: "the recorded digest does not decode".into(),
-                }
-            })?;
-            let applied = Applied {
-                seq: m.seq,
-                hash: m.chain_hash,
-                time_ns: m.time_ns,
-                digest,
-            };
-            let pins: Vec<(ChunkId, u64)> = m.pins.iter().map(|(id, n, _, _)| (*id, *n)).collect();
-            ds.install_transfer(applied, entries, pins).map_err(|e| {
-                ArchiveError::Submit(format!("installing snapshot {}: {e}", s.name))
-            })?;
-            out.snapshot = Some(s.name.clone());
+            self.install_snapshot(ds, &s, content, out, progress)?;
         }
 
         out.seconds_snapshot = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         let to_replay = target_seq.saturating_sub(from_seq);
         for p in pieces {
-            let piece = read_piece(self.rt, self.store, &p.key, "a log piece")?;
-            // The name is not covered by the trailer: the content must agree.
-            let (first, last) = (
-                piece.records.first().map(|r| r.seq),
-                piece.records.last().map(|r| r.seq),
-            );
-            if first != Some(p.first) || last != Some(p.last) {
-                return Err(ArchiveError::Damaged {
-                    key: self.store.locate(&p.key),
-                    reason: format!(
-                        "named for seqs {}-{} but holds {first:?}-{last:?}",
-                        p.first, p.last
-                    ),
-                });
-            }
+            let piece = self.read_named_piece(p)?;
             // Only the records this restore applies: after what the scratch
             // copy holds, up to the target.
             let head = ds.head_seq();
@@ -711,56 +612,8 @@ impl Restorer<'_> {
                 cut_checked = true;
             }
             let records = &piece.records[skip..skip + take];
-            // The chunks they brought, unless the scratch copy has them.
-            let mut want = Vec::new();
-            let mut seen = HashSet::new();
-            for r in records {
-                for (id, plain, _, hash) in &r.attachments {
-                    if seen.insert(*id) && !ds.has_chunk(id)? {
-                        want.push((*id, *plain, *hash));
-                    }
-                }
-            }
-            let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
-            let damaged = self.download(want, out, &mut |c| {
-                fetched.insert(c.id, c.sealed);
-                Ok(())
-            })?;
-            if !damaged.is_empty() {
-                return Err(ArchiveError::Damaged {
-                    key: format!(
-                        "{} chunk object(s) of log piece {}",
-                        damaged.len(),
-                        self.store.locate(&p.key)
-                    ),
-                    reason: damaged.join("; "),
-                });
-            }
-            let mut batch = Vec::with_capacity(records.len());
-            for r in records {
-                let in_scratch = |id: &ChunkId| ds.state().chunk_bytes(id);
-                let mut lookup_error = None;
-                let payload = r.payload(|id| {
-                    fetched.get(id).cloned().or_else(|| match in_scratch(id) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            lookup_error = Some(e);
-                            None
-                        }
-                    })
-                });
-                if let Some(e) = lookup_error {
-                    return Err(e.into());
-                }
-                batch.push(payload.ok_or_else(|| ArchiveError::Damaged {
-                    key: self.store.locate(&p.key),
-                    reason: format!(
-                        "record {} brought a chunk that is neither in the store nor in what \
-                         was restored so far",
-                        r.seq
-                    ),
-                })?);
-            }
+            let fetched = self.fetch_attachments(ds, p, records, out)?;
+            let batch = self.rebuild_payloads(ds, p, records, &fetched)?;
             piece.check_chain(&self.store.locate(&p.key), skip, &batch)?;
             let n = batch.len() as u64;
             if n > 0 {
@@ -783,6 +636,322 @@ impl Restorer<'_> {
         }
         Ok(cut_checked)
     }
+
+    /// Fill step: installs snapshot `s` (read back as `content`) into the
+    /// scratch dataset as a state transfer: its chunks first, then the
+    /// namespace and pins, checked against the snapshot's recorded digest.
+    fn install_snapshot(
+        &self,
+        ds: &Dataset,
+        s: &SnapshotRef,
+        content: crate::archiver::SnapshotContent,
+        out: &mut ArchiveRestore,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<()> {
+        let crate::archiver::SnapshotContent {
+            manifest: m,
+            entries,
+            sealed_hashes,
+        } = content;
+        let want = self.snapshot_chunks(s, &m, &entries, &sealed_hashes)?;
+        self.stage_snapshot_chunks(ds, s, want, out, progress)?;
+        let digest = vault::lthash::LtHash::try_from_bytes(&m.lthash).ok_or_else(|| {
+            ArchiveError::Damaged {
+                key: self.store.locate(&s.manifest_key(self.dataset)),
+                reason: "the recorded digest does not decode".into(),
+            }
+        })?;
+        let applied = Applied {
+            seq: m.seq,
+            hash: m.chain_hash,
+            time_ns: m.time_ns,
+            digest,
+        };
+        let pins: Vec<(ChunkId, u64)> = m.pins.iter().map(|(id, n, _, _)| (*id, *n)).collect();
+        ds.install_transfer(applied, entries, pins)
+            .map_err(|e| ArchiveError::Submit(format!("installing snapshot {}: {e}", s.name)))?;
+        out.snapshot = Some(s.name.clone());
+        Ok(())
+    }
+
+    /// Fill step: every distinct chunk snapshot `s` references (its entries'
+    /// chunks, then its pins), with its length and the BLAKE3 of its sealed
+    /// bytes that the snapshot records, so each download can be checked. A
+    /// chunk without a recorded hash makes the snapshot damaged.
+    fn snapshot_chunks(
+        &self,
+        s: &SnapshotRef,
+        m: &objects::Manifest,
+        entries: &[(Vec<u8>, vault::Entry)],
+        sealed_hashes: &HashMap<ChunkId, [u8; 32]>,
+    ) -> Result<Vec<(ChunkId, u32, [u8; 32])>> {
+        let mut want: Vec<(ChunkId, u32, [u8; 32])> = Vec::new();
+        let mut seen = HashSet::new();
+        let unrecorded = |id: &ChunkId| ArchiveError::Damaged {
+            key: self.store.locate(&s.manifest_key(self.dataset)),
+            reason: format!("chunk {} has no recorded hash in the snapshot", id.short()),
+        };
+        for (_, e) in entries {
+            for c in e.chunks() {
+                if seen.insert(c.id) {
+                    let h = sealed_hashes.get(&c.id).ok_or_else(|| unrecorded(&c.id))?;
+                    want.push((c.id, c.len, *h));
+                }
+            }
+        }
+        for (id, _, len, h) in &m.pins {
+            if seen.insert(*id) {
+                want.push((*id, *len, *h));
+            }
+        }
+        Ok(want)
+    }
+
+    /// Fill step: downloads the snapshot's chunks `want` and stages them in
+    /// the scratch dataset in batches of about 64 MiB, reporting progress per
+    /// chunk. Any missing or damaged chunk object fails the restore, all of
+    /// them named in one error.
+    fn stage_snapshot_chunks(
+        &self,
+        ds: &Dataset,
+        s: &SnapshotRef,
+        want: Vec<(ChunkId, u32, [u8; 32])>,
+        out: &mut ArchiveRestore,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<()> {
+        let total = want.len() as u64;
+        let mut batch: Vec<SealedChunk> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut done = 0u64;
+        let damaged = self.download(want, out, &mut |c| {
+            batch_bytes += c.sealed.len();
+            batch.push(c);
+            done += 1;
+            progress(Progress::Chunks(done, total));
+            if batch_bytes >= 64 << 20 {
+                ds.stage_chunks(&batch)?;
+                batch.clear();
+                batch_bytes = 0;
+            }
+            Ok(())
+        })?;
+        ds.stage_chunks(&batch)?;
+        if !damaged.is_empty() {
+            return Err(ArchiveError::Damaged {
+                key: format!("{} chunk object(s) of snapshot {}", damaged.len(), s.name),
+                reason: damaged.join("; "),
+            });
+        }
+        Ok(())
+    }
+
+    /// Fill step: reads log piece `p` and checks that it holds exactly the
+    /// seqs its name says, since the name is not authenticated.
+    fn read_named_piece(&self, p: &PieceRef) -> Result<objects::Piece> {
+        let piece = read_piece(self.rt, self.store, &p.key, "a log piece")?;
+        // The name is not covered by the trailer: the content must agree.
+        let (first, last) = (
+            piece.records.first().map(|r| r.seq),
+            piece.records.last().map(|r| r.seq),
+        );
+        if first != Some(p.first) || last != Some(p.last) {
+            return Err(ArchiveError::Damaged {
+                key: self.store.locate(&p.key),
+                reason: format!(
+                    "named for seqs {}-{} but holds {first:?}-{last:?}",
+                    p.first, p.last
+                ),
+            });
+        }
+        Ok(piece)
+    }
+
+    /// Fill step: downloads (and checks) the chunks that `records` of piece
+    /// `p` brought and the scratch dataset does not have yet, returning
+    /// their sealed bytes by id. Any missing or damaged chunk object fails
+    /// the restore, all of them named in one error.
+    fn fetch_attachments(
+        &self,
+        ds: &Dataset,
+        p: &PieceRef,
+        records: &[objects::PieceRecord],
+        out: &mut ArchiveRestore,
+    ) -> Result<HashMap<ChunkId, Vec<u8>>> {
+        // The chunks they brought, unless the scratch copy has them.
+        let mut want = Vec::new();
+        let mut seen = HashSet::new();
+        for r in records {
+            for (id, plain, _, hash) in &r.attachments {
+                if seen.insert(*id) && !ds.has_chunk(id)? {
+                    want.push((*id, *plain, *hash));
+                }
+            }
+        }
+        let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        let damaged = self.download(want, out, &mut |c| {
+            fetched.insert(c.id, c.sealed);
+            Ok(())
+        })?;
+        if !damaged.is_empty() {
+            return Err(ArchiveError::Damaged {
+                key: format!(
+                    "{} chunk object(s) of log piece {}",
+                    damaged.len(),
+                    self.store.locate(&p.key)
+                ),
+                reason: damaged.join("; "),
+            });
+        }
+        Ok(fetched)
+    }
+
+    /// Fill step: rebuilds the logged payloads of `records` (of piece `p`),
+    /// taking each attached chunk from `fetched` or else from the scratch
+    /// dataset, ready to be appended as replicated records.
+    fn rebuild_payloads(
+        &self,
+        ds: &Dataset,
+        p: &PieceRef,
+        records: &[objects::PieceRecord],
+        fetched: &HashMap<ChunkId, Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut batch = Vec::with_capacity(records.len());
+        for r in records {
+            let in_scratch = |id: &ChunkId| ds.state().chunk_bytes(id);
+            let mut lookup_error = None;
+            let payload = r.payload(|id| {
+                fetched.get(id).cloned().or_else(|| match in_scratch(id) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        lookup_error = Some(e);
+                        None
+                    }
+                })
+            });
+            if let Some(e) = lookup_error {
+                return Err(e.into());
+            }
+            batch.push(payload.ok_or_else(|| ArchiveError::Damaged {
+                key: self.store.locate(&p.key),
+                reason: format!(
+                    "record {} brought a chunk that is neither in the store nor in what \
+                     was restored so far",
+                    r.seq
+                ),
+            })?);
+        }
+        Ok(batch)
+    }
+}
+
+/// Restore step: refuses a target directory that exists and is not empty.
+fn refuse_non_empty(to: &Path) -> Result<()> {
+    if std::fs::read_dir(to).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(ArchiveError::io(
+            "restore target",
+            to,
+            std::io::Error::other("directory is not empty; restore into a new or empty directory"),
+        ));
+    }
+    Ok(())
+}
+
+/// Restore step: creates the scratch directory for the restore's scratch
+/// dataset next to `to` (so on the same filesystem), creating the target's
+/// parent first. It is removed when dropped.
+fn scratch_dir(to: &Path) -> Result<tempfile::TempDir> {
+    let parent = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| ArchiveError::io("creating the restore target's parent", parent, e))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".triad-restore-")
+        .tempdir_in(parent)
+        .map_err(|e| ArchiveError::io("creating a scratch directory in", parent, e))?;
+    Ok(scratch)
+}
+
+/// Restore step: the seq to restore to, given the newest seq the archive
+/// reaches. For a time, the end of the first piece ending after it (the
+/// replay stops at the time itself).
+fn resolve_target(at: At, newest: u64, pieces: &[PieceRef]) -> Result<u64> {
+    let target_seq = match at {
+        At::Latest => newest,
+        At::Seq(n) if n > newest => {
+            return Err(ArchiveError::NoRestorePoint(format!(
+                "seq {n} is past the newest archived record ({newest})"
+            )))
+        }
+        At::Seq(n) => n,
+        // The log is needed at most to the end of the first piece that
+        // ends after the time: it holds the last record at or before it.
+        At::Time(t) => pieces
+            .iter()
+            .find(|p| p.last_time_ns > t)
+            .map(|p| p.last)
+            .unwrap_or(newest),
+    };
+    Ok(target_seq)
+}
+
+/// Restore step: the log pieces that hold records after `from_seq` up to
+/// `target_seq`, in seq order.
+fn needed_pieces(pieces: &[PieceRef], from_seq: u64, target_seq: u64) -> Vec<&PieceRef> {
+    let mut needed: Vec<&PieceRef> = pieces
+        .iter()
+        .filter(|p| p.last > from_seq && p.first <= target_seq)
+        .collect();
+    needed.sort_by_key(|p| p.first);
+    needed
+}
+
+/// Restore step: `needed` must cover (from_seq, target_seq] without a gap;
+/// otherwise fails naming the points that can be restored (the snapshots,
+/// and those skipped as damaged).
+fn check_log_covers(
+    needed: &[&PieceRef],
+    from_seq: u64,
+    target_seq: u64,
+    start: Option<&Start>,
+    snaps: &[SnapshotRef],
+    skipped: &[String],
+) -> Result<()> {
+    // Seqs come from object names, so the arithmetic is checked: piece
+    // names never reach u64::MAX (PieceRef::parse), a snapshot name may.
+    let mut next = from_seq.checked_add(1).ok_or_else(|| {
+        ArchiveError::NoRestorePoint(format!(
+            "a snapshot claims seq {from_seq}, which no log reaches"
+        ))
+    })?;
+    for p in needed {
+        if p.first > next {
+            break;
+        }
+        next = next.max(p.last.saturating_add(1));
+    }
+    if next <= target_seq {
+        return Err(ArchiveError::NoRestorePoint(format!(
+            "the archived log has no record {next} (needed to go from {} to seq {target_seq}); \
+             the nearest points that can be restored are the snapshots: {}{}",
+            match start {
+                Some((s, _)) => format!("snapshot {}", s.name),
+                None => "an empty dataset".into(),
+            },
+            snaps
+                .iter()
+                .map(|s| s.seq.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; skipped as damaged: {}", skipped.join("; "))
+            }
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -182,46 +182,7 @@ async fn on_transfer(
 ) -> Result<(), TransferError> {
     use pb::transfer::Part;
     match t.part {
-        Some(Part::Begin(b)) => {
-            let d = ds.clone();
-            let (head, ours) = tokio::task::spawn_blocking(move || {
-                let head = d.head_seq();
-                d.chain_hash_at(head).map(|h| (head, h))
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-            transfer_allowed(head, ours, &b).map_err(TransferError::Refused)?;
-            tracing::warn!(
-                dataset = ds.name(),
-                seq = b.seq,
-                "this site is behind the upstream's retained log: receiving a state transfer"
-            );
-            let digest =
-                vault::lthash::LtHash::try_from_bytes(&b.digest).ok_or("malformed digest")?;
-            let hash: [u8; 32] = b
-                .chain_hash
-                .as_slice()
-                .try_into()
-                .map_err(|_| "malformed chain hash")?;
-            transfer_evidence_holds(ds.keys(), &b, hash, &digest)
-                .map_err(TransferError::Refused)?;
-            let mut pins = Vec::new();
-            for p in b.pins {
-                pins.push((chunk_id(&p.id)?, p.count));
-            }
-            *xfer = Some(Transfer {
-                applied: vault::state::Applied {
-                    seq: b.seq,
-                    hash,
-                    time_ns: b.time_ns,
-                    digest,
-                },
-                entries: Vec::new(),
-                pins,
-                head_at_begin: head,
-            });
-        }
+        Some(Part::Begin(b)) => *xfer = Some(transfer_begin(ds, b).await?),
         Some(Part::Entries(e)) => {
             let x = xfer.as_mut().ok_or("entries before the transfer began")?;
             for ne in e.entries {
@@ -236,46 +197,7 @@ async fn on_transfer(
         }
         Some(Part::EntriesEnd(_)) => {
             let x = xfer.as_ref().ok_or("no transfer")?;
-            let mut wanted: Vec<vault::ChunkId> = x
-                .entries
-                .iter()
-                .flat_map(|(_, e)| e.chunks().iter().map(|c| c.id))
-                .collect();
-            wanted.extend(x.pins.iter().map(|(id, _)| *id));
-            wanted.sort();
-            wanted.dedup();
-            let d = ds.clone();
-            let missing = tokio::task::spawn_blocking(move || {
-                wanted
-                    .into_iter()
-                    .filter(|id| !d.has_chunk(id).unwrap_or(false))
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            tracing::info!(
-                dataset = ds.name(),
-                entries = x.entries.len(),
-                missing_chunks = missing.len(),
-                "asking the upstream for the chunks this site lacks"
-            );
-            let mut batches: Vec<Vec<Vec<u8>>> = missing
-                .chunks(50_000)
-                .map(|b| b.iter().map(|id| id.0.to_vec()).collect())
-                .collect();
-            if batches.is_empty() {
-                batches.push(Vec::new());
-            }
-            let n = batches.len();
-            for (i, ids) in batches.into_iter().enumerate() {
-                let msg = pb::FollowerMessage {
-                    msg: Some(follower_message::Msg::Need(pb::NeedChunks {
-                        ids,
-                        done: i + 1 == n,
-                    })),
-                };
-                tx.send(msg).await.map_err(|_| "stream closed")?;
-            }
+            ask_for_missing(ds, tx, x).await?;
         }
         Some(Part::Chunks(c)) => {
             if xfer.is_none() {
@@ -283,51 +205,162 @@ async fn on_transfer(
                     "the upstream sent transfer chunks outside a state transfer".into(),
                 ));
             }
-            let keys = ds.keys().clone();
-            let mut chunks = Vec::with_capacity(c.chunks.len());
-            for sc in c.chunks {
-                chunks.push(vault::SealedChunk {
-                    id: chunk_id(&sc.id)?,
-                    plain_len: sc.plain_len,
-                    sealed: sc.sealed,
-                });
-            }
-            let d = ds.clone();
-            tokio::task::spawn_blocking(move || {
-                // Every chunk is checked against its id before it is kept.
-                for c in &chunks {
-                    vault::chunk::open(&keys, &c.id, c.plain_len, &c.sealed)
-                        .map_err(|e| format!("chunk {}: {e}", c.id))?;
-                }
-                d.stage_chunks(&chunks).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())??;
+            stage_transfer_chunks(ds, c).await?;
         }
         Some(Part::End(_)) => {
             let x = xfer.take().ok_or("no transfer")?;
-            if ds.head_seq() != x.head_at_begin {
-                return Err(TransferError::Refused(format!(
-                    "this site's head moved from {} to {} during the state transfer; the transfer \
-                     is not installed and the copy is kept as it is",
-                    x.head_at_begin,
-                    ds.head_seq()
-                )));
-            }
-            let d = ds.clone();
-            let c = tokio::task::spawn_blocking(move || {
-                d.install_transfer(x.applied, x.entries, x.pins)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-            let ack = pb::FollowerMessage {
-                msg: Some(follower_message::Msg::Ack(pb::Ack { durable_seq: c.seq })),
-            };
-            tx.send(ack).await.map_err(|_| "stream closed")?;
+            install(ds, tx, x).await?;
         }
         None => {}
     }
+    Ok(())
+}
+
+/// A transfer begins: it may only replace this copy when it continues
+/// this site's history and its evidence verifies under the dataset key.
+async fn transfer_begin(
+    ds: &Arc<Dataset>,
+    b: pb::TransferBegin,
+) -> Result<Transfer, TransferError> {
+    let d = ds.clone();
+    let (head, ours) = tokio::task::spawn_blocking(move || {
+        let head = d.head_seq();
+        d.chain_hash_at(head).map(|h| (head, h))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    transfer_allowed(head, ours, &b).map_err(TransferError::Refused)?;
+    tracing::warn!(
+        dataset = ds.name(),
+        seq = b.seq,
+        "this site is behind the upstream's retained log: receiving a state transfer"
+    );
+    let digest = vault::lthash::LtHash::try_from_bytes(&b.digest).ok_or("malformed digest")?;
+    let hash: [u8; 32] = b
+        .chain_hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| "malformed chain hash")?;
+    transfer_evidence_holds(ds.keys(), &b, hash, &digest).map_err(TransferError::Refused)?;
+    let mut pins = Vec::new();
+    for p in b.pins {
+        pins.push((chunk_id(&p.id)?, p.count));
+    }
+    Ok(Transfer {
+        applied: vault::state::Applied {
+            seq: b.seq,
+            hash,
+            time_ns: b.time_ns,
+            digest,
+        },
+        entries: Vec::new(),
+        pins,
+        head_at_begin: head,
+    })
+}
+
+/// The namespace has arrived: asks the upstream for the chunks it names
+/// that this site does not hold, in batches, the last marked done.
+async fn ask_for_missing(
+    ds: &Arc<Dataset>,
+    tx: &mpsc::Sender<pb::FollowerMessage>,
+    x: &Transfer,
+) -> Result<(), TransferError> {
+    let mut wanted: Vec<vault::ChunkId> = x
+        .entries
+        .iter()
+        .flat_map(|(_, e)| e.chunks().iter().map(|c| c.id))
+        .collect();
+    wanted.extend(x.pins.iter().map(|(id, _)| *id));
+    wanted.sort();
+    wanted.dedup();
+    let d = ds.clone();
+    let missing = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .filter(|id| !d.has_chunk(id).unwrap_or(false))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!(
+        dataset = ds.name(),
+        entries = x.entries.len(),
+        missing_chunks = missing.len(),
+        "asking the upstream for the chunks this site lacks"
+    );
+    let mut batches: Vec<Vec<Vec<u8>>> = missing
+        .chunks(50_000)
+        .map(|b| b.iter().map(|id| id.0.to_vec()).collect())
+        .collect();
+    if batches.is_empty() {
+        batches.push(Vec::new());
+    }
+    let n = batches.len();
+    for (i, ids) in batches.into_iter().enumerate() {
+        let msg = pb::FollowerMessage {
+            msg: Some(follower_message::Msg::Need(pb::NeedChunks {
+                ids,
+                done: i + 1 == n,
+            })),
+        };
+        tx.send(msg).await.map_err(|_| "stream closed")?;
+    }
+    Ok(())
+}
+
+/// Stages chunks of a transfer, each checked against its id first.
+async fn stage_transfer_chunks(
+    ds: &Arc<Dataset>,
+    c: pb::TransferChunks,
+) -> Result<(), TransferError> {
+    let keys = ds.keys().clone();
+    let mut chunks = Vec::with_capacity(c.chunks.len());
+    for sc in c.chunks {
+        chunks.push(vault::SealedChunk {
+            id: chunk_id(&sc.id)?,
+            plain_len: sc.plain_len,
+            sealed: sc.sealed,
+        });
+    }
+    let d = ds.clone();
+    tokio::task::spawn_blocking(move || {
+        for c in &chunks {
+            vault::chunk::open(&keys, &c.id, c.plain_len, &c.sealed)
+                .map_err(|e| format!("chunk {}: {e}", c.id))?;
+        }
+        d.stage_chunks(&chunks).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok(())
+}
+
+/// Installs a complete transfer, unless this site's head moved meanwhile,
+/// and acknowledges the seq it reached.
+async fn install(
+    ds: &Arc<Dataset>,
+    tx: &mpsc::Sender<pb::FollowerMessage>,
+    x: Transfer,
+) -> Result<(), TransferError> {
+    if ds.head_seq() != x.head_at_begin {
+        return Err(TransferError::Refused(format!(
+            "this site's head moved from {} to {} during the state transfer; the transfer \
+             is not installed and the copy is kept as it is",
+            x.head_at_begin,
+            ds.head_seq()
+        )));
+    }
+    let d = ds.clone();
+    let c = tokio::task::spawn_blocking(move || d.install_transfer(x.applied, x.entries, x.pins))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let ack = pb::FollowerMessage {
+        msg: Some(follower_message::Msg::Ack(pb::Ack { durable_seq: c.seq })),
+    };
+    tx.send(ack).await.map_err(|_| "stream closed")?;
     Ok(())
 }
 

@@ -126,7 +126,7 @@ pub struct Upstream {
     datasets: HashMap<String, Arc<Dataset>>,
     /// Configured followers and their commit policy; replaced on reload.
     followers: Arc<std::sync::RwLock<HashMap<String, FollowerPolicy>>>,
-    links: Arc<Mutex<HashMap<(String, String), Link>>>,
+    links: Links,
     generation: std::sync::atomic::AtomicU64,
     /// Woken on every acknowledgement, for writers waiting on the policy.
     acked: Arc<tokio::sync::Notify>,
@@ -743,109 +743,31 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         let ds = self.dataset_for(&peer.site, &hello.dataset, &hello.key_id)?;
-        let head = ds.head_seq();
-        if hello.from_seq > head + 1 {
-            tracing::error!(site = %peer.site, dataset = %hello.dataset, their_head = hello.from_seq - 1, our_head = head,
-                "a follower is ahead of this site: it diverged or follows the wrong upstream");
-            return Err(Status::failed_precondition(format!(
-                "the follower's log reaches seq {} but this site's ends at {head}",
-                hello.from_seq - 1
-            )));
-        }
-        let from = hello.from_seq.max(1);
-        // The follower's history must be ours at its head, where we still
-        // know our hash: a fork is named now, not when we next append.
-        if from > 1 && !hello.head_hash.is_empty() {
-            match ds.chain_hash_at(from - 1) {
-                Ok(Some(ours)) if ours.as_slice() != hello.head_hash.as_slice() => {
-                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = from - 1,
-                        "refused a follower whose chain hash at its head differs from ours: its copy diverged");
-                    return Err(Status::failed_precondition(format!(
-                        "DIVERGED at seq {}: the follower's chain hash there is {} but this site's is {}; \
-                         the follower's copy is kept as it is",
-                        from - 1,
-                        hex::encode(&hello.head_hash),
-                        hex::encode(ours)
-                    )));
-                }
-                Ok(_) => {}
-                Err(e) => return Err(Status::internal(e.to_string())),
-            }
-        }
-        let log_dir = ds.dir().join("log");
-        let first_retained = vault::wal::log_extent(&log_dir)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .1;
-        // Behind the retained log: the follower gets a state transfer, but
-        // only if its history is a prefix of ours (its newest checkpoint
-        // matches ours at the same seq); a diverged copy is never overwritten.
-        let transfer = from < first_retained;
-        if transfer && hello.checkpoint_seq > 0 {
-            let theirs = hello.checkpoint_hash.clone();
-            match ds.checkpoint_at(hello.checkpoint_seq) {
-                Ok(Some(c)) if c.hash.as_slice() != theirs.as_slice() => {
-                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = hello.checkpoint_seq,
-                        "refusing a state transfer: the follower's checkpoint differs from ours, its copy diverged");
-                    return Err(Status::failed_precondition(format!(
-                        "DIVERGED at or before seq {}: checkpoint hashes differ; the follower's copy is kept as it is",
-                        hello.checkpoint_seq
-                    )));
-                }
-                Ok(Some(_)) => {}
-                // Without our checkpoint at that seq the follower's history
-                // cannot be shown to be ours: refuse rather than overwrite.
-                Ok(None) => {
-                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = hello.checkpoint_seq,
-                        "refusing a state transfer: this site has no checkpoint at the follower's newest one to compare with");
-                    return Err(Status::failed_precondition(format!(
-                        "cannot show the follower's copy (checkpoint at seq {}) is a prefix of this site's, which has no \
-                         checkpoint there; rebuild the follower from an empty dataset directory",
-                        hello.checkpoint_seq
-                    )));
-                }
-                Err(e) => return Err(Status::internal(e.to_string())),
-            }
-        }
-        // The proof the follower asks of a transfer: our chain hash at its
-        // head. Without one its copy is never replaced.
-        let prior = if transfer && from > 1 {
-            match ds.chain_hash_at(from - 1) {
-                Ok(Some(h)) => (from - 1, h.to_vec()),
-                Ok(None) => {
-                    tracing::error!(site = %peer.site, dataset = %hello.dataset, seq = from - 1,
-                        "refusing a state transfer: this site has no chain hash at the follower's head to prove continuity");
-                    return Err(Status::failed_precondition(format!(
-                        "cannot show that this site's history continues the follower's at its head (seq {}); \
-                         rebuild the follower with `triad resync`",
-                        from - 1
-                    )));
-                }
-                Err(e) => return Err(Status::internal(e.to_string())),
-            }
-        } else {
-            (0, Vec::new())
-        };
-        let start = if transfer { first_retained } else { from };
-        let ld = log_dir.clone();
-        let mut tail = tokio::task::spawn_blocking(move || Tail::new(&ld, start))
+        let plan = plan_stream(&peer.site, &hello, &ds)?;
+        let start = plan.start();
+        let ld = plan.log_dir.clone();
+        let tail = tokio::task::spawn_blocking(move || Tail::new(&ld, start))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| {
                 Status::failed_precondition(format!("cannot stream from seq {start}: {e}"))
             })?;
-        if transfer {
-            tracing::warn!(site = %peer.site, dataset = %hello.dataset, from_seq = from, first_retained,
-                "follower is behind the retained log: sending a state transfer");
+        if plan.transfer {
+            tracing::warn!(site = %peer.site, dataset = %hello.dataset, from_seq = plan.from,
+                first_retained = plan.first_retained, "follower is behind the retained log: sending a state transfer");
         }
-        let (need_tx, need_rx) = std::sync::mpsc::channel::<pb::NeedChunks>();
-        let key = (hello.dataset.clone(), peer.site.clone());
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        self.update(&key, |l| {
+        let link = LinkHandle {
+            links: self.links.clone(),
+            key: (hello.dataset.clone(), peer.site.clone()),
+            generation: self
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
+        };
+        let from = plan.from;
+        self.update(&link.key, |l| {
             l.connected = true;
-            l.generation = generation;
+            l.generation = link.generation;
             l.address = Some(peer.addr.to_string());
             l.acked = from - 1;
             l.sent = from - 1;
@@ -853,167 +775,373 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         tracing::info!(site = %peer.site, dataset = %hello.dataset, from_seq = from, addr = %peer.addr, "follower connected");
 
         let (tx, rx) = mpsc::channel::<Result<pb::UpstreamMessage, Status>>(4);
-        let rate_of = {
-            let (followers, site) = (self.followers.clone(), peer.site.clone());
-            move || {
-                followers
-                    .read()
-                    .ok()
-                    .and_then(|f| f.get(&site).and_then(|p| p.bandwidth))
-                    .filter(|r| *r > 0)
-            }
+        let (need_tx, need_rx) = std::sync::mpsc::channel::<pb::NeedChunks>();
+        let mut sender = RecordSender {
+            ds,
+            link: link.clone(),
+            followers: self.followers.clone(),
+            tx,
+            batch_bytes: BATCH_BYTES,
         };
-        let rate = rate_of();
         // With a bandwidth limit, batches hold about a quarter second of
-        // traffic, so pacing is smooth rather than bursts of 4 MiB.
-        let batch_bytes = rate
-            .map(|r| ((r / 4) as usize).clamp(16 << 10, BATCH_BYTES))
-            .unwrap_or(BATCH_BYTES);
-        {
-            let (ds, links, key) = (ds.clone(), self.links.clone(), key.clone());
-            tokio::spawn(async move {
-                let mut next = from;
-                let mut next_free = tokio::time::Instant::now();
-                if transfer {
-                    let (d, t) = (ds.clone(), tx.clone());
-                    let (l, k) = (links.clone(), key.clone());
-                    let sent = tokio::task::spawn_blocking(move || {
-                        send_state(&d, &t, &need_rx, prior, |seq| {
-                            mark_sent(&l, &k, generation, seq)
-                        })
-                    })
-                    .await;
-                    match sent {
-                        Ok(Ok(seq)) => {
-                            next = seq + 1;
-                            let ld = log_dir.clone();
-                            match tokio::task::spawn_blocking(move || Tail::new(&ld, seq + 1)).await
-                            {
-                                Ok(Ok(t)) => tail = t,
-                                _ => {
-                                    let _ = tx
-                                        .send(Err(Status::unavailable(
-                                            "the log moved on during the transfer; reconnect",
-                                        )))
-                                        .await;
-                                    return;
-                                }
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "state transfer stopped");
-                            let _ = tx.send(Err(Status::unavailable(e))).await;
-                            return;
-                        }
-                        Err(_) => return,
-                    }
-                }
-                loop {
-                    let head = ds.head_seq();
-                    let acked = links
-                        .lock()
-                        .ok()
-                        .and_then(|l| l.get(&key).map(|l| l.acked))
-                        .unwrap_or(0);
-                    if next <= head {
-                        let res = tokio::task::spawn_blocking(move || {
-                            let r = tail.read(head, batch_bytes);
-                            (tail, r)
-                        })
-                        .await;
-                        let Ok((t, batch)) = res else { break };
-                        tail = t;
-                        let batch = match batch {
-                            Ok(b) if !b.is_empty() => b,
-                            Ok(_) => {
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                                continue;
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "reading the log for a follower failed");
-                                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                                break;
-                            }
-                        };
-                        next += batch.len() as u64;
-                        // Before it leaves, so an honest ack is never capped.
-                        mark_sent(&links, &key, generation, next - 1);
-                        let bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
-                        if let Some(rate) = rate_of() {
-                            // Token pacing: a batch leaves no earlier than the
-                            // link's budget allows.
-                            let now = tokio::time::Instant::now();
-                            next_free = next_free.max(now);
-                            tokio::time::sleep_until(next_free).await;
-                            next_free += Duration::from_secs_f64(bytes as f64 / rate as f64);
-                        }
-                        let msg = pb::UpstreamMessage {
-                            msg: Some(upstream_message::Msg::Records(pb::Records {
-                                payloads: batch.into_iter().map(|r| r.payload).collect(),
-                            })),
-                        };
-                        if tx.send(Ok(msg)).await.is_err()
-                            || tx.send(Ok(heartbeat(&ds, acked))).await.is_err()
-                        {
-                            break;
-                        }
-                    } else {
-                        let d = ds.clone();
-                        let moved = tokio::task::spawn_blocking(move || {
-                            d.wait_head_above(head, Duration::from_secs(1))
-                        })
-                        .await;
-                        let Ok(new_head) = moved else { break };
-                        if new_head <= head && tx.send(Ok(heartbeat(&ds, acked))).await.is_err() {
-                            break;
-                        }
-                    }
-                    if tx.is_closed() {
-                        break;
-                    }
-                }
-            });
+        // traffic, so pacing is smooth rather than bursts of 4 MiB. Sized
+        // once, from the limit in force when the follower connects.
+        if let Some(r) = sender.rate() {
+            sender.batch_bytes = ((r / 4) as usize).clamp(16 << 10, BATCH_BYTES);
         }
-        {
-            let (links, key, site, notify) = (
-                self.links.clone(),
-                key.clone(),
-                peer.site.clone(),
-                self.acked.clone(),
-            );
-            tokio::spawn(async move {
-                loop {
-                    match inbound.message().await {
-                        Ok(Some(pb::FollowerMessage {
-                            msg: Some(follower_message::Msg::Ack(a)),
-                        })) => {
-                            if let Ok(mut l) = links.lock() {
-                                let l = l.entry(key.clone()).or_default();
-                                if l.generation == generation {
-                                    l.acked = l.acked.max(a.durable_seq.min(l.sent));
-                                    l.last_ack_ns = now_ns();
-                                }
-                            }
-                            notify.notify_waiters();
-                        }
-                        Ok(Some(pb::FollowerMessage {
-                            msg: Some(follower_message::Msg::Need(n)),
-                        })) => {
-                            let _ = need_tx.send(n);
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-                if let Ok(mut l) = links.lock() {
-                    let l = l.entry(key.clone()).or_default();
-                    if l.generation == generation {
-                        l.connected = false;
-                    }
-                }
-                tracing::info!(site = %site, dataset = %key.0, "follower disconnected");
-            });
-        }
+        tokio::spawn(sender.run(plan, tail, need_rx));
+        tokio::spawn(read_acks(inbound, link, self.acked.clone(), need_tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Where a follower's stream starts, worked out from its Hello.
+struct StreamPlan {
+    /// The first seq the follower lacks.
+    from: u64,
+    /// Whether it is behind the retained log and gets a state transfer first.
+    transfer: bool,
+    /// The follower's head and this site's chain hash there, which the
+    /// follower checks before a transfer replaces its copy.
+    prior: (u64, Vec<u8>),
+    log_dir: std::path::PathBuf,
+    first_retained: u64,
+}
+
+impl StreamPlan {
+    /// The first seq read from the log.
+    fn start(&self) -> u64 {
+        if self.transfer {
+            self.first_retained
+        } else {
+            self.from
+        }
+    }
+}
+
+/// Checks a follower's Hello against this site's history and plans its
+/// stream: a follower ahead of us or forked from us is refused here, and
+/// a state transfer is only planned when its copy is provably a prefix.
+// tonic's own error type, returned as is by the handler.
+#[allow(clippy::result_large_err)]
+fn plan_stream(site: &str, hello: &pb::Hello, ds: &Dataset) -> Result<StreamPlan, Status> {
+    let head = ds.head_seq();
+    if hello.from_seq > head + 1 {
+        tracing::error!(site = %site, dataset = %hello.dataset, their_head = hello.from_seq - 1, our_head = head,
+            "a follower is ahead of this site: it diverged or follows the wrong upstream");
+        return Err(Status::failed_precondition(format!(
+            "the follower's log reaches seq {} but this site's ends at {head}",
+            hello.from_seq - 1
+        )));
+    }
+    let from = hello.from_seq.max(1);
+    // The follower's history must be ours at its head, where we still
+    // know our hash: a fork is named now, not when we next append.
+    if from > 1 && !hello.head_hash.is_empty() {
+        match ds.chain_hash_at(from - 1) {
+            Ok(Some(ours)) if ours.as_slice() != hello.head_hash.as_slice() => {
+                tracing::error!(site = %site, dataset = %hello.dataset, seq = from - 1,
+                    "refused a follower whose chain hash at its head differs from ours: its copy diverged");
+                return Err(Status::failed_precondition(format!(
+                    "DIVERGED at seq {}: the follower's chain hash there is {} but this site's is {}; \
+                     the follower's copy is kept as it is",
+                    from - 1,
+                    hex::encode(&hello.head_hash),
+                    hex::encode(ours)
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Status::internal(e.to_string())),
+        }
+    }
+    let log_dir = ds.dir().join("log");
+    let first_retained = vault::wal::log_extent(&log_dir)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .1;
+    // Behind the retained log: the follower gets a state transfer, but
+    // only if its history is a prefix of ours (its newest checkpoint
+    // matches ours at the same seq); a diverged copy is never overwritten.
+    let transfer = from < first_retained;
+    if transfer && hello.checkpoint_seq > 0 {
+        check_checkpoint(site, hello, ds)?;
+    }
+    let prior = if transfer && from > 1 {
+        prior_for(site, hello, ds, from)?
+    } else {
+        (0, Vec::new())
+    };
+    Ok(StreamPlan {
+        from,
+        transfer,
+        prior,
+        log_dir,
+        first_retained,
+    })
+}
+
+/// A follower's newest checkpoint must be ours at the same seq before a
+/// state transfer may replace its copy.
+#[allow(clippy::result_large_err)]
+fn check_checkpoint(site: &str, hello: &pb::Hello, ds: &Dataset) -> Result<(), Status> {
+    match ds.checkpoint_at(hello.checkpoint_seq) {
+        Ok(Some(c)) if c.hash.as_slice() != hello.checkpoint_hash.as_slice() => {
+            tracing::error!(site = %site, dataset = %hello.dataset, seq = hello.checkpoint_seq,
+                "refusing a state transfer: the follower's checkpoint differs from ours, its copy diverged");
+            Err(Status::failed_precondition(format!(
+                "DIVERGED at or before seq {}: checkpoint hashes differ; the follower's copy is kept as it is",
+                hello.checkpoint_seq
+            )))
+        }
+        Ok(Some(_)) => Ok(()),
+        // Without our checkpoint at that seq the follower's history
+        // cannot be shown to be ours: refuse rather than overwrite.
+        Ok(None) => {
+            tracing::error!(site = %site, dataset = %hello.dataset, seq = hello.checkpoint_seq,
+                "refusing a state transfer: this site has no checkpoint at the follower's newest one to compare with");
+            Err(Status::failed_precondition(format!(
+                "cannot show the follower's copy (checkpoint at seq {}) is a prefix of this site's, which has no \
+                 checkpoint there; rebuild the follower from an empty dataset directory",
+                hello.checkpoint_seq
+            )))
+        }
+        Err(e) => Err(Status::internal(e.to_string())),
+    }
+}
+
+/// The proof the follower asks of a transfer: our chain hash at its head.
+/// Without one its copy is never replaced.
+#[allow(clippy::result_large_err)]
+fn prior_for(
+    site: &str,
+    hello: &pb::Hello,
+    ds: &Dataset,
+    from: u64,
+) -> Result<(u64, Vec<u8>), Status> {
+    match ds.chain_hash_at(from - 1) {
+        Ok(Some(h)) => Ok((from - 1, h.to_vec())),
+        Ok(None) => {
+            tracing::error!(site = %site, dataset = %hello.dataset, seq = from - 1,
+                "refusing a state transfer: this site has no chain hash at the follower's head to prove continuity");
+            Err(Status::failed_precondition(format!(
+                "cannot show that this site's history continues the follower's at its head (seq {}); \
+                 rebuild the follower with `triad resync`",
+                from - 1
+            )))
+        }
+        Err(e) => Err(Status::internal(e.to_string())),
+    }
+}
+
+type Links = Arc<Mutex<HashMap<(String, String), Link>>>;
+
+/// One follower connection's entry in the link table.
+#[derive(Clone)]
+struct LinkHandle {
+    links: Links,
+    /// (dataset, follower site).
+    key: (String, String),
+    /// Which connection this is, so a stale one never writes over a newer.
+    generation: u64,
+}
+
+impl LinkHandle {
+    fn mark_sent(&self, seq: u64) {
+        mark_sent(&self.links, &self.key, self.generation, seq);
+    }
+
+    fn acked(&self) -> u64 {
+        self.links
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&self.key).map(|l| l.acked))
+            .unwrap_or(0)
+    }
+
+    fn with_own(&self, f: impl FnOnce(&mut Link)) {
+        if let Ok(mut l) = self.links.lock() {
+            let l = l.entry(self.key.clone()).or_default();
+            if l.generation == self.generation {
+                f(l);
+            }
+        }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<pb::UpstreamMessage, Status>>;
+
+/// The task that sends one follower its records: a state transfer first
+/// when planned, then the log as it grows, paced to the link's bandwidth.
+struct RecordSender {
+    ds: Arc<Dataset>,
+    link: LinkHandle,
+    followers: Arc<std::sync::RwLock<HashMap<String, FollowerPolicy>>>,
+    tx: Outbound,
+    /// Most bytes of records read for one message.
+    batch_bytes: usize,
+}
+
+impl RecordSender {
+    /// The follower's bandwidth limit now (it may change on reload).
+    fn rate(&self) -> Option<u64> {
+        self.followers
+            .read()
+            .ok()
+            .and_then(|f| f.get(&self.link.key.1).and_then(|p| p.bandwidth))
+            .filter(|r| *r > 0)
+    }
+
+    async fn run(
+        self,
+        plan: StreamPlan,
+        mut tail: Tail,
+        need_rx: std::sync::mpsc::Receiver<pb::NeedChunks>,
+    ) {
+        let mut next = plan.from;
+        if plan.transfer {
+            match self.transfer(&plan, need_rx).await {
+                Some((seq, t)) => {
+                    next = seq + 1;
+                    tail = t;
+                }
+                None => return,
+            }
+        }
+        self.stream(next, tail).await;
+    }
+
+    /// Sends the state transfer; returns the seq it reached and a tail
+    /// positioned after it, or None when the stream has ended.
+    async fn transfer(
+        &self,
+        plan: &StreamPlan,
+        need_rx: std::sync::mpsc::Receiver<pb::NeedChunks>,
+    ) -> Option<(u64, Tail)> {
+        let (d, t, l) = (self.ds.clone(), self.tx.clone(), self.link.clone());
+        let prior = plan.prior.clone();
+        let sent = tokio::task::spawn_blocking(move || {
+            send_state(&d, &t, &need_rx, prior, |seq| l.mark_sent(seq))
+        })
+        .await;
+        match sent {
+            Ok(Ok(seq)) => {
+                let ld = plan.log_dir.clone();
+                match tokio::task::spawn_blocking(move || Tail::new(&ld, seq + 1)).await {
+                    Ok(Ok(t)) => Some((seq, t)),
+                    _ => {
+                        let _ = self
+                            .tx
+                            .send(Err(Status::unavailable(
+                                "the log moved on during the transfer; reconnect",
+                            )))
+                            .await;
+                        None
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "state transfer stopped");
+                let _ = self.tx.send(Err(Status::unavailable(e))).await;
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Streams the log from `next` until the follower goes away.
+    async fn stream(&self, mut next: u64, mut tail: Tail) {
+        let batch_bytes = self.batch_bytes;
+        let mut next_free = tokio::time::Instant::now();
+        loop {
+            let head = self.ds.head_seq();
+            let acked = self.link.acked();
+            if next <= head {
+                let res = tokio::task::spawn_blocking(move || {
+                    let r = tail.read(head, batch_bytes);
+                    (tail, r)
+                })
+                .await;
+                let Ok((t, batch)) = res else { break };
+                tail = t;
+                let batch = match batch {
+                    Ok(b) if !b.is_empty() => b,
+                    Ok(_) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the log for a follower failed");
+                        let _ = self.tx.send(Err(Status::internal(e.to_string()))).await;
+                        break;
+                    }
+                };
+                next += batch.len() as u64;
+                // Before it leaves, so an honest ack is never capped.
+                self.link.mark_sent(next - 1);
+                let bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
+                if let Some(rate) = self.rate() {
+                    // Token pacing: a batch leaves no earlier than the
+                    // link's budget allows.
+                    let now = tokio::time::Instant::now();
+                    next_free = next_free.max(now);
+                    tokio::time::sleep_until(next_free).await;
+                    next_free += Duration::from_secs_f64(bytes as f64 / rate as f64);
+                }
+                let msg = pb::UpstreamMessage {
+                    msg: Some(upstream_message::Msg::Records(pb::Records {
+                        payloads: batch.into_iter().map(|r| r.payload).collect(),
+                    })),
+                };
+                if self.tx.send(Ok(msg)).await.is_err()
+                    || self.tx.send(Ok(heartbeat(&self.ds, acked))).await.is_err()
+                {
+                    break;
+                }
+            } else {
+                let d = self.ds.clone();
+                let moved = tokio::task::spawn_blocking(move || {
+                    d.wait_head_above(head, Duration::from_secs(1))
+                })
+                .await;
+                let Ok(new_head) = moved else { break };
+                if new_head <= head && self.tx.send(Ok(heartbeat(&self.ds, acked))).await.is_err() {
+                    break;
+                }
+            }
+            if self.tx.is_closed() {
+                break;
+            }
+        }
+    }
+}
+
+/// Reads what a follower sends back: acknowledgements (never beyond what
+/// this connection sent) and requests for chunks during a transfer.
+async fn read_acks(
+    mut inbound: Streaming<pb::FollowerMessage>,
+    link: LinkHandle,
+    notify: Arc<tokio::sync::Notify>,
+    need_tx: std::sync::mpsc::Sender<pb::NeedChunks>,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(pb::FollowerMessage {
+                msg: Some(follower_message::Msg::Ack(a)),
+            })) => {
+                link.with_own(|l| {
+                    l.acked = l.acked.max(a.durable_seq.min(l.sent));
+                    l.last_ack_ns = now_ns();
+                });
+                notify.notify_waiters();
+            }
+            Ok(Some(pb::FollowerMessage {
+                msg: Some(follower_message::Msg::Need(n)),
+            })) => {
+                let _ = need_tx.send(n);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    link.with_own(|l| l.connected = false);
+    tracing::info!(site = %link.key.1, dataset = %link.key.0, "follower disconnected");
 }

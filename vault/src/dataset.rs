@@ -662,6 +662,9 @@ fn replay(state: &State, keys: &Keys, log_dir: &Path, applied: Applied) -> Resul
     Ok(n)
 }
 
+/// The committer thread: takes everything queued, builds each group's
+/// records, writes them under one fsync, applies them to the state as one
+/// batch and only then answers each writer.
 fn commit_loop(
     mut wal: Wal,
     state: Arc<State>,
@@ -684,149 +687,37 @@ fn commit_loop(
             },
         };
         if let Work::Repair { .. } = &first.work {
-            let Submission { work, reply } = first;
-            if let Work::Repair { chunk } = work {
-                let res = state
-                    .repair_chunk(&chunk)
-                    .map(|_| Committed {
-                        seq: applied.seq,
-                        time_ns: applied.time_ns,
-                    })
-                    .map_err(SubmitError::from);
-                let _ = reply.send(res);
-            }
+            run_repair(&state, &applied, first);
             continue;
         }
         if let Work::Install { .. } = &first.work {
-            let Submission { work, reply } = first;
-            if let Work::Install {
-                applied: a,
-                entries,
-                pins,
-            } = work
-            {
-                let res = install(&mut wal, &state, &keys, &shared, a.clone(), &entries, &pins);
-                if res.is_ok() {
-                    applied = a;
-                }
-                let _ = reply.send(res);
-            }
+            run_install(&mut wal, &state, &keys, &shared, &mut applied, first);
             continue;
         }
-        let mut group = vec![first];
-        let mut bytes: usize = group[0].work.bytes();
-        while bytes < GROUP_BYTES {
-            match rx.try_recv() {
-                Ok(s) if matches!(s.work, Work::Install { .. } | Work::Repair { .. }) => {
-                    carried = Some(s);
-                    break;
-                }
-                Ok(s) => {
-                    bytes += s.work.bytes();
-                    group.push(s);
-                }
-                Err(_) => break,
-            }
-        }
+        let (mut group, bytes) = gather_group(first, &rx, &mut carried);
         if let Some(why) = shared.failed.lock().ok().and_then(|f| f.clone()) {
             for s in group {
                 let _ = s.reply.send(Err(VaultError::Closed(why.clone()).into()));
             }
             continue;
         }
-        // Build the group's records over a fresh overlay. A submission that
-        // cannot apply (its own ops free a chunk it then needs) is refused and
-        // the group is rebuilt without it, so one bad call never half-applies.
-        let (ov, frames, accepted, prev, time_ns, times) = loop {
-            let mut ov = Overlay::new(applied.clone());
-            let mut frames = Vec::with_capacity(bytes + group.len() * 256);
-            let mut accepted: Vec<Committed> = Vec::with_capacity(group.len());
-            let mut times: Vec<(u64, i64, u64)> = Vec::with_capacity(group.len());
-            let base_bytes = shared.bytes_total.load(Ordering::Acquire);
-            let mut prev: Hash = wal.last_hash();
-            let mut seq = wal.next_seq();
-            let now = now_ns().max(wal.last_time_ns());
-            let mut time_ns = wal.last_time_ns();
-            let mut refused: Option<(usize, SubmitError)> = None;
-            for (i, s) in group.iter().enumerate() {
-                let res = match &s.work {
-                    Work::Change { ops, attachments } => build_change(
-                        &state,
-                        &keys,
-                        &mut ov,
-                        seq,
-                        epoch,
-                        now,
-                        prev,
-                        ops,
-                        attachments,
-                    )
-                    .map(|(payload, hash)| {
-                        frames.extend_from_slice(&frame(&payload, frames.is_empty()));
-                        times.push((seq, now, base_bytes + frames.len() as u64));
-                        time_ns = now;
-                        prev = hash;
-                        seq += 1;
-                    }),
-                    Work::Install { .. } | Work::Repair { .. } => {
-                        Err(VaultError::Closed("install or repair out of turn".into()).into())
-                    }
-                    Work::Replicated { payloads } => {
-                        let mut r = Ok(());
-                        for p in payloads {
-                            match check_replicated(&state, &keys, &mut ov, seq, prev, p) {
-                                Ok((hash, t)) => {
-                                    frames.extend_from_slice(&frame(p, frames.is_empty()));
-                                    times.push((seq, t, base_bytes + frames.len() as u64));
-                                    time_ns = t;
-                                    prev = hash;
-                                    seq += 1;
-                                }
-                                Err(e) => {
-                                    r = Err(e);
-                                    break;
-                                }
-                            }
-                        }
-                        r
-                    }
-                };
-                match res {
-                    Ok(()) => accepted.push(Committed {
-                        seq: seq - 1,
-                        time_ns,
-                    }),
-                    Err(e) => {
-                        refused = Some((i, e));
-                        break;
-                    }
-                }
-            }
-            match refused {
-                None => break (ov, frames, accepted, prev, time_ns, times),
-                Some((i, err)) => {
-                    let s = group.remove(i);
-                    let _ = s.reply.send(Err(err));
-                }
-            }
-        };
+        let GroupDraft {
+            ov,
+            frames,
+            accepted,
+            prev,
+            time_ns,
+            times,
+            ..
+        } = build_group(
+            &wal, &state, &keys, &shared, &applied, epoch, &mut group, bytes,
+        );
         if accepted.is_empty() {
             continue;
         }
         let last_seq = accepted[accepted.len() - 1].seq;
         if let Err(e) = wal.append_sync(&frames, last_seq, prev, time_ns) {
-            // Nothing of this group is durable and the log was cut back; the
-            // writers get the error and may retry (a full disk being freed).
-            tracing::error!(error = %e, "change log write failed; the changes were not acknowledged");
-            let why = e.to_string();
-            for s in group {
-                let _ = s.reply.send(Err(VaultError::io(
-                    "appending to change log",
-                    wal.dir(),
-                    std::io::Error::other(why.clone()),
-                )
-                .into()));
-            }
+            answer_failed_append(&wal, group, &e);
             continue;
         }
         let result = ov.into_batch(&state).and_then(|(batch, a)| {
@@ -837,30 +728,7 @@ fn commit_loop(
         match result {
             Ok(a) => {
                 applied = a;
-                if let Ok(mut g) = shared.applied.lock() {
-                    *g = applied.clone();
-                }
-                shared.head_seq.store(last_seq, Ordering::Release);
-                shared.last_commit_ns.store(time_ns, Ordering::Release);
-                shared
-                    .records
-                    .fetch_add(times.len() as u64, Ordering::Relaxed);
-                shared.groups.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .bytes
-                    .fetch_add(frames.len() as u64, Ordering::Relaxed);
-                shared
-                    .bytes_total
-                    .fetch_add(frames.len() as u64, Ordering::Release);
-                if let Ok(mut t) = shared.times.lock() {
-                    t.extend(times);
-                    while t.len() > COMMIT_TIMES {
-                        t.pop_front();
-                    }
-                }
-                if let Ok(_g) = shared.head_lock.lock() {
-                    shared.head_moved.notify_all();
-                }
+                publish_commit(&shared, &applied, last_seq, time_ns, times, &frames);
                 for (s, c) in pending {
                     let _ = s.reply.send(Ok(c));
                 }
@@ -876,6 +744,275 @@ fn commit_loop(
                 );
             }
         }
+    }
+}
+
+/// Stores the good bytes of a damaged chunk (a scrub's repair) and answers
+/// the caller with the seq and time the state stands at. Runs on its own,
+/// outside any group, because it writes no record.
+fn run_repair(state: &State, applied: &Applied, first: Submission) {
+    let Submission { work, reply } = first;
+    if let Work::Repair { chunk } = work {
+        let res = state
+            .repair_chunk(&chunk)
+            .map(|_| Committed {
+                seq: applied.seq,
+                time_ns: applied.time_ns,
+            })
+            .map_err(SubmitError::from);
+        let _ = reply.send(res);
+    }
+}
+
+/// Installs a transferred state on its own, outside any group, and answers
+/// the caller. Only when the install succeeded does the committer continue
+/// from the installed `applied`.
+fn run_install(
+    wal: &mut Wal,
+    state: &State,
+    keys: &Keys,
+    shared: &Shared,
+    applied: &mut Applied,
+    first: Submission,
+) {
+    let Submission { work, reply } = first;
+    if let Work::Install {
+        applied: a,
+        entries,
+        pins,
+    } = work
+    {
+        let res = install(wal, state, keys, shared, a.clone(), &entries, &pins);
+        if res.is_ok() {
+            *applied = a;
+        }
+        let _ = reply.send(res);
+    }
+}
+
+/// Gathers a commit group: `first` and whatever else is already queued, up
+/// to [`GROUP_BYTES`]. An install or repair ends the group and is left in
+/// `carried`, to run on its own once this group is done. Returns the group
+/// and its byte count.
+fn gather_group(
+    first: Submission,
+    rx: &Receiver<Submission>,
+    carried: &mut Option<Submission>,
+) -> (Vec<Submission>, usize) {
+    let mut group = vec![first];
+    let mut bytes: usize = group[0].work.bytes();
+    while bytes < GROUP_BYTES {
+        match rx.try_recv() {
+            Ok(s) if matches!(s.work, Work::Install { .. } | Work::Repair { .. }) => {
+                *carried = Some(s);
+                break;
+            }
+            Ok(s) => {
+                bytes += s.work.bytes();
+                group.push(s);
+            }
+            Err(_) => break,
+        }
+    }
+    (group, bytes)
+}
+
+/// The records of one commit group as they are built: the overlay they
+/// apply to, their frames, the writers' answers-to-be, and where the chain,
+/// seq and commit time stand after the last record.
+struct GroupDraft {
+    ov: Overlay,
+    frames: Vec<u8>,
+    accepted: Vec<Committed>,
+    times: Vec<(u64, i64, u64)>,
+    base_bytes: u64,
+    prev: Hash,
+    seq: u64,
+    time_ns: i64,
+}
+
+impl GroupDraft {
+    /// Adds the frame of one record that was checked and applied to the
+    /// overlay, and moves the chain, seq and commit time past it.
+    fn push_frame(&mut self, payload: &[u8], hash: Hash, time_ns: i64) {
+        self.frames
+            .extend_from_slice(&frame(payload, self.frames.is_empty()));
+        self.times.push((
+            self.seq,
+            time_ns,
+            self.base_bytes + self.frames.len() as u64,
+        ));
+        self.time_ns = time_ns;
+        self.prev = hash;
+        self.seq += 1;
+    }
+
+    /// Builds the records of one submission into the draft. On error the
+    /// submission must be refused (the draft may hold part of it).
+    fn add_work(
+        &mut self,
+        state: &State,
+        keys: &Keys,
+        epoch: u64,
+        now: i64,
+        work: &Work,
+    ) -> std::result::Result<(), SubmitError> {
+        match work {
+            Work::Change { ops, attachments } => build_change(
+                state,
+                keys,
+                &mut self.ov,
+                self.seq,
+                epoch,
+                now,
+                self.prev,
+                ops,
+                attachments,
+            )
+            .map(|(payload, hash)| self.push_frame(&payload, hash, now)),
+            Work::Install { .. } | Work::Repair { .. } => {
+                Err(VaultError::Closed("install or repair out of turn".into()).into())
+            }
+            Work::Replicated { payloads } => {
+                let mut r = Ok(());
+                for p in payloads {
+                    match check_replicated(state, keys, &mut self.ov, self.seq, self.prev, p) {
+                        Ok((hash, t)) => self.push_frame(p, hash, t),
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                }
+                r
+            }
+        }
+    }
+}
+
+/// Builds the group's records, refusing (and answering) each submission
+/// that cannot apply until the rest build cleanly. The submissions left in
+/// `group` are the ones the returned draft accepted, in order.
+#[allow(clippy::too_many_arguments)]
+fn build_group(
+    wal: &Wal,
+    state: &State,
+    keys: &Keys,
+    shared: &Shared,
+    applied: &Applied,
+    epoch: u64,
+    group: &mut Vec<Submission>,
+    bytes: usize,
+) -> GroupDraft {
+    // Build the group's records over a fresh overlay. A submission that
+    // cannot apply (its own ops free a chunk it then needs) is refused and
+    // the group is rebuilt without it, so one bad call never half-applies.
+    loop {
+        match draft_group(wal, state, keys, shared, applied, epoch, group, bytes) {
+            Ok(draft) => break draft,
+            Err((i, err)) => {
+                let s = group.remove(i);
+                let _ = s.reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// One attempt at building the group's records over a fresh overlay from
+/// `applied`, continuing the log where it stands. Returns the index of the
+/// first submission that cannot apply, with why, so it can be refused.
+#[allow(clippy::too_many_arguments)]
+fn draft_group(
+    wal: &Wal,
+    state: &State,
+    keys: &Keys,
+    shared: &Shared,
+    applied: &Applied,
+    epoch: u64,
+    group: &[Submission],
+    bytes: usize,
+) -> std::result::Result<GroupDraft, (usize, SubmitError)> {
+    let ov = Overlay::new(applied.clone());
+    let frames = Vec::with_capacity(bytes + group.len() * 256);
+    let accepted: Vec<Committed> = Vec::with_capacity(group.len());
+    let times: Vec<(u64, i64, u64)> = Vec::with_capacity(group.len());
+    let base_bytes = shared.bytes_total.load(Ordering::Acquire);
+    let prev: Hash = wal.last_hash();
+    let seq = wal.next_seq();
+    let now = now_ns().max(wal.last_time_ns());
+    let time_ns = wal.last_time_ns();
+    let mut draft = GroupDraft {
+        ov,
+        frames,
+        accepted,
+        times,
+        base_bytes,
+        prev,
+        seq,
+        time_ns,
+    };
+    for (i, s) in group.iter().enumerate() {
+        match draft.add_work(state, keys, epoch, now, &s.work) {
+            Ok(()) => draft.accepted.push(Committed {
+                seq: draft.seq - 1,
+                time_ns: draft.time_ns,
+            }),
+            Err(e) => return Err((i, e)),
+        }
+    }
+    Ok(draft)
+}
+
+/// Answers every writer of a group whose log write failed.
+fn answer_failed_append(wal: &Wal, group: Vec<Submission>, e: &VaultError) {
+    // Nothing of this group is durable and the log was cut back; the
+    // writers get the error and may retry (a full disk being freed).
+    tracing::error!(error = %e, "change log write failed; the changes were not acknowledged");
+    let why = e.to_string();
+    for s in group {
+        let _ = s.reply.send(Err(VaultError::io(
+            "appending to change log",
+            wal.dir(),
+            std::io::Error::other(why.clone()),
+        )
+        .into()));
+    }
+}
+
+/// Publishes a group that is durable in the log and applied to the state:
+/// the applied position, head, counters and commit times, then wakes those
+/// waiting for the head to move. The writers are answered after this.
+fn publish_commit(
+    shared: &Shared,
+    applied: &Applied,
+    last_seq: u64,
+    time_ns: i64,
+    times: Vec<(u64, i64, u64)>,
+    frames: &[u8],
+) {
+    if let Ok(mut g) = shared.applied.lock() {
+        *g = applied.clone();
+    }
+    shared.head_seq.store(last_seq, Ordering::Release);
+    shared.last_commit_ns.store(time_ns, Ordering::Release);
+    shared
+        .records
+        .fetch_add(times.len() as u64, Ordering::Relaxed);
+    shared.groups.fetch_add(1, Ordering::Relaxed);
+    shared
+        .bytes
+        .fetch_add(frames.len() as u64, Ordering::Relaxed);
+    shared
+        .bytes_total
+        .fetch_add(frames.len() as u64, Ordering::Release);
+    if let Ok(mut t) = shared.times.lock() {
+        t.extend(times);
+        while t.len() > COMMIT_TIMES {
+            t.pop_front();
+        }
+    }
+    if let Ok(_g) = shared.head_lock.lock() {
+        shared.head_moved.notify_all();
     }
 }
 

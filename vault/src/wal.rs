@@ -187,6 +187,203 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| VaultError::io("syncing log directory", dir, e))
 }
 
+impl Segment {
+    /// The error for damage at `offset` of this segment.
+    fn corrupt(&self, offset: usize, reason: String) -> VaultError {
+        VaultError::CorruptSegment {
+            segment: self.path.clone(),
+            offset: offset as u64,
+            reason,
+        }
+    }
+}
+
+/// Where the log's chain stands while its segments are read on open: the
+/// seq the next record must carry, the chain hash it must continue (None
+/// until known) and the commit time of the last record read.
+struct ChainPos {
+    next_seq: u64,
+    last_hash: Option<Hash>,
+    last_time_ns: i64,
+}
+
+/// Reads and checks one segment on open, advancing `pos` past its records
+/// and cutting a torn tail off the newest segment. Returns false when `seg`
+/// is the newest segment and a crash tore its header: it holds nothing and
+/// must be removed.
+fn recover_segment(
+    dir: &Path,
+    seg: &Segment,
+    is_last: bool,
+    applied_seq: u64,
+    pos: &mut ChainPos,
+    rec: &mut Recovery,
+) -> Result<bool> {
+    let buf = std::fs::read(&seg.path)
+        .map_err(|e| VaultError::io("reading log segment", &seg.path, e))?;
+    match parse_header(&buf) {
+        Ok(first) if first == seg.first_seq => {}
+        Ok(first) => {
+            return Err(seg.corrupt(
+                0,
+                format!(
+                    "header says first seq {first}, file name says {}",
+                    seg.first_seq
+                ),
+            ))
+        }
+        // A crash while a new segment's header was being written leaves
+        // a short or partial header in the newest segment and nothing after.
+        Err(_) if is_last && buf.len() <= HEADER_LEN => {
+            tracing::warn!(segment = %seg.path.display(), "removing a segment whose header was torn by a crash");
+            return Ok(false);
+        }
+        Err(reason) => return Err(seg.corrupt(0, reason)),
+    }
+    if seg.first_seq != pos.next_seq {
+        return Err(VaultError::LogGap {
+            dir: dir.to_path_buf(),
+            reason: format!(
+                "segment {} starts at seq {} but seq {} was expected",
+                seg.path.display(),
+                seg.first_seq,
+                pos.next_seq
+            ),
+        });
+    }
+    scan_records(dir, seg, &buf, is_last, applied_seq, pos, rec)?;
+    Ok(true)
+}
+
+/// Reads the records of a segment whose header checked out, checking frame
+/// checksums, seq continuity and the hash chain. The first damage found is
+/// cut off as a torn tail when it is at the end of the newest segment, not
+/// followed by a later group and above `applied_seq`; anywhere else it stops
+/// the open with an error naming the segment and offset.
+fn scan_records(
+    dir: &Path,
+    seg: &Segment,
+    buf: &[u8],
+    is_last: bool,
+    applied_seq: u64,
+    pos: &mut ChainPos,
+    rec: &mut Recovery,
+) -> Result<()> {
+    let mut off = HEADER_LEN;
+    while off < buf.len() {
+        let failure = match parse_frame(buf, off) {
+            Ok(p) if p.record.seq != pos.next_seq => Some(format!(
+                "record has seq {}, expected {}",
+                p.record.seq, pos.next_seq
+            )),
+            Ok(p) if pos.last_hash.is_some_and(|h| h != p.record.prev_hash) => {
+                Some(format!("hash chain broken at seq {}", p.record.seq))
+            }
+            Ok(p) => {
+                let prev = pos.last_hash.unwrap_or(p.record.prev_hash);
+                pos.last_hash = Some(chain(&prev, &buf[p.payload_range.clone()]));
+                pos.last_time_ns = p.record.time_ns;
+                pos.next_seq += 1;
+                rec.records += 1;
+                off = p.end;
+                None
+            }
+            Err(reason) => Some(reason),
+        };
+        let Some(reason) = failure else { continue };
+        if !is_last || later_group_after(buf, off, pos.next_seq) {
+            return Err(seg.corrupt(off, reason));
+        }
+        if pos.next_seq <= applied_seq {
+            return Err(seg.corrupt(
+                off,
+                format!(
+                    "{reason}; seq {} was already applied to the state, so it was acknowledged",
+                    pos.next_seq
+                ),
+            ));
+        }
+        cut_torn_tail(dir, seg, buf, off, reason, rec)?;
+        break;
+    }
+    Ok(())
+}
+
+/// Cuts the torn tail that starts at `off` off the newest segment: keeps the
+/// cut bytes aside as evidence (best effort), logs the cut, truncates and
+/// fsyncs the segment, and records the cut in `rec`.
+fn cut_torn_tail(
+    dir: &Path,
+    seg: &Segment,
+    buf: &[u8],
+    off: usize,
+    reason: String,
+    rec: &mut Recovery,
+) -> Result<()> {
+    let dropped = (buf.len() - off) as u64;
+    // Keep the cut bytes: they are evidence, and cost little.
+    let evidence = dir.join(format!(
+        "{}.torn-at-{off}",
+        seg.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    // Best effort: failing to keep evidence (a full disk) must not
+    // stop the site from starting.
+    if let Err(e) = save_evidence(&evidence, &buf[off..]) {
+        tracing::warn!(path = %evidence.display(), error = %e, "could not keep the torn tail as evidence");
+    }
+    tracing::warn!(
+        segment = %seg.path.display(),
+        offset = off,
+        bytes = dropped,
+        %reason,
+        evidence = %evidence.display(),
+        "cutting a torn tail off the change log (a write the crash interrupted; it was never acknowledged)"
+    );
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&seg.path)
+        .map_err(|e| VaultError::io("truncating torn log tail", &seg.path, e))?;
+    f.set_len(off as u64)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| VaultError::io("truncating torn log tail", &seg.path, e))?;
+    rec.truncated = Some((seg.path.clone(), off as u64, dropped));
+    Ok(())
+}
+
+/// Opens the newest segment for appending, or creates the first one (at
+/// `next_seq`) when the log has none. Returns the file and the active
+/// segment's length.
+fn open_active_segment(
+    dir: &Path,
+    segments: &mut Vec<Segment>,
+    next_seq: u64,
+) -> Result<(File, u64)> {
+    match segments.last() {
+        Some(seg) => {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(&seg.path)
+                .map_err(|e| VaultError::io("opening log segment", &seg.path, e))?;
+            let len = f
+                .seek(SeekFrom::End(0))
+                .map_err(|e| VaultError::io("opening log segment", &seg.path, e))?;
+            Ok((f, len))
+        }
+        None => {
+            let seg = Segment {
+                first_seq: next_seq,
+                path: dir.join(segment_name(next_seq)),
+            };
+            let f = create_segment(dir, &seg)?;
+            segments.push(seg);
+            Ok((f, HEADER_LEN as u64))
+        }
+    }
+}
+
 impl Wal {
     /// Opens (creating if needed) the log in `dir`, recovering from a crash.
     /// Records up to `applied_seq` are known to have been acknowledged (the
@@ -202,117 +399,24 @@ impl Wal {
         // After a state transfer the log starts past seq 1; BASE says where
         // and with which chain hash.
         let base = read_base(dir)?;
-        let mut next_seq = segments
+        let next_seq = segments
             .first()
             .map(|s| s.first_seq)
             .or(base.map(|b| b.seq + 1))
             .unwrap_or(1);
-        let mut last_hash: Option<Hash> = base.filter(|b| b.seq + 1 == next_seq).map(|b| b.hash);
-        let mut last_time_ns = base.map(|b| b.time_ns).unwrap_or(0);
+        let last_hash: Option<Hash> = base.filter(|b| b.seq + 1 == next_seq).map(|b| b.hash);
+        let last_time_ns = base.map(|b| b.time_ns).unwrap_or(0);
+        let mut pos = ChainPos {
+            next_seq,
+            last_hash,
+            last_time_ns,
+        };
         let n = segments.len();
         let mut drop_last_segment = false;
         for (i, seg) in segments.iter().enumerate() {
             let is_last = i + 1 == n;
-            let buf = std::fs::read(&seg.path)
-                .map_err(|e| VaultError::io("reading log segment", &seg.path, e))?;
-            let corrupt = |offset: usize, reason: String| VaultError::CorruptSegment {
-                segment: seg.path.clone(),
-                offset: offset as u64,
-                reason,
-            };
-            match parse_header(&buf) {
-                Ok(first) if first == seg.first_seq => {}
-                Ok(first) => {
-                    return Err(corrupt(
-                        0,
-                        format!(
-                            "header says first seq {first}, file name says {}",
-                            seg.first_seq
-                        ),
-                    ))
-                }
-                // A crash while a new segment's header was being written leaves
-                // a short or partial header in the newest segment and nothing after.
-                Err(_) if is_last && buf.len() <= HEADER_LEN => {
-                    tracing::warn!(segment = %seg.path.display(), "removing a segment whose header was torn by a crash");
-                    drop_last_segment = true;
-                    continue;
-                }
-                Err(reason) => return Err(corrupt(0, reason)),
-            }
-            if seg.first_seq != next_seq {
-                return Err(VaultError::LogGap {
-                    dir: dir.to_path_buf(),
-                    reason: format!(
-                        "segment {} starts at seq {} but seq {} was expected",
-                        seg.path.display(),
-                        seg.first_seq,
-                        next_seq
-                    ),
-                });
-            }
-            let mut off = HEADER_LEN;
-            while off < buf.len() {
-                let failure = match parse_frame(&buf, off) {
-                    Ok(p) if p.record.seq != next_seq => Some(format!(
-                        "record has seq {}, expected {}",
-                        p.record.seq, next_seq
-                    )),
-                    Ok(p) if last_hash.is_some_and(|h| h != p.record.prev_hash) => {
-                        Some(format!("hash chain broken at seq {}", p.record.seq))
-                    }
-                    Ok(p) => {
-                        let prev = last_hash.unwrap_or(p.record.prev_hash);
-                        last_hash = Some(chain(&prev, &buf[p.payload_range.clone()]));
-                        last_time_ns = p.record.time_ns;
-                        next_seq += 1;
-                        rec.records += 1;
-                        off = p.end;
-                        None
-                    }
-                    Err(reason) => Some(reason),
-                };
-                let Some(reason) = failure else { continue };
-                if !is_last || later_group_after(&buf, off, next_seq) {
-                    return Err(corrupt(off, reason));
-                }
-                if next_seq <= applied_seq {
-                    return Err(corrupt(
-                        off,
-                        format!("{reason}; seq {next_seq} was already applied to the state, so it was acknowledged"),
-                    ));
-                }
-                let dropped = (buf.len() - off) as u64;
-                // Keep the cut bytes: they are evidence, and cost little.
-                let evidence = dir.join(format!(
-                    "{}.torn-at-{off}",
-                    seg.path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                ));
-                // Best effort: failing to keep evidence (a full disk) must not
-                // stop the site from starting.
-                if let Err(e) = save_evidence(&evidence, &buf[off..]) {
-                    tracing::warn!(path = %evidence.display(), error = %e, "could not keep the torn tail as evidence");
-                }
-                tracing::warn!(
-                    segment = %seg.path.display(),
-                    offset = off,
-                    bytes = dropped,
-                    %reason,
-                    evidence = %evidence.display(),
-                    "cutting a torn tail off the change log (a write the crash interrupted; it was never acknowledged)"
-                );
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&seg.path)
-                    .map_err(|e| VaultError::io("truncating torn log tail", &seg.path, e))?;
-                f.set_len(off as u64)
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| VaultError::io("truncating torn log tail", &seg.path, e))?;
-                rec.truncated = Some((seg.path.clone(), off as u64, dropped));
-                break;
+            if !recover_segment(dir, seg, is_last, applied_seq, &mut pos, &mut rec)? {
+                drop_last_segment = true;
             }
         }
         if drop_last_segment {
@@ -322,36 +426,16 @@ impl Wal {
                 sync_dir(dir)?;
             }
         }
-        let (file, active_len) = match segments.last() {
-            Some(seg) => {
-                let mut f = OpenOptions::new()
-                    .append(true)
-                    .open(&seg.path)
-                    .map_err(|e| VaultError::io("opening log segment", &seg.path, e))?;
-                let len = f
-                    .seek(SeekFrom::End(0))
-                    .map_err(|e| VaultError::io("opening log segment", &seg.path, e))?;
-                (f, len)
-            }
-            None => {
-                let seg = Segment {
-                    first_seq: next_seq,
-                    path: dir.join(segment_name(next_seq)),
-                };
-                let f = create_segment(dir, &seg)?;
-                segments.push(seg);
-                (f, HEADER_LEN as u64)
-            }
-        };
+        let (file, active_len) = open_active_segment(dir, &mut segments, pos.next_seq)?;
         Ok((
             Wal {
                 dir: dir.to_path_buf(),
                 segments,
                 file,
                 active_len,
-                next_seq,
-                last_hash: last_hash.unwrap_or([0; 32]),
-                last_time_ns,
+                next_seq: pos.next_seq,
+                last_hash: pos.last_hash.unwrap_or([0; 32]),
+                last_time_ns: pos.last_time_ns,
                 segment_bytes,
                 poisoned: None,
             },

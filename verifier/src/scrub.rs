@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use archive::objects::{self, PieceRef};
+use archive::objects::{self, PieceRef, SnapshotRef};
 use archive::Store;
 use futures::stream::{self, StreamExt};
 use rayon::prelude::*;
@@ -217,34 +217,46 @@ struct Expect {
     referenced_by: Vec<String>,
 }
 
-/// Scrubs a dataset's archive: manifests, pages and pieces are read and
-/// checked; every chunk they reference must be listed; with `read`, chunk
-/// bytes are fetched and checked against the recorded hash and their id.
-pub fn archive(
+/// Records that `by` references chunk `id`, and what the archive says it must
+/// be. The first reference fixes the plaintext length and sealed hash; a
+/// later one that knows the sealed length (a log piece's attachment) fills
+/// it in if no earlier one did. Only the first three referrers are kept, to
+/// name in a finding.
+fn note_reference(
+    expect: &mut HashMap<ChunkId, Expect>,
+    id: ChunkId,
+    plain_len: u32,
+    hash: [u8; 32],
+    len: Option<u32>,
+    by: String,
+) {
+    let e = expect.entry(id).or_insert_with(|| Expect {
+        plain_len,
+        sealed_hash: hash,
+        sealed_len: len,
+        referenced_by: Vec::new(),
+    });
+    if e.sealed_len.is_none() {
+        e.sealed_len = len;
+    }
+    if e.referenced_by.len() < 3 {
+        e.referenced_by.push(by);
+    }
+}
+
+/// Lists the dataset's kept snapshots and reads each one (manifest and
+/// pages), noting every chunk its entries and pins reference. A snapshot
+/// that cannot be read is a finding, not the end of the scrub; only a
+/// failure to list them is an error. Returns the snapshots listed.
+fn expect_from_snapshots(
     rt: &tokio::runtime::Handle,
     store: &Store,
     keys: &Keys,
     dataset: &str,
-    read: ReadData,
     concurrency: usize,
-) -> archive::Result<ArchiveScrub> {
-    let started = Instant::now();
-    let mut bad = Vec::new();
-    let mut expect: HashMap<ChunkId, Expect> = HashMap::new();
-    let mut note = |id: ChunkId, plain_len: u32, hash: [u8; 32], len: Option<u32>, by: String| {
-        let e = expect.entry(id).or_insert_with(|| Expect {
-            plain_len,
-            sealed_hash: hash,
-            sealed_len: len,
-            referenced_by: Vec::new(),
-        });
-        if e.sealed_len.is_none() {
-            e.sealed_len = len;
-        }
-        if e.referenced_by.len() < 3 {
-            e.referenced_by.push(by);
-        }
-    };
+    expect: &mut HashMap<ChunkId, Expect>,
+    bad: &mut Vec<BadChunk>,
+) -> archive::Result<Vec<SnapshotRef>> {
     let snaps = archive::archiver::list_snapshots(rt, store, dataset)?;
     for s in &snaps {
         match archive::archiver::read_snapshot(rt, store, keys, dataset, s, concurrency) {
@@ -253,12 +265,12 @@ pub fn archive(
                 for (_, e) in &c.entries {
                     for r in e.chunks() {
                         if let Some(h) = c.sealed_hashes.get(&r.id) {
-                            note(r.id, r.len, *h, None, by.clone());
+                            note_reference(expect, r.id, r.len, *h, None, by.clone());
                         }
                     }
                 }
                 for (id, _, len, h) in &c.manifest.pins {
-                    note(*id, *len, *h, None, by.clone());
+                    note_reference(expect, *id, *len, *h, None, by.clone());
                 }
             }
             Err(e) => bad.push(BadChunk {
@@ -268,6 +280,20 @@ pub fn archive(
             }),
         }
     }
+    Ok(snaps)
+}
+
+/// Lists the dataset's log pieces and reads each one, noting every chunk
+/// its records attach (with the sealed length the piece records). A piece
+/// that cannot be read is a finding; only a failure to list them is an
+/// error. Returns the pieces listed.
+fn expect_from_log_pieces(
+    rt: &tokio::runtime::Handle,
+    store: &Store,
+    dataset: &str,
+    expect: &mut HashMap<ChunkId, Expect>,
+    bad: &mut Vec<BadChunk>,
+) -> archive::Result<Vec<PieceRef>> {
     let pieces: Vec<PieceRef> = rt
         .block_on(store.list(&objects::log_prefix(dataset)))?
         .iter()
@@ -279,7 +305,14 @@ pub fn archive(
             Ok(piece) => {
                 for r in &piece.records {
                     for (id, plain, sealed, h) in &r.attachments {
-                        note(*id, *plain, *h, Some(*sealed), store.locate(&p.key));
+                        note_reference(
+                            expect,
+                            *id,
+                            *plain,
+                            *h,
+                            Some(*sealed),
+                            store.locate(&p.key),
+                        );
                     }
                 }
             }
@@ -290,12 +323,34 @@ pub fn archive(
             }),
         }
     }
-    let listed: HashMap<ChunkId, u64> = rt
+    Ok(pieces)
+}
+
+/// Lists the chunk objects the archive holds for the dataset, with their
+/// sizes; keys that do not parse as chunk keys are ignored.
+fn list_chunks(
+    rt: &tokio::runtime::Handle,
+    store: &Store,
+    dataset: &str,
+) -> archive::Result<HashMap<ChunkId, u64>> {
+    Ok(rt
         .block_on(store.list(&objects::chunks_prefix(dataset)))?
         .iter()
         .filter_map(|l| Some((objects::parse_chunk_key(&l.key)?, l.size)))
-        .collect();
-    for (id, e) in &expect {
+        .collect())
+}
+
+/// Checks every referenced chunk against the listing: a chunk that is not
+/// listed, or is listed with a size other than the recorded sealed length,
+/// is a finding. Needs no reads, so it runs whatever `read` says.
+fn check_listed(
+    store: &Store,
+    dataset: &str,
+    expect: &HashMap<ChunkId, Expect>,
+    listed: &HashMap<ChunkId, u64>,
+    bad: &mut Vec<BadChunk>,
+) {
+    for (id, e) in expect {
         match listed.get(id) {
             None => bad.push(BadChunk {
                 id: id.to_string(),
@@ -319,8 +374,19 @@ pub fn archive(
             Some(_) => {}
         }
     }
+}
+
+/// Picks the referenced chunks whose bytes are to be read: only listed ones
+/// not already found bad (reading them would only repeat the finding), and
+/// of those all, none or a sample as `read` says.
+fn choose_for_reading<'a>(
+    expect: &'a HashMap<ChunkId, Expect>,
+    listed: &HashMap<ChunkId, u64>,
+    bad: &[BadChunk],
+    read: ReadData,
+) -> Vec<(&'a ChunkId, &'a Expect)> {
     let missing: HashSet<String> = bad.iter().map(|b| b.id.clone()).collect();
-    let chosen: Vec<(&ChunkId, &Expect)> = expect
+    expect
         .iter()
         .filter(|(id, _)| listed.contains_key(id) && !missing.contains(&id.to_string()))
         .filter(|(id, _)| match read {
@@ -331,9 +397,44 @@ pub fn archive(
                 (u16::from_le_bytes([id.0[0], id.0[1]]) as f64) < p / 100.0 * 65536.0
             }
         })
-        .collect();
-    let (mut chunks_read, mut bytes_read) = (0u64, 0u64);
-    let results: Vec<(ChunkId, Result<u64, String>)> = rt.block_on(
+        .collect()
+}
+
+/// Checks a chunk's fetched sealed bytes: their BLAKE3 must be the recorded
+/// one (else they were truncated or altered), and they must open under the
+/// dataset's keys to plaintext with the chunk's id. Returns the number of
+/// bytes checked. CPU-bound, so it runs on a blocking thread.
+fn check_sealed_chunk(
+    keys: &Keys,
+    id: &ChunkId,
+    plain_len: u32,
+    hash: [u8; 32],
+    b: &[u8],
+) -> Result<u64, String> {
+    if *blake3::hash(b).as_bytes() != hash {
+        Err(format!(
+            "its {} bytes do not hash as recorded: truncated or altered",
+            b.len()
+        ))
+    } else {
+        vault::chunk::open(keys, id, plain_len, b)
+            .map(|_| b.len() as u64)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Fetches the chosen chunks, `concurrency` at a time, and checks each one's
+/// bytes off the runtime's threads. Returns, per chunk, the bytes read or
+/// why it failed (a fetch error, a bad hash, or a failure to open).
+fn read_chunks(
+    rt: &tokio::runtime::Handle,
+    store: &Store,
+    keys: &Keys,
+    dataset: &str,
+    chosen: &[(&ChunkId, &Expect)],
+    concurrency: usize,
+) -> Vec<(ChunkId, Result<u64, String>)> {
+    rt.block_on(
         stream::iter(chosen.iter().map(|(id, e)| {
             let key = objects::chunk_key(dataset, id);
             let (id, plain_len, hash) = (**id, e.plain_len, e.sealed_hash);
@@ -343,16 +444,7 @@ pub fn archive(
                 let r = match store.get_required(&key, "a referenced chunk", max).await {
                     Err(e) => Err(e.to_string()),
                     Ok(b) => tokio::task::spawn_blocking(move || {
-                        if *blake3::hash(&b).as_bytes() != hash {
-                            Err(format!(
-                                "its {} bytes do not hash as recorded: truncated or altered",
-                                b.len()
-                            ))
-                        } else {
-                            vault::chunk::open(&keys, &id, plain_len, &b)
-                                .map(|_| b.len() as u64)
-                                .map_err(|e| e.to_string())
-                        }
+                        check_sealed_chunk(&keys, &id, plain_len, hash, &b)
                     })
                     .await
                     .unwrap_or_else(|e| Err(e.to_string())),
@@ -362,7 +454,20 @@ pub fn archive(
         }))
         .buffer_unordered(concurrency.max(1))
         .collect(),
-    );
+    )
+}
+
+/// Counts the chunks and bytes that read back good, and turns each failed
+/// read into a finding naming the object and who references it. Returns
+/// `(chunks_read, bytes_read)`.
+fn tally_reads(
+    store: &Store,
+    dataset: &str,
+    expect: &HashMap<ChunkId, Expect>,
+    results: Vec<(ChunkId, Result<u64, String>)>,
+    bad: &mut Vec<BadChunk>,
+) -> (u64, u64) {
+    let (mut chunks_read, mut bytes_read) = (0u64, 0u64);
     for (id, r) in results {
         match r {
             Ok(n) => {
@@ -382,6 +487,31 @@ pub fn archive(
             }),
         }
     }
+    (chunks_read, bytes_read)
+}
+
+/// Scrubs a dataset's archive: manifests, pages and pieces are read and
+/// checked; every chunk they reference must be listed; with `read`, chunk
+/// bytes are fetched and checked against the recorded hash and their id.
+pub fn archive(
+    rt: &tokio::runtime::Handle,
+    store: &Store,
+    keys: &Keys,
+    dataset: &str,
+    read: ReadData,
+    concurrency: usize,
+) -> archive::Result<ArchiveScrub> {
+    let started = Instant::now();
+    let mut bad = Vec::new();
+    let mut expect: HashMap<ChunkId, Expect> = HashMap::new();
+    let snaps =
+        expect_from_snapshots(rt, store, keys, dataset, concurrency, &mut expect, &mut bad)?;
+    let pieces = expect_from_log_pieces(rt, store, dataset, &mut expect, &mut bad)?;
+    let listed = list_chunks(rt, store, dataset)?;
+    check_listed(store, dataset, &expect, &listed, &mut bad);
+    let chosen = choose_for_reading(&expect, &listed, &bad, read);
+    let results = read_chunks(rt, store, keys, dataset, &chosen, concurrency);
+    let (chunks_read, bytes_read) = tally_reads(store, dataset, &expect, results, &mut bad);
     let seconds = started.elapsed().as_secs_f64();
     Ok(ArchiveScrub {
         dataset: dataset.to_string(),
