@@ -14,7 +14,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("operations", &["ops"]),
     (
         "daemon",
-        &["runtime", "checks", "archiving", "http", "metrics"],
+        &[
+            "runtime",
+            "checks",
+            "archiving",
+            "standby",
+            "http",
+            "metrics",
+        ],
     ),
     ("commands", &["cmd"]),
     ("entry", &["main", "layers"]),

@@ -17,6 +17,7 @@ mod pushed;
 mod runtime;
 mod service;
 mod source;
+mod standby;
 mod status;
 
 use std::path::PathBuf;

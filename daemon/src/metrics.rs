@@ -69,6 +69,7 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
     log(&m, &datasets)?;
     replication(&m, &datasets)?;
     intake(&m, &datasets)?;
+    standby(&m, &datasets)?;
     archive(&m, &datasets)?;
     verify_and_scrub(&m, &datasets)?;
     drills(&m, &datasets)?;
@@ -318,6 +319,46 @@ fn intake(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
             src_bytes.with_label_values(&[ds]).inc_by(s.bytes_read);
             pending.with_label_values(&[ds]).set(s.pending_paths as f64);
         }
+    }
+    Ok(())
+}
+
+/// A follower's hot standby trees: lag behind the dataset, readiness,
+/// paths it could not make equal.
+fn standby(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
+    let lag_s = m.gauge(
+        "triad_standby_lag_seconds",
+        "Age of the oldest change applied to the dataset but not yet in its standby tree (0 when current).",
+        &["dataset"],
+    )?;
+    let lag_r = m.gauge(
+        "triad_standby_lag_records",
+        "Records applied to the dataset but not yet to its standby tree.",
+        &["dataset"],
+    )?;
+    let ready = m.gauge(
+        "triad_standby_ready",
+        "1 once the standby tree has been reconciled with the dataset since start.",
+        &["dataset"],
+    )?;
+    let problems = m.gauge(
+        "triad_standby_problem_paths",
+        "Paths the standby tree's last pass could not make equal to the dataset.",
+        &["dataset"],
+    )?;
+    let reconciles = m.counter(
+        "triad_standby_reconciles_total",
+        "Whole-tree reconciles of the standby tree (one at start, more after failed passes).",
+        &["dataset"],
+    )?;
+    for d in datasets {
+        let Some(s) = &d.standby else { continue };
+        let l = [d.dataset.as_str()];
+        lag_s.with_label_values(&l).set(s.lag_seconds);
+        lag_r.with_label_values(&l).set(s.lag_records as f64);
+        ready.with_label_values(&l).set(flag(s.ready));
+        problems.with_label_values(&l).set(s.problems as f64);
+        reconciles.with_label_values(&l).inc_by(s.reconciles);
     }
     Ok(())
 }
@@ -620,6 +661,7 @@ mod tests {
             log: vault::Status::default(),
             source: Some(crate::status::StatsView::default()),
             puts: Some(crate::status::PutStatsView::default()),
+            standby: Some(crate::status::StandbyStatus::default()),
             replication: ReplicationStatus {
                 followers: vec![link],
                 upstream: Some(replicator::follower::FollowStatus::default()),

@@ -194,6 +194,22 @@ impl Drop for Slot {
     }
 }
 
+/// Blocks until `listener` has a client waiting, or `timeout` passes.
+fn wait_readable(listener: &UnixListener, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fds = [libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for a descriptor `listener` keeps open for
+    // the duration of the call. An error (EINTR) only ends the wait early.
+    unsafe {
+        libc::poll(fds.as_mut_ptr(), 1, ms);
+    }
+}
+
 /// Serves the socket until `stop`; one thread per connection, at most
 /// [`MAX_CLIENTS`] at once.
 pub fn serve(
@@ -234,7 +250,11 @@ pub fn serve(
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(50));
+                        // Wait for the next client without spinning and
+                        // without a fixed sleep that every get would pay
+                        // (a restore_command runs one per WAL segment);
+                        // the timeout only bounds how late a stop is seen.
+                        wait_readable(&listener, Duration::from_millis(200));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accepting on the put/get socket");

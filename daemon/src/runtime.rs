@@ -30,6 +30,7 @@ struct Running {
     archive: Option<Arc<crate::archiving::Shared>>,
     checks: Option<crate::checks::Shared>,
     puts: Option<Arc<crate::pushed::PutStats>>,
+    standby: Option<Arc<crate::standby::StandbyStats>>,
 }
 
 /// Removes log segments no longer needed: every record in them is durable in
@@ -47,11 +48,19 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
         .as_ref()
         .map(|a| a.shipped.load(Ordering::Acquire).saturating_add(1))
         .unwrap_or(u64::MAX);
+    // And from the standby tree's saved cursor on: a restart rechecks what
+    // those records put.
+    let standby = r
+        .standby
+        .as_ref()
+        .map(|s| s.keep_from.load(Ordering::Acquire))
+        .filter(|k| *k > 0)
+        .unwrap_or(u64::MAX);
     // Acks are capped at what was sent, but the arithmetic stays checked.
     let keep_from = links
         .iter()
         .map(|l| l.acked_seq.saturating_add(1))
-        .fold((durable + 1).min(shipped), u64::min);
+        .fold((durable + 1).min(shipped).min(standby), u64::min);
     vault::wal::remove_segments_before(&log_dir, keep_from, None)?;
     let (bytes, mut first) = vault::wal::log_extent(&log_dir)?;
     let mut forced = 0;
@@ -121,6 +130,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             archive: None,
             checks: None,
             puts: None,
+            standby: None,
         });
     }
 
@@ -148,6 +158,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     }
 
     let push_thread = serve_socket(&cfg, &rt, &mut running, upstream.as_ref(), &stop)?;
+    let standby_threads = start_standby(&cfg, &mut running, &stop)?;
     let threads = start_intake(
         &cfg,
         &rt,
@@ -214,6 +225,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         checks_thread,
         archive_stop,
         archive_threads,
+        standby_threads,
         servers: [server, http].into_iter().flatten().collect(),
     };
     let failed = stopped.run()?;
@@ -521,6 +533,28 @@ fn start_intake(
     Ok(threads)
 }
 
+/// At a follower, the hot standby tree of each dataset with a
+/// `standby_path`: opened here (a directory triad did not make stops the
+/// start), then kept by its own thread until `stop`.
+fn start_standby(
+    cfg: &Config,
+    running: &mut [Running],
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::new();
+    for (r, d) in running.iter_mut().zip(&cfg.dataset) {
+        let Some(path) = &d.standby_path else {
+            continue;
+        };
+        let cursor = cfg.site.data_dir.join(format!("standby-{}.json", d.name));
+        let (stats, t) = crate::standby::start(r.ds.clone(), path.clone(), cursor, stop.clone())
+            .with_context(|| format!("dataset `{}`: standby_path {}", d.name, path.display()))?;
+        r.standby = Some(stats);
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
 /// Waits, before a change counts as committed, until the commit policy
 /// holds for it (the sync followers have it durable).
 fn commit_gate(
@@ -548,6 +582,7 @@ struct Stopping<'a> {
     checks_thread: std::thread::JoinHandle<()>,
     archive_stop: Arc<AtomicBool>,
     archive_threads: Vec<std::thread::JoinHandle<()>>,
+    standby_threads: Vec<std::thread::JoinHandle<()>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -575,11 +610,14 @@ impl Stopping<'_> {
         // log to its end.
         self.archive_stop.store(true, Ordering::Release);
         let mut abandoned = Vec::new();
-        for (what, t) in std::iter::once(("checks", self.checks_thread)).chain(
-            self.archive_threads
-                .into_iter()
-                .map(|t| ("archive upload", t)),
-        ) {
+        for (what, t) in std::iter::once(("checks", self.checks_thread))
+            .chain(
+                self.archive_threads
+                    .into_iter()
+                    .map(|t| ("archive upload", t)),
+            )
+            .chain(self.standby_threads.into_iter().map(|t| ("standby", t)))
+        {
             while !t.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -718,6 +756,7 @@ fn status_of(
         log: ds.status(),
         source: r.stats.as_ref().map(|s| s.view()),
         puts: r.puts.as_ref().map(|p| p.view()),
+        standby: r.standby.as_ref().map(|s| s.view(ds)),
         retention: r.retention.lock().map(|x| x.clone()).unwrap_or_default(),
         archive: r
             .archive

@@ -1,9 +1,11 @@
 //! The directory source: keeps a dataset equal to a directory tree.
 //!
 //! At start it compares the whole tree with the namespace and logs only what
-//! differs; then it follows inotify events (the `notify` crate), gathering a
-//! burst until it has been quiet for the debounce time, and handles it as a
-//! round; a full rescan runs periodically and whenever the kernel reports an
+//! differs; then it follows inotify events (the `notify` crate) and hands
+//! each changed path to a round once that path has been quiet for the
+//! debounce time (a path written without pause goes every ten debounce
+//! times), so a steady stream of new files never holds back the finished
+//! ones; a full rescan runs periodically and whenever the kernel reports an
 //! event overflow. Within a round renames go first (so moved trees are not
 //! re-read), then directories and symlinks, then files (read, cut and sealed
 //! by a pool of workers), then deletions.
@@ -95,6 +97,48 @@ impl Stats {
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(msg);
         }
+    }
+}
+
+/// Paths with events not yet handled: whether a directory there must be
+/// scanned whole, and when its first and last events came.
+#[derive(Default)]
+struct PendingPaths(BTreeMap<PathBuf, (bool, Instant, Instant)>);
+
+impl PendingPaths {
+    fn note(&mut self, p: PathBuf, deep: bool, now: Instant) {
+        let e = self.0.entry(p).or_insert((false, now, now));
+        e.0 |= deep;
+        e.2 = now;
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Removes and returns the paths quiet for `quiet`, or pending for
+    /// `longest` however busy.
+    fn take_ripe(
+        &mut self,
+        now: Instant,
+        quiet: Duration,
+        longest: Duration,
+    ) -> BTreeMap<PathBuf, bool> {
+        let ripe: Vec<PathBuf> = self
+            .0
+            .iter()
+            .filter(|(_, (_, first, last))| {
+                now.duration_since(*last) >= quiet || now.duration_since(*first) >= longest
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        ripe.into_iter()
+            .filter_map(|p| self.0.remove(&p).map(|(deep, _, _)| (p, deep)))
+            .collect()
     }
 }
 
@@ -298,21 +342,18 @@ impl DirSource {
         rx: Receiver<notify::Result<notify::Event>>,
         stop: &AtomicBool,
     ) -> Result<(), SourceError> {
-        let mut pending: BTreeMap<PathBuf, bool> = BTreeMap::new();
+        let mut pending = PendingPaths::default();
         let mut renames: Vec<(PathBuf, PathBuf)> = Vec::new();
-        let mut need_full = false;
-        let mut first_pending: Option<Instant> = None;
-        let mut last_event = Instant::now();
+        let mut need_full: Option<Instant> = None;
         let mut next_rescan = Instant::now() + self.settings.rescan_interval;
         let debounce = self.settings.debounce;
         while !stop.load(Ordering::Acquire) {
             match rx.recv_timeout(Duration::from_millis(50).min(debounce)) {
                 Ok(Ok(ev)) => {
                     self.stats.last_event_ns.store(now_ns(), Ordering::Release);
-                    last_event = Instant::now();
-                    first_pending.get_or_insert(last_event);
+                    let now = Instant::now();
                     if ev.need_rescan() {
-                        need_full = true;
+                        need_full.get_or_insert(now);
                     }
                     let deep = matches!(
                         ev.kind,
@@ -323,11 +364,11 @@ impl DirSource {
                         (&ev.kind, ev.paths.as_slice())
                     {
                         renames.push((from.clone(), to.clone()));
-                        pending.insert(from.clone(), false);
-                        pending.insert(to.clone(), true);
+                        pending.note(from.clone(), false, now);
+                        pending.note(to.clone(), true, now);
                     } else {
                         for p in ev.paths {
-                            *pending.entry(p).or_insert(false) |= deep;
+                            pending.note(p, deep, now);
                         }
                     }
                     self.stats
@@ -337,30 +378,36 @@ impl DirSource {
                 Ok(Err(e)) => {
                     // inotify trouble (often an overflow): rescan everything.
                     tracing::warn!(error = %e, "watch error; scheduling a full rescan");
-                    need_full = true;
-                    first_pending.get_or_insert(Instant::now());
+                    need_full.get_or_insert(Instant::now());
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
-            let quiet = now.duration_since(last_event) >= debounce;
-            // Bound the delay under a steady stream of events.
-            let overdue = first_pending.is_some_and(|t| now.duration_since(t) >= debounce * 10);
-            if first_pending.is_some() && (quiet || overdue) {
+            if need_full.is_some_and(|t| now.duration_since(t) >= debounce) {
                 self.stats.busy.store(true, Ordering::Release);
-                let result = if need_full {
-                    self.full_scan(now_ns().saturating_sub(RACY_NS))
-                } else {
-                    self.event_round(std::mem::take(&mut pending), std::mem::take(&mut renames))
-                };
-                pending.clear();
+                let result = self.full_scan(now_ns().saturating_sub(RACY_NS));
+                pending = PendingPaths::default();
                 renames.clear();
-                need_full = false;
-                first_pending = None;
+                need_full = None;
                 self.stats.pending.store(0, Ordering::Release);
                 self.stats.busy.store(false, Ordering::Release);
                 result?;
+            } else if need_full.is_none() {
+                // Each path goes out once it has been quiet for the debounce
+                // time (or, written without pause, every ten of them), so a
+                // steady stream of new files does not hold back the ones
+                // already finished.
+                let ripe = pending.take_ripe(now, debounce, debounce * 10);
+                if !ripe.is_empty() {
+                    self.stats.busy.store(true, Ordering::Release);
+                    let result = self.event_round(ripe, std::mem::take(&mut renames));
+                    self.stats
+                        .pending
+                        .store(pending.len() as u64, Ordering::Release);
+                    self.stats.busy.store(false, Ordering::Release);
+                    result?;
+                }
             }
             if now >= next_rescan {
                 next_rescan = now + self.settings.rescan_interval;
@@ -371,7 +418,7 @@ impl DirSource {
             }
             // Racy re-reads wait while a round is pending; they stay queued.
             let due: Vec<Vec<u8>> = match self.racy.lock() {
-                Ok(mut r) if first_pending.is_none() => {
+                Ok(mut r) if pending.is_empty() && need_full.is_none() => {
                     let due: Vec<Vec<u8>> = r
                         .iter()
                         .filter(|(_, t)| **t <= now)

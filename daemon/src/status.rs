@@ -33,6 +33,8 @@ pub struct DatasetStatus {
     pub source: Option<StatsView>,
     /// `triad put` into a pushed dataset (primary only).
     pub puts: Option<PutStatsView>,
+    /// The hot standby tree (followers with `standby_path`).
+    pub standby: Option<StandbyStatus>,
     pub replication: ReplicationStatus,
     pub retention: Retention,
     /// This site's archive, when `[archive]` is set.
@@ -44,6 +46,30 @@ pub struct DatasetStatus {
     /// when the file is missing; the daemon never sets it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A follower's hot standby tree: how far it is behind the dataset.
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
+#[serde(default)]
+pub struct StandbyStatus {
+    pub path: String,
+    /// The first reconcile since start has finished.
+    pub ready: bool,
+    /// The tree equals the dataset up to this seq.
+    pub seq: u64,
+    /// Records applied to the dataset but not yet to the tree.
+    pub lag_records: u64,
+    /// Age of the oldest change not yet in the tree (from its commit at
+    /// the primary); 0 when the tree is current.
+    pub lag_seconds: f64,
+    /// Paths written and removed since start.
+    pub written: u64,
+    pub removed: u64,
+    /// Whole-tree reconciles since start (one at start, more after errors).
+    pub reconciles: u64,
+    /// Paths the last pass could not make equal.
+    pub problems: u64,
+    pub last_error: Option<String>,
 }
 
 /// The retained change log.

@@ -105,6 +105,16 @@ pub struct ThreeSites {
 
 /// Starts the three sites and waits two seconds for them to connect.
 pub fn start_three_sites(base: &Path, source: &str) -> ThreeSites {
+    start_sites(base, source, &|_| String::new())
+}
+
+/// As [`start_three_sites`], with `follower_dataset(site dir)` appended to
+/// each follower's `[[dataset]]` (a `standby_path`).
+pub fn start_sites(
+    base: &Path,
+    source: &str,
+    follower_dataset: &dyn Fn(&Path) -> String,
+) -> ThreeSites {
     use std::process::{Command, Stdio};
     let triad = triad_bin();
     let certs = base.join("certs");
@@ -155,7 +165,11 @@ pub fn start_three_sites(base: &Path, source: &str) -> ThreeSites {
         } else {
             "role = \"follower\"\nupstream = \"a\"".to_string()
         };
-        let source = if i == 0 { source } else { "" };
+        let source = if i == 0 {
+            source.to_string()
+        } else {
+            follower_dataset(&dir)
+        };
         let cfg = format!(
             "[site]\nname = \"{n}\"\n{role}\ndata_dir = \"{d}\"\n\n[listen]\nreplication = \"127.0.0.1:{p}\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{n}.pem\"\nkey = \"{c}/{n}.key\"\n\n{peers}[[dataset]]\nname = \"files\"\nkey_file = \"{k}\"\n{source}",
             n = names[i],

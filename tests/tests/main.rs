@@ -21,4 +21,5 @@ mod replication;
 mod scrub;
 mod security;
 mod service;
+mod standby;
 mod verify;

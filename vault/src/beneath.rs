@@ -144,6 +144,46 @@ impl Beneath {
         Ok(res?)
     }
 
+    /// What stands at `p` now, without following a symlink there; `None`
+    /// when nothing does (or its directory does not exist).
+    pub fn stat(&self, p: &RelPath) -> io::Result<Option<rustix::fs::Stat>> {
+        let (parent, name) = match self.parent(p) {
+            Ok(x) => x,
+            Err(e) if is_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::statat(&parent, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The target of the symlink at `p`.
+    pub fn read_link(&self, p: &RelPath) -> io::Result<Vec<u8>> {
+        let (parent, name) = self.parent(p)?;
+        Ok(rustix::fs::readlinkat(&parent, os(name), Vec::new())?.into_bytes())
+    }
+
+    /// Removes whatever stands at `p`, a directory with everything beneath
+    /// it, never following a symlink. Nothing there is not an error.
+    pub fn remove_all(&self, p: &RelPath) -> io::Result<()> {
+        let (parent, name) = match self.parent(p) {
+            Ok(x) => x,
+            Err(e) if is_absent(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        remove_at(&parent, name)
+    }
+
+    /// Renames `from` to `to` (whose parent must exist), replacing a file
+    /// or an empty directory there.
+    pub fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        let (fp, fname) = self.parent(from)?;
+        let (tp, tname) = self.parent(to)?;
+        Ok(rustix::fs::renameat(&fp, os(fname), &tp, os(tname))?)
+    }
+
     /// Gives the directory `p` its recorded mode and mtime.
     pub fn set_dir_meta(&self, p: &RelPath, mode: u32, mtime_ns: i64) -> io::Result<()> {
         let d = self.dir(p.as_bytes())?;
@@ -157,6 +197,44 @@ impl Beneath {
             },
         )?;
         Ok(())
+    }
+}
+
+/// Errors that mean "nothing is there": a missing component, or a
+/// component that is not a directory (a file stands where one was).
+fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(e),
+        Some(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP)
+    )
+}
+
+/// Removes `name` in the directory `dir`: a file or symlink is unlinked, a
+/// directory emptied (through its own descriptor, opened without following
+/// links) and removed.
+fn remove_at(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir, os(name), AtFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        // EISDIR on Linux, EPERM elsewhere: a directory.
+        Err(rustix::io::Errno::ISDIR | rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let sub = rustix::fs::openat(dir, os(name), dir_flags(), Mode::empty())?;
+    let mut names = Vec::new();
+    for ent in rustix::fs::Dir::read_from(&sub)? {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    for n in names {
+        remove_at(&sub, &n)?;
+    }
+    match rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -73,6 +73,9 @@ pub enum VaultError {
     #[error("the change log is closed: {0}")]
     Closed(String),
 
+    #[error("standby tree {path}: {reason}")]
+    Standby { path: PathBuf, reason: String },
+
     #[error("cannot encode or decode {what}: {reason}")]
     Codec { what: &'static str, reason: String },
 }

@@ -16,6 +16,7 @@
 //! - [`dataset`]: an open dataset: identity, committer thread, read views
 //! - [`beneath`]: writing a tree beneath one directory descriptor
 //! - [`restore`]: rebuilding a tree and digesting a tree on disk
+//! - [`standby`]: a follower's hot standby tree, kept equal to the dataset
 
 pub mod beneath;
 pub mod chunk;
@@ -31,6 +32,7 @@ pub mod path;
 pub mod pin;
 pub mod record;
 pub mod restore;
+pub mod standby;
 pub mod state;
 pub mod wal;
 

@@ -30,6 +30,7 @@ use crate::keys::Keys;
 use crate::lthash::LtHash;
 use crate::ops::{ChunkRef, Entry, Node};
 use crate::path::RelPath;
+use crate::state::ChunkMeta;
 
 /// What a restore did and found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -70,25 +71,37 @@ fn io<'a>(context: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) 
 fn fetch_chunk(view: &View, c: &ChunkRef) -> std::result::Result<Vec<u8>, String> {
     let meta = view
         .chunk_meta(&c.id)
-        .map_err(|e| format!("chunk {}: {e}", c.id))?
-        .ok_or_else(|| format!("chunk {} is missing from the store", c.id))?;
+        .map_err(|e| format!("chunk {}: {e}", c.id))?;
     let sealed = view
         .chunk_bytes(&c.id)
-        .map_err(|e| format!("chunk {}: store read failed: {e}", c.id))?
-        .ok_or_else(|| format!("chunk {} is missing from the store", c.id))?;
+        .map_err(|e| format!("chunk {}: store read failed: {e}", c.id))?;
+    open_stored(view.keys(), c, meta, sealed)
+}
+
+/// Checks a stored chunk's sealed bytes against their recorded BLAKE3 hash
+/// and opens them (GCM tag, then the plaintext against its id).
+pub(crate) fn open_stored(
+    keys: &Keys,
+    c: &ChunkRef,
+    meta: Option<ChunkMeta>,
+    sealed: Option<Vec<u8>>,
+) -> std::result::Result<Vec<u8>, String> {
+    let (Some(meta), Some(sealed)) = (meta, sealed) else {
+        return Err(format!("chunk {} is missing from the store", c.id));
+    };
     if *blake3::hash(&sealed).as_bytes() != meta.sealed_hash {
         return Err(format!(
             "chunk {}: sealed bytes do not match their recorded BLAKE3 hash (damaged on disk)",
             c.id
         ));
     }
-    chunk::open(view.keys(), &c.id, c.len, &sealed).map_err(|e| format!("chunk {}: {e}", c.id))
+    chunk::open(keys, &c.id, c.len, &sealed).map_err(|e| format!("chunk {}: {e}", c.id))
 }
 
-/// Writes one file's chunks, checked, then its mode and mtime, into the
-/// open temporary file `f`.
-fn fill_file(
-    view: &View,
+/// Writes one file's chunks, each fetched and checked by `fetch`, then its
+/// mode and mtime, into the open temporary file `f`.
+pub(crate) fn fill_file(
+    fetch: &dyn Fn(&ChunkRef) -> std::result::Result<Vec<u8>, String>,
     f: &mut File,
     entry: &Entry,
     chunks: &[ChunkRef],
@@ -96,7 +109,7 @@ fn fill_file(
     progress: &(dyn Fn(u64) + Sync),
 ) -> std::result::Result<(), String> {
     for c in chunks {
-        let plain = fetch_chunk(view, c)?;
+        let plain = fetch(c)?;
         f.write_all(&plain).map_err(|e| format!("writing: {e}"))?;
         let n = done.fetch_add(plain.len() as u64, Ordering::Relaxed) + plain.len() as u64;
         progress(n);
@@ -192,9 +205,9 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
         } else {
             let tmp = tmp_name(&tmp_counter);
             match &e.node {
-                Node::File { chunks } => {
-                    target.write_file(p, &tmp, |f| fill_file(view, f, e, chunks, &done, progress))
-                }
+                Node::File { chunks } => target.write_file(p, &tmp, |f| {
+                    fill_file(&|c| fetch_chunk(view, c), f, e, chunks, &done, progress)
+                }),
                 Node::Symlink { target: to } => target
                     .symlink(p, &tmp, to, e.mtime_ns)
                     .map_err(|err| format!("creating symlink: {err}")),
@@ -247,7 +260,7 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
     Ok(report)
 }
 
-fn sync_filesystem(path: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_filesystem(path: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // One syncfs for the whole restore instead of an fsync per file.
     let f = File::open(path)?;
@@ -320,7 +333,8 @@ pub fn digest_tree(keys: &Keys, root: &Path) -> Result<LtHash> {
     Ok(d)
 }
 
-fn walkdir(root: &Path) -> Result<Vec<PathBuf>> {
+/// Every path under `root` (root itself excluded), not following symlinks.
+pub(crate) fn walkdir(root: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {

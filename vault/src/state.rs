@@ -701,6 +701,36 @@ impl Snap<'_> {
         Ok(out)
     }
 
+    /// The entry at `path` as it was at the snapshot.
+    pub fn entry(&self, path: &[u8]) -> Result<Option<Entry>> {
+        let ns = self.st.cf(CF_NS)?;
+        match self.snap.get_cf(ns, path).map_err(|e| self.st.err(e))? {
+            Some(v) => Entry::decode(&v)
+                .map(Some)
+                .ok_or_else(|| self.st.corrupt("entry malformed".into())),
+            None => Ok(None),
+        }
+    }
+
+    /// The entries whose paths start with `prefix`, in path order, as they
+    /// were at the snapshot.
+    pub fn entries_with_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
+        let ns = self.st.cf(CF_NS)?;
+        let mut out = Vec::new();
+        for item in self
+            .snap
+            .iterator_cf(ns, IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| self.st.err(e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let e = Entry::decode(&v).ok_or_else(|| self.st.corrupt("entry malformed".into()))?;
+            out.push((k.to_vec(), e));
+        }
+        Ok(out)
+    }
+
     /// A chunk's metadata as it was at the snapshot.
     pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>> {
         let cm = self.st.cf(CF_CHUNKMETA)?;

@@ -29,6 +29,8 @@ pub struct Args {
 
 /// A status file older than this means its daemon is not running.
 const STALE_SECONDS: f64 = 5.0;
+/// A standby tree further behind than this is an alert (as TriadStandbyLagging).
+const STANDBY_LAG_SECONDS: f64 = 10.0;
 
 pub fn run(a: Args) -> Result<ExitCode> {
     let cfg = Config::load(&a.cfg.config)?;
@@ -185,6 +187,17 @@ fn dataset_alerts(v: &DatasetStatus, now: i64) -> Vec<String> {
     if let Some(up) = v.replication.upstream.as_ref().filter(|u| !u.connected) {
         out.push(format!("upstream {} is not connected", up.upstream));
     }
+    if let Some(s) = &v.standby {
+        if let Some(e) = &s.last_error {
+            out.push(format!("standby tree {}: {e}", s.path));
+        }
+        if s.lag_seconds > STANDBY_LAG_SECONDS {
+            out.push(format!(
+                "standby tree {} lags {:.0} s behind the dataset",
+                s.path, s.lag_seconds
+            ));
+        }
+    }
     if let Some(a) = &v.archive {
         for (kind, e) in [
             ("ship", &a.ship_error),
@@ -293,6 +306,22 @@ fn print_log_and_intake(v: &DatasetStatus) {
             src.pending_paths,
             src.committed_seq,
             src.commit_failures,
+        );
+    }
+    if let Some(s) = &v.standby {
+        println!(
+            "    standby tree {}: {}  at seq {}  lag {} records, {:.2} s  written {}  removed {}{}",
+            s.path,
+            if s.ready { "ready" } else { "reconciling" },
+            s.seq,
+            s.lag_records,
+            s.lag_seconds,
+            s.written,
+            s.removed,
+            s.last_error
+                .as_deref()
+                .map(|e| format!("  problem: {e}"))
+                .unwrap_or_default()
         );
     }
     if let Some(p) = &v.puts {

@@ -134,6 +134,9 @@ pub struct DatasetConfig {
     /// Where the data comes from: required at the primary; a follower's
     /// datasets are filled by replication.
     pub source: Option<SourceConfig>,
+    /// A follower's hot standby tree: the dataset kept as live files here,
+    /// ready for a takeover (docs/operations.md, "Hot standby").
+    pub standby_path: Option<PathBuf>,
 }
 
 /// `source = { kind = ..., ... }`. A plain struct with a `kind` field
@@ -522,6 +525,7 @@ impl Config {
             ));
         }
         let mut names = HashSet::new();
+        let mut standby_paths: Vec<&Path> = Vec::new();
         for (i, d) in self.dataset.iter().enumerate() {
             if !valid_name(&d.name) || !names.insert(d.name.clone()) {
                 return Err(invalid(
@@ -538,6 +542,7 @@ impl Config {
                     format!("`{}` must be an absolute path; create the key with `triad keygen --out FILE`", d.key_file.display()),
                 ));
             }
+            self.validate_standby(i, d, &mut standby_paths, invalid)?;
             let source = match (&d.source, self.site.role) {
                 (None, Role::Follower) => continue,
                 (Some(_), Role::Follower) => {
@@ -614,6 +619,56 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A dataset's `standby_path`: a follower's, absolute, apart from
+    /// `data_dir` and from every other dataset's tree (`seen`).
+    fn validate_standby<'a>(
+        &self,
+        i: usize,
+        d: &'a DatasetConfig,
+        seen: &mut Vec<&'a Path>,
+        invalid: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let Some(path) = &d.standby_path else {
+            return Ok(());
+        };
+        let field = format!("dataset[{i}].standby_path");
+        if self.site.role != Role::Follower {
+            return Err(invalid(
+                field,
+                "only a follower keeps a standby tree; at the primary the source tree is the live copy".into(),
+            ));
+        }
+        if !path.is_absolute() {
+            return Err(invalid(
+                field,
+                format!("`{}` must be an absolute path", path.display()),
+            ));
+        }
+        let nested = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        if nested(path, &self.site.data_dir) {
+            return Err(invalid(
+                field,
+                format!(
+                    "`{}` and site.data_dir `{}` must not contain each other",
+                    path.display(),
+                    self.site.data_dir.display()
+                ),
+            ));
+        }
+        if let Some(other) = seen.iter().find(|o| nested(path, o)) {
+            return Err(invalid(
+                field,
+                format!(
+                    "`{}` overlaps another dataset's standby tree `{}`; give each its own directory",
+                    path.display(),
+                    other.display()
+                ),
+            ));
+        }
+        seen.push(path);
         Ok(())
     }
 

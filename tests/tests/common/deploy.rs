@@ -65,6 +65,13 @@ pub struct Deployment {
     pub primary_source: String,
     /// Sections appended to the primary's config (e.g. [archive]).
     pub primary_extra: String,
+    /// The followers keep hot standby trees (at [`standby_dir`]).
+    pub standby: bool,
+}
+
+/// Where a follower of a deployment with `standby` keeps its tree.
+pub fn standby_dir(site: &Site) -> PathBuf {
+    site.tmp.path().join("standby")
 }
 
 impl Deployment {
@@ -90,6 +97,7 @@ impl Deployment {
             remote_policy: String::new(),
             primary_source: String::new(),
             primary_extra: String::new(),
+            standby: false,
         };
         d.configure(remote_upstream);
         d
@@ -99,6 +107,13 @@ impl Deployment {
         let [pa, pb, pc] = self.ports;
         let [ha, hb, hc] = self.http;
         let certs = &self.names.certs;
+        let standby = |s: &Site| {
+            if self.standby {
+                format!("standby_path = \"{}\"\n", standby_dir(s).display())
+            } else {
+                String::new()
+            }
+        };
         self.a.set_config(&format!(
             "[site]\nname = \"zjk-a\"\nrole = \"primary\"\ndata_dir = \"{}\"\n{}\n[listen]\nreplication = \"127.0.0.1:{pa}\"\nhttp = \"127.0.0.1:{ha}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n{}\n{}",
             self.a.data.display(),
@@ -118,12 +133,13 @@ impl Deployment {
             self.primary_extra,
         ));
         self.b.set_config(&format!(
-            "[site]\nname = \"zjk-b\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"zjk-a\"\n\n[listen]\nreplication = \"127.0.0.1:{pb}\"\nhttp = \"127.0.0.1:{hb}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
+            "[site]\nname = \"zjk-b\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"zjk-a\"\n\n[listen]\nreplication = \"127.0.0.1:{pb}\"\nhttp = \"127.0.0.1:{hb}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n{}",
             self.b.data.display(),
             tls(certs, "zjk-b"),
             peer("zjk-a", pa, None),
             peer("sjz-c", pc, Some("async")),
             self.b.key.display(),
+            standby(&self.b),
         ));
         let (up_name, up_port) = remote_upstream.unwrap_or(("zjk-a".into(), pa));
         let other = if up_name == "zjk-a" {
@@ -132,12 +148,13 @@ impl Deployment {
             peer("zjk-a", pa, None)
         };
         self.c.set_config(&format!(
-            "[site]\nname = \"sjz-c\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"{up_name}\"\n\n[listen]\nreplication = \"127.0.0.1:{pc}\"\nhttp = \"127.0.0.1:{hc}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n",
+            "[site]\nname = \"sjz-c\"\nrole = \"follower\"\ndata_dir = \"{}\"\nupstream = \"{up_name}\"\n\n[listen]\nreplication = \"127.0.0.1:{pc}\"\nhttp = \"127.0.0.1:{hc}\"\n\n{}\n{}{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\n{}",
             self.c.data.display(),
             tls(certs, "sjz-c"),
             peer(&up_name, up_port, None),
             other,
             self.c.key.display(),
+            standby(&self.c),
         ));
     }
 

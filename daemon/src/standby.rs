@@ -1,0 +1,213 @@
+//! The hot standby thread of a follower's dataset (`standby_path`): keeps
+//! the standby tree equal to the dataset as records apply
+//! (`vault::standby`), saves its cursor every few seconds and at a stop,
+//! and publishes how far behind the dataset the tree is.
+//!
+//! A pass that fails, or leaves a path it could not make equal, is followed
+//! (after a pause) by a full reconcile: the tree never stays wrong quietly,
+//! and the error is in status and the metrics until a pass is clean.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vault::standby::{Pass, Standby};
+use vault::Dataset;
+
+use crate::status::StandbyStatus;
+
+/// How often the tree is flushed and its cursor saved while it moves.
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// The pause after a failed pass before the reconcile that follows it,
+/// doubling while reconciles keep failing (each walks the whole tree).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(120);
+
+/// What the thread publishes.
+#[derive(Default)]
+pub struct StandbyStats {
+    pub path: PathBuf,
+    /// The tree equals the dataset up to this seq.
+    pub seq: AtomicU64,
+    /// The first reconcile has finished: the tree is usable.
+    pub ready: AtomicBool,
+    pub written: AtomicU64,
+    pub removed: AtomicU64,
+    pub reconciles: AtomicU64,
+    /// Paths the last pass could not make equal.
+    pub problems: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// The first log seq the tree still needs kept (0: none).
+    pub keep_from: AtomicU64,
+}
+
+impl StandbyStats {
+    /// The status part, with the lag against the dataset as it is now.
+    pub fn view(&self, ds: &Dataset) -> StandbyStatus {
+        let seq = self.seq.load(Ordering::Acquire);
+        let head = ds.head_seq();
+        // The oldest record not yet in the tree, by its commit time at the
+        // primary: the age of the oldest change a reader does not see yet.
+        let lag_seconds = if head > seq {
+            ds.commit_time(seq + 1)
+                .map(|t| (vault::dataset::now_ns() - t).max(0) as f64 / 1e9)
+                .unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        StandbyStatus {
+            path: self.path.display().to_string(),
+            ready: self.ready.load(Ordering::Acquire),
+            seq,
+            lag_records: head.saturating_sub(seq),
+            lag_seconds,
+            written: self.written.load(Ordering::Relaxed),
+            removed: self.removed.load(Ordering::Relaxed),
+            reconciles: self.reconciles.load(Ordering::Relaxed),
+            problems: self.problems.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    fn note(&self, pass: &Pass) {
+        self.seq.store(pass.seq, Ordering::Release);
+        self.written.fetch_add(pass.written, Ordering::Relaxed);
+        self.removed.fetch_add(pass.removed, Ordering::Relaxed);
+        self.problems
+            .store(pass.problems.len() as u64, Ordering::Relaxed);
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+}
+
+/// Opens the standby tree of `ds` at `root` (refusing a directory triad did
+/// not make) and starts its thread, which runs until `stop`.
+pub fn start(
+    ds: Arc<Dataset>,
+    root: PathBuf,
+    cursor_file: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> vault::Result<(Arc<StandbyStats>, std::thread::JoinHandle<()>)> {
+    let sb = Standby::open(&root, &cursor_file)?;
+    let stats = Arc::new(StandbyStats {
+        path: root,
+        ..StandbyStats::default()
+    });
+    stats.keep_from.store(sb.keep_from(), Ordering::Release);
+    let st = stats.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("standby-{}", ds.name()))
+        .spawn(move || follow(&sb, &ds, &st, &stop))
+        .map_err(|e| vault::VaultError::Closed(format!("cannot start the standby thread: {e}")))?;
+    Ok((stats, handle))
+}
+
+/// Sleeps up to `d`, waking early on `stop`.
+fn pause(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Acquire) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn follow(sb: &Standby, ds: &Dataset, stats: &StandbyStats, stop: &AtomicBool) {
+    let name = ds.name();
+    let mut reconcile = true;
+    let mut seq = 0u64;
+    let mut saved_at = Instant::now();
+    let mut saved_seq = None;
+    let mut retry = RETRY_AFTER;
+    while !stop.load(Ordering::Acquire) {
+        if reconcile {
+            let started = Instant::now();
+            match sb.reconcile(ds) {
+                Ok(pass) => {
+                    stats.reconciles.fetch_add(1, Ordering::Relaxed);
+                    stats.note(&pass);
+                    stats.ready.store(true, Ordering::Release);
+                    seq = pass.seq;
+                    tracing::info!(dataset = name, seq, written = pass.written, removed = pass.removed, took = ?started.elapsed(), "standby tree reconciled with the dataset");
+                    reconcile = !clean(name, stats, &pass);
+                }
+                Err(e) => {
+                    tracing::error!(dataset = name, error = %e, "standby tree: reconcile failed; trying again");
+                    stats.set_error(Some(format!("reconcile failed: {e}")));
+                }
+            }
+            if reconcile {
+                pause(stop, retry);
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+            retry = RETRY_AFTER;
+        }
+        let head = ds.wait_head_above(seq, Duration::from_millis(250));
+        if head > seq {
+            match sb.apply(ds, seq + 1) {
+                Ok(Some(pass)) => {
+                    stats.note(&pass);
+                    seq = pass.seq;
+                    reconcile = !clean(name, stats, &pass);
+                }
+                Ok(None) => {
+                    tracing::warn!(dataset = name, seq, "standby tree: the log no longer holds the next record (a state transfer replaced it); reconciling the whole tree");
+                    reconcile = true;
+                }
+                Err(e) => {
+                    tracing::error!(dataset = name, error = %e, "standby tree: pass failed; reconciling");
+                    stats.set_error(Some(format!("pass failed: {e}")));
+                    reconcile = true;
+                    pause(stop, RETRY_AFTER);
+                }
+            }
+        }
+        if saved_seq != Some(seq) && saved_at.elapsed() >= SAVE_EVERY {
+            save(sb, ds, stats, seq);
+            saved_seq = Some(seq);
+            saved_at = Instant::now();
+        }
+    }
+    if stats.ready.load(Ordering::Acquire) && saved_seq != Some(seq) && !reconcile {
+        save(sb, ds, stats, seq);
+    }
+}
+
+/// Whether a pass left the tree equal; problems are logged and published.
+fn clean(name: &str, stats: &StandbyStats, pass: &Pass) -> bool {
+    if pass.problems.is_empty() {
+        stats.set_error(None);
+        return true;
+    }
+    for p in pass.problems.iter().take(20) {
+        tracing::error!(dataset = name, problem = %p, "standby tree: a path is not equal to the dataset");
+    }
+    stats.set_error(Some(format!(
+        "{} paths not equal to the dataset, first: {}",
+        pass.problems.len(),
+        pass.problems[0]
+    )));
+    false
+}
+
+fn save(sb: &Standby, ds: &Dataset, stats: &StandbyStats, seq: u64) {
+    let hash = match ds.chain_hash_at(seq) {
+        Ok(Some(h)) => h,
+        // Nothing applied yet: nothing to remember.
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(dataset = ds.name(), error = %e, "standby tree: cannot read the chain hash to save the cursor");
+            return;
+        }
+    };
+    match sb.save(seq, hash) {
+        Ok(()) => stats.keep_from.store(sb.keep_from(), Ordering::Release),
+        Err(e) => {
+            tracing::warn!(dataset = ds.name(), error = %e, "standby tree: saving the cursor failed; will retry")
+        }
+    }
+}

@@ -1,0 +1,700 @@
+//! A follower's hot standby tree: the dataset kept as a live directory tree
+//! beside the store, so that a takeover serves files at once instead of
+//! restoring them first.
+//!
+//! The tree is derived from the dataset and never read back into it. It is
+//! brought up to date in passes: each pass reads the log records applied
+//! since the last one, collects the paths they touched, and makes each of
+//! those paths in the tree equal to the dataset's state at a RocksDB
+//! snapshot taken after those records (so every chunk it needs is still
+//! there). Files are written through a temporary name and renamed into
+//! place, as a restore writes them, through one descriptor of the tree's
+//! root ([`Beneath`]), so nothing is written outside it.
+//!
+//! Why syncing to the state rather than replaying ops literally: a replay
+//! is not idempotent (a rename replayed after a crash can move the wrong
+//! file), while "make this path equal to the state" is. A rename is still
+//! done as a rename in the tree first, so moving a large directory does not
+//! rewrite it, and then the moved subtree is compared with the state.
+//!
+//! How a file already in the tree is judged: a `Put` in a record rewrites
+//! the file (that is what the record says happened). Paths merely inside a
+//! renamed or deleted subtree are compared by size, mtime and mode. After a
+//! restart, the paths put since the last saved cursor are compared by
+//! content (cut and hashed as the source cut them), so a crash between a
+//! state change and the tree's rename cannot leave an old file that looks
+//! new. Where the log no longer tells what changed (a state transfer, or a
+//! cursor from another copy of the dataset), every file is compared by
+//! content.
+//!
+//! The tree is never filled over a directory triad did not make: a
+//! non-empty standby path without a cursor naming it is refused, since
+//! making it equal to the dataset would delete what is there.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::beneath::Beneath;
+use crate::dataset::Dataset;
+use crate::error::{Result, VaultError};
+use crate::keys::Keys;
+use crate::ops::{parent, subtree_prefix, ChunkRef, Entry, Node, Op};
+use crate::path::RelPath;
+use crate::record::{Hash, Record};
+use crate::restore::{entry_from_disk, fill_file, open_stored, sync_filesystem, walkdir};
+use crate::state::Snap;
+use crate::wal::Tail;
+
+/// Most bytes of log records one pass reads; a longer backlog takes several
+/// passes, each bounded in memory.
+const PASS_BYTES: usize = 16 << 20;
+
+/// What the cursor file holds: which tree, and the seq (with its chain
+/// hash, so a cursor from a replaced copy of the dataset is not trusted)
+/// that the tree was durably equal to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Cursor {
+    path: PathBuf,
+    seq: u64,
+    hash: String,
+}
+
+/// How a file already in the tree is judged against its entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Size, mtime, mode and type.
+    Quick,
+    /// As `Quick`, then the contents cut and hashed.
+    Content,
+    /// Written again whatever is there.
+    Rewrite,
+}
+
+/// What a pass did.
+#[derive(Clone, Debug, Default)]
+pub struct Pass {
+    /// The tree equals the dataset at least up to this seq.
+    pub seq: u64,
+    /// Records read.
+    pub records: u64,
+    /// Files, directories and symlinks written.
+    pub written: u64,
+    /// Paths removed.
+    pub removed: u64,
+    /// Bytes of file contents written.
+    pub bytes: u64,
+    /// Paths that could not be made equal, one line each.
+    pub problems: Vec<String>,
+}
+
+/// A standby tree, open.
+pub struct Standby {
+    root: PathBuf,
+    tree: Beneath,
+    cursor_file: PathBuf,
+    /// The saved cursor's seq plus one; 0 when none is saved. Log segments
+    /// from it on are kept: a restart reads them to know what to recheck.
+    saved_next: AtomicU64,
+    saved: std::sync::Mutex<Option<Cursor>>,
+    tmp: AtomicU64,
+}
+
+impl Standby {
+    /// Opens the tree at `root` (created when missing), with its cursor in
+    /// `cursor_file`. Refuses a non-empty `root` that no cursor names.
+    pub fn open(root: &Path, cursor_file: &Path) -> Result<Standby> {
+        let refuse = |reason: String| VaultError::Standby {
+            path: root.to_path_buf(),
+            reason,
+        };
+        let saved: Option<Cursor> = match std::fs::read(cursor_file) {
+            Ok(b) => Some(serde_json::from_slice(&b).map_err(|e| {
+                refuse(format!(
+                    "its cursor {} does not decode ({e}); remove the cursor and empty the tree \
+                     to have it rebuilt",
+                    cursor_file.display()
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(VaultError::io("reading standby cursor", cursor_file, e)),
+        };
+        let ours = saved.filter(|c| c.path == root);
+        match std::fs::read_dir(root) {
+            Ok(mut rd) => {
+                if ours.is_none() && rd.next().is_some() {
+                    return Err(refuse(format!(
+                        "is not empty and triad did not make it (no cursor {} names it); triad \
+                         makes a standby tree equal to the dataset, deleting anything else, so it \
+                         starts only in an empty directory: empty it or choose another standby_path",
+                        cursor_file.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(root)
+                .map_err(|e| VaultError::io("creating standby tree", root, e))?,
+            Err(e) => return Err(VaultError::io("opening standby tree", root, e)),
+        }
+        let tree =
+            Beneath::open(root).map_err(|e| VaultError::io("opening standby tree", root, e))?;
+        let sb = Standby {
+            root: root.to_path_buf(),
+            tree,
+            cursor_file: cursor_file.to_path_buf(),
+            saved_next: AtomicU64::new(ours.as_ref().map_or(0, |c| c.seq + 1)),
+            saved: std::sync::Mutex::new(ours.clone()),
+            tmp: AtomicU64::new(0),
+        };
+        if ours.is_none() {
+            // Claim the empty tree before writing into it, so a crash
+            // during the first fill does not leave a tree the next start
+            // would refuse. Seq 0 with no hash matches no copy: the next
+            // reconcile compares every file by content.
+            sb.write_cursor(Cursor {
+                path: root.to_path_buf(),
+                seq: 0,
+                hash: String::new(),
+            })?;
+        }
+        Ok(sb)
+    }
+
+    fn write_cursor(&self, c: Cursor) -> Result<()> {
+        let body = serde_json::to_vec(&c).map_err(|e| VaultError::Codec {
+            what: "standby cursor",
+            reason: e.to_string(),
+        })?;
+        crate::fs::write_atomic(&self.cursor_file, &body)?;
+        self.saved_next.store(c.seq + 1, Ordering::Release);
+        if let Ok(mut s) = self.saved.lock() {
+            *s = Some(c);
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The first seq the log must keep for this tree (0: none needed).
+    pub fn keep_from(&self) -> u64 {
+        self.saved_next.load(Ordering::Acquire)
+    }
+
+    /// Makes the tree durable and records that it equals the dataset up to
+    /// `seq` (whose chain hash is `hash`).
+    pub fn save(&self, seq: u64, hash: Hash) -> Result<()> {
+        sync_filesystem(&self.root)
+            .map_err(|e| VaultError::io("flushing standby tree", &self.root, e))?;
+        self.write_cursor(Cursor {
+            path: self.root.clone(),
+            seq,
+            hash: hex::encode(hash),
+        })
+    }
+
+    /// Makes the whole tree equal to the dataset as it is now: the start of
+    /// a run, and the way back after a pass failed or the log lost the
+    /// records a pass needed. Files put since the saved cursor are compared
+    /// by content; with no usable cursor, every file is.
+    pub fn reconcile(&self, ds: &Dataset) -> Result<Pass> {
+        let saved = self.saved.lock().ok().and_then(|s| s.clone());
+        ds.state().with_snapshot(|snap| {
+            let applied = snap.applied()?;
+            let recheck = match saved {
+                Some(c) if ds.chain_hash_at(c.seq)?.map(hex::encode) == Some(c.hash.clone()) => {
+                    self.put_since(ds, c.seq + 1, applied.seq)?
+                }
+                _ => None,
+            };
+            let check = |p: &[u8]| match &recheck {
+                Some(r) if !r.contains(p) => Check::Quick,
+                _ => Check::Content,
+            };
+            let mut s = Syncer::new(self, snap, ds.keys());
+            s.records = applied.seq.saturating_sub(saved_seq(&self.saved));
+            let want = snap.entries()?;
+            s.converge(b"", &self.root, want, &check)?;
+            Ok(s.finish(applied.seq))
+        })
+    }
+
+    /// The paths put by records `from..=to`, or None when the log no
+    /// longer holds them all.
+    fn put_since(&self, ds: &Dataset, from: u64, to: u64) -> Result<Option<HashSet<Vec<u8>>>> {
+        let mut out = HashSet::new();
+        if from > to {
+            return Ok(Some(out));
+        }
+        let mut tail = match Tail::new(&ds.dir().join("log"), from) {
+            Ok(t) => t,
+            Err(VaultError::LogGap { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut next = from;
+        while next <= to {
+            let raw = tail.read(to, PASS_BYTES)?;
+            let Some(last) = raw.last() else {
+                return Ok(None);
+            };
+            next = last.seq + 1;
+            for r in &raw {
+                for op in open_record(ds.keys(), r.seq, &r.payload)? {
+                    if let Op::Put { path, .. } = op {
+                        out.insert(path);
+                    }
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// One pass: applies the records from `from` on (as many as one pass
+    /// reads) to the tree. None when the log no longer holds `from`: the
+    /// caller reconciles instead.
+    pub fn apply(&self, ds: &Dataset, from: u64) -> Result<Option<Pass>> {
+        let head = ds.head_seq();
+        if from > head {
+            return Ok(Some(Pass {
+                seq: head,
+                ..Pass::default()
+            }));
+        }
+        let mut tail = match Tail::new(&ds.dir().join("log"), from) {
+            Ok(t) => t,
+            Err(VaultError::LogGap { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let raw = tail.read(head, PASS_BYTES)?;
+        let Some(last) = raw.last().map(|r| r.seq) else {
+            return Ok(None);
+        };
+        // Paths put (their files are rewritten), and subtrees that deletes
+        // and renames touched (compared with the state).
+        let mut forced: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut touched: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
+        for r in &raw {
+            for op in open_record(ds.keys(), r.seq, &r.payload)? {
+                match op {
+                    Op::Put { path, entry } => {
+                        if !entry.is_dir() {
+                            forced.insert(path.clone());
+                        }
+                        touched.entry(path).or_insert(false);
+                    }
+                    Op::Delete { path } => {
+                        touched.insert(path, true);
+                    }
+                    Op::Rename { from, to } => {
+                        self.move_now(&from, &to, &mut forced);
+                        // The rename changed both parents' mtimes in the
+                        // tree: they get their recorded ones back.
+                        for p in [parent(&from), parent(&to)] {
+                            if !p.is_empty() {
+                                touched.entry(p.to_vec()).or_insert(false);
+                            }
+                        }
+                        touched.insert(from, true);
+                        touched.insert(to, true);
+                    }
+                    Op::Pin { .. } | Op::Unpin { .. } => {}
+                }
+            }
+        }
+        ds.state().with_snapshot(|snap| {
+            let mut s = Syncer::new(self, snap, ds.keys());
+            s.records = raw.len() as u64;
+            let check = |p: &[u8]| {
+                if forced.contains(p) {
+                    Check::Rewrite
+                } else {
+                    Check::Quick
+                }
+            };
+            for (p, deep) in &touched {
+                if *deep {
+                    s.subtree(p, &check)?;
+                } else {
+                    s.path(p, check(p))?;
+                }
+            }
+            Ok(Some(s.finish(last)))
+        })
+    }
+
+    /// Does a rename in the tree as a rename, so a moved directory is not
+    /// written again; the subtree is compared with the state afterwards, so
+    /// a rename that cannot be done here (or should not have been) only
+    /// costs writes. Files to be rewritten inside the moved subtree are to
+    /// be rewritten at their new place too.
+    fn move_now(&self, from: &[u8], to: &[u8], forced: &mut BTreeSet<Vec<u8>>) {
+        if from == to
+            || to.starts_with(&subtree_prefix(from))
+            || from.starts_with(&subtree_prefix(to))
+        {
+            return;
+        }
+        let (Ok(f), Ok(t)) = (RelPath::new(from.to_vec()), RelPath::new(to.to_vec())) else {
+            return;
+        };
+        if !matches!(self.tree.stat(&f), Ok(Some(_))) {
+            return;
+        }
+        if matches!(self.tree.stat(&t), Ok(Some(_))) && self.tree.remove_all(&t).is_err() {
+            return;
+        }
+        if self.tree.rename(&f, &t).is_err() {
+            return;
+        }
+        let prefix = subtree_prefix(from);
+        let moved: Vec<Vec<u8>> = forced
+            .iter()
+            .filter(|p| p.as_slice() == from || p.starts_with(&prefix))
+            .map(|p| {
+                let mut np = to.to_vec();
+                np.extend_from_slice(&p[from.len()..]);
+                np
+            })
+            .collect();
+        forced.extend(moved);
+    }
+
+    fn tmp_name(&self) -> Vec<u8> {
+        format!(
+            ".triad-standby.{}.{}",
+            std::process::id(),
+            self.tmp.fetch_add(1, Ordering::Relaxed)
+        )
+        .into_bytes()
+    }
+}
+
+fn saved_seq(saved: &std::sync::Mutex<Option<Cursor>>) -> u64 {
+    saved
+        .lock()
+        .ok()
+        .and_then(|s| s.as_ref().map(|c| c.seq))
+        .unwrap_or(0)
+}
+
+fn open_record(keys: &Keys, seq: u64, payload: &[u8]) -> Result<Vec<Op>> {
+    Record::decode_payload(payload)
+        .ok_or_else(|| VaultError::BadRecord {
+            seq,
+            reason: "does not decode".into(),
+        })?
+        .open_ops(keys)
+}
+
+/// Whether an ancestor of `p` is in `set`.
+fn under_any(p: &[u8], set: &HashSet<Vec<u8>>) -> bool {
+    let mut a = parent(p);
+    while !a.is_empty() {
+        if set.contains(a) {
+            return true;
+        }
+        a = parent(a);
+    }
+    false
+}
+
+/// The mtime of a stat result in nanoseconds.
+// The stat fields' integer types differ between targets.
+#[allow(clippy::unnecessary_cast)]
+fn mtime_ns(st: &rustix::fs::Stat) -> i64 {
+    (st.st_mtime as i64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(st.st_mtime_nsec as i64)
+}
+
+fn file_type(st: &rustix::fs::Stat) -> rustix::fs::FileType {
+    rustix::fs::FileType::from_raw_mode(st.st_mode)
+}
+
+/// One pass's work against one snapshot of the state.
+struct Syncer<'a, 'b> {
+    sb: &'a Standby,
+    snap: &'a Snap<'b>,
+    keys: &'a Keys,
+    records: u64,
+    written: u64,
+    removed: u64,
+    bytes: AtomicU64,
+    problems: Vec<String>,
+    /// Directories whose mode and mtime are set at the end (writing into a
+    /// directory changes its mtime).
+    dirs: BTreeSet<Vec<u8>>,
+    /// Files written in this pass: a path both put and inside a touched
+    /// subtree is written once.
+    rewritten: HashSet<Vec<u8>>,
+}
+
+impl<'a, 'b> Syncer<'a, 'b> {
+    fn new(sb: &'a Standby, snap: &'a Snap<'b>, keys: &'a Keys) -> Self {
+        Syncer {
+            sb,
+            snap,
+            keys,
+            records: 0,
+            written: 0,
+            removed: 0,
+            bytes: AtomicU64::new(0),
+            problems: Vec::new(),
+            dirs: BTreeSet::new(),
+            rewritten: HashSet::new(),
+        }
+    }
+
+    fn problem(&mut self, p: &[u8], why: impl std::fmt::Display) {
+        self.problems
+            .push(format!("{}: {why}", String::from_utf8_lossy(p)));
+    }
+
+    fn note_parent(&mut self, p: &[u8]) {
+        let parent = parent(p);
+        if !parent.is_empty() {
+            self.dirs.insert(parent.to_vec());
+        }
+    }
+
+    /// Makes `p` and everything beneath it equal to the state.
+    fn subtree(&mut self, p: &[u8], check: &dyn Fn(&[u8]) -> Check) -> Result<()> {
+        self.path(p, check(p))?;
+        let want = self.snap.entries_with_prefix(&subtree_prefix(p))?;
+        let dir = self.sb.root.join(std::ffi::OsStr::from_bytes(p));
+        self.converge(p, &dir, want, check)
+    }
+
+    /// Makes what lies under `dir` (the tree's `prefix`, "" for the root)
+    /// equal to `want`, the state's entries beneath it in path order:
+    /// removes what the state does not have, then brings each entry in.
+    fn converge(
+        &mut self,
+        prefix: &[u8],
+        dir: &Path,
+        want: Vec<(Vec<u8>, Entry)>,
+        check: &dyn Fn(&[u8]) -> Check,
+    ) -> Result<()> {
+        let wanted: HashSet<&[u8]> = want.iter().map(|(p, _)| p.as_slice()).collect();
+        // Only a real directory is walked (never through a symlink).
+        let walkable = match RelPath::new(prefix.to_vec()) {
+            Ok(rp) => self
+                .sb
+                .tree
+                .stat(&rp)
+                .ok()
+                .flatten()
+                .is_some_and(|st| file_type(&st) == rustix::fs::FileType::Directory),
+            Err(_) => prefix.is_empty(),
+        };
+        if walkable {
+            let mut have: Vec<Vec<u8>> = walkdir(dir)?
+                .into_iter()
+                .filter_map(|abs| {
+                    abs.strip_prefix(&self.sb.root)
+                        .ok()
+                        .map(|r| r.as_os_str().as_bytes().to_vec())
+                })
+                .collect();
+            have.sort();
+            let mut gone: HashSet<Vec<u8>> = HashSet::new();
+            for h in have {
+                if wanted.contains(h.as_slice()) || under_any(&h, &gone) {
+                    continue;
+                }
+                self.remove(&h);
+                gone.insert(h);
+            }
+        }
+        for (p, _) in &want {
+            self.path(p, check(p))?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, p: &[u8]) {
+        let Ok(rp) = RelPath::new(p.to_vec()) else {
+            // A name the tree cannot hold was never written there.
+            return;
+        };
+        match self.sb.tree.remove_all(&rp) {
+            Ok(()) => {
+                self.removed += 1;
+                self.note_parent(p);
+            }
+            Err(e) => self.problem(p, format!("removing: {e}")),
+        }
+    }
+
+    /// Makes the one path `p` equal to the state (a directory's contents
+    /// are not looked at).
+    fn path(&mut self, p: &[u8], mut check: Check) -> Result<()> {
+        if check == Check::Rewrite && self.rewritten.contains(p) {
+            check = Check::Quick;
+        }
+        let rp = match RelPath::new(p.to_vec()) {
+            Ok(rp) => rp,
+            Err(why) => {
+                self.problem(p, format!("refused: {why}; nothing was written for it"));
+                return Ok(());
+            }
+        };
+        let want = self.snap.entry(p)?;
+        let have = match self.sb.tree.stat(&rp) {
+            Ok(h) => h,
+            Err(e) => {
+                self.problem(p, format!("reading what is there: {e}"));
+                return Ok(());
+            }
+        };
+        let Some(want) = want else {
+            if have.is_some() {
+                self.remove(p);
+            }
+            return Ok(());
+        };
+        let parent_dir = parent(p);
+        if !parent_dir.is_empty() && !self.is_dir(parent_dir) {
+            // The parent is missing from the tree or is not a directory
+            // there: bring it in first.
+            self.path(parent_dir, Check::Quick)?;
+            if !self.is_dir(parent_dir) {
+                self.problem(p, "its directory is not in the dataset");
+                return Ok(());
+            }
+        }
+        let kind = have.as_ref().map(file_type);
+        let is_dir_now = kind == Some(rustix::fs::FileType::Directory);
+        match &want.node {
+            Node::Dir => {
+                if !is_dir_now {
+                    if have.is_some() {
+                        self.remove(p);
+                    }
+                    match self.sb.tree.mkdir(&rp) {
+                        Ok(()) => {
+                            self.written += 1;
+                            self.note_parent(p);
+                        }
+                        Err(e) => self.problem(p, format!("creating directory: {e}")),
+                    }
+                }
+                self.dirs.insert(p.to_vec());
+            }
+            Node::File { chunks } => {
+                if let Some(st) = &have {
+                    if check != Check::Rewrite
+                        && kind == Some(rustix::fs::FileType::RegularFile)
+                        && u64::try_from(st.st_size).ok() == Some(want.size)
+                        && mtime_ns(st) == want.mtime_ns
+                        && (st.st_mode & 0o7777) == (want.mode & 0o7777)
+                        && (check == Check::Quick || self.same_content(p, &want))
+                    {
+                        return Ok(());
+                    }
+                }
+                if is_dir_now {
+                    self.remove(p);
+                }
+                self.write_file(&rp, &want, chunks);
+            }
+            Node::Symlink { target } => {
+                if kind == Some(rustix::fs::FileType::Symlink)
+                    && have
+                        .as_ref()
+                        .is_some_and(|st| mtime_ns(st) == want.mtime_ns)
+                    && self.sb.tree.read_link(&rp).is_ok_and(|t| &t == target)
+                {
+                    return Ok(());
+                }
+                if is_dir_now {
+                    self.remove(p);
+                }
+                let tmp = self.sb.tmp_name();
+                match self.sb.tree.symlink(&rp, &tmp, target, want.mtime_ns) {
+                    Ok(()) => {
+                        self.written += 1;
+                        self.note_parent(p);
+                    }
+                    Err(e) => self.problem(p, format!("creating symlink: {e}")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_dir(&self, p: &[u8]) -> bool {
+        RelPath::new(p.to_vec()).is_ok_and(|rp| {
+            self.sb
+                .tree
+                .stat(&rp)
+                .ok()
+                .flatten()
+                .is_some_and(|st| file_type(&st) == rustix::fs::FileType::Directory)
+        })
+    }
+
+    /// Whether the file at `p` holds `want`'s chunks (cut and identified as
+    /// the source does).
+    fn same_content(&self, p: &[u8], want: &Entry) -> bool {
+        let abs = self.sb.root.join(std::ffi::OsStr::from_bytes(p));
+        matches!(entry_from_disk(self.keys, &abs), Ok(Some(e)) if e.node == want.node)
+    }
+
+    fn write_file(&mut self, rp: &RelPath, want: &Entry, chunks: &[ChunkRef]) {
+        let tmp = self.sb.tmp_name();
+        let (snap, keys) = (self.snap, self.keys);
+        let fetch = |c: &ChunkRef| {
+            let meta = snap
+                .chunk_meta(&c.id)
+                .map_err(|e| format!("chunk {}: {e}", c.id))?;
+            let sealed = snap
+                .chunk(&c.id)
+                .map_err(|e| format!("chunk {}: store read failed: {e}", c.id))?
+                .map(|s| s.sealed);
+            open_stored(keys, c, meta, sealed)
+        };
+        let res = self.sb.tree.write_file(rp, &tmp, |f| {
+            fill_file(&fetch, f, want, chunks, &self.bytes, &|_| {})
+        });
+        match res {
+            Ok(()) => {
+                self.written += 1;
+                self.note_parent(rp.as_bytes());
+                self.rewritten.insert(rp.as_bytes().to_vec());
+            }
+            Err(why) => self.problem(rp.as_bytes(), why),
+        }
+    }
+
+    /// Sets every touched directory's mode and mtime, deepest first, and
+    /// says what the pass did.
+    fn finish(mut self, seq: u64) -> Pass {
+        let dirs = std::mem::take(&mut self.dirs);
+        for d in dirs.iter().rev() {
+            let Ok(rp) = RelPath::new(d.clone()) else {
+                continue;
+            };
+            match self.snap.entry(d) {
+                Ok(Some(e)) if e.is_dir() => {
+                    if let Err(err) = self.sb.tree.set_dir_meta(&rp, e.mode, e.mtime_ns) {
+                        self.problem(d, format!("setting directory metadata: {err}"));
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => self.problem(d, format!("reading its entry: {err}")),
+            }
+        }
+        Pass {
+            seq,
+            records: self.records,
+            written: self.written,
+            removed: self.removed,
+            bytes: self.bytes.load(Ordering::Relaxed),
+            problems: self.problems,
+        }
+    }
+}
