@@ -100,6 +100,9 @@ impl Stats {
     }
 }
 
+/// Files of a round queued for the committer, answered at its end.
+type Queued<'a> = Mutex<Vec<(Vec<u8>, vault::dataset::Ticket<'a>)>>;
+
 /// Paths with events not yet handled: whether a directory there must be
 /// scanned whole, and when its first and last events came.
 #[derive(Default)]
@@ -116,8 +119,8 @@ impl PendingPaths {
         self.0.len()
     }
 
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    fn contains(&self, p: &Path) -> bool {
+        self.0.contains_key(p)
     }
 
     /// Removes and returns the paths quiet for `quiet`, or pending for
@@ -347,8 +350,10 @@ impl DirSource {
         let mut need_full: Option<Instant> = None;
         let mut next_rescan = Instant::now() + self.settings.rescan_interval;
         let debounce = self.settings.debounce;
+        let tick = Duration::from_millis(50).min(debounce);
+        let mut next_tick = Instant::now();
         while !stop.load(Ordering::Acquire) {
-            match rx.recv_timeout(Duration::from_millis(50).min(debounce)) {
+            match rx.recv_timeout(tick) {
                 Ok(Ok(ev)) => {
                     self.stats.last_event_ns.store(now_ns(), Ordering::Release);
                     let now = Instant::now();
@@ -384,6 +389,14 @@ impl DirSource {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
+            // Rounds, rescans and re-reads are looked at once per tick, not
+            // after every event: under a stream of thousands of events a
+            // second, walking the pending paths each time would cost more
+            // than the rounds themselves.
+            if now < next_tick {
+                continue;
+            }
+            next_tick = now + tick;
             if need_full.is_some_and(|t| now.duration_since(t) >= debounce) {
                 self.stats.busy.store(true, Ordering::Release);
                 let result = self.full_scan(now_ns().saturating_sub(RACY_NS));
@@ -416,12 +429,14 @@ impl DirSource {
                 self.stats.busy.store(false, Ordering::Release);
                 r?;
             }
-            // Racy re-reads wait while a round is pending; they stay queued.
+            // Racy re-reads of paths with no event pending (a pending one
+            // is read by its round anyway; it stays queued till then), and
+            // none while a full scan is due.
             let due: Vec<Vec<u8>> = match self.racy.lock() {
-                Ok(mut r) if pending.is_empty() && need_full.is_none() => {
+                Ok(mut r) if need_full.is_none() => {
                     let due: Vec<Vec<u8>> = r
                         .iter()
-                        .filter(|(_, t)| **t <= now)
+                        .filter(|(p, t)| **t <= now && !pending.contains(&self.abs(p)))
                         .map(|(p, _)| p.clone())
                         .collect();
                     for p in &due {
@@ -723,6 +738,7 @@ impl DirSource {
         if !files.is_empty() {
             let next = AtomicU64::new(0);
             let failure: Mutex<Option<SourceError>> = Mutex::new(None);
+            let queued: Queued<'_> = Mutex::new(Vec::new());
             let workers = self.settings.workers.min(files.len());
             std::thread::scope(|s| {
                 for _ in 0..workers {
@@ -734,7 +750,7 @@ impl DirSource {
                         let Some((rel, force)) = files.get(i) else {
                             break;
                         };
-                        if let Err(e) = self.ingest_file(rel, *force) {
+                        if let Err(e) = self.ingest_file(rel, *force, Some(&queued)) {
                             if let Ok(mut f) = failure.lock() {
                                 f.get_or_insert(e);
                             }
@@ -746,6 +762,16 @@ impl DirSource {
             });
             if let Some(e) = failure.into_inner().ok().flatten() {
                 return Err(e);
+            }
+            for (rel, ticket) in queued.into_inner().unwrap_or_default() {
+                match ticket.wait() {
+                    Ok(_) => {
+                        self.stats.files_ingested.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A chunk it relied on was freed meanwhile: read again.
+                    Err(SubmitError::Missing(_)) => self.ingest_file(&rel, true, None)?,
+                    Err(SubmitError::Vault(e)) => return Err(e.into()),
+                }
             }
             self.check_stop()?;
         }
@@ -771,7 +797,12 @@ impl DirSource {
 
     /// Reads, cuts and seals one file and logs it. `force` reads it even if
     /// its metadata matches the namespace (racy re-checks).
-    fn ingest_file(&self, rel: &[u8], force: bool) -> Result<(), SourceError> {
+    fn ingest_file<'a>(
+        &'a self,
+        rel: &[u8],
+        force: bool,
+        queue: Option<&Queued<'a>>,
+    ) -> Result<(), SourceError> {
         let abs = self.abs(rel);
         let keys = self.ds.keys();
         let mut pinned: Vec<ChunkId> = Vec::new();
@@ -884,6 +915,21 @@ impl DirSource {
                 return Ok(());
             }
             let sealed = crate::ingest::seal(keys, &batch);
+            if let (Some(q), true) = (queue, pinned.is_empty()) {
+                // Queued, answered at the end of the round: the round's
+                // files share group commits. (A file with pinned batches
+                // waits here, so a failure can still unpin them.)
+                let ticket = self.ds.submit_queued(ops, sealed).map_err(|e| match e {
+                    SubmitError::Vault(e) => SourceError::from(e),
+                    SubmitError::Missing(_) => SourceError::from(vault::VaultError::Closed(
+                        "queueing reported missing chunks".into(),
+                    )),
+                })?;
+                if let Ok(mut q) = q.lock() {
+                    q.push((rel.to_vec(), ticket));
+                }
+                return Ok(());
+            }
             match self.ds.submit(ops, sealed) {
                 Ok(_) => {
                     pinned.clear();

@@ -149,7 +149,10 @@ fn main() {
         ),
     )
     .expect("lsyncd config");
-    let mut lsyncd = std::process::Command::new("lsyncd")
+    // `--only triad` leaves lsyncd out (to look at triad alone); the
+    // comparison needs both in one run.
+    let with_lsyncd = arg("--only").is_none_or(|o| o != "triad");
+    let mut lsyncd = std::process::Command::new(if with_lsyncd { "lsyncd" } else { "true" })
         .arg(&lcfg)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -162,7 +165,7 @@ fn main() {
     std::fs::create_dir(lsrc.join("load")).expect("load dir");
     let targets: Vec<PathBuf> = triad_targets
         .iter()
-        .chain(&ltargets)
+        .chain(ltargets.iter().filter(|_| with_lsyncd))
         .map(|t| t.join("load"))
         .collect();
     wait_for(
@@ -177,6 +180,34 @@ fn main() {
     eprintln!(
         "writing {n} files of {size} B at {rate}/s into both sources ({seconds} s); triad: primary -> 2 standby trees, lsyncd + rsync (delay = 1) -> 2 targets"
     );
+    // Where triad's time goes: the largest backlog seen at each stage.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (statuses, sampling) = (sites.statuses.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut worst = [0u64; 5];
+            while sampling.load(std::sync::atomic::Ordering::Acquire) {
+                let v: Vec<serde_json::Value> = statuses
+                    .iter()
+                    .map(|p| triad_tests::status(p).unwrap_or_default())
+                    .collect();
+                let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+                worst[0] = worst[0].max(n(&v[0]["source"]["pending_paths"]));
+                for f in v[0]["replication"]["followers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let i = if f["site"] == "b" { 1 } else { 2 };
+                    worst[i] = worst[i].max(n(&f["lag_records"]));
+                }
+                worst[3] = worst[3].max(n(&v[1]["standby"]["lag_records"]));
+                worst[4] = worst[4].max(n(&v[2]["standby"]["lag_records"]));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            worst
+        })
+    };
     let body = vec![0x5au8; size];
     let mut written: Vec<Instant> = Vec::with_capacity(n as usize);
     let start = Instant::now();
@@ -189,7 +220,9 @@ fn main() {
         let mut b = body.clone();
         b[..8].copy_from_slice(&i.to_le_bytes());
         std::fs::write(src.join("load").join(&name), &b).expect("write");
-        std::fs::write(lsrc.join("load").join(&name), &b).expect("write");
+        if with_lsyncd {
+            std::fs::write(lsrc.join("load").join(&name), &b).expect("write");
+        }
         written.push(Instant::now());
     }
     let write_s = start.elapsed().as_secs_f64();
@@ -218,6 +251,8 @@ fn main() {
     };
     let (triad, triad_missing) = lags([0, 1]);
     let (lsync, lsync_missing) = lags([2, 3]);
+    sampling.store(false, std::sync::atomic::Ordering::Release);
+    let worst = sampler.join().expect("sampler");
     let rss: Vec<f64> = sites
         .children
         .iter()
@@ -249,6 +284,10 @@ fn main() {
         "triad p99 / lsyncd p99: {:.2}   triad p50 / lsyncd p50: {:.2}",
         percentile(&triad, 0.99) / percentile(&lsync, 0.99),
         percentile(&triad, 0.5) / percentile(&lsync, 0.5)
+    );
+    println!(
+        "triad's largest backlogs: source pending paths {}, records not acked by same-city {} / remote {}, records not in the standby tree at same-city {} / remote {}",
+        worst[0], worst[1], worst[2], worst[3], worst[4]
     );
     println!(
         "peak RSS MiB: primary {:.0}, same-city {:.0}, remote {:.0}",
