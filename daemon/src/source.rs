@@ -161,6 +161,14 @@ pub struct DirSource {
     stats: Arc<Stats>,
     /// Files to read again once their mtime is safely in the past.
     racy: Mutex<HashMap<Vec<u8>, Instant>>,
+    /// Whether every change reaches us as an inotify event: the whole tree
+    /// is watched and no watch error or overflow has been seen. While it
+    /// holds, a file read with a recent mtime is not queued for a second
+    /// read: a later write within the same mtime tick still sends an event,
+    /// and the event's round reads a file with a recent recorded mtime
+    /// again even if size and mtime look unchanged. Once it fails, every
+    /// such file is read again after RACY_NS, as a scan needs.
+    events_complete: AtomicBool,
     /// Set on SIGTERM: long scans and rounds give up early (the next start's
     /// full scan picks up whatever was left).
     stop: Arc<AtomicBool>,
@@ -255,6 +263,7 @@ impl DirSource {
             ds,
             stats,
             racy: Mutex::new(HashMap::new()),
+            events_complete: AtomicBool::new(false),
             stop,
             gate: None,
         })
@@ -330,6 +339,8 @@ impl DirSource {
             );
             tracing::error!("{msg}");
             self.stats.note_error(msg);
+        } else {
+            self.events_complete.store(true, Ordering::Release);
         }
         let head_ns = self.ds.status().last_commit_ns;
         self.full_scan(head_ns.saturating_sub(RACY_NS))?;
@@ -358,6 +369,7 @@ impl DirSource {
                     self.stats.last_event_ns.store(now_ns(), Ordering::Release);
                     let now = Instant::now();
                     if ev.need_rescan() {
+                        self.events_complete.store(false, Ordering::Release);
                         need_full.get_or_insert(now);
                     }
                     let deep = matches!(
@@ -381,7 +393,9 @@ impl DirSource {
                         .store(pending.len() as u64, Ordering::Release);
                 }
                 Ok(Err(e)) => {
-                    // inotify trouble (often an overflow): rescan everything.
+                    // inotify trouble (often an overflow): rescan everything,
+                    // and from now on read recent files a second time.
+                    self.events_complete.store(false, Ordering::Release);
                     tracing::warn!(error = %e, "watch error; scheduling a full rescan");
                     need_full.get_or_insert(Instant::now());
                 }
@@ -697,7 +711,11 @@ impl DirSource {
                     if md.is_dir() && (deep || !old.as_ref().is_some_and(|o| o.is_dir())) {
                         self.scan_into(&r, &mut plan, i64::MAX)?;
                     }
-                    self.plan_path(&r, &md, old.as_ref(), &mut plan, i64::MAX);
+                    // A file recorded with a recent mtime is read again
+                    // even if it looks unchanged: this event may be a second
+                    // write within the same mtime tick.
+                    let racy_before = now_ns().saturating_sub(RACY_NS);
+                    self.plan_path(&r, &md, old.as_ref(), &mut plan, racy_before);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     if old.is_some() {
@@ -900,7 +918,8 @@ impl DirSource {
                 mtime_ns: meta_mtime_ns(&md1),
                 size: md1.len(),
             };
-            if now_ns() - entry.mtime_ns < RACY_NS {
+            if now_ns() - entry.mtime_ns < RACY_NS && !self.events_complete.load(Ordering::Acquire)
+            {
                 self.queue_reread(rel, Duration::from_nanos(RACY_NS as u64));
             }
             let mut ops = Vec::new();

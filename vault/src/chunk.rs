@@ -187,13 +187,38 @@ pub fn cut(data: &[u8]) -> Vec<Cut> {
 }
 
 /// Streams a reader into content-defined chunks, each with its plaintext.
-pub fn stream<R: std::io::Read>(reader: R) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
-    fastcdc::v2020::StreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX).map(|r| {
-        r.map(|c| c.data).map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(io) => io,
-            other => std::io::Error::other(other.to_string()),
-        })
-    })
+///
+/// Input shorter than [`CHUNK_MIN`] is one chunk whatever its content (the
+/// cutter never cuts before the minimum), so it is read into a buffer of its
+/// own size: the cutter's buffer is [`CHUNK_MAX`] bytes, zeroed when made,
+/// which for a 4 KiB file cost a hundred times the work of the file itself.
+/// Longer input goes through the cutter whole, prefix included, so the cut
+/// points are exactly the cutter's.
+pub fn stream<'a, R: std::io::Read + 'a>(
+    mut reader: R,
+) -> Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + 'a> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    match (&mut reader)
+        .take(u64::from(CHUNK_MIN))
+        .read_to_end(&mut head)
+    {
+        Err(e) => return Box::new(std::iter::once(Err(e))),
+        Ok(n) if n < CHUNK_MIN as usize => {
+            // The whole input: nothing (an empty file has no chunk) or one chunk.
+            return Box::new((!head.is_empty()).then_some(Ok(head)).into_iter());
+        }
+        Ok(_) => {}
+    }
+    let joined = std::io::Cursor::new(head).chain(reader);
+    Box::new(
+        fastcdc::v2020::StreamCDC::new(joined, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX).map(|r| {
+            r.map(|c| c.data).map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(io) => io,
+                other => std::io::Error::other(other.to_string()),
+            })
+        }),
+    )
 }
 
 /// Ids of many plaintexts, hashed in parallel.
@@ -210,6 +235,24 @@ pub fn seal_many(keys: &Keys, items: &[(ChunkId, &[u8])]) -> Vec<SealedChunk> {
 mod tests {
     use super::*;
     use crate::keys::DatasetKey;
+
+    /// Short input skips the cutter; every length gets the cutter's own
+    /// cut points.
+    #[test]
+    fn stream_cuts_exactly_as_the_cutter_does() {
+        let mut data = vec![0u8; 3 << 20];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+        let min = CHUNK_MIN as usize;
+        for len in [0, 1, 4096, min - 1, min, min + 1, 3 << 20] {
+            let input = &data[..len];
+            let ours: Vec<Vec<u8>> = stream(input).map(|c| c.unwrap()).collect();
+            let cutter: Vec<Vec<u8>> =
+                fastcdc::v2020::StreamCDC::new(input, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                    .map(|c| c.unwrap().data)
+                    .collect();
+            assert_eq!(ours, cutter, "length {len}");
+        }
+    }
 
     #[test]
     fn seal_is_deterministic_and_opens() {

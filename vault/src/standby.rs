@@ -543,6 +543,19 @@ impl<'a, 'b> Syncer<'a, 'b> {
             }
         };
         let want = self.snap.entry(p)?;
+        if check == Check::Rewrite {
+            // The common case under load, a file put: written straight
+            // away, without first looking at what is there. Only if that
+            // fails (a directory in its place, its parent missing) does the
+            // path go the long way below.
+            if let Some(w) = &want {
+                if let Node::File { chunks } = &w.node {
+                    if self.try_write_file(&rp, w, chunks).is_ok() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
         let have = match self.sb.tree.stat(&rp) {
             Ok(h) => h,
             Err(e) => {
@@ -645,6 +658,18 @@ impl<'a, 'b> Syncer<'a, 'b> {
     }
 
     fn write_file(&mut self, rp: &RelPath, want: &Entry, chunks: &[ChunkRef]) {
+        if let Err(why) = self.try_write_file(rp, want, chunks) {
+            self.problem(rp.as_bytes(), why);
+        }
+    }
+
+    /// Writes the file at `rp` (through a temporary name), counting it.
+    fn try_write_file(
+        &mut self,
+        rp: &RelPath,
+        want: &Entry,
+        chunks: &[ChunkRef],
+    ) -> std::result::Result<(), String> {
         let tmp = self.sb.tmp_name();
         let (snap, keys) = (self.snap, self.keys);
         let fetch = |c: &ChunkRef| {
@@ -660,14 +685,11 @@ impl<'a, 'b> Syncer<'a, 'b> {
         let res = self.sb.tree.write_file(rp, &tmp, |f| {
             fill_file(&fetch, f, want, chunks, &self.bytes, &|_| {})
         });
-        match res {
-            Ok(()) => {
-                self.written += 1;
-                self.note_parent(rp.as_bytes());
-                self.rewritten.insert(rp.as_bytes().to_vec());
-            }
-            Err(why) => self.problem(rp.as_bytes(), why),
-        }
+        res.map(|()| {
+            self.written += 1;
+            self.note_parent(rp.as_bytes());
+            self.rewritten.insert(rp.as_bytes().to_vec());
+        })
     }
 
     /// Sets every touched directory's mode and mtime, deepest first, and
