@@ -2,24 +2,15 @@
 //! reference counts and the running digest stay exact across renames of
 //! trees, kind changes, deletes of subtrees, pins and a reopen.
 
-use vault::chunk::{self, ChunkId};
-use vault::ops::{ChunkRef, Entry, Node, Op};
+mod common;
+
+use common::put;
+use vault::chunk::ChunkId;
+use vault::ops::{Entry, Node, Op};
 use vault::{Dataset, DatasetKey, Options, SubmitError};
 
 fn file(keys: &vault::Keys, data: &[u8]) -> (Entry, vault::SealedChunk) {
-    let id = ChunkId::of(keys, data);
-    let e = Entry {
-        node: Node::File {
-            chunks: vec![ChunkRef {
-                id,
-                len: data.len() as u32,
-            }],
-        },
-        mode: 0o644,
-        mtime_ns: 1_700_000_000_000_000_000,
-        size: data.len() as u64,
-    };
-    (e, chunk::seal(keys, id, data))
+    common::file_entry(keys, data, 0o644, 1_700_000_000_000_000_000)
 }
 
 fn dir() -> Entry {
@@ -28,13 +19,6 @@ fn dir() -> Entry {
         mode: 0o755,
         mtime_ns: 1,
         size: 0,
-    }
-}
-
-fn put(path: &str, entry: Entry) -> Op {
-    Op::Put {
-        path: path.as_bytes().to_vec(),
-        entry,
     }
 }
 

@@ -7,26 +7,12 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use vault::chunk::{self, ChunkId};
-use vault::ops::{ChunkRef, Entry, Node, Op};
+mod common;
+
+use common::put;
+use vault::ops::{Entry, Node, Op};
 use vault::standby::Standby;
 use vault::{Dataset, DatasetKey, Options};
-
-fn file(keys: &vault::Keys, data: &[u8], mtime_ns: i64) -> (Entry, vault::SealedChunk) {
-    let id = ChunkId::of(keys, data);
-    let e = Entry {
-        node: Node::File {
-            chunks: vec![ChunkRef {
-                id,
-                len: data.len() as u32,
-            }],
-        },
-        mode: 0o640,
-        mtime_ns,
-        size: data.len() as u64,
-    };
-    (e, chunk::seal(keys, id, data))
-}
 
 fn dir(mode: u32) -> Entry {
     Entry {
@@ -37,15 +23,8 @@ fn dir(mode: u32) -> Entry {
     }
 }
 
-fn put(path: &str, entry: Entry) -> Op {
-    Op::Put {
-        path: path.as_bytes().to_vec(),
-        entry,
-    }
-}
-
 fn put_file(ds: &Dataset, path: &str, data: &[u8], mtime_ns: i64) {
-    let (e, c) = file(ds.keys(), data, mtime_ns);
+    let (e, c) = common::file_entry(ds.keys(), data, 0o640, mtime_ns);
     ds.submit(vec![put(path, e)], vec![c]).unwrap();
 }
 
