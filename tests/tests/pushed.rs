@@ -152,7 +152,8 @@ fn put_and_get_round_trip_and_follow_archive_command_rules() {
     // Every site ends with the same copy; the remote serves the base backup.
     wait_replicated(&d.a, &[&d.b, &d.c], Duration::from_secs(60));
     let tar_back = work.join("tar-from-c");
-    assert!(get(&d.c, "base-1.tar", &tar_back).status.success());
+    let o = get(&d.c, "base-1.tar", &tar_back);
+    assert!(o.status.success(), "{}", err(&o));
     assert_eq!(std::fs::read(&tar_back).unwrap(), tar);
     // Puts go to the primary only.
     let o = put(&d.b, &seg, "000000010000000000000002");
