@@ -815,6 +815,27 @@ impl DirSource {
 
     /// Reads, cuts and seals one file and logs it. `force` reads it even if
     /// its metadata matches the namespace (racy re-checks).
+    /// Queues a file's record, answered at the end of the round, so the
+    /// round's files share group commits.
+    fn queue_file<'a>(
+        &'a self,
+        rel: &[u8],
+        ops: Vec<Op>,
+        sealed: Vec<vault::SealedChunk>,
+        queue: &Queued<'a>,
+    ) -> Result<(), SourceError> {
+        let ticket = self.ds.submit_queued(ops, sealed).map_err(|e| match e {
+            SubmitError::Vault(e) => SourceError::from(e),
+            SubmitError::Missing(_) => SourceError::from(vault::VaultError::Closed(
+                "queueing reported missing chunks".into(),
+            )),
+        })?;
+        if let Ok(mut q) = queue.lock() {
+            q.push((rel.to_vec(), ticket));
+        }
+        Ok(())
+    }
+
     fn ingest_file<'a>(
         &'a self,
         rel: &[u8],
@@ -935,19 +956,9 @@ impl DirSource {
             }
             let sealed = crate::ingest::seal(keys, &batch);
             if let (Some(q), true) = (queue, pinned.is_empty()) {
-                // Queued, answered at the end of the round: the round's
-                // files share group commits. (A file with pinned batches
-                // waits here, so a failure can still unpin them.)
-                let ticket = self.ds.submit_queued(ops, sealed).map_err(|e| match e {
-                    SubmitError::Vault(e) => SourceError::from(e),
-                    SubmitError::Missing(_) => SourceError::from(vault::VaultError::Closed(
-                        "queueing reported missing chunks".into(),
-                    )),
-                })?;
-                if let Ok(mut q) = q.lock() {
-                    q.push((rel.to_vec(), ticket));
-                }
-                return Ok(());
+                // A file with pinned batches waits below instead, so a
+                // failure can still unpin them.
+                return self.queue_file(rel, ops, sealed, q);
             }
             match self.ds.submit(ops, sealed) {
                 Ok(_) => {
