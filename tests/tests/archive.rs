@@ -236,16 +236,19 @@ fn a_failing_store_delays_the_archive_but_never_breaks_it() {
             );
         }
     }
-    // One more that must succeed, however many retries it takes.
+    // One more that must succeed, however many retries it takes; and more
+    // until the proxy has injected a few faults (how many connections the
+    // store client opens depends on timing, and so how many faults come).
     let start = Instant::now();
-    loop {
+    let faults = || proxy.faults.load(std::sync::atomic::Ordering::Relaxed);
+    let mut through = false;
+    while !through || faults() < 5 {
         let out = triad(&["snapshot", "--dataset", "files", "--json"], &site.config);
-        if out.status.success() {
-            break;
-        }
+        through |= out.status.success();
         assert!(
             start.elapsed() < Duration::from_secs(240),
-            "no snapshot got through"
+            "after 240 s: a snapshot got through: {through}; faults injected: {}",
+            faults()
         );
     }
     site.wait_shipped(last, Duration::from_secs(240));
