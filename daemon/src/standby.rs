@@ -166,7 +166,9 @@ fn follow(sb: &Standby, ds: &Dataset, stats: &StandbyStats, stop: &AtomicBool) {
                 }
             }
         }
-        if saved_seq != Some(seq) && saved_at.elapsed() >= SAVE_EVERY {
+        // Only a tree the last pass left equal is worth a cursor: a restart
+        // trusts size and mtime for what the cursor covers.
+        if saved_seq != Some(seq) && saved_at.elapsed() >= SAVE_EVERY && !reconcile {
             save(sb, ds, stats, seq);
             saved_seq = Some(seq);
             saved_at = Instant::now();
