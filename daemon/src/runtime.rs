@@ -49,10 +49,14 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
         .map(|a| a.shipped.load(Ordering::Acquire).saturating_add(1))
         .unwrap_or(u64::MAX);
     // And from the standby tree's saved cursor on: a restart rechecks what
-    // those records put.
+    // those records put. Not while the tree has paths it cannot make equal:
+    // its cursor then stops moving, and a log held for it would grow until
+    // the disk is full (without those records a restart compares every file
+    // by content instead).
     let standby = r
         .standby
         .as_ref()
+        .filter(|s| s.problems.load(Ordering::Relaxed) == 0)
         .map(|s| s.keep_from.load(Ordering::Acquire))
         .filter(|k| *k > 0)
         .unwrap_or(u64::MAX);

@@ -40,6 +40,8 @@ pub struct StandbyStats {
     pub last_error: Mutex<Option<String>>,
     /// The first log seq the tree still needs kept (0: none).
     pub keep_from: AtomicU64,
+    /// When the tree last had every record the dataset had.
+    pub caught_up_ns: std::sync::atomic::AtomicI64,
 }
 
 impl StandbyStats {
@@ -49,10 +51,13 @@ impl StandbyStats {
         let head = ds.head_seq();
         // The oldest record not yet in the tree, by its commit time at the
         // primary: the age of the oldest change a reader does not see yet.
+        // When that time is not known (records from before this start),
+        // the time since the tree last had everything.
         let lag_seconds = if head > seq {
-            ds.commit_time(seq + 1)
-                .map(|t| (vault::dataset::now_ns() - t).max(0) as f64 / 1e9)
-                .unwrap_or(0.0)
+            let since = ds
+                .commit_time(seq + 1)
+                .unwrap_or_else(|| self.caught_up_ns.load(Ordering::Acquire));
+            (vault::dataset::now_ns() - since).max(0) as f64 / 1e9
         } else {
             0.0
         };
@@ -96,6 +101,7 @@ pub fn start(
     let sb = Standby::open(&root, &cursor_file)?;
     let stats = Arc::new(StandbyStats {
         path: root,
+        caught_up_ns: std::sync::atomic::AtomicI64::new(vault::dataset::now_ns()),
         ..StandbyStats::default()
     });
     stats.keep_from.store(sb.keep_from(), Ordering::Release);
@@ -117,13 +123,21 @@ fn pause(stop: &AtomicBool, d: Duration) {
 
 fn follow(sb: &Standby, ds: &Dataset, stats: &StandbyStats, stop: &AtomicBool) {
     let name = ds.name();
-    let mut reconcile = true;
     let mut seq = 0u64;
+    // When the next whole-tree reconcile is due: at start, and after a pass
+    // or reconcile that left paths unequal (with a growing pause). Passes go
+    // on meanwhile, so one path that cannot be fixed does not stop the rest
+    // of the tree from following.
+    let mut reconcile_at = Some(Instant::now());
+    let mut retry = RETRY_AFTER;
+    // Whether the tree is known equal to the dataset at `seq`: only then is
+    // a cursor saved (a restart trusts size and mtime for what it covers).
+    let mut equal = false;
     let mut saved_at = Instant::now();
     let mut saved_seq = None;
-    let mut retry = RETRY_AFTER;
     while !stop.load(Ordering::Acquire) {
-        if reconcile {
+        let ready = stats.ready.load(Ordering::Acquire);
+        if reconcile_at.is_some_and(|t| Instant::now() >= t) {
             let started = Instant::now();
             match sb.reconcile(ds) {
                 Ok(pass) => {
@@ -132,49 +146,72 @@ fn follow(sb: &Standby, ds: &Dataset, stats: &StandbyStats, stop: &AtomicBool) {
                     stats.ready.store(true, Ordering::Release);
                     seq = pass.seq;
                     tracing::info!(dataset = name, seq, written = pass.written, removed = pass.removed, took = ?started.elapsed(), "standby tree reconciled with the dataset");
-                    reconcile = !clean(name, stats, &pass);
+                    equal = clean(name, stats, &pass);
                 }
                 Err(e) => {
                     tracing::error!(dataset = name, error = %e, "standby tree: reconcile failed; trying again");
+                    stats.problems.store(1, Ordering::Relaxed);
                     stats.set_error(Some(format!("reconcile failed: {e}")));
+                    equal = false;
                 }
             }
-            if reconcile {
-                pause(stop, retry);
+            if equal {
+                reconcile_at = None;
+                retry = RETRY_AFTER;
+            } else {
+                reconcile_at = Some(Instant::now() + retry);
                 retry = (retry * 2).min(RETRY_MAX);
-                continue;
             }
-            retry = RETRY_AFTER;
+        }
+        if !stats.ready.load(Ordering::Acquire) {
+            // No reconcile has finished yet: there is no seq to follow from.
+            pause(stop, Duration::from_millis(250));
+            continue;
         }
         let head = ds.wait_head_above(seq, Duration::from_millis(250));
-        if head > seq {
+        if head > seq && ready {
             match sb.apply(ds, seq + 1) {
                 Ok(Some(pass)) => {
-                    stats.note(&pass);
                     seq = pass.seq;
-                    reconcile = !clean(name, stats, &pass);
+                    stats.seq.store(seq, Ordering::Release);
+                    stats.written.fetch_add(pass.written, Ordering::Relaxed);
+                    stats.removed.fetch_add(pass.removed, Ordering::Relaxed);
+                    if !pass.problems.is_empty() {
+                        stats
+                            .problems
+                            .store(pass.problems.len() as u64, Ordering::Relaxed);
+                        clean(name, stats, &pass);
+                        equal = false;
+                        reconcile_at.get_or_insert_with(|| Instant::now() + retry);
+                    }
                 }
                 Ok(None) => {
                     tracing::warn!(dataset = name, seq, "standby tree: the log no longer holds the next record (a state transfer replaced it); reconciling the whole tree");
-                    reconcile = true;
+                    equal = false;
+                    reconcile_at = Some(Instant::now());
                 }
                 Err(e) => {
                     tracing::error!(dataset = name, error = %e, "standby tree: pass failed; reconciling");
                     stats.set_error(Some(format!("pass failed: {e}")));
-                    reconcile = true;
+                    equal = false;
+                    reconcile_at.get_or_insert_with(|| Instant::now() + retry);
                     pause(stop, RETRY_AFTER);
                 }
             }
         }
-        // Only a tree the last pass left equal is worth a cursor: a restart
-        // trusts size and mtime for what the cursor covers.
-        if saved_seq != Some(seq) && saved_at.elapsed() >= SAVE_EVERY && !reconcile {
-            save(sb, ds, stats, seq);
-            saved_seq = Some(seq);
+        if seq >= ds.head_seq() {
+            stats
+                .caught_up_ns
+                .store(vault::dataset::now_ns(), Ordering::Release);
+        }
+        if equal && saved_seq != Some(seq) && saved_at.elapsed() >= SAVE_EVERY {
             saved_at = Instant::now();
+            if save(sb, ds, stats, seq) {
+                saved_seq = Some(seq);
+            }
         }
     }
-    if stats.ready.load(Ordering::Acquire) && saved_seq != Some(seq) && !reconcile {
+    if equal && saved_seq != Some(seq) {
         save(sb, ds, stats, seq);
     }
 }
@@ -196,20 +233,25 @@ fn clean(name: &str, stats: &StandbyStats, pass: &Pass) -> bool {
     false
 }
 
-fn save(sb: &Standby, ds: &Dataset, stats: &StandbyStats, seq: u64) {
+/// Saves the cursor at `seq`; whether it was saved.
+fn save(sb: &Standby, ds: &Dataset, stats: &StandbyStats, seq: u64) -> bool {
     let hash = match ds.chain_hash_at(seq) {
         Ok(Some(h)) => h,
         // Nothing applied yet: nothing to remember.
-        Ok(None) => return,
+        Ok(None) => return true,
         Err(e) => {
-            tracing::warn!(dataset = ds.name(), error = %e, "standby tree: cannot read the chain hash to save the cursor");
-            return;
+            tracing::warn!(dataset = ds.name(), error = %e, "standby tree: cannot read the chain hash to save the cursor; will retry");
+            return false;
         }
     };
     match sb.save(seq, hash) {
-        Ok(()) => stats.keep_from.store(sb.keep_from(), Ordering::Release),
+        Ok(()) => {
+            stats.keep_from.store(sb.keep_from(), Ordering::Release);
+            true
+        }
         Err(e) => {
-            tracing::warn!(dataset = ds.name(), error = %e, "standby tree: saving the cursor failed; will retry")
+            tracing::warn!(dataset = ds.name(), error = %e, "standby tree: saving the cursor failed; will retry");
+            false
         }
     }
 }

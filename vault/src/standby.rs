@@ -61,6 +61,14 @@ struct Cursor {
     path: PathBuf,
     seq: u64,
     hash: String,
+    /// The root directory's device and inode when the cursor was written:
+    /// an empty mount point in its place (the disk not mounted) is not the
+    /// tree, and filling it would write the dataset onto the file system
+    /// beneath.
+    #[serde(default)]
+    dev: u64,
+    #[serde(default)]
+    ino: u64,
 }
 
 /// How a file already in the tree is judged against its entry.
@@ -123,6 +131,21 @@ impl Standby {
             Err(e) => return Err(VaultError::io("reading standby cursor", cursor_file, e)),
         };
         let ours = saved.filter(|c| c.path == root);
+        if let (Some(c), Ok(md)) = (&ours, std::fs::metadata(root)) {
+            use std::os::unix::fs::MetadataExt;
+            if c.dev != 0 && (md.dev(), md.ino()) != (c.dev, c.ino) {
+                return Err(refuse(format!(
+                    "is not the directory triad filled (device {} inode {} now, {} {} in its cursor {}): \
+                     a file system that should be mounted there is not, or the directory was replaced; \
+                     mount it, or remove the cursor to have an empty directory filled anew",
+                    md.dev(),
+                    md.ino(),
+                    c.dev,
+                    c.ino,
+                    cursor_file.display()
+                )));
+            }
+        }
         match std::fs::read_dir(root) {
             Ok(mut rd) => {
                 if ours.is_none() && rd.next().is_some() {
@@ -144,7 +167,11 @@ impl Standby {
             root: root.to_path_buf(),
             tree,
             cursor_file: cursor_file.to_path_buf(),
-            saved_next: AtomicU64::new(ours.as_ref().map_or(0, |c| c.seq + 1)),
+            saved_next: AtomicU64::new(
+                ours.as_ref()
+                    .filter(|c| !c.hash.is_empty())
+                    .map_or(0, |c| c.seq + 1),
+            ),
             saved: std::sync::Mutex::new(ours.clone()),
             tmp: AtomicU64::new(0),
         };
@@ -157,18 +184,28 @@ impl Standby {
                 path: root.to_path_buf(),
                 seq: 0,
                 hash: String::new(),
+                dev: 0,
+                ino: 0,
             })?;
         }
         Ok(sb)
     }
 
-    fn write_cursor(&self, c: Cursor) -> Result<()> {
+    fn write_cursor(&self, mut c: Cursor) -> Result<()> {
+        {
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata(&self.root)
+                .map_err(|e| VaultError::io("reading standby tree", &self.root, e))?;
+            (c.dev, c.ino) = (md.dev(), md.ino());
+        }
         let body = serde_json::to_vec(&c).map_err(|e| VaultError::Codec {
             what: "standby cursor",
             reason: e.to_string(),
         })?;
         crate::fs::write_atomic(&self.cursor_file, &body)?;
-        self.saved_next.store(c.seq + 1, Ordering::Release);
+        // A claim (no hash) holds no log: it vouches for nothing.
+        let next = if c.hash.is_empty() { 0 } else { c.seq + 1 };
+        self.saved_next.store(next, Ordering::Release);
         if let Ok(mut s) = self.saved.lock() {
             *s = Some(c);
         }
@@ -193,6 +230,8 @@ impl Standby {
             path: self.root.clone(),
             seq,
             hash: hex::encode(hash),
+            dev: 0,
+            ino: 0,
         })
     }
 
@@ -206,12 +245,12 @@ impl Standby {
             let applied = snap.applied()?;
             let recheck = match saved {
                 Some(c) if ds.chain_hash_at(c.seq)?.map(hex::encode) == Some(c.hash.clone()) => {
-                    self.put_since(ds, c.seq + 1, applied.seq)?
+                    self.put_since(ds, c.seq + 1, applied.seq)
                 }
                 _ => None,
             };
             let check = |p: &[u8]| match &recheck {
-                Some(r) if !r.contains(p) => Check::Quick,
+                Some(r) if !r.covers(p) => Check::Quick,
                 _ => Check::Content,
             };
             let mut s = Syncer::new(self, snap, ds.keys());
@@ -222,34 +261,33 @@ impl Standby {
         })
     }
 
-    /// The paths put by records `from..=to`, or None when the log no
-    /// longer holds them all.
-    fn put_since(&self, ds: &Dataset, from: u64, to: u64) -> Result<Option<HashSet<Vec<u8>>>> {
-        let mut out = HashSet::new();
+    /// What records `from..=to` changed: the paths they put, and the
+    /// targets of their renames (whole subtrees). None when the log no
+    /// longer holds them all, or cannot be read: then everything is
+    /// compared by content.
+    fn put_since(&self, ds: &Dataset, from: u64, to: u64) -> Option<Recheck> {
+        let mut out = Recheck::default();
         if from > to {
-            return Ok(Some(out));
+            return Some(out);
         }
-        let mut tail = match Tail::new(&ds.dir().join("log"), from) {
-            Ok(t) => t,
-            Err(VaultError::LogGap { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        let mut tail = Tail::new(&ds.dir().join("log"), from).ok()?;
         let mut next = from;
         while next <= to {
-            let raw = tail.read(to, PASS_BYTES)?;
-            let Some(last) = raw.last() else {
-                return Ok(None);
-            };
-            next = last.seq + 1;
+            let raw = tail.read(to, PASS_BYTES).ok()?;
+            next = raw.last()?.seq + 1;
             for r in &raw {
-                for op in open_record(ds.keys(), r.seq, &r.payload)? {
-                    if let Op::Put { path, .. } = op {
-                        out.insert(path);
+                for op in open_record(ds.keys(), r.seq, &r.payload).ok()? {
+                    match op {
+                        Op::Put { path, .. } => {
+                            out.paths.insert(path);
+                        }
+                        Op::Rename { to, .. } => out.subtrees.push(to),
+                        _ => {}
                     }
                 }
             }
         }
-        Ok(Some(out))
+        Some(out)
     }
 
     /// One pass: applies the records from `from` on (as many as one pass
@@ -275,6 +313,7 @@ impl Standby {
         // Paths put (their files are rewritten), and subtrees that deletes
         // and renames touched (compared with the state).
         let mut forced: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut recheck = Recheck::default();
         let mut touched: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
         for r in &raw {
             for op in open_record(ds.keys(), r.seq, &r.payload)? {
@@ -289,7 +328,12 @@ impl Standby {
                         touched.insert(path, true);
                     }
                     Op::Rename { from, to } => {
-                        self.move_now(&from, &to, &mut forced);
+                        if !self.move_now(&from, &to) {
+                            // What stands at `to` in the tree did not come
+                            // from `from`: compare it by content.
+                            recheck.subtrees.push(to.clone());
+                        }
+                        carry_over(&mut forced, &from, &to);
                         // The rename changed both parents' mtimes in the
                         // tree: they get their recorded ones back.
                         for p in [parent(&from), parent(&to)] {
@@ -310,6 +354,8 @@ impl Standby {
             let check = |p: &[u8]| {
                 if forced.contains(p) {
                     Check::Rewrite
+                } else if recheck.covers(p) {
+                    Check::Content
                 } else {
                     Check::Quick
                 }
@@ -328,38 +374,24 @@ impl Standby {
     /// Does a rename in the tree as a rename, so a moved directory is not
     /// written again; the subtree is compared with the state afterwards, so
     /// a rename that cannot be done here (or should not have been) only
-    /// costs writes. Files to be rewritten inside the moved subtree are to
-    /// be rewritten at their new place too.
-    fn move_now(&self, from: &[u8], to: &[u8], forced: &mut BTreeSet<Vec<u8>>) {
+    /// costs writes. Whether it was done.
+    fn move_now(&self, from: &[u8], to: &[u8]) -> bool {
         if from == to
             || to.starts_with(&subtree_prefix(from))
             || from.starts_with(&subtree_prefix(to))
         {
-            return;
+            return false;
         }
         let (Ok(f), Ok(t)) = (RelPath::new(from.to_vec()), RelPath::new(to.to_vec())) else {
-            return;
+            return false;
         };
         if !matches!(self.tree.stat(&f), Ok(Some(_))) {
-            return;
+            return false;
         }
         if matches!(self.tree.stat(&t), Ok(Some(_))) && self.tree.remove_all(&t).is_err() {
-            return;
+            return false;
         }
-        if self.tree.rename(&f, &t).is_err() {
-            return;
-        }
-        let prefix = subtree_prefix(from);
-        let moved: Vec<Vec<u8>> = forced
-            .iter()
-            .filter(|p| p.as_slice() == from || p.starts_with(&prefix))
-            .map(|p| {
-                let mut np = to.to_vec();
-                np.extend_from_slice(&p[from.len()..]);
-                np
-            })
-            .collect();
-        forced.extend(moved);
+        self.tree.rename(&f, &t).is_ok()
     }
 
     fn tmp_name(&self) -> Vec<u8> {
@@ -369,6 +401,23 @@ impl Standby {
             self.tmp.fetch_add(1, Ordering::Relaxed)
         )
         .into_bytes()
+    }
+}
+
+/// Paths to compare by content: exact paths, and whole subtrees.
+#[derive(Default)]
+struct Recheck {
+    paths: HashSet<Vec<u8>>,
+    subtrees: Vec<Vec<u8>>,
+}
+
+impl Recheck {
+    fn covers(&self, p: &[u8]) -> bool {
+        self.paths.contains(p)
+            || self
+                .subtrees
+                .iter()
+                .any(|t| p == t.as_slice() || p.starts_with(&subtree_prefix(t)))
     }
 }
 
@@ -387,6 +436,22 @@ fn open_record(keys: &Keys, seq: u64, payload: &[u8]) -> Result<Vec<Op>> {
             reason: "does not decode".into(),
         })?
         .open_ops(keys)
+}
+
+/// Files to be rewritten inside a renamed subtree are to be rewritten at
+/// their new place too.
+fn carry_over(forced: &mut BTreeSet<Vec<u8>>, from: &[u8], to: &[u8]) {
+    let prefix = subtree_prefix(from);
+    let moved: Vec<Vec<u8>> = forced
+        .iter()
+        .filter(|p| p.as_slice() == from || p.starts_with(&prefix))
+        .map(|p| {
+            let mut np = to.to_vec();
+            np.extend_from_slice(&p[from.len()..]);
+            np
+        })
+        .collect();
+    forced.extend(moved);
 }
 
 /// Whether an ancestor of `p` is in `set`.

@@ -252,3 +252,51 @@ fn a_tree_cut_off_during_its_first_fill_is_taken_up_again() {
     assert_eq!(std::fs::read(s.root.join("b")).unwrap(), b"second");
     assert_same_digest(ds, &s.root);
 }
+
+#[test]
+fn a_file_put_and_renamed_over_a_lookalike_in_one_pass_lands_with_its_contents() {
+    let s = setup();
+    let ds = &s.ds;
+    let t = 1_700_000_000_000_000_000;
+    put_file(ds, "y", b"version one", t);
+    let sb = Standby::open(&s.root, &s.cursor).unwrap();
+    let seq = catch_up(&sb, ds, 0);
+    // The same size, mtime and mode, other contents: a tmp file renamed
+    // over its target, as editors and `cp -p` do.
+    put_file(ds, "x", b"version two", t);
+    submit(
+        ds,
+        vec![Op::Rename {
+            from: b"x".to_vec(),
+            to: b"y".to_vec(),
+        }],
+    );
+    catch_up(&sb, ds, seq);
+    assert_eq!(std::fs::read(s.root.join("y")).unwrap(), b"version two");
+    assert_same_digest(ds, &s.root);
+}
+
+#[test]
+fn an_empty_directory_in_the_trees_place_is_not_filled() {
+    let s = setup();
+    let ds = &s.ds;
+    put_file(ds, "f", b"data", 1_700_000_000_000_000_000);
+    {
+        let sb = Standby::open(&s.root, &s.cursor).unwrap();
+        let seq = catch_up(&sb, ds, 0);
+        sb.save(seq, ds.chain_hash_at(seq).unwrap().unwrap())
+            .unwrap();
+    }
+    // The tree's file system not mounted: an empty directory stands there.
+    // (Made before the old one goes, so it cannot reuse its inode.)
+    let other = s.root.with_file_name("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::remove_dir_all(&s.root).unwrap();
+    std::fs::rename(&other, &s.root).unwrap();
+    let err = Standby::open(&s.root, &s.cursor).err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("is not the directory triad filled"),
+        "{err}"
+    );
+}
