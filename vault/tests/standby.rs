@@ -32,6 +32,22 @@ fn submit(ds: &Dataset, ops: Vec<Op>) {
     ds.submit(ops, Vec::new()).unwrap();
 }
 
+fn rename(ds: &Dataset, from: &str, to: &str) {
+    submit(
+        ds,
+        vec![Op::Rename {
+            from: from.as_bytes().to_vec(),
+            to: to.as_bytes().to_vec(),
+        }],
+    );
+}
+
+/// Saves the cursor at `seq` (the tree equal to the dataset there).
+fn save(sb: &Standby, ds: &Dataset, seq: u64) {
+    sb.save(seq, ds.chain_hash_at(seq).unwrap().unwrap())
+        .unwrap();
+}
+
 /// Runs passes until the tree has every record; returns the last seq.
 fn catch_up(sb: &Standby, ds: &Dataset, mut seq: u64) -> u64 {
     while seq < ds.head_seq() {
@@ -118,13 +134,7 @@ fn the_tree_follows_puts_renames_deletes_and_kind_changes_with_the_datasets_dige
 
     // A directory renamed is moved, not written again: the file keeps its inode.
     let ino = std::fs::metadata(s.root.join("a/b/one")).unwrap().ino();
-    submit(
-        ds,
-        vec![Op::Rename {
-            from: b"a/b".to_vec(),
-            to: b"moved".to_vec(),
-        }],
-    );
+    rename(ds, "a/b", "moved");
     seq = catch_up(&sb, ds, seq);
     assert_eq!(
         std::fs::metadata(s.root.join("moved/one")).unwrap().ino(),
@@ -152,13 +162,7 @@ fn the_tree_follows_puts_renames_deletes_and_kind_changes_with_the_datasets_dige
     put_file(ds, "x", b"v1", 1_700_000_005_000_000_000);
     seq = catch_up(&sb, ds, seq);
     put_file(ds, "x", b"v2", 1_700_000_005_000_000_000);
-    submit(
-        ds,
-        vec![Op::Rename {
-            from: b"x".to_vec(),
-            to: b"y".to_vec(),
-        }],
-    );
+    rename(ds, "x", "y");
     catch_up(&sb, ds, seq);
     assert_eq!(std::fs::read(s.root.join("y")).unwrap(), b"v2");
     assert_same_digest(ds, &s.root);
@@ -173,8 +177,7 @@ fn a_restart_rechecks_by_content_what_was_put_since_the_saved_cursor() {
     {
         let sb = Standby::open(&s.root, &s.cursor).unwrap();
         let seq = catch_up(&sb, ds, 0);
-        sb.save(seq, ds.chain_hash_at(seq).unwrap().unwrap())
-            .unwrap();
+        save(&sb, ds, seq);
     }
     // The dataset moves on with a file of the same size, mtime and mode, and
     // the standby stops before its pass (a crash): size and mtime alone would
@@ -202,8 +205,7 @@ fn damage_done_to_the_tree_is_undone_by_a_reconcile() {
     put_file(ds, "gone", b"delete me", 1_700_000_000_000_000_000);
     let sb = Standby::open(&s.root, &s.cursor).unwrap();
     let seq = catch_up(&sb, ds, 0);
-    sb.save(seq, ds.chain_hash_at(seq).unwrap().unwrap())
-        .unwrap();
+    save(&sb, ds, seq);
 
     std::fs::write(s.root.join("d/stray"), b"not in the dataset").unwrap();
     std::fs::create_dir_all(s.root.join("strays/deeper")).unwrap();
@@ -264,13 +266,7 @@ fn a_file_put_and_renamed_over_a_lookalike_in_one_pass_lands_with_its_contents()
     // The same size, mtime and mode, other contents: a tmp file renamed
     // over its target, as editors and `cp -p` do.
     put_file(ds, "x", b"version two", t);
-    submit(
-        ds,
-        vec![Op::Rename {
-            from: b"x".to_vec(),
-            to: b"y".to_vec(),
-        }],
-    );
+    rename(ds, "x", "y");
     catch_up(&sb, ds, seq);
     assert_eq!(std::fs::read(s.root.join("y")).unwrap(), b"version two");
     assert_same_digest(ds, &s.root);
@@ -284,8 +280,7 @@ fn an_empty_directory_in_the_trees_place_is_not_filled() {
     {
         let sb = Standby::open(&s.root, &s.cursor).unwrap();
         let seq = catch_up(&sb, ds, 0);
-        sb.save(seq, ds.chain_hash_at(seq).unwrap().unwrap())
-            .unwrap();
+        save(&sb, ds, seq);
     }
     // The tree's file system not mounted: an empty directory stands there.
     // (Made before the old one goes, so it cannot reuse its inode.)
