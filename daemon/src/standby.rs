@@ -75,12 +75,13 @@ impl StandbyStats {
         }
     }
 
-    fn note(&self, pass: &Pass) {
+    /// Counts what a pass or reconcile did and the seq it reached. Its
+    /// problems are published by the caller: a clean pass does not clear
+    /// the problems an earlier one left (only a clean reconcile does).
+    fn advance(&self, pass: &Pass) {
         self.seq.store(pass.seq, Ordering::Release);
         self.written.fetch_add(pass.written, Ordering::Relaxed);
         self.removed.fetch_add(pass.removed, Ordering::Relaxed);
-        self.problems
-            .store(pass.problems.len() as u64, Ordering::Relaxed);
     }
 
     fn set_error(&self, e: Option<String>) {
@@ -142,7 +143,10 @@ fn follow(sb: &Standby, ds: &Dataset, stats: &StandbyStats, stop: &AtomicBool) {
             match sb.reconcile(ds) {
                 Ok(pass) => {
                     stats.reconciles.fetch_add(1, Ordering::Relaxed);
-                    stats.note(&pass);
+                    stats.advance(&pass);
+                    stats
+                        .problems
+                        .store(pass.problems.len() as u64, Ordering::Relaxed);
                     stats.ready.store(true, Ordering::Release);
                     seq = pass.seq;
                     tracing::info!(dataset = name, seq, written = pass.written, removed = pass.removed, took = ?started.elapsed(), "standby tree reconciled with the dataset");
@@ -173,9 +177,7 @@ fn follow(sb: &Standby, ds: &Dataset, stats: &StandbyStats, stop: &AtomicBool) {
             match sb.apply(ds, seq + 1) {
                 Ok(Some(pass)) => {
                     seq = pass.seq;
-                    stats.seq.store(seq, Ordering::Release);
-                    stats.written.fetch_add(pass.written, Ordering::Relaxed);
-                    stats.removed.fetch_add(pass.removed, Ordering::Relaxed);
+                    stats.advance(&pass);
                     if !pass.problems.is_empty() {
                         stats
                             .problems

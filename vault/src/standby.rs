@@ -87,8 +87,6 @@ enum Check {
 pub struct Pass {
     /// The tree equals the dataset at least up to this seq.
     pub seq: u64,
-    /// Records read.
-    pub records: u64,
     /// Files, directories and symlinks written.
     pub written: u64,
     /// Paths removed.
@@ -254,7 +252,6 @@ impl Standby {
                 _ => Check::Content,
             };
             let mut s = Syncer::new(self, snap, ds.keys());
-            s.records = applied.seq.saturating_sub(saved_seq(&self.saved));
             let want = snap.entries()?;
             s.converge(b"", &self.root, want, &check)?;
             Ok(s.finish(applied.seq))
@@ -350,7 +347,6 @@ impl Standby {
         }
         ds.state().with_snapshot(|snap| {
             let mut s = Syncer::new(self, snap, ds.keys());
-            s.records = raw.len() as u64;
             let check = |p: &[u8]| {
                 if forced.contains(p) {
                     Check::Rewrite
@@ -421,14 +417,6 @@ impl Recheck {
     }
 }
 
-fn saved_seq(saved: &std::sync::Mutex<Option<Cursor>>) -> u64 {
-    saved
-        .lock()
-        .ok()
-        .and_then(|s| s.as_ref().map(|c| c.seq))
-        .unwrap_or(0)
-}
-
 fn open_record(keys: &Keys, seq: u64, payload: &[u8]) -> Result<Vec<Op>> {
     Record::decode_payload(payload)
         .ok_or_else(|| VaultError::BadRecord {
@@ -484,7 +472,6 @@ struct Syncer<'a, 'b> {
     sb: &'a Standby,
     snap: &'a Snap<'b>,
     keys: &'a Keys,
-    records: u64,
     written: u64,
     removed: u64,
     bytes: AtomicU64,
@@ -503,7 +490,6 @@ impl<'a, 'b> Syncer<'a, 'b> {
             sb,
             snap,
             keys,
-            records: 0,
             written: 0,
             removed: 0,
             bytes: AtomicU64::new(0),
@@ -777,7 +763,6 @@ impl<'a, 'b> Syncer<'a, 'b> {
         }
         Pass {
             seq,
-            records: self.records,
             written: self.written,
             removed: self.removed,
             bytes: self.bytes.load(Ordering::Relaxed),

@@ -152,12 +152,14 @@ fn main() {
     // `--only triad` leaves lsyncd out (to look at triad alone); the
     // comparison needs both in one run.
     let with_lsyncd = arg("--only").is_none_or(|o| o != "triad");
-    let mut lsyncd = std::process::Command::new(if with_lsyncd { "lsyncd" } else { "true" })
-        .arg(&lcfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("lsyncd");
+    let lsyncd = with_lsyncd.then(|| {
+        std::process::Command::new("lsyncd")
+            .arg(&lcfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("lsyncd")
+    });
 
     // One directory per tree receives the load; it must exist in every
     // target before the targets are watched.
@@ -294,8 +296,10 @@ fn main() {
         rss[0], rss[1], rss[2]
     );
 
-    let _ = lsyncd.kill();
-    let _ = lsyncd.wait();
+    if let Some(mut l) = lsyncd {
+        let _ = l.kill();
+        let _ = l.wait();
+    }
     for mut c in sites.children {
         // SAFETY: kill with a valid pid and signal number.
         unsafe {
