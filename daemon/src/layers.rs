@@ -19,6 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "checks",
             "archiving",
             "standby",
+            "takeover",
             "http",
             "metrics",
         ],

@@ -19,6 +19,7 @@ mod service;
 mod source;
 mod standby;
 mod status;
+mod takeover;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,9 @@ enum Command {
     Drill(cmd::drill::Args),
     /// Compare the sites' copies; scrub (--scrub, --archive) and repair (--repair).
     Verify(cmd::verify::Args),
+    /// Make this site the primary of its takeover group: a planned
+    /// switchover when the primary answers, a failover when it does not.
+    Promote(cmd::promote::Args),
     /// Move a follower's copy aside so the daemon fetches it again from its upstream.
     Resync(cmd::resync::Args),
     /// Show each dataset's log, state and source status.
@@ -104,9 +108,10 @@ enum Command {
 
 /// For the commands whose output is a report: a reader that closes the pipe
 /// early (`triad status | head`) ends the command quietly, as it ends any
-/// Unix tool, instead of a panic in `println!`. The daemon, put and get keep
-/// SIGPIPE ignored: they write to sockets and report a closed one as an
-/// error.
+/// Unix tool, instead of a panic in `println!`. The daemon, put, get,
+/// promote and verify keep SIGPIPE ignored: they write to sockets (promote
+/// polls its own daemon while that restarts its server) and report a
+/// closed one as an error instead of dying silently.
 fn quiet_on_closed_pipe() {
     // SAFETY: restoring the default disposition of a signal, before any
     // thread is started, has no memory effects.
@@ -127,7 +132,12 @@ fn main() -> ExitCode {
     cmd::init_logging(cli.log_format.or(from_config).unwrap_or_default());
     if !matches!(
         cli.command,
-        Command::Daemon { .. } | Command::Put(_) | Command::Get(_) | Command::Demo(_)
+        Command::Daemon { .. }
+            | Command::Put(_)
+            | Command::Get(_)
+            | Command::Demo(_)
+            | Command::Promote(_)
+            | Command::Verify(_)
     ) {
         quiet_on_closed_pipe();
     }
@@ -144,6 +154,7 @@ fn main() -> ExitCode {
         Command::Drill(a) => cmd::drill::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Resync(a) => cmd::resync::run(a),
+        Command::Promote(a) => cmd::promote::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Put(a) => cmd::push::put(a),

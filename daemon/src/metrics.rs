@@ -70,6 +70,7 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
     replication(&m, &datasets)?;
     intake(&m, &datasets)?;
     standby(&m, &datasets)?;
+    takeover(&m, &datasets)?;
     archive(&m, &datasets)?;
     verify_and_scrub(&m, &datasets)?;
     drills(&m, &datasets)?;
@@ -273,7 +274,7 @@ fn intake(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
     )?;
     let puts = m.counter(
         "triad_puts_total",
-        "triad put calls into a pushed dataset, by result: stored, existed (same content again), refused, commit_failed (durable here, not acknowledged by a sync follower in time).",
+        "triad put calls into a pushed dataset, by result: stored, existed (same content again), refused, commit_failed (durable here, not acknowledged by a sync follower in time), fenced (refused: this site is fenced).",
         &["dataset", "result"],
     )?;
     let files = m.counter(
@@ -304,6 +305,7 @@ fn intake(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
                 ("existed", p.existed),
                 ("refused", p.refused),
                 ("commit_failed", p.commit_failures),
+                ("fenced", p.fenced_refusals),
             ] {
                 puts.with_label_values(&[ds, result]).inc_by(n);
             }
@@ -360,6 +362,41 @@ fn standby(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
         problems.with_label_values(&l).set(s.problems as f64);
         reconciles.with_label_values(&l).inc_by(s.reconciles);
     }
+    Ok(())
+}
+
+/// The takeover group as this site sees it: the epoch, whether this site
+/// is the primary that takes writes, and whether it is fenced.
+fn takeover(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
+    let Some(t) = datasets.iter().find_map(|d| d.takeover.as_ref()) else {
+        return Ok(());
+    };
+    let epoch = m.gauge(
+        "triad_takeover_epoch",
+        "The epoch the takeover group agreed on, as this site knows it.",
+        &[],
+    )?;
+    epoch.with_label_values(&[]).set(t.epoch as f64);
+    let primary = m.gauge(
+        "triad_takeover_primary",
+        "1 when this site is the primary and takes writes (unfenced). Two sites at 1 is split brain.",
+        &[],
+    )?;
+    primary
+        .with_label_values(&[])
+        .set(flag(t.seat == "primary" && !t.fenced));
+    let fenced = m.gauge(
+        "triad_takeover_fenced",
+        "1 when this site takes no local changes: it is not the primary, or the primary lost its majority.",
+        &[],
+    )?;
+    fenced.with_label_values(&[]).set(flag(t.fenced));
+    let seat = m.gauge(
+        "triad_takeover_seat_primary",
+        "1 when the agreed record names this site as the primary, fenced or not.",
+        &[],
+    )?;
+    seat.with_label_values(&[]).set(flag(t.seat == "primary"));
     Ok(())
 }
 
@@ -662,6 +699,7 @@ mod tests {
             source: Some(crate::status::StatsView::default()),
             puts: Some(crate::status::PutStatsView::default()),
             standby: Some(crate::status::StandbyStatus::default()),
+            takeover: Some(crate::status::TakeoverStatus::default()),
             replication: ReplicationStatus {
                 followers: vec![link],
                 upstream: Some(replicator::follower::FollowStatus::default()),

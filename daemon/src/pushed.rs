@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vault::chunk::{self, ChunkId};
-use vault::{Dataset, Entry, Node, Op, SubmitError};
+use vault::{Dataset, Entry, Node, Op, SubmitError, VaultError};
 
 use crate::source::CommitGate;
 use crate::status::PutStatsView;
@@ -100,6 +100,8 @@ pub struct PutStats {
     pub commit_failures: std::sync::atomic::AtomicU64,
     /// The last put failed its commit wait (cleared by the next success).
     pub commit_failing: AtomicBool,
+    /// Puts refused because this site is fenced.
+    pub fenced_refusals: std::sync::atomic::AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -111,6 +113,7 @@ impl PutStats {
             refused: self.refused.load(Ordering::Relaxed),
             commit_failures: self.commit_failures.load(Ordering::Relaxed),
             commit_failing: self.commit_failing.load(Ordering::Relaxed),
+            fenced_refusals: self.fenced_refusals.load(Ordering::Relaxed),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
@@ -121,6 +124,7 @@ impl PutStats {
             Ok(_) => &self.stored,
             Err(PutError::Commit(_)) => &self.commit_failures,
             Err(PutError::Refused(_)) => &self.refused,
+            Err(PutError::Fenced(_)) => &self.fenced_refusals,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         match r {
@@ -140,9 +144,13 @@ impl PutStats {
 /// Why a put did not succeed.
 #[derive(Debug, thiserror::Error)]
 enum PutError {
-    /// Stored and durable here, but the commit policy does not hold yet.
+    /// Stored and durable here, but the commit policy does not hold yet,
+    /// or the site was fenced before it could acknowledge.
     #[error(transparent)]
-    Commit(replicator::upstream::CommitError),
+    Commit(crate::source::GateError),
+    /// This site is fenced: it takes no puts.
+    #[error("this site is FENCED and takes no puts: {0}")]
+    Fenced(String),
     #[error("{0}")]
     Refused(String),
 }
@@ -439,6 +447,11 @@ impl<R: Read> Read for Frames<R> {
 /// that names the object take the dataset's put lock, for milliseconds.
 fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError> {
     let ds = &t.ds;
+    // Refused before the object streams in; the committer refuses it again
+    // if the fence comes down while it does.
+    if let Some(why) = ds.fence().fenced {
+        return Err(PutError::Fenced(why));
+    }
     let mut pinned: Vec<ChunkId> = Vec::new();
     let release = |pinned: &mut Vec<ChunkId>| {
         if !pinned.is_empty() {
@@ -535,6 +548,10 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
                 "{} chunk(s) were released while the object streamed in; push it again",
                 m.0.len()
             )));
+        }
+        Err(SubmitError::Vault(VaultError::Fenced(why))) => {
+            release(&mut pinned);
+            return Err(PutError::Fenced(why));
         }
         Err(SubmitError::Vault(e)) => {
             release(&mut pinned);
@@ -883,7 +900,8 @@ mod tests {
                 site: "zjk-b".into(),
                 seq,
                 waited: std::time::Duration::from_secs(5),
-            })
+            }
+            .into())
         });
         let s = serve_one(true, Some(gate));
         let a = client::put(&s.socket, "pg", "a", &mut &b"data"[..]).unwrap();

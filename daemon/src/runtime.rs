@@ -21,6 +21,7 @@ use crate::config::{Config, Live, Role};
 use crate::service::Notifier;
 use crate::source::{DirSource, Stats};
 use crate::status::{DatasetStatus, Phase, ReplicationStatus, Retention, SiteView, STATUS_FILE};
+use crate::takeover::Takeover;
 
 struct Running {
     ds: Arc<Dataset>,
@@ -96,12 +97,47 @@ fn retain(cfg: &Config, r: &Running, upstream: Option<&Upstream>) -> Result<()> 
 
 /// Runs the daemon until a stop signal; returns once everything is closed.
 /// `path` is where the config came from, read again on SIGHUP.
+///
+/// With `[takeover]`, the site's seat (primary, or follower of which site)
+/// comes from what the group agreed; when that changes, everything the
+/// seat runs is stopped and closed and the site starts again in its new
+/// seat, in this process.
 pub fn run(path: &Path, cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&cfg.site.data_dir)
         .with_context(|| format!("creating site.data_dir {}", cfg.site.data_dir.display()))?;
     let mut notifier = Notifier::from_env();
-
     let (stop, reload) = signals()?;
+    let takeover =
+        Takeover::start(&cfg, stop.clone()).context("starting the takeover group member")?;
+    let mut cfg = cfg;
+    loop {
+        match run_seat(path, cfg, takeover.as_ref(), &stop, &reload, &mut notifier)? {
+            Some(next) => cfg = next,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Runs the site in the seat the group's record gives it (or as
+/// configured, without `[takeover]`) until a stop signal (None) or a seat
+/// change (the config to start again with).
+fn run_seat(
+    path: &Path,
+    cfg: Config,
+    takeover: Option<&Arc<Takeover>>,
+    global_stop: &Arc<AtomicBool>,
+    reload: &Arc<AtomicBool>,
+    notifier: &mut Notifier,
+) -> Result<Option<Config>> {
+    let seat = takeover.map(|t| crate::takeover::seat(&cfg, &t.cluster()));
+    let configured = cfg.clone();
+    let cfg = match (&seat, takeover) {
+        (Some(s), Some(t)) => crate::takeover::effective(&cfg, s, &t.cluster()),
+        _ => cfg,
+    };
+    // Everything this seat runs stops on this flag: a stop signal raises it,
+    // and so does a seat change.
+    let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("triad-net")
@@ -122,6 +158,12 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /v1/status");
     }
 
+    // A follower's logs are checked against the agreed epochs first: a
+    // tail past the fork point is set aside as evidence.
+    let mut refilled: HashMap<String, u64> = HashMap::new();
+    if let (Some(crate::takeover::Seat::Follower { .. }), Some(t)) = (&seat, takeover) {
+        refilled = crate::takeover::rejoin_all(&cfg, &t.cluster())?;
+    }
     // Open every dataset first: a wrong key or a damaged log stops the start
     // before anything is served or watched.
     let mut running: Vec<Running> = Vec::new();
@@ -144,11 +186,18 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     let archive_threads = start_archiving(&cfg, &rt, &mut running, &archive_stop)?;
     // Serve the log to the sites that follow this one.
     let refusals = Arc::new(Refusals::default());
-    let (upstream, server) =
-        match serve_replication(&cfg, &rt, &running, &view, &refusals, &shutdown_rx)? {
-            Some((up, server)) => (Some(up), Some(server)),
-            None => (None, None),
-        };
+    let (upstream, server) = match serve_replication(
+        &cfg,
+        &rt,
+        &running,
+        &view,
+        &refusals,
+        takeover,
+        &shutdown_rx,
+    )? {
+        Some((up, server)) => (Some(up), Some(server)),
+        None => (None, None),
+    };
     // Scheduled verify, scrubs and drills, from the live config.
     let live: Live = Arc::new(RwLock::new(Arc::new(cfg.clone())));
     let (checks, checks_thread) = crate::checks::start(
@@ -161,22 +210,43 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         r.checks = Some(c);
     }
 
-    let push_thread = serve_socket(&cfg, &rt, &mut running, upstream.as_ref(), &stop)?;
-    let standby_threads = start_standby(&cfg, &mut running, &stop)?;
+    if let Some(t) = takeover {
+        // Fenced from here until the guard says otherwise.
+        t.attach(
+            running.iter().map(|r| r.ds.clone()).collect(),
+            upstream.clone(),
+        );
+    }
+    let push_thread = serve_socket(&cfg, &rt, &mut running, upstream.as_ref(), takeover, &stop)?;
+    let own_tree = takeover.is_some_and(|_| crate::takeover::was_primary(&cfg.site.data_dir));
+    let standby_threads = start_standby(&cfg, &mut running, own_tree, &refilled, &stop)?;
+    if let Some(s) = &seat {
+        crate::takeover::record_seat(&cfg.site.data_dir, s);
+    }
     let threads = start_intake(
         &cfg,
         &rt,
         &mut running,
         upstream.as_ref(),
+        takeover,
         &stop,
         &shutdown_rx,
     )?;
 
-    tracing::info!(site = %cfg.site.name, role = ?cfg.site.role, datasets = running.len(), "triad is running");
+    tracing::info!(site = %cfg.site.name, role = ?cfg.site.role, upstream = ?cfg.site.upstream, datasets = running.len(), "triad is running");
     let publish = |cfg: &Config, running: &[Running]| {
         let all: Vec<DatasetStatus> = running
             .iter()
-            .map(|r| status_of(cfg, r, upstream.as_deref(), &refusals))
+            .map(|r| {
+                let mut st = status_of(cfg, r, upstream.as_deref(), &refusals);
+                // The seat this runtime runs in: the record may already
+                // name another while the seat changes.
+                st.takeover = takeover.map(|t| crate::status::TakeoverStatus {
+                    seat: cfg.site.role.as_str().into(),
+                    ..t.status()
+                });
+                st
+            })
             .collect();
         for st in &all {
             crate::status::write(&cfg.dataset_dir(&st.dataset).join(STATUS_FILE), st);
@@ -190,12 +260,29 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     notifier.ready(&line);
 
     let mut cfg = cfg;
+    let mut configured = configured;
     let mut next_retention = Instant::now();
-    while !stop.load(Ordering::Acquire) {
+    let mut reseat = false;
+    while !stop.load(Ordering::Acquire) && !global_stop.load(Ordering::Acquire) {
+        if let (Some(s), Some(t)) = (&seat, takeover) {
+            let now = crate::takeover::seat(&configured, &t.cluster());
+            if now != *s {
+                tracing::warn!(from = ?s, to = ?now, epoch = t.cluster().epoch, "the group agreed on a new primary: restarting this site's datasets in their new seat");
+                reseat = true;
+                break;
+            }
+        }
         let reloaded = reload.swap(false, Ordering::AcqRel);
         if reloaded {
             notifier.reloading();
-            cfg = reload_config(path, cfg, &live, &running, upstream.as_deref());
+            if let Ok(c) = Config::load(path) {
+                configured = c;
+            }
+            let seat_view = seat
+                .as_ref()
+                .zip(takeover)
+                .map(|(s, t)| (s.clone(), t.cluster()));
+            cfg = reload_config(path, cfg, seat_view, &live, &running, upstream.as_deref());
         }
         if Instant::now() >= next_retention {
             next_retention = Instant::now() + Duration::from_secs(2);
@@ -217,8 +304,16 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     }
 
+    stop.store(true, Ordering::Release);
+    if let Some(t) = takeover {
+        t.attach(Vec::new(), None);
+    }
     view.set_phase(Phase::Stopping);
-    notifier.stopping("stopping: closing the log and finishing uploads");
+    notifier.stopping(if reseat {
+        "changing seat: closing the log and finishing uploads"
+    } else {
+        "stopping: closing the log and finishing uploads"
+    });
     let stopped = Stopping {
         cfg: &cfg,
         rt,
@@ -237,8 +332,27 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     if let Some(f) = failed {
         bail!("stopped because of an error: {f}");
     }
+    if reseat {
+        // The datasets are opened again: every handle on them must be gone
+        // (RocksDB and the log allow one opener). The replication service
+        // held them too; its server has stopped.
+        drop(upstream);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while running.iter().any(|r| Arc::strong_count(&r.ds) > 1) {
+            if Instant::now() >= deadline {
+                let held: Vec<String> = running
+                    .iter()
+                    .map(|r| format!("{} ({} handles)", r.ds.name(), Arc::strong_count(&r.ds)))
+                    .collect();
+                bail!("cannot change seat in this process: datasets still in use after the stop: {}; exiting so the service manager starts the site again", held.join(", "));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(running);
+        return Ok(Some(configured));
+    }
     tracing::info!("stopped cleanly");
-    Ok(())
+    Ok(None)
 }
 
 /// SIGTERM and SIGINT set the stop flag (a second one exits at once), SIGHUP
@@ -287,6 +401,7 @@ fn serve_replication(
     running: &[Running],
     view: &Arc<SiteView>,
     refusals: &Arc<Refusals>,
+    takeover: Option<&Arc<Takeover>>,
     shutdown_rx: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<(Arc<Upstream>, tokio::task::JoinHandle<()>)>> {
     let (Some(addr), Some(tls)) = (
@@ -304,13 +419,18 @@ fn serve_replication(
             let view = view.clone();
             Arc::new(move || view.status_json().to_string()) as replicator::upstream::StatusSource
         };
-        let admin = admin_handler(running);
-        let up = Arc::new(
-            Upstream::new(datasets, cfg.followers())
-                .with_site(&cfg.site.name)
-                .with_status(site_status)
-                .with_admin(admin),
-        );
+        let admin = admin_handler(running, takeover);
+        let mut up = Upstream::new(datasets, cfg.followers())
+            .with_site(&cfg.site.name)
+            .with_status(site_status)
+            .with_admin(admin);
+        if let Some(t) = takeover {
+            let t = t.clone();
+            up = up.with_takeover(Arc::new(move |caller: &str, kind: &str, body: Vec<u8>| {
+                t.handle(caller, kind, body)
+            }));
+        }
+        let up = Arc::new(up);
         let server_cfg = replicator::tls::server_config(&tls).context("loading [tls]")?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(&addr))
@@ -355,7 +475,11 @@ fn serve_replication(
 
 /// Admin calls do what `triad snapshot` / `triad prune` ask of a running
 /// daemon, through the same request queue.
-fn admin_handler(running: &[Running]) -> replicator::upstream::AdminHandler {
+fn admin_handler(
+    running: &[Running],
+    takeover: Option<&Arc<Takeover>>,
+) -> replicator::upstream::AdminHandler {
+    let takeover = takeover.cloned();
     let archives: HashMap<String, Arc<crate::archiving::Shared>> = running
         .iter()
         .filter_map(|r| Some((r.ds.name().to_string(), r.archive.clone()?)))
@@ -363,6 +487,19 @@ fn admin_handler(running: &[Running]) -> replicator::upstream::AdminHandler {
     let names: Vec<String> = running.iter().map(|r| r.ds.name().to_string()).collect();
     Arc::new(move |action: &str, dataset: &str| {
         use replicator::upstream::{AdminAnswer, AdminError};
+        if let Some(force) = crate::takeover::promote::parse_action(action) {
+            let t = takeover.as_ref().ok_or_else(|| {
+                AdminError::NotConfigured(
+                    "this site is in no takeover group: add [takeover] to every site's config"
+                        .into(),
+                )
+            })?;
+            let report = t.promote(force);
+            return Ok(AdminAnswer {
+                ok: report.ok,
+                json: serde_json::to_string(&report).unwrap_or_default(),
+            });
+        }
         let kind = crate::archiving::Kind::parse(action).ok_or_else(|| {
             AdminError::Invalid(format!(
                 "unknown admin action `{action}`: snapshot or prune"
@@ -423,17 +560,20 @@ fn serve_socket(
     rt: &tokio::runtime::Runtime,
     running: &mut [Running],
     upstream: Option<&Arc<Upstream>>,
+    takeover: Option<&Arc<Takeover>>,
     stop: &Arc<AtomicBool>,
 ) -> Result<Option<std::thread::JoinHandle<()>>> {
     let targets: HashMap<String, crate::pushed::Target> = running
         .iter_mut()
         .zip(&cfg.dataset)
         .map(|(r, d)| {
-            let pushed = cfg.site.role == Role::Primary
+            // In a takeover group every seat serves puts: a site that is
+            // not the primary is fenced, and says so (and counts it).
+            let pushed = (cfg.site.role == Role::Primary || takeover.is_some())
                 && d.source
                     .as_ref()
                     .is_some_and(|s| s.kind == crate::config::SourceKind::Pushed);
-            let gate = upstream.map(|up| commit_gate(rt, up, &d.name));
+            let gate = upstream.map(|up| commit_gate(rt, up, takeover, &d.name));
             let stats = Arc::new(crate::pushed::PutStats::default());
             if pushed {
                 r.puts = Some(stats.clone());
@@ -479,6 +619,7 @@ fn start_intake(
     rt: &tokio::runtime::Runtime,
     running: &mut [Running],
     upstream: Option<&Arc<Upstream>>,
+    takeover: Option<&Arc<Takeover>>,
     stop: &Arc<AtomicBool>,
     shutdown_rx: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<std::thread::JoinHandle<std::result::Result<(), String>>>> {
@@ -493,7 +634,7 @@ fn start_intake(
                 let mut src = DirSource::new(settings, r.ds.clone(), stats.clone(), stop.clone())
                     .with_context(|| format!("dataset `{}`", d.name))?;
                 if let Some(up) = upstream {
-                    src = src.with_gate(commit_gate(rt, up, &d.name));
+                    src = src.with_gate(commit_gate(rt, up, takeover, &d.name));
                 }
                 r.stats = Some(stats);
                 let (name, stop_all) = (d.name.clone(), stop.clone());
@@ -543,16 +684,29 @@ fn start_intake(
 fn start_standby(
     cfg: &Config,
     running: &mut [Running],
+    own_tree: bool,
+    refilled: &HashMap<String, u64>,
     stop: &Arc<AtomicBool>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::new();
+    if cfg.site.role != Role::Follower {
+        return Ok(threads);
+    }
     for (r, d) in running.iter_mut().zip(&cfg.dataset) {
         let Some(path) = &d.standby_path else {
             continue;
         };
         let cursor = cfg.site.data_dir.join(format!("standby-{}.json", d.name));
-        let (stats, t) = crate::standby::start(r.ds.clone(), path.clone(), cursor, stop.clone())
-            .with_context(|| format!("dataset `{}`: standby_path {}", d.name, path.display()))?;
+        let ready_at = refilled.get(&d.name).copied().unwrap_or(0);
+        let (stats, t) = crate::standby::start(
+            r.ds.clone(),
+            path.clone(),
+            cursor,
+            own_tree,
+            ready_at,
+            stop.clone(),
+        )
+        .with_context(|| format!("dataset `{}`: standby_path {}", d.name, path.display()))?;
         r.standby = Some(stats);
         threads.push(t);
     }
@@ -560,14 +714,26 @@ fn start_standby(
 }
 
 /// Waits, before a change counts as committed, until the commit policy
-/// holds for it (the sync followers have it durable).
+/// holds for it (the sync followers have it durable) and, in a takeover
+/// group, this site is still unfenced: a primary that lost its lease
+/// acknowledges nothing more.
 fn commit_gate(
     rt: &tokio::runtime::Runtime,
     up: &Arc<Upstream>,
+    takeover: Option<&Arc<Takeover>>,
     dataset: &str,
 ) -> crate::source::CommitGate {
     let (handle, up, name) = (rt.handle().clone(), up.clone(), dataset.to_string());
-    Arc::new(move |seq| handle.block_on(up.wait_committed(&name, seq)))
+    let takeover = takeover.cloned();
+    Arc::new(move |seq| {
+        let waited = handle.block_on(up.wait_committed(&name, seq));
+        // Fenced meanwhile says more than a follower that did not answer:
+        // the site lost its majority (the likely reason it did not).
+        if let Some(why) = takeover.as_ref().and_then(|t| t.fenced()) {
+            return Err(crate::source::GateError::Fenced { seq, why });
+        }
+        Ok(waited?)
+    })
 }
 
 /// What the stop waits for, in order. Sources finish their round (they
@@ -670,6 +836,7 @@ impl Stopping<'_> {
 fn reload_config(
     path: &Path,
     old: Config,
+    seat: Option<(crate::takeover::Seat, crate::takeover::Cluster)>,
     live: &Live,
     running: &[Running],
     upstream: Option<&Upstream>,
@@ -681,6 +848,11 @@ fn reload_config(
             tracing::error!(error = %e, "reload refused: the config does not load; still running with the previous one");
             return old;
         }
+    };
+    // Compared as this seat runs it.
+    let new = match &seat {
+        Some((s, c)) => crate::takeover::effective(&new, s, c),
+        None => new,
     };
     let (applied, restart) = old.reload_changes(&new);
     if applied.is_empty() && restart.is_empty() {
@@ -770,6 +942,7 @@ fn status_of(
             .checks
             .as_ref()
             .and_then(|c| c.lock().ok().map(|s| s.clone())),
+        takeover: None,
         replication: ReplicationStatus {
             followers,
             upstream: follow,

@@ -59,6 +59,8 @@ pub struct Stats {
     pub commit_failures: AtomicU64,
     /// The last round's commit wait failed (cleared by the next success).
     pub commit_failing: AtomicBool,
+    /// Paused because this site is fenced.
+    pub fenced: AtomicBool,
     pub busy: AtomicBool,
     pub initial_scan_done: AtomicBool,
     pub last_error: Mutex<Option<String>>,
@@ -89,6 +91,7 @@ impl Stats {
             committed_seq: self.committed_seq.load(Ordering::Acquire),
             commit_failures: self.commit_failures.load(Ordering::Relaxed),
             commit_failing: self.commit_failing.load(Ordering::Acquire),
+            fenced: self.fenced.load(Ordering::Acquire),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
@@ -177,8 +180,19 @@ pub struct DirSource {
 }
 
 /// Blocks until the commit policy holds for a seq, or says why it does not.
-pub type CommitGate =
-    Arc<dyn Fn(u64) -> Result<(), replicator::upstream::CommitError> + Send + Sync>;
+pub type CommitGate = Arc<dyn Fn(u64) -> Result<(), GateError> + Send + Sync>;
+
+/// Why a change durable here is not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// A sync follower did not acknowledge it in time.
+    #[error(transparent)]
+    Policy(#[from] replicator::upstream::CommitError),
+    /// This site was fenced before the change could be acknowledged: it is
+    /// durable here, but another site may be the primary now.
+    #[error("this site is FENCED, so seq {seq} is durable here but not acknowledged: {why}")]
+    Fenced { seq: u64, why: String },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -190,6 +204,16 @@ pub enum SourceError {
     Glob(#[from] globset::Error),
     #[error(transparent)]
     Vault(#[from] vault::VaultError),
+}
+
+/// True when a round stopped because the site was fenced while it ran:
+/// the changes it did not log are taken in by the scan after the fence.
+fn fenced_midway(r: &Result<(), SourceError>) -> bool {
+    if let Err(SourceError::Vault(vault::VaultError::Fenced(why))) = r {
+        tracing::warn!(reason = %why, "source paused mid-round: this site was fenced");
+        return true;
+    }
+    false
 }
 
 fn meta_mtime_ns(md: &std::fs::Metadata) -> i64 {
@@ -342,6 +366,9 @@ impl DirSource {
         } else {
             self.events_complete.store(true, Ordering::Release);
         }
+        // A fenced site (replaced, or not yet confirmed as the primary)
+        // takes no changes: wait, and scan once it may write.
+        self.wait_unfenced(&stop)?;
         let head_ns = self.ds.status().last_commit_ns;
         self.full_scan(head_ns.saturating_sub(RACY_NS))?;
         self.stats.initial_scan_done.store(true, Ordering::Release);
@@ -411,6 +438,14 @@ impl DirSource {
                 continue;
             }
             next_tick = now + tick;
+            // Fenced: nothing is logged; once writes are allowed again a
+            // full scan takes in whatever changed meanwhile.
+            if self.ds.fence().fenced.is_some() {
+                self.stats.fenced.store(true, Ordering::Release);
+                need_full.get_or_insert(now);
+                continue;
+            }
+            self.stats.fenced.store(false, Ordering::Release);
             if need_full.is_some_and(|t| now.duration_since(t) >= debounce) {
                 self.stats.busy.store(true, Ordering::Release);
                 let result = self.full_scan(now_ns().saturating_sub(RACY_NS));
@@ -419,6 +454,10 @@ impl DirSource {
                 need_full = None;
                 self.stats.pending.store(0, Ordering::Release);
                 self.stats.busy.store(false, Ordering::Release);
+                if fenced_midway(&result) {
+                    need_full = Some(now);
+                    continue;
+                }
                 result?;
             } else if need_full.is_none() {
                 // Each path goes out once it has been quiet for the debounce
@@ -433,6 +472,10 @@ impl DirSource {
                         .pending
                         .store(pending.len() as u64, Ordering::Release);
                     self.stats.busy.store(false, Ordering::Release);
+                    if fenced_midway(&result) {
+                        need_full = Some(now);
+                        continue;
+                    }
                     result?;
                 }
             }
@@ -472,6 +515,24 @@ impl DirSource {
             }
             self.count_racy();
         }
+        Ok(())
+    }
+
+    /// Returns once this site may write (or with `Stopping`).
+    fn wait_unfenced(&self, stop: &AtomicBool) -> Result<(), SourceError> {
+        let mut said = false;
+        while let Some(why) = self.ds.fence().fenced {
+            self.stats.fenced.store(true, Ordering::Release);
+            if !said {
+                tracing::warn!(dataset = self.ds.name(), reason = %why, "source paused: this site is fenced");
+                said = true;
+            }
+            if stop.load(Ordering::Acquire) {
+                return Err(SourceError::Stopping);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stats.fenced.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -1076,7 +1137,8 @@ mod tests {
                     site: "zjk-b".into(),
                     seq,
                     waited: Duration::from_secs(5),
-                })
+                }
+                .into())
             }
         });
         let mut f = fixture(&[]);

@@ -97,9 +97,17 @@ pub fn start(
     ds: Arc<Dataset>,
     root: PathBuf,
     cursor_file: PathBuf,
+    own: bool,
+    ready_at: u64,
     stop: Arc<AtomicBool>,
 ) -> vault::Result<(Arc<StandbyStats>, std::thread::JoinHandle<()>)> {
-    let sb = Standby::open(&root, &cursor_file)?;
+    // `own`: the tree was this site's source until it stopped being the
+    // primary, so it is taken over whatever it holds.
+    let sb = if own {
+        Standby::open_own(&root, &cursor_file)?
+    } else {
+        Standby::open(&root, &cursor_file)?
+    };
     let stats = Arc::new(StandbyStats {
         path: root,
         caught_up_ns: std::sync::atomic::AtomicI64::new(vault::dataset::now_ns()),
@@ -109,7 +117,23 @@ pub fn start(
     let st = stats.clone();
     let handle = std::thread::Builder::new()
         .name(format!("standby-{}", ds.name()))
-        .spawn(move || follow(&sb, &ds, &st, &stop))
+        .spawn(move || {
+            // A dataset started afresh (its divergent tail set aside) is
+            // made equal to the tree only once it holds the common history
+            // again: reconciling with a half-filled copy would empty the
+            // tree for nothing.
+            if ds.head_seq() < ready_at {
+                tracing::info!(
+                    dataset = ds.name(),
+                    ready_at,
+                    "standby tree waits until the dataset has caught up"
+                );
+            }
+            while ds.head_seq() < ready_at && !stop.load(Ordering::Acquire) {
+                pause(&stop, Duration::from_millis(200));
+            }
+            follow(&sb, &ds, &st, &stop)
+        })
         .map_err(|e| vault::VaultError::Closed(format!("cannot start the standby thread: {e}")))?;
     Ok((stats, handle))
 }

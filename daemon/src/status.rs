@@ -8,6 +8,7 @@
 //! that write status and the parts that read it depend on it and never on
 //! each other.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
@@ -41,6 +42,9 @@ pub struct DatasetStatus {
     pub archive: Option<ArchiveStatus>,
     /// Scheduled verify, scrub and drill results, when any is scheduled.
     pub checks: Option<ChecksStatus>,
+    /// The takeover group's record and this site's seat and fence, when
+    /// `[takeover]` is set.
+    pub takeover: Option<TakeoverStatus>,
     pub failure: Option<String>,
     /// Why the reader has no status for this dataset (set by `triad status`
     /// when the file is missing; the daemon never sets it).
@@ -190,7 +194,44 @@ pub struct StatsView {
     pub committed_seq: u64,
     pub commit_failures: u64,
     pub commit_failing: bool,
+    /// Paused: this site is fenced and takes no changes.
+    pub fenced: bool,
     pub last_error: Option<String>,
+}
+
+/// Where an epoch began.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochStart {
+    pub epoch: u64,
+    pub primary: String,
+    /// Per dataset, the first seq written in this epoch (the promoted
+    /// site's head then, plus one). Empty for epoch 1: it owns everything
+    /// from seq 1.
+    pub starts: BTreeMap<String, u64>,
+    /// Taken with `--force`: acknowledged writes may be missing.
+    pub forced: bool,
+    pub reason: String,
+    pub time_ns: i64,
+}
+
+/// The part of the status a takeover group adds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TakeoverStatus {
+    pub epoch: u64,
+    pub primary: Option<String>,
+    pub seat: String,
+    pub fenced: bool,
+    pub fenced_reason: Option<String>,
+    pub sync: Vec<String>,
+    pub fence_after_seconds: f64,
+    /// Seconds since the last majority confirmation (primary only).
+    pub lease_age_seconds: Option<f64>,
+    pub heard_seconds: BTreeMap<String, f64>,
+    /// The Raft leader, as this site knows it: the primary asks for the
+    /// leadership once confirmed.
+    pub leader: Option<String>,
+    pub history: Vec<EpochStart>,
 }
 
 /// The `puts` part of `status.json`.
@@ -202,6 +243,8 @@ pub struct PutStatsView {
     pub refused: u64,
     pub commit_failures: u64,
     pub commit_failing: bool,
+    /// Puts refused because this site is fenced.
+    pub fenced_refusals: u64,
     pub last_error: Option<String>,
 }
 

@@ -508,6 +508,77 @@ pub async fn fetch_chunks(
         .collect())
 }
 
+/// A kept connection to another site for Takeover calls, which are
+/// frequent (Raft heartbeats): one TLS session is reused until a call
+/// fails, then the next call dials again.
+pub struct PeerLink {
+    pub addr: UpstreamAddr,
+    channel: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl PeerLink {
+    pub fn new(addr: UpstreamAddr) -> PeerLink {
+        PeerLink {
+            addr,
+            channel: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// One Takeover call, given up after `timeout`.
+    pub async fn takeover(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let mut slot = self.channel.lock().await;
+        let channel = match slot.as_ref() {
+            Some(c) => c.clone(),
+            None => {
+                let c = tokio::time::timeout(timeout, connect(&self.addr))
+                    .await
+                    .map_err(|_| {
+                        refused(
+                            &self.addr,
+                            tonic::Status::deadline_exceeded("no connection in time"),
+                        )
+                    })??;
+                *slot = Some(c.clone());
+                c
+            }
+        };
+        drop(slot);
+        let mut client = pb::replication_client::ReplicationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let mut req = tonic::Request::new(pb::TakeoverRequest {
+            kind: kind.to_string(),
+            body,
+        });
+        req.set_timeout(timeout);
+        let r = tokio::time::timeout(timeout, client.takeover(req)).await;
+        match r {
+            Ok(Ok(reply)) => Ok(reply.into_inner().body),
+            Ok(Err(status)) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) {
+                    *self.channel.lock().await = None;
+                }
+                Err(refused(&self.addr, status))
+            }
+            Err(_) => {
+                *self.channel.lock().await = None;
+                Err(refused(
+                    &self.addr,
+                    tonic::Status::deadline_exceeded(format!("no answer within {timeout:?}")),
+                ))
+            }
+        }
+    }
+}
+
 fn refused(site: &UpstreamAddr, status: tonic::Status) -> CallError {
     CallError::Refused {
         site: site.name.clone(),

@@ -134,7 +134,14 @@ pub struct Upstream {
     site_status: Option<StatusSource>,
     /// Carries out Admin calls (this site's own certificate only).
     admin: Option<AdminHandler>,
+    /// Answers Takeover calls (any configured site).
+    takeover: Option<TakeoverHandler>,
 }
+
+/// Answers a Takeover call: (calling site, kind, body) to the reply body.
+/// The daemon's takeover layer owns what the kinds mean.
+pub type TakeoverHandler =
+    Arc<dyn Fn(&str, &str, Vec<u8>) -> Result<Vec<u8>, AdminError> + Send + Sync>;
 
 /// Does an admin action (`action`, `dataset`) at this site: returns whether
 /// it succeeded and the answer as JSON, or why it could not run.
@@ -190,12 +197,19 @@ impl Upstream {
             acked: Arc::new(tokio::sync::Notify::new()),
             site_status: None,
             admin: None,
+            takeover: None,
         }
     }
 
     /// Answers Admin calls with `f`.
     pub fn with_admin(mut self, f: AdminHandler) -> Upstream {
         self.admin = Some(f);
+        self
+    }
+
+    /// Answers Takeover calls with `f`.
+    pub fn with_takeover(mut self, f: TakeoverHandler) -> Upstream {
+        self.takeover = Some(f);
         self
     }
 
@@ -648,6 +662,22 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             ok: answer.ok,
             json: answer.json,
         }))
+    }
+
+    async fn takeover(
+        &self,
+        req: Request<pb::TakeoverRequest>,
+    ) -> Result<Response<pb::TakeoverReply>, Status> {
+        let caller = caller(&req)?.site;
+        let f = self
+            .takeover
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this site takes no part in takeover"))?;
+        let r = req.into_inner();
+        let body = tokio::task::spawn_blocking(move || f(&caller, &r.kind, r.body))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::TakeoverReply { body }))
     }
 
     async fn site_status(

@@ -115,6 +115,21 @@ pub fn start_sites(
     source: &str,
     follower_dataset: &dyn Fn(&Path) -> String,
 ) -> ThreeSites {
+    start_sites_with(base, source, follower_dataset, &|i, j| match (i, j) {
+        (0, 1) => Some("sync"),
+        (0, 2) => Some("async"),
+        _ => None,
+    })
+}
+
+/// As [`start_sites`], with `mode(i, j)` the `mode` site `i` gives its
+/// peer `j` (0 is a, the primary).
+pub fn start_sites_with(
+    base: &Path,
+    source: &str,
+    follower_dataset: &dyn Fn(&Path) -> String,
+    mode: &dyn Fn(usize, usize) -> Option<&'static str>,
+) -> ThreeSites {
     use std::process::{Command, Stdio};
     let triad = triad_bin();
     let certs = base.join("certs");
@@ -149,11 +164,9 @@ pub fn start_sites(
         let peers: String = (0..3)
             .filter(|j| *j != i)
             .map(|j| {
-                let mode = match (i, j) {
-                    (0, 1) => "mode = \"sync\"\n",
-                    (0, 2) => "mode = \"async\"\n",
-                    _ => "",
-                };
+                let mode = mode(i, j)
+                    .map(|m| format!("mode = \"{m}\"\n"))
+                    .unwrap_or_default();
                 format!(
                     "[[peer]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n{mode}\n",
                     names[j], ports[j]

@@ -399,6 +399,13 @@ impl pb::replication_server::Replication for RollbackUpstream {
     ) -> Result<tonic::Response<pb::AdminReply>, tonic::Status> {
         Err(tonic::Status::unimplemented("fake"))
     }
+
+    async fn takeover(
+        &self,
+        _: tonic::Request<pb::TakeoverRequest>,
+    ) -> Result<tonic::Response<pb::TakeoverReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
 }
 
 fn tls_files(certs: &Path, site: &str) -> replicator::tls::TlsFiles {

@@ -22,4 +22,5 @@ mod scrub;
 mod security;
 mod service;
 mod standby;
+mod takeover;
 mod verify;

@@ -226,6 +226,66 @@ struct Shared {
     /// Signalled whenever the head moves.
     head_moved: std::sync::Condvar,
     head_lock: Mutex<()>,
+    /// Which epoch each seq belongs to and whether this site may write.
+    fence: Mutex<Fence>,
+}
+
+/// The epochs of a dataset's history and whether this site may write now.
+/// The takeover layer sets them from the sites' agreement; a dataset
+/// opened without it has one epoch from seq 1 and is writable.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    /// (epoch, first seq written in it), oldest first; never empty.
+    pub starts: Vec<(u64, u64)>,
+    /// Why local changes are refused now, if they are.
+    pub fenced: Option<String>,
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Fence {
+            starts: vec![(1, 1)],
+            fenced: None,
+        }
+    }
+}
+
+impl Fence {
+    /// The epoch new local records are written in.
+    pub fn current(&self) -> u64 {
+        self.starts.last().map_or(1, |s| s.0)
+    }
+
+    /// The epoch a record at `seq` must carry. An epoch that starts at a
+    /// seq owns every seq from there up to the next epoch's start.
+    pub fn epoch_of(&self, seq: u64) -> u64 {
+        self.starts
+            .iter()
+            .rev()
+            .find(|(_, start)| *start <= seq)
+            .map_or(1, |s| s.0)
+    }
+
+    /// Checks a replicated record's epoch against the history this site
+    /// knows: an older epoch than its seq belongs to is a former primary's
+    /// write after it was replaced; a newer one is an epoch this site has
+    /// not learned yet (refused until it has).
+    pub fn check(&self, seq: u64, epoch: u64) -> std::result::Result<(), String> {
+        let want = self.epoch_of(seq);
+        if epoch < want {
+            return Err(format!(
+                "record of stale epoch {epoch}: seq {seq} belongs to epoch {want}, \
+                 so it was written by a former primary after it was replaced"
+            ));
+        }
+        if epoch > want {
+            return Err(format!(
+                "record of epoch {epoch}, newer than the epoch {want} this site knows for \
+                 seq {seq}; it is taken once this site has learned that epoch"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An open dataset at this site.
@@ -318,6 +378,7 @@ impl Dataset {
             times: Mutex::new(std::collections::VecDeque::new()),
             head_moved: std::sync::Condvar::new(),
             head_lock: Mutex::new(()),
+            fence: Mutex::new(Fence::default()),
         });
         let state = Arc::new(state);
         let (tx, rx) = bounded::<Submission>(1024);
@@ -592,6 +653,25 @@ impl Dataset {
     }
 
     /// The error that stopped the committer, if one did.
+    /// Sets the epochs of this dataset's history and whether local changes
+    /// are taken (`fenced: Some(why)` refuses them with
+    /// [`VaultError::Fenced`]). Takes effect from the next group the
+    /// committer builds.
+    pub fn set_fence(&self, fence: Fence) {
+        if let Ok(mut f) = self.shared.fence.lock() {
+            *f = fence;
+        }
+    }
+
+    /// The epochs and fenced state in force.
+    pub fn fence(&self) -> Fence {
+        self.shared
+            .fence
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_default()
+    }
+
     pub fn failure(&self) -> Option<String> {
         self.shared.failed.lock().ok().and_then(|f| f.clone())
     }
@@ -699,7 +779,6 @@ fn commit_loop(
         Ok(a) => a.clone(),
         Err(_) => return,
     };
-    let epoch = 1u64;
     let mut carried: Option<Submission> = None;
     loop {
         let first = match carried.take() {
@@ -724,6 +803,7 @@ fn commit_loop(
             }
             continue;
         }
+        let fence = shared.fence.lock().map(|f| f.clone()).unwrap_or_default();
         let GroupDraft {
             ov,
             frames,
@@ -733,7 +813,7 @@ fn commit_loop(
             times,
             ..
         } = build_group(
-            &wal, &state, &keys, &shared, &applied, epoch, &mut group, bytes,
+            &wal, &state, &keys, &shared, &applied, &fence, &mut group, bytes,
         );
         if accepted.is_empty() {
             continue;
@@ -876,17 +956,20 @@ impl GroupDraft {
         &mut self,
         state: &State,
         keys: &Keys,
-        epoch: u64,
+        fence: &Fence,
         now: i64,
         work: &Work,
     ) -> std::result::Result<(), SubmitError> {
         match work {
+            Work::Change { .. } if fence.fenced.is_some() => {
+                Err(VaultError::Fenced(fence.fenced.clone().unwrap_or_default()).into())
+            }
             Work::Change { ops, attachments } => build_change(
                 state,
                 keys,
                 &mut self.ov,
                 self.seq,
-                epoch,
+                fence.current(),
                 now,
                 self.prev,
                 ops,
@@ -899,7 +982,8 @@ impl GroupDraft {
             Work::Replicated { payloads } => {
                 let mut r = Ok(());
                 for p in payloads {
-                    match check_replicated(state, keys, &mut self.ov, self.seq, self.prev, p) {
+                    match check_replicated(state, keys, fence, &mut self.ov, self.seq, self.prev, p)
+                    {
                         Ok((hash, t)) => self.push_frame(p, hash, t),
                         Err(e) => {
                             r = Err(e);
@@ -923,7 +1007,7 @@ fn build_group(
     keys: &Keys,
     shared: &Shared,
     applied: &Applied,
-    epoch: u64,
+    fence: &Fence,
     group: &mut Vec<Submission>,
     bytes: usize,
 ) -> GroupDraft {
@@ -931,7 +1015,7 @@ fn build_group(
     // cannot apply (its own ops free a chunk it then needs) is refused and
     // the group is rebuilt without it, so one bad call never half-applies.
     loop {
-        match draft_group(wal, state, keys, shared, applied, epoch, group, bytes) {
+        match draft_group(wal, state, keys, shared, applied, fence, group, bytes) {
             Ok(draft) => break draft,
             Err((i, err)) => {
                 let s = group.remove(i);
@@ -951,7 +1035,7 @@ fn draft_group(
     keys: &Keys,
     shared: &Shared,
     applied: &Applied,
-    epoch: u64,
+    fence: &Fence,
     group: &[Submission],
     bytes: usize,
 ) -> std::result::Result<GroupDraft, (usize, SubmitError)> {
@@ -975,7 +1059,7 @@ fn draft_group(
         time_ns,
     };
     for (i, s) in group.iter().enumerate() {
-        match draft.add_work(state, keys, epoch, now, &s.work) {
+        match draft.add_work(state, keys, fence, now, &s.work) {
             Ok(()) => draft.accepted.push(Committed {
                 seq: draft.seq - 1,
                 time_ns: draft.time_ns,
@@ -1182,6 +1266,7 @@ fn build_change(
 fn check_replicated(
     state: &State,
     keys: &Keys,
+    fence: &Fence,
     ov: &mut Overlay,
     seq: u64,
     prev: Hash,
@@ -1200,6 +1285,9 @@ fn check_replicated(
             ),
         }
         .into());
+    }
+    if let Err(reason) = fence.check(seq, rec.epoch) {
+        return Err(VaultError::Epoch { seq, reason }.into());
     }
     if rec.prev_hash != prev {
         return Err(VaultError::Diverged {

@@ -70,6 +70,15 @@ pub enum VaultError {
     #[error("state database {path}: {reason}")]
     StateCorrupt { path: PathBuf, reason: String },
 
+    /// A local change at a site that may not write now: another site holds
+    /// a newer epoch, or this one has not confirmed it still holds its own.
+    #[error("this site is FENCED and takes no changes: {0}")]
+    Fenced(String),
+
+    /// A replicated record of an epoch its seq does not belong to.
+    #[error("record seq {seq}: {reason}")]
+    Epoch { seq: u64, reason: String },
+
     #[error("the change log is closed: {0}")]
     Closed(String),
 

@@ -37,7 +37,7 @@ pub mod state;
 pub mod wal;
 
 pub use chunk::{ChunkId, SealedChunk};
-pub use dataset::{Committed, Dataset, Options, Status, SubmitError, View};
+pub use dataset::{Committed, Dataset, Fence, Options, Status, SubmitError, View};
 pub use error::{Result, VaultError};
 pub use keys::{DatasetKey, Keys};
 pub use ops::{ChunkRef, Entry, Node, Op};

@@ -113,6 +113,23 @@ impl Standby {
     /// Opens the tree at `root` (created when missing), with its cursor in
     /// `cursor_file`. Refuses a non-empty `root` that no cursor names.
     pub fn open(root: &Path, cursor_file: &Path) -> Result<Standby> {
+        Standby::open_with(root, cursor_file, false)
+    }
+
+    /// Opens this site's own former source tree as its standby tree (a
+    /// primary that became a follower): whatever cursor there was is
+    /// dropped and the tree claimed afresh, so the first reconcile compares
+    /// every file by content and undoes what the dataset no longer holds.
+    pub fn open_own(root: &Path, cursor_file: &Path) -> Result<Standby> {
+        match std::fs::remove_file(cursor_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VaultError::io("removing standby cursor", cursor_file, e)),
+        }
+        Standby::open_with(root, cursor_file, true)
+    }
+
+    fn open_with(root: &Path, cursor_file: &Path, own: bool) -> Result<Standby> {
         let refuse = |reason: String| VaultError::Standby {
             path: root.to_path_buf(),
             reason,
@@ -146,7 +163,7 @@ impl Standby {
         }
         match std::fs::read_dir(root) {
             Ok(mut rd) => {
-                if ours.is_none() && rd.next().is_some() {
+                if ours.is_none() && !own && rd.next().is_some() {
                     return Err(refuse(format!(
                         "is not empty and triad did not make it (no cursor {} names it); triad \
                          makes a standby tree equal to the dataset, deleting anything else, so it \

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod demo;
 pub mod drill;
 pub mod keygen;
+pub mod promote;
 pub mod push;
 pub mod restore;
 pub mod resync;

@@ -29,6 +29,10 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Restore from this dataset directory instead of this site's copy: a
+    /// divergent tail set aside at a rejoin (`<data_dir>/evidence/...`).
+    #[arg(long, conflicts_with = "from_archive")]
+    from_dir: Option<PathBuf>,
     /// Restore from this archive (s3://bucket/prefix or file:///dir) instead
     /// of the site's copy. Store settings come from the config's [archive]
     /// when it has one, else from the flags below and the AWS_* environment.
@@ -95,8 +99,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
     })?;
     let key = DatasetKey::load(&d.key_file)?;
     let started = Instant::now();
-    let view = View::open(&cfg.dataset_dir(&a.dataset), &a.dataset, &key)
-        .with_context(|| format!("opening dataset `{}`", a.dataset))?;
+    let dir = a
+        .from_dir
+        .clone()
+        .unwrap_or_else(|| cfg.dataset_dir(&a.dataset));
+    let view = View::open(&dir, &a.dataset, &key)
+        .with_context(|| format!("opening dataset `{}` at {}", a.dataset, dir.display()))?;
     let total: u64 = view
         .entries()?
         .iter()

@@ -184,6 +184,11 @@ fn dataset_alerts(v: &DatasetStatus, now: i64) -> Vec<String> {
             out.push(format!("sync follower {} is DEGRADED to async", f.site));
         }
     }
+    if let Some(t) = v.takeover.as_ref().filter(|t| t.seat == "primary") {
+        if let Some(why) = &t.fenced_reason {
+            out.push(format!("the primary is FENCED and takes no writes: {why}"));
+        }
+    }
     if let Some(up) = v.replication.upstream.as_ref().filter(|u| !u.connected) {
         out.push(format!("upstream {} is not connected", up.upstream));
     }
@@ -270,6 +275,19 @@ fn print_site(site: &SiteStatus) -> bool {
             .map(|p| format!("  {}", p.as_str()))
             .unwrap_or_default();
         println!("site {name} ({}){phase}", site.role);
+        if let Some(t) = site.datasets.iter().find_map(|d| d.takeover.as_ref()) {
+            println!(
+                "  takeover: epoch {}  primary {}  this site {}{}  raft leader {}",
+                t.epoch,
+                t.primary.as_deref().unwrap_or("(none yet)"),
+                t.seat,
+                match &t.fenced_reason {
+                    Some(why) => format!(", FENCED: {why}"),
+                    None => ", takes writes".into(),
+                },
+                t.leader.as_deref().unwrap_or("(none)"),
+            );
+        }
     }
     let now = vault::dataset::now_ns();
     for v in site.datasets.iter().filter(|v| v.error.is_none()) {

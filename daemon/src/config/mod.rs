@@ -57,6 +57,33 @@ pub struct Config {
     pub drill: Option<DrillSection>,
     #[serde(default)]
     pub log: Log,
+    pub takeover: Option<TakeoverSection>,
+    pub failover: Option<FailoverSection>,
+}
+
+/// `[failover]`: whether the same-city site promotes itself when the
+/// primary is lost (needs `[takeover]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    /// Off by default: a failover is then an operator's `triad promote`.
+    #[serde(default)]
+    pub automatic: bool,
+    /// How long this site and the remote must both have heard nothing from
+    /// the primary. Default "30s"; at least `takeover.fence_after` + 2s.
+    pub primary_timeout: Option<Span>,
+}
+
+/// `[takeover]`: this site and its `[[peer]]`s form one group that agrees,
+/// through Raft, on the epoch and which site is primary; a follower can be
+/// promoted (`triad promote`) and a replaced primary is fenced
+/// (docs/architecture.md, "Takeover").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeoverSection {
+    /// How long the primary keeps taking writes without confirming, through
+    /// a majority of the sites, that it is still the primary. Default "10s".
+    pub fence_after: Option<Span>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -290,6 +317,10 @@ pub mod default {
     pub const PRUNE_GRACE: Duration = Duration::from_secs(24 * 3600);
     /// `archive.object_lock_mode`.
     pub const OBJECT_LOCK_MODE: archive::LockMode = archive::LockMode::Governance;
+    /// `takeover.fence_after`.
+    pub const FENCE_AFTER: Duration = Duration::from_secs(10);
+    /// `failover.primary_timeout`.
+    pub const PRIMARY_TIMEOUT: Duration = Duration::from_secs(30);
     /// `verify.scrub_max_rate`, and `triad verify --scrub --max-rate`.
     pub const SCRUB_MAX_RATE: u64 = 100 << 20;
     /// The same, as `--max-rate` spells it.
@@ -370,7 +401,73 @@ impl Config {
         self.validate_site(&invalid)?;
         self.validate_links(&invalid)?;
         self.validate_datasets(&invalid)?;
+        self.validate_takeover(&invalid)?;
         self.validate_checks(&invalid)
+    }
+
+    /// `[takeover]`: every site of the group is reachable over mutual TLS,
+    /// no sync follower may be degraded (a degraded one could be promoted
+    /// without records the primary acknowledged), and every dataset names
+    /// the source this site runs when it is the primary.
+    fn validate_takeover(
+        &self,
+        invalid: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let Some(t) = &self.takeover else {
+            if self.failover.is_some() {
+                return Err(invalid(
+                    "failover".into(),
+                    "automatic failover needs the sites to agree on the primary: add [takeover] to every site".into(),
+                ));
+            }
+            return Ok(());
+        };
+        let serves = self
+            .listen
+            .as_ref()
+            .is_some_and(|l| l.replication.is_some());
+        if !serves || self.tls.is_none() {
+            return Err(invalid(
+                "takeover".into(),
+                "the sites agree on the primary over the replication port: set listen.replication and [tls]".into(),
+            ));
+        }
+        if self.peer.len() < 2 || !self.peer.len().is_multiple_of(2) {
+            return Err(invalid(
+                "takeover".into(),
+                format!(
+                    "a takeover group needs an odd number of sites, at least three, each a [[peer]] here; this config has {} peers",
+                    self.peer.len()
+                ),
+            ));
+        }
+        for (i, p) in self.peer.iter().enumerate() {
+            if p.mode == Some(replicator::upstream::Mode::Sync)
+                && p.on_unreachable == Some(replicator::upstream::OnUnreachable::Degrade)
+            {
+                return Err(invalid(
+                    format!("peer[{i}].on_unreachable"),
+                    "with [takeover], a sync follower must not be degraded: a promoted site could lack writes that were acknowledged; use \"wait\"".into(),
+                ));
+            }
+        }
+        if t.fence_after.is_some_and(|f| f.0 < Duration::from_secs(1)) {
+            return Err(invalid(
+                "takeover.fence_after".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        if let (Some(timeout), Some(fence)) = (self.primary_timeout(), self.fence_after()) {
+            if timeout < fence + Duration::from_secs(2) {
+                return Err(invalid(
+                    "failover.primary_timeout".into(),
+                    format!(
+                        "{timeout:?} is too short: the primary fences itself only after takeover.fence_after ({fence:?}), so the timeout must be at least that plus 2s"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `[site]`: name, data dir, role and upstream, stop timeout, log sizes.
@@ -544,7 +641,14 @@ impl Config {
             }
             self.validate_standby(i, d, &mut standby_paths, invalid)?;
             let source = match (&d.source, self.site.role) {
+                (None, Role::Follower) if self.takeover.is_some() => {
+                    return Err(invalid(
+                        format!("dataset[{i}].source"),
+                        "with [takeover], every site names the source it runs once promoted, e.g. source = { kind = \"directory\", path = \"/data/x\" } (at a follower that tree is the standby tree)".into(),
+                    ))
+                }
                 (None, Role::Follower) => continue,
+                (Some(s), Role::Follower) if self.takeover.is_some() => s,
                 (Some(_), Role::Follower) => {
                     return Err(invalid(
                         format!("dataset[{i}].source"),
@@ -635,6 +739,12 @@ impl Config {
             return Ok(());
         };
         let field = format!("dataset[{i}].standby_path");
+        if self.takeover.is_some() {
+            return Err(invalid(
+                field,
+                "with [takeover], a directory dataset's source.path is its standby tree while this site follows; remove standby_path".into(),
+            ));
+        }
         if self.site.role != Role::Follower {
             return Err(invalid(
                 field,
@@ -799,6 +909,9 @@ impl Config {
         }
         if kept.log != new.log {
             restart.push("[log]");
+        }
+        if kept.takeover != new.takeover || kept.failover != new.failover {
+            restart.push("[takeover], [failover]");
         }
         (applied, restart)
     }
@@ -980,6 +1093,44 @@ impl Config {
             address: p.address.clone(),
             tls: self.tls_files()?,
         })
+    }
+
+    /// `failover.primary_timeout`, when automatic failover is on.
+    pub fn primary_timeout(&self) -> Option<Duration> {
+        self.failover
+            .as_ref()
+            .filter(|f| f.automatic)
+            .map(|f| f.primary_timeout.map_or(default::PRIMARY_TIMEOUT, |s| s.0))
+    }
+
+    /// `takeover.fence_after`, when `[takeover]` is set.
+    pub fn fence_after(&self) -> Option<Duration> {
+        self.takeover
+            .as_ref()
+            .map(|t| t.fence_after.map_or(default::FENCE_AFTER, |s| s.0))
+    }
+
+    /// The sites that follow this one when it is the primary of a takeover
+    /// group: every peer, with its configured policy (`mode` defaults to
+    /// async there).
+    pub fn followers_as_primary(
+        &self,
+    ) -> std::collections::HashMap<String, replicator::upstream::FollowerPolicy> {
+        use replicator::upstream::{FollowerPolicy, Mode};
+        self.peer
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    FollowerPolicy {
+                        mode: p.mode.unwrap_or(Mode::Async),
+                        on_unreachable: p.on_unreachable.unwrap_or_default(),
+                        wait_limit: p.wait_limit.map_or(default::WAIT_LIMIT, |s| s.0),
+                        bandwidth: p.bandwidth.map(|b| b.0),
+                    },
+                )
+            })
+            .collect()
     }
 
     pub fn upstream_peer(&self) -> Option<&Peer> {
@@ -1184,5 +1335,90 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
         assert!(e.contains("yearly"), "{e}");
         let e = err(&with("url = \"s3://b\"\nendpoint = \"minio:9000\""));
         assert!(e.contains("archive.endpoint"), "{e}");
+    }
+
+    /// A follower of a takeover group, as each test varies it.
+    const GROUP_FOLLOWER: &str = r#"
+[site]
+name = "zjk-b"
+role = "follower"
+data_dir = "/var/lib/triad"
+upstream = "zjk-a"
+
+[listen]
+replication = "0.0.0.0:7400"
+
+[tls]
+ca = "/etc/triad/ca.pem"
+cert = "/etc/triad/zjk-b.pem"
+key = "/etc/triad/zjk-b.key"
+
+[[peer]]
+name = "zjk-a"
+address = "10.1.0.11:7400"
+
+[[peer]]
+name = "sjz-c"
+address = "10.2.0.11:7400"
+
+[takeover]
+fence_after = "5s"
+
+[[dataset]]
+name = "gov-files"
+key_file = "/etc/triad/keys/gov-files.key"
+source = { kind = "directory", path = "/srv/gov-files" }
+"#;
+
+    #[test]
+    fn a_takeover_group_names_sources_everywhere_and_refuses_what_would_lose_writes() {
+        let c = Config::parse(Path::new("site.toml"), GROUP_FOLLOWER).unwrap();
+        assert_eq!(c.fence_after(), Some(Duration::from_secs(5)));
+        // Every peer follows the promoted site, async unless configured.
+        let f = c.followers_as_primary();
+        assert_eq!(f.len(), 2);
+        assert!(f
+            .values()
+            .all(|p| p.mode == replicator::upstream::Mode::Async));
+
+        let e = err(&GROUP_FOLLOWER.replace(
+            "source = { kind = \"directory\", path = \"/srv/gov-files\" }",
+            "",
+        ));
+        assert!(
+            e.contains("dataset[0].source") && e.contains("takeover"),
+            "{e}"
+        );
+        let e = err(&GROUP_FOLLOWER.replace(
+            "path = \"/srv/gov-files\" }",
+            "path = \"/srv/gov-files\" }\nstandby_path = \"/srv/x\"",
+        ));
+        assert!(e.contains("standby_path"), "{e}");
+        let e = err(&GROUP_FOLLOWER.replace("replication = \"0.0.0.0:7400\"", ""));
+        assert!(
+            e.contains("takeover") && e.contains("listen.replication"),
+            "{e}"
+        );
+        let e = err(&GROUP_FOLLOWER.replace(
+            "address = \"10.1.0.11:7400\"",
+            "address = \"10.1.0.11:7400\"\nmode = \"sync\"\non_unreachable = \"degrade\"",
+        ));
+        assert!(e.contains("peer[0].on_unreachable"), "{e}");
+        let e = err(&GROUP_FOLLOWER.replace(
+            "[[peer]]\nname = \"sjz-c\"\naddress = \"10.2.0.11:7400\"\n",
+            "",
+        ));
+        assert!(e.contains("odd number of sites"), "{e}");
+        let e = err(&GROUP_FOLLOWER.replace("fence_after = \"5s\"", "fence_after = \"100ms\""));
+        assert!(e.contains("takeover.fence_after"), "{e}");
+        let auto = |t: &str| {
+            format!("{GROUP_FOLLOWER}\n[failover]\nautomatic = true\nprimary_timeout = \"{t}\"\n")
+        };
+        let c = Config::parse(Path::new("site.toml"), &auto("30s")).unwrap();
+        assert_eq!(c.primary_timeout(), Some(Duration::from_secs(30)));
+        let e = err(&auto("6s"));
+        assert!(e.contains("failover.primary_timeout"), "{e}");
+        let e = err(&GOOD.replace("[[dataset]]", "[failover]\nautomatic = true\n\n[[dataset]]"));
+        assert!(e.contains("[takeover]"), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use archive::{Archiver, PruneReport, SnapshotReport, Store};
 use serde::{Deserialize, Serialize};
 
@@ -54,23 +54,7 @@ pub fn over_tls(
     kind: Kind,
     name: &str,
 ) -> Result<Answer> {
-    let listen = cfg
-        .listen
-        .as_ref()
-        .and_then(|l| l.replication.clone())
-        .ok_or_else(|| anyhow!("--over-tls needs listen.replication in the config"))?;
-    let tls = cfg
-        .tls_files()
-        .ok_or_else(|| anyhow!("--over-tls needs [tls] with this site's certificate"))?;
-    // A wildcard listen address is reached on loopback.
-    let address = listen
-        .replace("0.0.0.0:", "127.0.0.1:")
-        .replace("[::]:", "[::1]:");
-    let addr = replicator::follower::UpstreamAddr {
-        name: cfg.site.name.clone(),
-        address,
-        tls,
-    };
+    let addr = super::own_daemon(cfg, "--over-tls")?;
     let (_, json) = rt
         .block_on(replicator::follower::admin(&addr, kind.as_str(), name))
         .with_context(|| format!("dataset `{name}`"))?;

@@ -28,6 +28,29 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the I/O runtime")
 }
 
+/// How a command reaches this site's own daemon over its replication port,
+/// with this site's certificate (what admin calls need). `what` names the
+/// option that needs it, for the error.
+pub fn own_daemon(cfg: &Config, what: &str) -> Result<replicator::follower::UpstreamAddr> {
+    let listen = cfg
+        .listen
+        .as_ref()
+        .and_then(|l| l.replication.clone())
+        .ok_or_else(|| anyhow::anyhow!("{what} needs listen.replication in the config"))?;
+    let tls = cfg
+        .tls_files()
+        .ok_or_else(|| anyhow::anyhow!("{what} needs [tls] with this site's certificate"))?;
+    // A wildcard listen address is reached on loopback.
+    let address = listen
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    Ok(replicator::follower::UpstreamAddr {
+        name: cfg.site.name.clone(),
+        address,
+        tls,
+    })
+}
+
 /// The key of a configured dataset.
 pub fn dataset_key(cfg: &Config, name: &str) -> Result<DatasetKey> {
     let d = cfg

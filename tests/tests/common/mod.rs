@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod deploy;
+pub mod proxy;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;

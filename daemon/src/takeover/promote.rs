@@ -1,0 +1,459 @@
+//! `triad promote`, carried out by the daemon of the site to promote.
+//!
+//! - **Planned switchover**, when the primary answers: it fences itself
+//!   (no new changes), waits until this site has acknowledged its head in
+//!   every dataset, and answers with those heads; this site then asks the
+//!   group to agree on the next epoch with itself as primary. Nothing
+//!   acknowledged is lost, and nothing is written meanwhile. If the
+//!   agreement does not follow, the old primary takes writes again when its
+//!   handover expires.
+//! - **Failover**, when the primary does not answer. This site asks the
+//!   others what they have heard of the primary. It goes on only if at least
+//!   one other site answers (with this one, a majority), and if neither it
+//!   nor they heard from the primary for longer than `fence_after` plus a
+//!   margin. The old primary's lease has then run out, so it takes no
+//!   writes. In sync mode the site must also be one of the primary's sync
+//!   followers, which hold every acknowledged write. `--force` overrides
+//!   both checks, and the promotion is recorded as forced, with the heads
+//!   the site had. The agreement itself still needs a majority.
+//!
+//! Every promotion, whatever its outcome, is appended to
+//! `<data_dir>/takeover/promotions.jsonl`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use replicator::upstream::AdminError;
+use serde::{Deserialize, Serialize};
+
+use super::{Command, Handover, Heard, Takeover};
+
+/// How long a primary stays fenced for a switchover that does not complete.
+const HANDOVER_HOLD: Duration = Duration::from_secs(30);
+/// How long the primary waits for the promoted site to catch up.
+const CATCH_UP: Duration = Duration::from_secs(20);
+/// Added to `fence_after` before a failover: clocks tick at slightly
+/// different rates, and the guard looks at the lease periodically.
+const MARGIN: Duration = Duration::from_secs(2);
+
+/// The admin actions `triad promote` sends: whether it is forced.
+pub fn parse_action(action: &str) -> Option<bool> {
+    match action {
+        "promote" => Some(false),
+        "promote-force" => Some(true),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandoverRequest {
+    pub to: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HandoverReply {
+    /// Per dataset: the primary's head, acknowledged by the promoted site.
+    pub heads: BTreeMap<String, u64>,
+}
+
+/// What `triad promote` reports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PromoteReport {
+    pub ok: bool,
+    pub site: String,
+    /// "switchover" or "failover".
+    pub kind: String,
+    pub from_epoch: u64,
+    pub epoch: u64,
+    pub old_primary: Option<String>,
+    /// Per dataset: this site's head when it became the primary.
+    pub heads: BTreeMap<String, u64>,
+    /// Switchover: the old primary's heads (equal to `heads`: RPO 0).
+    pub old_heads: BTreeMap<String, u64>,
+    pub forced: bool,
+    /// What the sites said about the old primary.
+    pub evidence: Vec<String>,
+    pub error: Option<String>,
+    pub elapsed_seconds: f64,
+    pub time_ns: i64,
+}
+
+impl Takeover {
+    /// At the primary: the handover a promoting site asks for.
+    pub(super) fn hand_over(&self, r: &HandoverRequest) -> Result<HandoverReply, AdminError> {
+        let c = self.cluster();
+        if c.primary.as_deref() != Some(self.site.as_str()) {
+            return Err(AdminError::NotConfigured(format!(
+                "{} is not the primary (epoch {}, primary {:?})",
+                self.site, c.epoch, c.primary
+            )));
+        }
+        if r.epoch != c.epoch {
+            return Err(AdminError::NotConfigured(format!(
+                "the epoch is {} here, not {}",
+                c.epoch, r.epoch
+            )));
+        }
+        if let Ok(mut h) = self.handover.lock() {
+            *h = Some(Handover {
+                to: r.to.clone(),
+                until: Instant::now() + HANDOVER_HOLD,
+            });
+        }
+        self.refresh();
+        tracing::warn!(to = %r.to, epoch = c.epoch, "planned switchover: writes stopped; waiting for the new primary to hold the head");
+        let deadline = Instant::now() + CATCH_UP;
+        // A group the committer was building when the fence went up still
+        // lands: heads are read again until the site has them all.
+        loop {
+            let (datasets, upstream) = self.attached.lock().map(|a| a.clone()).unwrap_or_default();
+            let mut heads = BTreeMap::new();
+            let mut behind = Vec::new();
+            for ds in &datasets {
+                let head = ds.head_seq();
+                heads.insert(ds.name().to_string(), head);
+                let acked = upstream
+                    .as_ref()
+                    .and_then(|u| {
+                        u.links_of(ds.name())
+                            .into_iter()
+                            .find(|l| l.site == r.to && l.connected)
+                    })
+                    .map(|l| l.acked_seq);
+                if acked.is_none_or(|a| a < head) {
+                    behind.push(format!("{} at {:?} of {head}", ds.name(), acked));
+                }
+            }
+            if behind.is_empty() {
+                tracing::warn!(to = %r.to, heads = ?heads, "planned switchover: the new primary holds every record");
+                return Ok(HandoverReply { heads });
+            }
+            if Instant::now() >= deadline {
+                if let Ok(mut h) = self.handover.lock() {
+                    *h = None;
+                }
+                self.refresh();
+                return Err(AdminError::Unavailable(format!(
+                    "{} did not catch up within {CATCH_UP:?} ({}); this site takes writes again",
+                    r.to,
+                    behind.join(", ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// At the site to promote: `triad promote [--force]`.
+    pub fn promote(&self, force: bool) -> PromoteReport {
+        self.promote_with(force, None)
+    }
+
+    /// As [`Takeover::promote`]; `automatic`: a failover only (never a
+    /// switchover: a primary that answers is left alone), needing every site
+    /// to have heard nothing from the primary for that long.
+    pub(super) fn promote_with(&self, force: bool, automatic: Option<Duration>) -> PromoteReport {
+        let started = Instant::now();
+        let c = self.cluster();
+        let mut rep = PromoteReport {
+            site: self.site.clone(),
+            from_epoch: c.epoch,
+            old_primary: c.primary.clone(),
+            forced: force,
+            time_ns: vault::dataset::now_ns(),
+            ..PromoteReport::default()
+        };
+        let result = self.try_promote(&c, force, automatic, &mut rep);
+        let c = self.cluster();
+        rep.epoch = c.epoch;
+        rep.elapsed_seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => {
+                rep.ok = true;
+                tracing::warn!(report = ?rep, "PROMOTED: this site is the primary");
+            }
+            Err(e) => {
+                rep.error = Some(e.clone());
+                tracing::error!(report = ?rep, "promotion refused");
+            }
+        }
+        self.record(&rep);
+        rep
+    }
+
+    fn try_promote(
+        &self,
+        c: &super::Cluster,
+        force: bool,
+        automatic: Option<Duration>,
+        rep: &mut PromoteReport,
+    ) -> Result<(), String> {
+        let silence = automatic.unwrap_or(self.fence_after + MARGIN);
+        let Some(old) = c.primary.clone() else {
+            return Err("the takeover group has no primary registered yet".into());
+        };
+        if old == self.site {
+            return Err(format!(
+                "{} is already the primary of epoch {}",
+                self.site, c.epoch
+            ));
+        }
+        let ask = HandoverRequest {
+            to: self.site.clone(),
+            epoch: c.epoch,
+        };
+        let body = serde_json::to_vec(&ask).unwrap_or_default();
+        let answer = if automatic.is_some() {
+            // Only asks whether the primary is there.
+            match self.call(&old, "heard", Vec::new(), Duration::from_secs(3)) {
+                Ok(_) => {
+                    return Err(format!(
+                        "{old} answers: it is not lost, so there is no automatic failover"
+                    ))
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            self.call(&old, "handover", body, CATCH_UP + Duration::from_secs(5))
+        };
+        match answer {
+            Ok(reply) => {
+                rep.kind = "switchover".into();
+                let reply: HandoverReply = serde_json::from_slice(&reply)
+                    .map_err(|e| format!("{old} answered the handover with {e}"))?;
+                rep.old_heads = reply.heads.clone();
+                rep.heads = self.wait_heads(&reply.heads)?;
+                rep.evidence.push(format!(
+                    "{old} stopped writes and confirmed this site holds its heads {:?}",
+                    reply.heads
+                ));
+                self.agree(
+                    c,
+                    &rep.heads,
+                    false,
+                    format!("planned switchover from {old}"),
+                )
+            }
+            Err(e) if !e.retryable() => Err(format!("{old} refused the handover: {e}")),
+            Err(e) => {
+                rep.kind = "failover".into();
+                rep.evidence
+                    .push(format!("{old} did not answer a handover: {e}"));
+                self.failover_checks(c, &old, force, silence, rep)?;
+                rep.heads = self.heads();
+                let reason = format!(
+                    "failover from {old}{}: {}",
+                    if force { " (FORCED)" } else { "" },
+                    rep.evidence.join("; ")
+                );
+                self.agree(c, &rep.heads, force, reason)
+            }
+        }
+    }
+
+    /// The failover's conditions (see the module docs); `force` lets them
+    /// pass, each named in the evidence.
+    fn failover_checks(
+        &self,
+        c: &super::Cluster,
+        old: &str,
+        force: bool,
+        silence: Duration,
+        rep: &mut PromoteReport,
+    ) -> Result<(), String> {
+        let need = silence.max(self.fence_after + MARGIN);
+        let silent = |h: &Heard| -> f64 { h.seconds.get(old).copied().unwrap_or(h.since_start) };
+        let mine = self.heard();
+        let mut problems = Vec::new();
+        rep.evidence.push(format!(
+            "{} last heard {old} {:.1}s ago",
+            self.site,
+            silent(&mine)
+        ));
+        if silent(&mine) < need.as_secs_f64() {
+            problems.push(format!(
+                "{} heard {old} {:.1}s ago; its lease may still run (it must be silent for {need:?})",
+                self.site,
+                silent(&mine),
+            ));
+        }
+        let mut answered = 0;
+        for site in self.links.keys().filter(|s| *s != old) {
+            match self.call(site, "heard", Vec::new(), Duration::from_secs(3)) {
+                Ok(b) => {
+                    let h: Heard = serde_json::from_slice(&b)
+                        .map_err(|e| format!("{site} answered with {e}"))?;
+                    answered += 1;
+                    rep.evidence.push(format!(
+                        "{site} (epoch {}) last heard {old} {:.1}s ago",
+                        h.epoch,
+                        silent(&h)
+                    ));
+                    if h.epoch > c.epoch {
+                        return Err(format!(
+                            "{site} holds epoch {}, newer than this site's {}: wait until this site has caught up",
+                            h.epoch, c.epoch
+                        ));
+                    }
+                    if silent(&h) < need.as_secs_f64() {
+                        problems.push(format!(
+                            "{site} heard {old} {:.1}s ago: the primary may be alive (it must be silent for {need:?})",
+                            silent(&h)
+                        ));
+                    }
+                }
+                Err(e) => rep.evidence.push(format!("{site} did not answer: {e}")),
+            }
+        }
+        if answered == 0 {
+            return Err(format!(
+                "no other site answered, so this site alone is no majority; refusing (evidence: {})",
+                rep.evidence.join("; ")
+            ));
+        }
+        if !c.sync.contains(&self.site) {
+            problems.push(format!(
+                "{} is not a sync follower of {old} (sync: {:?}): it may lack writes {old} acknowledged",
+                self.site, c.sync
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        if force {
+            rep.evidence.extend(
+                problems
+                    .iter()
+                    .map(|p| format!("overridden by --force: {p}")),
+            );
+            return Ok(());
+        }
+        Err(format!(
+            "{}; promote again later, or with --force to take over anyway (recorded as forced)",
+            problems.join("; ")
+        ))
+    }
+
+    /// Waits until this site's heads reach `want` (they were acknowledged,
+    /// so they are there already unless a commit is in flight).
+    fn wait_heads(&self, want: &BTreeMap<String, u64>) -> Result<BTreeMap<String, u64>, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let heads = self.heads();
+            let short: Vec<String> = want
+                .iter()
+                .filter(|(d, h)| heads.get(*d).is_none_or(|x| x < *h))
+                .map(|(d, h)| format!("{d}: {:?} of {h}", heads.get(d)))
+                .collect();
+            if short.is_empty() {
+                return Ok(heads);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "this site does not hold the old primary's heads: {}",
+                    short.join(", ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn heads(&self) -> BTreeMap<String, u64> {
+        self.attached
+            .lock()
+            .map(|a| {
+                a.0.iter()
+                    .map(|d| (d.name().to_string(), d.head_seq()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn agree(
+        &self,
+        c: &super::Cluster,
+        heads: &BTreeMap<String, u64>,
+        forced: bool,
+        reason: String,
+    ) -> Result<(), String> {
+        self.propose(
+            Command::Promote {
+                site: self.site.clone(),
+                from_epoch: c.epoch,
+                heads: heads.clone(),
+                sync: self.sync_when_primary.clone(),
+                forced,
+                reason,
+                time_ns: vault::dataset::now_ns(),
+            },
+            Duration::from_secs(10),
+        )
+        .or_else(|e| {
+            // An answer lost in a leader change while the command itself
+            // was committed: the record says whether it was.
+            let now = self.cluster();
+            if now.epoch == c.epoch + 1 && now.primary.as_deref() == Some(self.site.as_str()) {
+                Ok(())
+            } else {
+                Err(e.to_string())
+            }
+        })
+    }
+
+    /// Appends the report to `<data_dir>/takeover/promotions.jsonl`.
+    fn record(&self, rep: &PromoteReport) {
+        use std::io::Write;
+        let path = self.dir.join("promotions.jsonl");
+        let line = serde_json::to_string(rep).unwrap_or_default();
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                writeln!(f, "{line}")?;
+                f.sync_all()
+            });
+        if let Err(e) = r {
+            tracing::error!(path = %path.display(), error = %e, "cannot record the promotion");
+        }
+    }
+}
+
+/// Automatic failover (`[failover] automatic = true`): a sync follower of
+/// the primary that has heard nothing from it for `timeout` promotes itself
+/// through the same checks as `triad promote`, asking that the remote has
+/// not heard it for `timeout` either. The remote, an async follower, never
+/// does (it may lack acknowledged writes): it is the tiebreaker, so a cut
+/// same-city link alone promotes nobody. Each decision is logged with its
+/// evidence and recorded in `promotions.jsonl`.
+pub(super) fn watch(
+    t: std::sync::Arc<Takeover>,
+    timeout: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut next = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(500));
+        if Instant::now() < next {
+            continue;
+        }
+        let c = t.cluster();
+        let Some(primary) = c.primary.clone().filter(|p| *p != t.site) else {
+            continue;
+        };
+        if !c.sync.contains(&t.site) {
+            continue;
+        }
+        let h = t.heard();
+        let silent = h.seconds.get(&primary).copied().unwrap_or(h.since_start);
+        if silent < timeout.as_secs_f64() {
+            continue;
+        }
+        tracing::warn!(primary = %primary, silent_seconds = silent, primary_timeout = ?timeout, "automatic failover: the primary has been silent past failover.primary_timeout; asking the other sites");
+        let rep = t.promote_with(false, Some(timeout));
+        if !rep.ok {
+            // Logged by promote; try again after another half timeout.
+            next = Instant::now() + timeout / 2;
+        }
+    }
+}
