@@ -109,9 +109,9 @@ enum Command {
 /// For the commands whose output is a report: a reader that closes the pipe
 /// early (`triad status | head`) ends the command quietly, as it ends any
 /// Unix tool, instead of a panic in `println!`. The daemon, put, get,
-/// promote and verify keep SIGPIPE ignored: they write to sockets (promote
-/// polls its own daemon while that restarts its server) and report a
-/// closed one as an error instead of dying silently.
+/// promote, verify and drill keep SIGPIPE ignored: they write to sockets
+/// (promote and `drill --switchover` poll daemons while those restart their
+/// servers) and report a closed one as an error instead of dying silently.
 fn quiet_on_closed_pipe() {
     // SAFETY: restoring the default disposition of a signal, before any
     // thread is started, has no memory effects.
@@ -138,6 +138,7 @@ fn main() -> ExitCode {
             | Command::Demo(_)
             | Command::Promote(_)
             | Command::Verify(_)
+            | Command::Drill(_)
     ) {
         quiet_on_closed_pipe();
     }

@@ -130,6 +130,7 @@ fn run_seat(
     notifier: &mut Notifier,
 ) -> Result<Option<Config>> {
     let seat = takeover.map(|t| crate::takeover::seat(&cfg, &t.cluster()));
+    let epoch_at_start = takeover.map_or(0, |t| t.cluster().epoch);
     let configured = cfg.clone();
     let cfg = match (&seat, takeover) {
         (Some(s), Some(t)) => crate::takeover::effective(&cfg, s, &t.cluster()),
@@ -168,8 +169,16 @@ fn run_seat(
     // before anything is served or watched.
     let mut running: Vec<Running> = Vec::new();
     for d in &cfg.dataset {
+        let fence = match takeover {
+            Some(t) => vault::Fence {
+                starts: t.cluster().starts(&d.name),
+                fenced: Some("starting: not yet confirmed by a majority of the sites".into()),
+                replicate_up_to: None,
+            },
+            None => vault::Fence::default(),
+        };
         running.push(Running {
-            ds: Arc::new(crate::ops::open_dataset(&cfg, &d.name)?),
+            ds: Arc::new(crate::ops::open_dataset_fenced(&cfg, &d.name, fence)?),
             stats: None,
             follow: None,
             retention: Mutex::new(Retention::default()),
@@ -211,11 +220,14 @@ fn run_seat(
     }
 
     if let Some(t) = takeover {
-        // Fenced from here until the guard says otherwise.
+        // Fenced from the open until the guard says otherwise.
         t.attach(
             running.iter().map(|r| r.ds.clone()).collect(),
             upstream.clone(),
         );
+        if seat == Some(crate::takeover::Seat::Primary) {
+            release_pins_when_confirmed(t, &running, &stop, global_stop);
+        }
     }
     let push_thread = serve_socket(&cfg, &rt, &mut running, upstream.as_ref(), takeover, &stop)?;
     let own_tree = takeover.is_some_and(|_| crate::takeover::was_primary(&cfg.site.data_dir));
@@ -265,8 +277,12 @@ fn run_seat(
     let mut reseat = false;
     while !stop.load(Ordering::Acquire) && !global_stop.load(Ordering::Acquire) {
         if let (Some(s), Some(t)) = (&seat, takeover) {
-            let now = crate::takeover::seat(&configured, &t.cluster());
-            if now != *s {
+            let c = t.cluster();
+            let now = crate::takeover::seat(&configured, &c);
+            // A follower whose epoch moved checks its log against the new
+            // fork point too, even when its upstream stays the same.
+            let moved = c.epoch != epoch_at_start && c.epoch > 1;
+            if now != *s || (moved && *s != crate::takeover::Seat::Primary) {
                 tracing::warn!(from = ?s, to = ?now, epoch = t.cluster().epoch, "the group agreed on a new primary: restarting this site's datasets in their new seat");
                 reseat = true;
                 break;
@@ -353,6 +369,34 @@ fn run_seat(
     }
     tracing::info!("stopped cleanly");
     Ok(None)
+}
+
+/// At a primary seat of a takeover group: once a majority has confirmed
+/// this site (normally within a second), the chunks pinned by an
+/// interrupted write are released, before any put can pin new ones. If
+/// that takes longer than 10 s the seat starts fenced and they are
+/// released at a later start.
+fn release_pins_when_confirmed(
+    t: &Takeover,
+    running: &[Running],
+    stop: &AtomicBool,
+    global_stop: &AtomicBool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.fenced().is_some() && Instant::now() < deadline {
+        if stop.load(Ordering::Acquire) || global_stop.load(Ordering::Acquire) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if t.fenced().is_some() {
+        return;
+    }
+    for r in running {
+        if let Err(e) = r.ds.release_pins() {
+            tracing::warn!(dataset = r.ds.name(), error = %e, "releasing interrupted writes' chunks failed; retried at the next start");
+        }
+    }
 }
 
 /// SIGTERM and SIGINT set the stop flag (a second one exits at once), SIGHUP
@@ -487,14 +531,14 @@ fn admin_handler(
     let names: Vec<String> = running.iter().map(|r| r.ds.name().to_string()).collect();
     Arc::new(move |action: &str, dataset: &str| {
         use replicator::upstream::{AdminAnswer, AdminError};
-        if let Some(force) = crate::takeover::promote::parse_action(action) {
+        if let Some(way) = crate::takeover::promote::parse_action(action) {
             let t = takeover.as_ref().ok_or_else(|| {
                 AdminError::NotConfigured(
                     "this site is in no takeover group: add [takeover] to every site's config"
                         .into(),
                 )
             })?;
-            let report = t.promote(force);
+            let report = t.promote(way);
             return Ok(AdminAnswer {
                 ok: report.ok,
                 json: serde_json::to_string(&report).unwrap_or_default(),
@@ -806,10 +850,18 @@ impl Stopping<'_> {
                 "stop: abandoned work still running after site.stop_timeout; nothing partial is visible in the archive and the next start ships the rest"
             );
         }
-        for h in self.servers {
-            let _ = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(5), h).await });
+        // Servers stop accepting at once; connections still open (a
+        // peer's Raft link, a status poll) get a second, then are cut, so a
+        // seat change is not held up by them.
+        for mut h in self.servers {
+            let done = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(1), &mut h)
+                    .await
+                    .is_ok()
+            });
+            if !done {
+                h.abort();
+            }
         }
         for r in self.running {
             if let Some(f) = r.ds.failure() {

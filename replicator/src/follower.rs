@@ -524,8 +524,27 @@ impl PeerLink {
         }
     }
 
-    /// One Takeover call, given up after `timeout`.
+    /// One Takeover call, given up after `timeout`. A kept connection that
+    /// the other site has since closed (it restarted its server) fails at
+    /// once: the call is then made once more on a new connection.
     pub async fn takeover(
+        &self,
+        kind: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let kept = self.channel.lock().await.is_some();
+        let started = tokio::time::Instant::now();
+        match self.takeover_once(kind, body.clone(), timeout).await {
+            Err(e) if kept && e.retryable() && started.elapsed() < timeout / 2 => {
+                self.takeover_once(kind, body, timeout - started.elapsed())
+                    .await
+            }
+            r => r,
+        }
+    }
+
+    async fn takeover_once(
         &self,
         kind: &str,
         body: Vec<u8>,

@@ -130,6 +130,10 @@ pub struct Options {
     /// write was interrupted. Only the site that writes changes (the primary)
     /// does this; a follower's pins come from its upstream's log.
     pub release_pins: bool,
+    /// The fence in force from the first moment (before the pins are
+    /// released, which logs a record): a site of a takeover group opens
+    /// fenced, with the agreed epochs.
+    pub fence: Fence,
 }
 
 impl Default for Options {
@@ -138,6 +142,7 @@ impl Default for Options {
             segment_bytes: wal::DEFAULT_SEGMENT_BYTES,
             create: true,
             release_pins: true,
+            fence: Fence::default(),
         }
     }
 }
@@ -176,6 +181,8 @@ enum Work {
     },
     /// Good bytes for a stored chunk found damaged (a scrub's repair).
     Repair { chunk: SealedChunk },
+    /// Answered once every submission before it is committed or refused.
+    Barrier,
 }
 
 impl Work {
@@ -183,7 +190,7 @@ impl Work {
         match self {
             Work::Change { attachments, .. } => attachments.iter().map(|a| a.sealed.len()).sum(),
             Work::Replicated { payloads } => payloads.iter().map(|p| p.len()).sum(),
-            Work::Install { .. } | Work::Repair { .. } => 0,
+            Work::Install { .. } | Work::Repair { .. } | Work::Barrier => 0,
         }
     }
 }
@@ -239,6 +246,9 @@ pub struct Fence {
     pub starts: Vec<(u64, u64)>,
     /// Why local changes are refused now, if they are.
     pub fenced: Option<String>,
+    /// Replicated records past this seq are refused for now (a promotion
+    /// of this site is under way at that head).
+    pub replicate_up_to: Option<u64>,
 }
 
 impl Default for Fence {
@@ -246,6 +256,7 @@ impl Default for Fence {
         Fence {
             starts: vec![(1, 1)],
             fenced: None,
+            replicate_up_to: None,
         }
     }
 }
@@ -271,6 +282,12 @@ impl Fence {
     /// write after it was replaced; a newer one is an epoch this site has
     /// not learned yet (refused until it has).
     pub fn check(&self, seq: u64, epoch: u64) -> std::result::Result<(), String> {
+        if self.replicate_up_to.is_some_and(|up_to| seq > up_to) {
+            return Err(format!(
+                "this site is being promoted at seq {}: records after it are not taken now",
+                self.replicate_up_to.unwrap_or_default()
+            ));
+        }
         let want = self.epoch_of(seq);
         if epoch < want {
             return Err(format!(
@@ -378,7 +395,7 @@ impl Dataset {
             times: Mutex::new(std::collections::VecDeque::new()),
             head_moved: std::sync::Condvar::new(),
             head_lock: Mutex::new(()),
-            fence: Mutex::new(Fence::default()),
+            fence: Mutex::new(opts.fence.clone()),
         });
         let state = Arc::new(state);
         let (tx, rx) = bounded::<Submission>(1024);
@@ -403,27 +420,10 @@ impl Dataset {
             _lock: lock,
         };
         // Chunks pinned by a file that was still being written when the last
-        // run stopped: release them through the log, so every site agrees.
-        let pins = if opts.release_pins {
-            ds.state.pins()?
-        } else {
-            Vec::new()
-        };
-        if !pins.is_empty() {
-            let ids: Vec<ChunkId> = pins
-                .iter()
-                .flat_map(|(id, n)| std::iter::repeat_n(*id, *n as usize))
-                .collect();
-            tracing::info!(
-                dataset = name,
-                chunks = ids.len(),
-                "releasing chunks pinned by an interrupted write"
-            );
-            ds.submit(vec![Op::Unpin { ids }], Vec::new())
-                .map_err(|e| match e {
-                    SubmitError::Vault(v) => v,
-                    SubmitError::Missing(_) => VaultError::Closed("releasing pins".into()),
-                })?;
+        // run stopped: released through the log, so every site agrees. A
+        // fenced site logs nothing: its owner releases them once it may.
+        if opts.release_pins && opts.fence.fenced.is_none() {
+            ds.release_pins()?;
         }
         Ok(ds)
     }
@@ -653,6 +653,41 @@ impl Dataset {
     }
 
     /// The error that stopped the committer, if one did.
+    /// Releases, through a logged Unpin, the chunks pinned by a large file
+    /// whose write was interrupted (no put may be streaming meanwhile).
+    pub fn release_pins(&self) -> Result<()> {
+        let pins = self.state.pins()?;
+        if pins.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<ChunkId> = pins
+            .iter()
+            .flat_map(|(id, n)| std::iter::repeat_n(*id, *n as usize))
+            .collect();
+        tracing::info!(
+            dataset = %self.name,
+            chunks = ids.len(),
+            "releasing chunks pinned by an interrupted write"
+        );
+        self.submit(vec![Op::Unpin { ids }], Vec::new())
+            .map_err(|e| match e {
+                SubmitError::Vault(v) => v,
+                SubmitError::Missing(_) => VaultError::Closed("releasing pins".into()),
+            })?;
+        Ok(())
+    }
+
+    /// Returns once everything submitted before it has been committed or
+    /// refused: after a fence goes up, the head no longer moves.
+    pub fn barrier(&self) -> Result<()> {
+        self.send_work(Work::Barrier)
+            .map(|_| ())
+            .map_err(|e| match e {
+                SubmitError::Vault(v) => v,
+                SubmitError::Missing(_) => VaultError::Closed("barrier".into()),
+            })
+    }
+
     /// Sets the epochs of this dataset's history and whether local changes
     /// are taken (`fenced: Some(why)` refuses them with
     /// [`VaultError::Fenced`]). Takes effect from the next group the
@@ -796,6 +831,13 @@ fn commit_loop(
             run_install(&mut wal, &state, &keys, &shared, &mut applied, first);
             continue;
         }
+        if let Work::Barrier = &first.work {
+            let _ = first.reply.send(Ok(Committed {
+                seq: applied.seq,
+                time_ns: 0,
+            }));
+            continue;
+        }
         let (mut group, bytes) = gather_group(first, &rx, &mut carried);
         if let Some(why) = shared.failed.lock().ok().and_then(|f| f.clone()) {
             for s in group {
@@ -906,7 +948,12 @@ fn gather_group(
     let mut bytes: usize = group[0].work.bytes();
     while bytes < GROUP_BYTES {
         match rx.try_recv() {
-            Ok(s) if matches!(s.work, Work::Install { .. } | Work::Repair { .. }) => {
+            Ok(s)
+                if matches!(
+                    s.work,
+                    Work::Install { .. } | Work::Repair { .. } | Work::Barrier
+                ) =>
+            {
                 *carried = Some(s);
                 break;
             }
@@ -976,8 +1023,8 @@ impl GroupDraft {
                 attachments,
             )
             .map(|(payload, hash)| self.push_frame(&payload, hash, now)),
-            Work::Install { .. } | Work::Repair { .. } => {
-                Err(VaultError::Closed("install or repair out of turn".into()).into())
+            Work::Install { .. } | Work::Repair { .. } | Work::Barrier => {
+                Err(VaultError::Closed("install, repair or barrier out of turn".into()).into())
             }
             Work::Replicated { payloads } => {
                 let mut r = Ok(());

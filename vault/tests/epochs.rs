@@ -44,6 +44,7 @@ fn local_changes_carry_the_epoch_in_force_and_stop_while_fenced() {
     ds.set_fence(Fence {
         starts: vec![(1, 1), (2, 2)],
         fenced: Some("zjk-b is the primary of epoch 2".into()),
+        ..Fence::default()
     });
     match change(&ds, "two") {
         Err(SubmitError::Vault(VaultError::Fenced(why))) => assert!(why.contains("zjk-b")),
@@ -53,6 +54,7 @@ fn local_changes_carry_the_epoch_in_force_and_stop_while_fenced() {
     ds.set_fence(Fence {
         starts: vec![(1, 1), (2, 2)],
         fenced: None,
+        ..Fence::default()
     });
     assert_eq!(change(&ds, "two").unwrap(), 2);
     let epochs: Vec<u64> = log_of(&ds).into_iter().map(|(e, _)| e).collect();
@@ -75,6 +77,7 @@ fn a_follower_refuses_records_of_an_epoch_their_seq_does_not_belong_to() {
     follower.set_fence(Fence {
         starts: vec![(1, 1), (2, 3)],
         fenced: Some("a follower".into()),
+        ..Fence::default()
     });
     let payloads: Vec<Vec<u8>> = records.iter().map(|(_, p)| p.clone()).collect();
     follower.append_replicated(payloads[..2].to_vec()).unwrap();
@@ -86,12 +89,29 @@ fn a_follower_refuses_records_of_an_epoch_their_seq_does_not_belong_to() {
         other => panic!("a stale record was taken: {other:?}"),
     }
     assert_eq!(follower.head_seq(), 2);
+    // A site being promoted at its head takes nothing past it meanwhile.
+    let promoting =
+        Dataset::open(&tmp.path().join("p"), "files", &key, Options::default()).unwrap();
+    promoting.set_fence(Fence {
+        replicate_up_to: Some(1),
+        ..Fence::default()
+    });
+    promoting.append_replicated(payloads[..1].to_vec()).unwrap();
+    promoting.barrier().unwrap();
+    match promoting.append_replicated(payloads[1..2].to_vec()) {
+        Err(SubmitError::Vault(VaultError::Epoch { seq: 2, reason })) => {
+            assert!(reason.contains("being promoted"), "{reason}")
+        }
+        other => panic!("a record past the promotion's head was taken: {other:?}"),
+    }
+    promoting.close().unwrap();
     // A follower that has not learned epoch 2 yet refuses a record of it
     // until it has, rather than guessing.
     let newer = Dataset::open(&tmp.path().join("n"), "files", &key, Options::default()).unwrap();
     newer.set_fence(Fence {
         starts: vec![(1, 1), (2, 1)],
         fenced: None,
+        ..Fence::default()
     });
     change(&newer, "x").unwrap();
     let fresh = Dataset::open(&tmp.path().join("g"), "files", &key, Options::default()).unwrap();

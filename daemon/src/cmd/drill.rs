@@ -1,6 +1,7 @@
 //! `triad drill`: restore a dataset from an archive into a scratch
 //! directory, verify it, measure RTO and RPO, and write the reports an
-//! auditor reads. The drill is built in ops/drill.rs, as the daemon's
+//! auditor reads; or, with `--switchover`, a planned switchover of a
+//! takeover group and back (cmd/promote.rs). The drill is built in ops/drill.rs, as the daemon's
 //! scheduled one is. Exits 1 when a drill fails.
 
 use std::path::PathBuf;
@@ -41,10 +42,18 @@ pub struct Args {
     /// this site's own archive expects at least what this site shipped.
     #[arg(long)]
     expect_seq: Option<u64>,
+    /// Instead of a restore: a planned switchover of a takeover group to
+    /// this site (a follower) and back, with each leg's RTO and RPO.
+    #[arg(long, conflicts_with_all = ["from_archive", "at", "expect_seq"])]
+    switchover: bool,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
     let (cfg, names) = a.target.load()?;
+    if a.switchover {
+        let reports = a.reports.clone().unwrap_or_else(|| cfg.reports_dir());
+        return crate::cmd::promote::switchover_drill(&cfg, &reports, a.json);
+    }
     let at: archive::At = a.at.parse().map_err(|e: String| anyhow!(e))?;
     let store = drill::store(
         &cfg,

@@ -432,11 +432,13 @@ impl Config {
                 "the sites agree on the primary over the replication port: set listen.replication and [tls]".into(),
             ));
         }
-        if self.peer.len() < 2 || !self.peer.len().is_multiple_of(2) {
+        // Three sites: the failover checks count "this site and one other"
+        // as the majority.
+        if self.peer.len() != 2 {
             return Err(invalid(
                 "takeover".into(),
                 format!(
-                    "a takeover group needs an odd number of sites, at least three, each a [[peer]] here; this config has {} peers",
+                    "a takeover group is three sites: list the other two as [[peer]]; this config has {} peers",
                     self.peer.len()
                 ),
             ));
@@ -840,7 +842,11 @@ impl Config {
         k.site.stop_timeout = new.site.stop_timeout;
         for p in &mut k.peer {
             if let Some(n) = new.peer.iter().find(|n| n.name == p.name) {
-                p.mode = n.mode;
+                // In a takeover group the sync set is agreed at start (a
+                // sync follower may be promoted without --force).
+                if self.takeover.is_none() {
+                    p.mode = n.mode;
+                }
                 p.on_unreachable = n.on_unreachable;
                 p.wait_limit = n.wait_limit;
                 p.bandwidth = n.bandwidth;
@@ -1408,7 +1414,7 @@ source = { kind = "directory", path = "/srv/gov-files" }
             "[[peer]]\nname = \"sjz-c\"\naddress = \"10.2.0.11:7400\"\n",
             "",
         ));
-        assert!(e.contains("odd number of sites"), "{e}");
+        assert!(e.contains("three sites"), "{e}");
         let e = err(&GROUP_FOLLOWER.replace("fence_after = \"5s\"", "fence_after = \"100ms\""));
         assert!(e.contains("takeover.fence_after"), "{e}");
         let auto = |t: &str| {

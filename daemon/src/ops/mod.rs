@@ -61,10 +61,17 @@ pub fn dataset_key(cfg: &Config, name: &str) -> Result<DatasetKey> {
 
 /// Opens a dataset for the daemon, turning key problems into clear errors.
 pub fn open_dataset(cfg: &Config, name: &str) -> Result<Dataset> {
+    open_dataset_fenced(cfg, name, vault::Fence::default())
+}
+
+/// As [`open_dataset`], with `fence` in force from the first moment (a
+/// site of a takeover group opens fenced, with the agreed epochs).
+pub fn open_dataset_fenced(cfg: &Config, name: &str, fence: vault::Fence) -> Result<Dataset> {
     let key = dataset_key(cfg, name)?;
     let opts = vault::Options {
         release_pins: cfg.site.role == Role::Primary,
         segment_bytes: cfg.segment_bytes(),
+        fence,
         ..vault::Options::default()
     };
     let ds = Dataset::open(&cfg.dataset_dir(name), name, &key, opts).with_context(|| {

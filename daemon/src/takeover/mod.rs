@@ -69,6 +69,14 @@ pub enum Command {
         sync: Vec<String>,
         time_ns: i64,
     },
+    /// The primary of `epoch` names the sites that hold every write it
+    /// acknowledges (its sync followers), before it acknowledges any with
+    /// fewer (its config changed between starts).
+    SetSync {
+        epoch: u64,
+        primary: String,
+        sync: Vec<String>,
+    },
     /// `site` becomes the primary of epoch `from_epoch + 1`, its log heads
     /// being `heads`. Refused if the epoch moved meanwhile.
     Promote {
@@ -119,6 +127,20 @@ impl Cluster {
                     reason: "first start of the group".into(),
                     time_ns: *time_ns,
                 }];
+                Ok(())
+            }
+            Command::SetSync {
+                epoch,
+                primary,
+                sync,
+            } => {
+                if *epoch != self.epoch || self.primary.as_ref() != Some(primary) {
+                    return Err(format!(
+                        "{primary} is not the primary of epoch {epoch} (epoch {}, primary {:?})",
+                        self.epoch, self.primary
+                    ));
+                }
+                self.sync = sync.clone();
                 Ok(())
             }
             Command::Promote {
@@ -303,6 +325,8 @@ type Attached = (Vec<Arc<Dataset>>, Option<Arc<Upstream>>);
 struct Handover {
     to: String,
     until: Instant,
+    /// The epoch it was granted in: a hold ends with its epoch.
+    epoch: u64,
 }
 
 /// The takeover layer of a running site.
@@ -326,6 +350,14 @@ pub struct Takeover {
     /// started (a lease of `fence_after` from then).
     lease: Mutex<Option<Instant>>,
     handover: Mutex<Option<Handover>>,
+    /// When the last handover was asked of this site, in which epoch.
+    last_handover: Mutex<Option<(Instant, u64)>>,
+    /// A promotion of this site under way: per dataset, the head it is
+    /// promoted at; replicated records past it are refused meanwhile.
+    promoting: Mutex<Option<BTreeMap<String, u64>>>,
+    /// After a forced promotion: fenced until then, the longest the old
+    /// primary's lease may still run.
+    hold_until: Mutex<Option<Instant>>,
     /// When each other site last sent this one a Raft message.
     heard: Mutex<HashMap<String, Instant>>,
     started: Instant,
@@ -425,6 +457,9 @@ impl Takeover {
             rt,
             lease: Mutex::new(None),
             handover: Mutex::new(None),
+            last_handover: Mutex::new(None),
+            promoting: Mutex::new(None),
+            hold_until: Mutex::new(None),
             heard: Mutex::new(HashMap::new()),
             started: Instant::now(),
             attached: Mutex::new((Vec::new(), None)),
@@ -465,6 +500,14 @@ impl Takeover {
         self.refresh();
     }
 
+    /// The datasets of the seat that runs now.
+    fn datasets(&self) -> Vec<Arc<Dataset>> {
+        self.attached
+            .lock()
+            .map(|a| a.0.clone())
+            .unwrap_or_default()
+    }
+
     /// Why this site takes no changes now, if it does not.
     pub fn fenced(&self) -> Option<String> {
         self.fenced.lock().ok().and_then(|f| f.clone())
@@ -472,7 +515,10 @@ impl Takeover {
 
     /// Asks the group to agree on `cmd`, waiting up to `timeout`.
     /// While no leader is known (an election, or a leadership handover
-    /// after a promotion), the proposal is made again until `timeout`.
+    /// after a promotion), the proposal is made again until `timeout`; so
+    /// is one not answered within 3 s (Raft drops a proposal forwarded to a
+    /// leader that just lost its place). The commands are safe to repeat:
+    /// a second `Promote` from the same epoch is refused by the record.
     pub fn propose(&self, cmd: Command, timeout: Duration) -> Result<(), TakeoverError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -484,12 +530,13 @@ impl Takeover {
                 })
                 .map_err(|_| TakeoverError::Raft("this site's Raft member has stopped".into()))?;
             let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
+            match rx.recv_timeout(left.min(Duration::from_secs(3))) {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(why)) if why.starts_with(node::NO_LEADER) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Ok(Err(why)) => return Err(TakeoverError::Refused(why)),
+                Err(_) if Instant::now() < deadline => {}
                 Err(_) => {
                     return Err(TakeoverError::Refused(format!(
                         "no majority of the sites agreed within {timeout:?}: this site and at least one other must reach each other"
@@ -597,6 +644,20 @@ impl Takeover {
                 let reply = self.hand_over(&r)?;
                 Ok(serde_json::to_vec(&reply).unwrap_or_default())
             }
+            "switchback" => {
+                // The primary hands its seat to this site (the second leg
+                // of `triad drill --switchover`): only the primary may ask,
+                // and only a planned switchover follows.
+                let c = self.cluster();
+                if c.primary.as_deref() != Some(caller) {
+                    return Err(AdminError::Invalid(format!(
+                        "only the primary may ask for a switchback; {caller} is not it (primary {:?})",
+                        c.primary
+                    )));
+                }
+                let rep = self.promote(promote::Way::Planned);
+                Ok(serde_json::to_vec(&rep).unwrap_or_default())
+            }
             other => Err(AdminError::Invalid(format!(
                 "unknown takeover call `{other}`"
             ))),
@@ -640,6 +701,21 @@ impl Takeover {
                         primary: self.site.clone(),
                         sync: self.sync_when_primary.clone(),
                         time_ns: vault::dataset::now_ns(),
+                    },
+                    reply,
+                });
+                next_bootstrap = Instant::now() + Duration::from_secs(2);
+            }
+            if c.primary.as_deref() == Some(self.site.as_str())
+                && c.sync != self.sync_when_primary
+                && Instant::now() >= next_bootstrap
+            {
+                let (reply, _rx) = crossbeam_channel::bounded(1);
+                let _ = self.node.send(node::Input::Propose {
+                    cmd: Command::SetSync {
+                        epoch: c.epoch,
+                        primary: self.site.clone(),
+                        sync: self.sync_when_primary.clone(),
                     },
                     reply,
                 });
@@ -701,15 +777,13 @@ impl Takeover {
         if let Ok(mut f) = self.fenced.lock() {
             *f = why.clone();
         }
-        let datasets = self
-            .attached
-            .lock()
-            .map(|a| a.0.clone())
-            .unwrap_or_default();
+        let datasets = self.datasets();
+        let promoting = self.promoting.lock().ok().and_then(|p| p.clone());
         for ds in datasets {
             ds.set_fence(Fence {
                 starts: c.starts(ds.name()),
                 fenced: why.clone(),
+                replicate_up_to: promoting.as_ref().and_then(|p| p.get(ds.name()).copied()),
             });
         }
     }
@@ -729,11 +803,25 @@ impl Takeover {
         }
         if let Some(h) = self.handover.lock().ok().and_then(|h| {
             h.as_ref()
-                .filter(|h| h.until > Instant::now())
+                .filter(|h| h.until > Instant::now() && h.epoch == c.epoch)
                 .map(|h| h.to.clone())
         }) {
             return Some(format!(
                 "handing over to {h}: a planned switchover is under way"
+            ));
+        }
+        if let Some(until) = self.hold_until.lock().ok().and_then(|h| *h) {
+            if until > Instant::now() {
+                return Some(format!(
+                    "promoted with --force: waiting {:.1}s more, the longest the old primary's lease may still run",
+                    (until - Instant::now()).as_secs_f64()
+                ));
+            }
+        }
+        if c.sync != self.sync_when_primary {
+            return Some(format!(
+                "the group still names {:?} as this primary's sync followers, the config {:?}: agreeing on them first",
+                c.sync, self.sync_when_primary
             ));
         }
         match self.lease.lock().ok().and_then(|l| *l) {

@@ -280,6 +280,16 @@ impl Node {
     fn take(&mut self, i: Input) {
         match i {
             Input::Message(m) => {
+                // This group never compacts its log, so no honest member
+                // sends a snapshot; one would leave the storage and Raft
+                // disagreeing.
+                if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                    tracing::warn!(
+                        from = m.from,
+                        "takeover: refused a Raft snapshot (this group never makes one)"
+                    );
+                    return;
+                }
                 let _ = self.raw.step(*m);
             }
             Input::Propose { cmd, reply } => {

@@ -30,17 +30,33 @@ use super::{Command, Handover, Heard, Takeover};
 
 /// How long a primary stays fenced for a switchover that does not complete.
 const HANDOVER_HOLD: Duration = Duration::from_secs(30);
+/// At most one handover asked of a primary in one epoch in this time.
+const HANDOVER_EVERY: Duration = Duration::from_secs(60);
 /// How long the primary waits for the promoted site to catch up.
 const CATCH_UP: Duration = Duration::from_secs(20);
 /// Added to `fence_after` before a failover: clocks tick at slightly
 /// different rates, and the guard looks at the lease periodically.
 const MARGIN: Duration = Duration::from_secs(2);
 
-/// The admin actions `triad promote` sends: whether it is forced.
-pub fn parse_action(action: &str) -> Option<bool> {
+/// How a promotion may go.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Way {
+    /// `triad promote`: a switchover if the primary answers, else a
+    /// failover (`force`: its checks overridden).
+    Operator { force: bool },
+    /// Automatic failover: only if the primary does not answer at all, and
+    /// only after every site has heard nothing from it for that long.
+    Automatic(Duration),
+    /// A switchover or nothing (`triad drill --switchover`).
+    Planned,
+}
+
+/// The admin actions `triad promote` and `triad drill --switchover` send.
+pub fn parse_action(action: &str) -> Option<Way> {
     match action {
-        "promote" => Some(false),
-        "promote-force" => Some(true),
+        "promote" => Some(Way::Operator { force: false }),
+        "promote-force" => Some(Way::Operator { force: true }),
+        "promote-planned" => Some(Way::Planned),
         _ => None,
     }
 }
@@ -95,13 +111,32 @@ impl Takeover {
                 c.epoch, r.epoch
             )));
         }
+        if self.datasets().is_empty() {
+            return Err(AdminError::Unavailable(
+                "this site's datasets are not open yet".into(),
+            ));
+        }
+        // Each handover stops writes for up to HANDOVER_HOLD unless it
+        // completes (a new epoch): a site that asks again and again without
+        // completing would keep the primary fenced.
+        if let Ok(mut last) = self.last_handover.lock() {
+            if last.is_some_and(|(t, e)| e == c.epoch && t.elapsed() < HANDOVER_EVERY) {
+                return Err(AdminError::Unavailable(format!(
+                    "a handover was asked in this epoch less than {HANDOVER_EVERY:?} ago and did not complete"
+                )));
+            }
+            *last = Some((Instant::now(), c.epoch));
+        }
         if let Ok(mut h) = self.handover.lock() {
             *h = Some(Handover {
                 to: r.to.clone(),
                 until: Instant::now() + HANDOVER_HOLD,
+                epoch: c.epoch,
             });
         }
-        self.refresh();
+        // A group the committer was building when the fence went up lands
+        // before the heads are read; later ones are refused.
+        self.drain();
         tracing::warn!(to = %r.to, epoch = c.epoch, "planned switchover: writes stopped; waiting for the new primary to hold the head");
         let deadline = Instant::now() + CATCH_UP;
         // A group the committer was building when the fence went up still
@@ -145,14 +180,8 @@ impl Takeover {
     }
 
     /// At the site to promote: `triad promote [--force]`.
-    pub fn promote(&self, force: bool) -> PromoteReport {
-        self.promote_with(force, None)
-    }
-
-    /// As [`Takeover::promote`]; `automatic`: a failover only (never a
-    /// switchover: a primary that answers is left alone), needing every site
-    /// to have heard nothing from the primary for that long.
-    pub(super) fn promote_with(&self, force: bool, automatic: Option<Duration>) -> PromoteReport {
+    pub fn promote(&self, way: Way) -> PromoteReport {
+        let force = way == Way::Operator { force: true };
         let started = Instant::now();
         let c = self.cluster();
         let mut rep = PromoteReport {
@@ -163,7 +192,22 @@ impl Takeover {
             time_ns: vault::dataset::now_ns(),
             ..PromoteReport::default()
         };
-        let result = self.try_promote(&c, force, automatic, &mut rep);
+        let result = if self.datasets().is_empty() {
+            Err("this site's datasets are not open yet: promote again in a moment".into())
+        } else {
+            self.try_promote(&c, way, &mut rep)
+        };
+        // Whatever happened, replication is taken again (a promoted site
+        // restarts its datasets in the primary seat anyway).
+        if let Ok(mut p) = self.promoting.lock() {
+            *p = None;
+        }
+        self.refresh();
+        if result.is_ok() && force && rep.kind == "failover" {
+            if let Ok(mut h) = self.hold_until.lock() {
+                *h = Some(Instant::now() + self.fence_after + MARGIN);
+            }
+        }
         let c = self.cluster();
         rep.epoch = c.epoch;
         rep.elapsed_seconds = started.elapsed().as_secs_f64();
@@ -184,11 +228,14 @@ impl Takeover {
     fn try_promote(
         &self,
         c: &super::Cluster,
-        force: bool,
-        automatic: Option<Duration>,
+        way: Way,
         rep: &mut PromoteReport,
     ) -> Result<(), String> {
-        let silence = automatic.unwrap_or(self.fence_after + MARGIN);
+        let force = way == Way::Operator { force: true };
+        let silence = match way {
+            Way::Automatic(t) => t,
+            _ => self.fence_after + MARGIN,
+        };
         let Some(old) = c.primary.clone() else {
             return Err("the takeover group has no primary registered yet".into());
         };
@@ -203,7 +250,7 @@ impl Takeover {
             epoch: c.epoch,
         };
         let body = serde_json::to_vec(&ask).unwrap_or_default();
-        let answer = if automatic.is_some() {
+        let answer = if matches!(way, Way::Automatic(_)) {
             // Only asks whether the primary is there.
             match self.call(&old, "heard", Vec::new(), Duration::from_secs(3)) {
                 Ok(_) => {
@@ -222,6 +269,8 @@ impl Takeover {
                 let reply: HandoverReply = serde_json::from_slice(&reply)
                     .map_err(|e| format!("{old} answered the handover with {e}"))?;
                 rep.old_heads = reply.heads.clone();
+                // Nothing past the old primary's heads is taken from here on.
+                self.freeze(&reply.heads);
                 rep.heads = self.wait_heads(&reply.heads)?;
                 rep.evidence.push(format!(
                     "{old} stopped writes and confirmed this site holds its heads {:?}",
@@ -235,11 +284,17 @@ impl Takeover {
                 )
             }
             Err(e) if !e.retryable() => Err(format!("{old} refused the handover: {e}")),
+            Err(e) if way == Way::Planned => Err(format!(
+                "{old} did not answer the handover ({e}); a planned switchover does not fail over"
+            )),
             Err(e) => {
                 rep.kind = "failover".into();
                 rep.evidence
                     .push(format!("{old} did not answer a handover: {e}"));
                 self.failover_checks(c, &old, force, silence, rep)?;
+                // The heads it is promoted at: nothing more is taken from
+                // the old primary (fenced, but a record may be in flight).
+                self.freeze(&self.heads());
                 rep.heads = self.heads();
                 let reason = format!(
                     "failover from {old}{}: {}",
@@ -358,15 +413,31 @@ impl Takeover {
         }
     }
 
+    /// Refuses replicated records past `heads` until the promotion ends,
+    /// and waits until any group already being applied has landed.
+    fn freeze(&self, heads: &BTreeMap<String, u64>) {
+        if let Ok(mut p) = self.promoting.lock() {
+            *p = Some(heads.clone());
+        }
+        self.drain();
+    }
+
+    /// Applies the fence now and waits until every group the committers
+    /// were building meanwhile has landed.
+    fn drain(&self) {
+        self.refresh();
+        for ds in self.datasets() {
+            if let Err(e) = ds.barrier() {
+                tracing::warn!(dataset = ds.name(), error = %e, "takeover: waiting for the committer");
+            }
+        }
+    }
+
     fn heads(&self) -> BTreeMap<String, u64> {
-        self.attached
-            .lock()
-            .map(|a| {
-                a.0.iter()
-                    .map(|d| (d.name().to_string(), d.head_seq()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.datasets()
+            .iter()
+            .map(|d| (d.name().to_string(), d.head_seq()))
+            .collect()
     }
 
     fn agree(
@@ -450,7 +521,7 @@ pub(super) fn watch(
             continue;
         }
         tracing::warn!(primary = %primary, silent_seconds = silent, primary_timeout = ?timeout, "automatic failover: the primary has been silent past failover.primary_timeout; asking the other sites");
-        let rep = t.promote_with(false, Some(timeout));
+        let rep = t.promote(Way::Automatic(timeout));
         if !rep.ok {
             // Logged by promote; try again after another half timeout.
             next = Instant::now() + timeout / 2;

@@ -134,10 +134,7 @@ pub fn set_aside(
     let now = vault::dataset::now_ns();
     let evidence_root = data_dir.join("evidence");
     std::fs::create_dir_all(&evidence_root).map_err(|e| io(&evidence_root, e))?;
-    let moved_to = evidence_root.join(format!(
-        "{dataset}-epoch{epoch}-seq{fork}-{}",
-        now / 1_000_000_000
-    ));
+    let moved_to = evidence_root.join(format!("{dataset}-epoch{epoch}-seq{fork}-{now}"));
     std::fs::rename(dataset_dir, &moved_to).map_err(|e| io(dataset_dir, e))?;
     let primary = c
         .history

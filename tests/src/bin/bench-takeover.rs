@@ -16,7 +16,7 @@
 //! up in the remaining follower's standby tree. Peak RSS of the promoted
 //! daemon is reported.
 //!
-//! Run: `cargo run --release -p triad-tests --bin bench-takeover -- [--files
+//! Run: `cargo run -p triad-tests --bin bench-takeover -- [--files
 //! 20000] [--bytes 1073741824] [--fence-after 2s] [--dir DIR]`.
 
 use std::path::{Path, PathBuf};

@@ -185,8 +185,15 @@ pub fn wait_replicated(
     timeout: Duration,
 ) -> (u64, String, String) {
     let start = Instant::now();
+    // The primary's status file is rewritten every 250 ms: one written
+    // before this call may not show a change the caller just made.
+    let since = now_ns();
     loop {
-        if let Some(p) = head_and_hashes(primary) {
+        let fresh = primary
+            .status()
+            .and_then(|v| v["updated_ns"].as_i64())
+            .is_some_and(|t| t > since);
+        if let Some(p) = head_and_hashes(primary).filter(|_| fresh) {
             if followers
                 .iter()
                 .all(|f| head_and_hashes(f).as_ref() == Some(&p))
