@@ -218,6 +218,21 @@ struct Writer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Writes `name`'s content into `dir` and puts it with `triad put` at the
+/// site whose config is `config`.
+fn put_new(dir: &Path, config: &Path, name: &str) -> Output {
+    let file = dir.join(name);
+    std::fs::write(&file, content(name)).unwrap();
+    std::process::Command::new(triad_bin())
+        .args(["put", "--dataset", "files"])
+        .arg(&file)
+        .arg(name)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 fn content(name: &str) -> Vec<u8> {
     let mut v = name.as_bytes().to_vec();
     v.extend(std::iter::repeat_n(b'x', 3000));
@@ -242,16 +257,7 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 let name = format!("{tag}-{n:06}");
                 n += 1;
-                let file = dir.join(&name);
-                std::fs::write(&file, content(&name)).unwrap();
-                let o = std::process::Command::new(triad_bin())
-                    .args(["put", "--dataset", "files"])
-                    .arg(&file)
-                    .arg(&name)
-                    .arg("--config")
-                    .arg(&config)
-                    .output()
-                    .unwrap();
+                let o = put_new(&dir, &config, &name);
                 if o.status.success() {
                     a.lock().unwrap().push((name, Instant::now()));
                 } else {
@@ -646,16 +652,7 @@ fn roaming_writer(
             };
             let name = format!("load-{n:06}");
             n += 1;
-            let file = dir.join(&name);
-            std::fs::write(&file, content(&name)).unwrap();
-            let o = std::process::Command::new(triad_bin())
-                .args(["put", "--dataset", "files"])
-                .arg(&file)
-                .arg(&name)
-                .arg("--config")
-                .arg(&configs[i])
-                .output()
-                .unwrap();
+            let o = put_new(&dir, &configs[i], &name);
             if o.status.success() {
                 acked.lock().unwrap().push(name);
             } else {
