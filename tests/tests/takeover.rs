@@ -380,6 +380,12 @@ fn failover_after_sigkill_under_sync_puts_loses_no_acknowledged_write() {
                 .then_some(())
         },
     );
+    // Its log was a prefix of the new history: no state transfer.
+    assert!(
+        !g.d.c.log_text().contains("receiving a state transfer"),
+        "{}",
+        g.d.c.log_text()
+    );
 
     // The old primary comes back fenced: it learns epoch 2 from the others,
     // refuses puts, and rejoins as a follower of zjk-b.
@@ -589,9 +595,13 @@ fn a_cut_same_city_link_alone_never_promotes_and_a_planned_switchover_loses_noth
         .filter(|e| e.file_name().to_string_lossy().starts_with("switchover-"))
         .collect();
     assert_eq!(reports.len(), 1);
-    // No divergent tail on a planned switchover.
+    // No divergent tail on a planned switchover, and every site followed
+    // each new primary from its own log, without a state transfer.
     assert!(!g.d.a.data.join("evidence").exists());
     assert!(!g.d.b.data.join("evidence").exists());
+    for s in [&g.d.a, &g.d.b, &g.d.c] {
+        assert!(!s.log_text().contains("receiving a state transfer"));
+    }
     g.stop();
 }
 
