@@ -96,8 +96,14 @@ fn flipped_byte_in_the_middle_of_a_segment_stops_the_start_naming_segment_and_of
     let mut site = populated_site();
     let seg = segments(&site).pop().unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x20;
+    // Inside the first record's payload (after the 32-byte segment header
+    // and the 8-byte frame header): damage before the last frame. A byte in
+    // the segment's middle could fall in its last record, when that one
+    // record is over half the segment, and damage in the last frame of the
+    // newest segment reads as a record still being written (restore is
+    // right to take the log up to it).
+    let at = 32 + 8 + 4;
+    bytes[at] ^= 0x20;
     std::fs::write(&seg, &bytes).unwrap();
     let before = snapshot(&site.dataset_dir().join("log"));
 
