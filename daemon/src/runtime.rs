@@ -247,17 +247,12 @@ fn run_seat(
 
     tracing::info!(site = %cfg.site.name, role = ?cfg.site.role, upstream = ?cfg.site.upstream, datasets = running.len(), "triad is running");
     let publish = |cfg: &Config, running: &[Running]| {
+        let group = takeover.map(|t| t.status(cfg.site.role.as_str()));
         let all: Vec<DatasetStatus> = running
             .iter()
-            .map(|r| {
-                let mut st = status_of(cfg, r, upstream.as_deref(), &refusals);
-                // The seat this runtime runs in: the record may already
-                // name another while the seat changes.
-                st.takeover = takeover.map(|t| crate::status::TakeoverStatus {
-                    seat: cfg.site.role.as_str().into(),
-                    ..t.status()
-                });
-                st
+            .map(|r| DatasetStatus {
+                takeover: group.clone(),
+                ..status_of(cfg, r, upstream.as_deref(), &refusals)
             })
             .collect();
         for st in &all {

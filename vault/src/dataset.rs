@@ -282,10 +282,9 @@ impl Fence {
     /// write after it was replaced; a newer one is an epoch this site has
     /// not learned yet (refused until it has).
     pub fn check(&self, seq: u64, epoch: u64) -> std::result::Result<(), String> {
-        if self.replicate_up_to.is_some_and(|up_to| seq > up_to) {
+        if let Some(up_to) = self.replicate_up_to.filter(|up_to| seq > *up_to) {
             return Err(format!(
-                "this site is being promoted at seq {}: records after it are not taken now",
-                self.replicate_up_to.unwrap_or_default()
+                "this site is being promoted at seq {up_to}: records after it are not taken now"
             ));
         }
         let want = self.epoch_of(seq);

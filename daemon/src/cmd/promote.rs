@@ -60,13 +60,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let report: PromoteReport =
         serde_json::from_str(&json).context("reading the daemon's answer")?;
     let mut out = Outcome {
-        lost_records: (report.kind == "switchover").then(|| {
-            report
-                .old_heads
-                .iter()
-                .map(|(d, h)| h.saturating_sub(report.heads.get(d).copied().unwrap_or(0)))
-                .sum()
-        }),
+        lost_records: (report.kind == "switchover").then(|| report.lost_records()),
         report,
         rto_seconds: None,
     };
@@ -173,11 +167,7 @@ struct SwitchoverDrill {
 }
 
 fn leg(to: &str, report: &PromoteReport, rto: Option<f64>) -> Leg {
-    let lost = report
-        .old_heads
-        .iter()
-        .map(|(d, h)| h.saturating_sub(report.heads.get(d).copied().unwrap_or(0)))
-        .sum();
+    let lost = report.lost_records();
     Leg {
         to: to.to_string(),
         ok: report.ok && rto.is_some() && lost == 0,

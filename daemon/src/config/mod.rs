@@ -1019,21 +1019,9 @@ impl Config {
     pub fn followers(
         &self,
     ) -> std::collections::HashMap<String, replicator::upstream::FollowerPolicy> {
-        use replicator::upstream::FollowerPolicy;
         self.peer
             .iter()
-            .filter_map(|p| {
-                let mode = p.mode?;
-                Some((
-                    p.name.clone(),
-                    FollowerPolicy {
-                        mode,
-                        on_unreachable: p.on_unreachable.unwrap_or_default(),
-                        wait_limit: p.wait_limit.map_or(default::WAIT_LIMIT, |s| s.0),
-                        bandwidth: p.bandwidth.map(|b| b.0),
-                    },
-                ))
-            })
+            .filter_map(|p| Some((p.name.clone(), p.policy(p.mode?))))
             .collect()
     }
 
@@ -1122,20 +1110,10 @@ impl Config {
     pub fn followers_as_primary(
         &self,
     ) -> std::collections::HashMap<String, replicator::upstream::FollowerPolicy> {
-        use replicator::upstream::{FollowerPolicy, Mode};
+        use replicator::upstream::Mode;
         self.peer
             .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    FollowerPolicy {
-                        mode: p.mode.unwrap_or(Mode::Async),
-                        on_unreachable: p.on_unreachable.unwrap_or_default(),
-                        wait_limit: p.wait_limit.map_or(default::WAIT_LIMIT, |s| s.0),
-                        bandwidth: p.bandwidth.map(|b| b.0),
-                    },
-                )
-            })
+            .map(|p| (p.name.clone(), p.policy(p.mode.unwrap_or(Mode::Async))))
             .collect()
     }
 
@@ -1150,6 +1128,19 @@ impl Config {
 
     pub fn dataset_dir(&self, name: &str) -> PathBuf {
         self.site.data_dir.join("datasets").join(name)
+    }
+}
+
+impl Peer {
+    /// This peer's commit policy as a follower in `mode`, with the
+    /// defaults filled in.
+    fn policy(&self, mode: replicator::upstream::Mode) -> replicator::upstream::FollowerPolicy {
+        replicator::upstream::FollowerPolicy {
+            mode,
+            on_unreachable: self.on_unreachable.unwrap_or_default(),
+            wait_limit: self.wait_limit.map_or(default::WAIT_LIMIT, |s| s.0),
+            bandwidth: self.bandwidth.map(|b| b.0),
+        }
     }
 }
 

@@ -365,8 +365,8 @@ pub struct Takeover {
     attached: Mutex<Attached>,
     /// Why this site takes no changes now (None: it does).
     fenced: Mutex<Option<String>>,
-    pub fenced_flag: AtomicBool,
-    pub fence_changes: AtomicU64,
+    /// Whether the last refresh fenced, to log each change once.
+    fenced_flag: AtomicBool,
 }
 
 /// What a site says about what it has heard (a failover's evidence).
@@ -431,7 +431,9 @@ impl Takeover {
             },
             outbox,
         )?;
-        let (tx, rx) = crossbeam_channel::unbounded();
+        // Bounded: a member that floods Raft messages costs this site at
+        // most this many queued; the rest are dropped (Raft sends again).
+        let (tx, rx) = crossbeam_channel::bounded(INPUT_QUEUE);
         std::thread::Builder::new()
             .name("takeover-raft".into())
             .spawn(move || node.run(rx))
@@ -465,7 +467,6 @@ impl Takeover {
             attached: Mutex::new((Vec::new(), None)),
             fenced: Mutex::new(Some("starting".into())),
             fenced_flag: AtomicBool::new(true),
-            fence_changes: AtomicU64::new(0),
         });
         {
             let (t, stop) = (t.clone(), stop.clone());
@@ -546,18 +547,15 @@ impl Takeover {
         }
     }
 
-    /// The status part.
-    pub fn status(&self) -> TakeoverStatus {
+    /// The status part; `seat` is the one the runtime runs in now (the
+    /// record may already name another while the seat changes).
+    pub fn status(&self, seat: &str) -> TakeoverStatus {
         let c = self.cluster();
         let fenced_reason = self.fenced();
         TakeoverStatus {
             epoch: c.epoch,
             primary: c.primary.clone(),
-            seat: match self.seat_now() {
-                Some(Role::Primary) => "primary".into(),
-                Some(Role::Follower) => "follower".into(),
-                None => "starting".into(),
-            },
+            seat: seat.to_string(),
             fenced: fenced_reason.is_some(),
             fenced_reason,
             sync: c.sync.clone(),
@@ -580,16 +578,6 @@ impl Takeover {
             .iter()
             .find(|(_, i)| **i == id)
             .map(|(s, _)| s.clone())
-    }
-
-    fn seat_now(&self) -> Option<Role> {
-        let c = self.cluster();
-        match &c.primary {
-            Some(p) if *p == self.site => Some(Role::Primary),
-            Some(_) => Some(Role::Follower),
-            None if self.bootstraps => Some(Role::Primary),
-            None => Some(Role::Follower),
-        }
     }
 
     /// What this site has heard from the others.
@@ -628,7 +616,13 @@ impl Takeover {
                 if let Ok(mut h) = self.heard.lock() {
                     h.insert(caller.to_string(), Instant::now());
                 }
-                let _ = self.node.send(node::Input::Message(Box::new(m)));
+                if self
+                    .node
+                    .try_send(node::Input::Message(Box::new(m)))
+                    .is_err()
+                {
+                    tracing::debug!(site = %caller, "takeover: Raft input queue full; a message was dropped");
+                }
                 Ok(Vec::new())
             }
             "heard" => Ok(serde_json::to_vec(&self.heard()).unwrap_or_default()),
@@ -763,7 +757,6 @@ impl Takeover {
         let why = self.fence_reason(&c);
         let was = self.fenced_flag.swap(why.is_some(), Ordering::AcqRel);
         if was != why.is_some() {
-            self.fence_changes.fetch_add(1, Ordering::Relaxed);
             match &why {
                 Some(w) => {
                     tracing::warn!(epoch = c.epoch, primary = ?c.primary, reason = %w, "FENCED: this site takes no changes")
@@ -839,6 +832,10 @@ impl Takeover {
         }
     }
 }
+
+/// Inputs queued for the Raft thread at most (messages, proposals,
+/// confirmations).
+const INPUT_QUEUE: usize = 4096;
 
 /// The guard's longest sleep.
 const TICK_MAX: Duration = Duration::from_millis(200);

@@ -95,6 +95,17 @@ pub struct PromoteReport {
     pub time_ns: i64,
 }
 
+impl PromoteReport {
+    /// Records the old primary held that this site did not (a switchover
+    /// reports both heads; 0 when it lost nothing).
+    pub fn lost_records(&self) -> u64 {
+        self.old_heads
+            .iter()
+            .map(|(d, h)| h.saturating_sub(self.heads.get(d).copied().unwrap_or(0)))
+            .sum()
+    }
+}
+
 impl Takeover {
     /// At the primary: the handover a promoting site asks for.
     pub(super) fn hand_over(&self, r: &HandoverRequest) -> Result<HandoverReply, AdminError> {
