@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use replicator::follower::{FollowStatus, UpstreamAddr};
+use replicator::seated::Seated;
 use replicator::tls::Refusals;
 use replicator::upstream::{LinkStatus, Upstream, MAX_MESSAGE};
 use vault::Dataset;
@@ -109,12 +110,54 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     let (stop, reload) = signals()?;
     let takeover =
         Takeover::start(&cfg, stop.clone()).context("starting the takeover group member")?;
+    let service = serve_replication(&cfg, takeover.as_ref())?;
     let mut cfg = cfg;
-    loop {
-        match run_seat(path, cfg, takeover.as_ref(), &stop, &reload, &mut notifier)? {
-            Some(next) => cfg = next,
-            None => return Ok(()),
+    let ended = loop {
+        match run_seat(
+            path,
+            cfg,
+            takeover.as_ref(),
+            service.as_ref(),
+            &stop,
+            &reload,
+            &mut notifier,
+        ) {
+            Ok(Some(next)) => cfg = next,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         }
+    };
+    if let Some(s) = service {
+        s.stop();
+    }
+    ended
+}
+
+/// The replication port, open for the whole process: a seat change swaps
+/// the datasets it serves but never closes it (see `replicator::seated`).
+struct Service {
+    seated: Arc<Seated>,
+    refusals: Arc<Refusals>,
+    rt: tokio::runtime::Runtime,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Service {
+    /// Stops accepting; connections still open get a second, then are cut.
+    fn stop(self) {
+        self.seated.vacate();
+        let _ = self.shutdown.send(true);
+        let mut server = self.server;
+        let done = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), &mut server)
+                .await
+                .is_ok()
+        });
+        if !done {
+            server.abort();
+        }
+        self.rt.shutdown_timeout(Duration::from_secs(2));
     }
 }
 
@@ -125,6 +168,7 @@ fn run_seat(
     path: &Path,
     cfg: Config,
     takeover: Option<&Arc<Takeover>>,
+    service: Option<&Service>,
     global_stop: &Arc<AtomicBool>,
     reload: &Arc<AtomicBool>,
     notifier: &mut Notifier,
@@ -194,19 +238,12 @@ fn run_seat(
     let archive_stop = Arc::new(AtomicBool::new(false));
     let archive_threads = start_archiving(&cfg, &rt, &mut running, &archive_stop)?;
     // Serve the log to the sites that follow this one.
-    let refusals = Arc::new(Refusals::default());
-    let (upstream, server) = match serve_replication(
-        &cfg,
-        &rt,
-        &running,
-        &view,
-        &refusals,
-        takeover,
-        &shutdown_rx,
-    )? {
-        Some((up, server)) => (Some(up), Some(server)),
-        None => (None, None),
-    };
+    let refusals = service.map_or_else(Default::default, |s| s.refusals.clone());
+    let upstream = service.map(|s| {
+        let up = seat_upstream(&cfg, &running, &view, takeover);
+        s.seated.install(up.clone());
+        up
+    });
     // Scheduled verify, scrubs and drills, from the live config.
     let live: Live = Arc::new(RwLock::new(Arc::new(cfg.clone())));
     let (checks, checks_thread) = crate::checks::start(
@@ -336,7 +373,8 @@ fn run_seat(
         archive_stop,
         archive_threads,
         standby_threads,
-        servers: [server, http].into_iter().flatten().collect(),
+        seated: service.map(|s| s.seated.clone()),
+        servers: http.into_iter().collect(),
     };
     let failed = stopped.run()?;
     publish(&cfg, &running);
@@ -346,7 +384,7 @@ fn run_seat(
     if reseat {
         // The datasets are opened again: every handle on them must be gone
         // (RocksDB and the log allow one opener). The replication service
-        // held them too; its server has stopped.
+        // held them too; it has left this seat.
         drop(upstream);
         let deadline = Instant::now() + Duration::from_secs(10);
         while running.iter().any(|r| Arc::strong_count(&r.ds) > 1) {
@@ -431,85 +469,99 @@ fn signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
     Ok((stop, reload))
 }
 
-/// Serves the log to the sites that follow this one (and cross-site verify
-/// and admin calls to every configured site), when `listen.replication`
-/// and `[tls]` are set.
-fn serve_replication(
-    cfg: &Config,
-    rt: &tokio::runtime::Runtime,
-    running: &[Running],
-    view: &Arc<SiteView>,
-    refusals: &Arc<Refusals>,
-    takeover: Option<&Arc<Takeover>>,
-    shutdown_rx: &tokio::sync::watch::Receiver<bool>,
-) -> Result<Option<(Arc<Upstream>, tokio::task::JoinHandle<()>)>> {
+/// Opens the replication port for the process (followers, cross-site
+/// verify, admin calls and the takeover group's messages), when
+/// `listen.replication` and `[tls]` are set.
+fn serve_replication(cfg: &Config, takeover: Option<&Arc<Takeover>>) -> Result<Option<Service>> {
     let (Some(addr), Some(tls)) = (
         cfg.listen.as_ref().and_then(|l| l.replication.clone()),
         cfg.tls_files(),
     ) else {
         return Ok(None);
     };
-    {
-        let datasets: HashMap<String, Arc<Dataset>> = running
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("triad-repl")
+        .enable_all()
+        .build()
+        .context("starting the replication runtime")?;
+    let handler = takeover.map(|t| {
+        let t = t.clone();
+        Arc::new(move |caller: &str, kind: &str, body: Vec<u8>| t.handle(caller, kind, body))
+            as replicator::upstream::TakeoverHandler
+    });
+    let seated = Seated::new(handler);
+    let refusals = Arc::new(Refusals::default());
+    let server_cfg = replicator::tls::server_config(&tls).context("loading [tls]")?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .with_context(|| format!("listen.replication: binding {addr}"))?;
+    // Every configured site may connect (cross-site verify asks any of
+    // them; the Follow call itself admits only followers), and this one:
+    // `triad verify` here asks its own daemon.
+    let allowed = {
+        let seated = seated.clone();
+        let known: std::collections::HashSet<String> = cfg
+            .peer
             .iter()
-            .map(|r| (r.ds.name().to_string(), r.ds.clone()))
+            .map(|p| p.name.clone())
+            .chain(std::iter::once(cfg.site.name.clone()))
             .collect();
-        let site_status = {
-            let view = view.clone();
-            Arc::new(move || view.status_json().to_string()) as replicator::upstream::StatusSource
-        };
-        let admin = admin_handler(running, takeover);
-        let mut up = Upstream::new(datasets, cfg.followers())
+        Arc::new(move |site: &str| seated.is_follower(site) || known.contains(site))
+            as Arc<dyn Fn(&str) -> bool + Send + Sync>
+    };
+    let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+    let svc = replicator::pb::replication_server::ReplicationServer::new(seated.clone())
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let refused = refusals.clone();
+    let server = rt.spawn(async move {
+        let incoming = replicator::tls::accept(listener, server_cfg, allowed, refused);
+        let r = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "replication server stopped");
+        }
+    });
+    tracing::info!(%addr, "serving replication");
+    Ok(Some(Service {
+        seated,
+        refusals,
+        rt,
+        shutdown,
+        server,
+    }))
+}
+
+/// What one seat serves on the replication port: its datasets, to the
+/// sites that follow it in this seat.
+fn seat_upstream(
+    cfg: &Config,
+    running: &[Running],
+    view: &Arc<SiteView>,
+    takeover: Option<&Arc<Takeover>>,
+) -> Arc<Upstream> {
+    let datasets: HashMap<String, Arc<Dataset>> = running
+        .iter()
+        .map(|r| (r.ds.name().to_string(), r.ds.clone()))
+        .collect();
+    let site_status = {
+        let view = view.clone();
+        Arc::new(move || view.status_json().to_string()) as replicator::upstream::StatusSource
+    };
+    tracing::info!(followers = ?cfg.followers().keys().collect::<Vec<_>>(), "serving this seat's log");
+    Arc::new(
+        Upstream::new(datasets, cfg.followers())
             .with_site(&cfg.site.name)
             .with_status(site_status)
-            .with_admin(admin);
-        if let Some(t) = takeover {
-            let t = t.clone();
-            up = up.with_takeover(Arc::new(move |caller: &str, kind: &str, body: Vec<u8>| {
-                t.handle(caller, kind, body)
-            }));
-        }
-        let up = Arc::new(up);
-        let server_cfg = replicator::tls::server_config(&tls).context("loading [tls]")?;
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(&addr))
-            .with_context(|| format!("listen.replication: binding {addr}"))?;
-        // Every configured site may connect (cross-site verify asks any of
-        // them); the Follow call itself admits only followers.
-        let allowed = {
-            let up = up.clone();
-            // This site too: `triad verify` here asks its own daemon.
-            let known: std::collections::HashSet<String> = cfg
-                .peer
-                .iter()
-                .map(|p| p.name.clone())
-                .chain(std::iter::once(cfg.site.name.clone()))
-                .collect();
-            Arc::new(move |site: &str| up.is_follower(site) || known.contains(site))
-                as Arc<dyn Fn(&str) -> bool + Send + Sync>
-        };
-        let mut rx = shutdown_rx.clone();
-        let svc = replicator::pb::replication_server::ReplicationServer::new(up.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        let (refusals2, cfg2) = (refusals.clone(), server_cfg);
-        let server = rt.spawn(async move {
-            let incoming = replicator::tls::accept(listener, cfg2, allowed, refusals2);
-            let r = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(5)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "replication server stopped");
-            }
-        });
-        tracing::info!(%addr, followers = ?cfg.followers().keys().collect::<Vec<_>>(), "serving replication");
-        Ok(Some((up, server)))
-    }
+            .with_admin(admin_handler(running, takeover)),
+    )
 }
 
 /// Admin calls do what `triad snapshot` / `triad prune` ask of a running
@@ -792,6 +844,8 @@ struct Stopping<'a> {
     archive_stop: Arc<AtomicBool>,
     archive_threads: Vec<std::thread::JoinHandle<()>>,
     standby_threads: Vec<std::thread::JoinHandle<()>>,
+    /// The replication service, which leaves this seat.
+    seated: Option<Arc<Seated>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -815,6 +869,9 @@ impl Stopping<'_> {
         // The replication links stop only now, so a sync follower could
         // still acknowledge the sources' last round.
         let _ = self.shutdown_tx.send(true);
+        if let Some(s) = &self.seated {
+            s.vacate();
+        }
         // Nothing appends any more: the archive's last shipment takes the
         // log to its end.
         self.archive_stop.store(true, Ordering::Release);
@@ -845,9 +902,9 @@ impl Stopping<'_> {
                 "stop: abandoned work still running after site.stop_timeout; nothing partial is visible in the archive and the next start ships the rest"
             );
         }
-        // Servers stop accepting at once; connections still open (a
-        // peer's Raft link, a status poll) get a second, then are cut, so a
-        // seat change is not held up by them.
+        // The HTTP endpoint stops accepting at once; connections still
+        // open (a status poll) get a second, then are cut, so a seat change
+        // is not held up by them.
         for mut h in self.servers {
             let done = self.rt.block_on(async {
                 tokio::time::timeout(Duration::from_secs(1), &mut h)

@@ -5,6 +5,8 @@
 //!   before any byte reaches gRPC, and the client configuration
 //! - [`upstream`]: the gRPC service that streams a dataset's log to followers
 //!   and tracks what each has acknowledged (lag in records, bytes, seconds)
+//! - [`seated`]: that service for the whole process, across seat changes,
+//!   answering the takeover group's calls at every moment
 //! - [`follower`]: the loop that dials the upstream, appends what it receives
 //!   to this site's log and acknowledges it, reconnecting by itself
 //!
@@ -16,6 +18,7 @@
 
 pub mod certs;
 pub mod follower;
+pub mod seated;
 pub mod tls;
 pub mod upstream;
 

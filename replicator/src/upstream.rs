@@ -134,9 +134,13 @@ pub struct Upstream {
     site_status: Option<StatusSource>,
     /// Carries out Admin calls (this site's own certificate only).
     admin: Option<AdminHandler>,
-    /// Answers Takeover calls (any configured site).
-    takeover: Option<TakeoverHandler>,
+    /// Raised by [`Upstream::close`]: the site leaves this seat, and every
+    /// stream it serves ends, releasing its datasets.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// What a caller is told while the site changes seat: come back shortly.
+pub const LEAVING_SEAT: &str = "this site is changing seat (a new primary was agreed); try again";
 
 /// Answers a Takeover call: (calling site, kind, body) to the reply body.
 /// The daemon's takeover layer owns what the kinds mean.
@@ -197,19 +201,25 @@ impl Upstream {
             acked: Arc::new(tokio::sync::Notify::new()),
             site_status: None,
             admin: None,
-            takeover: None,
+            closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
+    }
+
+    /// Ends every stream this service runs within about a second (each
+    /// follower is told to come back) and refuses new ones: the site is
+    /// leaving the seat these datasets were opened for.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Answers Admin calls with `f`.
     pub fn with_admin(mut self, f: AdminHandler) -> Upstream {
         self.admin = Some(f);
-        self
-    }
-
-    /// Answers Takeover calls with `f`.
-    pub fn with_takeover(mut self, f: TakeoverHandler) -> Upstream {
-        self.takeover = Some(f);
         self
     }
 
@@ -313,6 +323,9 @@ impl Upstream {
         dataset: &str,
         key_id: &str,
     ) -> Result<Arc<Dataset>, Status> {
+        if self.is_closed() {
+            return Err(Status::unavailable(LEAVING_SEAT));
+        }
         let ds =
             self.datasets.get(dataset).cloned().ok_or_else(|| {
                 Status::not_found(format!("this site has no dataset `{dataset}`"))
@@ -462,11 +475,16 @@ fn send_state(
     ds: &Dataset,
     tx: &mpsc::Sender<Result<pb::UpstreamMessage, Status>>,
     need: &std::sync::mpsc::Receiver<pb::NeedChunks>,
+    closed: &std::sync::atomic::AtomicBool,
     prior: (u64, Vec<u8>),
     before_end: impl FnOnce(u64),
 ) -> Result<u64, String> {
     use pb::transfer::Part;
+    let leaving = || closed.load(std::sync::atomic::Ordering::Acquire);
     let send = |m| {
+        if leaving() {
+            return Err(LEAVING_SEAT.to_string());
+        }
         tx.blocking_send(m)
             .map_err(|_| "the follower went away".to_string())
     };
@@ -511,9 +529,7 @@ fn send_state(
         send(transfer_msg(Part::EntriesEnd(pb::TransferEntriesEnd {})))?;
         let mut chunks_sent = 0u64;
         loop {
-            let n = need
-                .recv_timeout(Duration::from_secs(120))
-                .map_err(|_| "the follower did not ask for chunks".to_string())?;
+            let n = wait_need(need, leaving)?;
             let mut batch = Vec::new();
             let mut bytes = 0usize;
             for id in &n.ids {
@@ -561,6 +577,26 @@ fn send_state(
         );
         Ok(applied.seq)
     })
+}
+
+/// The follower's next request for chunks during a transfer: it has two
+/// minutes to ask, and the wait ends early when the site leaves its seat.
+fn wait_need(
+    need: &std::sync::mpsc::Receiver<pb::NeedChunks>,
+    leaving: impl Fn() -> bool,
+) -> Result<pb::NeedChunks, String> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if leaving() {
+            return Err(LEAVING_SEAT.to_string());
+        }
+        match need.recv_timeout(Duration::from_millis(500)) {
+            Ok(n) => return Ok(n),
+            Err(RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {}
+            Err(_) => return Err("the follower did not ask for chunks".to_string()),
+        }
+    }
 }
 
 /// Where `triad verify --scrub` leaves its result in a dataset directory.
@@ -668,16 +704,10 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         &self,
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
-        let caller = caller(&req)?.site;
-        let f = self
-            .takeover
-            .clone()
-            .ok_or_else(|| Status::unimplemented("this site takes no part in takeover"))?;
-        let r = req.into_inner();
-        let body = tokio::task::spawn_blocking(move || f(&caller, &r.kind, r.body))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(pb::TakeoverReply { body }))
+        // Takeover calls outlive a seat: the site's [`crate::seated`]
+        // service answers them, never one seat's datasets.
+        caller(&req)?;
+        Err(Status::unimplemented("this site takes no part in takeover"))
     }
 
     async fn site_status(
@@ -808,6 +838,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         let (need_tx, need_rx) = std::sync::mpsc::channel::<pb::NeedChunks>();
         let mut sender = RecordSender {
             ds,
+            closed: self.closed.clone(),
             link: link.clone(),
             followers: self.followers.clone(),
             tx,
@@ -1003,6 +1034,8 @@ type Outbound = mpsc::Sender<Result<pb::UpstreamMessage, Status>>;
 /// when planned, then the log as it grows, paced to the link's bandwidth.
 struct RecordSender {
     ds: Arc<Dataset>,
+    /// The service's [`Upstream::close`] flag.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     link: LinkHandle,
     followers: Arc<std::sync::RwLock<HashMap<String, FollowerPolicy>>>,
     tx: Outbound,
@@ -1048,8 +1081,9 @@ impl RecordSender {
     ) -> Option<(u64, Tail)> {
         let (d, t, l) = (self.ds.clone(), self.tx.clone(), self.link.clone());
         let prior = plan.prior.clone();
+        let closed = self.closed.clone();
         let sent = tokio::task::spawn_blocking(move || {
-            send_state(&d, &t, &need_rx, prior, |seq| l.mark_sent(seq))
+            send_state(&d, &t, &need_rx, &closed, prior, |seq| l.mark_sent(seq))
         })
         .await;
         match sent {
@@ -1138,6 +1172,10 @@ impl RecordSender {
                 }
             }
             if self.tx.is_closed() {
+                break;
+            }
+            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = self.tx.send(Err(Status::unavailable(LEAVING_SEAT))).await;
                 break;
             }
         }

@@ -205,6 +205,18 @@ fn put(site: &Site, file: &Path, name: &str) -> Output {
     site.cli(&["put", "--dataset", "files", &file.to_string_lossy(), name])
 }
 
+/// Puts `file` as `name` and fails the test, with the CLI's error and the
+/// site's log, if it was not acknowledged.
+fn put_ok(site: &Site, file: &Path, name: &str) {
+    let o = put(site, file, name);
+    assert!(
+        o.status.success(),
+        "put {name} refused: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        site.log_text()
+    );
+}
+
 fn get(site: &Site, name: &str, dest: &Path) -> Output {
     site.cli(&["get", "--dataset", "files", name, &dest.to_string_lossy()])
 }
@@ -405,7 +417,7 @@ fn failover_after_sigkill_under_sync_puts_loses_no_acknowledged_write() {
     // The three copies agree once the old primary has caught up.
     let after2 = scratch.join("after-2");
     std::fs::write(&after2, content("after-2")).unwrap();
-    assert!(put(&g.d.b, &after2, "after-2").status.success());
+    put_ok(&g.d.b, &after2, "after-2");
     wait_replicated(&g.d.b, &[&g.d.a, &g.d.c], Duration::from_secs(60));
     assert_has_all(&g.d.a, &names, &scratch);
 
@@ -518,7 +530,7 @@ fn a_cut_same_city_link_alone_never_promotes_and_a_planned_switchover_loses_noth
     for i in 0..5 {
         let f = dir.join(format!("pre-{i}"));
         std::fs::write(&f, content(&format!("pre-{i}"))).unwrap();
-        assert!(put(&g.d.a, &f, &format!("pre-{i}")).status.success());
+        put_ok(&g.d.a, &f, &format!("pre-{i}"));
     }
     // Only zjk-a <-> zjk-b is cut, for twice primary_timeout: the remote
     // still hears zjk-a, so neither automatic failover nor an operator's
@@ -554,7 +566,7 @@ fn a_cut_same_city_link_alone_never_promotes_and_a_planned_switchover_loses_noth
     wait_follower(&g.d.c, "zjk-b", 2, Duration::from_secs(30));
     let f = dir.join("during-b");
     std::fs::write(&f, content("during-b")).unwrap();
-    assert!(put(&g.d.b, &f, "during-b").status.success());
+    put_ok(&g.d.b, &f, "during-b");
     wait_replicated(&g.d.b, &[&g.d.a, &g.d.c], Duration::from_secs(60));
 
     let (ok, rep) = promote(&g.d.a, false);
@@ -564,7 +576,7 @@ fn a_cut_same_city_link_alone_never_promotes_and_a_planned_switchover_loses_noth
     wait_primary(&g.d.a, 3, Duration::from_secs(30));
     let f = dir.join("back-at-a");
     std::fs::write(&f, content("back-at-a")).unwrap();
-    assert!(put(&g.d.a, &f, "back-at-a").status.success());
+    put_ok(&g.d.a, &f, "back-at-a");
     wait_replicated(&g.d.a, &[&g.d.b, &g.d.c], Duration::from_secs(60));
     // The same, as an audited drill run at the same-city site: there and
     // back, each leg's RTO and RPO in a report.
@@ -601,6 +613,16 @@ fn a_cut_same_city_link_alone_never_promotes_and_a_planned_switchover_loses_noth
     assert!(!g.d.b.data.join("evidence").exists());
     for s in [&g.d.a, &g.d.b, &g.d.c] {
         assert!(!s.log_text().contains("receiving a state transfer"));
+    }
+    // The group kept its majority through every seat change: no new
+    // primary's lease lapsed (all three sites change seat at once, and
+    // the takeover messages must get through while they do).
+    for s in [&g.d.a, &g.d.b] {
+        assert!(
+            !s.log_text().contains("no majority of the sites confirmed"),
+            "a lease lapsed during a seat change:\n{}",
+            s.log_text()
+        );
     }
     g.stop();
 }

@@ -840,9 +840,17 @@ const INPUT_QUEUE: usize = 4096;
 /// The guard's longest sleep.
 const TICK_MAX: Duration = Duration::from_millis(200);
 
-/// Sends each outgoing Raft message to its site, in order per site, on the
-/// takeover runtime; a site that does not take them loses them (Raft sends
-/// again).
+/// Raft messages on their way to one site at most; more wait their turn.
+const IN_FLIGHT: usize = 16;
+
+/// How long one Raft message may take to deliver before it counts as lost.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sends each outgoing Raft message to its site on the takeover runtime,
+/// up to [`IN_FLIGHT`] at once per site: one message stuck on a dead
+/// connection must not hold back the heartbeats behind it past a lease
+/// (Raft takes messages in any order). A site that does not take them
+/// loses them; Raft sends again.
 fn outbox(
     rt: &tokio::runtime::Runtime,
     ids: &BTreeMap<String, u64>,
@@ -854,11 +862,19 @@ fn outbox(
             continue;
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         rt.spawn(async move {
             while let Some(b) = rx.recv().await {
-                if let Err(e) = link.takeover("raft", b, Duration::from_secs(2)).await {
-                    tracing::debug!(site = %link.addr.name, error = %e, "takeover: a Raft message was not delivered");
-                }
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let link = link.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = link.takeover("raft", b, DELIVERY_TIMEOUT).await {
+                        tracing::debug!(site = %link.addr.name, error = %e, "takeover: a Raft message was not delivered");
+                    }
+                    drop(slot);
+                });
             }
         });
         queues.insert(*id, tx);
