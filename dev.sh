@@ -31,6 +31,9 @@ ensure_system() {
   # (libclang-cpp alone, which Debian often has, is not enough.)
   compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || compgen -G "/usr/lib/*/libclang-[0-9]*.so*" >/dev/null || missing+=(libclang-dev)
   command -v g++ >/dev/null || missing+=(g++)
+  # SM4-GCM runs on libgcrypt, loaded at run time (without it, on a
+  # portable path several times slower).
+  compgen -G "/usr/lib/*/libgcrypt.so.20*" >/dev/null || compgen -G "/lib/*/libgcrypt.so.20*" >/dev/null || missing+=(libgcrypt20)
   command -v diff >/dev/null || missing+=(diffutils)
   if ((${#missing[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -88,6 +88,15 @@ fn site(m: &Metrics, view: &SiteView, datasets: &[DatasetStatus]) -> prometheus:
     )?;
     info.with_label_values(&[env!("CARGO_PKG_VERSION"), view.role])
         .set(1.0);
+    let sm4 = vault::crypto::sm4_engine();
+    let engine = m.gauge(
+        "triad_sm4_accelerated",
+        "1 when SM4-GCM runs on libgcrypt, 0 on the portable software path (several times slower); the engine as a label.",
+        &["engine"],
+    )?;
+    engine
+        .with_label_values(&[sm4.name.as_str()])
+        .set(flag(sm4.fallback_reason.is_none()));
     let started = m.gauge(
         "triad_start_timestamp_seconds",
         "When this daemon started (for alerts on work that has never run since).",

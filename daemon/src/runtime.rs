@@ -108,6 +108,13 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
         .with_context(|| format!("creating site.data_dir {}", cfg.site.data_dir.display()))?;
     let mut notifier = Notifier::from_env();
     let (stop, reload) = signals()?;
+    let sm4 = vault::crypto::sm4_engine();
+    match &sm4.fallback_reason {
+        None => tracing::info!(engine = %sm4.name, "SM4-GCM on libgcrypt"),
+        Some(why) => {
+            tracing::warn!(reason = %why, "SM4-GCM on the portable software path, several times slower than libgcrypt: install libgcrypt 1.9 or later (Debian: libgcrypt20)")
+        }
+    }
     let takeover =
         Takeover::start(&cfg, stop.clone()).context("starting the takeover group member")?;
     let service = serve_replication(&cfg, takeover.as_ref())?;

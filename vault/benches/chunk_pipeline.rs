@@ -1,15 +1,17 @@
 //! The chunk pipeline stage by stage on 256 MiB of mixed data, so the slowest
-//! stage is visible: FastCDC cutting, keyed BLAKE3 ids, zstd, SM4-GCM alone,
-//! and the whole pipeline (cut, id, compress and seal on all cores).
+//! stage is visible: FastCDC cutting, keyed BLAKE3 ids, zstd, SM4-GCM alone
+//! (the engine in use, normally libgcrypt, beside the portable software
+//! path), and the whole pipeline (cut, id, compress and seal) on one core
+//! and on all.
 //!
-//! Run: `cargo bench -p vault --bench chunk_pipeline`
+//! Run: `cargo bench --profile dev --workspace --bench chunk_pipeline`
 //! (`TRIAD_BENCH_MIB` changes the data size.)
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{RngCore, SeedableRng};
 use rayon::prelude::*;
 use vault::chunk::{self, ChunkId};
-use vault::crypto::sm4_gcm_seal;
+use vault::crypto::{sm4_engine, sm4_gcm_open, sm4_gcm_seal, software_seal};
 use vault::DatasetKey;
 
 /// Mixed content: a quarter each of random bytes (media, archives), text,
@@ -93,6 +95,8 @@ fn bench(c: &mut Criterion) {
         100.0 * stored as f64 / data.len() as f64
     );
 
+    eprintln!("SM4-GCM engine: {:?}", sm4_engine());
+
     let mut g = c.benchmark_group("chunk_pipeline");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(data.len() as u64));
@@ -124,6 +128,38 @@ fn bench(c: &mut Criterion) {
                 .sum::<usize>()
         })
     });
+    g.bench_function("4b_sm4_gcm_software_1core", |b| {
+        b.iter(|| {
+            pieces
+                .iter()
+                .map(|p| {
+                    let mut buf = p.to_vec();
+                    software_seal(&keys.chunk_seal, &[0u8; 12], b"", &mut buf);
+                    buf.len()
+                })
+                .sum::<usize>()
+        })
+    });
+    let sealed: Vec<Vec<u8>> = pieces
+        .iter()
+        .map(|p| {
+            let mut buf = p.to_vec();
+            sm4_gcm_seal(&keys.chunk_seal, &[0u8; 12], b"", &mut buf);
+            buf
+        })
+        .collect();
+    g.bench_function("4c_sm4_gcm_open_1core", |b| {
+        b.iter(|| {
+            sealed
+                .iter()
+                .map(|s| {
+                    let mut buf = s.clone();
+                    assert!(sm4_gcm_open(&keys.chunk_seal, &[0u8; 12], b"", &mut buf));
+                    buf.len()
+                })
+                .sum::<usize>()
+        })
+    });
     g.bench_function("5_seal_zstd_then_sm4_1core", |b| {
         b.iter(|| {
             pieces
@@ -133,7 +169,19 @@ fn bench(c: &mut Criterion) {
                 .sum::<usize>()
         })
     });
-    g.bench_function("6_whole_pipeline_all_cores", |b| {
+    g.bench_function("6_whole_pipeline_1core", |b| {
+        b.iter(|| {
+            chunk::cut(&data)
+                .iter()
+                .map(|c| {
+                    let p = &data[c.offset..c.offset + c.len];
+                    let id = ChunkId::of(&keys, p);
+                    chunk::seal(&keys, id, p).sealed.len()
+                })
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("7_whole_pipeline_all_cores", |b| {
         b.iter(|| {
             let cuts = chunk::cut(&data);
             cuts.par_iter()

@@ -2,7 +2,7 @@
 //! RocksDB state that the log is applied to.
 //!
 //! - [`keys`]: the dataset key and its derived sub-keys
-//! - [`crypto`]: SM4-GCM and HMAC-SM3
+//! - [`crypto`]: SM4-GCM (on libgcrypt, or the portable fallback) and HMAC-SM3
 //! - [`id`]: the chunk id, a plain value
 //! - [`chunk`]: FastCDC cutting, making chunk ids, sealing
 //! - [`fs`]: files replaced atomically, directories synced
