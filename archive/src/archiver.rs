@@ -7,7 +7,7 @@
 //! prunes are serialized by `jobs`, so a prune never deletes a chunk that a
 //! running snapshot decided not to upload because the index had it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
@@ -21,6 +21,7 @@ use vault::{ChunkId, Dataset, SealedChunk, VaultError};
 use crate::error::{ArchiveError, Result};
 use crate::index::Index;
 use crate::objects::{self, Manifest, Namespace, PageRef, PieceRecord, PieceRef, SnapshotRef};
+use crate::packs::{self, Located};
 use crate::store::{Listed, Store};
 
 /// Most bytes of log records in one piece.
@@ -125,13 +126,20 @@ pub struct PruneReport {
     /// they are still under Object Lock; a later prune takes them.
     #[serde(default)]
     pub objects_held: usize,
+    /// Packs deleted because none of their chunks is referenced.
+    #[serde(default)]
+    pub packs_deleted: usize,
+    /// Bytes of unreferenced chunks inside packs still partly in use: kept
+    /// until a repack (not built yet) rewrites those packs.
+    #[serde(default)]
+    pub pack_bytes_unreferenced: u64,
 }
 
 /// Chunks found unreferenced, with when: deleted by a prune that finds them
 /// still unreferenced after the grace period.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Pending {
-    /// Chunk id (hex) -> Unix ms first found unreferenced.
+    /// Chunk id (hex), or a pack's key, -> Unix ms first found unreferenced.
     since_ms: BTreeMap<String, i64>,
 }
 
@@ -152,6 +160,9 @@ pub struct Archiver {
     ship: Mutex<()>,
     jobs: Mutex<()>,
     concurrency: usize,
+    /// New chunks go into packs of up to this many bytes; 0 writes one
+    /// object per chunk, the layout before packs.
+    pack_bytes: usize,
 }
 
 impl Archiver {
@@ -199,6 +210,7 @@ impl Archiver {
             ship: Mutex::new(()),
             jobs: Mutex::new(()),
             concurrency: concurrency.max(1),
+            pack_bytes: packs::PACK_BYTES,
         };
         if fresh || !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
@@ -238,6 +250,13 @@ impl Archiver {
         };
         *a.lock_shipped() = piece_end.or(snap_end);
         Ok(a)
+    }
+
+    /// Sets the pack size for new chunks (`archive.pack_size`); 0 keeps one
+    /// object per chunk.
+    pub fn with_pack_bytes(mut self, bytes: usize) -> Archiver {
+        self.pack_bytes = bytes.min(packs::PACK_BYTES);
+        self
     }
 
     pub fn dataset(&self) -> &Dataset {
@@ -281,13 +300,13 @@ impl Archiver {
     }
 
     fn refill_index(&self) -> Result<()> {
-        let listed = self
-            .rt
-            .block_on(self.store.list(&objects::chunks_prefix(self.ds.name())))?;
-        let ids: Vec<ChunkId> = listed
-            .iter()
-            .filter_map(|l| objects::parse_chunk_key(&l.key))
-            .collect();
+        let located = self.rt.block_on(Located::load(
+            &self.store,
+            self.ds.keys(),
+            self.ds.name(),
+            self.concurrency,
+        ))?;
+        let ids: Vec<ChunkId> = located.ids().copied().collect();
         self.index.clear()?;
         self.index.add(&ids)?;
         self.index.set_filled_for(self.store.url())?;
@@ -566,19 +585,39 @@ impl Archiver {
         Ok((up_chunks, up_bytes))
     }
 
+    /// Uploads new chunks: in packs, or one object each with
+    /// `pack_bytes` 0. The index learns of them only once all are stored.
     fn upload_chunks(&self, chunks: Vec<SealedChunk>) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
         let name = self.ds.name();
         let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
         let store = &self.store;
-        self.rt.block_on(
-            stream::iter(chunks.into_iter().map(|c| async move {
-                store
-                    .put_history(&objects::chunk_key(name, &c.id), c.sealed)
-                    .await
-            }))
-            .buffer_unordered(self.concurrency)
-            .try_collect::<Vec<()>>(),
-        )?;
+        if self.pack_bytes == 0 {
+            self.rt.block_on(
+                stream::iter(chunks.into_iter().map(|c| async move {
+                    store
+                        .put_history(&objects::chunk_key(name, &c.id), c.sealed)
+                        .await
+                }))
+                .buffer_unordered(self.concurrency)
+                .try_collect::<Vec<()>>(),
+            )?;
+        } else {
+            let packs = packs::build(self.ds.keys(), name, chunks, self.pack_bytes);
+            // A few 16 MiB uploads at once fill a link; more only hold
+            // memory.
+            self.rt.block_on(
+                stream::iter(
+                    packs
+                        .into_iter()
+                        .map(|p| async move { store.put_history(&p.key, p.bytes).await }),
+                )
+                .buffer_unordered(self.concurrency.min(4))
+                .try_collect::<Vec<()>>(),
+            )?;
+        }
         self.index.add(&ids)
     }
 
@@ -737,13 +776,26 @@ impl Archiver {
         let listed = self
             .rt
             .block_on(self.store.list(&objects::chunks_prefix(name)))?;
-        self.check_live_present(name, &listed, live, report)?;
-        let (doomed, still) =
+        let located = self.rt.block_on(Located::load(
+            &self.store,
+            self.ds.keys(),
+            name,
+            self.concurrency,
+        ))?;
+        self.check_live_present(name, &located, live, report)?;
+        let (doomed, mut still) =
             classify_unreferenced(&listed, live, &pending, now, grace_ms, held, report);
+        let pack_list = self
+            .rt
+            .block_on(self.store.list(&packs::packs_prefix(name)))?;
+        let doomed_packs = classify_packs(
+            &located, &pack_list, live, &pending, now, grace_ms, held, &mut still, report,
+        );
         report.chunks_waiting = still.len();
         pending.since_ms = still;
         self.delete_chunks(name, &doomed)?;
         report.chunks_deleted = doomed.len();
+        self.delete_packs(&located, &doomed_packs, report)?;
         let pending_bytes = serde_json::to_vec(&pending).map_err(|e| ArchiveError::Damaged {
             key: pending_key.clone(),
             reason: e.to_string(),
@@ -772,24 +824,20 @@ impl Archiver {
         Ok(pending)
     }
 
-    /// Prune step: counts the `live` chunks absent from the store listing
-    /// `listed` into the report and, if there are any, says so and rebuilds
-    /// the index from the store.
+    /// Prune step: counts the `live` chunks the store holds neither as
+    /// objects nor in packs into the report and, if there are any, says so
+    /// and rebuilds the index from the store.
     fn check_live_present(
         &self,
         name: &str,
-        listed: &[Listed],
+        located: &Located,
         live: &HashSet<ChunkId>,
         report: &mut PruneReport,
     ) -> Result<()> {
         // Every referenced chunk must be in the store. If not, something
         // outside triad removed objects: say so, and forget the index so the
         // next snapshot uploads what is missing.
-        let present: HashSet<ChunkId> = listed
-            .iter()
-            .filter_map(|l| objects::parse_chunk_key(&l.key))
-            .collect();
-        report.chunks_missing = live.difference(&present).count();
+        report.chunks_missing = live.iter().filter(|id| !located.contains(id)).count();
         if report.chunks_missing > 0 {
             tracing::error!(dataset = name, missing = report.chunks_missing, url = self.store.url(), "chunks that kept snapshots or log pieces reference are missing from the store; the index is rebuilt and the next snapshot uploads them again, but restores through the affected snapshots or pieces will name them as missing");
             self.refill_index()?;
@@ -813,6 +861,27 @@ impl Archiver {
             .buffer_unordered(self.concurrency)
             .try_collect::<Vec<()>>(),
         )?;
+        Ok(())
+    }
+
+    /// Prune step: removes the chunks of `doomed` packs from the index, then
+    /// deletes the packs.
+    fn delete_packs(
+        &self,
+        located: &Located,
+        doomed: &[String],
+        report: &mut PruneReport,
+    ) -> Result<()> {
+        let ids: Vec<ChunkId> = doomed
+            .iter()
+            .filter_map(|k| located.packs.get(k.as_str()))
+            .flat_map(|(_, entries)| entries.iter().map(|e| e.id))
+            .collect();
+        self.index.remove(&ids)?;
+        for k in doomed {
+            self.rt.block_on(self.store.delete(k))?;
+        }
+        report.packs_deleted = doomed.len();
         Ok(())
     }
 
@@ -924,6 +993,60 @@ fn classify_unreferenced(
         }
     }
     (doomed, still)
+}
+
+/// Prune step for packs: a pack none of whose chunks `live` references is
+/// marked in `still` (by its key) and deleted by a prune that finds it so
+/// after `grace_ms`, unless Object Lock holds it. Returns the packs to
+/// delete now. A pack still partly referenced stays whole; the bytes it
+/// holds for nothing are counted (a repack would reclaim them).
+#[allow(clippy::too_many_arguments)]
+fn classify_packs(
+    located: &Located,
+    listed: &[Listed],
+    live: &HashSet<ChunkId>,
+    pending: &Pending,
+    now: DateTime<Utc>,
+    grace_ms: i64,
+    held: &dyn Fn(DateTime<Utc>) -> bool,
+    still: &mut BTreeMap<String, i64>,
+    report: &mut PruneReport,
+) -> Vec<String> {
+    let modified: HashMap<&str, DateTime<Utc>> = listed
+        .iter()
+        .map(|l| (l.key.as_str(), l.modified))
+        .collect();
+    let mut doomed = Vec::new();
+    for (key, (_, entries)) in &located.packs {
+        let used = entries.iter().filter(|e| live.contains(&e.id)).count();
+        if used > 0 {
+            report.pack_bytes_unreferenced += entries
+                .iter()
+                .filter(|e| !live.contains(&e.id))
+                .map(|e| u64::from(e.sealed_len))
+                .sum::<u64>();
+            continue;
+        }
+        let k = key.to_string();
+        match pending.since_ms.get(&k) {
+            Some(since) if now.timestamp_millis() - since >= grace_ms => {
+                if modified.get(key.as_ref()).is_some_and(|m| held(*m)) {
+                    report.objects_held += 1;
+                    still.insert(k, *since);
+                } else {
+                    doomed.push(k);
+                }
+            }
+            Some(since) => {
+                still.insert(k, *since);
+            }
+            None => {
+                report.chunks_marked += entries.len();
+                still.insert(k, now.timestamp_millis());
+            }
+        }
+    }
+    doomed
 }
 
 /// Every complete snapshot of `ds` in `store`, oldest first.

@@ -5,6 +5,8 @@
 //! - [`store`]: opening the store (`s3://` or `file://`), retries, errors
 //! - [`objects`]: object names and encodings (pieces, manifests, pages)
 //! - [`lock`]: S3 Object Lock on the history objects
+//! - [`packs`]: chunks packed into large objects, and reading chunks back
+//!   wherever they are stored
 //! - [`index`]: the local index of chunks already in the store
 //! - [`archiver`]: shipping the log, snapshots, retention, prune
 //! - [`restore`]: planning and carrying out a restore from the archive
@@ -15,6 +17,7 @@ pub mod error;
 pub mod index;
 pub mod lock;
 pub mod objects;
+pub mod packs;
 pub mod restore;
 pub mod schedule;
 pub mod store;

@@ -2,11 +2,14 @@
 //! is encoded and checked. docs/archive.md is the reference.
 //!
 //! - `OWNER`: the name of the site that writes this dataset's archive.
+//! - `packs/<name>.pack`: sealed chunks back to back with a sealed index
+//!   (`packs.rs`); new chunks go there.
 //! - `chunks/<id hex>`: a sealed chunk, byte for byte as in the site's state
-//!   (content-addressed: written once, never rewritten).
+//!   (content-addressed: written once, never rewritten): every chunk of an
+//!   archive written before packs, and chunks an archive repair uploaded.
 //! - `log/<first seq>-<last seq>-<last time ns>.lp`: a piece of the change
 //!   log: the records as logged minus the bytes of the chunks they brought,
-//!   which are chunk objects like any other (so the archive holds each chunk
+//!   which are stored like any other chunk (so the archive holds each chunk
 //!   once); the chain hashes before and after; a BLAKE3 trailer so truncation
 //!   and alteration are found before anything is read.
 //! - `snapshots/<seq>-<taken ms>/page-<n>`: sealed pages of the namespace.

@@ -4,7 +4,8 @@
 //! log records after it up to the target. It is carried out through the
 //! same code a follower uses: a scratch dataset (next to the target, on the
 //! same filesystem) gets the snapshot installed as a state transfer (chunks
-//! downloaded in parallel, each checked against the BLAKE3 of its sealed
+//! downloaded in parallel, neighbours in a pack in one ranged read
+//! (`packs.rs`), each checked against the BLAKE3 of its sealed
 //! bytes that the authenticated manifest pages record; the namespace checked
 //! against the snapshot's digest), then the records appended as replicated
 //! records (rebuilt from the pieces and chunk objects, their hash chain
@@ -17,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use futures::stream::{self, StreamExt};
+use futures::stream::StreamExt;
 use tokio::runtime::Handle;
 use vault::state::Applied;
 use vault::{ChunkId, Dataset, DatasetKey, SealedChunk};
@@ -25,6 +26,7 @@ use vault::{ChunkId, Dataset, DatasetKey, SealedChunk};
 use crate::archiver::{list_snapshots, read_piece, read_snapshot};
 use crate::error::{ArchiveError, Result};
 use crate::objects::{self, PieceRef, SnapshotRef};
+use crate::packs::{Fetched, Located, Want};
 use crate::store::Store;
 
 /// The point to restore.
@@ -185,8 +187,15 @@ impl Restorer<'_> {
             bytes_downloaded: 0,
             report: vault::restore::Report::default(),
         };
+        // Where every chunk is: packs (one index read each) and chunk
+        // objects (one listing).
+        let located =
+            self.rt
+                .block_on(Located::load(self.store, &keys, ds_name, self.concurrency))?;
         let r = self
-            .fill(&ds, start, &needed, target_seq, at, &mut out, progress)
+            .fill(
+                &ds, &located, start, &needed, target_seq, at, &mut out, progress,
+            )
             .and_then(|cut_checked| {
                 self.check_reached(&ds, head.as_ref(), &pieces, at, cut_checked, &mut out)
             })
@@ -508,65 +517,44 @@ impl Restorer<'_> {
         }
     }
 
-    /// Downloads chunk objects in parallel, checks each against the BLAKE3
-    /// of its sealed bytes recorded in the (authenticated) manifest or piece,
-    /// and hands the good ones to `sink`. Every missing or damaged object is
+    /// Downloads chunks (ranged reads of packs, merging neighbours, and
+    /// chunk objects, in parallel), checks each against the BLAKE3 of its
+    /// sealed bytes recorded in the (authenticated) manifest or piece, and
+    /// hands the good ones to `sink`. Every missing or damaged chunk is
     /// named in one error. Decrypting, and the check of each chunk against
     /// its id, happen once, when the file is written (`vault::restore`).
     fn download(
         &self,
+        located: &Located,
         want: Vec<(ChunkId, u32, [u8; 32])>,
         out: &mut ArchiveRestore,
         sink: &mut dyn FnMut(SealedChunk) -> Result<()>,
     ) -> Result<Vec<String>> {
-        let store = self.store;
-        let mut results = stream::iter(want.into_iter().map(|(id, len, expect)| async move {
-            let key = objects::chunk_key(self.dataset, &id);
-            // Refused unread if longer than any sealing of `len` bytes.
-            let bytes = store
-                .get_required(
-                    &key,
-                    "a referenced chunk",
-                    vault::chunk::max_sealed_len(len),
-                )
-                .await?;
-            let checked = tokio::task::spawn_blocking(move || {
-                let r = if *blake3::hash(&bytes).as_bytes() == expect {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "its {} bytes do not hash as recorded: truncated or altered",
-                        bytes.len()
-                    ))
-                };
-                (r, bytes)
+        let want = want
+            .into_iter()
+            .map(|(id, plain_len, hash)| Want {
+                id,
+                plain_len,
+                hash,
             })
-            .await;
-            Ok::<_, ArchiveError>((key, id, len, checked))
-        }))
-        .buffer_unordered(self.concurrency.max(1));
+            .collect();
+        let mut results = Box::pin(located.fetch(self.store, self.dataset, want, self.concurrency));
         let mut damaged = Vec::new();
         while let Some(r) = self.rt.block_on(results.next()) {
-            let (key, id, len, checked) = match r {
-                Ok(x) => x,
-                Err(ArchiveError::Missing { key, reason }) => {
-                    damaged.push(format!("{key}: missing ({reason})"));
-                    continue;
+            match r {
+                Fetched::Good(c) => {
+                    out.chunks_downloaded += 1;
+                    out.bytes_downloaded += c.sealed.len() as u64;
+                    sink(c)?;
                 }
-                Err(e) => return Err(e),
-            };
-            let (res, bytes) = checked.map_err(|e| ArchiveError::Stopped(e.to_string()))?;
-            if let Err(e) = res {
-                damaged.push(format!("{}: {e}", self.store.locate(&key)));
-                continue;
+                Fetched::Bad {
+                    at,
+                    reason,
+                    missing: true,
+                    ..
+                } => damaged.push(format!("{at}: missing ({reason})")),
+                Fetched::Bad { at, reason, .. } => damaged.push(format!("{at}: {reason}")),
             }
-            out.chunks_downloaded += 1;
-            out.bytes_downloaded += bytes.len() as u64;
-            sink(SealedChunk {
-                id,
-                plain_len: len,
-                sealed: bytes,
-            })?;
         }
         Ok(damaged)
     }
@@ -575,6 +563,7 @@ impl Restorer<'_> {
     fn fill(
         &self,
         ds: &Dataset,
+        located: &Located,
         start: Option<Start>,
         pieces: &[&PieceRef],
         target_seq: u64,
@@ -588,7 +577,7 @@ impl Restorer<'_> {
         let mut cut_checked = false;
         let t = std::time::Instant::now();
         if let Some((s, content)) = start {
-            self.install_snapshot(ds, &s, content, out, progress)?;
+            self.install_snapshot(ds, located, &s, content, out, progress)?;
         }
 
         out.seconds_snapshot = t.elapsed().as_secs_f64();
@@ -612,7 +601,7 @@ impl Restorer<'_> {
                 cut_checked = true;
             }
             let records = &piece.records[skip..skip + take];
-            let fetched = self.fetch_attachments(ds, p, records, out)?;
+            let fetched = self.fetch_attachments(ds, located, p, records, out)?;
             let batch = self.rebuild_payloads(ds, p, records, &fetched)?;
             piece.check_chain(&self.store.locate(&p.key), skip, &batch)?;
             let n = batch.len() as u64;
@@ -643,6 +632,7 @@ impl Restorer<'_> {
     fn install_snapshot(
         &self,
         ds: &Dataset,
+        located: &Located,
         s: &SnapshotRef,
         content: crate::archiver::SnapshotContent,
         out: &mut ArchiveRestore,
@@ -654,7 +644,7 @@ impl Restorer<'_> {
             sealed_hashes,
         } = content;
         let want = self.snapshot_chunks(s, &m, &entries, &sealed_hashes)?;
-        self.stage_snapshot_chunks(ds, s, want, out, progress)?;
+        self.stage_snapshot_chunks(ds, located, s, want, out, progress)?;
         let digest = vault::lthash::LtHash::try_from_bytes(&m.lthash).ok_or_else(|| {
             ArchiveError::Damaged {
                 key: self.store.locate(&s.manifest_key(self.dataset)),
@@ -714,6 +704,7 @@ impl Restorer<'_> {
     fn stage_snapshot_chunks(
         &self,
         ds: &Dataset,
+        located: &Located,
         s: &SnapshotRef,
         want: Vec<(ChunkId, u32, [u8; 32])>,
         out: &mut ArchiveRestore,
@@ -723,7 +714,7 @@ impl Restorer<'_> {
         let mut batch: Vec<SealedChunk> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut done = 0u64;
-        let damaged = self.download(want, out, &mut |c| {
+        let damaged = self.download(located, want, out, &mut |c| {
             batch_bytes += c.sealed.len();
             batch.push(c);
             done += 1;
@@ -773,6 +764,7 @@ impl Restorer<'_> {
     fn fetch_attachments(
         &self,
         ds: &Dataset,
+        located: &Located,
         p: &PieceRef,
         records: &[objects::PieceRecord],
         out: &mut ArchiveRestore,
@@ -788,7 +780,7 @@ impl Restorer<'_> {
             }
         }
         let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
-        let damaged = self.download(want, out, &mut |c| {
+        let damaged = self.download(located, want, out, &mut |c| {
             fetched.insert(c.id, c.sealed);
             Ok(())
         })?;

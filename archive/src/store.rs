@@ -474,6 +474,34 @@ impl Store {
         Ok(Some(out))
     }
 
+    /// Reads bytes `range` of an object that must exist (`what` names it
+    /// in the error). The store returns exactly the range or fails, so the
+    /// caller's bound on the range bounds what is read.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        what: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>> {
+        match self.inner.get_range(&self.path(key), range.clone()).await {
+            Ok(b) if b.len() as u64 == range.end - range.start => Ok(b.to_vec()),
+            Ok(b) => Err(ArchiveError::Damaged {
+                key: self.locate(key),
+                reason: format!(
+                    "asked for bytes {}..{}, the store sent {}: truncated",
+                    range.start,
+                    range.end,
+                    b.len()
+                ),
+            }),
+            Err(object_store::Error::NotFound { .. }) => Err(ArchiveError::Missing {
+                key: self.locate(key),
+                reason: format!("{what} is not in {}", self.url),
+            }),
+            Err(e) => Err(self.err("reading", key, e)),
+        }
+    }
+
     /// Copies an object inside the store (no bytes pass through this
     /// site); false when there is nothing to copy.
     pub async fn copy_if_exists(&self, from: &str, to: &str) -> Result<bool> {

@@ -153,6 +153,7 @@ fn open_archiver(
                 site,
                 settings.store.concurrency,
             )
+            .map(|a| a.with_pack_bytes(settings.pack_bytes))
         });
         match r {
             Ok(a) => {

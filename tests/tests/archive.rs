@@ -333,23 +333,52 @@ fn damaged_objects_are_named_at_restore() {
     assert_same_tree(&keep_latest, &to);
     std::fs::write(&mpath, &good_manifest).unwrap();
 
-    // A truncated chunk object: the snapshot's restore names it.
-    let chunks = s3.keys(BUCKET, &format!("{PREFIX}/files/chunks"));
-    let victim = chunks.iter().max_by_key(|k| {
+    // New chunks are in packs, none in objects of their own.
+    assert!(s3
+        .keys(BUCKET, &format!("{PREFIX}/files/chunks"))
+        .is_empty());
+    // The newest pack holds chunks of the last round's files, which the
+    // latest state needs.
+    let packs = s3.keys(BUCKET, &format!("{PREFIX}/files/packs"));
+    let victim = packs.iter().max_by_key(|k| {
         std::fs::metadata(s3.object_path(BUCKET, k))
-            .map(|m| m.len())
-            .unwrap_or(0)
+            .and_then(|m| m.modified())
+            .ok()
     });
-    let victim = victim.expect("chunk objects").clone();
+    let victim = victim.expect("packs").clone();
     let path = s3.object_path(BUCKET, &victim);
     let original = std::fs::read(&path).unwrap();
+    // A truncated pack (its index gone): the restore names it.
     std::fs::write(&path, &original[..original.len() / 2]).unwrap();
-    let out = restore_from_archive(&site, &snap.to_string(), &site.tmp.path().join("r1"));
+    let out = restore_from_archive(&site, "latest", &site.tmp.path().join("r1"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&victim),
-        "the truncated object is named: {err}"
+        err.contains(&victim) && err.contains("no pack trailer"),
+        "the truncated pack is named: {err}"
+    );
+    // A byte flipped inside the pack's first chunk: named, with where.
+    let mut flipped = original.clone();
+    flipped[8 + 100] ^= 0x10;
+    std::fs::write(&path, &flipped).unwrap();
+    let out = restore_from_archive(&site, "latest", &site.tmp.path().join("r1b"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&victim) && err.contains("(bytes 8+") && err.contains("altered"),
+        "the altered chunk in the pack is named: {err}"
+    );
+    // The pack's index altered: refused as unauthenticated.
+    let mut forged = original.clone();
+    let at = forged.len() - 12 - 20;
+    forged[at] ^= 1;
+    std::fs::write(&path, &forged).unwrap();
+    let out = restore_from_archive(&site, "latest", &site.tmp.path().join("r1c"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&victim) && err.contains("tag does not verify"),
+        "the forged index is named: {err}"
     );
     std::fs::write(&path, &original).unwrap();
 
@@ -402,10 +431,13 @@ fn damaged_objects_are_named_at_restore() {
 fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
     let s3 = S3Server::start(BUCKET);
     let mut site = Site::new();
+    // One object per chunk, the layout of archives written before packs:
+    // prune keeps deleting single chunks there (packs:
+    // `packs_hold_new_chunks_and_an_archive_begun_without_them_stays_whole`).
     with_archive(
         &site,
         &s3.endpoint(),
-        "prune_grace = \"1s\"\nretention = { last = 2 }",
+        "prune_grace = \"1s\"\nretention = { last = 2 }\npack_size = \"0\"",
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     site.start();
@@ -479,6 +511,95 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
     assert!(s3.object_path(BUCKET, &victim).exists(), "re-uploaded");
     let third = prune(&site);
     assert_eq!(third["prune"]["chunks_missing"], 0);
+}
+
+/// An archive written before packs (one object per chunk) goes on with
+/// packs once the site runs a build that writes them: restores of the old
+/// snapshots, of new ones and of points between use both layouts, and
+/// prune removes dead chunk objects and whole dead packs alike.
+#[test]
+fn packs_hold_new_chunks_and_an_archive_begun_without_them_stays_whole() {
+    let s3 = S3Server::start(BUCKET);
+    let mut site = Site::new();
+    with_archive(
+        &site,
+        &s3.endpoint(),
+        "prune_grace = \"1s\"\nretention = { last = 2 }\npack_size = \"0\"",
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let objects = |s3: &S3Server| s3.keys(BUCKET, &format!("{PREFIX}/files/chunks")).len();
+    let packs = |s3: &S3Server| s3.keys(BUCKET, &format!("{PREFIX}/files/packs")).len();
+    site.start();
+    let mut kept = Vec::new();
+    for round in 1..=2 {
+        change(&site.source, round, &mut rng);
+        site.wait_settled(now_ns(), Duration::from_secs(60));
+        kept.push((snapshot(&site), keep(&site, &format!("keep{round}"))));
+    }
+    site.stop();
+    let old_objects = objects(&s3);
+    assert!(old_objects > 0);
+    assert_eq!(packs(&s3), 0);
+
+    // The same site, now writing packs (the default).
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    site.set_config(&text.replace("pack_size = \"0\"", ""));
+    site.start();
+    for round in 3..=6 {
+        change(&site.source, round, &mut rng);
+        site.wait_settled(now_ns(), Duration::from_secs(60));
+        kept.push((snapshot(&site), keep(&site, &format!("keep{round}"))));
+    }
+    let st = site.wait_settled(now_ns(), Duration::from_secs(60));
+    site.wait_shipped(head_seq(&st), Duration::from_secs(60));
+    site.stop();
+    assert_eq!(objects(&s3), old_objects, "new chunks went into packs");
+    let packs_before = packs(&s3);
+    assert!(packs_before > 0);
+
+    // Old snapshot (objects only), a new one over both layouts, and the
+    // log replayed from an old snapshot through packed chunks.
+    for (i, what) in [(1, "old layout"), (3, "mixed")] {
+        let (seq, tree) = &kept[i];
+        let to = site.tmp.path().join(format!("r-{seq}"));
+        ok(&restore_from_archive(&site, &seq.to_string(), &to), what);
+        assert_same_tree(tree, &to);
+    }
+    let latest = site.tmp.path().join("r-latest");
+    ok(&restore_from_archive(&site, "latest", &latest), "latest");
+    assert_same_tree(&kept[5].1, &latest);
+
+    // Prune: snapshots 5 and 6 stay; the chunk objects of rounds 1-2 and
+    // the packs of rounds 3-4 go once the grace period has passed.
+    let prune = || {
+        ok(
+            &triad(&["prune", "--dataset", "files", "--json"], &site.config),
+            "triad prune",
+        )
+    };
+    let first = prune();
+    assert_eq!(first["prune"]["packs_deleted"], 0, "{first}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = prune();
+    assert_eq!(second["prune"]["chunks_missing"], 0, "{second}");
+    assert!(
+        second["prune"]["chunks_deleted"].as_u64() > Some(0),
+        "{second}"
+    );
+    assert!(
+        second["prune"]["packs_deleted"].as_u64() > Some(0),
+        "{second}"
+    );
+    assert!(packs(&s3) < packs_before);
+    assert!(objects(&s3) < old_objects);
+    for (seq, tree) in &kept[4..] {
+        let to = site.tmp.path().join(format!("after-prune-{seq}"));
+        ok(
+            &restore_from_archive(&site, &seq.to_string(), &to),
+            "restore after prune",
+        );
+        assert_same_tree(tree, &to);
+    }
 }
 
 #[test]

@@ -97,25 +97,26 @@ fn a_drill_reports_what_it_restored_and_a_damaged_archive_fails_it() {
         "{md}"
     );
 
-    // A chunk deleted from the archive: a failing report, exit 1, no crash,
+    // A pack deleted from the archive: a failing report, exit 1, no crash,
     // no scratch left behind.
-    let chunk_dir = s3.root.join("triad/site-a/files/chunks");
-    let victim = std::fs::read_dir(&chunk_dir)
+    let pack_dir = s3.root.join("triad/site-a/files/packs");
+    let victim = std::fs::read_dir(&pack_dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .find(|p| p.is_file() && !p.to_string_lossy().contains(".s3s"))
-        .expect("a chunk object");
+        .expect("a pack");
     std::fs::remove_file(&victim).unwrap();
     let out = drill(&site, &reports);
     assert!(!out.status.success());
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["result"], "failed", "{r}");
     let why = r["error"].as_str().unwrap_or_default();
-    let victim_name = victim.file_name().unwrap().to_string_lossy().to_string();
+    // The pack and its index are gone: each chunk it held is named as
+    // missing, by id.
     assert!(
-        why.contains(&victim_name),
-        "the missing object is named: {why}"
+        why.contains("missing") && why.contains("in no pack and no chunk object"),
+        "the missing chunks are named: {why}"
     );
     let latest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reports.join("latest-files.json")).unwrap()).unwrap();

@@ -175,6 +175,54 @@ fn fuzz_archive_objects() {
             }
         }
     });
+    // Packs as the store holds them, and their index's plaintext as a key
+    // holder could seal it: whatever decodes places every chunk inside the
+    // pack's chunk bytes.
+    let pack_files: Vec<(String, Vec<u8>)> = walkdir::WalkDir::new(bucket.join("packs"))
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .map(|e| {
+            let rel = e.path().strip_prefix(tmp.path().join("bucket")).unwrap();
+            (
+                rel.to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    assert!(!pack_files.is_empty());
+    let pkey = pack_files[0].0.clone();
+    campaign(
+        "pack",
+        pack_files.iter().map(|(_, b)| b.clone()).collect(),
+        |b| {
+            let _ = archive::packs::decode_index(&keys, &pkey, b);
+        },
+    );
+    let (body, plains): (Vec<Vec<u8>>, Vec<Vec<u8>>) = pack_files
+        .iter()
+        .map(|(k, b)| {
+            let n = b.len();
+            let len = u32::from_le_bytes(b[n - 12..n - 8].try_into().unwrap()) as usize;
+            let sealed = &b[n - 12 - len..n - 12];
+            (
+                b[..n - 12 - len].to_vec(),
+                archive::objects::open(&keys, k, sealed).unwrap(),
+            )
+        })
+        .unzip();
+    let body = body[0].clone();
+    campaign("pack index", plains, |plain| {
+        let pack = archive::packs::with_index(&keys, &pkey, body.clone(), plain);
+        if let Ok(entries) = archive::packs::decode_index(&keys, &pkey, &pack) {
+            for e in entries {
+                assert!(
+                    e.offset >= 8 && e.offset + u64::from(e.sealed_len) <= body.len() as u64,
+                    "decode_index let a chunk outside the pack through"
+                );
+            }
+        }
+    });
     // Manifests, pages and the head: the plaintext a key holder seals.
     let open = |b: &[u8], key: &str| archive::objects::open(&keys, key, b).ok();
     let mkey = |name: &str| format!("files/snapshots/{name}");

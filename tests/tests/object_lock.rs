@@ -120,7 +120,7 @@ print(json.dumps(out))
     );
     let objects: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(listing.trim()).unwrap();
-    let history = ["/log/", "/chunks/", "/snapshots/"];
+    let history = ["/log/", "/packs/", "/snapshots/"];
     let mut locked = 0;
     for (key, v) in &objects {
         if history.iter().any(|h| key.contains(h)) {

@@ -1,8 +1,8 @@
 //! Scrubs: `triad verify --scrub` re-reads every chunk of a site's copy
 //! (beside the running daemon) and `--archive` every chunk its archive
-//! references; a byte flipped in a stored chunk, a chunk object altered and
-//! one deleted are each found and named, with the paths or objects that use
-//! them, and the exit status says so.
+//! references; a byte flipped in a stored chunk, a chunk altered inside a
+//! pack and a pack deleted are each found and named, with the paths or
+//! objects that use them, and the exit status says so.
 
 use crate::common;
 
@@ -29,7 +29,8 @@ fn verify(config: &Path, args: &[&str]) -> (Output, serde_json::Value) {
 fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
     let s3 = S3Server::start("triad");
     let mut site = Site::new();
-    site.add_s3_archive(&s3.endpoint(), "");
+    // Packs of 64 KiB: the 40 chunks land in several.
+    site.add_s3_archive(&s3.endpoint(), "pack_size = \"64KiB\"");
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     for i in 0..40 {
         write_file(
@@ -129,45 +130,56 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
     let (out, v) = verify(&site.config, &["--scrub"]);
     assert!(out.status.success(), "clean after the repair: {v}");
 
-    // In the archive: one chunk object altered, another deleted.
-    let chunks: Vec<std::path::PathBuf> =
-        std::fs::read_dir(s3.root.join("triad/site-a/files/chunks"))
+    // In the archive: a byte flipped inside one pack's first chunk, and
+    // another pack deleted.
+    let mut packs: Vec<std::path::PathBuf> =
+        std::fs::read_dir(s3.root.join("triad/site-a/files/packs"))
             .unwrap()
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.is_file())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "pack"))
             .collect();
-    let (altered, deleted) = (&chunks[0], &chunks[1]);
-    let mut b = std::fs::read(altered).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 0x20;
+    packs.sort();
+    assert!(packs.len() >= 2, "{packs:?}");
+    let (altered, deleted) = (&packs[0], &packs[1]);
+    let original = std::fs::read(altered).unwrap();
+    let mut b = original.clone();
+    b[8 + 40] ^= 0x20;
     std::fs::write(altered, &b).unwrap();
     std::fs::remove_file(deleted).unwrap();
     let name = |p: &std::path::PathBuf| p.file_name().unwrap().to_string_lossy().to_string();
-    // Without reading data: the deleted one is missing.
+    // Without reading data: the deleted pack's chunks are missing.
     let (out, v) = verify(&site.config, &["--archive"]);
     assert!(!out.status.success());
     let text = v.to_string();
     assert!(
-        text.contains(&name(deleted)) && text.contains("missing"),
+        text.contains("missing") && text.contains("in no pack and no chunk object"),
         "{text}"
     );
+    let missing = v["bad"].as_array().map_or(0, |b| b.len());
+    assert!(missing >= 1, "{v}");
     assert!(
         !text.contains(&name(altered)),
         "not read, not judged: {text}"
     );
-    // Reading data: both.
+    // Reading data: both, the altered one named by its pack and place.
     let (out, v) = verify(&site.config, &["--archive", "--read-data"]);
     assert!(!out.status.success());
     let text = v.to_string();
-    assert!(text.contains(&name(deleted)), "{text}");
+    assert!(text.contains("in no pack and no chunk object"), "{text}");
     assert!(
-        text.contains(&name(altered)) && text.contains("altered"),
+        text.contains(&format!("{} (bytes 8+", name(altered))) && text.contains("altered"),
         "{text}"
     );
+    assert_eq!(
+        v["bad"].as_array().map_or(0, |b| b.len()),
+        missing + 1,
+        "{v}"
+    );
 
-    // Repair the archive from this site's copy; the altered object is kept
-    // aside in the bucket.
+    // Repair the archive from this site's copy: each bad chunk is uploaded
+    // as an object of its own, which reads take before a packed copy; the
+    // altered pack stays as it is, as evidence.
     let out = site.cli(&[
         "verify",
         "--dataset",
@@ -182,18 +194,16 @@ fn scrubs_find_and_name_damage_in_the_store_and_the_archive() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        text.contains(&name(altered)) && text.contains(&name(deleted)),
-        "{text}"
-    );
-    let aside: Vec<String> = std::fs::read_dir(s3.root.join("triad/site-a/files/evidence"))
+    let objects = std::fs::read_dir(s3.root.join("triad/site-a/files/chunks"))
         .unwrap()
         .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .collect();
-    assert!(
-        aside.iter().any(|n| n.starts_with(&name(altered))),
-        "{aside:?}"
+        .filter(|e| e.path().is_file())
+        .count();
+    assert_eq!(objects, missing + 1, "{text}");
+    assert_eq!(
+        std::fs::read(altered).unwrap(),
+        b,
+        "the altered pack is kept"
     );
     let (out, v) = verify(&site.config, &["--archive", "--read-data"]);
     assert!(out.status.success(), "clean after the repair: {v}");

@@ -84,7 +84,9 @@ fn equal_copies_verify_clean_and_a_forked_follower_is_named_with_where_it_parted
     let c_archive = dep.c.tmp.path().join("archive");
     let mut c_text = std::fs::read_to_string(&dep.c.config).unwrap();
     c_text.push_str(&format!(
-        "\n[archive]\nurl = \"file://{}\"\nlog_flush_interval = \"500ms\"\n",
+        // One object per chunk (the layout before packs), so a single
+        // chunk can be taken out of this archive.
+        "\n[archive]\nurl = \"file://{}\"\nlog_flush_interval = \"500ms\"\npack_size = \"0\"\n",
         c_archive.display()
     ));
     dep.c.set_config(&c_text);

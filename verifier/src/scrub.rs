@@ -8,8 +8,9 @@
 //!   from scratch and compared with the running one. A rate limit keeps it
 //!   from starving replication of disk and CPU.
 //! - [`archive`]: the site's object store: every kept snapshot's and log
-//!   piece's chunks must be listed with a plausible size; with `read` (all or
-//!   a sampled percentage) their bytes are fetched and checked the same way.
+//!   piece's chunks must be stored (in a pack or as an object of their own)
+//!   with a plausible size; with `read` (all or a sampled percentage) their
+//!   bytes are fetched and checked the same way.
 //!
 //! Scrubs only report; `triad verify --repair` (daemon/src/cmd/repair.rs)
 //! fetches good bytes for what they find.
@@ -20,8 +21,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use archive::objects::{self, PieceRef, SnapshotRef};
+use archive::packs::{Fetched, Located, Want};
 use archive::Store;
-use futures::stream::{self, StreamExt};
+use futures::stream::StreamExt;
 use rayon::prelude::*;
 use serde::Serialize;
 use vault::lthash::LtHash;
@@ -326,46 +328,42 @@ fn expect_from_log_pieces(
     Ok(pieces)
 }
 
-/// Lists the chunk objects the archive holds for the dataset, with their
-/// sizes; keys that do not parse as chunk keys are ignored.
-fn list_chunks(
-    rt: &tokio::runtime::Handle,
-    store: &Store,
-    dataset: &str,
-) -> archive::Result<HashMap<ChunkId, u64>> {
-    Ok(rt
-        .block_on(store.list(&objects::chunks_prefix(dataset)))?
-        .iter()
-        .filter_map(|l| Some((objects::parse_chunk_key(&l.key)?, l.size)))
-        .collect())
-}
-
-/// Checks every referenced chunk against the listing: a chunk that is not
-/// listed, or is listed with a size other than the recorded sealed length,
-/// is a finding. Needs no reads, so it runs whatever `read` says.
-fn check_listed(
+/// Checks every referenced chunk against where the archive holds it: a
+/// chunk in no pack and no object of its own, or stored with a length other
+/// than the recorded sealed length, is a finding. Needs no chunk reads, so
+/// it runs whatever `read` says. A pack whose index does not read back is a
+/// finding of its own.
+fn check_located(
     store: &Store,
     dataset: &str,
     expect: &HashMap<ChunkId, Expect>,
-    listed: &HashMap<ChunkId, u64>,
+    located: &Located,
     bad: &mut Vec<BadChunk>,
 ) {
+    for d in &located.damaged {
+        bad.push(BadChunk {
+            id: String::new(),
+            reason: d.clone(),
+            referenced_by: Vec::new(),
+        });
+    }
     for (id, e) in expect {
-        match listed.get(id) {
+        match located.stored_len(id) {
             None => bad.push(BadChunk {
                 id: id.to_string(),
                 reason: format!(
-                    "{} is missing",
-                    store.locate(&objects::chunk_key(dataset, id))
+                    "{} is missing: {}",
+                    located.describe(store, dataset, id),
+                    located.absent_reason()
                 ),
                 referenced_by: e.referenced_by.clone(),
             }),
-            Some(size) if e.sealed_len.is_some_and(|l| u64::from(l) != *size) => {
+            Some(size) if e.sealed_len.is_some_and(|l| u64::from(l) != size) => {
                 bad.push(BadChunk {
                     id: id.to_string(),
                     reason: format!(
                         "{} is {size} bytes, recorded {}",
-                        store.locate(&objects::chunk_key(dataset, id)),
+                        located.describe(store, dataset, id),
                         e.sealed_len.unwrap_or(0)
                     ),
                     referenced_by: e.referenced_by.clone(),
@@ -376,19 +374,19 @@ fn check_listed(
     }
 }
 
-/// Picks the referenced chunks whose bytes are to be read: only listed ones
+/// Picks the referenced chunks whose bytes are to be read: only stored ones
 /// not already found bad (reading them would only repeat the finding), and
 /// of those all, none or a sample as `read` says.
 fn choose_for_reading<'a>(
     expect: &'a HashMap<ChunkId, Expect>,
-    listed: &HashMap<ChunkId, u64>,
+    located: &Located,
     bad: &[BadChunk],
     read: ReadData,
 ) -> Vec<(&'a ChunkId, &'a Expect)> {
     let missing: HashSet<String> = bad.iter().map(|b| b.id.clone()).collect();
     expect
         .iter()
-        .filter(|(id, _)| listed.contains_key(id) && !missing.contains(&id.to_string()))
+        .filter(|(id, _)| located.contains(id) && !missing.contains(&id.to_string()))
         .filter(|(id, _)| match read {
             ReadData::None => false,
             ReadData::All => true,
@@ -400,69 +398,66 @@ fn choose_for_reading<'a>(
         .collect()
 }
 
-/// Checks a chunk's fetched sealed bytes: their BLAKE3 must be the recorded
-/// one (else they were truncated or altered), and they must open under the
-/// dataset's keys to plaintext with the chunk's id. Returns the number of
-/// bytes checked. CPU-bound, so it runs on a blocking thread.
-fn check_sealed_chunk(
-    keys: &Keys,
-    id: &ChunkId,
-    plain_len: u32,
-    hash: [u8; 32],
-    b: &[u8],
-) -> Result<u64, String> {
-    if *blake3::hash(b).as_bytes() != hash {
-        Err(format!(
-            "its {} bytes do not hash as recorded: truncated or altered",
-            b.len()
-        ))
-    } else {
-        vault::chunk::open(keys, id, plain_len, b)
-            .map(|_| b.len() as u64)
-            .map_err(|e| e.to_string())
-    }
+/// Opens a chunk's fetched sealed bytes (their BLAKE3 was checked on
+/// arrival): they must open under the dataset's keys to plaintext with the
+/// chunk's id. Returns the number of bytes checked.
+fn check_sealed_chunk(keys: &Keys, c: &vault::SealedChunk) -> Result<u64, String> {
+    vault::chunk::open(keys, &c.id, c.plain_len, &c.sealed)
+        .map(|_| c.sealed.len() as u64)
+        .map_err(|e| e.to_string())
 }
 
-/// Fetches the chosen chunks, `concurrency` at a time, and checks each one's
-/// bytes off the runtime's threads. Returns, per chunk, the bytes read or
-/// why it failed (a fetch error, a bad hash, or a failure to open).
+/// Fetches the chosen chunks (pack ranges merged, chunk objects
+/// `concurrency` at a time), checks each one's hash on arrival and opens
+/// it on a blocking thread. Returns, per chunk, the bytes read or where it
+/// failed and why (a fetch error, a bad hash, or a failure to open).
 fn read_chunks(
     rt: &tokio::runtime::Handle,
     store: &Store,
     keys: &Keys,
     dataset: &str,
+    located: &Located,
     chosen: &[(&ChunkId, &Expect)],
     concurrency: usize,
 ) -> Vec<(ChunkId, Result<u64, String>)> {
+    let want = chosen
+        .iter()
+        .map(|(id, e)| Want {
+            id: **id,
+            plain_len: e.plain_len,
+            hash: e.sealed_hash,
+        })
+        .collect();
     rt.block_on(
-        stream::iter(chosen.iter().map(|(id, e)| {
-            let key = objects::chunk_key(dataset, id);
-            let (id, plain_len, hash) = (**id, e.plain_len, e.sealed_hash);
-            let keys = keys.clone();
-            async move {
-                let max = vault::chunk::max_sealed_len(plain_len);
-                let r = match store.get_required(&key, "a referenced chunk", max).await {
-                    Err(e) => Err(e.to_string()),
-                    Ok(b) => tokio::task::spawn_blocking(move || {
-                        check_sealed_chunk(&keys, &id, plain_len, hash, &b)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string())),
-                };
-                (id, r)
-            }
-        }))
-        .buffer_unordered(concurrency.max(1))
-        .collect(),
+        located
+            .fetch(store, dataset, want, concurrency)
+            .map(|f| {
+                let keys = keys.clone();
+                async move {
+                    match f {
+                        Fetched::Good(c) => {
+                            let id = c.id;
+                            let at = located.describe(store, dataset, &id);
+                            let r =
+                                tokio::task::spawn_blocking(move || check_sealed_chunk(&keys, &c))
+                                    .await
+                                    .unwrap_or_else(|e| Err(e.to_string()))
+                                    .map_err(|e| format!("{at}: {e}"));
+                            (id, r)
+                        }
+                        Fetched::Bad { id, at, reason, .. } => (id, Err(format!("{at}: {reason}"))),
+                    }
+                }
+            })
+            .buffer_unordered(4)
+            .collect(),
     )
 }
 
 /// Counts the chunks and bytes that read back good, and turns each failed
-/// read into a finding naming the object and who references it. Returns
+/// read into a finding naming where it is and who references it. Returns
 /// `(chunks_read, bytes_read)`.
 fn tally_reads(
-    store: &Store,
-    dataset: &str,
     expect: &HashMap<ChunkId, Expect>,
     results: Vec<(ChunkId, Result<u64, String>)>,
     bad: &mut Vec<BadChunk>,
@@ -476,10 +471,7 @@ fn tally_reads(
             }
             Err(reason) => bad.push(BadChunk {
                 id: id.to_string(),
-                reason: format!(
-                    "{}: {reason}",
-                    store.locate(&objects::chunk_key(dataset, &id))
-                ),
+                reason,
                 referenced_by: expect
                     .get(&id)
                     .map(|e| e.referenced_by.clone())
@@ -507,18 +499,18 @@ pub fn archive(
     let snaps =
         expect_from_snapshots(rt, store, keys, dataset, concurrency, &mut expect, &mut bad)?;
     let pieces = expect_from_log_pieces(rt, store, dataset, &mut expect, &mut bad)?;
-    let listed = list_chunks(rt, store, dataset)?;
-    check_listed(store, dataset, &expect, &listed, &mut bad);
-    let chosen = choose_for_reading(&expect, &listed, &bad, read);
-    let results = read_chunks(rt, store, keys, dataset, &chosen, concurrency);
-    let (chunks_read, bytes_read) = tally_reads(store, dataset, &expect, results, &mut bad);
+    let located = rt.block_on(Located::load(store, keys, dataset, concurrency))?;
+    check_located(store, dataset, &expect, &located, &mut bad);
+    let chosen = choose_for_reading(&expect, &located, &bad, read);
+    let results = read_chunks(rt, store, keys, dataset, &located, &chosen, concurrency);
+    let (chunks_read, bytes_read) = tally_reads(&expect, results, &mut bad);
     let seconds = started.elapsed().as_secs_f64();
     Ok(ArchiveScrub {
         dataset: dataset.to_string(),
         archive: store.url().to_string(),
         snapshots: snaps.len(),
         log_pieces: pieces.len(),
-        chunks_listed: listed.len(),
+        chunks_listed: located.ids().count(),
         chunks_referenced: expect.len(),
         chunks_read,
         bytes_read,

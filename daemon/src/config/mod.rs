@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 pub mod units;
 
-pub use units::{parse_bandwidth, parse_duration, Rate, Size, Span};
+pub use units::{parse_bandwidth, parse_duration, parse_size, Rate, Size, Span};
 
 /// The config the daemon runs with now; a reload (SIGHUP) swaps it.
 pub type Live = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>;
@@ -230,6 +230,9 @@ pub struct ArchiveSection {
     /// `governance` (default: users with s3:BypassGovernanceRetention may
     /// still delete) or `compliance` (nobody may).
     pub object_lock_mode: Option<archive::LockMode>,
+    /// New chunks are uploaded in packs of up to this size. Default and
+    /// most "16MiB"; "0" uploads one object per chunk, as before packs.
+    pub pack_size: Option<String>,
 }
 
 /// `[verify]`: cross-site verify and scrubs run by the daemon.
@@ -266,6 +269,8 @@ pub struct DrillSection {
 #[derive(Debug, Clone)]
 pub struct ArchiveSettings {
     pub store: archive::StoreConfig,
+    /// Bytes per pack of new chunks; 0 for one object per chunk.
+    pub pack_bytes: usize,
     pub log_flush_interval: Duration,
     pub schedule: Option<archive::schedule::Schedule>,
     pub retention: archive::RetentionPolicy,
@@ -997,6 +1002,20 @@ impl Config {
             }
             None => None,
         };
+        let pack_bytes = match a.pack_size.as_deref().map(str::trim) {
+            None => archive::packs::PACK_BYTES as u64,
+            Some("0") => 0,
+            Some(t) => parse_size(t).map_err(|e| (f("pack_size"), e))?,
+        };
+        if pack_bytes > archive::packs::PACK_BYTES as u64 {
+            return Err((
+                f("pack_size"),
+                format!(
+                    "at most {} MiB (readers refuse larger packs)",
+                    archive::packs::PACK_BYTES >> 20
+                ),
+            ));
+        }
         let mut store = archive::StoreConfig::new(&a.url);
         store.object_lock = object_lock;
         store.endpoint = a.endpoint.clone();
@@ -1007,6 +1026,7 @@ impl Config {
         store.timeout = request_timeout;
         Ok(Some(ArchiveSettings {
             store,
+            pack_bytes: pack_bytes as usize,
             log_flush_interval,
             schedule,
             retention: a.retention.clone().unwrap_or_default(),

@@ -79,7 +79,8 @@ pub fn without_daemon(
         ds.clone(),
         &cfg.site.name,
         s.store.concurrency,
-    )?;
+    )?
+    .with_pack_bytes(s.pack_bytes);
     let result = (|| -> archive::Result<Answer> {
         let bridged = if a.ship_log()?.is_none() {
             let r = a.bridge_gap()?;

@@ -85,6 +85,10 @@ pub fn with_dataset(
         _ => None,
     };
     let rt = super::runtime()?;
+    // Where the archive holds each chunk (packs or objects), read once and
+    // only if a chunk is to be repaired; an archive that cannot be read is
+    // skipped for the other sites.
+    let mut located: Option<Option<archive::packs::Located>> = None;
     let mut report = RepairReport::default();
     for s in bad_ids {
         let Some(id) = parse_id(s) else { continue };
@@ -116,10 +120,23 @@ pub fn with_dataset(
         // Good bytes: this site's archive, then the other sites.
         let mut good: Option<(Vec<u8>, String)> = None;
         if let Some(st) = &store {
-            let key = archive::objects::chunk_key(name, &id);
-            if let Ok(Some(b)) = rt.block_on(st.get(&key, meta.sealed_len as u64)) {
-                if fits(&b) {
-                    good = Some((b, st.url().to_string()));
+            let loc = located.get_or_insert_with(|| {
+                rt.block_on(archive::packs::Located::load(st, ds.keys(), name, 4))
+                    .map_err(|e| tracing::warn!(error = %e, "repair: the archive cannot be read; asking the other sites"))
+                    .ok()
+            });
+            if let Some(loc) = loc {
+                let want = vec![archive::packs::Want {
+                    id,
+                    plain_len: meta.plain_len,
+                    hash: meta.sealed_hash,
+                }];
+                if let Some(archive::packs::Fetched::Good(c)) =
+                    rt.block_on(loc.fetch_all(st, name, want, 1)).pop()
+                {
+                    if fits(&c.sealed) {
+                        good = Some((c.sealed, st.url().to_string()));
+                    }
                 }
             }
         }
@@ -210,10 +227,12 @@ pub fn archive(
         // The damaged object is kept aside in the bucket before the upload.
         // A server-side copy: the damaged object may be any size.
         let aside = format!("{name}/evidence/{id}-{stamp}");
+        // A chunk held only in a pack has no object to set aside: the pack
+        // stays as it is, and the object uploaded now is read before it.
         let kept = if rt.block_on(store.copy_if_exists(&key_name, &aside))? {
             store.locate(&aside)
         } else {
-            "the object was missing".into()
+            "no chunk object (a packed copy, if any, stays in its pack)".into()
         };
         rt.block_on(store.put_history(&key_name, bytes))?;
         log_line(

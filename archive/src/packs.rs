@@ -1,0 +1,711 @@
+//! Packs: many sealed chunks in one object, with a sealed index at its end,
+//! and reading chunks back wherever they are stored.
+//!
+//! One object per chunk made a restore of 200,000 small files cost 200,000
+//! GETs, and the server's per-request cost, not bandwidth, set its pace.
+//! The archiver now writes the chunks of each upload round into packs of
+//! up to [`PACK_BYTES`] (docs/formats.md 16.8): the sealed chunks back to
+//! back, then an index sealed under the dataset key and bound to the
+//! pack's name, listing each chunk's id, offset, lengths and the BLAKE3 of
+//! its sealed bytes.
+//!
+//! [`Located`] is where each chunk of an archive is: in a pack, as a chunk
+//! object of its own (archives written before packs, and chunks an archive
+//! repair re-uploaded), or both. It is built from one listing of each
+//! prefix and one read of each pack's index. [`Located::fetch`] reads
+//! chunks with ranged GETs, merging neighbours in a pack into one request,
+//! and checks each against the BLAKE3 its caller got from an authenticated
+//! manifest, page or piece. A chunk object of its own is read first: it is
+//! either the only copy or a repair of a damaged packed one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use vault::{ChunkId, Keys, SealedChunk};
+
+use crate::error::{ArchiveError, Result};
+use crate::objects;
+use crate::store::Store;
+
+/// A pack is closed once it holds this many bytes of sealed chunks.
+pub const PACK_BYTES: usize = 16 << 20;
+
+/// A pack holds at most this many chunks, which bounds its index (about
+/// 90 bytes per chunk) for many small files.
+pub const PACK_CHUNKS: usize = 20_000;
+
+/// The largest index a reader accepts: [`PACK_CHUNKS`] entries with room.
+const MAX_INDEX_BYTES: u64 = 4 << 20;
+
+/// The largest pack a reader accepts: a full pack plus one largest chunk
+/// and its index.
+const MAX_PACK_BYTES: u64 =
+    PACK_BYTES as u64 + vault::chunk::CHUNK_MAX as u64 * 2 + MAX_INDEX_BYTES + 64;
+
+const MAGIC: &[u8; 8] = b"TRIADPK1";
+/// After the index: its length (u32) and the magic again.
+const TRAILER: u64 = 4 + 8;
+/// What a reader fetches of a pack's end at first: the whole index of a
+/// pack of a few hundred chunks; a longer index takes a second read.
+const TAIL_GUESS: u64 = 64 << 10;
+
+/// Neighbouring chunks of a pack are fetched in one request when the bytes
+/// between them are fewer than this...
+const MERGE_GAP: u64 = 256 << 10;
+/// ...and the request stays under this, which bounds memory: at most
+/// [`RANGES_IN_FLIGHT`] such requests are in flight.
+const RANGE_BYTES: u64 = 8 << 20;
+const RANGES_IN_FLIGHT: usize = 8;
+
+/// The index version this build writes and reads.
+const INDEX_VERSION: u32 = 1;
+
+pub fn packs_prefix(ds: &str) -> String {
+    format!("{ds}/packs/")
+}
+
+fn pack_key(ds: &str, name: &str) -> String {
+    format!("{ds}/packs/{name}.pack")
+}
+
+/// One chunk in a pack, as its index records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackEntry {
+    pub id: ChunkId,
+    /// Where its sealed bytes start in the pack.
+    pub offset: u64,
+    pub sealed_len: u32,
+    pub plain_len: u32,
+    /// BLAKE3 of the sealed bytes.
+    pub hash: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize)]
+struct PackIndex {
+    version: u32,
+    entries: Vec<PackEntry>,
+}
+
+/// A pack ready to upload: its key, bytes and index.
+pub struct Pack {
+    pub key: String,
+    pub bytes: Vec<u8>,
+    pub entries: Vec<PackEntry>,
+}
+
+/// Cuts `chunks` into packs of up to [`PACK_BYTES`] (or `pack_bytes`, when
+/// smaller) and [`PACK_CHUNKS`] chunks. A pack is named by the BLAKE3 of
+/// the ids it holds, so uploading the same round again writes the same
+/// names.
+pub fn build(keys: &Keys, ds: &str, chunks: Vec<SealedChunk>, pack_bytes: usize) -> Vec<Pack> {
+    let limit = pack_bytes.clamp(1, PACK_BYTES);
+    let mut packs = Vec::new();
+    let mut cur: Vec<SealedChunk> = Vec::new();
+    let mut bytes = 0usize;
+    for c in chunks {
+        if !cur.is_empty() && (bytes + c.sealed.len() > limit || cur.len() >= PACK_CHUNKS) {
+            packs.push(seal_pack(keys, ds, std::mem::take(&mut cur)));
+            bytes = 0;
+        }
+        bytes += c.sealed.len();
+        cur.push(c);
+    }
+    if !cur.is_empty() {
+        packs.push(seal_pack(keys, ds, cur));
+    }
+    packs
+}
+
+fn seal_pack(keys: &Keys, ds: &str, chunks: Vec<SealedChunk>) -> Pack {
+    let mut names = blake3::Hasher::new();
+    for c in &chunks {
+        names.update(&c.id.0);
+    }
+    let key = pack_key(ds, &names.finalize().to_hex());
+    let body: usize = chunks.iter().map(|c| c.sealed.len()).sum();
+    let mut bytes = Vec::with_capacity(body + chunks.len() * 96 + 64);
+    bytes.extend_from_slice(MAGIC);
+    let mut entries = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        entries.push(PackEntry {
+            id: c.id,
+            offset: bytes.len() as u64,
+            sealed_len: c.sealed.len() as u32,
+            plain_len: c.plain_len,
+            hash: *blake3::hash(&c.sealed).as_bytes(),
+        });
+        bytes.extend_from_slice(&c.sealed);
+    }
+    let index = PackIndex {
+        version: INDEX_VERSION,
+        entries,
+    };
+    // Encoding a plain struct of integers and arrays cannot fail.
+    let plain = postcard::to_allocvec(&index).unwrap_or_default();
+    let bytes = with_index(keys, &key, bytes, &plain);
+    Pack {
+        key,
+        bytes,
+        entries: index.entries,
+    }
+}
+
+/// Reads the index at the end of pack `key` of `size` bytes: its tail
+/// first, then the rest of a longer index.
+pub async fn read_index(
+    store: &Store,
+    keys: &Keys,
+    key: &str,
+    size: u64,
+) -> Result<Vec<PackEntry>> {
+    let damaged = |reason: String| ArchiveError::Damaged {
+        key: store.locate(key),
+        reason,
+    };
+    check_size(size).map_err(damaged)?;
+    let tail = store
+        .get_range(key, "a pack", size - TAIL_GUESS.min(size)..size)
+        .await?;
+    match parse_tail(keys, key, size, &tail).map_err(damaged)? {
+        Tail::Index(entries) => Ok(entries),
+        Tail::Need(from) => {
+            let tail = store.get_range(key, "a pack", from..size).await?;
+            match parse_tail(keys, key, size, &tail).map_err(damaged)? {
+                Tail::Index(entries) => Ok(entries),
+                Tail::Need(_) => Err(damaged("its index is not where its trailer says".into())),
+            }
+        }
+    }
+}
+
+/// The index of a whole pack held in memory (for tests and fuzzing).
+pub fn decode_index(
+    keys: &Keys,
+    key: &str,
+    pack: &[u8],
+) -> std::result::Result<Vec<PackEntry>, String> {
+    match parse_tail(keys, key, pack.len() as u64, pack)? {
+        Tail::Index(e) => Ok(e),
+        Tail::Need(_) => Err("its index is not where its trailer says".into()),
+    }
+}
+
+fn check_size(size: u64) -> std::result::Result<(), String> {
+    if (8 + TRAILER..=MAX_PACK_BYTES).contains(&size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{size} bytes is no pack's length (at most {MAX_PACK_BYTES})"
+        ))
+    }
+}
+
+enum Tail {
+    /// The index, checked.
+    Index(Vec<PackEntry>),
+    /// The tail read is too short: the index starts at this offset.
+    Need(u64),
+}
+
+/// Parses the last `tail.len()` bytes of a pack of `size` bytes. Every
+/// entry must lie inside the pack, before the index, and be no longer than
+/// a sealed chunk of its length can be.
+fn parse_tail(keys: &Keys, key: &str, size: u64, tail: &[u8]) -> std::result::Result<Tail, String> {
+    let t = tail.len() as u64;
+    check_size(size)?;
+    if t > size || t < TRAILER {
+        return Err(format!("{t} bytes read of a pack of {size}"));
+    }
+    let end = tail.len();
+    if &tail[end - 8..] != MAGIC {
+        return Err("no pack trailer: truncated or not a pack".into());
+    }
+    let mut len_bytes = [0u8; 4];
+    len_bytes.copy_from_slice(&tail[end - 12..end - 8]);
+    let len = u64::from(u32::from_le_bytes(len_bytes));
+    if len > MAX_INDEX_BYTES || len + TRAILER + 8 > size {
+        return Err(format!("its index claims {len} bytes"));
+    }
+    let index_start = size - TRAILER - len;
+    if len + TRAILER > t {
+        return Ok(Tail::Need(index_start));
+    }
+    let sealed = &tail[(t - TRAILER - len) as usize..(t - TRAILER) as usize];
+    let plain = objects::open(keys, key, sealed).map_err(|e| match e {
+        ArchiveError::Damaged { reason, .. } => format!("its index: {reason}"),
+        e => e.to_string(),
+    })?;
+    let index: PackIndex =
+        postcard::from_bytes(&plain).map_err(|e| format!("its index does not decode: {e}"))?;
+    if index.version != INDEX_VERSION {
+        return Err(format!(
+            "pack index version {} (this build reads {INDEX_VERSION}): written by a newer triad",
+            index.version
+        ));
+    }
+    for e in &index.entries {
+        let end = e.offset.checked_add(u64::from(e.sealed_len));
+        if e.offset < 8
+            || end.is_none_or(|end| end > index_start)
+            || u64::from(e.sealed_len) > vault::chunk::max_sealed_len(e.plain_len)
+        {
+            return Err(format!(
+                "its index places chunk {} at {}+{}, outside the pack's {index_start} bytes of chunks",
+                e.id.short(),
+                e.offset,
+                e.sealed_len
+            ));
+        }
+    }
+    Ok(Tail::Index(index.entries))
+}
+
+/// Seals an index's plaintext under the pack's `key` and appends it and the
+/// trailer to `body`, the pack's magic and chunks.
+pub fn with_index(keys: &Keys, key: &str, mut body: Vec<u8>, index_plain: &[u8]) -> Vec<u8> {
+    let sealed = objects::seal(keys, key, index_plain);
+    body.extend_from_slice(&sealed);
+    body.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+    body.extend_from_slice(MAGIC);
+    body
+}
+
+/// Where one chunk's sealed bytes are.
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// The chunk object of its own, with its listed size.
+    pub object: Option<u64>,
+    /// The pack holding it, and its entry there.
+    pub packed: Option<(Arc<str>, PackEntry)>,
+}
+
+/// Where every chunk of a dataset's archive is.
+#[derive(Default)]
+pub struct Located {
+    places: HashMap<ChunkId, Place>,
+    /// Each pack's key, size and entries.
+    pub packs: BTreeMap<Arc<str>, (u64, Vec<PackEntry>)>,
+    /// Packs whose index does not read back (truncated, altered, sealed
+    /// with another key), with why: their chunks count as missing.
+    pub damaged: Vec<String>,
+}
+
+/// A chunk to read: its id, plaintext length and the BLAKE3 of its sealed
+/// bytes recorded by an authenticated object.
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    pub id: ChunkId,
+    pub plain_len: u32,
+    pub hash: [u8; 32],
+}
+
+/// What reading one chunk gave.
+pub enum Fetched {
+    Good(SealedChunk),
+    /// Where it should have been (or "not in the archive") and why it is
+    /// unusable; `missing` when no copy exists at all.
+    Bad {
+        id: ChunkId,
+        at: String,
+        reason: String,
+        missing: bool,
+    },
+}
+
+impl Located {
+    /// Lists the dataset's chunk objects and packs and reads every pack's
+    /// index, `concurrency` at a time.
+    pub async fn load(store: &Store, keys: &Keys, ds: &str, concurrency: usize) -> Result<Located> {
+        let mut out = Located::default();
+        for l in store.list(&objects::chunks_prefix(ds)).await? {
+            if let Some(id) = objects::parse_chunk_key(&l.key) {
+                out.places.insert(
+                    id,
+                    Place {
+                        object: Some(l.size),
+                        packed: None,
+                    },
+                );
+            }
+        }
+        let listed: Vec<_> = store
+            .list(&packs_prefix(ds))
+            .await?
+            .into_iter()
+            .filter(|l| l.key.ends_with(".pack"))
+            .collect();
+        let mut read = stream::iter(listed.into_iter().map(|l| async move {
+            let entries = read_index(store, keys, &l.key, l.size).await?;
+            Ok::<_, ArchiveError>((l.key, l.size, entries))
+        }))
+        .buffer_unordered(concurrency.max(1));
+        while let Some(r) = read.next().await {
+            let (key, size, entries) = match r {
+                Ok(x) => x,
+                Err(e @ ArchiveError::Damaged { .. }) => {
+                    out.damaged.push(e.to_string());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let key: Arc<str> = key.into();
+            for e in &entries {
+                out.places
+                    .entry(e.id)
+                    .or_insert(Place {
+                        object: None,
+                        packed: None,
+                    })
+                    .packed = Some((key.clone(), *e));
+            }
+            out.packs.insert(key, (size, entries));
+        }
+        Ok(out)
+    }
+
+    pub fn place(&self, id: &ChunkId) -> Option<&Place> {
+        self.places.get(id)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.places.contains_key(id)
+    }
+
+    /// Every chunk the archive holds.
+    pub fn ids(&self) -> impl Iterator<Item = &ChunkId> {
+        self.places.keys()
+    }
+
+    /// The stored length of a chunk's copy that a read would use first.
+    pub fn stored_len(&self, id: &ChunkId) -> Option<u64> {
+        let p = self.places.get(id)?;
+        p.object
+            .or_else(|| p.packed.as_ref().map(|(_, e)| u64::from(e.sealed_len)))
+    }
+
+    /// Names where a chunk is, for messages.
+    pub fn describe(&self, store: &Store, ds: &str, id: &ChunkId) -> String {
+        match self.places.get(id) {
+            Some(Place {
+                object: Some(_), ..
+            })
+            | None => store.locate(&objects::chunk_key(ds, id)),
+            Some(Place {
+                packed: Some((k, e)),
+                ..
+            }) => format!("{} (bytes {}+{})", store.locate(k), e.offset, e.sealed_len),
+            Some(_) => store.locate(&objects::chunk_key(ds, id)),
+        }
+    }
+
+    /// Reads `want`, chunk objects `concurrency` at a time and pack ranges
+    /// [`RANGES_IN_FLIGHT`] at a time, each result as it arrives.
+    pub fn fetch<'a>(
+        &'a self,
+        store: &'a Store,
+        ds: &'a str,
+        want: Vec<Want>,
+        concurrency: usize,
+    ) -> impl Stream<Item = Fetched> + Send + 'a {
+        let mut objects_first: Vec<Want> = Vec::new();
+        let mut by_pack: BTreeMap<Arc<str>, Vec<(Want, PackEntry)>> = BTreeMap::new();
+        let mut absent: Vec<Fetched> = Vec::new();
+        for w in want {
+            match self.places.get(&w.id) {
+                Some(Place {
+                    object: Some(_), ..
+                }) => objects_first.push(w),
+                Some(Place {
+                    packed: Some((k, e)),
+                    ..
+                }) => by_pack.entry(k.clone()).or_default().push((w, *e)),
+                _ => absent.push(Fetched::Bad {
+                    id: w.id,
+                    at: store.locate(&objects::chunk_key(ds, &w.id)),
+                    reason: self.absent_reason(),
+                    missing: true,
+                }),
+            }
+        }
+        let ranges = merge_ranges(by_pack);
+        let singles = stream::iter(objects_first)
+            .map(move |w| async move { vec![self.read_object(store, ds, w).await] })
+            .buffer_unordered(concurrency.max(1));
+        let packed = stream::iter(ranges)
+            .map(move |r| async move { read_range(store, r).await })
+            .buffer_unordered(RANGES_IN_FLIGHT);
+        stream::iter(absent).chain(stream::select(singles, packed).flat_map(stream::iter))
+    }
+
+    /// Why a chunk is in no readable place: with damaged packs named.
+    pub fn absent_reason(&self) -> String {
+        match self.damaged.first() {
+            None => "in no pack and no chunk object".into(),
+            Some(d) => format!(
+                "in no readable pack and no chunk object; {} pack(s) do not read back, the first: {d}",
+                self.damaged.len()
+            ),
+        }
+    }
+
+    /// [`Located::fetch`], collected.
+    pub async fn fetch_all(
+        &self,
+        store: &Store,
+        ds: &str,
+        want: Vec<Want>,
+        concurrency: usize,
+    ) -> Vec<Fetched> {
+        self.fetch(store, ds, want, concurrency).collect().await
+    }
+
+    /// Reads a chunk's object of its own; if that is damaged and a pack
+    /// holds the chunk too, the packed copy.
+    async fn read_object(&self, store: &Store, ds: &str, w: Want) -> Fetched {
+        let key = objects::chunk_key(ds, &w.id);
+        let max = vault::chunk::max_sealed_len(w.plain_len);
+        let got = store.get_required(&key, "a referenced chunk", max).await;
+        let failed = match got {
+            Ok(b) if *blake3::hash(&b).as_bytes() == w.hash => {
+                return Fetched::Good(SealedChunk {
+                    id: w.id,
+                    plain_len: w.plain_len,
+                    sealed: b,
+                })
+            }
+            Ok(b) => Fetched::Bad {
+                id: w.id,
+                at: store.locate(&key),
+                reason: format!(
+                    "its {} bytes do not hash as recorded: truncated or altered",
+                    b.len()
+                ),
+                missing: false,
+            },
+            Err(ArchiveError::Missing { key, reason }) => Fetched::Bad {
+                id: w.id,
+                at: key,
+                reason,
+                missing: true,
+            },
+            Err(e) => Fetched::Bad {
+                id: w.id,
+                at: store.locate(&key),
+                reason: e.to_string(),
+                missing: false,
+            },
+        };
+        match self.places.get(&w.id).and_then(|p| p.packed.clone()) {
+            Some((pack, e)) => {
+                let r = Range {
+                    pack,
+                    start: e.offset,
+                    end: e.offset + u64::from(e.sealed_len),
+                    items: vec![(w, e)],
+                };
+                read_range(store, r).await.pop().unwrap_or(failed)
+            }
+            None => failed,
+        }
+    }
+}
+
+/// One ranged read of a pack, covering several chunks.
+struct Range {
+    pack: Arc<str>,
+    start: u64,
+    end: u64,
+    items: Vec<(Want, PackEntry)>,
+}
+
+/// Sorts each pack's wanted chunks by offset and merges neighbours into
+/// ranges of up to [`RANGE_BYTES`] with gaps under [`MERGE_GAP`].
+fn merge_ranges(by_pack: BTreeMap<Arc<str>, Vec<(Want, PackEntry)>>) -> Vec<Range> {
+    let mut out = Vec::new();
+    for (pack, mut items) in by_pack {
+        items.sort_by_key(|(_, e)| e.offset);
+        let mut cur: Option<Range> = None;
+        for (w, e) in items {
+            let end = e.offset + u64::from(e.sealed_len);
+            if let Some(r) = cur.as_mut() {
+                if e.offset >= r.end
+                    && e.offset - r.end <= MERGE_GAP
+                    && end - r.start <= RANGE_BYTES
+                {
+                    r.end = end;
+                    r.items.push((w, e));
+                    continue;
+                }
+                // The same chunk wanted twice, or out of reach: a new range.
+                out.extend(cur.take());
+            }
+            cur = Some(Range {
+                pack: pack.clone(),
+                start: e.offset,
+                end,
+                items: vec![(w, e)],
+            });
+        }
+        out.extend(cur);
+    }
+    out
+}
+
+/// Reads one range and cuts its chunks out, each checked against the
+/// BLAKE3 its caller expects.
+async fn read_range(store: &Store, r: Range) -> Vec<Fetched> {
+    let at = |e: &PackEntry| {
+        format!(
+            "{} (bytes {}+{})",
+            store.locate(&r.pack),
+            e.offset,
+            e.sealed_len
+        )
+    };
+    let bytes = match store.get_range(&r.pack, "a pack", r.start..r.end).await {
+        Ok(b) => b,
+        Err(err) => {
+            let missing = matches!(err, ArchiveError::Missing { .. });
+            return r
+                .items
+                .iter()
+                .map(|(w, e)| Fetched::Bad {
+                    id: w.id,
+                    at: at(e),
+                    reason: err.to_string(),
+                    missing,
+                })
+                .collect();
+        }
+    };
+    r.items
+        .iter()
+        .map(|(w, e)| {
+            let from = (e.offset - r.start) as usize;
+            let b = &bytes[from..from + e.sealed_len as usize];
+            if *blake3::hash(b).as_bytes() == w.hash {
+                Fetched::Good(SealedChunk {
+                    id: w.id,
+                    plain_len: w.plain_len,
+                    sealed: b.to_vec(),
+                })
+            } else {
+                Fetched::Bad {
+                    id: w.id,
+                    at: at(e),
+                    reason: format!(
+                        "its {} bytes do not hash as recorded: altered",
+                        e.sealed_len
+                    ),
+                    missing: false,
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: u8, len: usize) -> SealedChunk {
+        SealedChunk {
+            id: ChunkId([n; 32]),
+            plain_len: len as u32,
+            sealed: vec![n; len],
+        }
+    }
+
+    #[test]
+    fn packs_are_cut_by_bytes_and_named_by_their_ids() {
+        let keys = vault::DatasetKey::generate().derive();
+        let chunks: Vec<_> = (0..10).map(|n| chunk(n, 1000)).collect();
+        let packs = build(&keys, "ds", chunks.clone(), 3500);
+        assert_eq!(packs.len(), 4, "3 + 3 + 3 + 1");
+        let again = build(&keys, "ds", chunks, 3500);
+        let names: Vec<_> = packs.iter().map(|p| p.key.clone()).collect();
+        assert_eq!(
+            names,
+            again.iter().map(|p| p.key.clone()).collect::<Vec<_>>()
+        );
+        for p in &packs {
+            assert!(p.key.starts_with("ds/packs/") && p.key.ends_with(".pack"));
+            for e in &p.entries {
+                let b = &p.bytes[e.offset as usize..(e.offset + e.sealed_len as u64) as usize];
+                assert_eq!(b, vec![e.id.0[0]; 1000].as_slice());
+                assert_eq!(*blake3::hash(b).as_bytes(), e.hash);
+            }
+        }
+    }
+
+    #[test]
+    fn the_index_reads_back_and_refuses_another_name_a_cut_or_a_flip() {
+        let keys = vault::DatasetKey::generate().derive();
+        let p = build(
+            &keys,
+            "ds",
+            (0..5).map(|n| chunk(n, 700)).collect(),
+            PACK_BYTES,
+        )
+        .pop()
+        .unwrap();
+        assert_eq!(decode_index(&keys, &p.key, &p.bytes).unwrap(), p.entries);
+        let e = decode_index(&keys, "ds/packs/other.pack", &p.bytes).unwrap_err();
+        assert!(e.contains("tag does not verify"), "{e}");
+        let e = decode_index(&keys, &p.key, &p.bytes[..p.bytes.len() - 1]).unwrap_err();
+        assert!(e.contains("no pack trailer"), "{e}");
+        let mut flipped = p.bytes.clone();
+        let at = flipped.len() - 20;
+        flipped[at] ^= 1;
+        assert!(decode_index(&keys, &p.key, &flipped).is_err());
+        // An index sealed by a key holder that points past the chunks.
+        let body = p.bytes[..8 + 5 * 700].to_vec();
+        let mut lying = p.entries.clone();
+        lying[4].offset = 8 + 5 * 700 - 10;
+        let plain = postcard::to_allocvec(&PackIndex {
+            version: INDEX_VERSION,
+            entries: lying,
+        })
+        .unwrap();
+        let e = decode_index(&keys, &p.key, &with_index(&keys, &p.key, body, &plain)).unwrap_err();
+        assert!(e.contains("outside the pack"), "{e}");
+    }
+
+    #[test]
+    fn neighbours_merge_into_one_range_within_limits() {
+        let w = |n: u8| Want {
+            id: ChunkId([n; 32]),
+            plain_len: 10,
+            hash: [0; 32],
+        };
+        let e = |n: u8, offset: u64, len: u32| PackEntry {
+            id: ChunkId([n; 32]),
+            offset,
+            sealed_len: len,
+            plain_len: len,
+            hash: [0; 32],
+        };
+        let mut by_pack = BTreeMap::new();
+        by_pack.insert(
+            Arc::<str>::from("p"),
+            vec![
+                (w(3), e(3, 8 + 3000 + MERGE_GAP + 1, 10)),
+                (w(1), e(1, 8, 1000)),
+                (w(2), e(2, 2008, 1000)),
+                (w(4), e(4, 20 << 20, RANGE_BYTES as u32)),
+            ],
+        );
+        let r = merge_ranges(by_pack);
+        let spans: Vec<_> = r.iter().map(|r| (r.start, r.end, r.items.len())).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (8, 3008, 2),
+                (8 + 3000 + MERGE_GAP + 1, 8 + 3000 + MERGE_GAP + 11, 1),
+                (20 << 20, (20 << 20) + RANGE_BYTES, 1)
+            ]
+        );
+    }
+}
