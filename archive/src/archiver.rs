@@ -159,6 +159,10 @@ pub struct Archiver {
     /// prune must not judge them unreferenced in between.
     ship: Mutex<()>,
     jobs: Mutex<()>,
+    /// Held while chunks are checked against the index and uploaded: the
+    /// shipper and a snapshot run at once, and without it both uploaded
+    /// the chunks neither found in the index, into two packs.
+    uploading: Mutex<()>,
     concurrency: usize,
     /// New chunks go into packs of up to this many bytes; 0 writes one
     /// object per chunk, the layout before packs.
@@ -210,6 +214,7 @@ impl Archiver {
             ship: Mutex::new(()),
             jobs: Mutex::new(()),
             concurrency: concurrency.max(1),
+            uploading: Mutex::new(()),
             pack_bytes: packs::PACK_BYTES,
         };
         if fresh || !a.index.filled_for(a.store.url())? {
@@ -588,6 +593,15 @@ impl Archiver {
     /// Uploads new chunks: in packs, or one object each with
     /// `pack_bytes` 0. The index learns of them only once all are stored.
     fn upload_chunks(&self, chunks: Vec<SealedChunk>) -> Result<()> {
+        let _one = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        // Another upload may have stored some meanwhile.
+        let mut fresh = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if !self.index.has(&c.id)? {
+                fresh.push(c);
+            }
+        }
+        let chunks = fresh;
         if chunks.is_empty() {
             return Ok(());
         }

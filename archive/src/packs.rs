@@ -36,6 +36,9 @@ pub const PACK_BYTES: usize = 16 << 20;
 /// 90 bytes per chunk) for many small files.
 pub const PACK_CHUNKS: usize = 20_000;
 
+/// An index entry's most encoded bytes (id, hash, and varints).
+const INDEX_ENTRY_MAX: usize = 32 + 32 + 10 + 5 + 5;
+
 /// The largest index a reader accepts: [`PACK_CHUNKS`] entries with room.
 const MAX_INDEX_BYTES: u64 = 4 << 20;
 
@@ -54,10 +57,11 @@ const TAIL_GUESS: u64 = 64 << 10;
 /// Neighbouring chunks of a pack are fetched in one request when the bytes
 /// between them are fewer than this...
 const MERGE_GAP: u64 = 256 << 10;
-/// ...and the request stays under this, which bounds memory: at most
-/// [`RANGES_IN_FLIGHT`] such requests are in flight.
-const RANGE_BYTES: u64 = 8 << 20;
-const RANGES_IN_FLIGHT: usize = 8;
+/// ...and the request stays under this (a whole pack, when all of it is
+/// wanted), which bounds memory: at most [`RANGES_IN_FLIGHT`] such requests
+/// are in flight, about 80 MiB.
+const RANGE_BYTES: u64 = PACK_BYTES as u64 + vault::chunk::CHUNK_MAX as u64;
+const RANGES_IN_FLIGHT: usize = 4;
 
 /// The index version this build writes and reads.
 const INDEX_VERSION: u32 = 1;
@@ -105,7 +109,10 @@ pub fn build(keys: &Keys, ds: &str, chunks: Vec<SealedChunk>, pack_bytes: usize)
     let mut cur: Vec<SealedChunk> = Vec::new();
     let mut bytes = 0usize;
     for c in chunks {
-        if !cur.is_empty() && (bytes + c.sealed.len() > limit || cur.len() >= PACK_CHUNKS) {
+        // The whole pack, index included, stays within the limit, so a
+        // default pack is one PUT, under the store's multipart threshold.
+        let index = (cur.len() + 1) * INDEX_ENTRY_MAX + 128;
+        if !cur.is_empty() && (bytes + c.sealed.len() + index > limit || cur.len() >= PACK_CHUNKS) {
             packs.push(seal_pack(keys, ds, std::mem::take(&mut cur)));
             bytes = 0;
         }

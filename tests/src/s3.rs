@@ -259,3 +259,146 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = to.shutdown(Shutdown::Write);
 }
+
+/// A TCP proxy in front of the S3 server that counts HTTP requests by
+/// method, so a benchmark compares how many requests each tool made. It
+/// reads each request's head, forwards it, and skips its body by
+/// `Content-Length` or chunked framing; responses pass through untouched.
+pub struct CountingProxy {
+    pub port: u16,
+    counts: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CountingProxy {
+    pub fn start(upstream_port: u16) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Arc::default();
+        let (s, c) = (stop.clone(), counts.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream_port)) else {
+                        return;
+                    };
+                    let (u2, c2) = (up.try_clone().unwrap(), client.try_clone().unwrap());
+                    let back = std::thread::spawn(move || pipe(u2, c2));
+                    count_requests(client, up, &c);
+                    let _ = back.join();
+                });
+            }
+        });
+        CountingProxy { port, counts, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Requests so far, by method.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// All requests so far.
+    pub fn total(&self) -> u64 {
+        self.counts().values().sum()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Forwards client -> server, counting each request head's method.
+fn count_requests(
+    from: TcpStream,
+    mut to: TcpStream,
+    counts: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+) {
+    let mut r = std::io::BufReader::with_capacity(64 << 10, from.try_clone().unwrap());
+    loop {
+        // The head: lines up to an empty one.
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            match std::io::BufRead::read_until(&mut r, b'\n', &mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                    let _ = from.shutdown(Shutdown::Read);
+                    return;
+                }
+                Ok(_) => {}
+            }
+            let end = line == b"\r\n" || line == b"\n";
+            head.extend_from_slice(&line);
+            if end && head.len() > line.len() {
+                break;
+            }
+            if end {
+                // Blank lines between requests.
+                head.clear();
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        let method = text.split_whitespace().next().unwrap_or("?").to_string();
+        if let Ok(mut c) = counts.lock() {
+            *c.entry(method).or_default() += 1;
+        }
+        if to.write_all(&head).is_err() {
+            return;
+        }
+        let header = |name: &str| {
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+        if chunked {
+            loop {
+                let mut size_line = Vec::new();
+                if std::io::BufRead::read_until(&mut r, b'\n', &mut size_line).unwrap_or(0) == 0
+                    || to.write_all(&size_line).is_err()
+                {
+                    return;
+                }
+                let s = String::from_utf8_lossy(&size_line);
+                let n =
+                    u64::from_str_radix(s.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+                // The chunk and its CRLF (the last, empty one: its CRLF).
+                if copy_exact(&mut r, &mut to, n + 2).is_err() {
+                    return;
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+        } else if let Some(n) = header("content-length").and_then(|v| v.parse::<u64>().ok()) {
+            if copy_exact(&mut r, &mut to, n).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn copy_exact(r: &mut impl Read, to: &mut TcpStream, n: u64) -> std::io::Result<()> {
+    let copied = std::io::copy(&mut r.take(n), to)?;
+    if copied < n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}

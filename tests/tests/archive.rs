@@ -556,6 +556,20 @@ fn packs_hold_new_chunks_and_an_archive_begun_without_them_stays_whole() {
     assert_eq!(objects(&s3), old_objects, "new chunks went into packs");
     let packs_before = packs(&s3);
     assert!(packs_before > 0);
+    // Each chunk is stored once, in one pack or as one object (the
+    // shipper and a snapshot upload under one lock, rechecking the index).
+    let keys = site.key().derive();
+    let mut seen = std::collections::HashSet::new();
+    for k in s3.keys(BUCKET, &format!("{PREFIX}/files/chunks")) {
+        assert!(seen.insert(k.rsplit('/').next().unwrap().to_string()));
+    }
+    for k in s3.keys(BUCKET, &format!("{PREFIX}/files/packs")) {
+        let bytes = std::fs::read(s3.object_path(BUCKET, &k)).unwrap();
+        let rel = k.strip_prefix(&format!("{PREFIX}/")).unwrap();
+        for e in archive::packs::decode_index(&keys, rel, &bytes).unwrap() {
+            assert!(seen.insert(hex_of(&e.id.0)), "{} stored twice", e.id);
+        }
+    }
 
     // Old snapshot (objects only), a new one over both layouts, and the
     // log replayed from an old snapshot through packed chunks.

@@ -1,16 +1,19 @@
 //! Archive benchmark beside restic, on the same data and the same S3 server
-//! (s3s-fs on loopback): a mixed tree (1 GiB by default), a full snapshot,
-//! an incremental one after changing 1% of the files, a restore of the
-//! latest, and the bytes each leaves in the bucket. Prints seconds, MB/s and
-//! triad/restic ratios; with `--runs N` the restores run N times and the
-//! median is shown.
+//! (s3s-fs on loopback, behind a proxy that counts requests): a mixed tree
+//! (1 GiB by default) or `--small-files N` files of 0-2 KiB, a full
+//! snapshot, an incremental one after changing 1% of the files, a restore
+//! of the latest, a point-in-time restore at a point only the log reaches
+//! (triad), the bytes each leaves in the bucket, S3 requests per GiB and
+//! peak RSS. Prints seconds, MB/s and triad/restic ratios; with `--runs N`
+//! the restores run N times and the median is shown.
 //!
 //! triad seals chunks while it ingests (the daemon's normal work, timed
 //! separately); a snapshot then uploads what the store lacks. restic reads,
 //! chunks, compresses and encrypts during `backup`. Both figures are shown:
 //! the snapshot alone, and ingest plus snapshot.
 //!
-//! Run: `cargo run -p triad-tests --bin bench-archive -- [--mib 1024] [--runs 3] [--dir DIR]`
+//! Run: `bench-archive [--mib 1024 | --small-files 200000] [--runs 3] [--dir DIR]`
+//! (after `cargo build --workspace --all-targets`, from the target dir).
 //! Needs `restic` (Debian package) and s3s-fs (installed by `./dev.sh test`).
 
 use std::path::{Path, PathBuf};
@@ -18,26 +21,88 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
-use triad_tests::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
+use triad_tests::s3::{CountingProxy, S3Server, ACCESS_KEY, SECRET_KEY};
 use triad_tests::{
-    arg, bench_dir, drop_caches, du, files_status, make_tree, median, s3_archive_section,
-    triad_bin, OneSite,
+    arg, bench_dir, drop_caches, du, files_status, make_tree, median, triad_bin, OneSite,
 };
 
-fn run(cmd: &mut Command, what: &str) -> f64 {
+/// Runs a command to its end: seconds taken and its peak RSS in MiB.
+fn run(cmd: &mut Command, what: &str) -> (f64, f64) {
     let t = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    // The output is read on threads so a chatty command never blocks.
+    let mut child = child;
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let mut status = 0;
+    // SAFETY: plain rusage out-parameter for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = t.elapsed().as_secs_f64();
+    let (stdout, stderr) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
     assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{what} failed: {stdout}{stderr}"
     );
-    if what == "triad restore" {
+    if what.starts_with("triad restore") {
         // Its phase times.
-        eprint!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{stdout}");
     }
-    t.elapsed().as_secs_f64()
+    (secs, usage.ru_maxrss as f64 / 1024.0)
+}
+
+/// A process's peak RSS so far in MiB (VmHWM), for the running daemon.
+fn peak_rss(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// `n` files of 0 to 2 KiB (half random, half text) in directories of
+/// 1,000: the small-file tree. Returns (bytes, files).
+fn make_small_tree(root: &Path, n: u64) -> (u64, u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut bytes = 0u64;
+    for i in 0..n {
+        let dir = root.join(format!("d{}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&dir).expect("mkdir");
+        }
+        let size = rng.gen_range(0..=2048usize);
+        let mut data = vec![0u8; size];
+        if i % 2 == 0 {
+            rng.fill_bytes(&mut data);
+        } else {
+            let line = format!("record {i} of the registry, approved 2026\n");
+            for (j, b) in data.iter_mut().enumerate() {
+                *b = line.as_bytes()[j % line.len()];
+            }
+        }
+        std::fs::write(dir.join(format!("f{i}")), &data).expect("write");
+        bytes += size as u64;
+    }
+    (bytes, n)
 }
 
 fn wait_settled(site: &Path, after: Instant, started: Instant) {
@@ -89,20 +154,38 @@ fn change_one_percent(src: &Path) -> usize {
 
 fn main() {
     let mib: u64 = arg("--mib").and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let small: Option<u64> = arg("--small-files").and_then(|s| s.parse().ok());
     let runs: usize = arg("--runs").and_then(|s| s.parse().ok()).unwrap_or(3);
     let (base, src) = bench_dir("archive");
     if Command::new("restic").arg("version").output().is_err() {
         panic!("restic is not installed: apt-get install restic");
     }
-    eprintln!("writing a {mib} MiB mixed tree under {}", src.display());
-    let (bytes, files) = make_tree(&src, mib << 20);
+    let (bytes, files) = match small {
+        Some(n) => {
+            eprintln!("writing {n} files of 0-2 KiB under {}", src.display());
+            make_small_tree(&src, n)
+        }
+        None => {
+            eprintln!("writing a {mib} MiB mixed tree under {}", src.display());
+            make_tree(&src, mib << 20)
+        }
+    };
     let mb = bytes as f64 / 1e6;
     let s3 = S3Server::start("bench");
+    // Both tools talk to the server through one proxy that counts requests.
+    let proxy = CountingProxy::start(s3.port);
+    let requests = || proxy.total();
 
     // triad: a primary archiving into s3://bench/triad.
-    let one = OneSite::new(&base, &src, &s3_archive_section(&s3, &base, ""));
+    let section = format!(
+        "\n[archive]\nurl = \"s3://bench/triad\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n",
+        proxy.endpoint(),
+        s3.credentials_file(&base).display()
+    );
+    let one = OneSite::new(&base, &src, &section);
     let (site, cfg) = (one.data.clone(), one.config.clone());
     drop_caches();
+    let r0 = requests();
     let started = Instant::now();
     let mut child = one.spawn();
     wait_settled(&site, started, started);
@@ -114,11 +197,14 @@ fn main() {
                 .arg(&cfg),
             what,
         )
+        .0
     };
     let triad_full = snapshot("triad full snapshot");
+    let full_seq = head_seq(&site);
+    let triad_full_req = requests() - r0;
 
     // restic: the same tree into s3://bench/restic on the same server.
-    let repo = format!("s3:{}/bench/restic", s3.endpoint());
+    let repo = format!("s3:{}/bench/restic", proxy.endpoint());
     let restic = |args: &[&str]| {
         let mut c = Command::new("restic");
         c.args(["-r", &repo])
@@ -130,33 +216,37 @@ fn main() {
     };
     run(&mut restic(&["init"]), "restic init");
     drop_caches();
-    let restic_full = run(
+    let r0 = requests();
+    let (restic_full, restic_full_rss) = run(
         restic(&["backup", "--quiet"]).arg(&src),
         "restic full backup",
     );
+    let restic_full_req = requests() - r0;
 
     let changed = change_one_percent(&src);
+    let r0 = requests();
     let t = Instant::now();
     wait_settled(&site, t, started);
     let triad_incr_ingest = t.elapsed().as_secs_f64();
     let triad_incr = snapshot("triad incremental snapshot");
+    let triad_incr_req = requests() - r0;
+    let incr_seq = head_seq(&site);
+    let daemon_rss = peak_rss(child.id());
     drop_caches();
-    let restic_incr = run(
+    let r0 = requests();
+    let (restic_incr, _) = run(
         restic(&["backup", "--quiet"]).arg(&src),
         "restic incremental backup",
     );
+    let restic_incr_req = requests() - r0;
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let _ = child.wait();
 
-    let mut triad_restore = Vec::new();
-    let mut restic_restore = Vec::new();
-    for i in 0..runs {
-        let to = base.join(format!("triad-restore-{i}"));
-        drop_caches();
-        triad_restore.push(run(
+    let triad_restore = |at: &str, to: &Path| {
+        run(
             Command::new(triad_bin())
                 .args([
                     "restore",
@@ -165,26 +255,59 @@ fn main() {
                     "--dataset",
                     "files",
                 ])
-                .args(["--at", "latest", "--config"])
+                .args(["--at", at, "--config"])
                 .arg(&cfg)
                 .arg("--to")
-                .arg(&to),
-            "triad restore",
-        ));
+                .arg(to),
+            &format!("triad restore --at {at}"),
+        )
+    };
+    // A point only the log reaches: after the full snapshot, before the
+    // incremental one.
+    let pitr_seq = incr_seq - 1;
+    assert!(
+        pitr_seq > full_seq,
+        "no log-only point: snapshots at {full_seq} and {incr_seq}"
+    );
+    let (mut tr, mut rr, mut pr) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tr_rss, mut rr_rss, mut pr_rss) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut tr_req, mut rr_req) = (0, 0);
+    for i in 0..runs {
+        let to = base.join(format!("triad-restore-{i}"));
+        drop_caches();
+        let r0 = requests();
+        let (s, m) = triad_restore("latest", &to);
+        tr_req = requests() - r0;
+        tr.push(s);
+        tr_rss = tr_rss.max(m);
+        let _ = std::fs::remove_dir_all(&to);
+        let to = base.join(format!("triad-pitr-{i}"));
+        drop_caches();
+        let (s, m) = triad_restore(&pitr_seq.to_string(), &to);
+        pr.push(s);
+        pr_rss = pr_rss.max(m);
         let _ = std::fs::remove_dir_all(&to);
         let to = base.join(format!("restic-restore-{i}"));
         drop_caches();
-        restic_restore.push(run(
+        let r0 = requests();
+        let (s, m) = run(
             restic(&["restore", "latest", "--quiet", "--target"]).arg(&to),
             "restic restore",
-        ));
+        );
+        rr_req = requests() - r0;
+        rr.push(s);
+        rr_rss = rr_rss.max(m);
         let _ = std::fs::remove_dir_all(&to);
     }
     let triad_bytes = du(&s3.root.join("bench/triad"));
     let restic_bytes = du(&s3.root.join("bench/restic"));
-    let (tr, rr) = (median(triad_restore), median(restic_restore));
+    let (tr, rr, pr) = (median(tr), median(rr), median(pr));
 
-    println!("bench-archive: {files} files, {mb:.0} MB source, {changed} files changed (1%), same s3s-fs server");
+    let what = match small {
+        Some(n) => format!("{n} files of 0-2 KiB"),
+        None => "a mixed tree".to_string(),
+    };
+    println!("bench-archive: {what}, {files} files, {mb:.0} MB source, {changed} files changed (1%), same s3s-fs server");
     println!("                               triad        restic   triad/restic");
     let row = |name: &str, a: f64, b: f64| {
         println!("  {name:<26} {a:8.2} s   {b:8.2} s   {:6.2}", a / b);
@@ -199,10 +322,42 @@ fn main() {
     );
     row(&format!("restore latest (median {runs})"), tr, rr);
     println!(
+        "  restore PITR at seq {pitr_seq} (log-only) {pr:8.2} s; {:.2}x the latest restore",
+        pr / tr
+    );
+    println!(
         "  bytes stored               {:8.1} MB  {:8.1} MB  {:6.2}",
         triad_bytes as f64 / 1e6,
         restic_bytes as f64 / 1e6,
         triad_bytes as f64 / restic_bytes as f64
+    );
+    let per_gib = |n: u64, b: u64| n as f64 / (b as f64 / (1u64 << 30) as f64);
+    let req = |name: &str, a: u64, b: u64, ab: u64, bb: u64| {
+        println!(
+            "  {name:<26} {a:8} ({:7.0}/GiB) {b:8} ({:7.0}/GiB) {:6.2}",
+            per_gib(a, ab),
+            per_gib(b, bb),
+            per_gib(a, ab) / per_gib(b, bb).max(1e-9)
+        );
+    };
+    println!("  S3 requests");
+    req(
+        "  full (per GiB stored)",
+        triad_full_req,
+        restic_full_req,
+        triad_bytes,
+        restic_bytes,
+    );
+    req(
+        "  incremental",
+        triad_incr_req,
+        restic_incr_req,
+        triad_bytes,
+        restic_bytes,
+    );
+    req("  restore (per GiB restored)", tr_req, rr_req, bytes, bytes);
+    println!(
+        "  peak RSS                   daemon {daemon_rss:.0} MiB, restore {tr_rss:.0} MiB (PITR {pr_rss:.0})   backup {restic_full_rss:.0} MiB, restore {rr_rss:.0} MiB"
     );
     println!(
         "  triad ingest {ingest:.2} s ({:.1} MB/s); restore {:.1} MB/s vs restic {:.1} MB/s",
@@ -210,5 +365,13 @@ fn main() {
         mb / tr,
         mb / rr
     );
+    println!("  requests by method: {:?}", proxy.counts());
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The dataset's head seq from its status file.
+fn head_seq(site: &Path) -> u64 {
+    files_status(site)
+        .and_then(|v| v["log"]["head_seq"].as_u64())
+        .expect("the dataset's status")
 }
