@@ -1044,7 +1044,10 @@ fn classify_packs(
         let k = key.to_string();
         match pending.since_ms.get(&k) {
             Some(since) if now.timestamp_millis() - since >= grace_ms => {
-                if modified.get(key.as_ref()).is_some_and(|m| held(*m)) {
+                // A pack missing from the second listing is judged as if
+                // written now: under Object Lock, held.
+                let at = modified.get(key.as_ref()).copied().unwrap_or(now);
+                if held(at) {
                     report.objects_held += 1;
                     still.insert(k, *since);
                 } else {

@@ -204,7 +204,7 @@ fn check_size(size: u64) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{size} bytes is no pack's length (at most {MAX_PACK_BYTES})"
+            "{size} bytes is no pack's length (at most {MAX_PACK_BYTES}); refused without reading it"
         ))
     }
 }
@@ -355,6 +355,9 @@ impl Located {
                     out.damaged.push(e.to_string());
                     continue;
                 }
+                // Listed, then deleted by a prune before its index was
+                // read: it held nothing still referenced.
+                Err(ArchiveError::Missing { .. }) => continue,
                 Err(e) => return Err(e),
             };
             let key: Arc<str> = key.into();

@@ -192,6 +192,10 @@ impl Restorer<'_> {
         let located =
             self.rt
                 .block_on(Located::load(self.store, &keys, ds_name, self.concurrency))?;
+        // Said even when this restore needs none of their chunks.
+        for d in &located.damaged {
+            out.warnings.push(format!("a pack does not read back: {d}"));
+        }
         let r = self
             .fill(
                 &ds, &located, start, &needed, target_seq, at, &mut out, progress,

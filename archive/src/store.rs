@@ -483,23 +483,45 @@ impl Store {
         what: &str,
         range: std::ops::Range<u64>,
     ) -> Result<Vec<u8>> {
-        match self.inner.get_range(&self.path(key), range.clone()).await {
-            Ok(b) if b.len() as u64 == range.end - range.start => Ok(b.to_vec()),
-            Ok(b) => Err(ArchiveError::Damaged {
-                key: self.locate(key),
-                reason: format!(
-                    "asked for bytes {}..{}, the store sent {}: truncated",
-                    range.start,
-                    range.end,
-                    b.len()
-                ),
-            }),
-            Err(object_store::Error::NotFound { .. }) => Err(ArchiveError::Missing {
-                key: self.locate(key),
-                reason: format!("{what} is not in {}", self.url),
-            }),
-            Err(e) => Err(self.err("reading", key, e)),
+        let want = range.end.saturating_sub(range.start);
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        let r = match self.inner.get_opts(&self.path(key), opts).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ArchiveError::Missing {
+                    key: self.locate(key),
+                    reason: format!("{what} is not in {}", self.url),
+                })
+            }
+            Err(e) => return Err(self.err("reading", key, e)),
+        };
+        let wrong = |n: u64| ArchiveError::Damaged {
+            key: self.locate(key),
+            reason: format!(
+                "asked for bytes {}..{}, the store sent {n}",
+                range.start, range.end
+            ),
+        };
+        // Read no further than asked, whatever the store sends.
+        let mut out = Vec::with_capacity(want as usize);
+        let mut body = r.into_stream();
+        while let Some(part) = body
+            .try_next()
+            .await
+            .map_err(|e| self.err("reading", key, e))?
+        {
+            if (out.len() + part.len()) as u64 > want {
+                return Err(wrong((out.len() + part.len()) as u64));
+            }
+            out.extend_from_slice(&part);
         }
+        if out.len() as u64 != want {
+            return Err(wrong(out.len() as u64));
+        }
+        Ok(out)
     }
 
     /// Copies an object inside the store (no bytes pass through this

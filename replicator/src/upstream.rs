@@ -139,6 +139,9 @@ pub struct Upstream {
     closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// How long a follower has to send its Hello.
+const HELLO_WITHIN: Duration = Duration::from_secs(5);
+
 /// What a caller is told while the site changes seat: come back shortly.
 pub const LEAVING_SEAT: &str = "this site is changing seat (a new primary was agreed); try again";
 
@@ -481,12 +484,22 @@ fn send_state(
 ) -> Result<u64, String> {
     use pb::transfer::Part;
     let leaving = || closed.load(std::sync::atomic::Ordering::Acquire);
-    let send = |m| {
+    // Waits while the follower's queue is full, but not past a seat
+    // change.
+    let send = |mut m| loop {
         if leaving() {
             return Err(LEAVING_SEAT.to_string());
         }
-        tx.blocking_send(m)
-            .map_err(|_| "the follower went away".to_string())
+        match tx.try_send(m) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                m = back;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err("the follower went away".to_string())
+            }
+        }
     };
     ds.state().with_snapshot(|snap| {
         let applied = snap.applied().map_err(|e| e.to_string())?;
@@ -796,7 +809,12 @@ impl pb::replication_server::Replication for Arc<Upstream> {
             )));
         }
         let mut inbound = req.into_inner();
-        let hello = match inbound.message().await? {
+        // A caller that never says Hello must not hold this seat's
+        // datasets open past a seat change.
+        let first = tokio::time::timeout(HELLO_WITHIN, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 5 s"))?;
+        let hello = match first? {
             Some(pb::FollowerMessage {
                 msg: Some(follower_message::Msg::Hello(h)),
             }) => h,
@@ -1116,6 +1134,13 @@ impl RecordSender {
         let batch_bytes = self.batch_bytes;
         let mut next_free = tokio::time::Instant::now();
         loop {
+            if self.leaving() {
+                let _ = self.tx.try_send(Err(Status::unavailable(LEAVING_SEAT)));
+                break;
+            }
+            if self.tx.is_closed() {
+                break;
+            }
             let head = self.ds.head_seq();
             let acked = self.link.acked();
             if next <= head {
@@ -1155,9 +1180,7 @@ impl RecordSender {
                         payloads: batch.into_iter().map(|r| r.payload).collect(),
                     })),
                 };
-                if self.tx.send(Ok(msg)).await.is_err()
-                    || self.tx.send(Ok(heartbeat(&self.ds, acked))).await.is_err()
-                {
+                if !self.send(Ok(msg)).await || !self.send(Ok(heartbeat(&self.ds, acked))).await {
                     break;
                 }
             } else {
@@ -1167,16 +1190,34 @@ impl RecordSender {
                 })
                 .await;
                 let Ok(new_head) = moved else { break };
-                if new_head <= head && self.tx.send(Ok(heartbeat(&self.ds, acked))).await.is_err() {
+                if new_head <= head && !self.send(Ok(heartbeat(&self.ds, acked))).await {
                     break;
                 }
             }
             if self.tx.is_closed() {
                 break;
             }
-            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-                let _ = self.tx.send(Err(Status::unavailable(LEAVING_SEAT))).await;
-                break;
+        }
+    }
+
+    fn leaving(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Sends one message when the follower takes it; false once it is gone
+    /// or the site leaves this seat. A follower that stops reading (its
+    /// queue full) thus cannot hold the seat's datasets open past a seat
+    /// change.
+    async fn send(&self, m: Result<pb::UpstreamMessage, Status>) -> bool {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), self.tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(m);
+                    return true;
+                }
+                Ok(Err(_)) => return false,
+                Err(_) if self.leaving() => return false,
+                Err(_) => {}
             }
         }
     }

@@ -672,10 +672,10 @@ fn an_oversized_object_in_the_archive_is_refused_unread() {
     let keyf = tmp.path().join("files.key");
     let key = keygen(&keyf);
     let (url, _) = crafted_archive(tmp.path(), &key, Vec::new(), Vec::new(), Vec::new());
-    // Replace the one chunk object with 2 GiB (sparse, so the test costs no
-    // disk): the archive records a 17-byte chunk.
-    let chunks = tmp.path().join("bucket/files/chunks");
-    let obj = walkdir::WalkDir::new(&chunks)
+    // Grow the one pack to 2 GiB (sparse, so the test costs no disk): the
+    // archive records a 17-byte chunk in it.
+    let packs = tmp.path().join("bucket/files/packs");
+    let obj = walkdir::WalkDir::new(&packs)
         .into_iter()
         .filter_map(|e| e.ok())
         .find(|e| e.file_type().is_file())

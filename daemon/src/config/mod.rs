@@ -1007,6 +1007,12 @@ impl Config {
             Some("0") => 0,
             Some(t) => parse_size(t).map_err(|e| (f("pack_size"), e))?,
         };
+        if pack_bytes != 0 && pack_bytes < 64 << 10 {
+            return Err((
+                f("pack_size"),
+                "at least 64KiB (or \"0\" for one object per chunk): smaller packs only add requests".into(),
+            ));
+        }
         if pack_bytes > archive::packs::PACK_BYTES as u64 {
             return Err((
                 f("pack_size"),
@@ -1352,6 +1358,34 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
         assert!(e.contains("yearly"), "{e}");
         let e = err(&with("url = \"s3://b\"\nendpoint = \"minio:9000\""));
         assert!(e.contains("archive.endpoint"), "{e}");
+        // Packs: 16 MiB by default, "0" for one object per chunk, and
+        // nothing a reader would refuse or that only adds requests.
+        assert_eq!(s.pack_bytes, 16 << 20);
+        let size = |v: &str| {
+            Config::parse(
+                Path::new("site.toml"),
+                &with(&format!("url = \"file:///a\"\npack_size = \"{v}\"")),
+            )
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|c| {
+                c.archive_settings()
+                    .map_err(|(f, m)| format!("{f}: {m}"))
+                    .map(|s| s.map_or(0, |s| s.pack_bytes))
+            })
+        };
+        assert_eq!(size("0"), Ok(0));
+        assert_eq!(size("4MiB"), Ok(4 << 20));
+        for (v, why) in [
+            ("1KiB", "at least 64KiB"),
+            ("32MiB", "at most 16 MiB"),
+            ("big", "not a size"),
+        ] {
+            let e = size(v).unwrap_err();
+            assert!(
+                e.contains("archive.pack_size") && e.contains(why),
+                "{v}: {e}"
+            );
+        }
     }
 
     /// A follower of a takeover group, as each test varies it.
