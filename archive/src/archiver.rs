@@ -988,25 +988,60 @@ fn classify_unreferenced(
             continue;
         }
         let h = hex::encode(id.0);
-        match pending.since_ms.get(&h) {
-            Some(since) if now.timestamp_millis() - since >= grace_ms => {
-                if held(l.modified) {
-                    report.objects_held += 1;
-                    still.insert(h, *since);
-                } else {
-                    doomed.push(id);
-                }
-            }
-            Some(since) => {
-                still.insert(h, *since);
-            }
-            None => {
-                report.chunks_marked += 1;
-                still.insert(h, now.timestamp_millis());
-            }
+        let grace = Grace {
+            pending,
+            now,
+            grace_ms,
+        };
+        if grace.judge(h, 1, held(l.modified), &mut still, report) {
+            doomed.push(id);
         }
     }
     (doomed, still)
+}
+
+/// The grace period's rule for one unreferenced thing (a chunk object by
+/// its hex id, a pack by its key).
+struct Grace<'a> {
+    pending: &'a Pending,
+    now: DateTime<Utc>,
+    grace_ms: i64,
+}
+
+impl Grace<'_> {
+    /// Whether to delete `key` now: found unreferenced by an earlier prune
+    /// at least `grace_ms` ago and not held by Object Lock. Otherwise it
+    /// is kept in `still` with when it was first found so (`chunks`
+    /// more chunks marked when that is now).
+    fn judge(
+        &self,
+        key: String,
+        chunks: usize,
+        held: bool,
+        still: &mut BTreeMap<String, i64>,
+        report: &mut PruneReport,
+    ) -> bool {
+        match self.pending.since_ms.get(&key) {
+            Some(since) if self.now.timestamp_millis() - since >= self.grace_ms => {
+                if held {
+                    report.objects_held += 1;
+                    still.insert(key, *since);
+                    false
+                } else {
+                    true
+                }
+            }
+            Some(since) => {
+                still.insert(key, *since);
+                false
+            }
+            None => {
+                report.chunks_marked += chunks;
+                still.insert(key, self.now.timestamp_millis());
+                false
+            }
+        }
+    }
 }
 
 /// Prune step for packs: a pack none of whose chunks `live` references is
@@ -1041,26 +1076,16 @@ fn classify_packs(
                 .sum::<u64>();
             continue;
         }
-        let k = key.to_string();
-        match pending.since_ms.get(&k) {
-            Some(since) if now.timestamp_millis() - since >= grace_ms => {
-                // A pack missing from the second listing is judged as if
-                // written now: under Object Lock, held.
-                let at = modified.get(key.as_ref()).copied().unwrap_or(now);
-                if held(at) {
-                    report.objects_held += 1;
-                    still.insert(k, *since);
-                } else {
-                    doomed.push(k);
-                }
-            }
-            Some(since) => {
-                still.insert(k, *since);
-            }
-            None => {
-                report.chunks_marked += entries.len();
-                still.insert(k, now.timestamp_millis());
-            }
+        // A pack missing from the second listing is judged as if written
+        // now: under Object Lock, held.
+        let at = modified.get(key.as_ref()).copied().unwrap_or(now);
+        let grace = Grace {
+            pending,
+            now,
+            grace_ms,
+        };
+        if grace.judge(key.to_string(), entries.len(), held(at), still, report) {
+            doomed.push(key.to_string());
         }
     }
     doomed

@@ -459,7 +459,20 @@ impl Store {
         if size > max {
             return Err(too_big(size));
         }
-        let mut out = Vec::with_capacity(size as usize);
+        self.read_capped(key, r, size, max, too_big).await.map(Some)
+    }
+
+    /// Reads a body no further than `max` bytes whatever the store sends
+    /// (`too_big` names the overrun); `expect` sizes the buffer.
+    async fn read_capped(
+        &self,
+        key: &str,
+        r: object_store::GetResult,
+        expect: u64,
+        max: u64,
+        too_big: impl Fn(u64) -> ArchiveError,
+    ) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(expect.min(max) as usize);
         let mut body = r.into_stream();
         while let Some(part) = body
             .try_next()
@@ -471,7 +484,7 @@ impl Store {
             }
             out.extend_from_slice(&part);
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// Reads bytes `range` of an object that must exist (`what` names it
@@ -505,19 +518,7 @@ impl Store {
                 range.start, range.end
             ),
         };
-        // Read no further than asked, whatever the store sends.
-        let mut out = Vec::with_capacity(want as usize);
-        let mut body = r.into_stream();
-        while let Some(part) = body
-            .try_next()
-            .await
-            .map_err(|e| self.err("reading", key, e))?
-        {
-            if (out.len() + part.len()) as u64 > want {
-                return Err(wrong((out.len() + part.len()) as u64));
-            }
-            out.extend_from_slice(&part);
-        }
+        let out = self.read_capped(key, r, want, want, &wrong).await?;
         if out.len() as u64 != want {
             return Err(wrong(out.len() as u64));
         }

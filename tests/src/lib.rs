@@ -48,6 +48,18 @@ pub fn make_tree(root: &Path, total: u64) -> (u64, u64) {
     (bytes, files)
 }
 
+/// A running process's peak RSS in MiB (its VmHWM), NaN once it is gone.
+pub fn peak_rss_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
 /// The value after `name` on the command line.
 pub fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use rand::{Rng, RngCore, SeedableRng};
 use triad_tests::s3::{CountingProxy, S3Server, ACCESS_KEY, SECRET_KEY};
 use triad_tests::{
-    arg, bench_dir, drop_caches, du, files_status, make_tree, median, triad_bin, OneSite,
+    arg, bench_dir, drop_caches, du, files_status, make_tree, median, peak_rss_of, triad_bin,
+    OneSite,
 };
 
 /// Runs a command to its end: seconds taken and its peak RSS in MiB.
@@ -65,18 +66,6 @@ fn run(cmd: &mut Command, what: &str) -> (f64, f64) {
         eprint!("{stdout}");
     }
     (secs, usage.ru_maxrss as f64 / 1024.0)
-}
-
-/// A process's peak RSS so far in MiB (VmHWM), for the running daemon.
-fn peak_rss(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// `n` files of 0 to 2 KiB (half random, half text) in directories of
@@ -231,7 +220,7 @@ fn main() {
     let triad_incr = snapshot("triad incremental snapshot");
     let triad_incr_req = requests() - r0;
     let incr_seq = head_seq(&site);
-    let daemon_rss = peak_rss(child.id());
+    let daemon_rss = peak_rss_of(child.id());
     drop_caches();
     let r0 = requests();
     let (restic_incr, _) = run(

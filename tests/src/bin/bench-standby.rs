@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use notify::{EventKind, RecursiveMode, Watcher};
-use triad_tests::{arg, bench_dir, start_sites};
+use triad_tests::{arg, bench_dir, peak_rss_of, start_sites};
 
 fn percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -27,20 +27,6 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-/// Peak RSS of a process, in MiB (VmHWM).
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|k| k.parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
 fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
@@ -255,11 +241,7 @@ fn main() {
     let (lsync, lsync_missing) = lags([2, 3]);
     sampling.store(false, std::sync::atomic::Ordering::Release);
     let worst = sampler.join().expect("sampler");
-    let rss: Vec<f64> = sites
-        .children
-        .iter()
-        .map(|c| peak_rss_mib(c.id()))
-        .collect();
+    let rss: Vec<f64> = sites.children.iter().map(|c| peak_rss_of(c.id())).collect();
 
     println!();
     println!(

@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
-use triad_tests::{arg, bench_dir, start_sites_with, triad_bin};
+use triad_tests::{arg, bench_dir, peak_rss_of, start_sites_with, triad_bin};
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -36,18 +36,6 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 fn status(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-/// Peak RSS of a process, in MiB (VmHWM).
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
 /// `files` files of random sizes averaging `bytes / files`, in 100
@@ -165,7 +153,7 @@ fn main() {
 
     // Failover: b is killed; a (its sync follower once it follows b) takes over.
     let [_, b_pid, _] = [0, 1, 2].map(|i| sites.children[i].id());
-    let rss_b = peak_rss_mib(b_pid);
+    let rss_b = peak_rss_of(b_pid);
     wait_for("zjk-a to follow b", Duration::from_secs(60), || {
         status(&sa).is_some_and(|v| v["takeover"]["primary"] == "b")
     });
