@@ -133,6 +133,13 @@ pub struct PruneReport {
     /// until a repack (not built yet) rewrites those packs.
     #[serde(default)]
     pub pack_bytes_unreferenced: u64,
+    /// Packs whose index does not read back, with why.
+    #[serde(default)]
+    pub packs_damaged: Vec<String>,
+    /// Where damaged packs nothing needed any more were copied before
+    /// they were deleted.
+    #[serde(default)]
+    pub packs_set_aside: Vec<String>,
 }
 
 /// Chunks found unreferenced, with when: deleted by a prune that finds them
@@ -805,11 +812,15 @@ impl Archiver {
         let doomed_packs = classify_packs(
             &located, &pack_list, live, &pending, now, grace_ms, held, &mut still, report,
         );
+        let doomed_damaged = self.judge_damaged_packs(
+            &located, &pack_list, &pending, now, grace_ms, held, &mut still, report,
+        );
         report.chunks_waiting = still.len();
         pending.since_ms = still;
         self.delete_chunks(name, &doomed)?;
         report.chunks_deleted = doomed.len();
         self.delete_packs(&located, &doomed_packs, report)?;
+        self.set_aside_damaged(name, &doomed_damaged, report)?;
         let pending_bytes = serde_json::to_vec(&pending).map_err(|e| ArchiveError::Damaged {
             key: pending_key.clone(),
             reason: e.to_string(),
@@ -896,6 +907,69 @@ impl Archiver {
             self.rt.block_on(self.store.delete(k))?;
         }
         report.packs_deleted = doomed.len();
+        Ok(())
+    }
+
+    /// Prune step for packs whose index does not read back: they are
+    /// reported, and once no referenced chunk is missing (each was stored
+    /// again by a snapshot) nothing can need them, so they are marked and,
+    /// after the grace period, set aside. Returns those to set aside now.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_damaged_packs(
+        &self,
+        located: &Located,
+        listed: &[Listed],
+        pending: &Pending,
+        now: DateTime<Utc>,
+        grace_ms: i64,
+        held: &dyn Fn(DateTime<Utc>) -> bool,
+        still: &mut BTreeMap<String, i64>,
+        report: &mut PruneReport,
+    ) -> Vec<String> {
+        report.packs_damaged = located.damaged.clone();
+        if located.damaged.is_empty() {
+            return Vec::new();
+        }
+        tracing::error!(dataset = self.ds.name(), packs = ?located.damaged, "packs in the archive do not read back; their chunks count as missing until a snapshot stores them again");
+        if report.chunks_missing > 0 {
+            return Vec::new();
+        }
+        let grace = Grace {
+            pending,
+            now,
+            grace_ms,
+        };
+        let mut doomed = Vec::new();
+        for key in &located.damaged_keys {
+            let at = listed
+                .iter()
+                .find(|l| &l.key == key)
+                .map_or(now, |l| l.modified);
+            if grace.judge(key.clone(), 0, held(at), still, report) {
+                doomed.push(key.clone());
+            }
+        }
+        doomed
+    }
+
+    /// Prune step: copies each of `keys` (damaged packs nothing needs) to
+    /// `<dataset>/evidence/` in the store, then deletes it.
+    fn set_aside_damaged(
+        &self,
+        name: &str,
+        keys: &[String],
+        report: &mut PruneReport,
+    ) -> Result<()> {
+        for key in keys {
+            let file = key.rsplit('/').next().unwrap_or(key);
+            let stamp = Utc::now().timestamp_millis();
+            let aside = format!("{name}/evidence/{file}-{stamp}");
+            if self.rt.block_on(self.store.copy_if_exists(key, &aside))? {
+                self.rt.block_on(self.store.delete(key))?;
+                tracing::warn!(dataset = name, pack = %key, evidence = %aside, "a damaged pack nothing needs any more was set aside");
+                report.packs_set_aside.push(aside);
+            }
+        }
         Ok(())
     }
 

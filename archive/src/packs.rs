@@ -297,6 +297,8 @@ pub struct Located {
     /// Packs whose index does not read back (truncated, altered, sealed
     /// with another key), with why: their chunks count as missing.
     pub damaged: Vec<String>,
+    /// Those packs' keys.
+    pub damaged_keys: Vec<String>,
 }
 
 /// A chunk to read: its id, plaintext length and the BLAKE3 of its sealed
@@ -344,15 +346,16 @@ impl Located {
             .filter(|l| l.key.ends_with(".pack"))
             .collect();
         let mut read = stream::iter(listed.into_iter().map(|l| async move {
-            let entries = read_index(store, keys, &l.key, l.size).await?;
-            Ok::<_, ArchiveError>((l.key, l.size, entries))
+            let r = read_index(store, keys, &l.key, l.size).await;
+            (l.key, l.size, r)
         }))
         .buffer_unordered(concurrency.max(1));
-        while let Some(r) = read.next().await {
-            let (key, size, entries) = match r {
+        while let Some((key, size, r)) = read.next().await {
+            let entries = match r {
                 Ok(x) => x,
                 Err(e @ ArchiveError::Damaged { .. }) => {
                     out.damaged.push(e.to_string());
+                    out.damaged_keys.push(key);
                     continue;
                 }
                 // Listed, then deleted by a prune before its index was

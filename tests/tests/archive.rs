@@ -513,6 +513,70 @@ fn retention_and_prune_keep_what_is_needed_and_remove_the_rest() {
     assert_eq!(third["prune"]["chunks_missing"], 0);
 }
 
+/// A pack whose index no longer reads back: prune names it and fails
+/// while chunks it held are missing; a snapshot stores them again; then
+/// prune sets the pack aside under `evidence/` after the grace period, and
+/// the archive restores whole.
+#[test]
+fn a_damaged_pack_is_replaced_by_a_snapshot_and_set_aside_by_prune() {
+    let s3 = S3Server::start(BUCKET);
+    let mut site = Site::new();
+    with_archive(&site, &s3.endpoint(), "prune_grace = \"1s\"");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    site.start();
+    change(&site.source, 1, &mut rng);
+    let st = site.wait_settled(now_ns(), Duration::from_secs(60));
+    site.wait_shipped(head_seq(&st), Duration::from_secs(60));
+    snapshot(&site);
+    let tree = keep(&site, "tree");
+    site.stop();
+
+    let packs = s3.keys(BUCKET, &format!("{PREFIX}/files/packs"));
+    let victim = packs
+        .iter()
+        .max_by_key(|k| {
+            std::fs::metadata(s3.object_path(BUCKET, k))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .expect("packs")
+        .clone();
+    let path = s3.object_path(BUCKET, &victim);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+
+    let prune = || triad(&["prune", "--dataset", "files", "--json"], &site.config);
+    let out = prune();
+    assert!(!out.status.success(), "chunks are missing");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let damaged = v["prune"]["packs_damaged"].to_string();
+    assert!(damaged.contains(&victim), "{v}");
+    assert!(v["prune"]["chunks_missing"].as_u64() > Some(0), "{v}");
+    // The CLI's snapshot (no daemon) stores what the pack held again.
+    ok(
+        &triad(&["snapshot", "--dataset", "files", "--json"], &site.config),
+        "snapshot",
+    );
+    let v = ok(&prune(), "prune after the snapshot");
+    assert_eq!(v["prune"]["chunks_missing"], 0, "{v}");
+    assert!(path.exists(), "kept for the grace period");
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = ok(&prune(), "prune after the grace period");
+    let aside = v["prune"]["packs_set_aside"].as_array().unwrap();
+    assert_eq!(aside.len(), 1, "{v}");
+    assert!(!path.exists(), "{v}");
+    let evidence = s3.keys(BUCKET, &format!("{PREFIX}/files/evidence"));
+    assert_eq!(evidence.len(), 1, "{evidence:?}");
+    assert_eq!(
+        std::fs::read(s3.object_path(BUCKET, &evidence[0])).unwrap(),
+        &bytes[..bytes.len() - 100],
+        "the damaged bytes are kept as they were"
+    );
+    let to = site.tmp.path().join("restored");
+    ok(&restore_from_archive(&site, "latest", &to), "restore");
+    assert_same_tree(&tree, &to);
+}
+
 /// An archive written before packs (one object per chunk) goes on with
 /// packs once the site runs a build that writes them: restores of the old
 /// snapshots, of new ones and of points between use both layouts, and

@@ -155,6 +155,19 @@ fn print_answer(name: &str, a: &ops::Answer, json: bool) -> Result<()> {
                 p.chunks_missing
             );
         }
+        if p.packs_deleted > 0 || p.pack_bytes_unreferenced > 0 {
+            println!(
+                "dataset {name}: packs: {} deleted; {:.1} MB of unreferenced chunks stay in packs still partly in use",
+                p.packs_deleted,
+                p.pack_bytes_unreferenced as f64 / 1e6
+            );
+        }
+        for d in &p.packs_damaged {
+            println!("dataset {name}: DAMAGED pack: {d}; once no referenced chunk is missing it is set aside after the grace period");
+        }
+        for a in &p.packs_set_aside {
+            println!("dataset {name}: a damaged pack nothing needs was moved to {a}");
+        }
     }
     Ok(())
 }
