@@ -804,17 +804,19 @@ impl Archiver {
             self.concurrency,
         ))?;
         self.check_live_present(name, &located, live, report)?;
-        let (doomed, mut still) =
-            classify_unreferenced(&listed, live, &pending, now, grace_ms, held, report);
+        let grace = Grace {
+            pending: &pending,
+            now,
+            grace_ms,
+            held,
+        };
+        let (doomed, mut still) = classify_unreferenced(&listed, live, &grace, report);
         let pack_list = self
             .rt
             .block_on(self.store.list(&packs::packs_prefix(name)))?;
-        let doomed_packs = classify_packs(
-            &located, &pack_list, live, &pending, now, grace_ms, held, &mut still, report,
-        );
-        let doomed_damaged = self.judge_damaged_packs(
-            &located, &pack_list, &pending, now, grace_ms, held, &mut still, report,
-        );
+        let doomed_packs = classify_packs(&located, &pack_list, live, &grace, &mut still, report);
+        let doomed_damaged =
+            self.judge_damaged_packs(&located, &pack_list, &grace, &mut still, report);
         report.chunks_waiting = still.len();
         pending.since_ms = still;
         self.delete_chunks(name, &doomed)?;
@@ -914,15 +916,11 @@ impl Archiver {
     /// reported, and once no referenced chunk is missing (each was stored
     /// again by a snapshot) nothing can need them, so they are marked and,
     /// after the grace period, set aside. Returns those to set aside now.
-    #[allow(clippy::too_many_arguments)]
     fn judge_damaged_packs(
         &self,
         located: &Located,
         listed: &[Listed],
-        pending: &Pending,
-        now: DateTime<Utc>,
-        grace_ms: i64,
-        held: &dyn Fn(DateTime<Utc>) -> bool,
+        grace: &Grace<'_>,
         still: &mut BTreeMap<String, i64>,
         report: &mut PruneReport,
     ) -> Vec<String> {
@@ -934,18 +932,13 @@ impl Archiver {
         if report.chunks_missing > 0 {
             return Vec::new();
         }
-        let grace = Grace {
-            pending,
-            now,
-            grace_ms,
-        };
         let mut doomed = Vec::new();
         for key in &located.damaged_keys {
             let at = listed
                 .iter()
                 .find(|l| &l.key == key)
-                .map_or(now, |l| l.modified);
-            if grace.judge(key.clone(), 0, held(at), still, report) {
+                .map_or(grace.now, |l| l.modified);
+            if grace.judge(key.clone(), 0, at, still, report) {
                 doomed.push(key.clone());
             }
         }
@@ -1046,10 +1039,7 @@ impl Archiver {
 fn classify_unreferenced(
     listed: &[Listed],
     live: &HashSet<ChunkId>,
-    pending: &Pending,
-    now: DateTime<Utc>,
-    grace_ms: i64,
-    held: &dyn Fn(DateTime<Utc>) -> bool,
+    grace: &Grace<'_>,
     report: &mut PruneReport,
 ) -> (Vec<ChunkId>, BTreeMap<String, i64>) {
     let mut doomed = Vec::new();
@@ -1062,12 +1052,7 @@ fn classify_unreferenced(
             continue;
         }
         let h = hex::encode(id.0);
-        let grace = Grace {
-            pending,
-            now,
-            grace_ms,
-        };
-        if grace.judge(h, 1, held(l.modified), &mut still, report) {
+        if grace.judge(h, 1, l.modified, &mut still, report) {
             doomed.push(id);
         }
     }
@@ -1075,29 +1060,31 @@ fn classify_unreferenced(
 }
 
 /// The grace period's rule for one unreferenced thing (a chunk object by
-/// its hex id, a pack by its key).
+/// its hex id, a pack by its key): what earlier prunes found, now, the
+/// period, and whether Object Lock holds an object written at a time.
 struct Grace<'a> {
     pending: &'a Pending,
     now: DateTime<Utc>,
     grace_ms: i64,
+    held: &'a dyn Fn(DateTime<Utc>) -> bool,
 }
 
 impl Grace<'_> {
-    /// Whether to delete `key` now: found unreferenced by an earlier prune
-    /// at least `grace_ms` ago and not held by Object Lock. Otherwise it
-    /// is kept in `still` with when it was first found so (`chunks`
-    /// more chunks marked when that is now).
+    /// Whether to delete `key` (written at `modified`) now: found
+    /// unreferenced by an earlier prune at least `grace_ms` ago and not
+    /// held by Object Lock. Otherwise it is kept in `still` with when it
+    /// was first found so (`chunks` more chunks marked when that is now).
     fn judge(
         &self,
         key: String,
         chunks: usize,
-        held: bool,
+        modified: DateTime<Utc>,
         still: &mut BTreeMap<String, i64>,
         report: &mut PruneReport,
     ) -> bool {
         match self.pending.since_ms.get(&key) {
             Some(since) if self.now.timestamp_millis() - since >= self.grace_ms => {
-                if held {
+                if (self.held)(modified) {
                     report.objects_held += 1;
                     still.insert(key, *since);
                     false
@@ -1123,15 +1110,11 @@ impl Grace<'_> {
 /// after `grace_ms`, unless Object Lock holds it. Returns the packs to
 /// delete now. A pack still partly referenced stays whole; the bytes it
 /// holds for nothing are counted (a repack would reclaim them).
-#[allow(clippy::too_many_arguments)]
 fn classify_packs(
     located: &Located,
     listed: &[Listed],
     live: &HashSet<ChunkId>,
-    pending: &Pending,
-    now: DateTime<Utc>,
-    grace_ms: i64,
-    held: &dyn Fn(DateTime<Utc>) -> bool,
+    grace: &Grace<'_>,
     still: &mut BTreeMap<String, i64>,
     report: &mut PruneReport,
 ) -> Vec<String> {
@@ -1152,13 +1135,8 @@ fn classify_packs(
         }
         // A pack missing from the second listing is judged as if written
         // now: under Object Lock, held.
-        let at = modified.get(key.as_ref()).copied().unwrap_or(now);
-        let grace = Grace {
-            pending,
-            now,
-            grace_ms,
-        };
-        if grace.judge(key.to_string(), entries.len(), held(at), still, report) {
+        let at = modified.get(key.as_ref()).copied().unwrap_or(grace.now);
+        if grace.judge(key.to_string(), entries.len(), at, still, report) {
             doomed.push(key.to_string());
         }
     }
