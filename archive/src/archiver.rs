@@ -924,16 +924,16 @@ impl Archiver {
         still: &mut BTreeMap<String, i64>,
         report: &mut PruneReport,
     ) -> Vec<String> {
-        report.packs_damaged = located.damaged.clone();
+        report.packs_damaged = located.damaged.iter().map(|d| d.why.clone()).collect();
         if located.damaged.is_empty() {
             return Vec::new();
         }
-        tracing::error!(dataset = self.ds.name(), packs = ?located.damaged, "packs in the archive do not read back; their chunks count as missing until a snapshot stores them again");
+        tracing::error!(dataset = self.ds.name(), packs = ?report.packs_damaged, "packs in the archive do not read back; their chunks count as missing until a snapshot stores them again");
         if report.chunks_missing > 0 {
             return Vec::new();
         }
         let mut doomed = Vec::new();
-        for key in &located.damaged_keys {
+        for key in located.damaged.iter().map(|d| &d.key) {
             let at = listed
                 .iter()
                 .find(|l| &l.key == key)

@@ -295,10 +295,17 @@ pub struct Located {
     /// Each pack's key, size and entries.
     pub packs: BTreeMap<Arc<str>, (u64, Vec<PackEntry>)>,
     /// Packs whose index does not read back (truncated, altered, sealed
-    /// with another key), with why: their chunks count as missing.
-    pub damaged: Vec<String>,
-    /// Those packs' keys.
-    pub damaged_keys: Vec<String>,
+    /// with another key): their chunks count as missing.
+    pub damaged: Vec<DamagedPack>,
+}
+
+/// A pack whose index does not read back.
+#[derive(Debug, Clone)]
+pub struct DamagedPack {
+    /// Its key, relative to the store's prefix.
+    pub key: String,
+    /// Where it is and why it does not read back.
+    pub why: String,
 }
 
 /// A chunk to read: its id, plaintext length and the BLAKE3 of its sealed
@@ -354,8 +361,10 @@ impl Located {
             let entries = match r {
                 Ok(x) => x,
                 Err(e @ ArchiveError::Damaged { .. }) => {
-                    out.damaged.push(e.to_string());
-                    out.damaged_keys.push(key);
+                    out.damaged.push(DamagedPack {
+                        key,
+                        why: e.to_string(),
+                    });
                     continue;
                 }
                 // Listed, then deleted by a prune before its index was
@@ -400,16 +409,13 @@ impl Located {
 
     /// Names where a chunk is, for messages.
     pub fn describe(&self, store: &Store, ds: &str, id: &ChunkId) -> String {
+        // A chunk object of its own is read first, so it is named first.
         match self.places.get(id) {
             Some(Place {
-                object: Some(_), ..
-            })
-            | None => store.locate(&objects::chunk_key(ds, id)),
-            Some(Place {
+                object: None,
                 packed: Some((k, e)),
-                ..
             }) => format!("{} (bytes {}+{})", store.locate(k), e.offset, e.sealed_len),
-            Some(_) => store.locate(&objects::chunk_key(ds, id)),
+            _ => store.locate(&objects::chunk_key(ds, id)),
         }
     }
 
@@ -457,8 +463,9 @@ impl Located {
         match self.damaged.first() {
             None => "in no pack and no chunk object".into(),
             Some(d) => format!(
-                "in no readable pack and no chunk object; {} pack(s) do not read back, the first: {d}",
-                self.damaged.len()
+                "in no readable pack and no chunk object; {} pack(s) do not read back, the first: {}",
+                self.damaged.len(),
+                d.why
             ),
         }
     }

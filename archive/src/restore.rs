@@ -194,7 +194,8 @@ impl Restorer<'_> {
                 .block_on(Located::load(self.store, &keys, ds_name, self.concurrency))?;
         // Said even when this restore needs none of their chunks.
         for d in &located.damaged {
-            out.warnings.push(format!("a pack does not read back: {d}"));
+            out.warnings
+                .push(format!("a pack does not read back: {}", d.why));
         }
         let r = self
             .fill(

@@ -290,7 +290,11 @@ impl CountingProxy {
                     let Ok(up) = TcpStream::connect(("127.0.0.1", upstream_port)) else {
                         return;
                     };
-                    let (u2, c2) = (up.try_clone().unwrap(), client.try_clone().unwrap());
+                    // A connection that cannot be cloned is dropped: the
+                    // client sees it closed and retries.
+                    let (Ok(u2), Ok(c2)) = (up.try_clone(), client.try_clone()) else {
+                        return;
+                    };
                     let back = std::thread::spawn(move || pipe(u2, c2));
                     count_requests(client, up, &c);
                     let _ = back.join();
@@ -327,7 +331,10 @@ fn count_requests(
     mut to: TcpStream,
     counts: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 ) {
-    let mut r = std::io::BufReader::with_capacity(64 << 10, from.try_clone().unwrap());
+    let Ok(reader) = from.try_clone() else {
+        return;
+    };
+    let mut r = std::io::BufReader::with_capacity(64 << 10, reader);
     loop {
         // The head: lines up to an empty one.
         let mut head = Vec::new();

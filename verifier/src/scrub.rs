@@ -343,7 +343,7 @@ fn check_located(
     for d in &located.damaged {
         bad.push(BadChunk {
             id: String::new(),
-            reason: d.clone(),
+            reason: d.why.clone(),
             referenced_by: Vec::new(),
         });
     }
