@@ -101,8 +101,10 @@ pub struct Pack {
 
 /// Cuts `chunks` into packs of up to [`PACK_BYTES`] (or `pack_bytes`, when
 /// smaller) and [`PACK_CHUNKS`] chunks. A pack is named by the BLAKE3 of
-/// the ids it holds, so uploading the same round again writes the same
-/// names.
+/// the ids it holds and 16 random bytes: an upload never replaces a pack
+/// already in the store. With names from the ids alone, a snapshot storing
+/// again the chunks of a damaged pack in the same order overwrote it, and
+/// the damaged bytes, kept as evidence otherwise, were lost.
 pub fn build(keys: &Keys, ds: &str, chunks: Vec<SealedChunk>, pack_bytes: usize) -> Vec<Pack> {
     let limit = pack_bytes.clamp(1, PACK_BYTES);
     let mut packs = Vec::new();
@@ -130,6 +132,9 @@ fn seal_pack(keys: &Keys, ds: &str, chunks: Vec<SealedChunk>) -> Pack {
     for c in &chunks {
         names.update(&c.id.0);
     }
+    let mut salt = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut salt);
+    names.update(&salt);
     let key = pack_key(ds, &names.finalize().to_hex());
     let body: usize = chunks.iter().map(|c| c.sealed.len()).sum();
     let mut bytes = Vec::with_capacity(body + chunks.len() * 96 + 64);
@@ -639,17 +644,16 @@ mod tests {
     }
 
     #[test]
-    fn packs_are_cut_by_bytes_and_named_by_their_ids() {
+    fn packs_are_cut_by_bytes_and_never_share_a_name() {
         let keys = vault::DatasetKey::generate().derive();
         let chunks: Vec<_> = (0..10).map(|n| chunk(n, 1000)).collect();
         let packs = build(&keys, "ds", chunks.clone(), 3500);
         assert_eq!(packs.len(), 4, "3 + 3 + 3 + 1");
+        // The same chunks uploaded again land under other names.
         let again = build(&keys, "ds", chunks, 3500);
-        let names: Vec<_> = packs.iter().map(|p| p.key.clone()).collect();
-        assert_eq!(
-            names,
-            again.iter().map(|p| p.key.clone()).collect::<Vec<_>>()
-        );
+        for (a, b) in packs.iter().zip(&again) {
+            assert_ne!(a.key, b.key);
+        }
         for p in &packs {
             assert!(p.key.starts_with("ds/packs/") && p.key.ends_with(".pack"));
             for e in &p.entries {
