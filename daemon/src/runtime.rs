@@ -427,6 +427,11 @@ fn release_pins_when_confirmed(
         if stop.load(Ordering::Acquire) || global_stop.load(Ordering::Acquire) {
             return;
         }
+        // The group named another primary while this seat opened: no
+        // majority will confirm this one, and the seat changes at once.
+        if t.another_is_primary() {
+            return;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     if t.fenced().is_some() {

@@ -106,7 +106,9 @@ impl Replication for Arc<Seated> {
         &self,
         req: Request<pb::AdminRequest>,
     ) -> Result<Response<pb::AdminReply>, Status> {
-        self.seat()?.admin(req).await
+        // The seat is let go before the call runs (see `admin_call`).
+        let call = self.seat()?.admin_call(req)?;
+        crate::upstream::run_admin(call).await
     }
 
     async fn takeover(
@@ -127,5 +129,63 @@ impl Replication for Arc<Seated> {
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(pb::TakeoverReply { body }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use crate::upstream::AdminAnswer;
+
+    /// A long admin call (a promotion waits up to half a minute) must not
+    /// keep the seat it came in through: the seat's datasets are reopened
+    /// in the new seat meanwhile, and they allow one opener.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_admin_call_in_flight_does_not_hold_the_vacated_seat() {
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = std::sync::Mutex::new(release_rx);
+        let up = Arc::new(
+            Upstream::new(HashMap::new(), HashMap::new())
+                .with_site("zjk-a")
+                .with_admin(Arc::new(move |_action: &str, _ds: &str| {
+                    let _ = release_rx
+                        .lock()
+                        .map(|r| r.recv_timeout(Duration::from_secs(20)));
+                    Ok(AdminAnswer {
+                        ok: true,
+                        json: "{}".into(),
+                    })
+                })),
+        );
+        let seated = Seated::new(None);
+        seated.install(up.clone());
+        let mut req = Request::new(pb::AdminRequest {
+            action: "promote".into(),
+            dataset: String::new(),
+        });
+        req.extensions_mut().insert(PeerInfo {
+            site: "zjk-a".into(),
+            addr: "127.0.0.1:1".parse().expect("address"),
+        });
+        let call = {
+            let seated = seated.clone();
+            tokio::spawn(async move { seated.admin(req).await })
+        };
+        // The call is running (blocked in its handler) once the seat is
+        // vacated; only this test's handle on the upstream remains.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        seated.vacate();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&up) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(Arc::strong_count(&up), 1, "the admin call holds the seat");
+        assert!(!call.is_finished(), "the call ended before the check");
+        release_tx.send(()).expect("handler waiting");
+        let reply = call.await.expect("task").expect("admin reply");
+        assert!(reply.into_inner().ok);
     }
 }

@@ -154,6 +154,27 @@ pub type TakeoverHandler =
 /// it succeeded and the answer as JSON, or why it could not run.
 pub type AdminHandler = Arc<dyn Fn(&str, &str) -> Result<AdminAnswer, AdminError> + Send + Sync>;
 
+/// An admin call checked by [`Upstream::admin_call`], ready to run.
+pub struct AdminCall {
+    handler: AdminHandler,
+    request: pb::AdminRequest,
+}
+
+/// Runs an admin call on a blocking thread and answers it.
+// tonic's own error type.
+#[allow(clippy::result_large_err)]
+pub async fn run_admin(call: AdminCall) -> Result<Response<pb::AdminReply>, Status> {
+    let AdminCall { handler, request } = call;
+    tracing::info!(action = %request.action, dataset = %request.dataset, "admin call");
+    let answer = tokio::task::spawn_blocking(move || handler(&request.action, &request.dataset))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+    Ok(Response::new(pb::AdminReply {
+        ok: answer.ok,
+        json: answer.json,
+    }))
+}
+
 /// What an admin action answered.
 #[derive(Debug, Clone)]
 pub struct AdminAnswer {
@@ -224,6 +245,31 @@ impl Upstream {
     pub fn with_admin(mut self, f: AdminHandler) -> Upstream {
         self.admin = Some(f);
         self
+    }
+
+    /// Checks an admin call and returns what runs it. The call holds no
+    /// part of this seat while it runs: a promotion can take half a minute,
+    /// and the seat's datasets must close in the meantime when the group
+    /// names a new primary.
+    // tonic's own error type.
+    #[allow(clippy::result_large_err)]
+    pub fn admin_call(&self, req: Request<pb::AdminRequest>) -> Result<AdminCall, Status> {
+        let caller = caller(&req)?.site;
+        if caller != self.site {
+            tracing::warn!(site = %caller, "refused an admin call: it needs this site's own certificate");
+            return Err(Status::permission_denied(format!(
+                "admin calls at {} need its own certificate; {caller} may only read",
+                self.site
+            )));
+        }
+        let handler = self
+            .admin
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this site takes no admin calls"))?;
+        Ok(AdminCall {
+            handler,
+            request: req.into_inner(),
+        })
     }
 
     /// Answers SiteStatus calls with what `f` returns.
@@ -690,27 +736,7 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         &self,
         req: Request<pb::AdminRequest>,
     ) -> Result<Response<pb::AdminReply>, Status> {
-        let caller = caller(&req)?.site;
-        if caller != self.site {
-            tracing::warn!(site = %caller, "refused an admin call: it needs this site's own certificate");
-            return Err(Status::permission_denied(format!(
-                "admin calls at {} need its own certificate; {caller} may only read",
-                self.site
-            )));
-        }
-        let f = self
-            .admin
-            .clone()
-            .ok_or_else(|| Status::unimplemented("this site takes no admin calls"))?;
-        let r = req.into_inner();
-        tracing::info!(action = %r.action, dataset = %r.dataset, "admin call");
-        let answer = tokio::task::spawn_blocking(move || f(&r.action, &r.dataset))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(pb::AdminReply {
-            ok: answer.ok,
-            json: answer.json,
-        }))
+        run_admin(self.admin_call(req)?).await
     }
 
     async fn takeover(

@@ -488,6 +488,11 @@ impl Takeover {
         Ok(Some(t))
     }
 
+    /// True once the group's record names a primary other than this site.
+    pub fn another_is_primary(&self) -> bool {
+        self.cluster().primary.is_some_and(|p| p != self.site)
+    }
+
     pub fn cluster(&self) -> Cluster {
         self.cluster.read().map(|c| c.clone()).unwrap_or_default()
     }

@@ -34,6 +34,9 @@ const HANDOVER_HOLD: Duration = Duration::from_secs(30);
 const HANDOVER_EVERY: Duration = Duration::from_secs(60);
 /// How long the primary waits for the promoted site to catch up.
 const CATCH_UP: Duration = Duration::from_secs(20);
+/// How long a handover waits for the asking site to follow this one before
+/// it refuses (writes go on meanwhile).
+const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 /// Added to `fence_after` before a failover: clocks tick at slightly
 /// different rates, and the guard looks at the lease periodically.
 const MARGIN: Duration = Duration::from_secs(2);
@@ -126,6 +129,40 @@ impl Takeover {
             return Err(AdminError::Unavailable(
                 "this site's datasets are not open yet".into(),
             ));
+        }
+        // A site that does not follow this one could not catch up: it gets
+        // a moment to connect (it may be between retries after a cut link),
+        // and is refused before writes stop if it does not.
+        let absent = |wait: Duration| {
+            let until = Instant::now() + wait;
+            loop {
+                let (datasets, upstream) =
+                    self.attached.lock().map(|a| a.clone()).unwrap_or_default();
+                let absent: Vec<String> = datasets
+                    .iter()
+                    .map(|ds| ds.name().to_string())
+                    .filter(|name| {
+                        !upstream.as_ref().is_some_and(|u| {
+                            u.links_of(name)
+                                .iter()
+                                .any(|l| l.site == r.to && l.connected)
+                        })
+                    })
+                    .collect();
+                if absent.is_empty() || Instant::now() >= until {
+                    return absent;
+                }
+                drop((datasets, upstream));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let absent = absent(CONNECT_WITHIN);
+        if !absent.is_empty() {
+            return Err(AdminError::NotConfigured(format!(
+                "{} has not followed this site for the last {CONNECT_WITHIN:?} ({}), so it cannot catch up: promote it once it is connected",
+                r.to,
+                absent.join(", ")
+            )));
         }
         // Each handover stops writes for up to HANDOVER_HOLD unless it
         // completes (a new epoch): a site that asks again and again without
@@ -272,7 +309,12 @@ impl Takeover {
                 Err(e) => Err(e),
             }
         } else {
-            self.call(&old, "handover", body, CATCH_UP + Duration::from_secs(5))
+            self.call(
+                &old,
+                "handover",
+                body,
+                CONNECT_WITHIN + CATCH_UP + Duration::from_secs(5),
+            )
         };
         match answer {
             Ok(reply) => {
