@@ -8,6 +8,7 @@
 //! running snapshot decided not to upload because the index had it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
@@ -159,8 +160,11 @@ pub struct Archiver {
     index: Index,
     /// Last archived (seq, chain hash).
     shipped: Mutex<Option<(u64, Hash)>>,
-    /// Seq of the last head written (see [`objects::Head`]).
-    head_written: Mutex<u64>,
+    /// The epoch of the last archived record (0: unknown, from a name
+    /// written before epochs were named).
+    shipped_epoch: std::sync::atomic::AtomicU64,
+    /// (epoch, seq) of the last head written (see [`objects::Head`]).
+    head_written: Mutex<(u64, u64)>,
     /// Held while shipping, and by prune: a piece's chunks are uploaded (or
     /// skipped because the index has them) before the piece exists, and
     /// prune must not judge them unreferenced in between.
@@ -217,7 +221,8 @@ impl Archiver {
             site: site.to_string(),
             index,
             shipped: Mutex::new(None),
-            head_written: Mutex::new(0),
+            shipped_epoch: std::sync::atomic::AtomicU64::new(0),
+            head_written: Mutex::new((0, 0)),
             ship: Mutex::new(()),
             jobs: Mutex::new(()),
             concurrency: concurrency.max(1),
@@ -233,17 +238,33 @@ impl Archiver {
             a.rt.block_on(a.store.get(&head_key, objects::MAX_SMALL_OBJECT_BYTES))?
         {
             match objects::decode_head(a.ds.keys(), &head_key, &b) {
-                Ok(h) => *a.head_written.lock().unwrap_or_else(|p| p.into_inner()) = h.seq,
+                Ok(h) => {
+                    *a.head_written.lock().unwrap_or_else(|p| p.into_inner()) = (h.epoch, h.seq)
+                }
                 Err(e) => {
                     tracing::error!(dataset = %name, error = %e, "the archive's head does not open; it is written anew with the next piece")
                 }
             }
         }
         // Where the archive's log ends: the newest piece, or, when prune
-        // removed every piece, the newest snapshot.
-        let pieces = a.pieces()?;
-        let newest_snap = a.snapshots()?.pop();
+        // removed every piece, the newest snapshot. Only those of this
+        // site's history count: a former primary's pieces and snapshots
+        // past the fork point stay in the store, named by their epoch, and
+        // the new history is archived beside them (see `rewind_past_fork`).
+        let starts = a.ds.fence().starts;
+        let mut pieces: Vec<PieceRef> = a
+            .pieces()?
+            .into_iter()
+            .filter_map(|p| p.follow(&starts))
+            .collect();
+        pieces.sort_by_key(|p| p.upto);
+        let newest_snap = a.snapshots()?.into_iter().rfind(|s| s.follows(&starts));
         let piece_end = match pieces.last() {
+            // A piece cut short by the history ends where the next epoch
+            // began; the chain hash there is this site's own.
+            Some(last) if last.upto < last.last => {
+                a.ds.chain_hash_at(last.upto)?.map(|h| (last.upto, h))
+            }
             Some(last) => {
                 let piece = read_piece(&a.rt, &a.store, &last.key, "the newest log piece")?;
                 Some((last.last, piece.end_hash))
@@ -260,6 +281,12 @@ impl Archiver {
             }
             _ => None,
         };
+        let end_epoch = match (&piece_end, pieces.last()) {
+            (Some(_), Some(p)) => p.epoch,
+            _ => newest_snap.as_ref().and_then(|s| s.epoch),
+        };
+        a.shipped_epoch
+            .store(end_epoch.unwrap_or(0), Ordering::Release);
         *a.lock_shipped() = piece_end.or(snap_end);
         Ok(a)
     }
@@ -282,8 +309,12 @@ impl Archiver {
     /// Records `seq` as the archive's newest point, once it is in the store
     /// (never moving the head back).
     fn write_head(&self, seq: u64, chain_hash: Hash, time_ns: i64) -> Result<()> {
+        let fence = self.ds.fence();
+        let epoch = fence.epoch_of(seq);
         let mut written = self.head_written.lock().unwrap_or_else(|p| p.into_inner());
-        if seq <= *written {
+        // A newer epoch moves the head even to a lower seq: the former
+        // primary's records past the fork point are not this history.
+        if (epoch, seq) <= *written {
             return Ok(());
         }
         let key = objects::head_key(self.ds.name());
@@ -295,11 +326,52 @@ impl Archiver {
             chain_hash,
             time_ns,
             written_ns: vault::dataset::now_ns(),
+            epoch,
+            starts: fence
+                .starts
+                .iter()
+                .copied()
+                .filter(|(_, first)| *first <= seq)
+                .collect(),
         };
         let bytes = objects::encode_head(self.ds.keys(), &key, &head)?;
         self.rt.block_on(self.store.put(&key, bytes))?;
-        *written = seq;
+        *written = (epoch, seq);
         Ok(())
+    }
+
+    /// When the archive's log went past a fork point of this site's history
+    /// (this site was a primary that was replaced, and rejoined), shipping
+    /// goes back to the fork: the new history's pieces are named by their
+    /// epoch beside the former ones, which stay in the store as evidence
+    /// and which a restore passes over (the head names the history).
+    /// Returns false when the local log no longer holds the fork point's
+    /// record (a snapshot bridges to the new history then).
+    fn rewind_past_fork(&self, shipped: (u64, Hash)) -> Result<bool> {
+        let fence = self.ds.fence();
+        let epoch = self.shipped_epoch.load(Ordering::Acquire);
+        if epoch == 0 || fence.epoch_of(shipped.0) == epoch {
+            return Ok(true);
+        }
+        let Some(fork) = objects::epoch_end(&fence.starts, epoch) else {
+            return Ok(true);
+        };
+        match self.ds.chain_hash_at(fork)? {
+            Some(h) if fork < shipped.0 => {
+                tracing::warn!(
+                    dataset = self.ds.name(),
+                    archived_to = shipped.0,
+                    archived_epoch = epoch,
+                    fork_after = fork,
+                    "the archive holds records of a former primary past the fork point; they stay there as evidence and the new history is archived from the fork on"
+                );
+                *self.lock_shipped() = Some((fork, h));
+                self.shipped_epoch
+                    .store(fence.epoch_of(fork), Ordering::Release);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     fn lock_shipped(&self) -> std::sync::MutexGuard<'_, Option<(u64, Hash)>> {
@@ -348,6 +420,14 @@ impl Archiver {
     pub fn ship_log(&self) -> Result<Option<u64>> {
         let _ship = self.ship.lock().unwrap_or_else(|p| p.into_inner());
         let head = self.ds.head_seq();
+        // Copied out first: the guard must not live through the rewind.
+        let before = *self.lock_shipped();
+        if let Some(s) = before {
+            if !self.rewind_past_fork(s)? {
+                tracing::warn!(dataset = self.ds.name(), "the archive holds records of a former primary past the fork point, and the local log no longer reaches back there; a snapshot will bridge to the new history");
+                return Ok(None);
+            }
+        }
         let shipped = *self.lock_shipped();
         let from = shipped.map(|(s, _)| s + 1).unwrap_or(1);
         if from > head {
@@ -370,8 +450,16 @@ impl Archiver {
             Err(e) => return Err(e.into()),
         };
         let mut prev = shipped.map(|(_, h)| h);
+        let fence = self.ds.fence();
+        let mut next = from;
         loop {
-            let raw = tail.read(head, PIECE_BYTES)?;
+            // A piece holds one epoch, so it is named by it: it ends before
+            // the record where the next epoch of this history begins.
+            let epoch = fence.epoch_of(next);
+            let upto = objects::epoch_end(&fence.starts, epoch)
+                .unwrap_or(u64::MAX)
+                .min(head);
+            let raw = tail.read(upto, PIECE_BYTES)?;
             if raw.is_empty() {
                 break;
             }
@@ -388,6 +476,15 @@ impl Archiver {
                         reason: "does not decode".into(),
                     })
                 })?;
+                if pr.epoch() != epoch {
+                    return Err(ArchiveError::Vault(VaultError::BadRecord {
+                        seq: r.seq,
+                        reason: format!(
+                            "carries epoch {}, but this site's history puts it in epoch {epoch}; it is not archived",
+                            pr.epoch()
+                        ),
+                    }));
+                }
                 let ph = pr.prev_hash();
                 if let Some(h) = running.filter(|h| *h != ph) {
                     return Err(ArchiveError::Vault(VaultError::Diverged {
@@ -408,7 +505,7 @@ impl Archiver {
             let end_hash = running.unwrap_or(prev_hash);
             // Chunks first: a piece is only visible once what it needs is.
             self.upload_chunks(chunks)?;
-            let piece = PieceRef::new(self.ds.name(), first_seq, last_seq, last_time);
+            let piece = PieceRef::new(self.ds.name(), first_seq, last_seq, last_time, epoch);
             let bytes = objects::encode_piece(&objects::Piece {
                 prev_hash,
                 end_hash,
@@ -417,8 +514,10 @@ impl Archiver {
             self.rt
                 .block_on(self.store.put_history(&piece.key, bytes))?;
             *self.lock_shipped() = Some((piece.last, end_hash));
+            self.shipped_epoch.store(epoch, Ordering::Release);
             self.write_head(piece.last, end_hash, last_time)?;
             prev = Some(end_hash);
+            next = last_seq + 1;
             tracing::debug!(
                 dataset = self.ds.name(),
                 first = piece.first,
@@ -438,6 +537,8 @@ impl Archiver {
     pub fn bridge_gap(&self) -> Result<SnapshotReport> {
         let (report, hash) = self.snapshot_at()?;
         *self.lock_shipped() = Some((report.seq, hash));
+        self.shipped_epoch
+            .store(self.ds.fence().epoch_of(report.seq), Ordering::Release);
         tracing::warn!(
             dataset = self.ds.name(),
             seq = report.seq,
@@ -497,7 +598,11 @@ impl Archiver {
             }
             let (up_chunks, up_bytes) = self.upload_missing(snap, st, &need)?;
             let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(0);
-            let snap_ref = SnapshotRef::new(applied.seq, now_ns / 1_000_000);
+            let snap_ref = SnapshotRef::new(
+                applied.seq,
+                now_ns / 1_000_000,
+                self.ds.fence().epoch_of(applied.seq),
+            );
             let mut pages = Vec::new();
             let mut tabled = HashSet::new();
             for (n, part) in entries.chunks(objects::PAGE_ENTRIES).enumerate() {
@@ -1249,7 +1354,7 @@ mod tests {
 
     fn snap(day: i64, hour: i64, seq: u64) -> SnapshotRef {
         // 2023-11-14 00:00:00 UTC: days start at midnight.
-        SnapshotRef::new(seq, (1_699_920_000 + day * 86_400 + hour * 3_600) * 1000)
+        SnapshotRef::new(seq, (1_699_920_000 + day * 86_400 + hour * 3_600) * 1000, 1)
     }
 
     #[test]

@@ -81,9 +81,59 @@ pub struct Head {
     pub time_ns: i64,
     /// Wall time the head was written.
     pub written_ns: i64,
+    /// The epoch of the record at `seq` (0 in a version 1 head: unknown).
+    pub epoch: u64,
+    /// The history the archive follows: (epoch, first seq written in it),
+    /// oldest first, up to `epoch` (empty in a version 1 head). Pieces and
+    /// snapshots of an epoch are used only below the next epoch's start:
+    /// what a former primary archived past the fork point is not this
+    /// history.
+    pub starts: Vec<(u64, u64)>,
 }
 
-pub const HEAD_VERSION: u32 = 1;
+/// The head as version 1 wrote it (no epochs).
+#[derive(Deserialize)]
+struct HeadV1 {
+    version: u32,
+    dataset: String,
+    site: String,
+    seq: u64,
+    chain_hash: Hash,
+    time_ns: i64,
+    written_ns: i64,
+}
+
+pub const HEAD_VERSION: u32 = 2;
+
+impl Head {
+    /// The epoch `seq` belongs to in this head's history (None without one).
+    pub fn epoch_of(&self, seq: u64) -> Option<u64> {
+        epoch_in(&self.starts, seq)
+    }
+}
+
+/// The epoch `seq` belongs to in `starts` (None for an empty history or a
+/// seq before its first start).
+pub fn epoch_in(starts: &[(u64, u64)], seq: u64) -> Option<u64> {
+    starts
+        .iter()
+        .rev()
+        .find(|(_, first)| *first <= seq)
+        .map(|(e, _)| *e)
+}
+
+/// The last seq that belongs to epoch `epoch` in `starts`: the seq before
+/// the next epoch's start (u64::MAX for the newest, None for an epoch the
+/// history does not hold).
+pub fn epoch_end(starts: &[(u64, u64)], epoch: u64) -> Option<u64> {
+    let i = starts.iter().position(|(e, _)| *e == epoch)?;
+    Some(
+        starts
+            .get(i + 1)
+            .map(|(_, first)| first.saturating_sub(1))
+            .unwrap_or(u64::MAX),
+    )
+}
 
 pub fn encode_head(keys: &Keys, key: &str, h: &Head) -> Result<Vec<u8>> {
     encode_sealed(keys, key, h)
@@ -91,20 +141,45 @@ pub fn encode_head(keys: &Keys, key: &str, h: &Head) -> Result<Vec<u8>> {
 
 pub fn decode_head(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Head> {
     let plain = open(keys, key, sealed)?;
-    let h: Head = postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
+    let damaged = |reason: String| ArchiveError::Damaged {
         key: key.to_string(),
-        reason: format!("head does not decode: {e}"),
-    })?;
-    if h.version != HEAD_VERSION {
-        return Err(ArchiveError::Damaged {
-            key: key.to_string(),
-            reason: format!(
-                "head version {}; this triad reads version {HEAD_VERSION}",
-                h.version
-            ),
-        });
+        reason,
+    };
+    let (version, _) = postcard::take_from_bytes::<u32>(&plain)
+        .map_err(|e| damaged(format!("head does not decode: {e}")))?;
+    match version {
+        1 => {
+            let h: HeadV1 = postcard::from_bytes(&plain)
+                .map_err(|e| damaged(format!("head does not decode: {e}")))?;
+            Ok(Head {
+                version: h.version,
+                dataset: h.dataset,
+                site: h.site,
+                seq: h.seq,
+                chain_hash: h.chain_hash,
+                time_ns: h.time_ns,
+                written_ns: h.written_ns,
+                epoch: 0,
+                starts: Vec::new(),
+            })
+        }
+        HEAD_VERSION => {
+            let h: Head = postcard::from_bytes(&plain)
+                .map_err(|e| damaged(format!("head does not decode: {e}")))?;
+            // Bounded by the object's size; a history must rise.
+            if !h
+                .starts
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1)
+            {
+                return Err(damaged("head's epoch history does not rise".into()));
+            }
+            Ok(h)
+        }
+        v => Err(damaged(format!(
+            "head version {v}; this triad reads versions 1 and {HEAD_VERSION}"
+        ))),
     }
-    Ok(h)
 }
 
 pub fn pending_key(ds: &str) -> String {
@@ -133,15 +208,24 @@ pub struct PieceRef {
     pub first: u64,
     pub last: u64,
     pub last_time_ns: i64,
+    /// The epoch of every record in the piece (a piece never spans two);
+    /// None in a name written before epochs were named.
+    pub epoch: Option<u64>,
+    /// The last seq a restore takes from this piece: `last`, unless the
+    /// archive's history says a later epoch began inside it (a former
+    /// primary's records past the fork point). Set by [`PieceRef::follow`].
+    pub upto: u64,
 }
 
 impl PieceRef {
-    pub fn new(ds: &str, first: u64, last: u64, last_time_ns: i64) -> PieceRef {
+    pub fn new(ds: &str, first: u64, last: u64, last_time_ns: i64, epoch: u64) -> PieceRef {
         PieceRef {
-            key: format!("{ds}/log/{first:020}-{last:020}-{last_time_ns:019}.lp"),
+            key: format!("{ds}/log/{first:020}-{last:020}-{last_time_ns:019}-{epoch:010}.lp"),
             first,
             last,
             last_time_ns,
+            epoch: Some(epoch),
+            upto: last,
         }
     }
 
@@ -154,12 +238,20 @@ impl PieceRef {
         let first: u64 = it.next()?.parse().ok()?;
         let last: u64 = it.next()?.parse().ok()?;
         let t: i64 = it.next()?.parse().ok()?;
+        let epoch: Option<u64> = match it.next() {
+            Some(e) => Some(e.parse().ok()?),
+            None => None,
+        };
         if it.next().is_some() || first == 0 || first > last || last == u64::MAX {
             return None;
         }
         // Only the exact name the shipper writes: `9-9-0.lp` would sort
         // after every real piece and pass for the newest.
-        if name != format!("{first:020}-{last:020}-{t:019}") {
+        let exact = match epoch {
+            Some(e) => format!("{first:020}-{last:020}-{t:019}-{e:010}"),
+            None => format!("{first:020}-{last:020}-{t:019}"),
+        };
+        if name != exact || epoch == Some(0) {
             return None;
         }
         Some(PieceRef {
@@ -167,35 +259,80 @@ impl PieceRef {
             first,
             last,
             last_time_ns: t,
+            epoch,
+            upto: last,
         })
+    }
+
+    /// This piece as a part of the history `starts` (the archive head's):
+    /// cut where a later epoch began, or None when nothing in it belongs to
+    /// that history. A piece of an epoch the history does not hold is kept
+    /// whole (a head not yet written after it), and so is one whose name
+    /// has no epoch (its records are checked one by one).
+    pub fn follow(mut self, starts: &[(u64, u64)]) -> Option<PieceRef> {
+        let (Some(e), false) = (self.epoch, starts.is_empty()) else {
+            return Some(self);
+        };
+        if starts.last().is_some_and(|(newest, _)| e > *newest) {
+            return Some(self);
+        }
+        let end = epoch_end(starts, e)?;
+        if end < self.first {
+            return None;
+        }
+        self.upto = self.last.min(end);
+        Some(self)
     }
 }
 
-/// A snapshot, as named: `<seq>-<taken ms>`.
+/// A snapshot, as named: `<seq>-<taken ms>-<epoch>` (before epochs were
+/// named, `<seq>-<taken ms>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRef {
     pub name: String,
     pub seq: u64,
     pub taken_ms: i64,
+    /// The epoch of the record at `seq`.
+    pub epoch: Option<u64>,
 }
 
 impl SnapshotRef {
-    pub fn new(seq: u64, taken_ms: i64) -> SnapshotRef {
+    pub fn new(seq: u64, taken_ms: i64, epoch: u64) -> SnapshotRef {
         SnapshotRef {
-            name: format!("{seq:020}-{taken_ms:013}"),
+            name: format!("{seq:020}-{taken_ms:013}-{epoch:010}"),
             seq,
             taken_ms,
+            epoch: Some(epoch),
         }
     }
 
     pub fn parse_manifest_key(key: &str) -> Option<SnapshotRef> {
         let name = key.rsplit('/').next()?.strip_suffix(".manifest")?;
-        let (seq, ms) = name.split_once('-')?;
+        let mut it = name.split('-');
+        let seq = it.next()?.parse().ok()?;
+        let taken_ms = it.next()?.parse().ok()?;
+        let epoch = match it.next() {
+            Some(e) => Some(e.parse().ok()?),
+            None => None,
+        };
+        if it.next().is_some() {
+            return None;
+        }
         Some(SnapshotRef {
             name: name.to_string(),
-            seq: seq.parse().ok()?,
-            taken_ms: ms.parse().ok()?,
+            seq,
+            taken_ms,
+            epoch,
         })
+    }
+
+    /// False for a snapshot of a state the history `starts` does not pass
+    /// through: taken by a former primary past the fork point.
+    pub fn follows(&self, starts: &[(u64, u64)]) -> bool {
+        match (self.epoch, epoch_in(starts, self.seq)) {
+            (Some(e), Some(h)) => e == h || starts.last().is_some_and(|(n, _)| e > *n),
+            _ => true,
+        }
     }
 
     pub fn manifest_key(&self, ds: &str) -> String {
@@ -407,6 +544,15 @@ impl PieceRecord {
         let mut v = self.head.clone();
         v.extend_from_slice(&0u32.to_le_bytes());
         vault::record::Record::decode_payload(&v)
+    }
+
+    /// The epoch the record was written in, as its header states it.
+    pub fn epoch(&self) -> u64 {
+        self.head
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
     }
 
     /// The record's previous hash, as its header states it.
@@ -691,9 +837,20 @@ mod tests {
 
     #[test]
     fn names_parse_back() {
-        let p = PieceRef::new("ds", 3, 9, 1_700_000_000_000_000_000);
+        let p = PieceRef::new("ds", 3, 9, 1_700_000_000_000_000_000, 2);
         assert_eq!(PieceRef::parse(&p.key), Some(p));
-        let s = SnapshotRef::new(42, 1_700_000_000_000);
+        // Names from before epochs were named still parse, epoch unknown.
+        let old = PieceRef::parse(
+            "ds/log/00000000000000000003-00000000000000000009-1700000000000000000.lp",
+        )
+        .unwrap();
+        assert_eq!((old.first, old.last, old.epoch), (3, 9, None));
+        let old = SnapshotRef::parse_manifest_key(
+            "ds/snapshots/00000000000000000042-1700000000000.manifest",
+        )
+        .unwrap();
+        assert_eq!((old.seq, old.epoch), (42, None));
+        let s = SnapshotRef::new(42, 1_700_000_000_000, 3);
         assert_eq!(
             SnapshotRef::parse_manifest_key(&s.manifest_key("ds")),
             Some(s)

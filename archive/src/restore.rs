@@ -137,7 +137,10 @@ impl Restorer<'_> {
         // the store before the head that counts it, so a head ahead of the
         // listing means objects were removed, not that a ship raced us.
         let head = self.read_head(&keys)?;
-        let (snaps, pieces, newest) = self.list_archive()?;
+        // The history the head names: pieces and snapshots a former
+        // primary archived past a fork point are passed over.
+        let starts = head.as_ref().map(|h| h.starts.clone()).unwrap_or_default();
+        let (snaps, pieces, newest) = self.list_archive(&starts)?;
         let mut warnings = Vec::new();
         self.judge_head(head.as_ref(), newest, at, &mut warnings)?;
         self.check_expected(at, newest)?;
@@ -170,6 +173,14 @@ impl Restorer<'_> {
                 ..vault::Options::default()
             },
         )?);
+        // The scratch copy takes the records of that history's epochs, and
+        // refuses one of a stale epoch as a follower does.
+        if !starts.is_empty() {
+            ds.set_fence(vault::Fence {
+                starts: starts.clone(),
+                ..vault::Fence::default()
+            });
+        }
         let mut out = ArchiveRestore {
             snapshot: None,
             snapshot_seq: from_seq,
@@ -221,14 +232,21 @@ impl Restorer<'_> {
     /// Restore step: lists the archive's snapshots (oldest first) and log
     /// pieces, refusing an archive that holds neither, and returns them with
     /// the newest seq they reach.
-    fn list_archive(&self) -> Result<(Vec<SnapshotRef>, Vec<PieceRef>, u64)> {
+    fn list_archive(
+        &self,
+        starts: &[(u64, u64)],
+    ) -> Result<(Vec<SnapshotRef>, Vec<PieceRef>, u64)> {
         let ds_name = self.dataset;
-        let snaps = list_snapshots(self.rt, self.store, ds_name)?;
+        let snaps: Vec<SnapshotRef> = list_snapshots(self.rt, self.store, ds_name)?
+            .into_iter()
+            .filter(|s| s.follows(starts))
+            .collect();
         let pieces: Vec<PieceRef> = self
             .rt
             .block_on(self.store.list(&objects::log_prefix(ds_name)))?
             .iter()
             .filter_map(|l| PieceRef::parse(&l.key))
+            .filter_map(|p| p.follow(starts))
             .collect();
         if snaps.is_empty() && pieces.is_empty() {
             return Err(ArchiveError::NoRestorePoint(format!(
@@ -238,7 +256,7 @@ impl Restorer<'_> {
         }
         let newest = pieces
             .iter()
-            .map(|p| p.last)
+            .map(|p| p.upto)
             .max()
             .max(snaps.iter().map(|s| s.seq).max())
             .unwrap_or(0);
@@ -473,7 +491,7 @@ impl Restorer<'_> {
         }
         if let Some(p) = pieces
             .iter()
-            .find(|p| p.first <= reached + 1 && p.last > reached)
+            .find(|p| p.first <= reached + 1 && p.upto > reached)
         {
             let piece = read_piece(self.rt, self.store, &p.key, "a log piece")?;
             if let Some(r) = piece.records.iter().find(|r| r.seq == reached + 1) {
@@ -594,11 +612,15 @@ impl Restorer<'_> {
             // copy holds, up to the target.
             let head = ds.head_seq();
             let skip = piece.records.iter().take_while(|r| r.seq <= head).count();
+            let past = |r: &objects::PieceRecord| {
+                r.seq > target_seq || matches!(at, At::Time(t) if r.time_ns > t)
+            };
+            // Up to the target, and within this history (`upto`).
             let take = piece.records[skip..]
                 .iter()
-                .take_while(|r| r.seq <= target_seq && !matches!(at, At::Time(t) if r.time_ns > t))
+                .take_while(|r| r.seq <= p.upto && !past(r))
                 .count();
-            let stop = skip + take < piece.records.len();
+            let stop = piece.records.get(skip + take).is_some_and(past);
             if let (true, At::Time(t)) = (stop, at) {
                 // Whether the names' target or the time stopped it, the
                 // record left out must be sealed later than the time.
@@ -606,6 +628,7 @@ impl Restorer<'_> {
                 cut_checked = true;
             }
             let records = &piece.records[skip..skip + take];
+            extend_history(ds, records);
             let fetched = self.fetch_attachments(ds, located, p, records, out)?;
             let batch = self.rebuild_payloads(ds, p, records, &fetched)?;
             piece.check_chain(&self.store.locate(&p.key), skip, &batch)?;
@@ -841,6 +864,26 @@ impl Restorer<'_> {
     }
 }
 
+/// A record of an epoch newer than any the scratch copy's history holds
+/// begins that epoch there (a head written before epochs were recorded, or
+/// one not yet rewritten after the piece): the history only moves forward,
+/// so a record of an older epoch after it is still refused as stale.
+fn extend_history(ds: &Dataset, records: &[objects::PieceRecord]) {
+    let mut fence = ds.fence();
+    let mut moved = false;
+    for r in records {
+        let newest = fence.current();
+        let last_start = fence.starts.last().map_or(0, |s| s.1);
+        if r.epoch() > newest && r.seq >= last_start {
+            fence.starts.push((r.epoch(), r.seq));
+            moved = true;
+        }
+    }
+    if moved {
+        ds.set_fence(fence);
+    }
+}
+
 /// Restore step: refuses a target directory that exists and is not empty.
 fn refuse_non_empty(to: &Path) -> Result<()> {
     if std::fs::read_dir(to).is_ok_and(|mut d| d.next().is_some()) {
@@ -887,7 +930,7 @@ fn resolve_target(at: At, newest: u64, pieces: &[PieceRef]) -> Result<u64> {
         At::Time(t) => pieces
             .iter()
             .find(|p| p.last_time_ns > t)
-            .map(|p| p.last)
+            .map(|p| p.upto)
             .unwrap_or(newest),
     };
     Ok(target_seq)
@@ -898,7 +941,7 @@ fn resolve_target(at: At, newest: u64, pieces: &[PieceRef]) -> Result<u64> {
 fn needed_pieces(pieces: &[PieceRef], from_seq: u64, target_seq: u64) -> Vec<&PieceRef> {
     let mut needed: Vec<&PieceRef> = pieces
         .iter()
-        .filter(|p| p.last > from_seq && p.first <= target_seq)
+        .filter(|p| p.upto > from_seq && p.first <= target_seq)
         .collect();
     needed.sort_by_key(|p| p.first);
     needed
@@ -926,7 +969,7 @@ fn check_log_covers(
         if p.first > next {
             break;
         }
-        next = next.max(p.last.saturating_add(1));
+        next = next.max(p.upto.saturating_add(1));
     }
     if next <= target_seq {
         return Err(ArchiveError::NoRestorePoint(format!(
@@ -1048,5 +1091,189 @@ mod tests {
         );
         let e = restore(&[other], "other-key").unwrap_err().to_string();
         assert!(e.contains("fails its HMAC-SM3"), "{e}");
+    }
+
+    fn put(ds: &Dataset, path: &str, data: &str) {
+        let id = ChunkId::of(ds.keys(), data.as_bytes());
+        let entry = vault::Entry {
+            node: vault::Node::File {
+                chunks: vec![vault::ChunkRef {
+                    id,
+                    len: data.len() as u32,
+                }],
+            },
+            mode: 0o644,
+            mtime_ns: 0,
+            size: data.len() as u64,
+        };
+        ds.submit(
+            vec![vault::Op::Put {
+                path: path.as_bytes().to_vec(),
+                entry,
+            }],
+            vec![vault::chunk::seal(ds.keys(), id, data.as_bytes())],
+        )
+        .unwrap();
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    /// A former primary archived records past the fork point (and a
+    /// snapshot of them) before it was replaced; rejoined, it archives the
+    /// new history into the same store. Nothing is overwritten: the new
+    /// pieces and snapshots are named by epoch beside the old ones, and a
+    /// restore follows the history the head names.
+    #[test]
+    fn a_former_primarys_archive_past_the_fork_stays_as_evidence_and_restores_the_new_history() {
+        fork_case(false);
+        // The same when the archiver was already running when the site
+        // learned of the new epoch: it goes back to the fork point.
+        fork_case(true);
+    }
+
+    fn fork_case(learn_late: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DatasetKey::generate();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let url = format!("file://{}", dir.path().join("bucket").display());
+        let open = |at: &str, starts: Vec<(u64, u64)>| {
+            let ds = Arc::new(
+                Dataset::open(
+                    &dir.path().join(at),
+                    "files",
+                    &key,
+                    vault::Options {
+                        create: true,
+                        ..vault::Options::default()
+                    },
+                )
+                .unwrap(),
+            );
+            ds.set_fence(vault::Fence {
+                starts,
+                ..vault::Fence::default()
+            });
+            let store = Arc::new(Store::open(&StoreConfig::new(&url)).unwrap());
+            let a = Archiver::open(store, rt.handle().clone(), ds.clone(), "a", 2).unwrap();
+            (ds, a)
+        };
+        // Epoch 1: seqs 1-5, archived, and the site's copy kept as it was.
+        let (ds, a) = open("site", vec![(1, 1)]);
+        for i in 1..=5 {
+            put(&ds, &format!("base-{i}"), &format!("base {i}\n"));
+        }
+        a.ship_log().unwrap();
+        drop(a);
+        ds.close().unwrap();
+        drop(ds);
+        copy_dir(&dir.path().join("site"), &dir.path().join("new"));
+        // The former primary goes on alone in epoch 1: seqs 6-10, archived
+        // with a snapshot of them.
+        let (ds, a) = open("site", vec![(1, 1)]);
+        for i in 6..=10 {
+            put(&ds, &format!("old-{i}"), &format!("old {i}\n"));
+        }
+        a.ship_log().unwrap();
+        a.snapshot().unwrap();
+        drop(a);
+        ds.close().unwrap();
+        drop(ds);
+        // Epoch 2 began at seq 6 elsewhere; the rejoined site holds that
+        // history (6-8) and archives it into the same store.
+        let (ds, a) = if learn_late {
+            let (ds, a) = open("new", vec![(1, 1)]);
+            assert_eq!(
+                a.shipped_seq(),
+                10,
+                "the stale piece counts before the fork is known"
+            );
+            ds.set_fence(vault::Fence {
+                starts: vec![(1, 1), (2, 6)],
+                ..vault::Fence::default()
+            });
+            (ds, a)
+        } else {
+            let (ds, a) = open("new", vec![(1, 1), (2, 6)]);
+            assert_eq!(a.shipped_seq(), 5, "the stale piece counted");
+            (ds, a)
+        };
+        for i in 6..=8 {
+            put(&ds, &format!("new-{i}"), &format!("new {i}\n"));
+        }
+        assert_eq!(a.ship_log().unwrap(), Some(8));
+        drop(a);
+        ds.close().unwrap();
+        drop(ds);
+
+        let store = Store::open(&StoreConfig::new(&url)).unwrap();
+        // The former primary's objects are still there, named by epoch 1.
+        let names: Vec<String> = rt
+            .block_on(store.list("files/"))
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
+        assert!(
+            names.iter().any(
+                |n| n.contains("/log/00000000000000000006-00000000000000000010-")
+                    && n.ends_with("-0000000001.lp")
+            ),
+            "{names:?}"
+        );
+        assert!(has("-0000000002.lp"), "{names:?}");
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("snapshots/00000000000000000010-")
+                    && n.ends_with("-0000000001.manifest")),
+            "{names:?}"
+        );
+        let restorer = Restorer {
+            rt: rt.handle(),
+            store: &store,
+            dataset: "files",
+            key: &key,
+            concurrency: 2,
+            expect_seq: None,
+            checkpoints: &[],
+        };
+        let to = dir.path().join("restored");
+        let r = restorer.restore(At::Latest, &to, &|_| {}).unwrap();
+        assert_eq!(r.seq, 8);
+        let mut got: Vec<String> = std::fs::read_dir(&to)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            ["base-1", "base-2", "base-3", "base-4", "base-5", "new-6", "new-7", "new-8"]
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.join("new-7")).unwrap(),
+            "new 7\n"
+        );
+        // Seqs 9 and 10 exist only in the former primary's epoch.
+        let e = restorer
+            .restore(At::Seq(10), &dir.path().join("r10"), &|_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("past the newest archived record (8)"), "{e}");
+        // A point before the fork comes from the first epoch's piece.
+        let r = restorer
+            .restore(At::Seq(4), &dir.path().join("r4"), &|_| {})
+            .unwrap();
+        assert_eq!(r.seq, 4);
     }
 }

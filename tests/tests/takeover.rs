@@ -131,6 +131,19 @@ impl Group {
         self.d.start();
     }
 
+    /// Gives every site its own archive, a `file://` store in its temp dir,
+    /// shipping every 500 ms.
+    fn with_archives(&self) {
+        for s in [&self.d.a, &self.d.b, &self.d.c] {
+            let mut text = std::fs::read_to_string(&s.config).unwrap();
+            text.push_str(&format!(
+                "\n[archive]\nurl = \"file://{}\"\nlog_flush_interval = \"500ms\"\n",
+                archive_dir(s).display()
+            ));
+            s.set_config(&text);
+        }
+    }
+
     /// SIGTERM to every site; each must stop cleanly.
     fn stop(&mut self) {
         for (i, name) in NAMES.iter().enumerate() {
@@ -316,6 +329,45 @@ fn assert_has_all(site: &Site, names: &[String], scratch: &Path) {
     }
 }
 
+fn archive_dir(site: &Site) -> PathBuf {
+    site.tmp.path().join("archive")
+}
+
+/// `triad restore --from-archive` of `site`'s own archive (latest) into a
+/// new directory; returns the names restored.
+fn restore_archive(site: &Site, to: &Path) -> Vec<String> {
+    let o = std::process::Command::new(triad_bin())
+        .arg("restore")
+        .arg("--from-archive")
+        .arg(format!("file://{}", archive_dir(site).display()))
+        .args([
+            "--dataset",
+            "files",
+            "--at",
+            "latest",
+            "--config",
+            "/nonexistent/triad.toml",
+        ])
+        .arg("--key-file")
+        .arg(&site.key)
+        .arg("--to")
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "restore of {}: {}",
+        archive_dir(site).display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(to)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn promote(site: &Site, force: bool) -> (bool, serde_json::Value) {
     let mut args = vec!["promote", "--json"];
     if force {
@@ -436,6 +488,104 @@ fn failover_after_sigkill_under_sync_puts_loses_no_acknowledged_write() {
             assert_eq!(r["epoch"], 1, "{ev}");
         }
     }
+    g.stop();
+}
+
+/// The former primary logged (and archived) a write no other site
+/// acknowledged, then died; the same-city site was promoted. Every site's
+/// archive then restores the new history: the new primary's holds both
+/// epochs, and the former primary's, after it rejoined, keeps its own
+/// unacknowledged record as evidence (a piece named by epoch 1) while the
+/// new epoch's records are archived beside it, not over it.
+#[test]
+fn after_a_failover_every_archive_restores_the_new_history_and_the_former_primarys_tail_stays_as_evidence(
+) {
+    let mut g = Group::new();
+    g.with_archives();
+    g.start();
+    wait_primary(&g.d.a, 1, Duration::from_secs(60));
+    let dir = g.d.a.tmp.path().join("p");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let name = format!("pre-{i}");
+        let f = dir.join(&name);
+        std::fs::write(&f, content(&name)).unwrap();
+        put_ok(&g.d.a, &f, &name);
+        acked.push(name);
+    }
+    // Cut off from both others, zjk-a still takes the next put while its
+    // lease runs: logged there (and archived there) but never acknowledged
+    // and never seen elsewhere. (Refused as FENCED when the lease had
+    // already run out: then the group is joined again and it is retried.)
+    let f = dir.join("unacked");
+    std::fs::write(&f, content("unacked")).unwrap();
+    let mut logged = false;
+    let (acked_head, _, _) = wait_replicated(&g.d.a, &[&g.d.b, &g.d.c], Duration::from_secs(60));
+    for _ in 0..5 {
+        wait_primary(&g.d.a, 1, Duration::from_secs(60));
+        g.isolate(0, true);
+        let o = put(&g.d.a, &f, "unacked");
+        assert!(!o.status.success(), "acknowledged while cut off");
+        // "seq N is durable here but not acknowledged" (FENCED while it
+        // waited), or "... durable at this site but sync follower ...":
+        // logged either way; a refusal before logging says neither.
+        logged = String::from_utf8_lossy(&o.stderr).contains("is durable");
+        if logged {
+            break;
+        }
+        g.isolate(0, false);
+    }
+    assert!(logged, "zjk-a never logged the put while cut off");
+    g.d.a.wait_shipped(acked_head + 1, Duration::from_secs(30));
+    g.d.a.kill9();
+    g.isolate(0, false);
+    let started = Instant::now();
+    let (ok, rep) = loop {
+        let (ok, rep) = promote(&g.d.b, false);
+        if ok || started.elapsed() > Duration::from_secs(30) {
+            break (ok, rep);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(ok, "{rep}");
+    assert_eq!(rep["heads"]["files"], acked_head, "{rep}");
+    wait_primary(&g.d.b, 2, Duration::from_secs(30));
+    for i in 0..3 {
+        let name = format!("post-{i}");
+        let f = dir.join(&name);
+        std::fs::write(&f, content(&name)).unwrap();
+        put_ok(&g.d.b, &f, &name);
+        acked.push(name);
+    }
+    acked.sort();
+    let (head, _, _) = wait_replicated(&g.d.b, &[&g.d.c], Duration::from_secs(60));
+    assert!(head >= acked_head + 3, "{head}");
+    g.d.b.wait_shipped(head, Duration::from_secs(30));
+    // The new primary's archive holds both epochs and restores them.
+    let scratch = g.d.a.tmp.path().join("scratch");
+    assert_eq!(restore_archive(&g.d.b, &scratch.join("b")), acked);
+
+    // The former primary rejoins and archives the new history.
+    g.d.a.start();
+    wait_follower(&g.d.a, "zjk-b", 2, Duration::from_secs(60));
+    wait_replicated(&g.d.b, &[&g.d.a, &g.d.c], Duration::from_secs(60));
+    g.d.a.wait_shipped(head, Duration::from_secs(60));
+    assert_eq!(restore_archive(&g.d.a, &scratch.join("a")), acked);
+    // Its unacknowledged record is still in its archive, named by epoch 1.
+    let stale: Vec<archive::objects::PieceRef> =
+        std::fs::read_dir(archive_dir(&g.d.a).join("files/log"))
+            .unwrap()
+            .filter_map(|e| {
+                archive::objects::PieceRef::parse(&format!(
+                    "files/log/{}",
+                    e.unwrap().file_name().to_string_lossy()
+                ))
+            })
+            .filter(|p| p.epoch == Some(1) && p.last > acked_head)
+            .collect();
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    assert_eq!(restore_archive(&g.d.c, &scratch.join("c")), acked);
     g.stop();
 }
 
