@@ -807,6 +807,7 @@ fn start_standby(
             cursor,
             own_tree,
             ready_at,
+            cfg.site.data_dir.join("evidence"),
             stop.clone(),
         )
         .with_context(|| format!("dataset `{}`: standby_path {}", d.name, path.display()))?;

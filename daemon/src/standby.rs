@@ -99,6 +99,7 @@ pub fn start(
     cursor_file: PathBuf,
     own: bool,
     ready_at: u64,
+    evidence_root: PathBuf,
     stop: Arc<AtomicBool>,
 ) -> vault::Result<(Arc<StandbyStats>, std::thread::JoinHandle<()>)> {
     // `own`: the tree was this site's source until it stopped being the
@@ -108,6 +109,13 @@ pub fn start(
     } else {
         Standby::open(&root, &cursor_file)?
     };
+    // What was written into the former source and never logged is kept
+    // before the tree follows the new primary. (A dataset started afresh
+    // after its divergent tail was set aside has no state to judge by:
+    // the set-aside copy is the evidence then.)
+    if own && ready_at == 0 {
+        keep_unlogged(&sb, &ds, &evidence_root)?;
+    }
     let stats = Arc::new(StandbyStats {
         path: root,
         caught_up_ns: std::sync::atomic::AtomicI64::new(vault::dataset::now_ns()),
@@ -136,6 +144,19 @@ pub fn start(
         })
         .map_err(|e| vault::VaultError::Closed(format!("cannot start the standby thread: {e}")))?;
     Ok((stats, handle))
+}
+
+/// Links the former source's unlogged files under
+/// `<evidence_root>/<dataset>-unlogged-<ms>/` with an `evidence.json`
+/// naming them, and says so loudly.
+fn keep_unlogged(sb: &Standby, ds: &Dataset, evidence_root: &std::path::Path) -> vault::Result<()> {
+    let ms = vault::dataset::now_ns() / 1_000_000;
+    let dir = evidence_root.join(format!("{}-unlogged-{ms}", ds.name()));
+    let kept = sb.keep_unlogged(ds, &dir)?;
+    if !kept.is_empty() {
+        tracing::warn!(dataset = ds.name(), files = kept.len(), evidence = %dir.display(), "files in the former primary's tree were never logged: kept as evidence before the tree follows the new primary");
+    }
+    Ok(())
 }
 
 /// Sleeps up to `d`, waking early on `stop`.

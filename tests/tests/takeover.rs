@@ -39,6 +39,8 @@ struct Group {
     /// RPO 0 with zjk-a as its sync follower (and zjk-a may fail over
     /// back); otherwise a promoted zjk-b serves both others asynchronously.
     b_sync_to_a: bool,
+    /// A directory dataset (each site's `tree`) instead of a pushed one.
+    directory: bool,
     /// One proxy per directed link: `links[from][to]` (None on the diagonal).
     links: Vec<Vec<Option<Proxy>>>,
 }
@@ -68,9 +70,22 @@ impl Group {
         let g = Group {
             failover: failover.to_string(),
             b_sync_to_a,
+            directory: false,
             links,
             d,
         };
+        g.configure();
+        g
+    }
+
+    /// A group whose dataset is a directory: `tree` in each site's temp
+    /// dir, the primary's source and the followers' standby trees.
+    fn directories() -> Group {
+        let mut g = Group::build("", false);
+        g.directory = true;
+        for s in [&g.d.a, &g.d.b, &g.d.c] {
+            std::fs::create_dir_all(tree(s)).unwrap();
+        }
         g.configure();
         g
     }
@@ -115,8 +130,16 @@ impl Group {
                 .filter(|j| *j != i)
                 .map(|j| peer(NAMES[j], self.link(i, j).port, mode(j)))
                 .collect();
+            let source = if self.directory {
+                format!(
+                    "{{ kind = \"directory\", path = \"{}\", debounce = \"50ms\" }}",
+                    tree(s).display()
+                )
+            } else {
+                "{ kind = \"pushed\" }".to_string()
+            };
             s.set_config(&format!(
-                "[site]\nname = \"{name}\"\nrole = \"{role}\"\ndata_dir = \"{}\"\n{upstream}\n[listen]\nreplication = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{}\"\n\n{}\n{peers}[takeover]\nfence_after = \"{FENCE_AFTER}\"\n\n{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {{ kind = \"pushed\" }}\n",
+                "[site]\nname = \"{name}\"\nrole = \"{role}\"\ndata_dir = \"{}\"\n{upstream}\n[listen]\nreplication = \"127.0.0.1:{}\"\nhttp = \"127.0.0.1:{}\"\n\n{}\n{peers}[takeover]\nfence_after = \"{FENCE_AFTER}\"\n\n{}[[dataset]]\nname = \"files\"\nkey_file = \"{}\"\nsource = {source}\n",
                 s.data.display(),
                 d.ports[i],
                 d.http[i],
@@ -327,6 +350,10 @@ fn assert_has_all(site: &Site, names: &[String], scratch: &Path) {
         assert_eq!(std::fs::read(&dest).unwrap(), content(name), "{name}");
         std::fs::remove_file(&dest).unwrap();
     }
+}
+
+fn tree(site: &Site) -> PathBuf {
+    site.tmp.path().join("tree")
 }
 
 fn archive_dir(site: &Site) -> PathBuf {
@@ -586,6 +613,81 @@ fn after_a_failover_every_archive_restores_the_new_history_and_the_former_primar
             .collect();
     assert_eq!(stale.len(), 1, "{stale:?}");
     assert_eq!(restore_archive(&g.d.c, &scratch.join("c")), acked);
+    g.stop();
+}
+
+/// Files written into a primary's tree that were never logged (here while
+/// its daemon was down, before another site was promoted) would be
+/// overwritten or deleted when that tree follows the new primary. They are
+/// kept as evidence first, and the tree then equals the new primary's.
+#[test]
+fn a_former_primarys_unlogged_files_are_kept_as_evidence_when_its_tree_follows_the_new_primary() {
+    let mut g = Group::directories();
+    g.start();
+    wait_primary(&g.d.a, 1, Duration::from_secs(60));
+    for i in 0..3 {
+        std::fs::write(tree(&g.d.a).join(format!("f{i}")), format!("logged {i}\n")).unwrap();
+    }
+    until(
+        "the files at zjk-b's standby tree",
+        Duration::from_secs(60),
+        || {
+            (0..3)
+                .all(|i| tree(&g.d.b).join(format!("f{i}")).exists())
+                .then_some(())
+        },
+    );
+    wait_replicated(&g.d.a, &[&g.d.b, &g.d.c], Duration::from_secs(60));
+    g.d.a.kill9();
+    let killed = Instant::now();
+    // Never logged: a new file and a changed one.
+    std::fs::write(tree(&g.d.a).join("unlogged"), "written while down\n").unwrap();
+    std::fs::write(tree(&g.d.a).join("f1"), "changed while down\n").unwrap();
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed()));
+    let (ok, rep) = loop {
+        let (ok, rep) = promote(&g.d.b, false);
+        if ok || killed.elapsed() > Duration::from_secs(40) {
+            break (ok, rep);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(ok, "{rep}");
+    wait_primary(&g.d.b, 2, Duration::from_secs(30));
+    std::fs::write(tree(&g.d.b).join("after"), "at the new primary\n").unwrap();
+    g.d.a.start();
+    wait_follower(&g.d.a, "zjk-b", 2, Duration::from_secs(60));
+    until(
+        "zjk-a's tree to follow zjk-b",
+        Duration::from_secs(60),
+        || {
+            (tree(&g.d.a).join("after").exists()
+                && !tree(&g.d.a).join("unlogged").exists()
+                && std::fs::read_to_string(tree(&g.d.a).join("f1")).ok()? == "logged 1\n")
+                .then_some(())
+        },
+    );
+    let kept: Vec<PathBuf> = std::fs::read_dir(g.d.a.data.join("evidence"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("files-unlogged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}\n{}", g.d.a.log_text());
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(kept[0].join("evidence.json")).unwrap()).unwrap();
+    assert_eq!(doc["paths"], serde_json::json!(["f1", "unlogged"]), "{doc}");
+    assert_eq!(
+        std::fs::read_to_string(kept[0].join("files/unlogged")).unwrap(),
+        "written while down\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(kept[0].join("files/f1")).unwrap(),
+        "changed while down\n"
+    );
     g.stop();
 }
 

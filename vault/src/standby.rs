@@ -250,6 +250,87 @@ impl Standby {
         })
     }
 
+    /// At a site that was the primary, before its tree (the source until
+    /// now) is made equal to the dataset: files that differ from the
+    /// dataset's state were never logged (written while the site was
+    /// fenced, or after its last scan), and making the tree equal would
+    /// overwrite or delete them. Each is linked (or, across file systems,
+    /// copied) under `<dir>/files/` at its own relative path first, and
+    /// `<dir>/evidence.json` names them; returns their paths. A file whose
+    /// metadata alone changed is not kept.
+    pub fn keep_unlogged(&self, ds: &Dataset, dir: &Path) -> Result<Vec<String>> {
+        let to = dir.join("files");
+        let mut kept = Vec::new();
+        for path in walkdir(&self.root)? {
+            let Ok(rel) = path.strip_prefix(&self.root) else {
+                continue;
+            };
+            let name = rel.as_os_str().as_bytes();
+            if rel
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b".triad-standby."))
+            {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&path)
+                .map_err(|e| VaultError::io("reading standby tree", &path, e))?;
+            if md.is_dir() {
+                continue;
+            }
+            let logged = match ds.entry(name)? {
+                Some(e) => match (&e.node, md.file_type()) {
+                    (Node::File { .. }, t) if t.is_file() => {
+                        use std::os::unix::fs::MetadataExt;
+                        let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+                        (md.len() == e.size && mtime_ns == e.mtime_ns)
+                            || entry_from_disk(ds.keys(), &path)
+                                .map_err(|err| VaultError::io("reading standby tree", &path, err))?
+                                .is_some_and(|d| d.node == e.node)
+                    }
+                    (Node::Symlink { target }, t) if t.is_symlink() => std::fs::read_link(&path)
+                        .is_ok_and(|l| l.as_os_str().as_bytes() == target.as_slice()),
+                    _ => false,
+                },
+                None => false,
+            };
+            if logged {
+                continue;
+            }
+            let dest = to.join(rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| VaultError::io("creating evidence directory", parent, e))?;
+            }
+            let kept_it = if md.file_type().is_symlink() {
+                std::fs::read_link(&path).and_then(|l| std::os::unix::fs::symlink(l, &dest))
+            } else if md.is_file() {
+                // A link keeps the inode the tree's rename will replace.
+                std::fs::hard_link(&path, &dest)
+                    .or_else(|_| std::fs::copy(&path, &dest).map(|_| ()))
+            } else {
+                // Fifos and devices are not dataset content; named only.
+                Ok(())
+            };
+            kept_it
+                .map_err(|e| VaultError::io("keeping an unlogged file as evidence", &dest, e))?;
+            kept.push(String::from_utf8_lossy(name).into_owned());
+        }
+        kept.sort();
+        if !kept.is_empty() {
+            let doc = serde_json::json!({
+                "dataset": ds.name(),
+                "reason": "written into this site's tree while it was the primary but never logged (while fenced or down, or after its last scan); the tree now follows the new primary",
+                "kept_at_ns": crate::dataset::now_ns(),
+                "applied_seq": ds.head_seq(),
+                "paths": kept,
+            });
+            let file = dir.join("evidence.json");
+            std::fs::write(&file, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+                .map_err(|e| VaultError::io("writing evidence.json", &file, e))?;
+        }
+        Ok(kept)
+    }
+
     /// Makes the whole tree equal to the dataset as it is now: the start of
     /// a run, and the way back after a pass failed or the log lost the
     /// records a pass needed. Files put since the saved cursor are compared

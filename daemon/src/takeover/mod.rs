@@ -164,6 +164,21 @@ impl Cluster {
                 if p == site {
                     return Err(format!("{site} is already the primary"));
                 }
+                // A new epoch never begins before the current one did: the
+                // records before its start exist (they were the fork point
+                // of the last promotion). A site below it lacks them (its
+                // copy is being fetched again after a rejoin), and taking
+                // over from there would cut every other site's copy back to
+                // it. Not even --force does that.
+                for (d, h) in heads {
+                    let begun = self.starts(d).last().map_or(1, |s| s.1);
+                    if h.saturating_add(1) < begun {
+                        return Err(format!(
+                            "{site} holds dataset {d} only to seq {h}, but epoch {} began at seq {begun}: it lacks records the group's history has",
+                            self.epoch
+                        ));
+                    }
+                }
                 self.epoch += 1;
                 self.primary = Some(site.clone());
                 self.sync = sync.clone();
@@ -929,6 +944,18 @@ mod tests {
             c.apply(&promote("zjk-b", 2, 50)).is_err(),
             "already primary"
         );
+        // A site whose copy is below where the current epoch began (it
+        // set its copy aside at a rejoin and is fetching it again) cannot
+        // take over: the loop of kills and promotions once promoted one at
+        // seq 0, and every other site then cut its copy back to nothing.
+        let e = c.apply(&promote("zjk-a", 2, 0)).unwrap_err();
+        assert!(e.contains("lacks records"), "{e}");
+        let e = c.apply(&promote("zjk-a", 2, 39)).unwrap_err();
+        assert!(e.contains("epoch 2 began at seq 41"), "{e}");
+        assert_eq!((c.epoch, c.primary.as_deref()), (2, Some("zjk-b")));
+        // At the start of the epoch it may (nothing was written in it).
+        let mut at_start = c.clone();
+        at_start.apply(&promote("zjk-a", 2, 40)).unwrap();
         c.apply(&promote("zjk-a", 2, 60)).unwrap();
         assert_eq!(c.starts("files"), vec![(1, 1), (2, 41), (3, 61)]);
         assert_eq!(c.starts("other"), vec![(1, 1)]);

@@ -419,6 +419,20 @@ impl Takeover {
                 rep.evidence.join("; ")
             ));
         }
+        // Refused even with --force (the record refuses it too): the
+        // copy lacks records that the history has for certain.
+        for ds in self.datasets() {
+            let begun = c.starts(ds.name()).last().map_or(1, |s| s.1);
+            if ds.head_seq().saturating_add(1) < begun {
+                return Err(format!(
+                    "{} holds dataset {} only to seq {}, but epoch {} began at seq {begun}: its copy lacks records of the group's history (it may still be fetching it after a rejoin); promote it once it has caught up",
+                    self.site,
+                    ds.name(),
+                    ds.head_seq(),
+                    c.epoch
+                ));
+            }
+        }
         if !c.sync.contains(&self.site) {
             problems.push(format!(
                 "{} is not a sync follower of {old} (sync: {:?}): it may lack writes {old} acknowledged",
