@@ -3,8 +3,11 @@
 //! (checked against the writer's own log of acknowledgements), the remote
 //! re-following the new primary, the old primary fenced and rejoining; a
 //! primary cut off from both others fencing itself before the same-city
-//! site is promoted; a cut same-city link alone never promoting; and a
-//! planned switchover and back that loses nothing.
+//! site is promoted; a cut same-city link alone never promoting; a
+//! planned switchover and back that loses nothing; every site's archive
+//! restoring the new history after a failover while the former primary's
+//! archived tail stays as evidence; and a former primary's unlogged files
+//! kept as evidence when its directory tree follows the new primary.
 //!
 //! A loop of random SIGKILLs, partitions and promotions under a steady
 //! load ends with every acknowledged write at the final primary and the
