@@ -219,11 +219,13 @@ fn wait_readable(listener: &UnixListener, timeout: Duration) {
 }
 
 /// Serves the socket until `stop`; one thread per connection, at most
-/// [`MAX_CLIENTS`] at once.
+/// [`MAX_CLIENTS`] at once. After the stop, waits up to `drain` for the
+/// connected clients to finish.
 pub fn serve(
     listener: UnixListener,
     targets: Arc<HashMap<String, Target>>,
     stop: Arc<AtomicBool>,
+    drain: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
@@ -269,6 +271,18 @@ pub fn serve(
                         std::thread::sleep(Duration::from_millis(200));
                     }
                 }
+            }
+            // Puts still waiting for their acknowledgement finish before
+            // the seat's network runtime and replication links close (they
+            // close after this thread): each gets its answer, acknowledged
+            // or not, instead of a connection cut by a closing runtime.
+            let until = std::time::Instant::now() + drain;
+            while active.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let left = active.load(Ordering::Acquire);
+            if left > 0 {
+                tracing::warn!(clients = left, within = ?drain, "put/get clients still connected at the stop; their connections end with it");
             }
         })
 }
@@ -852,6 +866,7 @@ mod tests {
             bind(&socket, None).unwrap(),
             Arc::new(targets),
             stop.clone(),
+            Duration::from_secs(1),
         )
         .unwrap();
         Served {

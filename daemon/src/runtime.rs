@@ -698,8 +698,15 @@ fn serve_socket(
         Ok(listener) => {
             tracing::info!(socket = %path.display(), "serving triad put / triad get");
             Some(
-                crate::pushed::serve(listener, Arc::new(targets), stop.clone())
-                    .context("starting the put/get socket")?,
+                crate::pushed::serve(
+                    listener,
+                    Arc::new(targets),
+                    stop.clone(),
+                    // A put waits up to its wait_limit for acknowledgement;
+                    // half the stop budget leaves the rest for the others.
+                    (cfg.stop_timeout() / 2).min(Duration::from_secs(15)),
+                )
+                .context("starting the put/get socket")?,
             )
         }
         // Without a pushed dataset the socket only serves gets: not
