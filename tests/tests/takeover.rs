@@ -1088,9 +1088,9 @@ fn random_kills_partitions_and_promotions_lose_no_acknowledged_write() {
     assert_has_all(g.site(primary), &names, &scratch);
     // No thread died on the way (a put cut off by a seat change once
     // panicked on the closing network runtime).
-    for i in 0..3 {
+    for (i, name) in NAMES.iter().enumerate() {
         let log = g.site(i).log_text();
-        assert!(!log.contains("panicked at"), "{}:\n{log}", NAMES[i]);
+        assert!(!log.contains("panicked at"), "{name}:\n{log}");
     }
     g.stop();
 }
