@@ -774,6 +774,12 @@ impl pb::replication_server::Replication for Arc<Upstream> {
         let site = self.site.clone();
         let reply = tokio::task::spawn_blocking(move || -> vault::Result<pb::CheckpointsReply> {
             let head_seq = ds.head_seq();
+            let starts = ds.held_epochs()?;
+            let epochs_hmac_sm3 = vault::dataset::Fence::evidence(ds.keys(), &starts).to_vec();
+            let epochs = starts
+                .into_iter()
+                .map(|(epoch, start)| pb::EpochStart { epoch, start })
+                .collect();
             let checkpoints = ds
                 .state()
                 .checkpoints()?
@@ -813,6 +819,8 @@ impl pb::replication_server::Replication for Arc<Upstream> {
                 scrub_time_ns,
                 scrub_damaged,
                 scrub_digest_ok,
+                epochs,
+                epochs_hmac_sm3,
             })
         })
         .await

@@ -502,6 +502,22 @@ fn failover_after_sigkill_under_sync_puts_loses_no_acknowledged_write() {
     put_ok(&g.d.b, &after2, "after-2");
     wait_replicated(&g.d.b, &[&g.d.a, &g.d.c], Duration::from_secs(60));
     assert_has_all(&g.d.a, &names, &scratch);
+    // Cross-site verify hears epoch 2 from every site, each with evidence
+    // that checks under the dataset's key, and finds none stale.
+    let out = g.d.b.cli(&["verify", "--dataset", "files", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    for s in v["sites"].as_array().unwrap() {
+        assert!(s["error"].is_null(), "{v}");
+        assert_eq!(s["epoch"], 2, "{v}");
+    }
+    assert_eq!(v["current_epoch"][0], 2, "{v}");
+    assert_eq!(v["stale_sites"], serde_json::json!([]), "{v}");
 
     // Whatever the old primary logged past the fork point is evidence,
     // not silently gone: each cut record names its seq and epoch 1.

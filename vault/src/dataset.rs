@@ -277,6 +277,17 @@ impl Fence {
             .map_or(1, |s| s.0)
     }
 
+    /// HMAC-SM3 evidence over an epoch history, under the dataset's
+    /// evidence key: a site reports its epochs with it (cross-site verify),
+    /// so only a holder of the key can claim an epoch.
+    pub fn evidence(keys: &Keys, starts: &[(u64, u64)]) -> [u8; 32] {
+        let bytes: Vec<u8> = starts
+            .iter()
+            .flat_map(|(e, s)| e.to_le_bytes().into_iter().chain(s.to_le_bytes()))
+            .collect();
+        crate::crypto::hmac_sm3(&keys.evidence, &[b"triad epochs v1", &bytes])
+    }
+
     /// Checks a replicated record's epoch against the history this site
     /// knows: an older epoch than its seq belongs to is a former primary's
     /// write after it was replaced; a newer one is an epoch this site has
@@ -695,6 +706,40 @@ impl Dataset {
         if let Ok(mut f) = self.shared.fence.lock() {
             *f = fence;
         }
+    }
+
+    /// The epochs this site's log holds: the fence's, cut before the first
+    /// epoch whose first record here carries an older epoch. Such a log
+    /// went on past the fork (a former primary's tail, until rejoin cuts
+    /// it), so it holds the older history there, whatever the site has
+    /// learned since. An epoch that starts past the head is kept: the log
+    /// is a prefix of it.
+    pub fn held_epochs(&self) -> Result<Vec<(u64, u64)>> {
+        let starts = self.fence().starts;
+        let head = self.head_seq();
+        let mut held = Vec::with_capacity(starts.len());
+        for (i, (epoch, start)) in starts.iter().copied().enumerate() {
+            if i > 0 && start <= head {
+                let mut older = false;
+                let r = wal::read_from(&self.dir.join("log"), start, |r| {
+                    older = r.record.seq == start && r.record.epoch < epoch;
+                    // Only the record at `start` matters.
+                    Err(VaultError::Closed("seen".into()))
+                });
+                match r {
+                    Ok(_) | Err(VaultError::Closed(_)) => {}
+                    // Retention removed that part of the log: nothing there
+                    // contradicts the epoch.
+                    Err(VaultError::LogGap { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                if older {
+                    break;
+                }
+            }
+            held.push((epoch, start));
+        }
+        Ok(held)
     }
 
     /// The epochs and fenced state in force.

@@ -128,3 +128,38 @@ fn a_follower_refuses_records_of_an_epoch_their_seq_does_not_belong_to() {
         d.close().unwrap();
     }
 }
+
+#[test]
+fn the_epochs_a_log_holds_stop_where_it_went_on_past_the_fork() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = DatasetKey::generate();
+    let ds = Dataset::open(&tmp.path().join("a"), "files", &key, Options::default()).unwrap();
+    for p in ["a", "b", "c", "d"] {
+        change(&ds, p).unwrap();
+    }
+    // Epoch 2 began at seq 3 elsewhere, but this log's seqs 3 and 4 are
+    // its own epoch-1 writes: it holds epoch 1 only, whatever it learned.
+    ds.set_fence(Fence {
+        starts: vec![(1, 1), (2, 3)],
+        fenced: Some("zjk-b is the primary of epoch 2".into()),
+        ..Fence::default()
+    });
+    assert_eq!(ds.held_epochs().unwrap(), [(1, 1)]);
+    // Epoch 2 beginning past its head: the log is a prefix of it.
+    ds.set_fence(Fence {
+        starts: vec![(1, 1), (2, 5)],
+        fenced: None,
+        ..Fence::default()
+    });
+    assert_eq!(ds.held_epochs().unwrap(), [(1, 1), (2, 5)]);
+    // And once it wrote in epoch 2 there, it holds epoch 2.
+    change(&ds, "e").unwrap();
+    assert_eq!(ds.held_epochs().unwrap(), [(1, 1), (2, 5)]);
+    ds.set_fence(Fence {
+        starts: vec![(1, 1), (2, 5), (3, 5)],
+        fenced: None,
+        ..Fence::default()
+    });
+    assert_eq!(ds.held_epochs().unwrap(), [(1, 1), (2, 5)]);
+    ds.close().unwrap();
+}

@@ -26,6 +26,9 @@ pub struct SiteView {
     pub paths: Option<PathDigests>,
     /// The site's last scrub: (when, chunks left damaged, digest equal).
     pub scrub: Option<(i64, u64, bool)>,
+    /// The epochs of its history, oldest first: (epoch, first seq). Empty
+    /// when the site did not say (an older triad).
+    pub epochs: Vec<(u64, u64)>,
     pub error: Option<String>,
 }
 
@@ -38,6 +41,8 @@ pub struct SiteSummary {
     pub last_scrub_ns: Option<i64>,
     pub scrub_damaged_chunks: u64,
     pub scrub_digest_ok: bool,
+    /// The newest epoch its history holds, when it said.
+    pub epoch: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -69,13 +74,83 @@ pub struct CrossReport {
     pub differing_paths: Vec<String>,
     /// The seqs the compared namespaces were at (odd site, majority site).
     pub paths_compared_at: Option<(u64, u64)>,
+    /// The newest epoch an answering site holds, and the seq it began at.
+    pub current_epoch: Option<(u64, u64)>,
+    /// Sites that have not learned `current_epoch`: compared only below its
+    /// first seq.
+    pub stale_sites: Vec<String>,
     pub verdict: String,
 }
 
 /// Compares the sites' checkpoints, and names sites whose last scrub found
 /// damage (agreeing checkpoints say nothing about stored bytes).
 pub fn compare(dataset: &str, sites: &[SiteView]) -> CrossReport {
-    let mut r = compare_chains(dataset, sites);
+    let up = || sites.iter().filter(|s| s.error.is_none());
+    // The newest epoch an answering site holds. Every site that holds it
+    // must say it began at the same seq; two starts for one epoch mean two
+    // sites were promoted to it, and no comparison of chains can say which
+    // history counts.
+    let current = up().filter_map(|s| s.epochs.last().copied()).max();
+    if let Some((epoch, start)) = current {
+        let other = up().find_map(|s| {
+            s.epochs
+                .iter()
+                .find(|(e, st)| *e == epoch && *st != start)
+                .map(|(_, st)| (s.site.as_str(), *st))
+        });
+        if let Some((site, st)) = other {
+            let mut r = blank(dataset, sites);
+            r.current_epoch = current;
+            r.disagree = true;
+            r.verdict = format!(
+                "the sites disagree on where epoch {epoch} began (seq {start}, and seq {st} at \
+                 {site}): two sites took the same epoch; see the runbook on split brain"
+            );
+            return r;
+        }
+    }
+    let stale: Vec<&str> = match current {
+        Some((epoch, _)) => up()
+            .filter(|s| s.epochs.last().is_some_and(|(e, _)| *e < epoch))
+            .map(|s| s.site.as_str())
+            .collect(),
+        None => Vec::new(),
+    };
+    let compared: Vec<SiteView> = sites
+        .iter()
+        .map(|s| match current {
+            Some((_, start)) if stale.contains(&s.site.as_str()) => SiteView {
+                checkpoints: s
+                    .checkpoints
+                    .range(..start)
+                    .map(|(k, v)| (*k, *v))
+                    .collect(),
+                paths: None,
+                ..s.clone()
+            },
+            _ => s.clone(),
+        })
+        .collect();
+    let mut r = compare_chains(dataset, &compared);
+    r.sites = sites.iter().map(summary).collect();
+    r.current_epoch = current;
+    if let (false, Some((epoch, start))) = (stale.is_empty(), current) {
+        r.agree = false;
+        r.stale_sites = stale.iter().map(|s| s.to_string()).collect();
+        r.verdict.push_str(&format!(
+            "; {} {} not learned epoch {epoch}, which began at seq {start}: compared only below \
+             it (what {} from there on was written by a former primary; rejoin {}, see the \
+             runbook on rejoin)",
+            stale.join(", "),
+            if stale.len() == 1 { "has" } else { "have" },
+            if stale.len() == 1 {
+                "it holds"
+            } else {
+                "they hold"
+            },
+            if stale.len() == 1 { "it" } else { "them" },
+        ));
+    }
     r.damaged_sites = sites
         .iter()
         .filter(|s| {
@@ -95,22 +170,24 @@ pub fn compare(dataset: &str, sites: &[SiteView]) -> CrossReport {
     r
 }
 
-fn compare_chains(dataset: &str, sites: &[SiteView]) -> CrossReport {
-    let summaries = sites
-        .iter()
-        .map(|s| SiteSummary {
-            site: s.site.clone(),
-            head_seq: s.head_seq,
-            newest_checkpoint: s.checkpoints.keys().next_back().copied(),
-            last_scrub_ns: s.scrub.map(|x| x.0),
-            scrub_damaged_chunks: s.scrub.map(|x| x.1).unwrap_or(0),
-            scrub_digest_ok: s.scrub.is_none_or(|x| x.2),
-            error: s.error.clone(),
-        })
-        .collect();
-    let mut r = CrossReport {
+fn summary(s: &SiteView) -> SiteSummary {
+    SiteSummary {
+        site: s.site.clone(),
+        head_seq: s.head_seq,
+        newest_checkpoint: s.checkpoints.keys().next_back().copied(),
+        last_scrub_ns: s.scrub.map(|x| x.0),
+        scrub_damaged_chunks: s.scrub.map(|x| x.1).unwrap_or(0),
+        scrub_digest_ok: s.scrub.is_none_or(|x| x.2),
+        epoch: s.epochs.last().map(|e| e.0),
+        error: s.error.clone(),
+    }
+}
+
+/// A report with the sites named and nothing concluded yet.
+fn blank(dataset: &str, sites: &[SiteView]) -> CrossReport {
+    CrossReport {
         dataset: dataset.to_string(),
-        sites: summaries,
+        sites: sites.iter().map(summary).collect(),
         compared_seq: None,
         agree: false,
         disagree: false,
@@ -120,8 +197,14 @@ fn compare_chains(dataset: &str, sites: &[SiteView]) -> CrossReport {
         differs_from: None,
         differing_paths: Vec::new(),
         paths_compared_at: None,
+        current_epoch: None,
+        stale_sites: Vec::new(),
         verdict: String::new(),
-    };
+    }
+}
+
+fn compare_chains(dataset: &str, sites: &[SiteView]) -> CrossReport {
+    let mut r = blank(dataset, sites);
     let up: Vec<&SiteView> = sites.iter().filter(|s| s.error.is_none()).collect();
     let down: Vec<&str> = sites
         .iter()
@@ -280,6 +363,67 @@ mod tests {
         assert_eq!(r.damaged_sites, vec!["b"]);
         assert!(
             r.verdict.contains("scrub at b found damage"),
+            "{}",
+            r.verdict
+        );
+    }
+
+    #[test]
+    fn sites_that_have_not_learned_the_newest_epoch_never_outvote_the_new_primary() {
+        // a (the former primary) and c (the remote, not rejoined yet) hold
+        // a tail of epoch 1 past seq 600, where epoch 2 began at b.
+        let old = [(256, 1), (512, 2), (768, 3)];
+        let mut a = site("a", &old);
+        let mut b = site("b", &[(256, 1), (512, 2), (768, 9)]);
+        let mut c = site("c", &old);
+        // Without epochs, two against one names the new primary odd.
+        let r = compare("d", &[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(r.odd_site.as_deref(), Some("b"));
+        a.epochs = vec![(1, 1)];
+        c.epochs = vec![(1, 1)];
+        b.epochs = vec![(1, 1), (2, 600)];
+        let r = compare("d", &[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(r.odd_site, None, "{}", r.verdict);
+        assert_eq!(r.compared_seq, Some(512));
+        assert!(!r.agree && !r.disagree, "{}", r.verdict);
+        assert_eq!(r.stale_sites, vec!["a", "c"]);
+        assert_eq!(r.current_epoch, Some((2, 600)));
+        assert!(
+            r.verdict
+                .contains("a, c have not learned epoch 2, which began at seq 600"),
+            "{}",
+            r.verdict
+        );
+        // Its summary still shows everything the stale site holds.
+        assert_eq!(r.sites[0].newest_checkpoint, Some(768));
+        assert_eq!(r.sites[1].epoch, Some(2));
+        // Once c has learned epoch 2 (and holds b's history), a alone is
+        // stale, and still compared below seq 600, where it must agree.
+        c = site("c", &[(256, 1), (512, 2), (768, 9)]);
+        c.epochs = b.epochs.clone();
+        let r = compare("d", &[a.clone(), b.clone(), c.clone()]);
+        assert!(!r.agree && r.odd_site.is_none(), "{}", r.verdict);
+        assert_eq!(
+            (r.compared_seq, r.stale_sites.clone()),
+            (Some(512), vec!["a".to_string()])
+        );
+        a.checkpoints.insert(512, ([7; 32], [7; 32]));
+        let r = compare("d", &[a, b, c]);
+        assert_eq!(r.odd_site.as_deref(), Some("a"), "{}", r.verdict);
+        assert!(r.disagree);
+    }
+
+    #[test]
+    fn two_starts_for_one_epoch_are_a_split_brain_and_nobody_is_compared() {
+        let mut a = site("a", &[(256, 1)]);
+        let mut b = site("b", &[(256, 1)]);
+        let c = site("c", &[(256, 1)]);
+        a.epochs = vec![(1, 1), (2, 300)];
+        b.epochs = vec![(1, 1), (2, 290)];
+        let r = compare("d", &[a, b, c]);
+        assert!(!r.agree && r.disagree);
+        assert!(
+            r.verdict.contains("disagree on where epoch 2 began"),
             "{}",
             r.verdict
         );

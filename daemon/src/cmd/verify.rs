@@ -103,12 +103,13 @@ fn cross(a: &Args, cfg: &Config, name: &str, key: &DatasetKey) -> Result<bool> {
             match &s.error {
                 Some(e) => println!("  {:<10} unreachable: {e}", s.site),
                 None => println!(
-                    "  {:<10} head seq {:>10}, newest checkpoint {}",
+                    "  {:<10} head seq {:>10}, newest checkpoint {}{}",
                     s.site,
                     s.head_seq,
                     s.newest_checkpoint
                         .map(|q| q.to_string())
-                        .unwrap_or_else(|| "none".into())
+                        .unwrap_or_else(|| "none".into()),
+                    s.epoch.map(|e| format!(", epoch {e}")).unwrap_or_default()
                 ),
             }
         }

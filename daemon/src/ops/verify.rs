@@ -218,15 +218,27 @@ impl Asker<'_> {
             };
             (!cp.verify(&keys)).then_some(c.seq)
         });
+        let epochs: Vec<(u64, u64)> = r.epochs.iter().map(|e| (e.epoch, e.start)).collect();
+        // An epoch claimed without the key's evidence could make the other
+        // sites look stale: such an answer is not compared either.
+        let forged_epochs = !epochs.is_empty()
+            && vault::Fence::evidence(&keys, &epochs)[..] != r.epochs_hmac_sm3[..];
         SiteView {
             site: site.to_string(),
             head_seq: r.head_seq,
-            error: forged.map(|seq| {
-                format!(
+            error: match (forged, forged_epochs) {
+                (Some(seq), _) => Some(format!(
                     "its checkpoint at seq {seq} carries HMAC-SM3 evidence that does not verify under \
                      this dataset's key: forged or damaged (or sent by a triad older than 0.2)"
-                )
-            }),
+                )),
+                (None, true) => Some(
+                    "the epochs it reports carry HMAC-SM3 evidence that does not verify under this \
+                     dataset's key: forged or damaged"
+                        .to_string(),
+                ),
+                (None, false) => None,
+            },
+            epochs,
             checkpoints: r
                 .checkpoints
                 .iter()
@@ -261,6 +273,9 @@ impl Asker<'_> {
                         .collect(),
                     paths: None,
                     scrub: replicator::upstream::read_last_scrub(&cfg.dataset_dir(self.name)),
+                    // Read from disk without the daemon, the epochs are not
+                    // known here (the takeover layer holds them).
+                    epochs: Vec::new(),
                     error: None,
                 }
             }
