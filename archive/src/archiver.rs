@@ -178,6 +178,9 @@ pub struct Archiver {
     /// New chunks go into packs of up to this many bytes; 0 writes one
     /// object per chunk, the layout before packs.
     pack_bytes: usize,
+    /// The log reader of the last shipping pass: the next goes on from
+    /// where it stopped (see [`Tail::reuse`]).
+    tail: Mutex<Option<Tail>>,
 }
 
 impl Archiver {
@@ -228,6 +231,7 @@ impl Archiver {
             concurrency: concurrency.max(1),
             uploading: Mutex::new(()),
             pack_bytes: packs::PACK_BYTES,
+            tail: Mutex::new(None),
         };
         if fresh || !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
@@ -441,7 +445,8 @@ impl Archiver {
             return Ok(Some(head.min(from - 1)));
         }
         let log_dir = self.ds.dir().join("log");
-        let mut tail = match Tail::new(&log_dir, from) {
+        let mut cached = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let tail = match Tail::reuse(&mut cached, &log_dir, from) {
             Ok(t) => t,
             Err(VaultError::LogGap { reason, .. }) => {
                 tracing::warn!(dataset = self.ds.name(), %reason, "the log no longer holds the next record to archive; a snapshot will bridge the gap");

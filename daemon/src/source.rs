@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 use globset::{GlobSet, GlobSetBuilder};
-use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
 use vault::chunk::ChunkId;
 use vault::dataset::now_ns;
@@ -208,6 +208,12 @@ pub enum SourceError {
 
 /// True when a round stopped because the site was fenced while it ran:
 /// the changes it did not log are taken in by the scan after the fence.
+/// Whether an event only says a path was opened, read or closed without
+/// writing.
+fn is_read_only(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
+}
+
 fn fenced_midway(r: &Result<(), SourceError>) -> bool {
     if let Err(SourceError::Vault(vault::VaultError::Fenced(why))) = r {
         tracing::warn!(reason = %why, "source paused mid-round: this site was fenced");
@@ -346,8 +352,13 @@ impl DirSource {
         let (tx, rx) = unbounded();
         // Watch before the first scan so that nothing changed during the scan
         // goes unseen.
+        // Each event is stamped as it arrives: a path's debounce runs from
+        // when it was written, not from when the loop got to the event (it
+        // does not read events while a round runs, and counting from then
+        // held every file written during a round back for a whole debounce
+        // after it).
         let mut watcher = notify::recommended_watcher(move |res| {
-            let _ = tx.send(res);
+            let _ = tx.send((res, Instant::now()));
         })
         .map_err(|e| SourceError::Root {
             path: self.root.clone(),
@@ -380,7 +391,7 @@ impl DirSource {
 
     fn follow(
         &self,
-        rx: Receiver<notify::Result<notify::Event>>,
+        rx: Receiver<(notify::Result<notify::Event>, Instant)>,
         stop: &AtomicBool,
     ) -> Result<(), SourceError> {
         let mut pending = PendingPaths::default();
@@ -392,9 +403,13 @@ impl DirSource {
         let mut next_tick = Instant::now();
         while !stop.load(Ordering::Acquire) {
             match rx.recv_timeout(tick) {
-                Ok(Ok(ev)) => {
+                // Opening or reading a file changes nothing, and the source's
+                // own reads cause such events: taken as changes, each round
+                // would set off the next. A file closed after writing is
+                // kept: it says a write finished.
+                Ok((Ok(ev), _)) if is_read_only(&ev.kind) && !ev.need_rescan() => {}
+                Ok((Ok(ev), now)) => {
                     self.stats.last_event_ns.store(now_ns(), Ordering::Release);
-                    let now = Instant::now();
                     if ev.need_rescan() {
                         self.events_complete.store(false, Ordering::Release);
                         need_full.get_or_insert(now);
@@ -419,12 +434,12 @@ impl DirSource {
                         .pending
                         .store(pending.len() as u64, Ordering::Release);
                 }
-                Ok(Err(e)) => {
+                Ok((Err(e), at)) => {
                     // inotify trouble (often an overflow): rescan everything,
                     // and from now on read recent files a second time.
                     self.events_complete.store(false, Ordering::Release);
                     tracing::warn!(error = %e, "watch error; scheduling a full rescan");
-                    need_full.get_or_insert(Instant::now());
+                    need_full.get_or_insert(at);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -1091,6 +1106,28 @@ mod tests {
             .into_iter()
             .map(|(p, _)| String::from_utf8_lossy(&p).into_owned())
             .collect()
+    }
+
+    #[test]
+    fn opening_or_reading_a_path_is_no_change_but_a_close_after_writing_is() {
+        use notify::event::{DataChange, ModifyKind as M};
+        for k in [
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Any),
+        ] {
+            assert!(is_read_only(&k), "{k:?}");
+        }
+        for k in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(M::Data(DataChange::Any)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(M::Name(RenameMode::To)),
+        ] {
+            assert!(!is_read_only(&k), "{k:?}");
+        }
     }
 
     #[test]

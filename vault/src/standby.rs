@@ -107,6 +107,9 @@ pub struct Standby {
     saved_next: AtomicU64,
     saved: std::sync::Mutex<Option<Cursor>>,
     tmp: AtomicU64,
+    /// The log reader of the last pass, kept so the next pass goes on from
+    /// where it stopped instead of walking the segment again.
+    tail: std::sync::Mutex<Option<Tail>>,
 }
 
 impl Standby {
@@ -189,6 +192,7 @@ impl Standby {
             ),
             saved: std::sync::Mutex::new(ours.clone()),
             tmp: AtomicU64::new(0),
+            tail: std::sync::Mutex::new(None),
         };
         if ours.is_none() {
             // Claim the empty tree before writing into it, so a crash
@@ -396,12 +400,15 @@ impl Standby {
                 ..Pass::default()
             }));
         }
-        let mut tail = match Tail::new(&ds.dir().join("log"), from) {
-            Ok(t) => t,
-            Err(VaultError::LogGap { .. }) => return Ok(None),
-            Err(e) => return Err(e),
+        let raw = {
+            let mut cached = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            let tail = match Tail::reuse(&mut cached, &ds.dir().join("log"), from) {
+                Ok(t) => t,
+                Err(VaultError::LogGap { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            tail.read(head, PASS_BYTES)?
         };
-        let raw = tail.read(head, PASS_BYTES)?;
         let Some(last) = raw.last().map(|r| r.seq) else {
             return Ok(None);
         };

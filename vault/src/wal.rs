@@ -609,6 +609,45 @@ impl Tail {
         self.next_seq
     }
 
+    /// The reader `cached` holds when it stands at `from_seq` on a segment
+    /// still in the log, or a new one positioned there. A reader that goes
+    /// over the log pass by pass (the standby tree, the archiver) keeps its
+    /// tail between passes: positioning a new one walks every record
+    /// header of the segment before `from_seq`, which at a thousand small
+    /// records a second made each pass cost more the further it got into a
+    /// 64 MiB segment. A segment replaced under the reader (a state
+    /// transfer installs new files under the same names) is noticed by its
+    /// inode, and the reader starts afresh.
+    pub fn reuse<'a>(
+        cached: &'a mut Option<Tail>,
+        dir: &Path,
+        from_seq: u64,
+    ) -> Result<&'a mut Tail> {
+        let fits = cached
+            .as_ref()
+            .is_some_and(|t| t.next_seq == from_seq && t.dir == dir && t.on_current_segment());
+        if !fits {
+            *cached = None;
+        }
+        match cached {
+            Some(t) => Ok(t),
+            None => Ok(cached.insert(Tail::new(dir, from_seq)?)),
+        }
+    }
+
+    /// Whether the open segment is still the file its name holds.
+    fn on_current_segment(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some((f, path)) = &self.file else {
+            // No segment was open yet: the next read opens it by name.
+            return true;
+        };
+        match (f.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        }
+    }
+
     fn read_frame_header(&mut self) -> Result<Option<usize>> {
         let Some((f, path)) = self.file.as_mut() else {
             return Ok(None);
@@ -990,6 +1029,49 @@ mod tests {
         assert_eq!(wal.last_hash(), h);
         assert!(rec.segments > 1, "small segment size rolls");
         assert_eq!(seqs(dir.path()), (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_kept_tail_goes_on_where_it_stopped_and_starts_afresh_on_a_replaced_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 20, 0).unwrap();
+        append_n(&mut wal, &DatasetKey::generate().derive(), 10);
+        drop(wal);
+        let mut cached = None;
+        let t = Tail::reuse(&mut cached, dir.path(), 1).unwrap();
+        let first: Vec<u64> = t
+            .read(4, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(first, [1, 2, 3, 4]);
+        let offset = t.offset;
+        // The next pass goes on from the same reader, not from the top.
+        let t = Tail::reuse(&mut cached, dir.path(), 5).unwrap();
+        assert_eq!(t.offset, offset);
+        assert_eq!(t.read(5, usize::MAX).unwrap()[0].seq, 5);
+        // Asked for another seq, it is positioned afresh.
+        let t = Tail::reuse(&mut cached, dir.path(), 2).unwrap();
+        assert_eq!(t.read(2, usize::MAX).unwrap()[0].seq, 2);
+        // The segment replaced under the same name (as a state transfer
+        // installs one): the reader reads the new file, not the old inode.
+        let other = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(other.path(), 1 << 20, 0).unwrap();
+        append_n(&mut wal, &DatasetKey::generate().derive(), 10);
+        drop(wal);
+        let mut want = Vec::new();
+        read_from(other.path(), 3, |r| {
+            want.push(r.record.encode_payload());
+            Ok(())
+        })
+        .unwrap();
+        let seg = list_segments(other.path()).unwrap().pop().unwrap().path;
+        let into = dir.path().join(seg.file_name().unwrap());
+        std::fs::copy(&seg, dir.path().join("replacement")).unwrap();
+        std::fs::rename(dir.path().join("replacement"), &into).unwrap();
+        let t = Tail::reuse(&mut cached, dir.path(), 3).unwrap();
+        assert_eq!(t.read(3, usize::MAX).unwrap()[0].payload, want[0]);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! tool and the ratio of the p99s, plus the daemons' peak RSS.
 //!
 //! Run: `cargo run -p triad-tests --bin bench-standby -- [--rate 1000]
-//! [--seconds 10] [--size 4096] [--dir DIR]` (lsyncd and rsync installed:
+//! [--seconds 10] [--size 4096] [--debounce 200ms] [--dir DIR]` (lsyncd and rsync installed:
 //! `apt-get install lsyncd rsync`).
 
 use std::collections::HashMap;
@@ -100,8 +100,13 @@ fn main() {
         }
     }
     let (base, src) = bench_dir("standby");
+    // The directory source's debounce (`source.debounce`), when not the
+    // default: each file waits that long after its last event.
+    let debounce = arg("--debounce")
+        .map(|d| format!(", debounce = \"{d}\""))
+        .unwrap_or_default();
     let source = format!(
-        "source = {{ kind = \"directory\", path = \"{}\" }}\n",
+        "source = {{ kind = \"directory\", path = \"{}\"{debounce} }}\n",
         src.display()
     );
     let standby = |site: &Path| site.join("standby");
