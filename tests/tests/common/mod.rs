@@ -189,16 +189,23 @@ impl Site {
         serde_json::from_slice(&std::fs::read(self.status_path()).ok()?).ok()
     }
 
-    /// Waits until the daemon has handled every change made before `after_ns`.
+    /// Waits until the daemon has handled every change made before `after_ns`:
+    /// a round ended after it, or (nothing having changed) no event came
+    /// since and a status written half a second later still says settled.
+    /// The daemon runs no round without an event, so a call made after the
+    /// last change waits for the second.
     pub fn wait_settled(&self, after_ns: i64, timeout: Duration) -> serde_json::Value {
         let start = Instant::now();
         loop {
             if let Some(v) = self.status() {
                 let s = &v["source"];
+                let updated = v["updated_ns"].as_i64().unwrap_or(0);
+                let quiet = s["last_event_ns"].as_i64().unwrap_or(0) < after_ns
+                    && updated > after_ns + 500_000_000;
                 if v["pid"].as_u64() == self.pid().map(|p| p as u64)
                     && s["settled"].as_bool() == Some(true)
-                    && s["last_round_end_ns"].as_i64().unwrap_or(0) > after_ns
-                    && v["updated_ns"].as_i64().unwrap_or(0) > after_ns
+                    && (s["last_round_end_ns"].as_i64().unwrap_or(0) > after_ns || quiet)
+                    && updated > after_ns
                 {
                     return v;
                 }
