@@ -1028,27 +1028,7 @@ mod tests {
         let store = Arc::new(Store::open(&StoreConfig::new(&url)).unwrap());
         let a = Archiver::open(store, rt.handle().clone(), ds.clone(), "a", 2).unwrap();
         for i in 1..=n {
-            let data = format!("record {i}\n");
-            let id = ChunkId::of(ds.keys(), data.as_bytes());
-            let entry = vault::Entry {
-                node: vault::Node::File {
-                    chunks: vec![vault::ChunkRef {
-                        id,
-                        len: data.len() as u32,
-                    }],
-                },
-                mode: 0o644,
-                mtime_ns: 0,
-                size: data.len() as u64,
-            };
-            ds.submit(
-                vec![vault::Op::Put {
-                    path: format!("f{}", i % 7).into_bytes(),
-                    entry,
-                }],
-                vec![vault::chunk::seal(ds.keys(), id, data.as_bytes())],
-            )
-            .unwrap();
+            put(&ds, &format!("f{}", i % 7), &format!("record {i}\n"));
         }
         a.ship_log().unwrap();
         let cps = ds.state().checkpoints().unwrap();
