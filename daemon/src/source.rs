@@ -402,47 +402,57 @@ impl DirSource {
         let tick = Duration::from_millis(50).min(debounce);
         let mut next_tick = Instant::now();
         while !stop.load(Ordering::Acquire) {
-            match rx.recv_timeout(tick) {
-                // Opening or reading a file changes nothing, and the source's
-                // own reads cause such events: taken as changes, each round
-                // would set off the next. A file closed after writing is
-                // kept: it says a write finished.
-                Ok((Ok(ev), _)) if is_read_only(&ev.kind) && !ev.need_rescan() => {}
-                Ok((Ok(ev), now)) => {
-                    self.stats.last_event_ns.store(now_ns(), Ordering::Release);
-                    if ev.need_rescan() {
-                        self.events_complete.store(false, Ordering::Release);
-                        need_full.get_or_insert(now);
-                    }
-                    let deep = matches!(
-                        ev.kind,
-                        EventKind::Create(CreateKind::Folder)
-                            | EventKind::Modify(ModifyKind::Name(RenameMode::To))
-                    );
-                    if let (EventKind::Modify(ModifyKind::Name(RenameMode::Both)), [from, to]) =
-                        (&ev.kind, ev.paths.as_slice())
-                    {
-                        renames.push((from.clone(), to.clone()));
-                        pending.note(from.clone(), false, now);
-                        pending.note(to.clone(), true, now);
-                    } else {
-                        for p in ev.paths {
-                            pending.note(p, deep, now);
-                        }
-                    }
-                    self.stats
-                        .pending
-                        .store(pending.len() as u64, Ordering::Release);
-                }
-                Ok((Err(e), at)) => {
-                    // inotify trouble (often an overflow): rescan everything,
-                    // and from now on read recent files a second time.
-                    self.events_complete.store(false, Ordering::Release);
-                    tracing::warn!(error = %e, "watch error; scheduling a full rescan");
-                    need_full.get_or_insert(at);
-                }
-                Err(RecvTimeoutError::Timeout) => {}
+            // Every event already queued is taken in before any path is
+            // judged quiet: after a round, a path's first queued event is
+            // older than the debounce, while its later writes may still be
+            // waiting in the channel behind it.
+            let mut arrived = match rx.recv_timeout(tick) {
+                Ok(first) => vec![first],
+                Err(RecvTimeoutError::Timeout) => Vec::new(),
                 Err(RecvTimeoutError::Disconnected) => break,
+            };
+            arrived.extend(rx.try_iter());
+            for item in arrived {
+                match item {
+                    // Opening or reading a file changes nothing, and the source's
+                    // own reads cause such events: taken as changes, each round
+                    // would set off the next. A file closed after writing is
+                    // kept: it says a write finished.
+                    (Ok(ev), _) if is_read_only(&ev.kind) && !ev.need_rescan() => {}
+                    (Ok(ev), now) => {
+                        self.stats.last_event_ns.store(now_ns(), Ordering::Release);
+                        if ev.need_rescan() {
+                            self.events_complete.store(false, Ordering::Release);
+                            need_full.get_or_insert(now);
+                        }
+                        let deep = matches!(
+                            ev.kind,
+                            EventKind::Create(CreateKind::Folder)
+                                | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+                        );
+                        if let (EventKind::Modify(ModifyKind::Name(RenameMode::Both)), [from, to]) =
+                            (&ev.kind, ev.paths.as_slice())
+                        {
+                            renames.push((from.clone(), to.clone()));
+                            pending.note(from.clone(), false, now);
+                            pending.note(to.clone(), true, now);
+                        } else {
+                            for p in ev.paths {
+                                pending.note(p, deep, now);
+                            }
+                        }
+                        self.stats
+                            .pending
+                            .store(pending.len() as u64, Ordering::Release);
+                    }
+                    (Err(e), at) => {
+                        // inotify trouble (often an overflow): rescan everything,
+                        // and from now on read recent files a second time.
+                        self.events_complete.store(false, Ordering::Release);
+                        tracing::warn!(error = %e, "watch error; scheduling a full rescan");
+                        need_full.get_or_insert(at);
+                    }
+                }
             }
             let now = Instant::now();
             // Rounds, rescans and re-reads are looked at once per tick, not

@@ -718,22 +718,38 @@ impl Dataset {
         let starts = self.fence().starts;
         let head = self.head_seq();
         let mut held = Vec::with_capacity(starts.len());
+        // The epoch the record at `seq` carries here, if the log holds it.
+        let epoch_at = |seq: u64| -> Result<Option<u64>> {
+            let mut found = None;
+            let r = wal::read_from(&self.dir.join("log"), seq, |r| {
+                if r.record.seq == seq {
+                    found = Some(r.record.epoch);
+                }
+                // Only the record at `seq` matters.
+                Err(VaultError::Closed("seen".into()))
+            });
+            match r {
+                Ok(_) | Err(VaultError::Closed(_)) | Err(VaultError::LogGap { .. }) => Ok(found),
+                Err(e) => Err(e),
+            }
+        };
+        let mut head_epoch = None;
         for (i, (epoch, start)) in starts.iter().copied().enumerate() {
             if i > 0 && start <= head {
-                let mut older = false;
-                let r = wal::read_from(&self.dir.join("log"), start, |r| {
-                    older = r.record.seq == start && r.record.epoch < epoch;
-                    // Only the record at `start` matters.
-                    Err(VaultError::Closed("seen".into()))
-                });
-                match r {
-                    Ok(_) | Err(VaultError::Closed(_)) => {}
-                    // Retention removed that part of the log: nothing there
-                    // contradicts the epoch.
-                    Err(VaultError::LogGap { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-                if older {
+                let at_start = match epoch_at(start)? {
+                    Some(e) => Some(e),
+                    // Retention removed the record at the start: the head
+                    // record says as much, since a log that went on past a
+                    // fork in an older epoch can take no newer record after
+                    // it (its chain would not continue).
+                    None => {
+                        if head_epoch.is_none() {
+                            head_epoch = Some(epoch_at(head)?);
+                        }
+                        head_epoch.flatten()
+                    }
+                };
+                if at_start.is_some_and(|e| e < epoch) {
                     break;
                 }
             }

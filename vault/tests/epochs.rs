@@ -163,3 +163,32 @@ fn the_epochs_a_log_holds_stop_where_it_went_on_past_the_fork() {
     assert_eq!(ds.held_epochs().unwrap(), [(1, 1), (2, 5)]);
     ds.close().unwrap();
 }
+
+#[test]
+fn a_fork_whose_first_record_retention_removed_is_still_seen_from_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = DatasetKey::generate();
+    let opts = Options {
+        segment_bytes: 200,
+        ..Options::default()
+    };
+    let ds = Dataset::open(&tmp.path().join("a"), "files", &key, opts).unwrap();
+    for p in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        change(&ds, p).unwrap();
+    }
+    let log = ds.dir().join("log");
+    let (_, _, first) = vault::wal::remove_segments_before(&log, 7, None).unwrap();
+    assert!(
+        first > 3,
+        "the record at seq 3 is gone (first kept: {first})"
+    );
+    // Epoch 2 began at seq 3 elsewhere; this log's records there were
+    // epoch 1, and its head still is.
+    ds.set_fence(Fence {
+        starts: vec![(1, 1), (2, 3)],
+        fenced: Some("zjk-b is the primary of epoch 2".into()),
+        ..Fence::default()
+    });
+    assert_eq!(ds.held_epochs().unwrap(), [(1, 1)]);
+    ds.close().unwrap();
+}

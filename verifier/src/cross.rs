@@ -109,46 +109,61 @@ pub fn compare(dataset: &str, sites: &[SiteView]) -> CrossReport {
             return r;
         }
     }
-    let stale: Vec<&str> = match current {
-        Some((epoch, _)) => up()
-            .filter(|s| s.epochs.last().is_some_and(|(e, _)| *e < epoch))
-            .map(|s| s.site.as_str())
-            .collect(),
-        None => Vec::new(),
+    // The newest history, as a site that holds its newest epoch says. Each
+    // other site is compared only below the first epoch start of it that
+    // the site does not hold: from there on its log is a former primary's
+    // writes (or, from a site that did not say its epochs, unknown). One
+    // whose head is not past that seq is only behind, not stale.
+    let newest: Vec<(u64, u64)> = current
+        .and_then(|c| up().find(|s| s.epochs.last() == Some(&c)))
+        .map(|s| s.epochs.clone())
+        .unwrap_or_default();
+    let cut_of = |s: &SiteView| -> Option<u64> {
+        if newest.len() < 2 {
+            return None;
+        }
+        if s.epochs.is_empty() {
+            return Some(newest[1].1);
+        }
+        newest.iter().find(|e| !s.epochs.contains(e)).map(|e| e.1)
     };
+    let stale: Vec<(&str, u64)> = up()
+        .filter_map(|s| {
+            cut_of(s)
+                .filter(|cut| s.head_seq >= *cut)
+                .map(|cut| (s.site.as_str(), cut))
+        })
+        .collect();
     let compared: Vec<SiteView> = sites
         .iter()
-        .map(|s| match current {
-            Some((_, start)) if stale.contains(&s.site.as_str()) => SiteView {
-                checkpoints: s
-                    .checkpoints
-                    .range(..start)
-                    .map(|(k, v)| (*k, *v))
-                    .collect(),
-                paths: None,
+        .map(|s| match cut_of(s) {
+            Some(cut) => SiteView {
+                checkpoints: s.checkpoints.range(..cut).map(|(k, v)| (*k, *v)).collect(),
+                paths: if stale.iter().any(|(n, _)| *n == s.site) {
+                    None
+                } else {
+                    s.paths.clone()
+                },
                 ..s.clone()
             },
-            _ => s.clone(),
+            None => s.clone(),
         })
         .collect();
     let mut r = compare_chains(dataset, &compared);
     r.sites = sites.iter().map(summary).collect();
     r.current_epoch = current;
-    if let (false, Some((epoch, start))) = (stale.is_empty(), current) {
+    if let (false, Some((epoch, _))) = (stale.is_empty(), current) {
         r.agree = false;
-        r.stale_sites = stale.iter().map(|s| s.to_string()).collect();
+        r.stale_sites = stale.iter().map(|(n, _)| n.to_string()).collect();
+        let each: Vec<String> = stale
+            .iter()
+            .map(|(n, cut)| format!("{n} below seq {cut}"))
+            .collect();
         r.verdict.push_str(&format!(
-            "; {} {} not learned epoch {epoch}, which began at seq {start}: compared only below \
-             it (what {} from there on was written by a former primary; rejoin {}, see the \
-             runbook on rejoin)",
-            stale.join(", "),
-            if stale.len() == 1 { "has" } else { "have" },
-            if stale.len() == 1 {
-                "it holds"
-            } else {
-                "they hold"
-            },
-            if stale.len() == 1 { "it" } else { "them" },
+            "; not holding the history of epoch {epoch}, compared only below where they leave \
+             it: {} (a site's log from there on is a former primary's writes, or unknown when \
+             it did not say its epochs; let it rejoin, see the runbook on rejoin)",
+            each.join(", ")
         ));
     }
     r.damaged_sites = sites
@@ -389,8 +404,9 @@ mod tests {
         assert_eq!(r.stale_sites, vec!["a", "c"]);
         assert_eq!(r.current_epoch, Some((2, 600)));
         assert!(
-            r.verdict
-                .contains("a, c have not learned epoch 2, which began at seq 600"),
+            r.verdict.contains(
+                "epoch 2, compared only below where they leave it: a below seq 600, c below seq 600"
+            ),
             "{}",
             r.verdict
         );
@@ -411,6 +427,44 @@ mod tests {
         let r = compare("d", &[a, b, c]);
         assert_eq!(r.odd_site.as_deref(), Some("a"), "{}", r.verdict);
         assert!(r.disagree);
+    }
+
+    #[test]
+    fn a_stale_site_is_cut_where_it_forked_and_one_only_behind_or_silent_is_judged_fairly() {
+        // a forked at 600 (epoch 2 began there at c); later b took epoch
+        // 3 at 900. a holds its own epoch-1 records 600-899.
+        let mut a = site("a", &[(256, 1), (512, 2), (768, 7)]);
+        let mut b = site("b", &[(256, 1), (512, 2), (768, 3)]);
+        let mut c = site("c", &[(256, 1), (512, 2), (768, 3)]);
+        a.epochs = vec![(1, 1)];
+        b.epochs = vec![(1, 1), (2, 600), (3, 900)];
+        c.epochs = vec![(1, 1), (2, 600)];
+        let r = compare("d", &[a.clone(), b.clone(), c.clone()]);
+        // a is cut at 600, not 900: its seq-768 checkpoint is not compared.
+        assert!(!r.disagree && r.odd_site.is_none(), "{}", r.verdict);
+        assert_eq!(r.stale_sites, vec!["a"], "{}", r.verdict);
+        assert!(r.verdict.contains("a below seq 600"), "{}", r.verdict);
+        // c is cut at 900, past its head: behind, not stale.
+        assert!(!r.stale_sites.contains(&"c".to_string()));
+        // A follower that has not learned epoch 2 but is below 600 is only
+        // behind.
+        let mut lag = site("c", &[(256, 1), (512, 2)]);
+        lag.epochs = vec![(1, 1)];
+        let mut b2 = b.clone();
+        b2.epochs = vec![(1, 1), (2, 600)];
+        let mut a2 = site("a", &[(256, 1), (512, 2), (768, 3)]);
+        a2.epochs = b2.epochs.clone();
+        let r = compare("d", &[a2, b2, lag]);
+        assert!(r.agree && r.stale_sites.is_empty(), "{}", r.verdict);
+        // A site that says nothing of its epochs (an older triad, or this
+        // site read from disk) is compared only below epoch 2 too: with a
+        // silent partner it cannot outvote the new primary.
+        a.epochs.clear();
+        c = site("c", &[(256, 1), (512, 2), (768, 7)]);
+        b.epochs = vec![(1, 1), (2, 600)];
+        let r = compare("d", &[a, b, c]);
+        assert_eq!(r.odd_site, None, "{}", r.verdict);
+        assert_eq!(r.stale_sites, vec!["a", "c"], "{}", r.verdict);
     }
 
     #[test]

@@ -221,7 +221,9 @@ impl Asker<'_> {
         let epochs: Vec<(u64, u64)> = r.epochs.iter().map(|e| (e.epoch, e.start)).collect();
         // An epoch claimed without the key's evidence could make the other
         // sites look stale: such an answer is not compared either.
-        let forged_epochs = !epochs.is_empty()
+        // A reply with neither (an older triad) is taken as saying nothing
+        // of its epochs, and compared only below the newest epoch's start.
+        let forged_epochs = !(epochs.is_empty() && r.epochs_hmac_sm3.is_empty())
             && vault::Fence::evidence(&keys, &epochs)[..] != r.epochs_hmac_sm3[..];
         SiteView {
             site: site.to_string(),
