@@ -1264,19 +1264,29 @@ pub fn list_snapshots(rt: &Handle, store: &Store, ds: &str) -> Result<Vec<Snapsh
     Ok(out)
 }
 
-/// The newest seq the archive holds for a dataset (from one listing of its
-/// log pieces and snapshots; nothing is read or checked).
-pub fn archived_head(rt: &Handle, store: &Store, ds: &str) -> Result<u64> {
+/// The newest seq a restore of the archive's latest state reaches: from
+/// one listing of its log pieces and snapshots, counting only those of the
+/// history its head names (a former primary's pieces past a fork are not
+/// restored, so they do not count). Nothing else is read or checked.
+pub fn archived_head(rt: &Handle, store: &Store, keys: &vault::Keys, ds: &str) -> Result<u64> {
+    let head_key = objects::head_key(ds);
+    let starts = match rt.block_on(store.get(&head_key, objects::MAX_SMALL_OBJECT_BYTES))? {
+        Some(b) => objects::decode_head(keys, &head_key, &b)?.starts,
+        None => Vec::new(),
+    };
     let pieces = rt.block_on(store.list(&objects::log_prefix(ds)))?;
     let from_log = pieces
         .iter()
         .filter_map(|l| PieceRef::parse(&l.key))
-        .map(|p| p.last)
+        .filter_map(|p| p.follow(&starts))
+        .map(|p| p.upto)
         .max()
         .unwrap_or(0);
     let from_snapshots = list_snapshots(rt, store, ds)?
-        .last()
+        .iter()
+        .filter(|s| s.follows(&starts))
         .map(|s| s.seq)
+        .max()
         .unwrap_or(0);
     Ok(from_log.max(from_snapshots))
 }

@@ -1212,6 +1212,12 @@ mod tests {
             "{names:?}"
         );
         assert!(has("-0000000002.lp"), "{names:?}");
+        // The archive's latest state, as `triad get --cache` judges it, is
+        // the new history's seq 8, not the stale piece's 10.
+        assert_eq!(
+            crate::archiver::archived_head(rt.handle(), &store, &key.derive(), "files").unwrap(),
+            8
+        );
         assert!(
             names
                 .iter()

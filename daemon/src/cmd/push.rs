@@ -217,9 +217,11 @@ fn get_cached(a: &GetArgs, url: &str, cache: &Path) -> Result<ExitCode> {
         // Present in the cache: objects are never replaced, so it is final.
         Some(_) if tree.join(&a.name).is_file() => true,
         Some(seq) => {
-            let (store, _, _) = crate::ops::restore::open_archive(&restore_request(a, url, &tree))?;
+            let (store, key, _) =
+                crate::ops::restore::open_archive(&restore_request(a, url, &tree))?;
             let rt = crate::ops::runtime()?;
-            archive::archiver::archived_head(rt.handle(), &store, &a.daemon.dataset)? <= seq
+            archive::archiver::archived_head(rt.handle(), &store, &key.derive(), &a.daemon.dataset)?
+                <= seq
         }
         None => false,
     };
