@@ -218,6 +218,10 @@ pub struct Status {
 }
 
 struct Shared {
+    /// Bytes of the submissions queued for the committer and not yet taken
+    /// by it, and the signal that some were taken (see [`QUEUE_BYTES`]).
+    queued: Mutex<u64>,
+    queue_room: std::sync::Condvar,
     head_seq: AtomicU64,
     last_commit_ns: AtomicI64,
     records: AtomicU64,
@@ -393,6 +397,8 @@ impl Dataset {
             state.flush()?;
         }
         let shared = Arc::new(Shared {
+            queued: Mutex::new(0),
+            queue_room: std::sync::Condvar::new(),
             head_seq: AtomicU64::new(head),
             last_commit_ns: AtomicI64::new(wal.last_time_ns()),
             records: AtomicU64::new(0),
@@ -500,14 +506,46 @@ impl Dataset {
     ) -> std::result::Result<Receiver<std::result::Result<Committed, SubmitError>>, SubmitError>
     {
         let (reply, rx) = bounded(1);
-        let tx = self
-            .tx
-            .lock()
-            .map_err(|_| VaultError::Closed("lock poisoned".into()))?
-            .clone()
-            .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
-        tx.send(Submission { work, reply })
-            .map_err(|_| self.closed_error())?;
+        // Room by bytes as well as by count: 1,024 queued changes of a few
+        // MiB each (a file's last batch of chunks travels with its record)
+        // held hundreds of MiB while the committer caught up.
+        let bytes = work.bytes() as u64;
+        {
+            let mut q = self
+                .shared
+                .queued
+                .lock()
+                .map_err(|_| VaultError::Closed("lock poisoned".into()))?;
+            while *q > 0 && *q + bytes > QUEUE_BYTES {
+                // A committer that stopped takes nothing more.
+                let failed = self.shared.failed.lock().map_or(true, |f| f.is_some());
+                if failed || self.shared.closed.load(Ordering::Acquire) {
+                    return Err(self.closed_error().into());
+                }
+                q = self
+                    .shared
+                    .queue_room
+                    .wait_timeout(q, std::time::Duration::from_millis(100))
+                    .map_err(|_| VaultError::Closed("lock poisoned".into()))?
+                    .0;
+            }
+            *q += bytes;
+        }
+        let sent = (|| -> std::result::Result<(), SubmitError> {
+            let tx = self
+                .tx
+                .lock()
+                .map_err(|_| VaultError::Closed("lock poisoned".into()))?
+                .clone()
+                .ok_or_else(|| VaultError::Closed(format!("dataset {} is closed", self.name)))?;
+            tx.send(Submission { work, reply })
+                .map_err(|_| self.closed_error())?;
+            Ok(())
+        })();
+        if let Err(e) = sent {
+            took_off_queue(&self.shared, bytes);
+            return Err(e);
+        }
         Ok(rx)
     }
 
@@ -708,6 +746,12 @@ impl Dataset {
         }
     }
 
+    /// Bytes of changes queued for the committer and not yet taken by it;
+    /// at most 64 MiB, or one larger change alone.
+    pub fn queued_bytes(&self) -> u64 {
+        self.shared.queued.lock().map_or(0, |q| *q)
+    }
+
     /// The epochs this site's log holds: the fence's, cut before the first
     /// epoch whose first record here carries an older epoch. Such a log
     /// went on past the fork (a former primary's tail, until rejoin cuts
@@ -860,6 +904,21 @@ fn replay(state: &State, keys: &Keys, log_dir: &Path, applied: Applied) -> Resul
     Ok(n)
 }
 
+/// Bytes queued for the committer (by all writers together) beyond which a
+/// new submission waits for the committer to take some: a writer's chunks
+/// are in memory from when it queues them until the committer writes them.
+/// One submission larger than this still goes, alone.
+const QUEUE_BYTES: u64 = 64 << 20;
+
+/// Counts `bytes` as taken off the queue by the committer (or never put on
+/// it) and wakes writers waiting for room.
+fn took_off_queue(shared: &Shared, bytes: u64) {
+    if let Ok(mut q) = shared.queued.lock() {
+        *q = q.saturating_sub(bytes);
+    }
+    shared.queue_room.notify_all();
+}
+
 /// The committer thread: takes everything queued, builds each group's
 /// records, writes them under one fsync, applies them to the state as one
 /// batch and only then answers each writer.
@@ -879,7 +938,10 @@ fn commit_loop(
         let first = match carried.take() {
             Some(s) => s,
             None => match rx.recv() {
-                Ok(s) => s,
+                Ok(s) => {
+                    took_off_queue(&shared, s.work.bytes() as u64);
+                    s
+                }
                 Err(_) => break,
             },
         };
@@ -898,7 +960,7 @@ fn commit_loop(
             }));
             continue;
         }
-        let (mut group, bytes) = gather_group(first, &rx, &mut carried);
+        let (mut group, bytes) = gather_group(first, &rx, &shared, &mut carried);
         if let Some(why) = shared.failed.lock().ok().and_then(|f| f.clone()) {
             for s in group {
                 let _ = s.reply.send(Err(VaultError::Closed(why.clone()).into()));
@@ -1002,12 +1064,17 @@ fn run_install(
 fn gather_group(
     first: Submission,
     rx: &Receiver<Submission>,
+    shared: &Shared,
     carried: &mut Option<Submission>,
 ) -> (Vec<Submission>, usize) {
     let mut group = vec![first];
     let mut bytes: usize = group[0].work.bytes();
     while bytes < GROUP_BYTES {
-        match rx.try_recv() {
+        let next = rx.try_recv();
+        if let Ok(s) = &next {
+            took_off_queue(shared, s.work.bytes() as u64);
+        }
+        match next {
             Ok(s)
                 if matches!(
                     s.work,

@@ -249,3 +249,63 @@ fn a_view_reads_chunks_whose_blob_files_the_writer_deleted() {
     drop(view);
     assert_eq!(std::fs::read_dir(&pinned).unwrap().count(), 0);
 }
+
+#[test]
+fn writers_queue_at_most_64_mib_of_chunks_for_the_committer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = DatasetKey::generate();
+    let ds = Dataset::open(&tmp.path().join("ds"), "files", &key, Options::default()).unwrap();
+    // 48 files of 4 MiB of random bytes, sealed up front so the writers
+    // queue them faster than the committer can write them: 192 MiB in all.
+    let mut rng = rand::thread_rng();
+    let files: Vec<(Entry, vault::SealedChunk)> = (0..48)
+        .map(|_| {
+            let mut data = vec![0u8; 4 << 20];
+            rand::RngCore::fill_bytes(&mut rng, &mut data);
+            file(ds.keys(), &data)
+        })
+        .collect();
+    let peak = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                peak.fetch_max(ds.queued_bytes(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+        });
+        let writers: Vec<_> = files
+            .chunks(12)
+            .enumerate()
+            .map(|(w, part)| {
+                let ds = &ds;
+                s.spawn(move || {
+                    let tickets: Vec<_> = part
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (e, c))| {
+                            ds.submit_queued(
+                                vec![put(&format!("w{w}/f{i}"), e.clone())],
+                                vec![c.clone()],
+                            )
+                            .unwrap()
+                        })
+                        .collect();
+                    for t in tickets {
+                        t.wait().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let peak = peak.into_inner();
+    assert!(peak <= 64 << 20, "{peak} bytes were queued at once");
+    assert!(peak > 0, "the sampler saw the queue");
+    assert_eq!(ds.queued_bytes(), 0, "every queued byte was counted off");
+    assert_eq!(paths(&ds).iter().filter(|p| p.contains("/f")).count(), 48);
+    ds.close().unwrap();
+}
