@@ -206,14 +206,14 @@ pub enum SourceError {
     Vault(#[from] vault::VaultError),
 }
 
-/// True when a round stopped because the site was fenced while it ran:
-/// the changes it did not log are taken in by the scan after the fence.
 /// Whether an event only says a path was opened, read or closed without
 /// writing.
 fn is_read_only(kind: &EventKind) -> bool {
     matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
 }
 
+/// True when a round stopped because the site was fenced while it ran:
+/// the changes it did not log are taken in by the scan after the fence.
 fn fenced_midway(r: &Result<(), SourceError>) -> bool {
     if let Err(SourceError::Vault(vault::VaultError::Fenced(why))) = r {
         tracing::warn!(reason = %why, "source paused mid-round: this site was fenced");

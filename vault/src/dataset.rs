@@ -762,21 +762,8 @@ impl Dataset {
         let starts = self.fence().starts;
         let head = self.head_seq();
         let mut held = Vec::with_capacity(starts.len());
-        // The epoch the record at `seq` carries here, if the log holds it.
-        let epoch_at = |seq: u64| -> Result<Option<u64>> {
-            let mut found = None;
-            let r = wal::read_from(&self.dir.join("log"), seq, |r| {
-                if r.record.seq == seq {
-                    found = Some(r.record.epoch);
-                }
-                // Only the record at `seq` matters.
-                Err(VaultError::Closed("seen".into()))
-            });
-            match r {
-                Ok(_) | Err(VaultError::Closed(_)) | Err(VaultError::LogGap { .. }) => Ok(found),
-                Err(e) => Err(e),
-            }
-        };
+        let log = self.dir.join("log");
+        let epoch_at = |seq: u64| wal::epoch_at(&log, seq);
         let mut head_epoch = None;
         for (i, (epoch, start)) in starts.iter().copied().enumerate() {
             if i > 0 && start <= head {

@@ -886,6 +886,23 @@ pub fn remove_segments_before(
     Ok((n, bytes, first))
 }
 
+/// The epoch the record at `seq` carries in the log at `dir`; None when the
+/// log does not hold that seq (retention removed it, or it is past the end).
+pub fn epoch_at(dir: &Path, seq: u64) -> Result<Option<u64>> {
+    let mut found = None;
+    let r = read_from(dir, seq, |r| {
+        if r.record.seq == seq {
+            found = Some(r.record.epoch);
+        }
+        // Only the record at `seq` matters.
+        Err(VaultError::Closed("seen".into()))
+    });
+    match r {
+        Ok(_) | Err(VaultError::Closed(_)) | Err(VaultError::LogGap { .. }) => Ok(found),
+        Err(e) => Err(e),
+    }
+}
+
 /// A record read back from the log, with its chain hash.
 pub struct ReadRecord {
     pub record: Record,

@@ -56,26 +56,14 @@ pub fn fork_point(
     }
     let mut fork = None;
     for (epoch, start) in c.starts(dataset).into_iter().skip(1) {
-        let mut older = false;
-        let r = vault::wal::read_from(&log, start, |r| {
-            if r.record.seq == start && r.record.epoch < epoch {
-                older = true;
-            }
-            // Only the record at `start` matters.
-            Err(vault::VaultError::Closed("seen".into()))
-        });
-        match r {
-            Ok(_) | Err(vault::VaultError::Closed(_)) => {}
-            // The log does not reach that far back (retention removed it,
-            // or it never had it): nothing there to contradict.
-            Err(vault::VaultError::LogGap { .. }) => {}
-            Err(e) => {
-                return Err(TakeoverError::Corrupt {
-                    path: log.clone(),
-                    reason: e.to_string(),
-                })
-            }
-        }
+        // A log that does not reach that far back (retention removed it,
+        // or it never had it) has nothing there to contradict.
+        let older = vault::wal::epoch_at(&log, start)
+            .map_err(|e| TakeoverError::Corrupt {
+                path: log.clone(),
+                reason: e.to_string(),
+            })?
+            .is_some_and(|e| e < epoch);
         if older && fork.is_none_or(|(s, _)| start < s) {
             fork = Some((start, epoch));
         }
