@@ -27,7 +27,8 @@ pub struct SiteView {
     /// The site's last scrub: (when, chunks left damaged, digest equal).
     pub scrub: Option<(i64, u64, bool)>,
     /// The epochs of its history, oldest first: (epoch, first seq). Empty
-    /// when the site did not say (an older triad).
+    /// when the site did not say (an older triad, or this site's copy read
+    /// from disk).
     pub epochs: Vec<(u64, u64)>,
     pub error: Option<String>,
 }
@@ -76,8 +77,9 @@ pub struct CrossReport {
     pub paths_compared_at: Option<(u64, u64)>,
     /// The newest epoch an answering site holds, and the seq it began at.
     pub current_epoch: Option<(u64, u64)>,
-    /// Sites that have not learned `current_epoch`: compared only below its
-    /// first seq.
+    /// Sites whose log goes on past where it leaves the newest history (a
+    /// former primary's tail, or a site that did not say its epochs):
+    /// compared only below that seq.
     pub stale_sites: Vec<String>,
     pub verdict: String,
 }
