@@ -224,9 +224,71 @@ impl Restorer<'_> {
         let view = vault::View::open(scratch.path(), ds_name, self.key)?;
         out.seq = view.applied().seq;
         out.time_ns = view.applied().time_ns;
-        out.report = vault::restore::restore(&view, to, &|b| progress(Progress::Written(b)))?;
+        out.report = self.write_tree(&view, &located, to, &mut out, progress)?;
         out.seconds_write = t.elapsed().as_secs_f64();
         Ok(out)
+    }
+
+    /// Restore step: writes the tree the scratch copy holds into `to`, the
+    /// chunks it holds only by their metadata (the snapshot's) downloaded
+    /// while the files are written. A chunk that does not arrive whole
+    /// fails the restore, every one named; the files that did not need it
+    /// are in place, and the report names the rest.
+    fn write_tree(
+        &self,
+        view: &vault::View,
+        located: &Located,
+        to: &Path,
+        out: &mut ArchiveRestore,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<vault::restore::Report> {
+        let mut fatal: Option<ArchiveError> = None;
+        let mut damaged: Vec<String> = Vec::new();
+        let held = |id: &ChunkId| view.state().has_chunk_bytes(id).unwrap_or(false);
+        let mut fetch = |want: Vec<(ChunkId, vault::state::ChunkMeta)>,
+                         deliver: &mut dyn FnMut(ChunkId, Vec<u8>)| {
+            let total = want.len() as u64;
+            let want = want
+                .into_iter()
+                .map(|(id, m)| (id, m.plain_len, m.sealed_hash))
+                .collect();
+            let mut done = 0u64;
+            match self.download(located, want, out, &mut |c| {
+                done += 1;
+                progress(Progress::Chunks(done, total));
+                deliver(c.id, c.sealed);
+                Ok(())
+            }) {
+                Ok(bad) => damaged = bad,
+                Err(e) => fatal = Some(e),
+            }
+            // Named in the error below, not once per file.
+            Vec::new()
+        };
+        let report = vault::restore::restore_from(
+            view,
+            to,
+            Some(vault::restore::Remote {
+                held: &held,
+                fetch: &mut fetch,
+            }),
+            &|b| progress(Progress::Written(b)),
+        )?;
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        if !damaged.is_empty() {
+            return Err(ArchiveError::Damaged {
+                key: format!(
+                    "{} chunk object(s) of the restored tree (the files that needed them were \
+                     not written to {}; the rest were)",
+                    damaged.len(),
+                    to.display()
+                ),
+                reason: damaged.join("; "),
+            });
+        }
+        Ok(report)
     }
 
     /// Restore step: lists the archive's snapshots (oldest first) and log
@@ -600,7 +662,7 @@ impl Restorer<'_> {
         let mut cut_checked = false;
         let t = std::time::Instant::now();
         if let Some((s, content)) = start {
-            self.install_snapshot(ds, located, &s, content, out, progress)?;
+            self.install_snapshot(ds, located, &s, content, out)?;
         }
 
         out.seconds_snapshot = t.elapsed().as_secs_f64();
@@ -664,7 +726,6 @@ impl Restorer<'_> {
         s: &SnapshotRef,
         content: crate::archiver::SnapshotContent,
         out: &mut ArchiveRestore,
-        progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<()> {
         let crate::archiver::SnapshotContent {
             manifest: m,
@@ -672,7 +733,7 @@ impl Restorer<'_> {
             sealed_hashes,
         } = content;
         let want = self.snapshot_chunks(s, &m, &entries, &sealed_hashes)?;
-        self.stage_snapshot_chunks(ds, located, s, want, out, progress)?;
+        self.stage_snapshot_chunks(ds, located, s, want)?;
         let digest = vault::lthash::LtHash::try_from_bytes(&m.lthash).ok_or_else(|| {
             ArchiveError::Damaged {
                 key: self.store.locate(&s.manifest_key(self.dataset)),
@@ -725,42 +786,37 @@ impl Restorer<'_> {
         Ok(want)
     }
 
-    /// Fill step: downloads the snapshot's chunks `want` and stages them in
-    /// the scratch dataset in batches of about 64 MiB, reporting progress per
-    /// chunk. Any missing or damaged chunk object fails the restore, all of
-    /// them named in one error.
+    /// Fill step: records the snapshot's chunks `want` in the scratch
+    /// dataset by their metadata alone (their bytes are written into the
+    /// tree straight from the store, [`Restorer::write_tree`]). A chunk
+    /// the archive holds nowhere fails the restore before anything is
+    /// written, all of them named in one error.
     fn stage_snapshot_chunks(
         &self,
         ds: &Dataset,
         located: &Located,
         s: &SnapshotRef,
         want: Vec<(ChunkId, u32, [u8; 32])>,
-        out: &mut ArchiveRestore,
-        progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<()> {
-        let total = want.len() as u64;
-        let mut batch: Vec<SealedChunk> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut done = 0u64;
-        let damaged = self.download(located, want, out, &mut |c| {
-            batch_bytes += c.sealed.len();
-            batch.push(c);
-            done += 1;
-            progress(Progress::Chunks(done, total));
-            if batch_bytes >= 64 << 20 {
-                ds.stage_chunks(&batch)?;
-                batch.clear();
-                batch_bytes = 0;
+        let mut meta = Vec::with_capacity(want.len());
+        let mut absent = Vec::new();
+        for (id, plain_len, hash) in want {
+            match located.stored_len(&id) {
+                Some(n) => meta.push((id, plain_len, n as u32, hash)),
+                None => absent.push(format!(
+                    "{}: missing ({})",
+                    self.store.locate(&objects::chunk_key(self.dataset, &id)),
+                    located.absent_reason()
+                )),
             }
-            Ok(())
-        })?;
-        ds.stage_chunks(&batch)?;
-        if !damaged.is_empty() {
+        }
+        if !absent.is_empty() {
             return Err(ArchiveError::Damaged {
-                key: format!("{} chunk object(s) of snapshot {}", damaged.len(), s.name),
-                reason: damaged.join("; "),
+                key: format!("{} chunk object(s) of snapshot {}", absent.len(), s.name),
+                reason: absent.join("; "),
             });
         }
+        ds.stage_chunk_meta(&meta)?;
         Ok(())
     }
 
@@ -802,7 +858,9 @@ impl Restorer<'_> {
         let mut seen = HashSet::new();
         for r in records {
             for (id, plain, _, hash) in &r.attachments {
-                if seen.insert(*id) && !ds.has_chunk(id)? {
+                // A snapshot's chunk is recorded without its bytes, which
+                // the record's payload needs.
+                if seen.insert(*id) && !ds.state().has_chunk_bytes(id)? {
                     want.push((*id, *plain, *hash));
                 }
             }

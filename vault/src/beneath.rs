@@ -102,14 +102,8 @@ impl Beneath {
         let (parent, name) = self
             .parent(p)
             .map_err(|e| format!("opening its directory: {e}"))?;
-        let fd = rustix::fs::openat(
-            &parent,
-            os(tmp),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| format!("creating a temporary file: {e}"))?;
-        let mut f = File::from(fd);
+        let mut f =
+            create_at(&parent, tmp).map_err(|e| format!("creating a temporary file: {e}"))?;
         let res = fill(&mut f).and_then(|()| {
             drop(f);
             rustix::fs::renameat(&parent, os(tmp), &parent, os(name))
@@ -119,6 +113,41 @@ impl Beneath {
             let _ = rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty());
         }
         res
+    }
+
+    /// Creates the temporary file `tmp` in `p`'s directory (a file written
+    /// piece by piece, out of order, and put in place by [`Beneath::commit_tmp`]).
+    pub fn create_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<File> {
+        let (parent, _) = self.parent(p)?;
+        create_at(&parent, tmp)
+    }
+
+    /// Opens the temporary file `tmp` in `p`'s directory, made earlier by
+    /// [`Beneath::create_tmp`], for writing (never through a symlink).
+    pub fn open_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<File> {
+        let (parent, _) = self.parent(p)?;
+        let fd = rustix::fs::openat(
+            &parent,
+            os(tmp),
+            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Renames the temporary file `tmp` into place at `p`.
+    pub fn commit_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<()> {
+        let (parent, name) = self.parent(p)?;
+        Ok(rustix::fs::renameat(&parent, os(tmp), &parent, os(name))?)
+    }
+
+    /// Removes the temporary file `tmp` in `p`'s directory, if it is there.
+    pub fn remove_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<()> {
+        let (parent, _) = self.parent(p)?;
+        match rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Creates the symlink `p` pointing at `target` (which may point
@@ -198,6 +227,18 @@ impl Beneath {
         )?;
         Ok(())
     }
+}
+
+/// Creates `name` in `dir` as a new file, owner-only until its recorded
+/// mode is set, refusing anything already there (a symlink included).
+fn create_at(dir: &OwnedFd, name: &[u8]) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir,
+        os(name),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    Ok(File::from(fd))
 }
 
 /// Errors that mean "nothing is there": a missing component, or a

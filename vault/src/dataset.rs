@@ -587,6 +587,11 @@ impl Dataset {
         self.state.stage_chunks(chunks)
     }
 
+    /// Records chunks by their metadata alone (`State::stage_chunk_meta`).
+    pub fn stage_chunk_meta(&self, chunks: &[(ChunkId, u32, u32, [u8; 32])]) -> Result<()> {
+        self.state.stage_chunk_meta(chunks)
+    }
+
     /// Makes the state durable and returns the seq it is durable to: the log
     /// before it is no longer needed for this site's own recovery.
     pub fn flush_state(&self) -> Result<u64> {

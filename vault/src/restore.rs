@@ -127,6 +127,24 @@ fn mtime(ns: i64) -> FileTime {
     )
 }
 
+/// Chunks a restore needs that the view holds only by their metadata (a
+/// restore from an archive installs the snapshot's namespace without its
+/// chunks' bytes, which are then written straight from the store).
+pub struct Remote<'a> {
+    /// Whether the view holds the chunk's bytes.
+    pub held: &'a (dyn Fn(&ChunkId) -> bool + Sync),
+    /// Fetches every chunk in `want` (distinct ids, with the metadata the
+    /// view records, whose sealed hash the bytes must match), handing each
+    /// one's sealed bytes, checked against that hash, to `deliver` as it
+    /// arrives, in any order. Returns a line for each chunk it could not
+    /// fetch; the files that needed it are named in the report's problems.
+    #[allow(clippy::type_complexity)]
+    pub fetch: &'a mut dyn FnMut(
+        Vec<(ChunkId, ChunkMeta)>,
+        &mut dyn FnMut(ChunkId, Vec<u8>),
+    ) -> Vec<String>,
+}
+
 /// Restores the whole dataset as `view` sees it into `to`, which must be
 /// missing or empty. `progress` is called with bytes written so far.
 ///
@@ -136,6 +154,20 @@ fn mtime(ns: i64) -> FileTime {
 /// directories should be) cannot place anything outside `to`: such entries
 /// are refused, named in the report's problems, and the restore fails.
 pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Report> {
+    restore_from(view, to, None, progress)
+}
+
+/// [`restore`], with the chunks `remote` says the view does not hold
+/// fetched through it while the files are written: each distinct chunk is
+/// read or fetched once, opened once, and written at every place the tree
+/// uses it, so files fill out of order, each under a temporary name until
+/// its last chunk lands.
+pub fn restore_from(
+    view: &View,
+    to: &Path,
+    remote: Option<Remote<'_>>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Report> {
     match fs::read_dir(to) {
         Ok(mut rd) => {
             if rd.next().is_some() {
@@ -192,49 +224,47 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
             Err(e) => problems_list.push(format!("{p}: creating directory: {e}")),
         }
     }
-    let problems = Mutex::new(problems_list);
-    let done = AtomicU64::new(0);
-    let tmp_counter = AtomicU64::new(0);
-    let (ok_files, ok_links, ok_bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let w = Writer {
+        keys: view.keys(),
+        target: &target,
+        problems: Mutex::new(problems_list),
+        done: AtomicU64::new(0),
+        tmp_counter: AtomicU64::new(0),
+        ok_files: AtomicU64::new(0),
+        ok_links: AtomicU64::new(0),
+        ok_bytes: AtomicU64::new(0),
+        open_files: AtomicU64::new(0),
+        progress,
+    };
+    // Symlinks and empty files at once; files with contents become jobs
+    // that their chunks fill.
+    let mut jobs = Vec::new();
+    for (p, e) in checked.iter().filter(|(_, e)| !e.is_dir()) {
+        if !placeable(p, &dirs_made) {
+            w.problem(p, "parent directory was not restored".into());
+        } else if !e.chunks().is_empty() {
+            jobs.push(Job::new(p, e, tmp_name(&w.tmp_counter)));
+        }
+    }
     checked.par_iter().for_each(|(p, e)| {
-        if e.is_dir() {
+        if e.is_dir() || !e.chunks().is_empty() || !placeable(p, &dirs_made) {
             return;
         }
-        let res = if !placeable(p, &dirs_made) {
-            Err("parent directory was not restored".to_string())
-        } else {
-            let tmp = tmp_name(&tmp_counter);
-            match &e.node {
-                Node::File { chunks } => target.write_file(p, &tmp, |f| {
-                    fill_file(&|c| fetch_chunk(view, c), f, e, chunks, &done, progress)
-                }),
-                Node::Symlink { target: to } => target
-                    .symlink(p, &tmp, to, e.mtime_ns)
-                    .map_err(|err| format!("creating symlink: {err}")),
-                Node::Dir => Ok(()),
-            }
+        let tmp = tmp_name(&w.tmp_counter);
+        let res = match &e.node {
+            Node::Symlink { target: to } => target
+                .symlink(p, &tmp, to, e.mtime_ns)
+                .map_err(|err| format!("creating symlink: {err}")),
+            _ => target.write_file(p, &tmp, |f| finish_file(f, e)),
         };
-        match res {
-            Ok(()) => {
-                let (n, b) = match &e.node {
-                    Node::File { .. } => (&ok_files, e.size),
-                    _ => (&ok_links, 0),
-                };
-                n.fetch_add(1, Ordering::Relaxed);
-                ok_bytes.fetch_add(b, Ordering::Relaxed);
-            }
-            Err(why) => {
-                if let Ok(mut v) = problems.lock() {
-                    v.push(format!("{p}: {why}"));
-                }
-            }
-        }
+        w.settled(p, e, res);
     });
-    report.problems = problems.into_inner().unwrap_or_default();
+    w.fill(view, &jobs, remote);
+    report.problems = w.problems.into_inner().unwrap_or_default();
     // Counts of what was put in place; failures are in the problems.
-    report.files = ok_files.load(Ordering::Relaxed);
-    report.symlinks = ok_links.load(Ordering::Relaxed);
-    report.bytes = ok_bytes.load(Ordering::Relaxed);
+    report.files = w.ok_files.load(Ordering::Relaxed);
+    report.symlinks = w.ok_links.load(Ordering::Relaxed);
+    report.bytes = w.ok_bytes.load(Ordering::Relaxed);
     for (p, e) in checked
         .iter()
         .rev()
@@ -246,18 +276,362 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
                 .push(format!("{p}: setting directory metadata: {err}"));
         }
     }
-    if let Err(e) = sync_filesystem(to) {
+    // The flush and the digest's re-read run side by side: one waits on
+    // the disk, the other reads the page cache.
+    let (synced, digest) = rayon::join(|| sync_filesystem(to), || digest_tree(view.keys(), to));
+    if let Err(e) = synced {
         report
             .problems
             .push(format!("flushing the restored files to disk failed: {e}"));
     }
-    match digest_tree(view.keys(), to) {
+    match digest {
         Ok(d) => report.restored_digest = hex::encode(d.summary()),
         Err(e) => report
             .problems
             .push(format!("digesting the restored tree: {e}")),
     }
     Ok(report)
+}
+
+/// Sets a completely written file's recorded mode and mtime.
+fn finish_file(f: &File, e: &Entry) -> std::result::Result<(), String> {
+    f.set_permissions(fs::Permissions::from_mode(e.mode))
+        .map_err(|err| format!("setting mode: {err}"))?;
+    filetime::set_file_handle_times(f, None, Some(mtime(e.mtime_ns)))
+        .map_err(|err| format!("setting mtime: {err}"))
+}
+
+/// Starts writing a complete file's pages to disk without waiting for it
+/// (the restore's one `syncfs` at the end still decides durability, and
+/// reports any error).
+fn start_writeback(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range takes a valid open descriptor and plain
+    // integers; it only schedules writeback.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// At most this many files are held open between their chunks; past it, a
+/// file is opened again for each chunk (a tree whose files share chunks
+/// can have many files half written at once).
+const MAX_OPEN_FILES: u64 = 256;
+
+/// How far, in sealed bytes, fetched chunks may run ahead of the workers
+/// that write them.
+const FETCHED_BYTES_AHEAD: u64 = 64 << 20;
+
+/// Files at least this large are handed to writeback as soon as they are
+/// complete, so the flush at the end of a restore has little left to do.
+const WRITEBACK_EARLY_BYTES: u64 = 1 << 20;
+
+/// Bytes in flight between a producer and workers, bounded.
+struct Budget {
+    used: Mutex<u64>,
+    freed: std::sync::Condvar,
+    max: u64,
+}
+
+impl Budget {
+    fn new(max: u64) -> Budget {
+        Budget {
+            used: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max,
+        }
+    }
+
+    /// Waits until `n` more bytes fit (one item always fits when nothing
+    /// else is in flight), then counts them.
+    fn take(&self, n: u64) {
+        let Ok(mut used) = self.used.lock() else {
+            return;
+        };
+        while *used > 0 && *used + n > self.max {
+            used = match self.freed.wait(used) {
+                Ok(u) => u,
+                Err(_) => return,
+            };
+        }
+        *used += n;
+    }
+
+    fn release(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut used) = self.used.lock() {
+            *used = used.saturating_sub(n);
+        }
+        self.freed.notify_all();
+    }
+}
+
+/// One file with contents, written chunk by chunk under a temporary name.
+struct Job<'a> {
+    path: &'a RelPath,
+    entry: &'a Entry,
+    tmp: Vec<u8>,
+    st: Mutex<JobState>,
+}
+
+struct JobState {
+    /// Chunk placements not yet written.
+    remaining: usize,
+    /// Whether the temporary file exists.
+    created: bool,
+    /// The temporary file, while it is held open.
+    file: Option<File>,
+    /// The first thing that went wrong; the file is then not put in place.
+    failed: Option<String>,
+}
+
+impl<'a> Job<'a> {
+    fn new(path: &'a RelPath, entry: &'a Entry, tmp: Vec<u8>) -> Job<'a> {
+        Job {
+            path,
+            entry,
+            tmp,
+            st: Mutex::new(JobState {
+                remaining: entry.chunks().len(),
+                created: false,
+                file: None,
+                failed: None,
+            }),
+        }
+    }
+}
+
+/// Where each distinct chunk goes: its plain length and every
+/// (job, offset) that holds it.
+type Placements = std::collections::HashMap<ChunkId, (u32, Vec<(usize, u64)>)>;
+
+/// What the workers of one restore share.
+struct Writer<'a> {
+    keys: &'a Keys,
+    target: &'a Beneath,
+    problems: Mutex<Vec<String>>,
+    done: AtomicU64,
+    tmp_counter: AtomicU64,
+    ok_files: AtomicU64,
+    ok_links: AtomicU64,
+    ok_bytes: AtomicU64,
+    open_files: AtomicU64,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl Writer<'_> {
+    fn problem(&self, p: &RelPath, why: String) {
+        if let Ok(mut v) = self.problems.lock() {
+            v.push(format!("{p}: {why}"));
+        }
+    }
+
+    /// Counts a path put in place, or records why it was not.
+    fn settled(&self, p: &RelPath, e: &Entry, res: std::result::Result<(), String>) {
+        match res {
+            Ok(()) => {
+                let (n, b) = match &e.node {
+                    Node::File { .. } => (&self.ok_files, e.size),
+                    _ => (&self.ok_links, 0),
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+                self.ok_bytes.fetch_add(b, Ordering::Relaxed);
+            }
+            Err(why) => self.problem(p, why),
+        }
+    }
+
+    /// Writes every job's chunks: those the view holds read from it, the
+    /// rest fetched through `remote`, each opened (GCM tag, then the
+    /// plaintext against its id) once by one of a few workers and written
+    /// at each of its places. A job whose chunks did not all arrive is
+    /// named with the first reason and its temporary file removed.
+    fn fill(&self, view: &View, jobs: &[Job<'_>], mut remote: Option<Remote<'_>>) {
+        let mut places: Placements = std::collections::HashMap::new();
+        let mut order: Vec<ChunkId> = Vec::new();
+        for (i, j) in jobs.iter().enumerate() {
+            let mut off = 0u64;
+            for c in j.entry.chunks() {
+                let slot = places.entry(c.id).or_insert_with(|| {
+                    order.push(c.id);
+                    (c.len, Vec::new())
+                });
+                slot.1.push((i, off));
+                off += u64::from(c.len);
+            }
+        }
+        let (local, fetched): (Vec<ChunkId>, Vec<ChunkId>) = match &remote {
+            Some(r) => order.into_iter().partition(|id| (r.held)(id)),
+            None => (order, Vec::new()),
+        };
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8);
+        // Fetched chunks wait for a worker within a budget of bytes: the
+        // download runs ahead of the writing, but never by more than that.
+        let (tx, rx) = crossbeam_channel::unbounded::<(ChunkId, Option<Vec<u8>>)>();
+        let budget = Budget::new(FETCHED_BYTES_AHEAD);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let rx = rx.clone();
+                let (places, budget) = (&places, &budget);
+                scope.spawn(move || {
+                    for (id, sealed) in rx {
+                        let n = sealed.as_ref().map_or(0, |b| b.len() as u64);
+                        self.write_chunk(view, jobs, places, id, sealed);
+                        budget.release(n);
+                    }
+                });
+            }
+            for id in local {
+                if tx.send((id, None)).is_err() {
+                    break;
+                }
+            }
+            if let Some(r) = remote.as_mut() {
+                let mut want = Vec::with_capacity(fetched.len());
+                for id in &fetched {
+                    match view.chunk_meta(id) {
+                        Ok(Some(m)) => want.push((*id, m)),
+                        Ok(None) => self.unplaced(jobs, &places, id, "is not recorded".into()),
+                        Err(e) => self.unplaced(jobs, &places, id, e.to_string()),
+                    }
+                }
+                let lost = (r.fetch)(want, &mut |id, sealed| {
+                    budget.take(sealed.len() as u64);
+                    let _ = tx.send((id, Some(sealed)));
+                });
+                if let Ok(mut v) = self.problems.lock() {
+                    v.extend(lost);
+                }
+            }
+            drop(tx);
+        });
+        for j in jobs {
+            let Ok(mut st) = j.st.lock() else { continue };
+            if st.remaining > 0 {
+                st.file = None;
+                let why = st
+                    .failed
+                    .take()
+                    .unwrap_or_else(|| format!("{} of its chunks were not restored", st.remaining));
+                let _ = self.target.remove_tmp(j.path, &j.tmp);
+                self.problem(j.path, why);
+            }
+        }
+    }
+
+    /// Opens one chunk, read from the view when `sealed` is `None`, and
+    /// writes it at each of its places.
+    fn write_chunk(
+        &self,
+        view: &View,
+        jobs: &[Job<'_>],
+        places: &Placements,
+        id: ChunkId,
+        sealed: Option<Vec<u8>>,
+    ) {
+        let Some((len, at)) = places.get(&id) else {
+            return;
+        };
+        let plain = match sealed {
+            Some(b) => {
+                chunk::open(self.keys, &id, *len, &b).map_err(|e| format!("chunk {id}: {e}"))
+            }
+            None => fetch_chunk(view, &ChunkRef { id, len: *len }),
+        };
+        for (job, off) in at {
+            self.place(&jobs[*job], *off, plain.as_deref().map_err(String::as_str));
+        }
+    }
+
+    /// Marks every place chunk `id` goes as failed for `why`.
+    fn unplaced(&self, jobs: &[Job<'_>], places: &Placements, id: &ChunkId, why: String) {
+        if let Some((_, at)) = places.get(id) {
+            let why = format!("chunk {id} {why}");
+            for (job, off) in at {
+                self.place(&jobs[*job], *off, Err(why.as_str()));
+            }
+        }
+    }
+
+    /// Writes one chunk's plaintext (or records why it is missing) at
+    /// offset `off` of `job`'s file, and puts the file in place when that
+    /// was its last chunk.
+    fn place(&self, job: &Job<'_>, off: u64, plain: std::result::Result<&[u8], &str>) {
+        use std::os::unix::fs::FileExt;
+        let Ok(mut st) = job.st.lock() else { return };
+        if st.remaining == 0 {
+            return;
+        }
+        st.remaining -= 1;
+        if st.failed.is_none() {
+            let written = plain.map_err(str::to_string).and_then(|b| {
+                let f = self.file(job, &mut st)?;
+                f.write_all_at(b, off)
+                    .map_err(|e| format!("writing: {e}"))?;
+                let n = self.done.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64;
+                (self.progress)(n);
+                Ok(())
+            });
+            if let Err(why) = written {
+                st.failed = Some(why);
+            }
+        }
+        if st.remaining > 0 {
+            // Held open only while few files are.
+            if st.file.is_some() && self.open_files.load(Ordering::Relaxed) > MAX_OPEN_FILES {
+                st.file = None;
+                self.open_files.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let res = match st.failed.take() {
+            Some(why) => Err(why),
+            None => self.file(job, &mut st).and_then(|f| {
+                if job.entry.size >= WRITEBACK_EARLY_BYTES {
+                    start_writeback(f);
+                }
+                finish_file(f, job.entry)
+            }),
+        };
+        if st.file.take().is_some() {
+            self.open_files.fetch_sub(1, Ordering::Relaxed);
+        }
+        let res = res.and_then(|()| {
+            self.target
+                .commit_tmp(job.path, &job.tmp)
+                .map_err(|e| format!("renaming into place: {e}"))
+        });
+        if res.is_err() && st.created {
+            let _ = self.target.remove_tmp(job.path, &job.tmp);
+        }
+        self.settled(job.path, job.entry, res);
+    }
+
+    /// `job`'s temporary file, created on its first chunk.
+    fn file<'s>(
+        &self,
+        job: &Job<'_>,
+        st: &'s mut JobState,
+    ) -> std::result::Result<&'s File, String> {
+        if st.file.is_none() {
+            let f = if st.created {
+                self.target.open_tmp(job.path, &job.tmp)
+            } else {
+                self.target.create_tmp(job.path, &job.tmp)
+            }
+            .map_err(|e| format!("opening a temporary file: {e}"))?;
+            st.created = true;
+            self.open_files.fetch_add(1, Ordering::Relaxed);
+            st.file = Some(f);
+        }
+        st.file
+            .as_ref()
+            .ok_or_else(|| "the temporary file is not open".to_string())
+    }
 }
 
 pub(crate) fn sync_filesystem(path: &Path) -> std::io::Result<()> {

@@ -553,6 +553,39 @@ impl State {
         self.write(b)
     }
 
+    /// Records chunks by their metadata alone, without their bytes: a
+    /// restore from an archive installs a snapshot's namespace this way and
+    /// writes the chunks into the tree straight from the store
+    /// (`restore::restore_from`). Chunks already recorded are left as they
+    /// are.
+    pub fn stage_chunk_meta(&self, chunks: &[(ChunkId, u32, u32, [u8; 32])]) -> Result<()> {
+        let cm = self.cf(CF_CHUNKMETA)?;
+        let mut b = WriteBatch::default();
+        for (id, plain_len, sealed_len, sealed_hash) in chunks {
+            if self.chunk_meta(id)?.is_some() {
+                continue;
+            }
+            let m = ChunkMeta {
+                refs: 0,
+                plain_len: *plain_len,
+                sealed_len: *sealed_len,
+                sealed_hash: *sealed_hash,
+            };
+            b.put_cf(cm, id.0, m.encode());
+        }
+        self.write(b)
+    }
+
+    /// Whether the chunk's bytes are stored (not only its metadata).
+    pub fn has_chunk_bytes(&self, id: &ChunkId) -> Result<bool> {
+        let cb = self.cf(CF_CHUNKS)?;
+        Ok(self
+            .db
+            .get_pinned_cf(cb, id.0)
+            .map_err(|e| self.err(e))?
+            .is_some())
+    }
+
     /// Replaces the namespace, pins and reference counts with a transferred
     /// state at `applied`, as one batch. Fails, changing nothing, when a
     /// chunk the namespace needs is not stored or the digest does not match.
