@@ -3,16 +3,18 @@
 //! The plan: the newest snapshot at or before the target, then the archived
 //! log records after it up to the target. It is carried out through the
 //! same code a follower uses: a scratch dataset (next to the target, on the
-//! same filesystem) gets the snapshot installed as a state transfer (chunks
-//! downloaded in parallel, neighbours in a pack in one ranged read
-//! (`packs.rs`), each checked against the BLAKE3 of its sealed
-//! bytes that the authenticated manifest pages record; the namespace checked
-//! against the snapshot's digest), then the records appended as replicated
-//! records (rebuilt from the pieces and chunk objects, their hash chain
-//! checked against the snapshot's chain hash and each piece's end hash);
-//! finally the ordinary restore writes the tree from the scratch dataset,
-//! decrypting each chunk and checking it against its id, and compares the
-//! final digest. The scratch dataset is removed afterwards.
+//! same filesystem) gets the snapshot's namespace installed as a state
+//! transfer (checked against the snapshot's digest), its chunks recorded by
+//! metadata alone (the BLAKE3 of their sealed bytes that the authenticated
+//! manifest pages record), then the records appended as replicated records
+//! (rebuilt from the pieces and the chunks they brought, their hash chain
+//! checked against the snapshot's chain hash and each piece's end hash).
+//! Finally the ordinary restore writes the tree from the scratch dataset
+//! while the snapshot's chunks stream in from the store (neighbours in a
+//! pack in one ranged read, `packs.rs`), each checked against its recorded
+//! hash, decrypted, checked against its id and written where the tree uses
+//! it; the final digest is compared. The scratch dataset is removed
+//! afterwards.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -84,8 +86,9 @@ pub struct ArchiveRestore {
     pub time_ns: i64,
     pub chunks_downloaded: u64,
     pub bytes_downloaded: u64,
-    /// Wall time of each phase: the snapshot's chunks into the scratch copy,
-    /// the log replay, writing the tree (with its checks and digest).
+    /// Wall time of each phase: the snapshot's namespace into the scratch
+    /// copy, the log replay, writing the tree as its chunks download (with
+    /// its checks and digest).
     pub seconds_snapshot: f64,
     pub seconds_replay: f64,
     pub seconds_write: f64,

@@ -115,39 +115,11 @@ impl Beneath {
         res
     }
 
-    /// Creates the temporary file `tmp` in `p`'s directory (a file written
-    /// piece by piece, out of order, and put in place by [`Beneath::commit_tmp`]).
-    pub fn create_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<File> {
-        let (parent, _) = self.parent(p)?;
-        create_at(&parent, tmp)
-    }
-
-    /// Opens the temporary file `tmp` in `p`'s directory, made earlier by
-    /// [`Beneath::create_tmp`], for writing (never through a symlink).
-    pub fn open_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<File> {
-        let (parent, _) = self.parent(p)?;
-        let fd = rustix::fs::openat(
-            &parent,
-            os(tmp),
-            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        Ok(File::from(fd))
-    }
-
-    /// Renames the temporary file `tmp` into place at `p`.
-    pub fn commit_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<()> {
-        let (parent, name) = self.parent(p)?;
-        Ok(rustix::fs::renameat(&parent, os(tmp), &parent, os(name))?)
-    }
-
-    /// Removes the temporary file `tmp` in `p`'s directory, if it is there.
-    pub fn remove_tmp(&self, p: &RelPath, tmp: &[u8]) -> io::Result<()> {
-        let (parent, _) = self.parent(p)?;
-        match rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+    /// The directory that holds `p`, opened once for many files in it,
+    /// and the last component's name.
+    pub fn parent_dir<'a>(&self, p: &'a RelPath) -> io::Result<(Dir, &'a [u8])> {
+        let (fd, name) = self.parent(p)?;
+        Ok((Dir(fd), name))
     }
 
     /// Creates the symlink `p` pointing at `target` (which may point
@@ -226,6 +198,42 @@ impl Beneath {
             },
         )?;
         Ok(())
+    }
+}
+
+/// A directory beneath a [`Beneath`] root, reached without following a
+/// symlink; names given to it are single components.
+pub struct Dir(OwnedFd);
+
+impl Dir {
+    /// Creates `name` as a new file (nothing may stand there, a symlink
+    /// included), owner-only until its recorded mode is set.
+    pub fn create(&self, name: &[u8]) -> io::Result<File> {
+        create_at(&self.0, name)
+    }
+
+    /// Opens the existing file `name` for writing, never through a symlink.
+    pub fn open_write(&self, name: &[u8]) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.0,
+            os(name),
+            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Renames `from` to `to` within this directory.
+    pub fn rename(&self, from: &[u8], to: &[u8]) -> io::Result<()> {
+        Ok(rustix::fs::renameat(&self.0, os(from), &self.0, os(to))?)
+    }
+
+    /// Removes the file `name`, if it is there.
+    pub fn remove_file(&self, name: &[u8]) -> io::Result<()> {
+        match rustix::fs::unlinkat(&self.0, os(name), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

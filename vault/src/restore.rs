@@ -1,13 +1,16 @@
 //! Rebuilding a directory tree from a dataset, and computing the namespace
 //! digest of a tree on disk.
 //!
-//! Restore writes every file under a temporary name in its final directory
-//! and renames it into place once complete, checks every chunk (sealed-bytes
-//! hash, GCM tag, plaintext id) on the way, sets modes and mtimes (directories
-//! last, deepest first, since writing into a directory changes its mtime),
-//! and finally re-reads the restored tree and compares its digest with the
-//! one the dataset recorded. Damaged chunks do not stop the restore: every
-//! affected path is named in the report.
+//! Restore reads or fetches each distinct chunk once, checks it (sealed-bytes
+//! hash, GCM tag, plaintext id) and writes it at every place the tree uses
+//! it, a few workers at a time, so files fill out of order: a file written
+//! in one go (one chunk) goes straight to its name, a longer one is written
+//! under a temporary name in its final directory and renamed into place
+//! once complete. Modes and mtimes are set as files complete (directories
+//! last, deepest first, since writing into a directory changes its mtime);
+//! finally the restored tree is re-read and its digest compared with the one
+//! the dataset recorded. Damaged chunks do not stop the restore: every
+//! affected path is named in the report, and none is left half written.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -16,13 +19,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use filetime::FileTime;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::beneath::Beneath;
+use crate::beneath::{Beneath, Dir};
 use crate::chunk::{self, ChunkId};
 use crate::dataset::View;
 use crate::error::{Result, VaultError};
@@ -234,6 +237,7 @@ pub fn restore_from(
         ok_links: AtomicU64::new(0),
         ok_bytes: AtomicU64::new(0),
         open_files: AtomicU64::new(0),
+        dirs: Mutex::new(std::collections::HashMap::new()),
         progress,
     };
     // Symlinks and empty files at once; files with contents become jobs
@@ -368,7 +372,11 @@ impl Budget {
     }
 }
 
-/// One file with contents, written chunk by chunk under a temporary name.
+/// One file with contents. A file whose one chunk placement arrives
+/// first and last is written at its own name in one go (a small file: no
+/// temporary name and no rename, which halve its directory updates);
+/// otherwise it is written chunk by chunk under a temporary name and
+/// renamed when complete.
 struct Job<'a> {
     path: &'a RelPath,
     entry: &'a Entry,
@@ -381,7 +389,8 @@ struct JobState {
     remaining: usize,
     /// Whether the temporary file exists.
     created: bool,
-    /// The temporary file, while it is held open.
+    /// The file being written (temporary or, for a file written in one go,
+    /// at its own name), while it is held open.
     file: Option<File>,
     /// The first thing that went wrong; the file is then not put in place.
     failed: Option<String>,
@@ -418,6 +427,8 @@ struct Writer<'a> {
     ok_links: AtomicU64,
     ok_bytes: AtomicU64,
     open_files: AtomicU64,
+    /// Directories files are written into, each opened once.
+    dirs: Mutex<std::collections::HashMap<Vec<u8>, Arc<Dir>>>,
     progress: &'a (dyn Fn(u64) + Sync),
 }
 
@@ -512,12 +523,18 @@ impl Writer<'_> {
         for j in jobs {
             let Ok(mut st) = j.st.lock() else { continue };
             if st.remaining > 0 {
-                st.file = None;
+                if st.file.take().is_some() {
+                    self.open_files.fetch_sub(1, Ordering::Relaxed);
+                }
                 let why = st
                     .failed
                     .take()
                     .unwrap_or_else(|| format!("{} of its chunks were not restored", st.remaining));
-                let _ = self.target.remove_tmp(j.path, &j.tmp);
+                if st.created {
+                    if let Ok((dir, _)) = self.dir_of(j.path) {
+                        let _ = dir.remove_file(&j.tmp);
+                    }
+                }
                 self.problem(j.path, why);
             }
         }
@@ -557,6 +574,27 @@ impl Writer<'_> {
         }
     }
 
+    /// The directory holding `p` (opened once, kept for the files after
+    /// it) and `p`'s name in it.
+    fn dir_of<'p>(&self, p: &'p RelPath) -> std::io::Result<(Arc<Dir>, &'p [u8])> {
+        /// Past this many, the cache starts again (bounded memory and
+        /// descriptors whatever the tree's shape).
+        const MAX_DIRS: usize = 1024;
+        let (parent, name) = p.split_last();
+        if let Some(d) = self.dirs.lock().ok().and_then(|m| m.get(parent).cloned()) {
+            return Ok((d, name));
+        }
+        let (d, _) = self.target.parent_dir(p)?;
+        let d = Arc::new(d);
+        if let Ok(mut m) = self.dirs.lock() {
+            if m.len() >= MAX_DIRS {
+                m.clear();
+            }
+            m.insert(parent.to_vec(), d.clone());
+        }
+        Ok((d, name))
+    }
+
     /// Writes one chunk's plaintext (or records why it is missing) at
     /// offset `off` of `job`'s file, and puts the file in place when that
     /// was its last chunk.
@@ -566,10 +604,12 @@ impl Writer<'_> {
         if st.remaining == 0 {
             return;
         }
+        // Its only write: straight to its own name.
+        let direct = st.remaining == 1 && !st.created;
         st.remaining -= 1;
         if st.failed.is_none() {
             let written = plain.map_err(str::to_string).and_then(|b| {
-                let f = self.file(job, &mut st)?;
+                let f = self.file(job, &mut st, direct)?;
                 f.write_all_at(b, off)
                     .map_err(|e| format!("writing: {e}"))?;
                 let n = self.done.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64;
@@ -590,7 +630,7 @@ impl Writer<'_> {
         }
         let res = match st.failed.take() {
             Some(why) => Err(why),
-            None => self.file(job, &mut st).and_then(|f| {
+            None => self.file(job, &mut st, direct).and_then(|f| {
                 if job.entry.size >= WRITEBACK_EARLY_BYTES {
                     start_writeback(f);
                 }
@@ -600,37 +640,50 @@ impl Writer<'_> {
         if st.file.take().is_some() {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
         }
-        let res = res.and_then(|()| {
-            self.target
-                .commit_tmp(job.path, &job.tmp)
-                .map_err(|e| format!("renaming into place: {e}"))
-        });
-        if res.is_err() && st.created {
-            let _ = self.target.remove_tmp(job.path, &job.tmp);
-        }
+        let res = match self.dir_of(job.path) {
+            Err(e) => res.and(Err(format!("opening its directory: {e}"))),
+            Ok((dir, name)) => {
+                let res = res.and_then(|()| {
+                    if direct {
+                        return Ok(());
+                    }
+                    dir.rename(&job.tmp, name)
+                        .map_err(|e| format!("renaming into place: {e}"))
+                });
+                if res.is_err() && st.created {
+                    let _ = dir.remove_file(if direct { name } else { &job.tmp });
+                }
+                res
+            }
+        };
         self.settled(job.path, job.entry, res);
     }
 
-    /// `job`'s temporary file, created on its first chunk.
+    /// `job`'s file, created on its first chunk: at its own name when
+    /// `direct`, else under its temporary name.
     fn file<'s>(
         &self,
         job: &Job<'_>,
         st: &'s mut JobState,
+        direct: bool,
     ) -> std::result::Result<&'s File, String> {
         if st.file.is_none() {
-            let f = if st.created {
-                self.target.open_tmp(job.path, &job.tmp)
-            } else {
-                self.target.create_tmp(job.path, &job.tmp)
+            let (dir, name) = self
+                .dir_of(job.path)
+                .map_err(|e| format!("opening its directory: {e}"))?;
+            let f = match (direct, st.created) {
+                (true, _) => dir.create(name),
+                (false, true) => dir.open_write(&job.tmp),
+                (false, false) => dir.create(&job.tmp),
             }
-            .map_err(|e| format!("opening a temporary file: {e}"))?;
+            .map_err(|e| format!("creating the file: {e}"))?;
             st.created = true;
             self.open_files.fetch_add(1, Ordering::Relaxed);
             st.file = Some(f);
         }
         st.file
             .as_ref()
-            .ok_or_else(|| "the temporary file is not open".to_string())
+            .ok_or_else(|| "the file is not open".to_string())
     }
 }
 
