@@ -123,6 +123,11 @@ pub struct Restorer<'a> {
     /// each is checked under the dataset's key, and the restored history
     /// must agree with every one it covers.
     pub checkpoints: &'a [vault::state::Checkpoint],
+    /// Bring an existing tree at the target to the restored state, reading
+    /// the chunks it already holds instead of downloading them
+    /// (`vault::restore::restore_from`); otherwise the target must be
+    /// missing or empty.
+    pub delta: bool,
 }
 
 impl Restorer<'_> {
@@ -135,7 +140,9 @@ impl Restorer<'_> {
         let ds_name = self.dataset;
         let keys = self.key.derive();
         // Refuse a non-empty target before downloading anything.
-        refuse_non_empty(to)?;
+        if !self.delta {
+            refuse_non_empty(to)?;
+        }
         // The head is read before anything is listed: a piece is always in
         // the store before the head that counts it, so a head ahead of the
         // listing means objects were removed, not that a ship raced us.
@@ -275,6 +282,7 @@ impl Restorer<'_> {
                 held: &held,
                 fetch: &mut fetch,
             }),
+            self.delta,
             &|b| progress(Progress::Written(b)),
         )?;
         if let Some(e) = fatal {
@@ -1114,6 +1122,7 @@ mod tests {
                 concurrency: 2,
                 expect_seq: None,
                 checkpoints: cps,
+                delta: false,
             }
             .restore(At::Latest, &dir.path().join(to), &|_| {})
         };
@@ -1294,6 +1303,7 @@ mod tests {
             concurrency: 2,
             expect_seq: None,
             checkpoints: &[],
+            delta: false,
         };
         let to = dir.path().join("restored");
         let r = restorer.restore(At::Latest, &to, &|_| {}).unwrap();

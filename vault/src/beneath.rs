@@ -223,6 +223,17 @@ impl Dir {
         Ok(File::from(fd))
     }
 
+    /// Opens the file `name` for reading, never through a symlink.
+    pub fn open_read(&self, name: &[u8]) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.0,
+            os(name),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
     /// Renames `from` to `to` within this directory.
     pub fn rename(&self, from: &[u8], to: &[u8]) -> io::Result<()> {
         Ok(rustix::fs::renameat(&self.0, os(from), &self.0, os(to))?)

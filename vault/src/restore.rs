@@ -45,6 +45,13 @@ pub struct Report {
     pub bytes: u64,
     pub expected_digest: String,
     pub restored_digest: String,
+    /// A delta restore: files of the existing tree already as recorded
+    /// (counted in `files` too), plaintext bytes read from the existing
+    /// tree instead of fetched, and paths removed that the dataset does not
+    /// hold.
+    pub files_kept: u64,
+    pub bytes_reused: u64,
+    pub removed: u64,
     /// One line per path that could not be restored faithfully.
     pub problems: Vec<String>,
 }
@@ -157,37 +164,28 @@ pub struct Remote<'a> {
 /// directories should be) cannot place anything outside `to`: such entries
 /// are refused, named in the report's problems, and the restore fails.
 pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Report> {
-    restore_from(view, to, None, progress)
+    restore_from(view, to, None, false, progress)
 }
 
 /// [`restore`], with the chunks `remote` says the view does not hold
 /// fetched through it while the files are written: each distinct chunk is
 /// read or fetched once, opened once, and written at every place the tree
-/// uses it, so files fill out of order, each under a temporary name until
-/// its last chunk lands.
+/// uses it, so files fill out of order.
+///
+/// With `delta`, `to` may hold a tree already (an older restore, or the
+/// damaged original): it is scanned first, files already as recorded are
+/// left alone (a differing mode or mtime is set in place), chunks found in
+/// it are read from it rather than fetched, files that differ are replaced
+/// once every chunk is written, and whatever the dataset does not hold is
+/// removed. The digest check at the end covers the whole tree.
 pub fn restore_from(
     view: &View,
     to: &Path,
     remote: Option<Remote<'_>>,
+    delta: bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Report> {
-    match fs::read_dir(to) {
-        Ok(mut rd) => {
-            if rd.next().is_some() {
-                return Err(VaultError::io(
-                    "restore target",
-                    to,
-                    std::io::Error::other(
-                        "directory is not empty; restore into a new or empty directory",
-                    ),
-                ));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(to).map_err(io("creating restore target", to))?
-        }
-        Err(e) => return Err(VaultError::io("restore target", to, e)),
-    }
+    let existing = prepare_target(view.keys(), to, delta)?;
     let target = Beneath::open(to).map_err(io("opening restore target", to))?;
     let entries = view.entries()?;
     let applied = view.applied().clone();
@@ -204,6 +202,23 @@ pub fn restore_from(
             Err(why) => problems_list.push(format!("refused: {why}; nothing was written for it")),
         }
     }
+    // What the existing tree holds at each path (`None`: a kind triad does
+    // not keep, or one it could not read).
+    let on_disk: std::collections::HashMap<&[u8], Option<&Entry>> = existing
+        .iter()
+        .map(|(p, e)| (p.as_bytes(), e.as_ref()))
+        .collect();
+    let wanted: HashSet<&[u8]> = checked.iter().map(|(p, _)| p.as_bytes()).collect();
+    // Whatever stands where the dataset has another kind goes first.
+    for (p, e) in &checked {
+        if let Some(d) = on_disk.get(p.as_bytes()) {
+            if !d.is_some_and(|d| same_kind(d, e)) {
+                if let Err(err) = target.remove_all(p) {
+                    problems_list.push(format!("{p}: removing what stood in its place: {err}"));
+                }
+            }
+        }
+    }
     // Only entries whose parent was restored as a directory are written
     // (a consistent namespace never has others); the descriptor walk
     // refuses a symlink in a directory's place in any case.
@@ -214,12 +229,16 @@ pub fn restore_from(
     };
     // Directories first, parents before children (sorted order), writable
     // by us until the end.
-    for (p, _) in checked.iter().filter(|(_, e)| e.is_dir()) {
+    for (p, e) in checked.iter().filter(|(_, e)| e.is_dir()) {
         if !placeable(p, &dirs_made) {
             problems_list.push(format!("{p}: parent directory was not restored"));
             continue;
         }
-        match target.mkdir(p) {
+        let made = match on_disk.get(p.as_bytes()) {
+            Some(Some(d)) if d.is_dir() => target.set_dir_meta(p, 0o700, e.mtime_ns),
+            _ => target.mkdir(p),
+        };
+        match made {
             Ok(()) => {
                 dirs_made.insert(p.as_bytes());
                 report.dirs += 1;
@@ -238,20 +257,48 @@ pub fn restore_from(
         ok_bytes: AtomicU64::new(0),
         open_files: AtomicU64::new(0),
         dirs: Mutex::new(std::collections::HashMap::new()),
+        deferred: Mutex::new(Vec::new()),
+        reused: AtomicU64::new(0),
+        kept: AtomicU64::new(0),
         progress,
     };
-    // Symlinks and empty files at once; files with contents become jobs
-    // that their chunks fill.
+    // Files already as recorded stay; symlinks and empty files are made at
+    // once; files with contents become jobs that their chunks fill.
     let mut jobs = Vec::new();
+    let mut ready: HashSet<&[u8]> = HashSet::new();
     for (p, e) in checked.iter().filter(|(_, e)| !e.is_dir()) {
+        let there = on_disk.get(p.as_bytes()).copied().flatten();
         if !placeable(p, &dirs_made) {
             w.problem(p, "parent directory was not restored".into());
+        } else if let Some(d) = there.filter(|d| {
+            // A symlink's mode and mtime are not set in place: one that
+            // differs at all is made again.
+            d.node == e.node && d.size == e.size && (matches!(e.node, Node::File { .. }) || *d == e)
+        }) {
+            ready.insert(p.as_bytes());
+            if d.mode != e.mode || d.mtime_ns != e.mtime_ns {
+                w.settled(p, e, w.set_meta(p, e));
+            } else {
+                w.settled(p, e, Ok(()));
+            }
+            w.kept.fetch_add(1, Ordering::Relaxed);
         } else if !e.chunks().is_empty() {
-            jobs.push(Job::new(p, e, tmp_name(&w.tmp_counter)));
+            let replaces = there.is_some_and(|d| same_kind(d, e));
+            jobs.push(Job::new(
+                jobs.len(),
+                p,
+                e,
+                tmp_name(&w.tmp_counter),
+                replaces,
+            ));
         }
     }
     checked.par_iter().for_each(|(p, e)| {
-        if e.is_dir() || !e.chunks().is_empty() || !placeable(p, &dirs_made) {
+        if e.is_dir()
+            || !e.chunks().is_empty()
+            || !placeable(p, &dirs_made)
+            || ready.contains(p.as_bytes())
+        {
             return;
         }
         let tmp = tmp_name(&w.tmp_counter);
@@ -263,7 +310,36 @@ pub fn restore_from(
         };
         w.settled(p, e, res);
     });
-    w.fill(view, &jobs, remote);
+    let tree: Vec<(RelPath, Entry)> = existing
+        .iter()
+        .filter_map(|(p, e)| match e {
+            Some(
+                e @ Entry {
+                    node: Node::File { .. },
+                    ..
+                },
+            ) => Some((p.clone(), e.clone())),
+            _ => None,
+        })
+        .collect();
+    w.fill(view, &jobs, remote, &tree);
+    drop(tree);
+    // What the dataset does not hold goes last: until now it could have
+    // been read as a source.
+    for (p, _) in existing.iter().rev() {
+        if !wanted.contains(p.as_bytes()) {
+            if let Err(err) = target.remove_all(p) {
+                w.problem(
+                    p,
+                    format!("removing a path the dataset does not hold: {err}"),
+                );
+            } else {
+                report.removed += 1;
+            }
+        }
+    }
+    report.files_kept = w.kept.load(Ordering::Relaxed);
+    report.bytes_reused = w.reused.load(Ordering::Relaxed);
     report.problems = w.problems.into_inner().unwrap_or_default();
     // Counts of what was put in place; failures are in the problems.
     report.files = w.ok_files.load(Ordering::Relaxed);
@@ -295,6 +371,60 @@ pub fn restore_from(
             .push(format!("digesting the restored tree: {e}")),
     }
     Ok(report)
+}
+
+/// Whether two entries are of one kind (directory, file, symlink).
+fn same_kind(a: &Entry, b: &Entry) -> bool {
+    std::mem::discriminant(&a.node) == std::mem::discriminant(&b.node)
+}
+
+/// Makes sure `to` can take the restore: created when missing; otherwise
+/// it must be empty, unless `delta`, when the tree in it is scanned
+/// (every path, with its entry as read from disk) for what can stay.
+fn prepare_target(keys: &Keys, to: &Path, delta: bool) -> Result<Vec<(RelPath, Option<Entry>)>> {
+    match fs::read_dir(to) {
+        Ok(mut rd) => {
+            if rd.next().is_none() {
+                return Ok(Vec::new());
+            }
+            if !delta {
+                return Err(VaultError::io(
+                    "restore target",
+                    to,
+                    std::io::Error::other(
+                        "directory is not empty; restore into a new or empty directory, or \
+                         use --delta to bring an existing tree to the restored state",
+                    ),
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(to).map_err(io("creating restore target", to))?;
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(VaultError::io("restore target", to, e)),
+    }
+    // A delta restore removes what the dataset does not hold: never let it
+    // loose on the root of the filesystem.
+    if fs::canonicalize(to).map_err(io("restore target", to))? == Path::new("/") {
+        return Err(VaultError::io(
+            "restore target",
+            to,
+            std::io::Error::other("a delta restore into / is refused"),
+        ));
+    }
+    let paths = walkdir(to)?;
+    let mut scanned: Vec<(RelPath, Option<Entry>)> = paths
+        .par_iter()
+        .filter_map(|abs| {
+            let rel = abs.strip_prefix(to).ok()?;
+            let rp = RelPath::new(rel.as_os_str().as_bytes().to_vec()).ok()?;
+            // Unreadable counts as a kind triad does not keep: replaced.
+            Some((rp, entry_from_disk(keys, abs).ok().flatten()))
+        })
+        .collect();
+    scanned.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(scanned)
 }
 
 /// Sets a completely written file's recorded mode and mtime.
@@ -378,9 +508,15 @@ impl Budget {
 /// otherwise it is written chunk by chunk under a temporary name and
 /// renamed when complete.
 struct Job<'a> {
+    /// Its place in the job list.
+    index: usize,
     path: &'a RelPath,
     entry: &'a Entry,
     tmp: Vec<u8>,
+    /// It replaces a file of the existing tree (a delta restore), whose
+    /// contents may be read as a source until every chunk is written: it is
+    /// renamed into place only then.
+    replaces: bool,
     st: Mutex<JobState>,
 }
 
@@ -397,11 +533,19 @@ struct JobState {
 }
 
 impl<'a> Job<'a> {
-    fn new(path: &'a RelPath, entry: &'a Entry, tmp: Vec<u8>) -> Job<'a> {
+    fn new(
+        index: usize,
+        path: &'a RelPath,
+        entry: &'a Entry,
+        tmp: Vec<u8>,
+        replaces: bool,
+    ) -> Job<'a> {
         Job {
+            index,
             path,
             entry,
             tmp,
+            replaces,
             st: Mutex::new(JobState {
                 remaining: entry.chunks().len(),
                 created: false,
@@ -416,6 +560,17 @@ impl<'a> Job<'a> {
 /// (job, offset) that holds it.
 type Placements = std::collections::HashMap<ChunkId, (u32, Vec<(usize, u64)>)>;
 
+/// Where a needed chunk already is in the existing tree: file and offset.
+type Sources<'a> = std::collections::HashMap<ChunkId, (&'a RelPath, u64)>;
+
+/// A chunk for a worker: to read from the view, to read from the existing
+/// tree, or fetched (sealed bytes, checked against their recorded hash).
+enum Msg {
+    View(ChunkId),
+    Tree(ChunkId),
+    Fetched(ChunkId, Vec<u8>),
+}
+
 /// What the workers of one restore share.
 struct Writer<'a> {
     keys: &'a Keys,
@@ -429,10 +584,30 @@ struct Writer<'a> {
     open_files: AtomicU64,
     /// Directories files are written into, each opened once.
     dirs: Mutex<std::collections::HashMap<Vec<u8>, Arc<Dir>>>,
+    /// Complete files waiting to replace files of the existing tree.
+    deferred: Mutex<Vec<usize>>,
+    /// Plaintext bytes read from the existing tree rather than fetched.
+    reused: AtomicU64,
+    /// Files of the existing tree already as recorded.
+    kept: AtomicU64,
     progress: &'a (dyn Fn(u64) + Sync),
 }
 
 impl Writer<'_> {
+    /// Gives a file of the existing tree, whose contents are as recorded,
+    /// its recorded mode and mtime.
+    fn set_meta(&self, p: &RelPath, e: &Entry) -> std::result::Result<(), String> {
+        let (dir, name) = self
+            .dir_of(p)
+            .map_err(|err| format!("opening its directory: {err}"))?;
+        // Read-only is enough to change a file's mode and times as its
+        // owner, and works for a file whose mode denies writing.
+        let f = dir
+            .open_read(name)
+            .map_err(|err| format!("opening it to set its mode and mtime: {err}"))?;
+        finish_file(&f, e)
+    }
+
     fn problem(&self, p: &RelPath, why: String) {
         if let Ok(mut v) = self.problems.lock() {
             v.push(format!("{p}: {why}"));
@@ -454,12 +629,19 @@ impl Writer<'_> {
         }
     }
 
-    /// Writes every job's chunks: those the view holds read from it, the
-    /// rest fetched through `remote`, each opened (GCM tag, then the
-    /// plaintext against its id) once by one of a few workers and written
-    /// at each of its places. A job whose chunks did not all arrive is
-    /// named with the first reason and its temporary file removed.
-    fn fill(&self, view: &View, jobs: &[Job<'_>], mut remote: Option<Remote<'_>>) {
+    /// Writes every job's chunks, each opened and checked once by one of a
+    /// few workers and written at each of its places. Chunks found in the
+    /// existing tree (`tree`, a delta restore) are read from it first; the
+    /// rest, and any the tree no longer holds as it was, come from the view
+    /// or through `remote`. A job whose chunks did not all arrive is named
+    /// with the first reason and its temporary file removed.
+    fn fill(
+        &self,
+        view: &View,
+        jobs: &[Job<'_>],
+        mut remote: Option<Remote<'_>>,
+        tree: &[(RelPath, Entry)],
+    ) {
         let mut places: Placements = std::collections::HashMap::new();
         let mut order: Vec<ChunkId> = Vec::new();
         for (i, j) in jobs.iter().enumerate() {
@@ -473,31 +655,37 @@ impl Writer<'_> {
                 off += u64::from(c.len);
             }
         }
-        let (local, fetched): (Vec<ChunkId>, Vec<ChunkId>) = match &remote {
-            Some(r) => order.into_iter().partition(|id| (r.held)(id)),
-            None => (order, Vec::new()),
-        };
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, 8);
-        // Fetched chunks wait for a worker within a budget of bytes: the
-        // download runs ahead of the writing, but never by more than that.
-        let (tx, rx) = crossbeam_channel::unbounded::<(ChunkId, Option<Vec<u8>>)>();
-        let budget = Budget::new(FETCHED_BYTES_AHEAD);
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                let rx = rx.clone();
-                let (places, budget) = (&places, &budget);
-                scope.spawn(move || {
-                    for (id, sealed) in rx {
-                        let n = sealed.as_ref().map_or(0, |b| b.len() as u64);
-                        self.write_chunk(view, jobs, places, id, sealed);
-                        budget.release(n);
-                    }
-                });
+        // Where in the existing tree each needed chunk is, if anywhere.
+        let mut sources: Sources = std::collections::HashMap::new();
+        for (p, e) in tree {
+            let mut off = 0u64;
+            for c in e.chunks() {
+                if places.contains_key(&c.id) {
+                    sources.entry(c.id).or_insert((p, off));
+                }
+                off += u64::from(c.len);
             }
+        }
+        let (from_tree, rest): (Vec<ChunkId>, Vec<ChunkId>) =
+            order.into_iter().partition(|id| sources.contains_key(id));
+        let retry = Mutex::new(Vec::new());
+        self.run(view, jobs, &places, &sources, &retry, |tx, _| {
+            for id in from_tree {
+                if tx.send(Msg::Tree(id)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut rest = rest;
+        rest.extend(retry.into_inner().unwrap_or_default());
+        let (local, fetched): (Vec<ChunkId>, Vec<ChunkId>) = match &remote {
+            Some(r) => rest.into_iter().partition(|id| (r.held)(id)),
+            None => (rest, Vec::new()),
+        };
+        let no_retry = Mutex::new(Vec::new());
+        self.run(view, jobs, &places, &sources, &no_retry, |tx, budget| {
             for id in local {
-                if tx.send((id, None)).is_err() {
+                if tx.send(Msg::View(id)).is_err() {
                     break;
                 }
             }
@@ -512,14 +700,30 @@ impl Writer<'_> {
                 }
                 let lost = (r.fetch)(want, &mut |id, sealed| {
                     budget.take(sealed.len() as u64);
-                    let _ = tx.send((id, Some(sealed)));
+                    let _ = tx.send(Msg::Fetched(id, sealed));
                 });
                 if let Ok(mut v) = self.problems.lock() {
                     v.extend(lost);
                 }
             }
-            drop(tx);
         });
+        // Replaced files go in place only now: until here their old
+        // contents may have been read as sources.
+        let deferred =
+            std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        for i in deferred {
+            let job = &jobs[i];
+            let res = self
+                .dir_of(job.path)
+                .map_err(|e| format!("opening its directory: {e}"))
+                .and_then(|(dir, name)| {
+                    dir.rename(&job.tmp, name).map_err(|e| {
+                        let _ = dir.remove_file(&job.tmp);
+                        format!("renaming into place: {e}")
+                    })
+                });
+            self.settled(job.path, job.entry, res);
+        }
         for j in jobs {
             let Ok(mut st) = j.st.lock() else { continue };
             if st.remaining > 0 {
@@ -540,28 +744,96 @@ impl Writer<'_> {
         }
     }
 
-    /// Opens one chunk, read from the view when `sealed` is `None`, and
-    /// writes it at each of its places.
+    /// Runs a few workers over the chunks `feed` sends, then waits for
+    /// them to finish. Chunks sent as fetched count against a budget of
+    /// bytes, so the fetch runs ahead of the writing by at most that.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        view: &View,
+        jobs: &[Job<'_>],
+        places: &Placements,
+        sources: &Sources<'_>,
+        retry: &Mutex<Vec<ChunkId>>,
+        feed: impl FnOnce(&crossbeam_channel::Sender<Msg>, &Budget),
+    ) {
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8);
+        let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
+        let budget = Budget::new(FETCHED_BYTES_AHEAD);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let rx = rx.clone();
+                let budget = &budget;
+                scope.spawn(move || {
+                    for msg in rx {
+                        let n = match &msg {
+                            Msg::Fetched(_, b) => b.len() as u64,
+                            _ => 0,
+                        };
+                        self.write_chunk(view, jobs, places, sources, retry, msg);
+                        budget.release(n);
+                    }
+                });
+            }
+            feed(&tx, &budget);
+            drop(tx);
+        });
+    }
+
+    /// Opens one chunk and writes it at each of its places. A chunk the
+    /// existing tree no longer holds as scanned goes to `retry` instead.
     fn write_chunk(
         &self,
         view: &View,
         jobs: &[Job<'_>],
         places: &Placements,
-        id: ChunkId,
-        sealed: Option<Vec<u8>>,
+        sources: &Sources<'_>,
+        retry: &Mutex<Vec<ChunkId>>,
+        msg: Msg,
     ) {
+        let id = match &msg {
+            Msg::View(id) | Msg::Tree(id) | Msg::Fetched(id, _) => *id,
+        };
         let Some((len, at)) = places.get(&id) else {
             return;
         };
-        let plain = match sealed {
-            Some(b) => {
+        let plain = match msg {
+            Msg::Fetched(_, b) => {
                 chunk::open(self.keys, &id, *len, &b).map_err(|e| format!("chunk {id}: {e}"))
             }
-            None => fetch_chunk(view, &ChunkRef { id, len: *len }),
+            Msg::View(_) => fetch_chunk(view, &ChunkRef { id, len: *len }),
+            Msg::Tree(_) => match sources
+                .get(&id)
+                .and_then(|(p, off)| self.read_tree(p, *off, *len, &id))
+            {
+                Some(b) => {
+                    self.reused.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    Ok(b)
+                }
+                None => {
+                    if let Ok(mut r) = retry.lock() {
+                        r.push(id);
+                    }
+                    return;
+                }
+            },
         };
         for (job, off) in at {
             self.place(&jobs[*job], *off, plain.as_deref().map_err(String::as_str));
         }
+    }
+
+    /// Reads chunk `id` from the existing file `p` at `off`, if it is still
+    /// there as scanned (its keyed hash is checked).
+    fn read_tree(&self, p: &RelPath, off: u64, len: u32, id: &ChunkId) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let (dir, name) = self.dir_of(p).ok()?;
+        let f = dir.open_read(name).ok()?;
+        let mut b = vec![0u8; len as usize];
+        f.read_exact_at(&mut b, off).ok()?;
+        (ChunkId::of(self.keys, &b) == *id).then_some(b)
     }
 
     /// Marks every place chunk `id` goes as failed for `why`.
@@ -604,8 +876,8 @@ impl Writer<'_> {
         if st.remaining == 0 {
             return;
         }
-        // Its only write: straight to its own name.
-        let direct = st.remaining == 1 && !st.created;
+        // Its only write: straight to its own name, unless a file is there.
+        let direct = st.remaining == 1 && !st.created && !job.replaces;
         st.remaining -= 1;
         if st.failed.is_none() {
             let written = plain.map_err(str::to_string).and_then(|b| {
@@ -639,6 +911,12 @@ impl Writer<'_> {
         };
         if st.file.take().is_some() {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
+        }
+        if res.is_ok() && job.replaces {
+            if let Ok(mut d) = self.deferred.lock() {
+                d.push(job.index);
+                return;
+            }
         }
         let res = match self.dir_of(job.path) {
             Err(e) => res.and(Err(format!("opening its directory: {e}"))),

@@ -4,6 +4,8 @@
 //! fills every place it is used, and a chunk that never arrives, or arrives
 //! altered, keeps exactly the files that need it out of the tree (named in
 //! the report, no temporary file left behind) while the rest are restored.
+//! A delta restore brings a changed tree back, reading the chunks it still
+//! holds instead of fetching them.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -157,6 +159,7 @@ fn restore_fetching(s: &Setup, to: &Path, deliver: Deliver<'_>) -> vault::restor
             held: &held,
             fetch: &mut fetch,
         }),
+        false,
         &|_| {},
     )
     .unwrap();
@@ -227,4 +230,77 @@ fn a_site_copy_restores_whole_from_its_own_chunks() {
     assert!(r.ok(), "{:?}", r.problems);
     assert_eq!(r.files, 5);
     assert!(std::fs::read(to.join("a")).unwrap() == s.files[0].1);
+}
+
+#[test]
+fn a_delta_restore_fetches_only_what_the_tree_lost_and_removes_the_rest() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let s = setup();
+    let view = View::open(&s.data, "t", &s.key).unwrap();
+    let keys = view.keys().clone();
+    let to = s.tmp.path().join("out");
+    assert!(restore(&view, &to, &|_| {}).unwrap().ok());
+    // Without --delta a non-empty target is refused.
+    let err = restore(&view, &to, &|_| {}).unwrap_err().to_string();
+    assert!(err.contains("--delta"), "{err}");
+
+    // The tree drifts: `a` moved away, `b` chmodded, `d/e` rewritten, `g`
+    // deleted, a directory where `empty` was, extra files and a symlink.
+    std::fs::rename(to.join("a"), to.join("a.moved")).unwrap();
+    std::fs::set_permissions(to.join("b"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(to.join("d/e"), b"something else").unwrap();
+    std::fs::remove_file(to.join("g")).unwrap();
+    std::fs::remove_file(to.join("empty")).unwrap();
+    std::fs::create_dir_all(to.join("empty/sub")).unwrap();
+    std::fs::write(to.join("empty/sub/f"), b"x").unwrap();
+    std::fs::create_dir(to.join("x")).unwrap();
+    std::fs::write(to.join("x/y"), b"extra").unwrap();
+    std::os::unix::fs::symlink("/etc", to.join("link")).unwrap();
+
+    let held = |_: &ChunkId| false;
+    let mut asked: Vec<ChunkId> = Vec::new();
+    let mut fetch = |want: Vec<(ChunkId, vault::state::ChunkMeta)>,
+                     give: &mut dyn FnMut(ChunkId, Vec<u8>)| {
+        for (id, _) in want {
+            asked.push(id);
+            give(id, view.chunk_bytes(&id).unwrap().unwrap());
+        }
+        Vec::new()
+    };
+    let r = restore_from(
+        &view,
+        &to,
+        Some(Remote {
+            held: &held,
+            fetch: &mut fetch,
+        }),
+        true,
+        &|_| {},
+    )
+    .unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+    for (name, bytes) in &s.files {
+        assert!(std::fs::read(to.join(name)).unwrap() == *bytes, "{name}");
+    }
+    assert_eq!(
+        std::fs::metadata(to.join("b")).unwrap().mode() & 0o7777,
+        0o640
+    );
+    for gone in ["a.moved", "x", "link", "empty/sub"] {
+        assert!(
+            std::fs::symlink_metadata(to.join(gone)).is_err(),
+            "{gone} was not removed"
+        );
+    }
+    // Only the chunks the tree no longer held were fetched: `g`'s and
+    // `d/e`'s; `a`'s and `b`'s two distinct chunks of zeros (4 MiB and
+    // 1 MiB) were each read from the tree once.
+    let mut want = vec![s.chunk_of(&keys, "g"), s.chunk_of(&keys, "d/e")];
+    want.sort();
+    asked.sort();
+    assert_eq!(asked, want);
+    assert_eq!(r.bytes_reused, 5 << 20);
+    assert_eq!(r.files_kept, 1, "b, its mode set again");
+    assert!(r.removed >= 4, "{}", r.removed);
+    assert!(temporaries(&to).is_empty());
 }

@@ -181,6 +181,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             concurrency: spec.concurrency,
             expect_seq: spec.expect_seq,
             checkpoints: &spec.checkpoints,
+            delta: false,
         }
         .restore(spec.at, &scratch.path().join("restored"), &|_| {})
     });

@@ -260,6 +260,7 @@ fn restore_request(a: &GetArgs, url: &str, to: &Path) -> crate::ops::restore::Fr
         credentials_file: a.credentials_file.clone(),
         concurrency: 32,
         expect_seq: None,
+        delta: false,
     }
 }
 

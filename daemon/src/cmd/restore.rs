@@ -23,9 +23,15 @@ pub struct Args {
     /// The dataset to restore.
     #[arg(long)]
     dataset: String,
-    /// Target directory; must be missing or empty.
+    /// Target directory; must be missing or empty unless --delta.
     #[arg(long)]
     to: PathBuf,
+    /// Bring the tree already at --to to the restored state: files already
+    /// as recorded stay, chunks found in the tree are read from it instead
+    /// of fetched, differing files are replaced, and every path the dataset
+    /// does not hold is REMOVED from --to.
+    #[arg(long)]
+    delta: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -81,6 +87,7 @@ impl Args {
             credentials_file: self.credentials_file.clone(),
             concurrency: usize::from(self.concurrency),
             expect_seq: self.expect_seq,
+            delta: self.delta,
         }
     }
 }
@@ -121,7 +128,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let report = vault::restore::restore(&view, &a.to, &|n| bar.set_position(n))?;
+    let report =
+        vault::restore::restore_from(&view, &a.to, None, a.delta, &|n| bar.set_position(n))?;
     bar.finish_and_clear();
     print_report(&a, &report, started)
 }
@@ -141,6 +149,13 @@ fn print_report(a: &Args, report: &vault::restore::Report, started: Instant) -> 
             report.bytes,
             started.elapsed().as_secs_f64()
         );
+        if a.delta {
+            println!(
+                "delta: {} files were already as recorded, {} bytes were read from the existing \
+                 tree instead of fetched, {} paths the dataset does not hold were removed",
+                report.files_kept, report.bytes_reused, report.removed
+            );
+        }
         for p in &report.problems {
             println!("problem: {p}");
         }
@@ -176,7 +191,7 @@ fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
     }
     let r = restore::from_archive(&a.request(url), &|p| match p {
         archive::Progress::Chunks(done, total) => {
-            bar.set_message("downloading chunks");
+            bar.set_message("downloading and writing chunks");
             bar.set_length(total);
             bar.set_position(done);
         }
@@ -185,6 +200,9 @@ fn from_archive(a: Args, url: &str) -> Result<ExitCode> {
             bar.set_length(total);
             bar.set_position(done);
         }
+        // Chunks are written as they download: the bar counts chunks
+        // then; bytes only when nothing is downloaded.
+        archive::Progress::Written(_) if bar.message() == "downloading and writing chunks" => {}
         archive::Progress::Written(b) => {
             bar.set_message("writing files (bytes)");
             bar.set_length(bar.length().unwrap_or(0).max(b));

@@ -27,6 +27,8 @@ pub struct FromArchive {
     pub concurrency: usize,
     /// Fail unless the archive reaches at least this seq.
     pub expect_seq: Option<u64>,
+    /// Bring an existing tree at `to` to the restored state.
+    pub delta: bool,
 }
 
 /// Checks that the archive is named as one triad can read.
@@ -53,6 +55,7 @@ pub fn from_archive(
         concurrency: store_cfg.concurrency,
         expect_seq: r.expect_seq,
         checkpoints: &[],
+        delta: r.delta,
     };
     restorer
         .restore(at, &r.to, progress)
