@@ -3,6 +3,7 @@
 //! (1 GiB by default) or `--small-files N` files of 0-2 KiB, a full
 //! snapshot, an incremental one after changing 1% of the files, a restore
 //! of the latest, a point-in-time restore at a point only the log reaches
+//! and a `--delta` restore of the full snapshot's tree to the latest point
 //! (triad), the bytes each leaves in the bucket, S3 requests per GiB and
 //! peak RSS. Prints seconds, MB/s and triad/restic ratios; with `--runs N`
 //! the restores run N times and the median is shown.
@@ -234,7 +235,7 @@ fn main() {
     }
     let _ = child.wait();
 
-    let triad_restore = |at: &str, to: &Path| {
+    let triad_restore_with = |at: &str, to: &Path, extra: &[&str]| {
         run(
             Command::new(triad_bin())
                 .args([
@@ -247,10 +248,12 @@ fn main() {
                 .args(["--at", at, "--config"])
                 .arg(&cfg)
                 .arg("--to")
-                .arg(to),
-            &format!("triad restore --at {at}"),
+                .arg(to)
+                .args(extra),
+            &format!("triad restore --at {at} {}", extra.join(" ")),
         )
     };
+    let triad_restore = |at: &str, to: &Path| triad_restore_with(at, to, &[]);
     // A point only the log reaches: after the full snapshot, before the
     // incremental one.
     let pitr_seq = incr_seq - 1;
@@ -288,6 +291,15 @@ fn main() {
         rr_rss = rr_rss.max(m);
         let _ = std::fs::remove_dir_all(&to);
     }
+    // A delta restore: the tree as of the full snapshot brought to the
+    // latest point (the 1% change), fetching only what it lacks.
+    let delta_to = base.join("triad-delta");
+    triad_restore(&full_seq.to_string(), &delta_to);
+    drop_caches();
+    let r0 = requests();
+    let (delta_s, delta_rss) = triad_restore_with("latest", &delta_to, &["--delta"]);
+    let delta_req = requests() - r0;
+    let _ = std::fs::remove_dir_all(&delta_to);
     let triad_bytes = du(&s3.root.join("bench/triad"));
     let restic_bytes = du(&s3.root.join("bench/restic"));
     let (tr, rr, pr) = (median(tr), median(rr), median(pr));
@@ -313,6 +325,10 @@ fn main() {
     println!(
         "  restore PITR at seq {pitr_seq} (log-only) {pr:8.2} s; {:.2}x the latest restore",
         pr / tr
+    );
+    println!(
+        "  restore --delta, full snapshot's tree to latest {delta_s:8.2} s; {:.2}x the latest restore, {delta_req} requests, peak RSS {delta_rss:.0} MiB",
+        delta_s / tr
     );
     println!(
         "  bytes stored               {:8.1} MB  {:8.1} MB  {:6.2}",
