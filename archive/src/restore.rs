@@ -139,8 +139,11 @@ impl Restorer<'_> {
     ) -> Result<ArchiveRestore> {
         let ds_name = self.dataset;
         let keys = self.key.derive();
-        // Refuse a non-empty target before downloading anything.
-        if !self.delta {
+        // Refuse a target that cannot take the restore before downloading
+        // anything.
+        if self.delta {
+            check_delta_target(to)?;
+        } else {
             refuse_non_empty(to)?;
         }
         // The head is read before anything is listed: a piece is always in
@@ -289,14 +292,32 @@ impl Restorer<'_> {
             return Err(e);
         }
         if !damaged.is_empty() {
+            // The files left out are named in the error: the report that
+            // lists them is not returned with it.
+            const NAMED: usize = 20;
+            let left_out: Vec<&str> = report
+                .problems
+                .iter()
+                .take(NAMED)
+                .map(String::as_str)
+                .collect();
             return Err(ArchiveError::Damaged {
                 key: format!(
-                    "{} chunk object(s) of the restored tree (the files that needed them were \
-                     not written to {}; the rest were)",
+                    "{} chunk object(s) of the restored tree; the rest of the tree is in {}",
                     damaged.len(),
                     to.display()
                 ),
-                reason: damaged.join("; "),
+                reason: format!(
+                    "{}; {} path(s) not restored{}: {}",
+                    damaged.join("; "),
+                    report.problems.len(),
+                    if report.problems.len() > NAMED {
+                        format!(", the first {NAMED}")
+                    } else {
+                        String::new()
+                    },
+                    left_out.join("; ")
+                ),
             });
         }
         Ok(report)
@@ -965,14 +986,32 @@ fn refuse_non_empty(to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Restore step: a delta restore's target must be a directory (or not
+/// exist yet), and never the filesystem's root.
+fn check_delta_target(to: &Path) -> Result<()> {
+    let refuse =
+        |why: &str| ArchiveError::io("restore target", to, std::io::Error::other(why.to_string()));
+    match std::fs::canonicalize(to) {
+        Ok(p) if p == Path::new("/") => Err(refuse("a delta restore into / is refused")),
+        Ok(p) if !p.is_dir() => Err(refuse("not a directory")),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ArchiveError::io("restore target", to, e)),
+    }
+}
+
 /// Restore step: creates the scratch directory for the restore's scratch
-/// dataset next to `to` (so on the same filesystem), creating the target's
+/// dataset next to `to` (so on the same filesystem, and never inside it:
+/// `--to .` or `..` name the directory itself), creating the target's
 /// parent first. It is removed when dropped.
 fn scratch_dir(to: &Path) -> Result<tempfile::TempDir> {
-    let parent = to
+    let whole = std::fs::canonicalize(to)
+        .or_else(|_| std::path::absolute(to))
+        .map_err(|e| ArchiveError::io("restore target", to, e))?;
+    let parent = whole
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("/"));
     std::fs::create_dir_all(parent)
         .map_err(|e| ArchiveError::io("creating the restore target's parent", parent, e))?;
     let scratch = tempfile::Builder::new()

@@ -120,7 +120,26 @@ fn quiet_on_closed_pipe() {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: a restore holds
+/// directories and files open while their chunks arrive, and RocksDB its
+/// tables, and a shell's usual soft limit (1024) is well below what the
+/// hard limit allows. The systemd units set `LimitNOFILE` for the daemon.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one plain struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let cli = Cli::parse();
     let from_config = match &cli.command {
         // A config that fails to load is reported by the command itself.

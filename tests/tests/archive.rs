@@ -428,6 +428,46 @@ fn damaged_objects_are_named_at_restore() {
     );
     std::fs::write(&path, &original).unwrap();
 
+    // A byte flipped in the oldest pack, whose chunks the first snapshot's
+    // files need and which are written as they download: the files that
+    // needed the chunk are named and left out, the rest are in place, and
+    // a --delta restore from the repaired archive completes the tree.
+    let oldest = packs
+        .iter()
+        .min_by_key(|k| {
+            std::fs::metadata(s3.object_path(BUCKET, k))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .expect("packs")
+        .clone();
+    let opath = s3.object_path(BUCKET, &oldest);
+    let o_original = std::fs::read(&opath).unwrap();
+    let mut o_flipped = o_original.clone();
+    o_flipped[8 + 100] ^= 0x10;
+    std::fs::write(&opath, &o_flipped).unwrap();
+    let partial = site.tmp.path().join("r1d");
+    let out = restore_from_archive(&site, &snap.to_string(), &partial);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&oldest) && err.contains("altered") && err.contains("path(s) not restored"),
+        "the altered chunk and the files left out are named: {err}"
+    );
+    let in_place = std::fs::read_dir(&partial).map_or(0, |d| d.count());
+    assert!(in_place > 0, "the rest of the tree is in place");
+    std::fs::write(&opath, &o_original).unwrap();
+    ok(
+        &restore_with(&site, &snap.to_string(), &partial, &["--delta"]),
+        "delta restore after the repair",
+    );
+    let whole = site.tmp.path().join("r1e");
+    ok(
+        &restore_from_archive(&site, &snap.to_string(), &whole),
+        "restore of the first snapshot",
+    );
+    assert_same_tree(&whole, &partial);
+
     // An altered log piece: named too.
     let pieces = s3.keys(BUCKET, &format!("{PREFIX}/files/log"));
     let piece = pieces.last().expect("log pieces").clone();

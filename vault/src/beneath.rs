@@ -223,15 +223,20 @@ impl Dir {
         Ok(File::from(fd))
     }
 
-    /// Opens the file `name` for reading, never through a symlink.
+    /// Opens the regular file `name` for reading, never through a symlink
+    /// and never blocking on a fifo put in its place.
     pub fn open_read(&self, name: &[u8]) -> io::Result<File> {
         let fd = rustix::fs::openat(
             &self.0,
             os(name),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(File::from(fd))
+        let f = File::from(fd);
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        Ok(f)
     }
 
     /// Renames `from` to `to` within this directory.
@@ -281,6 +286,8 @@ fn remove_at(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
         Err(e) => return Err(e.into()),
     }
     let sub = rustix::fs::openat(dir, os(name), dir_flags(), Mode::empty())?;
+    // A read-only directory (0555) could not be emptied; it is going anyway.
+    let _ = rustix::fs::fchmod(&sub, Mode::from_raw_mode(0o700));
     let mut names = Vec::new();
     for ent in rustix::fs::Dir::read_from(&sub)? {
         let ent = ent?;

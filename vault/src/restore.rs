@@ -10,13 +10,15 @@
 //! last, deepest first, since writing into a directory changes its mtime);
 //! finally the restored tree is re-read and its digest compared with the one
 //! the dataset recorded. Damaged chunks do not stop the restore: every
-//! affected path is named in the report, and none is left half written.
+//! affected path is named in the report and removed, never left half
+//! written (a crash can still leave a one-chunk file cut short at its name,
+//! which the digest check of a rerun with `--delta` puts right).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,15 +64,17 @@ impl Report {
     }
 }
 
+/// The prefix of a restore's temporary names.
+const TMP_PREFIX: &[u8] = b".triad-restore.";
+
 /// A temporary name for the next file or symlink, short enough for any
-/// file system whatever the final name's length.
-fn tmp_name(counter: &AtomicU64) -> Vec<u8> {
-    format!(
-        ".triad-restore.{}.{}",
-        std::process::id(),
-        counter.fetch_add(1, Ordering::Relaxed)
-    )
-    .into_bytes()
+/// file system whatever the final name's length. The random part keeps a
+/// rerun from meeting an interrupted run's leftovers (a container's
+/// restore is PID 1 every time).
+fn tmp_name(nonce: u32, counter: &AtomicU64) -> Vec<u8> {
+    let mut n = TMP_PREFIX.to_vec();
+    n.extend(format!("{nonce:08x}.{}", counter.fetch_add(1, Ordering::Relaxed)).into_bytes());
+    n
 }
 
 fn io<'a>(context: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VaultError + 'a {
@@ -209,16 +213,18 @@ pub fn restore_from(
         .map(|(p, e)| (p.as_bytes(), e.as_ref()))
         .collect();
     let wanted: HashSet<&[u8]> = checked.iter().map(|(p, _)| p.as_bytes()).collect();
-    // Whatever stands where the dataset has another kind goes first.
-    for (p, e) in &checked {
-        if let Some(d) = on_disk.get(p.as_bytes()) {
-            if !d.is_some_and(|d| same_kind(d, e)) {
-                if let Err(err) = target.remove_all(p) {
-                    problems_list.push(format!("{p}: removing what stood in its place: {err}"));
-                }
-            }
-        }
-    }
+    // Whatever stands where the dataset has another kind is removed before
+    // the entry is made (after its parent was made writable).
+    let conflicts = |p: &RelPath, e: &Entry| {
+        on_disk
+            .get(p.as_bytes())
+            .is_some_and(|d| !d.is_some_and(|d| same_kind(d, e)))
+    };
+    let mut removed = 0u64;
+    let mut clear = |p: &RelPath, problems: &mut Vec<String>| match target.remove_all(p) {
+        Ok(()) => removed += 1,
+        Err(err) => problems.push(format!("{p}: removing what stood in its place: {err}")),
+    };
     // Only entries whose parent was restored as a directory are written
     // (a consistent namespace never has others); the descriptor walk
     // refuses a symlink in a directory's place in any case.
@@ -234,6 +240,9 @@ pub fn restore_from(
             problems_list.push(format!("{p}: parent directory was not restored"));
             continue;
         }
+        if conflicts(p, e) {
+            clear(p, &mut problems_list);
+        }
         let made = match on_disk.get(p.as_bytes()) {
             Some(Some(d)) if d.is_dir() => target.set_dir_meta(p, 0o700, e.mtime_ns),
             _ => target.mkdir(p),
@@ -246,12 +255,18 @@ pub fn restore_from(
             Err(e) => problems_list.push(format!("{p}: creating directory: {e}")),
         }
     }
+    for (p, e) in checked.iter().filter(|(_, e)| !e.is_dir()) {
+        if placeable(p, &dirs_made) && conflicts(p, e) {
+            clear(p, &mut problems_list);
+        }
+    }
     let w = Writer {
         keys: view.keys(),
         target: &target,
         problems: Mutex::new(problems_list),
         done: AtomicU64::new(0),
         tmp_counter: AtomicU64::new(0),
+        nonce: rand::random(),
         ok_files: AtomicU64::new(0),
         ok_links: AtomicU64::new(0),
         ok_bytes: AtomicU64::new(0),
@@ -262,10 +277,13 @@ pub fn restore_from(
         kept: AtomicU64::new(0),
         progress,
     };
-    // Files already as recorded stay; symlinks and empty files are made at
-    // once; files with contents become jobs that their chunks fill.
+    // Files already as recorded stay (their mode and mtime set, if they
+    // differ, once the tree has served as a source); files with contents
+    // become jobs that their chunks fill; symlinks and empty files are made
+    // after that, since they may replace a file read as a source.
     let mut jobs = Vec::new();
     let mut ready: HashSet<&[u8]> = HashSet::new();
+    let mut fix_meta: Vec<(&RelPath, &Entry)> = Vec::new();
     for (p, e) in checked.iter().filter(|(_, e)| !e.is_dir()) {
         let there = on_disk.get(p.as_bytes()).copied().flatten();
         if !placeable(p, &dirs_made) {
@@ -277,21 +295,42 @@ pub fn restore_from(
         }) {
             ready.insert(p.as_bytes());
             if d.mode != e.mode || d.mtime_ns != e.mtime_ns {
-                w.settled(p, e, w.set_meta(p, e));
+                fix_meta.push((p, e));
             } else {
+                w.kept.fetch_add(1, Ordering::Relaxed);
                 w.settled(p, e, Ok(()));
             }
-            w.kept.fetch_add(1, Ordering::Relaxed);
         } else if !e.chunks().is_empty() {
             let replaces = there.is_some_and(|d| same_kind(d, e));
             jobs.push(Job::new(
                 jobs.len(),
                 p,
                 e,
-                tmp_name(&w.tmp_counter),
+                tmp_name(w.nonce, &w.tmp_counter),
                 replaces,
             ));
         }
+    }
+    let tree: Vec<(&RelPath, &Entry)> = existing
+        .iter()
+        .filter_map(|(p, e)| match e {
+            Some(
+                e @ Entry {
+                    node: Node::File { .. },
+                    ..
+                },
+            ) => Some((p, e)),
+            _ => None,
+        })
+        .collect();
+    w.fill(view, &jobs, remote, &tree);
+    drop(tree);
+    for (p, e) in fix_meta {
+        let res = w.set_meta(p, e);
+        if res.is_ok() {
+            w.kept.fetch_add(1, Ordering::Relaxed);
+        }
+        w.settled(p, e, res);
     }
     checked.par_iter().for_each(|(p, e)| {
         if e.is_dir()
@@ -301,7 +340,7 @@ pub fn restore_from(
         {
             return;
         }
-        let tmp = tmp_name(&w.tmp_counter);
+        let tmp = tmp_name(w.nonce, &w.tmp_counter);
         let res = match &e.node {
             Node::Symlink { target: to } => target
                 .symlink(p, &tmp, to, e.mtime_ns)
@@ -310,24 +349,13 @@ pub fn restore_from(
         };
         w.settled(p, e, res);
     });
-    let tree: Vec<(RelPath, Entry)> = existing
-        .iter()
-        .filter_map(|(p, e)| match e {
-            Some(
-                e @ Entry {
-                    node: Node::File { .. },
-                    ..
-                },
-            ) => Some((p.clone(), e.clone())),
-            _ => None,
-        })
-        .collect();
-    w.fill(view, &jobs, remote, &tree);
-    drop(tree);
     // What the dataset does not hold goes last: until now it could have
     // been read as a source.
+    // Counted when something was there (a path inside a directory
+    // already removed is not).
+    report.removed = removed;
     for (p, _) in existing.iter().rev() {
-        if !wanted.contains(p.as_bytes()) {
+        if !wanted.contains(p.as_bytes()) && matches!(target.stat(p), Ok(Some(_))) {
             if let Err(err) = target.remove_all(p) {
                 w.problem(
                     p,
@@ -450,7 +478,7 @@ fn start_writeback(f: &File) {
 /// At most this many files are held open between their chunks; past it, a
 /// file is opened again for each chunk (a tree whose files share chunks
 /// can have many files half written at once).
-const MAX_OPEN_FILES: u64 = 256;
+const MAX_OPEN_FILES: u64 = 64;
 
 /// How far, in sealed bytes, fetched chunks may run ahead of the workers
 /// that write them.
@@ -499,6 +527,19 @@ impl Budget {
             *used = used.saturating_sub(n);
         }
         self.freed.notify_all();
+    }
+}
+
+/// Bytes of one chunk in a worker's hands, returned to the budget when
+/// dropped.
+struct Held<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.n);
     }
 }
 
@@ -578,6 +619,8 @@ struct Writer<'a> {
     problems: Mutex<Vec<String>>,
     done: AtomicU64,
     tmp_counter: AtomicU64,
+    /// Random, per restore, in every temporary name.
+    nonce: u32,
     ok_files: AtomicU64,
     ok_links: AtomicU64,
     ok_bytes: AtomicU64,
@@ -640,7 +683,7 @@ impl Writer<'_> {
         view: &View,
         jobs: &[Job<'_>],
         mut remote: Option<Remote<'_>>,
-        tree: &[(RelPath, Entry)],
+        tree: &[(&RelPath, &Entry)],
     ) {
         let mut places: Placements = std::collections::HashMap::new();
         let mut order: Vec<ChunkId> = Vec::new();
@@ -657,7 +700,7 @@ impl Writer<'_> {
         }
         // Where in the existing tree each needed chunk is, if anywhere.
         let mut sources: Sources = std::collections::HashMap::new();
-        for (p, e) in tree {
+        for &(p, e) in tree {
             let mut off = 0u64;
             for c in e.chunks() {
                 if places.contains_key(&c.id) {
@@ -762,18 +805,25 @@ impl Writer<'_> {
             .clamp(2, 8);
         let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
         let budget = Budget::new(FETCHED_BYTES_AHEAD);
+        // Only the workers hold receivers: were they all gone, a send
+        // fails instead of queueing forever.
+        let receivers: Vec<_> = (0..workers).map(|_| rx.clone()).collect();
+        drop(rx);
         std::thread::scope(|scope| {
-            for _ in 0..workers {
-                let rx = rx.clone();
+            for rx in receivers {
                 let budget = &budget;
                 scope.spawn(move || {
                     for msg in rx {
-                        let n = match &msg {
-                            Msg::Fetched(_, b) => b.len() as u64,
-                            _ => 0,
+                        // Released even if writing panics, so the feed
+                        // never waits on bytes no worker will free.
+                        let _held = Held {
+                            budget,
+                            n: match &msg {
+                                Msg::Fetched(_, b) => b.len() as u64,
+                                _ => 0,
+                            },
                         };
                         self.write_chunk(view, jobs, places, sources, retry, msg);
-                        budget.release(n);
                     }
                 });
             }
@@ -851,7 +901,7 @@ impl Writer<'_> {
     fn dir_of<'p>(&self, p: &'p RelPath) -> std::io::Result<(Arc<Dir>, &'p [u8])> {
         /// Past this many, the cache starts again (bounded memory and
         /// descriptors whatever the tree's shape).
-        const MAX_DIRS: usize = 1024;
+        const MAX_DIRS: usize = 64;
         let (parent, name) = p.split_last();
         if let Some(d) = self.dirs.lock().ok().and_then(|m| m.get(parent).cloned()) {
             return Ok((d, name));
@@ -990,7 +1040,18 @@ pub fn entry_from_disk(keys: &Keys, path: &Path) -> std::io::Result<Option<Entry
         }
     } else if ft.is_file() {
         let mut chunks = Vec::new();
-        for c in chunk::stream(File::open(path)?) {
+        // Never through a symlink, never blocking on a fifo swapped in
+        // since the lstat above.
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?;
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::other(
+                "changed into a non-regular file while read",
+            ));
+        }
+        for c in chunk::stream(f) {
             let c = c?;
             chunks.push(ChunkRef {
                 id: ChunkId::of(keys, &c),
