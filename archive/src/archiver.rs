@@ -181,6 +181,10 @@ pub struct Archiver {
     /// The log reader of the last shipping pass: the next goes on from
     /// where it stopped (see [`Tail::reuse`]).
     tail: Mutex<Option<Tail>>,
+    /// Packs uploaded since the last index file, for the next one (written
+    /// at each snapshot and every [`packs::INDEX_FILE_CHUNKS`] chunks). Lost
+    /// at a restart, which costs readers only those packs' own indexes.
+    unindexed: Mutex<Vec<packs::IndexedPack>>,
 }
 
 impl Archiver {
@@ -232,6 +236,7 @@ impl Archiver {
             uploading: Mutex::new(()),
             pack_bytes: packs::PACK_BYTES,
             tail: Mutex::new(None),
+            unindexed: Mutex::new(Vec::new()),
         };
         if fresh || !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
@@ -654,6 +659,7 @@ impl Archiver {
         // Written last: the snapshot exists from here on.
         self.rt.block_on(self.store.put_history(&key, sealed))?;
         self.write_head(manifest.seq, manifest.chain_hash, manifest.time_ns)?;
+        self.write_index_file();
         let report = SnapshotReport {
             name: snap_ref.name,
             seq: manifest.seq,
@@ -737,6 +743,14 @@ impl Archiver {
             )?;
         } else {
             let packs = packs::build(self.ds.keys(), name, chunks, self.pack_bytes);
+            let indexed: Vec<packs::IndexedPack> = packs
+                .iter()
+                .map(|p| packs::IndexedPack {
+                    key: p.key.clone(),
+                    size: p.bytes.len() as u64,
+                    entries: p.entries.clone(),
+                })
+                .collect();
             // A few 16 MiB uploads at once fill a link; more only hold
             // memory.
             self.rt.block_on(
@@ -748,8 +762,31 @@ impl Archiver {
                 .buffer_unordered(self.concurrency.min(4))
                 .try_collect::<Vec<()>>(),
             )?;
+            let full = {
+                let mut u = self.unindexed.lock().unwrap_or_else(|p| p.into_inner());
+                u.extend(indexed);
+                u.iter().map(|p| p.entries.len()).sum::<usize>() >= packs::INDEX_FILE_CHUNKS
+            };
+            if full {
+                self.write_index_file();
+            }
         }
         self.index.add(&ids)
+    }
+
+    /// Writes an index file of the packs uploaded since the last one. A
+    /// failure is only logged: every pack carries its own index, so readers
+    /// lose a shortcut, nothing else.
+    fn write_index_file(&self) {
+        let packs = std::mem::take(&mut *self.unindexed.lock().unwrap_or_else(|p| p.into_inner()));
+        if packs.is_empty() {
+            return;
+        }
+        let (key, bytes) = packs::seal_index_file(self.ds.keys(), self.ds.name(), &packs);
+        // Not history: never locked, so a prune can always replace it.
+        if let Err(e) = self.rt.block_on(self.store.put(&key, bytes)) {
+            tracing::warn!(dataset = self.ds.name(), error = %e, packs = packs.len(), "could not write an index file; readers will read those packs' own indexes");
+        }
     }
 
     /// Applies `policy` (deleting the manifests of snapshots it does not
@@ -933,6 +970,7 @@ impl Archiver {
         report.chunks_deleted = doomed.len();
         self.delete_packs(&located, &doomed_packs, report)?;
         self.set_aside_damaged(name, &doomed_damaged, report)?;
+        self.consolidate_index_files(&located, &doomed_packs, &doomed_damaged)?;
         let pending_bytes = serde_json::to_vec(&pending).map_err(|e| ArchiveError::Damaged {
             key: pending_key.clone(),
             reason: e.to_string(),
@@ -1019,6 +1057,46 @@ impl Archiver {
             self.rt.block_on(self.store.delete(k))?;
         }
         report.packs_deleted = doomed.len();
+        Ok(())
+    }
+
+    /// Prune step: replaces the index files read with one covering every
+    /// pack left, so readers make one GET for all of them. Index files are
+    /// never locked (they are a shortcut, authenticated, and losing one
+    /// costs readers only the packs' own indexes), so this works under
+    /// Object Lock too.
+    fn consolidate_index_files(
+        &self,
+        located: &Located,
+        deleted: &[String],
+        set_aside: &[String],
+    ) -> Result<()> {
+        let gone: HashSet<&str> = deleted
+            .iter()
+            .chain(set_aside)
+            .map(String::as_str)
+            .collect();
+        let left: Vec<packs::IndexedPack> = located
+            .packs
+            .iter()
+            .filter(|(k, _)| !gone.contains(k.as_ref()))
+            .map(|(k, (size, entries))| packs::IndexedPack {
+                key: k.to_string(),
+                size: *size,
+                entries: entries.clone(),
+            })
+            .collect();
+        // One file already covering every pack left: nothing to do.
+        if located.index_files.len() == 1 && gone.is_empty() && located.warnings.is_empty() {
+            return Ok(());
+        }
+        if !left.is_empty() {
+            let (key, bytes) = packs::seal_index_file(self.ds.keys(), self.ds.name(), &left);
+            self.rt.block_on(self.store.put(&key, bytes))?;
+        }
+        for k in &located.index_files {
+            self.rt.block_on(self.store.delete(k))?;
+        }
         Ok(())
     }
 

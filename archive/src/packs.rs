@@ -17,6 +17,13 @@
 //! and checks each against the BLAKE3 its caller got from an authenticated
 //! manifest, page or piece. A chunk object of its own is read first: it is
 //! either the only copy or a repair of a damaged packed one.
+//!
+//! Index files (`<dataset>/index/<name>.idx`, docs/formats.md 16.9) carry
+//! many packs' indexes in one sealed object, so a reader makes one GET for
+//! the packs they cover instead of one (or two) per pack. They are only a
+//! shortcut: a pack no index file covers, or covers with another size, has
+//! its own index read, and an index file that does not read back is passed
+//! over with a warning.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -65,6 +72,94 @@ const RANGES_IN_FLIGHT: usize = 4;
 
 /// The index version this build writes and reads.
 const INDEX_VERSION: u32 = 1;
+
+/// The index file version this build writes and reads.
+const INDEX_FILE_VERSION: u32 = 1;
+
+/// An index file is written once it would cover this many chunks (and at
+/// every snapshot), which bounds it to about 20 MB.
+pub const INDEX_FILE_CHUNKS: usize = 200_000;
+
+/// The largest index file a reader accepts: a prune's consolidated one
+/// covers a whole archive, about 100 bytes a chunk.
+const MAX_INDEX_FILE_BYTES: u64 = 512 << 20;
+
+pub fn index_files_prefix(ds: &str) -> String {
+    format!("{ds}/index/")
+}
+
+/// One pack as an index file records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexedPack {
+    /// The pack's key, relative to the store's prefix.
+    pub key: String,
+    /// Its size: a listed pack of another size has its own index read.
+    pub size: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IndexFile {
+    version: u32,
+    packs: Vec<IndexedPack>,
+}
+
+/// Seals an index file of `packs` under a fresh random name; returns its
+/// key and bytes.
+pub fn seal_index_file(keys: &Keys, ds: &str, packs: &[IndexedPack]) -> (String, Vec<u8>) {
+    let mut name = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut name);
+    let key = format!("{}{}.idx", index_files_prefix(ds), hex::encode(name));
+    let file = IndexFile {
+        version: INDEX_FILE_VERSION,
+        packs: packs.to_vec(),
+    };
+    // Encoding plain structs of strings, integers and arrays cannot fail.
+    let plain = postcard::to_allocvec(&file).unwrap_or_default();
+    let sealed = objects::seal(keys, &key, &plain);
+    (key, sealed)
+}
+
+/// Opens the index file `key` (sealed under the dataset key and bound to
+/// its name) and checks each entry lies inside its pack.
+pub fn decode_index_file(
+    keys: &Keys,
+    key: &str,
+    sealed: &[u8],
+) -> std::result::Result<Vec<IndexedPack>, String> {
+    let plain = objects::open(keys, key, sealed).map_err(|e| match e {
+        ArchiveError::Damaged { reason, .. } => reason,
+        e => e.to_string(),
+    })?;
+    let file: IndexFile =
+        postcard::from_bytes(&plain).map_err(|e| format!("does not decode: {e}"))?;
+    if file.version != INDEX_FILE_VERSION {
+        return Err(format!(
+            "index file version {} (this build reads {INDEX_FILE_VERSION}): written by a newer triad",
+            file.version
+        ));
+    }
+    for p in &file.packs {
+        check_size(p.size)?;
+        for e in &p.entries {
+            let end = e.offset.checked_add(u64::from(e.sealed_len));
+            if e.offset < 8
+                || end.is_none_or(|end| end > p.size - TRAILER)
+                || u64::from(e.sealed_len) > vault::chunk::max_sealed_len(e.plain_len)
+            {
+                return Err(format!(
+                    "places chunk {} at {}+{}, outside pack {} of {} bytes",
+                    e.id.short(),
+                    e.offset,
+                    e.sealed_len,
+                    p.key,
+                    p.size
+                ));
+            }
+        }
+    }
+    Ok(file.packs)
+}
 
 pub fn packs_prefix(ds: &str) -> String {
     format!("{ds}/packs/")
@@ -302,6 +397,11 @@ pub struct Located {
     /// Packs whose index does not read back (truncated, altered, sealed
     /// with another key): their chunks count as missing.
     pub damaged: Vec<DamagedPack>,
+    /// The index files read (their keys), whole or not.
+    pub index_files: Vec<String>,
+    /// Index files that did not read back: passed over, the packs' own
+    /// indexes read instead.
+    pub warnings: Vec<String>,
 }
 
 /// A pack whose index does not read back.
@@ -336,8 +436,9 @@ pub enum Fetched {
 }
 
 impl Located {
-    /// Lists the dataset's chunk objects and packs and reads every pack's
-    /// index, `concurrency` at a time.
+    /// Lists the dataset's chunk objects and packs, reads the index files,
+    /// and reads the own index of every pack they do not cover,
+    /// `concurrency` at a time.
     pub async fn load(store: &Store, keys: &Keys, ds: &str, concurrency: usize) -> Result<Located> {
         let mut out = Located::default();
         for l in store.list(&objects::chunks_prefix(ds)).await? {
@@ -357,7 +458,19 @@ impl Located {
             .into_iter()
             .filter(|l| l.key.ends_with(".pack"))
             .collect();
-        let mut read = stream::iter(listed.into_iter().map(|l| async move {
+        let covered = out.read_index_files(store, keys, ds, concurrency).await?;
+        let (known, unknown): (Vec<_>, Vec<_>) = listed.into_iter().partition(|l| {
+            covered
+                .get(l.key.as_str())
+                .is_some_and(|p| p.size == l.size)
+        });
+        let mut covered = covered;
+        for l in known {
+            if let Some(p) = covered.remove(l.key.as_str()) {
+                out.add_pack(p.key, p.size, p.entries);
+            }
+        }
+        let mut read = stream::iter(unknown.into_iter().map(|l| async move {
             let r = read_index(store, keys, &l.key, l.size).await;
             (l.key, l.size, r)
         }))
@@ -377,19 +490,75 @@ impl Located {
                 Err(ArchiveError::Missing { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            let key: Arc<str> = key.into();
-            for e in &entries {
-                out.places
-                    .entry(e.id)
-                    .or_insert(Place {
-                        object: None,
-                        packed: None,
-                    })
-                    .packed = Some((key.clone(), *e));
-            }
-            out.packs.insert(key, (size, entries));
+            out.add_pack(key, size, entries);
         }
         Ok(out)
+    }
+
+    fn add_pack(&mut self, key: String, size: u64, entries: Vec<PackEntry>) {
+        let key: Arc<str> = key.into();
+        for e in &entries {
+            self.places
+                .entry(e.id)
+                .or_insert(Place {
+                    object: None,
+                    packed: None,
+                })
+                .packed = Some((key.clone(), *e));
+        }
+        self.packs.insert(key, (size, entries));
+    }
+
+    /// Reads every index file of `ds`: the packs they cover, by key. One
+    /// that does not read back is named in the warnings and passed over.
+    async fn read_index_files(
+        &mut self,
+        store: &Store,
+        keys: &Keys,
+        ds: &str,
+        concurrency: usize,
+    ) -> Result<HashMap<String, IndexedPack>> {
+        let files: Vec<_> = store
+            .list(&index_files_prefix(ds))
+            .await?
+            .into_iter()
+            .filter(|l| l.key.ends_with(".idx"))
+            .collect();
+        let mut read = stream::iter(files.into_iter().map(|l| async move {
+            let r = if l.size > MAX_INDEX_FILE_BYTES {
+                Ok(Err(format!(
+                    "{} bytes is more than an index file holds",
+                    l.size
+                )))
+            } else {
+                store
+                    .get(&l.key, MAX_INDEX_FILE_BYTES)
+                    .await
+                    .map(|b| match b {
+                        Some(b) => decode_index_file(keys, &l.key, &b),
+                        None => Err("removed while read".into()),
+                    })
+            };
+            (l.key, r)
+        }))
+        .buffer_unordered(concurrency.max(1));
+        let mut covered = HashMap::new();
+        while let Some((key, r)) = read.next().await {
+            match r? {
+                Ok(packs) => {
+                    for p in packs {
+                        covered.insert(p.key.clone(), p);
+                    }
+                }
+                Err(why) => self.warnings.push(format!(
+                    "index file {} does not read back ({why}); the packs' own indexes were read \
+                     instead",
+                    store.locate(&key)
+                )),
+            }
+            self.index_files.push(key);
+        }
+        Ok(covered)
     }
 
     pub fn place(&self, id: &ChunkId) -> Option<&Place> {
@@ -695,6 +864,43 @@ mod tests {
         .unwrap();
         let e = decode_index(&keys, &p.key, &with_index(&keys, &p.key, body, &plain)).unwrap_err();
         assert!(e.contains("outside the pack"), "{e}");
+    }
+
+    #[test]
+    fn an_index_file_reads_back_and_refuses_another_name_a_flip_or_a_lie() {
+        let keys = vault::DatasetKey::generate().derive();
+        let built = build(&keys, "ds", (0..6).map(|n| chunk(n, 900)).collect(), 2_000);
+        assert!(built.len() > 1);
+        let packs: Vec<IndexedPack> = built
+            .iter()
+            .map(|p| IndexedPack {
+                key: p.key.clone(),
+                size: p.bytes.len() as u64,
+                entries: p.entries.clone(),
+            })
+            .collect();
+        let (key, bytes) = seal_index_file(&keys, "ds", &packs);
+        assert!(key.starts_with("ds/index/") && key.ends_with(".idx"));
+        let back = decode_index_file(&keys, &key, &bytes).unwrap();
+        assert_eq!(back.len(), packs.len());
+        for (a, b) in back.iter().zip(&packs) {
+            assert_eq!((&a.key, a.size, &a.entries), (&b.key, b.size, &b.entries));
+        }
+        // Copied under another name, altered, or sealed with another key.
+        let e = decode_index_file(&keys, "ds/index/other.idx", &bytes).unwrap_err();
+        assert!(e.contains("tag does not verify"), "{e}");
+        let mut flipped = bytes.clone();
+        let at = flipped.len() / 2;
+        flipped[at] ^= 1;
+        assert!(decode_index_file(&keys, &key, &flipped).is_err());
+        let other = vault::DatasetKey::generate().derive();
+        assert!(decode_index_file(&other, &key, &bytes).is_err());
+        // A key holder's index file placing a chunk past its pack's end.
+        let mut lying = packs.clone();
+        lying[0].entries[0].offset = lying[0].size - 5;
+        let (key, bytes) = seal_index_file(&keys, "ds", &lying);
+        let e = decode_index_file(&keys, &key, &bytes).unwrap_err();
+        assert!(e.contains("outside pack"), "{e}");
     }
 
     #[test]

@@ -221,6 +221,7 @@ impl Restorer<'_> {
             out.warnings
                 .push(format!("a pack does not read back: {}", d.why));
         }
+        out.warnings.extend(located.warnings.iter().cloned());
         let r = self
             .fill(
                 &ds, &located, start, &needed, target_seq, at, &mut out, progress,

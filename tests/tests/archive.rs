@@ -733,6 +733,29 @@ fn packs_hold_new_chunks_and_an_archive_begun_without_them_stays_whole() {
     ok(&restore_from_archive(&site, "latest", &latest), "latest");
     assert_same_tree(&kept[5].1, &latest);
 
+    // Each snapshot wrote an index file of the packs uploaded since the
+    // last one. One altered: the restore warns, reads those packs' own
+    // indexes, and restores the same tree.
+    let index_files = |s3: &S3Server| s3.keys(BUCKET, &format!("{PREFIX}/files/index"));
+    let idx = index_files(&s3);
+    assert!(idx.len() >= 4, "one per snapshot with packs: {idx:?}");
+    let ipath = s3.object_path(BUCKET, &idx[0]);
+    let good = std::fs::read(&ipath).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    std::fs::write(&ipath, &bad).unwrap();
+    let to = site.tmp.path().join("r-bad-index");
+    let out = restore_from_archive(&site, "latest", &to);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    ok(&out, "restore past an altered index file");
+    assert!(
+        err.contains("WARNING") && err.contains("does not read back") && err.contains(&idx[0]),
+        "{err}"
+    );
+    assert_same_tree(&kept[5].1, &to);
+    std::fs::write(&ipath, &good).unwrap();
+
     // Prune: snapshots 5 and 6 stay; the chunk objects of rounds 1-2 and
     // the packs of rounds 3-4 go once the grace period has passed.
     let prune = || {
@@ -756,6 +779,24 @@ fn packs_hold_new_chunks_and_an_archive_begun_without_them_stays_whole() {
     );
     assert!(packs(&s3) < packs_before);
     assert!(objects(&s3) < old_objects);
+    // The prune left one index file, covering exactly the packs left.
+    let idx = index_files(&s3);
+    assert_eq!(idx.len(), 1, "{idx:?}");
+    let rel = idx[0].strip_prefix(&format!("{PREFIX}/")).unwrap();
+    let covered: std::collections::BTreeSet<String> = archive::packs::decode_index_file(
+        &keys,
+        rel,
+        &std::fs::read(s3.object_path(BUCKET, &idx[0])).unwrap(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|p| format!("{PREFIX}/{}", p.key))
+    .collect();
+    let left: std::collections::BTreeSet<String> = s3
+        .keys(BUCKET, &format!("{PREFIX}/files/packs"))
+        .into_iter()
+        .collect();
+    assert_eq!(covered, left);
     for (seq, tree) in &kept[4..] {
         let to = site.tmp.path().join(format!("after-prune-{seq}"));
         ok(
