@@ -141,22 +141,7 @@ pub fn decode_index_file(
     }
     for p in &file.packs {
         check_size(p.size)?;
-        for e in &p.entries {
-            let end = e.offset.checked_add(u64::from(e.sealed_len));
-            if e.offset < 8
-                || end.is_none_or(|end| end > p.size - TRAILER)
-                || u64::from(e.sealed_len) > vault::chunk::max_sealed_len(e.plain_len)
-            {
-                return Err(format!(
-                    "places chunk {} at {}+{}, outside pack {} of {} bytes",
-                    e.id.short(),
-                    e.offset,
-                    e.sealed_len,
-                    p.key,
-                    p.size
-                ));
-            }
-        }
+        check_entries(&p.entries, p.size - TRAILER).map_err(|e| format!("pack {}: {e}", p.key))?;
     }
     Ok(file.packs)
 }
@@ -352,21 +337,28 @@ fn parse_tail(keys: &Keys, key: &str, size: u64, tail: &[u8]) -> std::result::Re
             index.version
         ));
     }
-    for e in &index.entries {
+    check_entries(&index.entries, index_start).map_err(|e| format!("its index {e}"))?;
+    Ok(Tail::Index(index.entries))
+}
+
+/// Every entry must lie after the pack's magic and before `chunks_end`,
+/// and be no longer than a sealed chunk of its length can be.
+fn check_entries(entries: &[PackEntry], chunks_end: u64) -> std::result::Result<(), String> {
+    for e in entries {
         let end = e.offset.checked_add(u64::from(e.sealed_len));
         if e.offset < 8
-            || end.is_none_or(|end| end > index_start)
+            || end.is_none_or(|end| end > chunks_end)
             || u64::from(e.sealed_len) > vault::chunk::max_sealed_len(e.plain_len)
         {
             return Err(format!(
-                "its index places chunk {} at {}+{}, outside the pack's {index_start} bytes of chunks",
+                "places chunk {} at {}+{}, outside the pack's {chunks_end} bytes of chunks",
                 e.id.short(),
                 e.offset,
                 e.sealed_len
             ));
         }
     }
-    Ok(Tail::Index(index.entries))
+    Ok(())
 }
 
 /// Seals an index's plaintext under the pack's `key` and appends it and the
@@ -900,7 +892,7 @@ mod tests {
         lying[0].entries[0].offset = lying[0].size - 5;
         let (key, bytes) = seal_index_file(&keys, "ds", &lying);
         let e = decode_index_file(&keys, &key, &bytes).unwrap_err();
-        assert!(e.contains("outside pack"), "{e}");
+        assert!(e.contains("outside the pack"), "{e}");
     }
 
     #[test]

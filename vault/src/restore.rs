@@ -604,6 +604,18 @@ type Placements = std::collections::HashMap<ChunkId, (u32, Vec<(usize, u64)>)>;
 /// Where a needed chunk already is in the existing tree: file and offset.
 type Sources<'a> = std::collections::HashMap<ChunkId, (&'a RelPath, u64)>;
 
+/// What the workers of one round of [`Writer::fill`] read: the view, the
+/// jobs, where each chunk goes and is found, and where a chunk the tree no
+/// longer holds is put back for the next round.
+#[derive(Clone, Copy)]
+struct Round<'r, 'j> {
+    view: &'r View,
+    jobs: &'r [Job<'j>],
+    places: &'r Placements,
+    sources: &'r Sources<'j>,
+    retry: &'r Mutex<Vec<ChunkId>>,
+}
+
 /// A chunk for a worker: to read from the view, to read from the existing
 /// tree, or fetched (sealed bytes, checked against their recorded hash).
 enum Msg {
@@ -712,7 +724,14 @@ impl Writer<'_> {
         let (from_tree, rest): (Vec<ChunkId>, Vec<ChunkId>) =
             order.into_iter().partition(|id| sources.contains_key(id));
         let retry = Mutex::new(Vec::new());
-        self.run(view, jobs, &places, &sources, &retry, |tx, _| {
+        let round = Round {
+            view,
+            jobs,
+            places: &places,
+            sources: &sources,
+            retry: &retry,
+        };
+        self.run(&round, |tx, _| {
             for id in from_tree {
                 if tx.send(Msg::Tree(id)).is_err() {
                     break;
@@ -720,13 +739,19 @@ impl Writer<'_> {
             }
         });
         let mut rest = rest;
-        rest.extend(retry.into_inner().unwrap_or_default());
+        rest.extend(std::mem::take(
+            &mut *retry.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
         let (local, fetched): (Vec<ChunkId>, Vec<ChunkId>) = match &remote {
             Some(r) => rest.into_iter().partition(|id| (r.held)(id)),
             None => (rest, Vec::new()),
         };
         let no_retry = Mutex::new(Vec::new());
-        self.run(view, jobs, &places, &sources, &no_retry, |tx, budget| {
+        let round = Round {
+            retry: &no_retry,
+            ..round
+        };
+        self.run(&round, |tx, budget| {
             for id in local {
                 if tx.send(Msg::View(id)).is_err() {
                     break;
@@ -790,14 +815,9 @@ impl Writer<'_> {
     /// Runs a few workers over the chunks `feed` sends, then waits for
     /// them to finish. Chunks sent as fetched count against a budget of
     /// bytes, so the fetch runs ahead of the writing by at most that.
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
-        view: &View,
-        jobs: &[Job<'_>],
-        places: &Placements,
-        sources: &Sources<'_>,
-        retry: &Mutex<Vec<ChunkId>>,
+        round: &Round<'_, '_>,
         feed: impl FnOnce(&crossbeam_channel::Sender<Msg>, &Budget),
     ) {
         let workers = std::thread::available_parallelism()
@@ -823,7 +843,7 @@ impl Writer<'_> {
                                 _ => 0,
                             },
                         };
-                        self.write_chunk(view, jobs, places, sources, retry, msg);
+                        self.write_chunk(round, msg);
                     }
                 });
             }
@@ -834,15 +854,14 @@ impl Writer<'_> {
 
     /// Opens one chunk and writes it at each of its places. A chunk the
     /// existing tree no longer holds as scanned goes to `retry` instead.
-    fn write_chunk(
-        &self,
-        view: &View,
-        jobs: &[Job<'_>],
-        places: &Placements,
-        sources: &Sources<'_>,
-        retry: &Mutex<Vec<ChunkId>>,
-        msg: Msg,
-    ) {
+    fn write_chunk(&self, round: &Round<'_, '_>, msg: Msg) {
+        let Round {
+            view,
+            jobs,
+            places,
+            sources,
+            retry,
+        } = *round;
         let id = match &msg {
             Msg::View(id) | Msg::Tree(id) | Msg::Fetched(id, _) => *id,
         };
