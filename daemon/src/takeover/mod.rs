@@ -1087,4 +1087,57 @@ mod tests {
         let view = vault::View::open(&ev.moved_to, "files", &key).unwrap();
         assert_eq!(view.entries().unwrap().len(), 6);
     }
+
+    #[test]
+    fn a_fork_whose_first_record_retention_removed_is_still_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = vault::DatasetKey::generate();
+        let dir = tmp.path().join("datasets/files");
+        {
+            // A segment per record or so, so retention can cut inside.
+            let opts = vault::Options {
+                segment_bytes: 64,
+                ..vault::Options::default()
+            };
+            let ds = Dataset::open(&dir, "files", &key, opts).unwrap();
+            for i in 0..6u8 {
+                let ops = vec![vault::Op::Put {
+                    path: format!("f{i}").into_bytes(),
+                    entry: vault::Entry {
+                        node: vault::Node::Dir,
+                        mode: 0o755,
+                        mtime_ns: 1,
+                        size: 0,
+                    },
+                }];
+                ds.submit(ops, Vec::new()).unwrap();
+            }
+            ds.flush_state().unwrap();
+            ds.close().unwrap();
+        }
+        let log = dir.join("log");
+        let (_, _, first) = vault::wal::remove_segments_before(&log, 5, None).unwrap();
+        assert!(first > 4 && first <= 6, "retention cut before seq {first}");
+        assert_eq!(vault::wal::epoch_at(&log, 4).unwrap(), None);
+        let mut c = Cluster::default();
+        c.apply(&Command::Bootstrap {
+            primary: "zjk-a".into(),
+            sync: vec![],
+            time_ns: 1,
+        })
+        .unwrap();
+        // Epoch 2 began after seq 6: the log kept is a prefix.
+        let mut prefix = c.clone();
+        prefix.apply(&promote("zjk-b", 1, 6)).unwrap();
+        assert_eq!(rejoin::fork_point(&dir, "files", &prefix).unwrap(), None);
+        // Epoch 2 began after seq 3; record 4, the first the old primary
+        // wrote past the fork, is gone, but the epoch-1 records after it
+        // still show the fork (before, this log passed as a prefix).
+        c.apply(&promote("zjk-b", 1, 3)).unwrap();
+        let fork = rejoin::fork_point(&dir, "files", &c).unwrap();
+        assert_eq!(fork, Some((4, 2)));
+        let ev = rejoin::set_aside(tmp.path(), &dir, "files", &key, fork.unwrap(), &c).unwrap();
+        assert!(ev.records.iter().all(|r| r.seq > 4 && r.epoch == 1));
+        assert!(!dir.exists(), "the live copy is gone");
+    }
 }

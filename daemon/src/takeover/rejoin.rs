@@ -55,15 +55,28 @@ pub fn fork_point(
         return Ok(None);
     }
     let mut fork = None;
+    let corrupt = |e: vault::VaultError| TakeoverError::Corrupt {
+        path: log.clone(),
+        reason: e.to_string(),
+    };
     for (epoch, start) in c.starts(dataset).into_iter().skip(1) {
-        // A log that does not reach that far back (retention removed it,
-        // or it never had it) has nothing there to contradict.
-        let older = vault::wal::epoch_at(&log, start)
-            .map_err(|e| TakeoverError::Corrupt {
-                path: log.clone(),
-                reason: e.to_string(),
-            })?
-            .is_some_and(|e| e < epoch);
+        let at = match vault::wal::epoch_at(&log, start).map_err(corrupt)? {
+            Some(e) => Some(e),
+            // Retention removed the record at the start: the oldest record
+            // kept comes after it, and one of an older epoch there means the
+            // log went on past the fork all the same (the new history owns
+            // every seq from `start`). A log that ends before `start` has
+            // nothing there to contradict.
+            None => {
+                let (_, first) = vault::wal::log_extent(&log).map_err(corrupt)?;
+                if first > start {
+                    vault::wal::epoch_at(&log, first).map_err(corrupt)?
+                } else {
+                    None
+                }
+            }
+        };
+        let older = at.is_some_and(|e| e < epoch);
         if older && fork.is_none_or(|(s, _)| start < s) {
             fork = Some((start, epoch));
         }
@@ -89,7 +102,13 @@ pub fn set_aside(
         path: path.to_path_buf(),
         source: e,
     };
-    vault::wal::read_from(&log, fork, |r| {
+    // Retention may have removed the first records past the fork: those
+    // kept are what can be named.
+    let (_, first) = vault::wal::log_extent(&log).map_err(|e| TakeoverError::Corrupt {
+        path: log.clone(),
+        reason: e.to_string(),
+    })?;
+    vault::wal::read_from(&log, fork.max(first), |r| {
         if r.record.seq < fork {
             return Ok(());
         }
