@@ -1037,27 +1037,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_log_past_the_fork_point_is_found_and_set_aside_with_what_it_changed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let key = vault::DatasetKey::generate();
-        let dir = tmp.path().join("datasets/files");
-        {
-            let ds = Dataset::open(&dir, "files", &key, vault::Options::default()).unwrap();
-            for i in 0..6u8 {
-                let ops = vec![vault::Op::Put {
-                    path: format!("f{i}").into_bytes(),
-                    entry: vault::Entry {
-                        node: vault::Node::Dir,
-                        mode: 0o755,
-                        mtime_ns: 1,
-                        size: 0,
-                    },
-                }];
-                ds.submit(ops, Vec::new()).unwrap();
-            }
-            ds.close().unwrap();
+    /// A dataset at `dir` with six records (seqs 1-6), each putting `f<i>`.
+    fn six_records(dir: &std::path::Path, key: &vault::DatasetKey, opts: vault::Options) {
+        let ds = Dataset::open(dir, "files", key, opts).unwrap();
+        for i in 0..6u8 {
+            let ops = vec![vault::Op::Put {
+                path: format!("f{i}").into_bytes(),
+                entry: vault::Entry {
+                    node: vault::Node::Dir,
+                    mode: 0o755,
+                    mtime_ns: 1,
+                    size: 0,
+                },
+            }];
+            ds.submit(ops, Vec::new()).unwrap();
         }
+        ds.flush_state().unwrap();
+        ds.close().unwrap();
+    }
+
+    /// With zjk-a the primary of epoch 1: the log at `dir` is a prefix of a
+    /// history whose epoch 2 began after seq 6, and forks from one whose
+    /// epoch 2 began after seq 3 (returned, with the fork found: seq 4).
+    fn fork_after_seq_3(dir: &std::path::Path) -> (Cluster, Option<(u64, u64)>) {
         let mut c = Cluster::default();
         c.apply(&Command::Bootstrap {
             primary: "zjk-a".into(),
@@ -1065,14 +1067,23 @@ mod tests {
             time_ns: 1,
         })
         .unwrap();
-        // Epoch 2 began after seq 6: this log is a prefix.
         let mut prefix = c.clone();
         prefix.apply(&promote("zjk-b", 1, 6)).unwrap();
-        assert_eq!(rejoin::fork_point(&dir, "files", &prefix).unwrap(), None);
-        // Epoch 2 began after seq 3: seqs 4-6 are epoch-1 writes nobody kept.
+        assert_eq!(rejoin::fork_point(dir, "files", &prefix).unwrap(), None);
         c.apply(&promote("zjk-b", 1, 3)).unwrap();
-        let fork = rejoin::fork_point(&dir, "files", &c).unwrap();
+        let fork = rejoin::fork_point(dir, "files", &c).unwrap();
         assert_eq!(fork, Some((4, 2)));
+        (c, fork)
+    }
+
+    #[test]
+    fn a_log_past_the_fork_point_is_found_and_set_aside_with_what_it_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = vault::DatasetKey::generate();
+        let dir = tmp.path().join("datasets/files");
+        six_records(&dir, &key, vault::Options::default());
+        // Seqs 4-6 are epoch-1 writes nobody kept.
+        let (c, fork) = fork_after_seq_3(&dir);
         let ev = rejoin::set_aside(tmp.path(), &dir, "files", &key, fork.unwrap(), &c).unwrap();
         assert_eq!(
             ev.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -1093,49 +1104,23 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let key = vault::DatasetKey::generate();
         let dir = tmp.path().join("datasets/files");
-        {
-            // A segment per record or so, so retention can cut inside.
-            let opts = vault::Options {
+        // A segment per record or so, so retention can cut inside.
+        six_records(
+            &dir,
+            &key,
+            vault::Options {
                 segment_bytes: 64,
                 ..vault::Options::default()
-            };
-            let ds = Dataset::open(&dir, "files", &key, opts).unwrap();
-            for i in 0..6u8 {
-                let ops = vec![vault::Op::Put {
-                    path: format!("f{i}").into_bytes(),
-                    entry: vault::Entry {
-                        node: vault::Node::Dir,
-                        mode: 0o755,
-                        mtime_ns: 1,
-                        size: 0,
-                    },
-                }];
-                ds.submit(ops, Vec::new()).unwrap();
-            }
-            ds.flush_state().unwrap();
-            ds.close().unwrap();
-        }
+            },
+        );
         let log = dir.join("log");
         let (_, _, first) = vault::wal::remove_segments_before(&log, 5, None).unwrap();
         assert!(first > 4 && first <= 6, "retention cut before seq {first}");
         assert_eq!(vault::wal::epoch_at(&log, 4).unwrap(), None);
-        let mut c = Cluster::default();
-        c.apply(&Command::Bootstrap {
-            primary: "zjk-a".into(),
-            sync: vec![],
-            time_ns: 1,
-        })
-        .unwrap();
-        // Epoch 2 began after seq 6: the log kept is a prefix.
-        let mut prefix = c.clone();
-        prefix.apply(&promote("zjk-b", 1, 6)).unwrap();
-        assert_eq!(rejoin::fork_point(&dir, "files", &prefix).unwrap(), None);
-        // Epoch 2 began after seq 3; record 4, the first the old primary
-        // wrote past the fork, is gone, but the epoch-1 records after it
-        // still show the fork (before, this log passed as a prefix).
-        c.apply(&promote("zjk-b", 1, 3)).unwrap();
-        let fork = rejoin::fork_point(&dir, "files", &c).unwrap();
-        assert_eq!(fork, Some((4, 2)));
+        // Record 4, the first the old primary wrote past the fork, is gone,
+        // but the epoch-1 records after it still show the fork (before,
+        // this log passed as a prefix).
+        let (c, fork) = fork_after_seq_3(&dir);
         let ev = rejoin::set_aside(tmp.path(), &dir, "files", &key, fork.unwrap(), &c).unwrap();
         assert!(ev.records.iter().all(|r| r.seq > 4 && r.epoch == 1));
         assert!(!dir.exists(), "the live copy is gone");
