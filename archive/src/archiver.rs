@@ -1087,7 +1087,11 @@ impl Archiver {
             })
             .collect();
         // One file already covering every pack left: nothing to do.
-        if located.index_files.len() == 1 && gone.is_empty() && located.warnings.is_empty() {
+        if located.index_files.len() == 1
+            && gone.is_empty()
+            && located.warnings.is_empty()
+            && located.packs_from_index_files == located.packs.len()
+        {
             return Ok(());
         }
         if !left.is_empty() {

@@ -391,6 +391,9 @@ pub struct Located {
     pub damaged: Vec<DamagedPack>,
     /// The index files read (their keys), whole or not.
     pub index_files: Vec<String>,
+    /// How many of the packs came from index files (the rest were read
+    /// through their own indexes).
+    pub packs_from_index_files: usize,
     /// Index files that did not read back: passed over, the packs' own
     /// indexes read instead.
     pub warnings: Vec<String>,
@@ -460,6 +463,7 @@ impl Located {
         for l in known {
             if let Some(p) = covered.remove(l.key.as_str()) {
                 out.add_pack(p.key, p.size, p.entries);
+                out.packs_from_index_files += 1;
             }
         }
         let mut read = stream::iter(unknown.into_iter().map(|l| async move {

@@ -797,6 +797,33 @@ fn packs_hold_new_chunks_and_an_archive_begun_without_them_stays_whole() {
         .into_iter()
         .collect();
     assert_eq!(covered, left);
+    // A prune with nothing to change leaves that file as it is.
+    prune();
+    assert_eq!(index_files(&s3), idx);
+    // Packs shipped since (no snapshot, so in no index file yet): the next
+    // prune covers them too.
+    site.start();
+    change(&site.source, 7, &mut rng);
+    let st = site.wait_settled(now_ns(), Duration::from_secs(60));
+    site.wait_shipped(head_seq(&st), Duration::from_secs(60));
+    site.stop();
+    assert!(packs(&s3) > left.len(), "round 7 shipped new packs");
+    ok(
+        &triad(&["prune", "--dataset", "files", "--json"], &site.config),
+        "triad prune",
+    );
+    let idx2 = index_files(&s3);
+    assert_eq!(idx2.len(), 1, "{idx2:?}");
+    assert_ne!(idx2, idx);
+    let rel = idx2[0].strip_prefix(&format!("{PREFIX}/")).unwrap();
+    let covered = archive::packs::decode_index_file(
+        &keys,
+        rel,
+        &std::fs::read(s3.object_path(BUCKET, &idx2[0])).unwrap(),
+    )
+    .unwrap()
+    .len();
+    assert_eq!(covered, packs(&s3));
     for (seq, tree) in &kept[4..] {
         let to = site.tmp.path().join(format!("after-prune-{seq}"));
         ok(
