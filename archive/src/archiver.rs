@@ -742,22 +742,23 @@ impl Archiver {
                 .try_collect::<Vec<()>>(),
             )?;
         } else {
-            let packs = packs::build(self.ds.keys(), name, chunks, self.pack_bytes);
-            let indexed: Vec<packs::IndexedPack> = packs
-                .iter()
-                .map(|p| packs::IndexedPack {
+            let mut indexed = Vec::new();
+            let mut uploads = Vec::new();
+            for p in packs::build(self.ds.keys(), name, chunks, self.pack_bytes) {
+                indexed.push(packs::IndexedPack {
                     key: p.key.clone(),
                     size: p.bytes.len() as u64,
-                    entries: p.entries.clone(),
-                })
-                .collect();
+                    entries: p.entries,
+                });
+                uploads.push((p.key, p.bytes));
+            }
             // A few 16 MiB uploads at once fill a link; more only hold
             // memory.
             self.rt.block_on(
                 stream::iter(
-                    packs
+                    uploads
                         .into_iter()
-                        .map(|p| async move { store.put_history(&p.key, p.bytes).await }),
+                        .map(|(key, bytes)| async move { store.put_history(&key, bytes).await }),
                 )
                 .buffer_unordered(self.concurrency.min(4))
                 .try_collect::<Vec<()>>(),
@@ -1076,6 +1077,14 @@ impl Archiver {
             .chain(set_aside)
             .map(String::as_str)
             .collect();
+        // One file already covering every pack left: nothing to do.
+        if located.index_files.len() == 1
+            && gone.is_empty()
+            && located.warnings.is_empty()
+            && located.packs_from_index_files == located.packs.len()
+        {
+            return Ok(());
+        }
         let left: Vec<packs::IndexedPack> = located
             .packs
             .iter()
@@ -1086,14 +1095,6 @@ impl Archiver {
                 entries: entries.clone(),
             })
             .collect();
-        // One file already covering every pack left: nothing to do.
-        if located.index_files.len() == 1
-            && gone.is_empty()
-            && located.warnings.is_empty()
-            && located.packs_from_index_files == located.packs.len()
-        {
-            return Ok(());
-        }
         if !left.is_empty() {
             let (key, bytes) = packs::seal_index_file(self.ds.keys(), self.ds.name(), &left);
             self.rt.block_on(self.store.put(&key, bytes))?;

@@ -98,11 +98,24 @@ pub struct IndexedPack {
     pub entries: Vec<PackEntry>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct IndexFile {
     version: u32,
     packs: Vec<IndexedPack>,
 }
+
+/// [`IndexFile`] as written, borrowing its packs (postcard encodes a slice
+/// as it does a `Vec`).
+#[derive(Serialize)]
+struct IndexFileOut<'a> {
+    version: u32,
+    packs: &'a [IndexedPack],
+}
+
+/// Index files read at once: each may be up to [`MAX_INDEX_FILE_BYTES`]
+/// before its seal is checked, so someone who can write the bucket could
+/// otherwise make a reader hold `concurrency` such objects.
+const INDEX_FILES_IN_FLIGHT: usize = 2;
 
 /// Seals an index file of `packs` under a fresh random name; returns its
 /// key and bytes.
@@ -110,9 +123,9 @@ pub fn seal_index_file(keys: &Keys, ds: &str, packs: &[IndexedPack]) -> (String,
     let mut name = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut name);
     let key = format!("{}{}.idx", index_files_prefix(ds), hex::encode(name));
-    let file = IndexFile {
+    let file = IndexFileOut {
         version: INDEX_FILE_VERSION,
-        packs: packs.to_vec(),
+        packs,
     };
     // Encoding plain structs of strings, integers and arrays cannot fail.
     let plain = postcard::to_allocvec(&file).unwrap_or_default();
@@ -431,9 +444,9 @@ pub enum Fetched {
 }
 
 impl Located {
-    /// Lists the dataset's chunk objects and packs, reads the index files,
-    /// and reads the own index of every pack they do not cover,
-    /// `concurrency` at a time.
+    /// Lists the dataset's chunk objects and packs, reads the index files
+    /// (a couple at a time), and reads the own index of every pack they do
+    /// not cover, `concurrency` at a time.
     pub async fn load(store: &Store, keys: &Keys, ds: &str, concurrency: usize) -> Result<Located> {
         let mut out = Located::default();
         for l in store.list(&objects::chunks_prefix(ds)).await? {
@@ -453,7 +466,7 @@ impl Located {
             .into_iter()
             .filter(|l| l.key.ends_with(".pack"))
             .collect();
-        let covered = out.read_index_files(store, keys, ds, concurrency).await?;
+        let covered = out.read_index_files(store, keys, ds).await?;
         let (known, unknown): (Vec<_>, Vec<_>) = listed.into_iter().partition(|l| {
             covered
                 .get(l.key.as_str())
@@ -512,7 +525,6 @@ impl Located {
         store: &Store,
         keys: &Keys,
         ds: &str,
-        concurrency: usize,
     ) -> Result<HashMap<String, IndexedPack>> {
         let files: Vec<_> = store
             .list(&index_files_prefix(ds))
@@ -537,7 +549,7 @@ impl Located {
             };
             (l.key, r)
         }))
-        .buffer_unordered(concurrency.max(1));
+        .buffer_unordered(INDEX_FILES_IN_FLIGHT);
         let mut covered = HashMap::new();
         while let Some((key, r)) = read.next().await {
             match r? {

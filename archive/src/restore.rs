@@ -835,7 +835,17 @@ impl Restorer<'_> {
         let mut absent = Vec::new();
         for (id, plain_len, hash) in want {
             match located.stored_len(&id) {
-                Some(n) => meta.push((id, plain_len, n as u32, hash)),
+                Some(n) => meta.push((
+                    id,
+                    vault::state::ChunkMeta {
+                        refs: 0,
+                        plain_len,
+                        // A listed length past u32 is no chunk's; its
+                        // download fails its hash check.
+                        sealed_len: u32::try_from(n).unwrap_or(u32::MAX),
+                        sealed_hash: hash,
+                    },
+                )),
                 None => absent.push(format!(
                     "{}: missing ({})",
                     self.store.locate(&objects::chunk_key(self.dataset, &id)),

@@ -588,7 +588,7 @@ impl Dataset {
     }
 
     /// Records chunks by their metadata alone (`State::stage_chunk_meta`).
-    pub fn stage_chunk_meta(&self, chunks: &[(ChunkId, u32, u32, [u8; 32])]) -> Result<()> {
+    pub fn stage_chunk_meta(&self, chunks: &[(ChunkId, crate::state::ChunkMeta)]) -> Result<()> {
         self.state.stage_chunk_meta(chunks)
     }
 
@@ -768,26 +768,12 @@ impl Dataset {
         let head = self.head_seq();
         let mut held = Vec::with_capacity(starts.len());
         let log = self.dir.join("log");
-        let epoch_at = |seq: u64| wal::epoch_at(&log, seq);
-        let mut head_epoch = None;
         for (i, (epoch, start)) in starts.iter().copied().enumerate() {
-            if i > 0 && start <= head {
-                let at_start = match epoch_at(start)? {
-                    Some(e) => Some(e),
-                    // Retention removed the record at the start: the head
-                    // record says as much, since a log that went on past a
-                    // fork in an older epoch can take no newer record after
-                    // it (its chain would not continue).
-                    None => {
-                        if head_epoch.is_none() {
-                            head_epoch = Some(epoch_at(head)?);
-                        }
-                        head_epoch.flatten()
-                    }
-                };
-                if at_start.is_some_and(|e| e < epoch) {
-                    break;
-                }
+            // A log that went past the start in an older epoch left this
+            // history there (retention may have removed the record at the
+            // start itself: `wal::epoch_from`).
+            if i > 0 && start <= head && wal::epoch_from(&log, start)?.is_some_and(|e| e < epoch) {
+                break;
             }
             held.push((epoch, start));
         }

@@ -311,20 +311,7 @@ pub fn restore_from(
             ));
         }
     }
-    let tree: Vec<(&RelPath, &Entry)> = existing
-        .iter()
-        .filter_map(|(p, e)| match e {
-            Some(
-                e @ Entry {
-                    node: Node::File { .. },
-                    ..
-                },
-            ) => Some((p, e)),
-            _ => None,
-        })
-        .collect();
-    w.fill(view, &jobs, remote, &tree);
-    drop(tree);
+    w.fill(view, &jobs, remote, &existing);
     for (p, e) in fix_meta {
         let res = w.set_meta(p, e);
         if res.is_ok() {
@@ -686,7 +673,8 @@ impl Writer<'_> {
 
     /// Writes every job's chunks, each opened and checked once by one of a
     /// few workers and written at each of its places. Chunks found in the
-    /// existing tree (`tree`, a delta restore) are read from it first; the
+    /// files of the existing tree (`tree`, a delta restore's scan) are read
+    /// from it first; the
     /// rest, and any the tree no longer holds as it was, come from the view
     /// or through `remote`. A job whose chunks did not all arrive is named
     /// with the first reason and its temporary file removed.
@@ -695,7 +683,7 @@ impl Writer<'_> {
         view: &View,
         jobs: &[Job<'_>],
         mut remote: Option<Remote<'_>>,
-        tree: &[(&RelPath, &Entry)],
+        tree: &[(RelPath, Option<Entry>)],
     ) {
         let mut places: Placements = std::collections::HashMap::new();
         let mut order: Vec<ChunkId> = Vec::new();
@@ -712,7 +700,8 @@ impl Writer<'_> {
         }
         // Where in the existing tree each needed chunk is, if anywhere.
         let mut sources: Sources = std::collections::HashMap::new();
-        for &(p, e) in tree {
+        // Only files have chunks: directories and symlinks add nothing.
+        for (p, e) in tree.iter().filter_map(|(p, e)| Some((p, e.as_ref()?))) {
             let mut off = 0u64;
             for c in e.chunks() {
                 if places.contains_key(&c.id) {
@@ -898,6 +887,10 @@ impl Writer<'_> {
     /// there as scanned (its keyed hash is checked).
     fn read_tree(&self, p: &RelPath, off: u64, len: u32, id: &ChunkId) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
+        // No chunk is longer: a length past it is fetched (and refused).
+        if len > chunk::CHUNK_MAX {
+            return None;
+        }
         let (dir, name) = self.dir_of(p).ok()?;
         let f = dir.open_read(name).ok()?;
         let mut b = vec![0u8; len as usize];

@@ -557,20 +557,14 @@ impl State {
     /// restore from an archive installs a snapshot's namespace this way and
     /// writes the chunks into the tree straight from the store
     /// (`restore::restore_from`). Chunks already recorded are left as they
-    /// are.
-    pub fn stage_chunk_meta(&self, chunks: &[(ChunkId, u32, u32, [u8; 32])]) -> Result<()> {
+    /// are; the references are set when the namespace is installed.
+    pub fn stage_chunk_meta(&self, chunks: &[(ChunkId, ChunkMeta)]) -> Result<()> {
         let cm = self.cf(CF_CHUNKMETA)?;
         let mut b = WriteBatch::default();
-        for (id, plain_len, sealed_len, sealed_hash) in chunks {
+        for (id, m) in chunks {
             if self.chunk_meta(id)?.is_some() {
                 continue;
             }
-            let m = ChunkMeta {
-                refs: 0,
-                plain_len: *plain_len,
-                sealed_len: *sealed_len,
-                sealed_hash: *sealed_hash,
-            };
             b.put_cf(cm, id.0, m.encode());
         }
         self.write(b)

@@ -903,6 +903,24 @@ pub fn epoch_at(dir: &Path, seq: u64) -> Result<Option<u64>> {
     }
 }
 
+/// The epoch the log at `dir` carries from `seq` on: that of the record at
+/// `seq`, or, when retention removed it, that of the oldest record kept
+/// after it. Either says whether the log went on past an epoch that began
+/// at `seq` in an older epoch, since a log that did can take no record of
+/// a newer epoch after it (its chain would not continue). None when the log
+/// holds nothing from `seq` on.
+pub fn epoch_from(dir: &Path, seq: u64) -> Result<Option<u64>> {
+    if let Some(e) = epoch_at(dir, seq)? {
+        return Ok(Some(e));
+    }
+    let (_, first) = log_extent(dir)?;
+    if first > seq {
+        epoch_at(dir, first)
+    } else {
+        Ok(None)
+    }
+}
+
 /// A record read back from the log, with its chain hash.
 pub struct ReadRecord {
     pub record: Record,

@@ -60,23 +60,10 @@ pub fn fork_point(
         reason: e.to_string(),
     };
     for (epoch, start) in c.starts(dataset).into_iter().skip(1) {
-        let at = match vault::wal::epoch_at(&log, start).map_err(corrupt)? {
-            Some(e) => Some(e),
-            // Retention removed the record at the start: the oldest record
-            // kept comes after it, and one of an older epoch there means the
-            // log went on past the fork all the same (the new history owns
-            // every seq from `start`). A log that ends before `start` has
-            // nothing there to contradict.
-            None => {
-                let (_, first) = vault::wal::log_extent(&log).map_err(corrupt)?;
-                if first > start {
-                    vault::wal::epoch_at(&log, first).map_err(corrupt)?
-                } else {
-                    None
-                }
-            }
-        };
-        let older = at.is_some_and(|e| e < epoch);
+        // A log that ends before `start` has nothing there to contradict.
+        let older = vault::wal::epoch_from(&log, start)
+            .map_err(corrupt)?
+            .is_some_and(|e| e < epoch);
         if older && fork.is_none_or(|(s, _)| start < s) {
             fork = Some((start, epoch));
         }
