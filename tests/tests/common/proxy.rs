@@ -62,6 +62,22 @@ impl Proxy {
                                             return;
                                         }
                                         Ok(n) => {
+                                            // The flags are read again after
+                                            // the read: bytes that arrive
+                                            // after a cut (or stall) was set
+                                            // must not pass, or a test's
+                                            // "cut, then write" races the
+                                            // 100 ms read timeout.
+                                            while stall3.load(Ordering::SeqCst)
+                                                && !cut3.load(Ordering::SeqCst)
+                                            {
+                                                std::thread::sleep(Duration::from_millis(50));
+                                            }
+                                            if cut3.load(Ordering::SeqCst) {
+                                                let _ = from.shutdown(std::net::Shutdown::Both);
+                                                let _ = to.shutdown(std::net::Shutdown::Both);
+                                                return;
+                                            }
                                             if to.write_all(&buf[..n]).is_err() {
                                                 return;
                                             }
@@ -97,6 +113,6 @@ impl Drop for Proxy {
 impl Proxy {
     /// Drops the link's connections and refuses new ones.
     pub fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::Relaxed);
+        self.cut.store(cut, Ordering::SeqCst);
     }
 }
