@@ -21,6 +21,9 @@ ensure_system() {
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     # The Object Lock test runs the moto S3 server from a Python virtualenv.
     command -v python3 >/dev/null || missing+=(python3)
+    # The fidelity tests set and read ACLs, and restore as another user.
+    command -v getfacl >/dev/null || missing+=(acl)
+    command -v setpriv >/dev/null || missing+=(util-linux)
     python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
   fi
   if ! command -v cargo >/dev/null; then

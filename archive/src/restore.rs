@@ -286,7 +286,10 @@ impl Restorer<'_> {
                 held: &held,
                 fetch: &mut fetch,
             }),
-            self.delta,
+            vault::restore::RestoreOptions {
+                delta: self.delta,
+                sparse: true,
+            },
             &|b| progress(Progress::Written(b)),
         )?;
         if let Some(e) = fatal {
@@ -1205,6 +1208,7 @@ mod tests {
             mode: 0o644,
             mtime_ns: 0,
             size: data.len() as u64,
+            ext: None,
         };
         ds.submit(
             vec![vault::Op::Put {

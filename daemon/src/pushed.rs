@@ -540,6 +540,7 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
         mode: 0o640,
         mtime_ns: vault::dataset::now_ns(),
         size,
+        ext: None,
     };
     let mut ops = vec![Op::Put {
         path: name.as_bytes().to_vec(),

@@ -30,6 +30,7 @@ use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, R
 use notify::{RecursiveMode, Watcher};
 use vault::chunk::ChunkId;
 use vault::dataset::now_ns;
+use vault::meta::{Capture, Ext, Preserve};
 use vault::{Dataset, Entry, Node, Op, SubmitError};
 
 use crate::config::DirectorySettings;
@@ -177,6 +178,8 @@ pub struct DirSource {
     stop: Arc<AtomicBool>,
     /// The commit policy: waits until sync followers hold a seq.
     gate: Option<CommitGate>,
+    /// Reads owners and attributes as `preserve` asks.
+    capture: Capture,
 }
 
 /// Blocks until the commit policy holds for a seq, or says why it does not.
@@ -226,28 +229,56 @@ fn meta_mtime_ns(md: &std::fs::Metadata) -> i64 {
     md.mtime() * 1_000_000_000 + md.mtime_nsec()
 }
 
-/// Metadata of a non-file entry as the namespace records it.
-fn simple_entry(abs: &Path, md: &std::fs::Metadata) -> std::io::Result<Option<Entry>> {
+/// Metadata of a non-file entry as the namespace records it (owner and
+/// attributes aside); `None` for sockets, and for fifos and devices when
+/// the dataset does not keep them.
+fn simple_entry(
+    abs: &Path,
+    md: &std::fs::Metadata,
+    preserve: Preserve,
+) -> std::io::Result<Option<Entry>> {
+    use std::os::unix::fs::FileTypeExt;
     let ft = md.file_type();
     let mtime_ns = meta_mtime_ns(md);
-    if ft.is_dir() {
-        Ok(Some(Entry {
-            node: Node::Dir,
-            mode: md.mode() & 0o7777,
-            mtime_ns,
-            size: 0,
-        }))
+    let special = preserve.has(Preserve::SPECIAL);
+    let (node, mode, size) = if ft.is_dir() {
+        (Node::Dir, md.mode() & 0o7777, 0)
     } else if ft.is_symlink() {
         let target = std::fs::read_link(abs)?.as_os_str().as_bytes().to_vec();
-        Ok(Some(Entry {
-            size: target.len() as u64,
-            node: Node::Symlink { target },
-            mode: 0o777,
-            mtime_ns,
-        }))
+        let n = target.len() as u64;
+        (Node::Symlink { target }, 0o777, n)
+    } else if special && ft.is_fifo() {
+        (Node::Fifo, md.mode() & 0o7777, 0)
+    } else if special && (ft.is_char_device() || ft.is_block_device()) {
+        let node = Node::Device {
+            block: ft.is_block_device(),
+            rdev: md.rdev(),
+        };
+        (node, md.mode() & 0o7777, 0)
     } else {
-        Ok(None)
-    }
+        return Ok(None);
+    };
+    Ok(Some(Entry {
+        node,
+        mode,
+        mtime_ns,
+        size,
+        ext: None,
+    }))
+}
+
+/// Whether two entries record the same owner and attributes (the names
+/// seen at capture and hard-link keys aside).
+fn same_ext(a: Option<&Ext>, b: Option<&Ext>) -> bool {
+    let bytes = |x: Option<&Ext>| {
+        let mut v = Vec::new();
+        if let Some(x) = x {
+            x.digest_bytes(u8::MAX, &mut v);
+            v.extend_from_slice(&x.link.min(1).to_le_bytes());
+        }
+        v
+    };
+    bytes(a) == bytes(b)
 }
 
 /// True when a file's metadata says its recorded version is current.
@@ -282,6 +313,7 @@ impl DirSource {
                 reason: "is not a directory".into(),
             });
         }
+        let settings_preserve = settings.preserve;
         let mut b = GlobSetBuilder::new();
         for p in &settings.exclude {
             b.add(globset::Glob::new(p)?);
@@ -296,6 +328,7 @@ impl DirSource {
             events_complete: AtomicBool::new(false),
             stop,
             gate: None,
+            capture: Capture::new(settings_preserve),
         })
     }
 
@@ -593,7 +626,7 @@ impl DirSource {
         while !p.is_empty() && self.ds.entry(p)?.is_none() {
             let abs = self.abs(p);
             if let Ok(md) = abs.symlink_metadata() {
-                if let Ok(Some(e)) = simple_entry(&abs, &md) {
+                if let Ok(Some(e)) = self.simple_entry(&abs, &md) {
                     out.push(Op::Put {
                         path: p.to_vec(),
                         entry: e,
@@ -709,7 +742,18 @@ impl DirSource {
     ) {
         if md.is_file() {
             match old {
-                Some(o) if file_unchanged(md, o, racy_before) => {}
+                Some(o) if file_unchanged(md, o, racy_before) => {
+                    // Contents as recorded; an owner or attribute changed
+                    // (chown, setfacl, setfattr) is put without reading it.
+                    match self.with_ext(&self.abs(r), None, md, o.clone()) {
+                        Ok(e) if !same_ext(e.ext.as_deref(), o.ext.as_deref()) => {
+                            plan.puts.insert(r.to_vec(), e);
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => self.skip(r, &e.to_string()),
+                    }
+                }
                 // Metadata matches but the recorded mtime was too close to its
                 // read: read the content again regardless.
                 Some(o) if file_unchanged(md, o, i64::MAX) => {
@@ -721,9 +765,15 @@ impl DirSource {
             }
             return;
         }
-        match simple_entry(&self.abs(r), md) {
+        match self.simple_entry(&self.abs(r), md) {
             Ok(Some(e)) => {
-                if old != Some(&e) {
+                if old.is_none_or(|o| {
+                    o.node != e.node
+                        || o.mode != e.mode
+                        || o.mtime_ns != e.mtime_ns
+                        || o.size != e.size
+                        || !same_ext(o.ext.as_deref(), e.ext.as_deref())
+                }) {
                     plan.puts.insert(r.to_vec(), e);
                 }
             }
@@ -737,6 +787,27 @@ impl DirSource {
             }
             Err(e) => self.skip(r, &e.to_string()),
         }
+    }
+
+    /// [`simple_entry`] with the owner and attributes the dataset keeps.
+    fn simple_entry(&self, abs: &Path, md: &std::fs::Metadata) -> std::io::Result<Option<Entry>> {
+        match simple_entry(abs, md, self.capture.preserve)? {
+            Some(e) => Ok(Some(self.with_ext(abs, None, md, e)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `e` with the owner and attributes of the path (or open file) it was
+    /// read from, as the dataset keeps them.
+    fn with_ext(
+        &self,
+        abs: &Path,
+        file: Option<&std::fs::File>,
+        md: &std::fs::Metadata,
+        mut e: Entry,
+    ) -> std::io::Result<Entry> {
+        e.ext = self.capture.ext(abs, file, md, None)?;
+        Ok(e)
     }
 
     fn skip(&self, rel: &[u8], why: &str) {
@@ -983,7 +1054,23 @@ impl DirSource {
                     .as_ref()
                     .is_some_and(|o| file_unchanged(&md1, o, i64::MAX))
             {
-                return self.submit_meta(unpin(&mut pinned));
+                // Contents as recorded: only a changed owner or attribute
+                // is put.
+                let mut ops = unpin(&mut pinned);
+                if let Some(o) = old {
+                    match self.with_ext(&abs, None, &md1, o.clone()) {
+                        Ok(e) if !same_ext(e.ext.as_deref(), o.ext.as_deref()) => {
+                            ops.push(Op::Put {
+                                path: rel.to_vec(),
+                                entry: e,
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => self.skip(rel, &e.to_string()),
+                    }
+                }
+                return self.submit_meta(ops);
             }
             let file = match std::fs::File::open(&abs) {
                 Ok(f) => f,
@@ -1024,6 +1111,14 @@ impl DirSource {
                 mode: md1.mode() & 0o7777,
                 mtime_ns: meta_mtime_ns(&md1),
                 size: md1.len(),
+                ext: None,
+            };
+            let entry = match self.with_ext(&abs, Some(&file), &md1, entry) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.skip(rel, &format!("reading its owner and attributes: {e}"));
+                    return self.submit_meta(unpin(&mut pinned));
+                }
             };
             if now_ns() - entry.mtime_ns < RACY_NS && !self.events_complete.load(Ordering::Acquire)
             {
@@ -1094,6 +1189,7 @@ mod tests {
             rescan_interval: Duration::from_secs(600),
             debounce: Duration::from_millis(200),
             workers: 2,
+            preserve: vault::meta::Preserve::ALL,
         };
         let src = DirSource::new(
             settings,

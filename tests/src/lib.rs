@@ -317,6 +317,7 @@ pub fn one_chunk_file(keys: &vault::Keys, data: &[u8]) -> (vault::Entry, vault::
         mode: 0o644,
         mtime_ns: 1_700_000_000_000_000_000,
         size: data.len() as u64,
+        ext: None,
     };
     (entry, vault::chunk::seal(keys, id, data))
 }

@@ -48,6 +48,7 @@ fn sample_ops(keys: &Keys) -> Vec<Op> {
                 mode: 0o777,
                 mtime_ns: 2,
                 size: 4,
+                ext: None,
             },
         },
         Op::Rename {

@@ -194,6 +194,7 @@ fn crafted_archives_cannot_write_outside_the_restore_target() {
             mode: 0o777,
             mtime_ns: 0,
             size: canary.as_os_str().len() as u64,
+            ext: None,
         },
     };
     let (url, _) = crafted_archive(

@@ -12,6 +12,7 @@ mod crash;
 mod directory;
 mod drill;
 mod faults;
+mod fidelity;
 mod fuzz;
 mod hostile;
 mod object_lock;

@@ -18,8 +18,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, CWD};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, CWD};
 
+use crate::meta::{Ext, Missed, Preserve};
+use crate::ops::{Entry, Node};
 use crate::path::RelPath;
 
 /// A directory opened once, under which everything is written.
@@ -124,21 +126,112 @@ impl Beneath {
 
     /// Creates the symlink `p` pointing at `target` (which may point
     /// anywhere: it is data, and nothing here ever follows it) with the
-    /// given mtime, through a temporary name.
-    pub fn symlink(&self, p: &RelPath, tmp: &[u8], target: &[u8], mtime_ns: i64) -> io::Result<()> {
+    /// given mtime and owner, through a temporary name.
+    pub fn symlink(
+        &self,
+        p: &RelPath,
+        tmp: &[u8],
+        target: &[u8],
+        mtime_ns: i64,
+        ext: Option<&Ext>,
+        missed: &mut Missed,
+    ) -> io::Result<()> {
         let (parent, name) = self.parent(p)?;
         rustix::fs::symlinkat(os(target), &parent, os(tmp))?;
-        let t = timespec(mtime_ns);
-        let res = rustix::fs::utimensat(
+        self.finish_at(&parent, tmp, name, None, mtime_ns, ext, missed)
+    }
+
+    /// Makes the fifo or device node `e` at `p` through a temporary name,
+    /// with its owner, mode and mtime. A device node the caller may not
+    /// make (not root) is added to `missed` and nothing is made.
+    pub fn special(
+        &self,
+        p: &RelPath,
+        tmp: &[u8],
+        e: &Entry,
+        missed: &mut Missed,
+    ) -> io::Result<()> {
+        let (kind, rdev) = match &e.node {
+            Node::Fifo => (FileType::Fifo, 0),
+            Node::Device { block: true, rdev } => (FileType::BlockDevice, *rdev),
+            Node::Device { block: false, rdev } => (FileType::CharacterDevice, *rdev),
+            _ => return Err(io::Error::other("not a fifo or device")),
+        };
+        let (parent, name) = self.parent(p)?;
+        match rustix::fs::mknodat(&parent, os(tmp), kind, Mode::from_raw_mode(0o600), rdev) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::PERM) => {
+                missed.0 |= Preserve::SPECIAL;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.finish_at(
             &parent,
-            os(tmp),
-            &Timestamps {
-                last_access: t,
-                last_modification: t,
-            },
-            AtFlags::SYMLINK_NOFOLLOW,
+            tmp,
+            name,
+            Some(e.mode),
+            e.mtime_ns,
+            e.ext.as_deref(),
+            missed,
         )
-        .and_then(|()| rustix::fs::renameat(&parent, os(tmp), &parent, os(name)));
+    }
+
+    /// Gives `tmp` in `parent` (a symlink or special file, never opened)
+    /// its owner, mode (not for symlinks) and mtime, and renames it to
+    /// `name`; removes it when any step fails.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_at(
+        &self,
+        parent: &OwnedFd,
+        tmp: &[u8],
+        name: &[u8],
+        mode: Option<u32>,
+        mtime_ns: i64,
+        ext: Option<&Ext>,
+        missed: &mut Missed,
+    ) -> io::Result<()> {
+        let t = timespec(mtime_ns);
+        let res = match ext {
+            Some(x) => crate::meta::apply_at(parent, os(tmp), x, missed).map_err(io::Error::other),
+            None => Ok(()),
+        }
+        .and_then(|()| match mode {
+            // chmod follows a symlink; `tmp` is a fifo or device made just
+            // now in a directory reached without following any.
+            Some(m) => Ok(rustix::fs::chmodat(
+                parent,
+                os(tmp),
+                Mode::from_raw_mode(m & 0o7777),
+                AtFlags::empty(),
+            )?),
+            None => Ok(()),
+        })
+        .and_then(|()| {
+            Ok(rustix::fs::utimensat(
+                parent,
+                os(tmp),
+                &Timestamps {
+                    last_access: t,
+                    last_modification: t,
+                },
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?)
+        })
+        .and_then(|()| Ok(rustix::fs::renameat(parent, os(tmp), parent, os(name))?));
+        if res.is_err() {
+            let _ = rustix::fs::unlinkat(parent, os(tmp), AtFlags::empty());
+        }
+        res
+    }
+
+    /// Makes `p` another name of the file at `first` (a hard link), through
+    /// a temporary name so that whatever stood at `p` is replaced at once.
+    pub fn link(&self, first: &RelPath, p: &RelPath, tmp: &[u8]) -> io::Result<()> {
+        let (fparent, fname) = self.parent(first)?;
+        let (parent, name) = self.parent(p)?;
+        rustix::fs::linkat(&fparent, os(fname), &parent, os(tmp), AtFlags::empty())?;
+        let res = rustix::fs::renameat(&parent, os(tmp), &parent, os(name));
         if res.is_err() {
             let _ = rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty());
         }
@@ -185,10 +278,23 @@ impl Beneath {
         Ok(rustix::fs::renameat(&fp, os(fname), &tp, os(tname))?)
     }
 
-    /// Gives the directory `p` its recorded mode and mtime.
-    pub fn set_dir_meta(&self, p: &RelPath, mode: u32, mtime_ns: i64) -> io::Result<()> {
-        let d = self.dir(p.as_bytes())?;
-        rustix::fs::fchmod(&d, Mode::from_raw_mode(mode & 0o7777))?;
+    /// Gives the directory `p` its recorded owner and attributes (ACLs
+    /// included), mode and mtime; what the caller may not set is added to
+    /// `missed`.
+    pub fn set_dir_meta(
+        &self,
+        p: &RelPath,
+        mode: u32,
+        mtime_ns: i64,
+        ext: Option<&Ext>,
+        missed: &mut Missed,
+    ) -> Result<(), String> {
+        let d = self.dir(p.as_bytes()).map_err(|e| e.to_string())?;
+        if let Some(x) = ext {
+            crate::meta::apply_fd(&d, x, missed)?;
+        }
+        rustix::fs::fchmod(&d, Mode::from_raw_mode(mode & 0o7777))
+            .map_err(|e| format!("setting mode: {e}"))?;
         let t = timespec(mtime_ns);
         rustix::fs::futimens(
             d.as_fd(),
@@ -196,8 +302,8 @@ impl Beneath {
                 last_access: t,
                 last_modification: t,
             },
-        )?;
-        Ok(())
+        )
+        .map_err(|e| format!("setting mtime: {e}"))
     }
 }
 
@@ -324,7 +430,16 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("opening its directory"), "{err}");
         assert!(b.mkdir(&rel("link/d")).is_err());
-        assert!(b.symlink(&rel("link/s"), b".tmp", b"/etc", 0).is_err());
+        assert!(b
+            .symlink(
+                &rel("link/s"),
+                b".tmp",
+                b"/etc",
+                0,
+                None,
+                &mut Missed::default()
+            )
+            .is_err());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
@@ -338,9 +453,23 @@ mod tests {
             f.write_all(b"hi").map_err(|e| e.to_string())
         })
         .unwrap();
-        b.symlink(&rel("d/s"), b".tmp2", b"/etc/passwd", 1_000_000_000)
-            .unwrap();
-        b.set_dir_meta(&rel("d"), 0o750, 2_000_000_000).unwrap();
+        b.symlink(
+            &rel("d/s"),
+            b".tmp2",
+            b"/etc/passwd",
+            1_000_000_000,
+            None,
+            &mut Missed::default(),
+        )
+        .unwrap();
+        b.set_dir_meta(
+            &rel("d"),
+            0o750,
+            2_000_000_000,
+            None,
+            &mut Missed::default(),
+        )
+        .unwrap();
         assert_eq!(std::fs::read(root.path().join("d/f")).unwrap(), b"hi");
         assert_eq!(
             std::fs::read_link(root.path().join("d/s")).unwrap(),

@@ -8,6 +8,8 @@
 //! - [`fs`]: files replaced atomically, directories synced
 //! - [`lthash`]: the homomorphic namespace digest
 //! - [`ops`]: namespace entries and the ops records carry
+//! - [`meta`]: owners, extended attributes, ACLs, hard links and special
+//!   files: captured, recorded, put back
 //! - [`path`]: the validation every namespace path passes
 //! - [`record`]: record layout, sealing and the hash chain
 //! - [`wal`]: segment files, group-committed appends, crash recovery
@@ -27,6 +29,7 @@ pub mod fs;
 pub mod id;
 pub mod keys;
 pub mod lthash;
+pub mod meta;
 pub mod ops;
 pub mod path;
 pub mod pin;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::ChunkId;
 use crate::keys::Keys;
 use crate::lthash::LtHash;
+use crate::meta::Ext;
 use crate::path::PathError;
 
 /// A reference from a file to one of its chunks, in file order.
@@ -20,13 +21,25 @@ pub struct ChunkRef {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Node {
-    File { chunks: Vec<ChunkRef> },
+    File {
+        chunks: Vec<ChunkRef>,
+    },
     Dir,
-    Symlink { target: Vec<u8> },
+    Symlink {
+        target: Vec<u8>,
+    },
+    /// A named pipe (kept under `preserve = ["special"]`).
+    Fifo,
+    /// A character or block device and its device number.
+    Device {
+        block: bool,
+        rdev: u64,
+    },
 }
 
 /// One namespace entry: what a path is and the metadata restored with it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "EntryWire")]
 pub struct Entry {
     pub node: Node,
     /// Permission bits (`st_mode & 0o7777`); 0o777 for symlinks.
@@ -35,6 +48,96 @@ pub struct Entry {
     pub mtime_ns: i64,
     /// File size in bytes; 0 for directories, target length for symlinks.
     pub size: u64,
+    /// Owner, extended attributes, ACLs and hard-link key, when the
+    /// dataset keeps them (entries written before 0.5, and those of pushed
+    /// objects, have none).
+    pub ext: Option<Box<Ext>>,
+}
+
+/// An entry as encoded. The first three node forms are those of entries
+/// written before owners and attributes were kept, so those decode as they
+/// are and an entry without them still encodes to the same bytes (and
+/// hashes); anything else is wrapped in `Ext` (formats.md 4.2).
+#[derive(Deserialize)]
+struct EntryWire {
+    node: NodeWire,
+    mode: u32,
+    mtime_ns: i64,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+enum NodeWire {
+    File { chunks: Vec<ChunkRef> },
+    Dir,
+    Symlink { target: Vec<u8> },
+    Ext { node: Node, ext: Option<Box<Ext>> },
+}
+
+/// [`EntryWire`] borrowed, to encode without copying a file's chunk list.
+#[derive(Serialize)]
+struct EntryWireRef<'a> {
+    node: NodeWireRef<'a>,
+    mode: u32,
+    mtime_ns: i64,
+    size: u64,
+}
+
+#[derive(Serialize)]
+enum NodeWireRef<'a> {
+    File {
+        chunks: &'a [ChunkRef],
+    },
+    Dir,
+    Symlink {
+        target: &'a [u8],
+    },
+    Ext {
+        node: &'a Node,
+        ext: &'a Option<Box<Ext>>,
+    },
+}
+
+impl TryFrom<EntryWire> for Entry {
+    type Error = String;
+    fn try_from(w: EntryWire) -> Result<Entry, String> {
+        let (node, ext) = match w.node {
+            NodeWire::File { chunks } => (Node::File { chunks }, None),
+            NodeWire::Dir => (Node::Dir, None),
+            NodeWire::Symlink { target } => (Node::Symlink { target }, None),
+            NodeWire::Ext { node, ext } => {
+                if let Some(x) = &ext {
+                    x.check()?;
+                }
+                (node, ext)
+            }
+        };
+        Ok(Entry {
+            node,
+            mode: w.mode,
+            mtime_ns: w.mtime_ns,
+            size: w.size,
+            ext,
+        })
+    }
+}
+
+impl Serialize for Entry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let node = match (&self.node, &self.ext) {
+            (Node::File { chunks }, None) => NodeWireRef::File { chunks },
+            (Node::Dir, None) => NodeWireRef::Dir,
+            (Node::Symlink { target }, None) => NodeWireRef::Symlink { target },
+            (node, ext) => NodeWireRef::Ext { node, ext },
+        };
+        EntryWireRef {
+            node,
+            mode: self.mode,
+            mtime_ns: self.mtime_ns,
+            size: self.size,
+        }
+        .serialize(s)
+    }
 }
 
 impl Entry {
@@ -49,6 +152,16 @@ impl Entry {
         }
     }
 
+    /// The hard-link key shared by every name of a file with several.
+    pub fn link(&self) -> Option<u64> {
+        self.ext.as_ref().map(|x| x.link).filter(|l| *l != 0)
+    }
+
+    /// The [`Preserve`](crate::meta::Preserve) bits this entry recorded.
+    pub fn kept(&self) -> Option<u8> {
+        self.ext.as_ref().map(|x| x.kept)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Serialising plain data into a Vec cannot fail.
         postcard::to_allocvec(self).expect("entry encodes")
@@ -61,6 +174,13 @@ impl Entry {
     /// The canonical bytes an entry contributes to the namespace digest.
     /// Independent of postcard so the digest survives encoding changes.
     pub fn digest_bytes(&self, path: &[u8]) -> Vec<u8> {
+        self.digest_bytes_masked(path, u8::MAX)
+    }
+
+    /// [`Entry::digest_bytes`] without the kinds of metadata not in `mask`
+    /// (a restore that could not set owners compares the rest). An entry
+    /// without owners or attributes gives the bytes it always gave.
+    pub fn digest_bytes_masked(&self, path: &[u8], mask: u8) -> Vec<u8> {
         let mut v = Vec::with_capacity(path.len() + 64);
         v.extend_from_slice(&(path.len() as u64).to_le_bytes());
         v.extend_from_slice(path);
@@ -75,6 +195,10 @@ impl Entry {
             }
             Node::Dir => (2, Vec::new()),
             Node::Symlink { target } => (3, target.clone()),
+            Node::Fifo => (4, Vec::new()),
+            Node::Device { block, rdev } => {
+                (if *block { 6 } else { 5 }, rdev.to_le_bytes().to_vec())
+            }
         };
         v.push(kind);
         v.extend_from_slice(&self.mode.to_le_bytes());
@@ -82,7 +206,14 @@ impl Entry {
         v.extend_from_slice(&self.size.to_le_bytes());
         v.extend_from_slice(&(extra.len() as u64).to_le_bytes());
         v.extend_from_slice(&extra);
+        if let Some(x) = &self.ext {
+            x.digest_bytes(mask, &mut v);
+        }
         v
+    }
+
+    pub fn digest_element_masked(&self, keys: &Keys, path: &[u8], mask: u8) -> LtHash {
+        LtHash::element(&keys.digest, &self.digest_bytes_masked(path, mask))
     }
 
     pub fn digest_element(&self, keys: &Keys, path: &[u8]) -> LtHash {
@@ -159,4 +290,88 @@ pub fn subtree_prefix(path: &[u8]) -> Vec<u8> {
     let mut p = path.to_vec();
     p.push(b'/');
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The entry layout before owners and attributes were kept.
+    #[derive(Serialize, Deserialize)]
+    enum OldNode {
+        File { chunks: Vec<ChunkRef> },
+        Dir,
+        Symlink { target: Vec<u8> },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct OldEntry {
+        node: OldNode,
+        mode: u32,
+        mtime_ns: i64,
+        size: u64,
+    }
+
+    #[test]
+    fn entries_without_metadata_keep_their_old_bytes_and_old_entries_decode() {
+        let chunks = vec![ChunkRef {
+            id: ChunkId([7; 32]),
+            len: 5,
+        }];
+        let old = OldEntry {
+            node: OldNode::File {
+                chunks: chunks.clone(),
+            },
+            mode: 0o644,
+            mtime_ns: 12,
+            size: 5,
+        };
+        let old_bytes = postcard::to_allocvec(&old).unwrap();
+        let e = Entry::decode(&old_bytes).unwrap();
+        assert_eq!(e.node, Node::File { chunks });
+        assert_eq!(e.ext, None);
+        assert_eq!(e.encode(), old_bytes);
+        let old_dir = postcard::to_allocvec(&OldEntry {
+            node: OldNode::Symlink {
+                target: b"t".to_vec(),
+            },
+            mode: 0o777,
+            mtime_ns: 1,
+            size: 1,
+        })
+        .unwrap();
+        assert_eq!(Entry::decode(&old_dir).unwrap().encode(), old_dir);
+    }
+
+    #[test]
+    fn entries_with_metadata_and_special_files_round_trip_and_hostile_ones_do_not_decode() {
+        let mut e = Entry {
+            node: Node::Device {
+                block: false,
+                rdev: 0x0103,
+            },
+            mode: 0o600,
+            mtime_ns: 3,
+            size: 0,
+            ext: Some(Box::new(Ext {
+                kept: crate::meta::Preserve::OWNER | crate::meta::Preserve::ACL,
+                uid: 1000,
+                gid: 1000,
+                user: b"u".to_vec(),
+                group: b"g".to_vec(),
+                xattrs: vec![(b"system.posix_acl_access".to_vec(), vec![2, 0, 0, 0])],
+                link: 0,
+            })),
+        };
+        assert_eq!(Entry::decode(&e.encode()).as_ref(), Some(&e));
+        e.node = Node::Fifo;
+        e.ext = None;
+        assert_eq!(Entry::decode(&e.encode()).as_ref(), Some(&e));
+        e.ext = Some(Box::new(Ext {
+            kept: crate::meta::Preserve::XATTR,
+            xattrs: vec![(b"system.evil".to_vec(), Vec::new())],
+            ..Ext::default()
+        }));
+        assert_eq!(Entry::decode(&e.encode()), None);
+    }
 }

@@ -33,6 +33,7 @@ use crate::dataset::View;
 use crate::error::{Result, VaultError};
 use crate::keys::Keys;
 use crate::lthash::LtHash;
+use crate::meta::{self, Capture, Missed, NotRestored, Preserve, Shortfalls};
 use crate::ops::{ChunkRef, Entry, Node};
 use crate::path::RelPath;
 use crate::state::ChunkMeta;
@@ -44,6 +45,11 @@ pub struct Report {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// Fifos and device nodes made.
+    pub specials: u64,
+    /// Names linked to a file restored under another name (counted in
+    /// `files` too).
+    pub hardlinks: u64,
     pub bytes: u64,
     pub expected_digest: String,
     pub restored_digest: String,
@@ -56,12 +62,69 @@ pub struct Report {
     pub removed: u64,
     /// One line per path that could not be restored faithfully.
     pub problems: Vec<String>,
+    /// Metadata the restore was not allowed to put back (owners when not
+    /// run as root, say), per kind, counted and named. The digests above
+    /// then leave those kinds out on both sides (`digest_excludes`).
+    pub not_restored: Vec<NotRestored>,
+    pub digest_excludes: Vec<String>,
+}
+
+/// How a restore writes the tree.
+#[derive(Clone, Copy, Debug)]
+pub struct RestoreOptions {
+    /// Into an existing tree, changing only what differs.
+    pub delta: bool,
+    /// Runs of zeros (whole chunks of 4 KiB or more) become holes rather
+    /// than written blocks (`preserve = ["sparse"]`).
+    pub sparse: bool,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            delta: false,
+            sparse: true,
+        }
+    }
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
         self.problems.is_empty() && self.expected_digest == self.restored_digest
     }
+}
+
+/// Zeros are left as holes in runs of whole pages of this size (a shorter
+/// run could not be one).
+const SPARSE_PAGE: u64 = 4096;
+
+/// Writes `b` at `off` in the new file `f`, skipping every page-aligned
+/// run of zero pages; true when it skipped any.
+fn write_sparse(f: &File, b: &[u8], off: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let end = off + b.len() as u64;
+    let mut skipped = false;
+    // Bytes [from, at) are still to be written.
+    let mut from = off;
+    let mut at = off;
+    while at < end {
+        let page_end = ((at / SPARSE_PAGE) + 1) * SPARSE_PAGE;
+        let next = page_end.min(end);
+        let whole = at.is_multiple_of(SPARSE_PAGE) && next == page_end;
+        let slice = &b[(at - off) as usize..(next - off) as usize];
+        if whole && slice.iter().all(|&x| x == 0) {
+            if from < at {
+                f.write_all_at(&b[(from - off) as usize..(at - off) as usize], from)?;
+            }
+            skipped = true;
+            from = next;
+        }
+        at = next;
+    }
+    if from < end {
+        f.write_all_at(&b[(from - off) as usize..], from)?;
+    }
+    Ok(skipped)
 }
 
 /// The prefix of a restore's temporary names.
@@ -121,17 +184,14 @@ pub(crate) fn fill_file(
     chunks: &[ChunkRef],
     done: &AtomicU64,
     progress: &(dyn Fn(u64) + Sync),
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Missed, String> {
     for c in chunks {
         let plain = fetch(c)?;
         f.write_all(&plain).map_err(|e| format!("writing: {e}"))?;
         let n = done.fetch_add(plain.len() as u64, Ordering::Relaxed) + plain.len() as u64;
         progress(n);
     }
-    f.set_permissions(fs::Permissions::from_mode(entry.mode))
-        .map_err(|e| format!("setting mode: {e}"))?;
-    filetime::set_file_handle_times(f, None, Some(mtime(entry.mtime_ns)))
-        .map_err(|e| format!("setting mtime: {e}"))
+    finish_file(f, entry)
 }
 
 fn mtime(ns: i64) -> FileTime {
@@ -168,7 +228,7 @@ pub struct Remote<'a> {
 /// directories should be) cannot place anything outside `to`: such entries
 /// are refused, named in the report's problems, and the restore fails.
 pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Report> {
-    restore_from(view, to, None, false, progress)
+    restore_from(view, to, None, RestoreOptions::default(), progress)
 }
 
 /// [`restore`], with the chunks `remote` says the view does not hold
@@ -186,10 +246,10 @@ pub fn restore_from(
     view: &View,
     to: &Path,
     remote: Option<Remote<'_>>,
-    delta: bool,
+    opts: RestoreOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Report> {
-    let existing = prepare_target(view.keys(), to, delta)?;
+    let has_tree = prepare_target(to, opts.delta)?;
     let target = Beneath::open(to).map_err(io("opening restore target", to))?;
     let entries = view.entries()?;
     let applied = view.applied().clone();
@@ -206,6 +266,20 @@ pub fn restore_from(
             Err(why) => problems_list.push(format!("refused: {why}; nothing was written for it")),
         }
     }
+    // In path order (as the state holds them), so what each path records
+    // is found by binary search.
+    checked.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let kept_of = |p: &[u8]| -> Option<u8> {
+        checked
+            .binary_search_by(|(q, _)| q.as_bytes().cmp(p))
+            .ok()
+            .and_then(|i| checked[i].1.kept())
+    };
+    let existing = if has_tree {
+        scan_target(view.keys(), to, &kept_of)?
+    } else {
+        Vec::new()
+    };
     // What the existing tree holds at each path (`None`: a kind triad does
     // not keep, or one it could not read).
     let on_disk: std::collections::HashMap<&[u8], Option<&Entry>> = existing
@@ -244,7 +318,9 @@ pub fn restore_from(
             clear(p, &mut problems_list);
         }
         let made = match on_disk.get(p.as_bytes()) {
-            Some(Some(d)) if d.is_dir() => target.set_dir_meta(p, 0o700, e.mtime_ns),
+            Some(Some(d)) if d.is_dir() => target
+                .set_dir_meta(p, 0o700, e.mtime_ns, None, &mut Missed::default())
+                .map_err(std::io::Error::other),
             _ => target.mkdir(p),
         };
         match made {
@@ -269,6 +345,10 @@ pub fn restore_from(
         nonce: rand::random(),
         ok_files: AtomicU64::new(0),
         ok_links: AtomicU64::new(0),
+        ok_special: AtomicU64::new(0),
+        ok_hardlinks: AtomicU64::new(0),
+        short: Mutex::new(Shortfalls::default()),
+        sparse: opts.sparse,
         ok_bytes: AtomicU64::new(0),
         open_files: AtomicU64::new(0),
         dirs: Mutex::new(std::collections::HashMap::new()),
@@ -284,21 +364,43 @@ pub fn restore_from(
     let mut jobs = Vec::new();
     let mut ready: HashSet<&[u8]> = HashSet::new();
     let mut fix_meta: Vec<(&RelPath, &Entry)> = Vec::new();
+    // A file with several names is written under the first (in path
+    // order) and linked under the others once it is in place; names whose
+    // entries disagree (a live tree changed between them) are written apart.
+    let mut first_name: std::collections::HashMap<u64, (&RelPath, &Entry)> =
+        std::collections::HashMap::new();
+    let mut links: Vec<(&RelPath, &Entry, &RelPath)> = Vec::new();
     for (p, e) in checked.iter().filter(|(_, e)| !e.is_dir()) {
         let there = on_disk.get(p.as_bytes()).copied().flatten();
         if !placeable(p, &dirs_made) {
             w.problem(p, "parent directory was not restored".into());
-        } else if let Some(d) = there.filter(|d| {
-            // A symlink's mode and mtime are not set in place: one that
-            // differs at all is made again.
-            d.node == e.node && d.size == e.size && (matches!(e.node, Node::File { .. }) || *d == e)
+            continue;
+        }
+        if let Some(k) = e.link() {
+            match first_name.get(&k) {
+                Some((lp, le)) if same_file(le, e) => {
+                    links.push((p, e, lp));
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    first_name.insert(k, (p, e));
+                }
+            }
+        }
+        if let Some(d) = there.filter(|d| {
+            // A symlink's or special file's metadata is not set in place:
+            // one that differs at all is made again.
+            d.node == e.node
+                && d.size == e.size
+                && (matches!(e.node, Node::File { .. }) || same_file(d, e))
         }) {
             ready.insert(p.as_bytes());
-            if d.mode != e.mode || d.mtime_ns != e.mtime_ns {
+            if d.mode != e.mode || d.mtime_ns != e.mtime_ns || !same_ext(d, e) {
                 fix_meta.push((p, e));
             } else {
                 w.kept.fetch_add(1, Ordering::Relaxed);
-                w.settled(p, e, Ok(()));
+                w.settled(p, e, Ok(Missed::default()));
             }
         } else if !e.chunks().is_empty() {
             let replaces = there.is_some_and(|d| same_kind(d, e));
@@ -319,23 +421,53 @@ pub fn restore_from(
         }
         w.settled(p, e, res);
     }
+    let linked: HashSet<&[u8]> = links.iter().map(|(p, _, _)| p.as_bytes()).collect();
+    // Device nodes the restore may not make (not root): left out of the
+    // digest check below, as the restored tree does not have them.
+    let unmade: Mutex<HashSet<&[u8]>> = Mutex::new(HashSet::new());
     checked.par_iter().for_each(|(p, e)| {
         if e.is_dir()
             || !e.chunks().is_empty()
             || !placeable(p, &dirs_made)
             || ready.contains(p.as_bytes())
+            || linked.contains(p.as_bytes())
         {
             return;
         }
         let tmp = tmp_name(w.nonce, &w.tmp_counter);
+        let mut missed = Missed::default();
         let res = match &e.node {
             Node::Symlink { target: to } => target
-                .symlink(p, &tmp, to, e.mtime_ns)
+                .symlink(p, &tmp, to, e.mtime_ns, e.ext.as_deref(), &mut missed)
                 .map_err(|err| format!("creating symlink: {err}")),
-            _ => target.write_file(p, &tmp, |f| finish_file(f, e)),
+            Node::Fifo | Node::Device { .. } => {
+                let res = target
+                    .special(p, &tmp, e, &mut missed)
+                    .map_err(|err| format!("creating it: {err}"));
+                if missed.0 & Preserve::SPECIAL != 0 {
+                    if let Ok(mut u) = unmade.lock() {
+                        u.insert(p.as_bytes());
+                    }
+                }
+                res
+            }
+            _ => target.write_file(p, &tmp, |f| {
+                missed = finish_file(f, e)?;
+                Ok(())
+            }),
         };
-        w.settled(p, e, res);
+        w.settled(p, e, res.map(|()| missed));
     });
+    for (p, _, first) in links {
+        let tmp = tmp_name(w.nonce, &w.tmp_counter);
+        match target.link(first, p, &tmp) {
+            Ok(()) => {
+                w.ok_files.fetch_add(1, Ordering::Relaxed);
+                w.ok_hardlinks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => w.problem(p, format!("linking it to {first}: {err}")),
+        }
+    }
     // What the dataset does not hold goes last: until now it could have
     // been read as a source.
     // Counted when something was there (a path inside a directory
@@ -353,27 +485,57 @@ pub fn restore_from(
             }
         }
     }
+    for (p, e) in checked
+        .iter()
+        .rev()
+        .filter(|(p, e)| e.is_dir() && dirs_made.contains(p.as_bytes()))
+    {
+        let mut missed = Missed::default();
+        match target.set_dir_meta(p, e.mode, e.mtime_ns, e.ext.as_deref(), &mut missed) {
+            Ok(()) => w.missed(p, missed),
+            Err(err) => w.problem(p, format!("setting directory metadata: {err}")),
+        }
+    }
     report.files_kept = w.kept.load(Ordering::Relaxed);
     report.bytes_reused = w.reused.load(Ordering::Relaxed);
     report.problems = w.problems.into_inner().unwrap_or_default();
     // Counts of what was put in place; failures are in the problems.
     report.files = w.ok_files.load(Ordering::Relaxed);
     report.symlinks = w.ok_links.load(Ordering::Relaxed);
+    report.specials = w.ok_special.load(Ordering::Relaxed);
+    report.hardlinks = w.ok_hardlinks.load(Ordering::Relaxed);
     report.bytes = w.ok_bytes.load(Ordering::Relaxed);
-    for (p, e) in checked
-        .iter()
-        .rev()
-        .filter(|(p, e)| e.is_dir() && dirs_made.contains(p.as_bytes()))
-    {
-        if let Err(err) = target.set_dir_meta(p, e.mode, e.mtime_ns) {
-            report
-                .problems
-                .push(format!("{p}: setting directory metadata: {err}"));
-        }
+    let short = w.short.into_inner().unwrap_or_default();
+    // What the restore was not allowed to put back is reported, and the
+    // digest check compares everything else.
+    let mask = !short.mask();
+    if mask != u8::MAX {
+        report.digest_excludes = Preserve::NAMES
+            .iter()
+            .filter(|(_, b)| short.mask() & b != 0)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let unmade = unmade.into_inner().unwrap_or_default();
+        let expected = checked
+            .par_iter()
+            .filter(|(p, _)| !unmade.contains(p.as_bytes()))
+            .fold(LtHash::default, |mut acc, (p, e)| {
+                acc.add(&e.digest_element_masked(view.keys(), p.as_bytes(), mask));
+                acc
+            })
+            .reduce(LtHash::default, |mut a, b| {
+                a.add(&b);
+                a
+            });
+        report.expected_digest = hex::encode(expected.summary());
     }
+    report.not_restored = short.into_report();
     // The flush and the digest's re-read run side by side: one waits on
     // the disk, the other reads the page cache.
-    let (synced, digest) = rayon::join(|| sync_filesystem(to), || digest_tree(view.keys(), to));
+    let (synced, digest) = rayon::join(
+        || sync_filesystem(to),
+        || digest_tree(view.keys(), to, &kept_of, mask),
+    );
     if let Err(e) = synced {
         report
             .problems
@@ -388,19 +550,38 @@ pub fn restore_from(
     Ok(report)
 }
 
+/// Whether two names of a file record the same file (hard links share
+/// contents and every attribute).
+fn same_file(a: &Entry, b: &Entry) -> bool {
+    a.node == b.node && a.mode == b.mode && a.mtime_ns == b.mtime_ns && same_ext(a, b)
+}
+
+/// Whether two entries record the same owner and attributes (names seen
+/// at capture and hard-link keys aside).
+fn same_ext(a: &Entry, b: &Entry) -> bool {
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    if let Some(e) = &a.ext {
+        e.digest_bytes(u8::MAX, &mut x);
+    }
+    if let Some(e) = &b.ext {
+        e.digest_bytes(u8::MAX, &mut y);
+    }
+    x == y
+}
+
 /// Whether two entries are of one kind (directory, file, symlink).
 fn same_kind(a: &Entry, b: &Entry) -> bool {
     std::mem::discriminant(&a.node) == std::mem::discriminant(&b.node)
 }
 
 /// Makes sure `to` can take the restore: created when missing; otherwise
-/// it must be empty, unless `delta`, when the tree in it is scanned
-/// (every path, with its entry as read from disk) for what can stay.
-fn prepare_target(keys: &Keys, to: &Path, delta: bool) -> Result<Vec<(RelPath, Option<Entry>)>> {
+/// it must be empty, unless `delta`. True when it holds a tree to scan.
+fn prepare_target(to: &Path, delta: bool) -> Result<bool> {
     match fs::read_dir(to) {
         Ok(mut rd) => {
             if rd.next().is_none() {
-                return Ok(Vec::new());
+                return Ok(false);
             }
             if !delta {
                 return Err(VaultError::io(
@@ -415,7 +596,7 @@ fn prepare_target(keys: &Keys, to: &Path, delta: bool) -> Result<Vec<(RelPath, O
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::create_dir_all(to).map_err(io("creating restore target", to))?;
-            return Ok(Vec::new());
+            return Ok(false);
         }
         Err(e) => return Err(VaultError::io("restore target", to, e)),
     }
@@ -428,26 +609,44 @@ fn prepare_target(keys: &Keys, to: &Path, delta: bool) -> Result<Vec<(RelPath, O
             std::io::Error::other("a delta restore into / is refused"),
         ));
     }
+    Ok(true)
+}
+
+/// Every path of the tree in `to` with its entry as read from disk (the
+/// metadata kinds `kept_of` says the dataset records there), in path order.
+fn scan_target(
+    keys: &Keys,
+    to: &Path,
+    kept_of: &(dyn Fn(&[u8]) -> Option<u8> + Sync),
+) -> Result<Vec<(RelPath, Option<Entry>)>> {
     let paths = walkdir(to)?;
     let mut scanned: Vec<(RelPath, Option<Entry>)> = paths
         .par_iter()
         .filter_map(|abs| {
             let rel = abs.strip_prefix(to).ok()?;
             let rp = RelPath::new(rel.as_os_str().as_bytes().to_vec()).ok()?;
+            let kept = kept_of(rp.as_bytes());
             // Unreadable counts as a kind triad does not keep: replaced.
-            Some((rp, entry_from_disk(keys, abs).ok().flatten()))
+            Some((rp, entry_from_disk(keys, abs, kept).ok().flatten()))
         })
         .collect();
     scanned.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     Ok(scanned)
 }
 
-/// Sets a completely written file's recorded mode and mtime.
-fn finish_file(f: &File, e: &Entry) -> std::result::Result<(), String> {
+/// Gives a completely written file its recorded owner and attributes,
+/// then mode and mtime (a change of owner clears setuid and setgid, and
+/// any change moves the mtime). Returns what it was not allowed to set.
+fn finish_file(f: &File, e: &Entry) -> std::result::Result<Missed, String> {
+    let mut missed = Missed::default();
+    if let Some(x) = &e.ext {
+        meta::apply_fd(f, x, &mut missed)?;
+    }
     f.set_permissions(fs::Permissions::from_mode(e.mode))
         .map_err(|err| format!("setting mode: {err}"))?;
     filetime::set_file_handle_times(f, None, Some(mtime(e.mtime_ns)))
-        .map_err(|err| format!("setting mtime: {err}"))
+        .map_err(|err| format!("setting mtime: {err}"))?;
+    Ok(missed)
 }
 
 /// Starts writing a complete file's pages to disk without waiting for it
@@ -558,6 +757,10 @@ struct JobState {
     file: Option<File>,
     /// The first thing that went wrong; the file is then not put in place.
     failed: Option<String>,
+    /// Chunks of zeros were left as holes.
+    holes: bool,
+    /// What the file's metadata could not be given.
+    missed: Missed,
 }
 
 impl<'a> Job<'a> {
@@ -579,6 +782,8 @@ impl<'a> Job<'a> {
                 created: false,
                 file: None,
                 failed: None,
+                holes: false,
+                missed: Missed::default(),
             }),
         }
     }
@@ -622,6 +827,12 @@ struct Writer<'a> {
     nonce: u32,
     ok_files: AtomicU64,
     ok_links: AtomicU64,
+    ok_special: AtomicU64,
+    ok_hardlinks: AtomicU64,
+    /// Metadata not allowed to be put back, per kind.
+    short: Mutex<Shortfalls>,
+    /// Whole chunks of zeros become holes.
+    sparse: bool,
     ok_bytes: AtomicU64,
     open_files: AtomicU64,
     /// Directories files are written into, each opened once.
@@ -638,7 +849,7 @@ struct Writer<'a> {
 impl Writer<'_> {
     /// Gives a file of the existing tree, whose contents are as recorded,
     /// its recorded mode and mtime.
-    fn set_meta(&self, p: &RelPath, e: &Entry) -> std::result::Result<(), String> {
+    fn set_meta(&self, p: &RelPath, e: &Entry) -> std::result::Result<Missed, String> {
         let (dir, name) = self
             .dir_of(p)
             .map_err(|err| format!("opening its directory: {err}"))?;
@@ -657,17 +868,28 @@ impl Writer<'_> {
     }
 
     /// Counts a path put in place, or records why it was not.
-    fn settled(&self, p: &RelPath, e: &Entry, res: std::result::Result<(), String>) {
+    fn settled(&self, p: &RelPath, e: &Entry, res: std::result::Result<Missed, String>) {
         match res {
-            Ok(()) => {
+            Ok(missed) => {
                 let (n, b) = match &e.node {
                     Node::File { .. } => (&self.ok_files, e.size),
-                    _ => (&self.ok_links, 0),
+                    Node::Symlink { .. } => (&self.ok_links, 0),
+                    _ => (&self.ok_special, 0),
                 };
                 n.fetch_add(1, Ordering::Relaxed);
                 self.ok_bytes.fetch_add(b, Ordering::Relaxed);
+                self.missed(p, missed);
             }
             Err(why) => self.problem(p, why),
+        }
+    }
+
+    /// Notes the metadata `p` was not allowed to get.
+    fn missed(&self, p: &RelPath, missed: Missed) {
+        if missed != Missed::default() {
+            if let Ok(mut s) = self.short.lock() {
+                s.note(missed, &p.to_string());
+            }
         }
     }
 
@@ -779,7 +1001,8 @@ impl Writer<'_> {
                         format!("renaming into place: {e}")
                     })
                 });
-            self.settled(job.path, job.entry, res);
+            let missed = job.st.lock().map(|st| st.missed).unwrap_or_default();
+            self.settled(job.path, job.entry, res.map(|()| missed));
         }
         for j in jobs {
             let Ok(mut st) = j.st.lock() else { continue };
@@ -944,8 +1167,16 @@ impl Writer<'_> {
         if st.failed.is_none() {
             let written = plain.map_err(str::to_string).and_then(|b| {
                 let f = self.file(job, &mut st, direct)?;
-                f.write_all_at(b, off)
-                    .map_err(|e| format!("writing: {e}"))?;
+                if self.sparse {
+                    // Runs of zero pages in a new file are left holes (the
+                    // file gets its length when complete).
+                    if write_sparse(f, b, off).map_err(|e| format!("writing: {e}"))? {
+                        st.holes = true;
+                    }
+                } else {
+                    f.write_all_at(b, off)
+                        .map_err(|e| format!("writing: {e}"))?;
+                }
                 let n = self.done.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64;
                 (self.progress)(n);
                 Ok(())
@@ -962,15 +1193,23 @@ impl Writer<'_> {
             }
             return;
         }
+        let holes = st.holes;
         let res = match st.failed.take() {
             Some(why) => Err(why),
             None => self.file(job, &mut st, direct).and_then(|f| {
+                if holes {
+                    f.set_len(job.entry.size)
+                        .map_err(|e| format!("setting its length: {e}"))?;
+                }
                 if job.entry.size >= WRITEBACK_EARLY_BYTES {
                     start_writeback(f);
                 }
                 finish_file(f, job.entry)
             }),
         };
+        let res = res.map(|m| {
+            st.missed = m;
+        });
         if st.file.take().is_some() {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
         }
@@ -996,7 +1235,8 @@ impl Writer<'_> {
                 res
             }
         };
-        self.settled(job.path, job.entry, res);
+        let missed = st.missed;
+        self.settled(job.path, job.entry, res.map(|()| missed));
     }
 
     /// `job`'s file, created on its first chunk: at its own name when
@@ -1038,12 +1278,19 @@ pub(crate) fn sync_filesystem(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The namespace entry a path on disk corresponds to; None for kinds triad
-/// does not keep (sockets, fifos, devices).
-pub fn entry_from_disk(keys: &Keys, path: &Path) -> std::io::Result<Option<Entry>> {
+/// The namespace entry a path on disk corresponds to, with the metadata
+/// kinds in `kept` (what the dataset's entry for the path recorded; `None`
+/// for none); `None` for sockets, which triad does not keep.
+pub fn entry_from_disk(
+    keys: &Keys,
+    path: &Path,
+    kept: Option<u8>,
+) -> std::io::Result<Option<Entry>> {
+    use std::os::unix::fs::FileTypeExt;
     let md = fs::symlink_metadata(path)?;
     let ft = md.file_type();
     let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    let mut file = None;
     let node = if ft.is_dir() {
         Node::Dir
     } else if ft.is_symlink() {
@@ -1063,41 +1310,62 @@ pub fn entry_from_disk(keys: &Keys, path: &Path) -> std::io::Result<Option<Entry
                 "changed into a non-regular file while read",
             ));
         }
-        for c in chunk::stream(f) {
+        for c in chunk::stream(&f) {
             let c = c?;
             chunks.push(ChunkRef {
                 id: ChunkId::of(keys, &c),
                 len: c.len() as u32,
             });
         }
+        file = Some(f);
         Node::File { chunks }
+    } else if ft.is_fifo() {
+        Node::Fifo
+    } else if ft.is_char_device() || ft.is_block_device() {
+        Node::Device {
+            block: ft.is_block_device(),
+            rdev: md.rdev(),
+        }
     } else {
         return Ok(None);
     };
     let (mode, size) = match &node {
-        Node::Dir => (md.mode() & 0o7777, 0),
         Node::Symlink { target } => (0o777, target.len() as u64),
         Node::File { .. } => (md.mode() & 0o7777, md.len()),
+        _ => (md.mode() & 0o7777, 0),
+    };
+    // Names are not looked up: the digest and the comparisons leave them out.
+    let ext = match kept {
+        Some(k) => Capture::without_names(Preserve::ALL).ext(path, file.as_ref(), &md, Some(k))?,
+        None => None,
     };
     Ok(Some(Entry {
         node,
         mode,
         mtime_ns,
         size,
+        ext,
     }))
 }
 
-/// The namespace digest of the tree under `root` (root itself excluded).
-pub fn digest_tree(keys: &Keys, root: &Path) -> Result<LtHash> {
+/// The namespace digest of the tree under `root` (root itself excluded),
+/// each path read with the metadata kinds `kept_of` says the dataset
+/// records for it, and digested with the kinds in `mask`.
+pub fn digest_tree(
+    keys: &Keys,
+    root: &Path,
+    kept_of: &(dyn Fn(&[u8]) -> Option<u8> + Sync),
+    mask: u8,
+) -> Result<LtHash> {
     let paths = walkdir(root)?;
     // Folded as it goes: one sum per worker, never one 2 KiB element per
     // path (200,000 files would hold 400 MB of them).
     paths
         .par_iter()
         .try_fold(LtHash::default, |mut acc, p| {
-            let rel = p.strip_prefix(root).unwrap_or(p);
-            match entry_from_disk(keys, p) {
-                Ok(Some(e)) => acc.add(&e.digest_element(keys, rel.as_os_str().as_bytes())),
+            let rel = p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes();
+            match entry_from_disk(keys, p, kept_of(rel)) {
+                Ok(Some(e)) => acc.add(&e.digest_element_masked(keys, rel, mask)),
                 Ok(None) => {}
                 Err(e) => return Err(VaultError::io("reading restored tree", p, e)),
             }

@@ -42,6 +42,7 @@ use crate::beneath::Beneath;
 use crate::dataset::Dataset;
 use crate::error::{Result, VaultError};
 use crate::keys::Keys;
+use crate::meta::{Missed, Shortfalls};
 use crate::ops::{parent, subtree_prefix, ChunkRef, Entry, Node, Op};
 use crate::path::RelPath;
 use crate::record::{Hash, Record};
@@ -287,7 +288,7 @@ impl Standby {
                         use std::os::unix::fs::MetadataExt;
                         let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
                         (md.len() == e.size && mtime_ns == e.mtime_ns)
-                            || entry_from_disk(ds.keys(), &path)
+                            || entry_from_disk(ds.keys(), &path, None)
                                 .map_err(|err| VaultError::io("reading standby tree", &path, err))?
                                 .is_some_and(|d| d.node == e.node)
                     }
@@ -581,6 +582,8 @@ struct Syncer<'a, 'b> {
     removed: u64,
     bytes: AtomicU64,
     problems: Vec<String>,
+    /// Metadata not allowed to be put on the tree's files.
+    short: Shortfalls,
     /// Directories whose mode and mtime are set at the end (writing into a
     /// directory changes its mtime).
     dirs: BTreeSet<Vec<u8>>,
@@ -599,6 +602,7 @@ impl<'a, 'b> Syncer<'a, 'b> {
             removed: 0,
             bytes: AtomicU64::new(0),
             problems: Vec::new(),
+            short: Shortfalls::default(),
             dirs: BTreeSet::new(),
             rewritten: HashSet::new(),
         }
@@ -607,6 +611,15 @@ impl<'a, 'b> Syncer<'a, 'b> {
     fn problem(&mut self, p: &[u8], why: impl std::fmt::Display) {
         self.problems
             .push(format!("{}: {why}", String::from_utf8_lossy(p)));
+    }
+
+    /// Notes metadata the tree's files could not be given (owners when
+    /// the daemon does not run as root): warned about once per pass, not a
+    /// problem that would keep the tree from counting as equal.
+    fn missed(&mut self, p: &[u8], missed: Missed) {
+        if missed != Missed::default() {
+            self.short.note(missed, &String::from_utf8_lossy(p));
+        }
     }
 
     fn note_parent(&mut self, p: &[u8]) {
@@ -783,12 +796,50 @@ impl<'a, 'b> Syncer<'a, 'b> {
                     self.remove(p);
                 }
                 let tmp = self.sb.tmp_name();
-                match self.sb.tree.symlink(&rp, &tmp, target, want.mtime_ns) {
+                let mut missed = Missed::default();
+                match self.sb.tree.symlink(
+                    &rp,
+                    &tmp,
+                    target,
+                    want.mtime_ns,
+                    want.ext.as_deref(),
+                    &mut missed,
+                ) {
                     Ok(()) => {
                         self.written += 1;
                         self.note_parent(p);
+                        self.missed(p, missed);
                     }
                     Err(e) => self.problem(p, format!("creating symlink: {e}")),
+                }
+            }
+            Node::Fifo | Node::Device { .. } => {
+                if have.as_ref().is_some_and(|st| {
+                    kind == Some(match want.node {
+                        Node::Device { block: true, .. } => rustix::fs::FileType::BlockDevice,
+                        Node::Device { block: false, .. } => rustix::fs::FileType::CharacterDevice,
+                        _ => rustix::fs::FileType::Fifo,
+                    }) && mtime_ns(st) == want.mtime_ns
+                        && (st.st_mode & 0o7777) == (want.mode & 0o7777)
+                        && match want.node {
+                            Node::Device { rdev, .. } => st.st_rdev == rdev,
+                            _ => true,
+                        }
+                }) {
+                    return Ok(());
+                }
+                if have.is_some() {
+                    self.remove(p);
+                }
+                let tmp = self.sb.tmp_name();
+                let mut missed = Missed::default();
+                match self.sb.tree.special(&rp, &tmp, &want, &mut missed) {
+                    Ok(()) => {
+                        self.written += 1;
+                        self.note_parent(p);
+                        self.missed(p, missed);
+                    }
+                    Err(e) => self.problem(p, format!("creating it: {e}")),
                 }
             }
         }
@@ -810,7 +861,7 @@ impl<'a, 'b> Syncer<'a, 'b> {
     /// the source does).
     fn same_content(&self, p: &[u8], want: &Entry) -> bool {
         let abs = self.sb.root.join(std::ffi::OsStr::from_bytes(p));
-        matches!(entry_from_disk(self.keys, &abs), Ok(Some(e)) if e.node == want.node)
+        matches!(entry_from_disk(self.keys, &abs, None), Ok(Some(e)) if e.node == want.node)
     }
 
     fn write_file(&mut self, rp: &RelPath, want: &Entry, chunks: &[ChunkRef]) {
@@ -838,13 +889,16 @@ impl<'a, 'b> Syncer<'a, 'b> {
                 .map(|s| s.sealed);
             open_stored(keys, c, meta, sealed)
         };
+        let mut missed = Missed::default();
         let res = self.sb.tree.write_file(rp, &tmp, |f| {
-            fill_file(&fetch, f, want, chunks, &self.bytes, &|_| {})
+            missed = fill_file(&fetch, f, want, chunks, &self.bytes, &|_| {})?;
+            Ok(())
         });
         res.map(|()| {
             self.written += 1;
             self.note_parent(rp.as_bytes());
             self.rewritten.insert(rp.as_bytes().to_vec());
+            self.missed(rp.as_bytes(), missed);
         })
     }
 
@@ -858,13 +912,30 @@ impl<'a, 'b> Syncer<'a, 'b> {
             };
             match self.snap.entry(d) {
                 Ok(Some(e)) if e.is_dir() => {
-                    if let Err(err) = self.sb.tree.set_dir_meta(&rp, e.mode, e.mtime_ns) {
-                        self.problem(d, format!("setting directory metadata: {err}"));
+                    let mut missed = Missed::default();
+                    match self.sb.tree.set_dir_meta(
+                        &rp,
+                        e.mode,
+                        e.mtime_ns,
+                        e.ext.as_deref(),
+                        &mut missed,
+                    ) {
+                        Ok(()) => self.missed(d, missed),
+                        Err(err) => self.problem(d, format!("setting directory metadata: {err}")),
                     }
                 }
                 Ok(_) => {}
                 Err(err) => self.problem(d, format!("reading its entry: {err}")),
             }
+        }
+        for n in std::mem::take(&mut self.short).into_report() {
+            tracing::warn!(
+                what = %n.what,
+                paths = n.paths,
+                examples = ?n.examples,
+                reason = %n.reason,
+                "standby tree: metadata not put back"
+            );
         }
         Pass {
             seq,

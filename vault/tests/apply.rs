@@ -19,6 +19,7 @@ fn dir() -> Entry {
         mode: 0o755,
         mtime_ns: 1,
         size: 0,
+        ext: None,
     }
 }
 

@@ -16,6 +16,7 @@ fn dir_entry() -> Entry {
         mode: 0o755,
         mtime_ns: 1,
         size: 0,
+        ext: None,
     }
 }
 

@@ -15,7 +15,7 @@ mod common;
 use common::put;
 use vault::chunk::{self, ChunkId};
 use vault::ops::{ChunkRef, Entry, Node};
-use vault::restore::{restore, restore_from, Remote};
+use vault::restore::{restore, restore_from, Remote, RestoreOptions};
 use vault::{Dataset, DatasetKey, Options, View};
 
 const MTIME: i64 = 1_600_000_000_123_456_789;
@@ -39,6 +39,7 @@ fn file(keys: &vault::Keys, data: &[u8]) -> (Entry, Vec<vault::SealedChunk>) {
         mode: 0o640,
         mtime_ns: MTIME,
         size: data.len() as u64,
+        ext: None,
     };
     (e, sealed)
 }
@@ -91,6 +92,7 @@ fn setup() -> Setup {
             mode: 0o750,
             mtime_ns: MTIME,
             size: 0,
+            ext: None,
         },
     )];
     let mut sealed = Vec::new();
@@ -159,7 +161,7 @@ fn restore_fetching(s: &Setup, to: &Path, deliver: Deliver<'_>) -> vault::restor
             held: &held,
             fetch: &mut fetch,
         }),
-        false,
+        RestoreOptions::default(),
         &|_| {},
     )
     .unwrap();
@@ -281,7 +283,10 @@ fn a_delta_restore_fetches_only_what_the_tree_lost_and_removes_the_rest() {
             held: &held,
             fetch: &mut fetch,
         }),
-        true,
+        RestoreOptions {
+            delta: true,
+            ..RestoreOptions::default()
+        },
         &|_| {},
     )
     .unwrap();

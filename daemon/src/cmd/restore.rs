@@ -128,8 +128,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let report =
-        vault::restore::restore_from(&view, &a.to, None, a.delta, &|n| bar.set_position(n))?;
+    let opts = vault::restore::RestoreOptions {
+        delta: a.delta,
+        sparse: d.preserve().has(vault::meta::Preserve::SPARSE),
+    };
+    let report = vault::restore::restore_from(&view, &a.to, None, opts, &|n| bar.set_position(n))?;
     bar.finish_and_clear();
     print_report(&a, &report, started)
 }
@@ -139,13 +142,16 @@ fn print_report(a: &Args, report: &vault::restore::Report, started: Instant) -> 
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "restored dataset {} at seq {} into {}: {} files, {} directories, {} symlinks, {} bytes in {:.1}s",
+            "restored dataset {} at seq {} into {}: {} files ({} of them further names of a \
+             hard-linked file), {} directories, {} symlinks, {} fifos and devices, {} bytes in {:.1}s",
             a.dataset,
             report.seq,
             a.to.display(),
             report.files,
+            report.hardlinks,
             report.dirs,
             report.symlinks,
+            report.specials,
             report.bytes,
             started.elapsed().as_secs_f64()
         );
@@ -159,9 +165,26 @@ fn print_report(a: &Args, report: &vault::restore::Report, started: Instant) -> 
         for p in &report.problems {
             println!("problem: {p}");
         }
-        if report.expected_digest == report.restored_digest {
+        for n in &report.not_restored {
             println!(
-                "digest of the restored tree matches the recorded digest {}",
+                "NOT RESTORED: {} of {} paths ({}), e.g. {}",
+                n.what,
+                n.paths,
+                n.reason,
+                n.examples.join(", ")
+            );
+        }
+        if report.expected_digest == report.restored_digest {
+            let scope = if report.digest_excludes.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (leaving out what was not restored: {})",
+                    report.digest_excludes.join(", ")
+                )
+            };
+            println!(
+                "digest of the restored tree matches the recorded digest {}{scope}",
                 &report.expected_digest[..16]
             );
         } else {

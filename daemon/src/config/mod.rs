@@ -164,6 +164,10 @@ pub struct DatasetConfig {
     /// A follower's hot standby tree: the dataset kept as live files here,
     /// ready for a takeover (docs/operations.md, "Hot standby").
     pub standby_path: Option<PathBuf>,
+    /// What a directory source records beyond contents, mode and mtime,
+    /// and a restore puts back: "owner", "xattr", "acl", "hardlink",
+    /// "sparse", "special". Default: all of them.
+    pub preserve: Option<Vec<String>>,
 }
 
 /// `source = { kind = ..., ... }`. A plain struct with a `kind` field
@@ -340,6 +344,7 @@ pub struct DirectorySettings {
     pub rescan_interval: Duration,
     pub debounce: Duration,
     pub workers: usize,
+    pub preserve: vault::meta::Preserve,
 }
 
 /// The put/get socket's file name in `site.data_dir`.
@@ -647,6 +652,10 @@ impl Config {
                 ));
             }
             self.validate_standby(i, d, &mut standby_paths, invalid)?;
+            if let Some(p) = &d.preserve {
+                vault::meta::Preserve::parse(p)
+                    .map_err(|e| invalid(format!("dataset[{i}].preserve"), e))?;
+            }
             let source = match (&d.source, self.site.role) {
                 (None, Role::Follower) if self.takeover.is_some() => {
                     return Err(invalid(
@@ -1182,7 +1191,17 @@ impl DatasetConfig {
             rescan_interval: s.rescan_interval.map_or(default::RESCAN_INTERVAL, |s| s.0),
             debounce: s.debounce.map_or(default::DEBOUNCE, |s| s.0),
             workers: s.workers.unwrap_or(default::WORKERS),
+            preserve: self.preserve(),
         })
+    }
+
+    /// The metadata kinds kept (`preserve`; all when unset; `validate`
+    /// refused unknown names).
+    pub fn preserve(&self) -> vault::meta::Preserve {
+        self.preserve
+            .as_ref()
+            .and_then(|p| vault::meta::Preserve::parse(p).ok())
+            .unwrap_or_default()
     }
 }
 

@@ -1048,6 +1048,7 @@ mod tests {
                     mode: 0o755,
                     mtime_ns: 1,
                     size: 0,
+                    ext: None,
                 },
             }];
             ds.submit(ops, Vec::new()).unwrap();

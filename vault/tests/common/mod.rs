@@ -23,6 +23,7 @@ pub fn file_entry(
         mode,
         mtime_ns,
         size: data.len() as u64,
+        ext: None,
     };
     (e, chunk::seal(keys, id, data))
 }
