@@ -141,6 +141,10 @@ pub struct PruneReport {
     /// they were deleted.
     #[serde(default)]
     pub packs_set_aside: Vec<String>,
+    /// Restores, drills and scrubs that were reading the archive: while
+    /// any is, prune deletes nothing (`archive/src/lease.rs`).
+    #[serde(default)]
+    pub deferred_for: Vec<crate::lease::Holder>,
 }
 
 /// Chunks found unreferenced, with when: deleted by a prune that finds them
@@ -803,6 +807,32 @@ impl Archiver {
     ) -> Result<PruneReport> {
         let _job = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let _ship = self.ship.lock().unwrap_or_else(|p| p.into_inner());
+        let name = self.ds.name();
+        std::thread::scope(|scope| {
+            // Marked as running before the readers are listed: a reader
+            // that starts now waits for the marker to go.
+            let (_running, readers) = crate::lease::take_prune(scope, &self.rt, &self.store, name)?;
+            if !readers.is_empty() {
+                tracing::info!(
+                    dataset = name,
+                    readers = ?readers,
+                    "prune deferred: the archive is being read; nothing was deleted"
+                );
+                return Ok(PruneReport {
+                    deferred_for: readers,
+                    ..PruneReport::default()
+                });
+            }
+            self.prune_unread(policy, grace)
+        })
+    }
+
+    /// [`Archiver::prune`] once no reader holds a lease.
+    fn prune_unread(
+        &self,
+        policy: &RetentionPolicy,
+        grace: std::time::Duration,
+    ) -> Result<PruneReport> {
         let name = self.ds.name();
         let keys = self.ds.keys().clone();
         let mut report = PruneReport::default();

@@ -9,12 +9,14 @@
 //!   wherever they are stored
 //! - [`index`]: the local index of chunks already in the store
 //! - [`archiver`]: shipping the log, snapshots, retention, prune
+//! - [`lease`]: readers' leases, which prune waits for
 //! - [`restore`]: planning and carrying out a restore from the archive
 //! - [`schedule`]: cron schedules for snapshots
 
 pub mod archiver;
 pub mod error;
 pub mod index;
+pub mod lease;
 pub mod lock;
 pub mod objects;
 pub mod packs;

@@ -131,7 +131,33 @@ pub struct Restorer<'a> {
 }
 
 impl Restorer<'_> {
+    /// Restores the dataset as of `at` into `to`, holding a lease on the
+    /// archive meanwhile so that no prune deletes what it reads
+    /// (`crate::lease`).
     pub fn restore(
+        &self,
+        at: At,
+        to: &Path,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<ArchiveRestore> {
+        std::thread::scope(|scope| {
+            let mut warnings = Vec::new();
+            let _lease = crate::lease::take_reader(
+                scope,
+                self.rt,
+                self.store,
+                self.dataset,
+                "restore",
+                &mut warnings,
+            )?;
+            let mut out = self.restore_leased(at, to, progress)?;
+            warnings.append(&mut out.warnings);
+            out.warnings = warnings;
+            Ok(out)
+        })
+    }
+
+    fn restore_leased(
         &self,
         at: At,
         to: &Path,

@@ -268,13 +268,14 @@ fn simple_entry(
 }
 
 /// Whether two entries record the same owner and attributes (the names
-/// seen at capture and hard-link keys aside).
+/// seen at capture and hard-link keys aside: a key changes with the
+/// file's contents, and a tree without the links, such as a promoted
+/// standby tree, must not wipe the recorded ones).
 fn same_ext(a: Option<&Ext>, b: Option<&Ext>) -> bool {
     let bytes = |x: Option<&Ext>| {
         let mut v = Vec::new();
         if let Some(x) = x {
             x.digest_bytes(u8::MAX, &mut v);
-            v.extend_from_slice(&x.link.min(1).to_le_bytes());
         }
         v
     };
@@ -745,11 +746,11 @@ impl DirSource {
                 Some(o) if file_unchanged(md, o, racy_before) => {
                     // Contents as recorded; an owner or attribute changed
                     // (chown, setfacl, setfattr) is put without reading it.
-                    match self.with_ext(&self.abs(r), None, md, o.clone()) {
-                        Ok(e) if !same_ext(e.ext.as_deref(), o.ext.as_deref()) => {
+                    match self.ext_changed(&self.abs(r), md, o) {
+                        Ok(Some(e)) => {
                             plan.puts.insert(r.to_vec(), e);
                         }
-                        Ok(_) => {}
+                        Ok(None) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                         Err(e) => self.skip(r, &e.to_string()),
                     }
@@ -808,6 +809,26 @@ impl DirSource {
     ) -> std::io::Result<Entry> {
         e.ext = self.capture.ext(abs, file, md, None)?;
         Ok(e)
+    }
+
+    /// `o` (a file's recorded entry, whose contents are current) with the
+    /// owner and attributes on disk now, when they differ from the
+    /// recorded ones; the entry is copied only then.
+    fn ext_changed(
+        &self,
+        abs: &Path,
+        md: &std::fs::Metadata,
+        o: &Entry,
+    ) -> std::io::Result<Option<Entry>> {
+        let mut ext = self.capture.ext(abs, None, md, None)?;
+        if same_ext(ext.as_deref(), o.ext.as_deref()) {
+            return Ok(None);
+        }
+        // The link key stays what it was until the contents change.
+        if let (Some(x), Some(old)) = (ext.as_mut(), o.ext.as_ref()) {
+            x.link = old.link;
+        }
+        Ok(Some(Entry { ext, ..o.clone() }))
     }
 
     fn skip(&self, rel: &[u8], why: &str) {
@@ -1058,14 +1079,14 @@ impl DirSource {
                 // is put.
                 let mut ops = unpin(&mut pinned);
                 if let Some(o) = old {
-                    match self.with_ext(&abs, None, &md1, o.clone()) {
-                        Ok(e) if !same_ext(e.ext.as_deref(), o.ext.as_deref()) => {
+                    match self.ext_changed(&abs, &md1, &o) {
+                        Ok(Some(e)) => {
                             ops.push(Op::Put {
                                 path: rel.to_vec(),
                                 entry: e,
                             });
                         }
-                        Ok(_) => {}
+                        Ok(None) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => self.skip(rel, &e.to_string()),
                     }

@@ -1044,3 +1044,108 @@ fn a_gap_in_the_shipped_log_is_bridged_by_a_snapshot() {
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Readers and prune keep out of each other's way. A restore that finds a
+/// prune running (its marker put into the bucket by hand) waits, holding
+/// its lease; a prune that would drop the very snapshot it reads then finds
+/// the lease and deletes nothing; its marker gone, the restore goes on and
+/// restores that snapshot whole; the next prune, with no reader left,
+/// deletes it.
+#[test]
+fn a_prune_deletes_nothing_while_a_restore_reads_the_archive() {
+    let s3 = S3Server::start(BUCKET);
+    let mut site = Site::new();
+    with_archive(
+        &site,
+        &s3.endpoint(),
+        "prune_grace = \"0s\"\nretention = { last = 1 }",
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    site.start();
+    change(&site.source, 1, &mut rng);
+    site.wait_settled(now_ns(), Duration::from_secs(60));
+    let seq1 = snapshot(&site);
+    let tree1 = keep(&site, "tree1");
+    change(&site.source, 2, &mut rng);
+    site.wait_settled(now_ns(), Duration::from_secs(60));
+    snapshot(&site);
+    site.stop();
+
+    // A prune "running" elsewhere.
+    let marker = s3.object_path(BUCKET, &format!("{PREFIX}/files/prune/running"));
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(
+        &marker,
+        br#"{"what":"prune","host":"elsewhere","pid":1,"started":""}"#,
+    )
+    .unwrap();
+    let to = site.tmp.path().join("restored");
+    let mut restore = Command::new(triad_bin())
+        .args([
+            "restore",
+            "--from-archive",
+            &format!("s3://{BUCKET}/{PREFIX}"),
+        ])
+        .args(["--dataset", "files", "--at", &seq1.to_string(), "--to"])
+        .arg(&to)
+        .arg("--config")
+        .arg(&site.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let leases = || s3.keys(BUCKET, &format!("{PREFIX}/files/leases"));
+    common::wait_until(
+        "the restore's lease in the bucket",
+        Duration::from_secs(30),
+        || !leases().is_empty(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        restore.try_wait().unwrap().is_none(),
+        "the restore did not wait for the running prune"
+    );
+    assert!(
+        !to.join("r0").exists(),
+        "the restore wrote beside a running prune"
+    );
+    let manifests = || {
+        s3.keys(BUCKET, &format!("{PREFIX}/files/snapshots"))
+            .into_iter()
+            .filter(|k| k.ends_with(".manifest"))
+            .count()
+    };
+    assert_eq!(manifests(), 2);
+    // This prune takes the marker over, finds the restore's lease, and
+    // leaves the marker gone when it returns.
+    let out = triad(&["prune", "--dataset", "files"], &site.config);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("prune DEFERRED: the archive is being read by restore"),
+        "{text}"
+    );
+    assert_eq!(manifests(), 2, "prune deleted a snapshot under a reader");
+    assert!(!marker.exists());
+    let status = restore.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    restore
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{err}");
+    assert_same_tree(&tree1, &to);
+    assert!(
+        leases().is_empty(),
+        "the restore left its lease: {:?}",
+        leases()
+    );
+
+    let out = triad(&["prune", "--dataset", "files"], &site.config);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("deleted 1"), "{text}");
+    assert_eq!(manifests(), 1);
+}

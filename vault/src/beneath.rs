@@ -197,14 +197,7 @@ impl Beneath {
             None => Ok(()),
         }
         .and_then(|()| match mode {
-            // chmod follows a symlink; `tmp` is a fifo or device made just
-            // now in a directory reached without following any.
-            Some(m) => Ok(rustix::fs::chmodat(
-                parent,
-                os(tmp),
-                Mode::from_raw_mode(m & 0o7777),
-                AtFlags::empty(),
-            )?),
+            Some(m) => chmod_nofollow(parent, tmp, m),
             None => Ok(()),
         })
         .and_then(|()| {
@@ -231,11 +224,23 @@ impl Beneath {
         let (fparent, fname) = self.parent(first)?;
         let (parent, name) = self.parent(p)?;
         rustix::fs::linkat(&fparent, os(fname), &parent, os(tmp), AtFlags::empty())?;
-        let res = rustix::fs::renameat(&parent, os(tmp), &parent, os(name));
-        if res.is_err() {
-            let _ = rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty());
-        }
-        Ok(res?)
+        // Only a regular file is linked: the first name swapped for a
+        // symlink or a device meanwhile is refused.
+        let st = rustix::fs::statat(&parent, os(tmp), AtFlags::SYMLINK_NOFOLLOW);
+        let res = match st {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
+                rustix::fs::renameat(&parent, os(tmp), &parent, os(name)).map_err(io::Error::from)
+            }
+            Ok(_) => Err(io::Error::other(
+                "its first name is no longer a regular file",
+            )),
+            Err(e) => Err(e.into()),
+        };
+        // Renaming one name of an inode onto another of the same inode
+        // does nothing and succeeds (POSIX): the temporary name is removed
+        // in every case.
+        let _ = rustix::fs::unlinkat(&parent, os(tmp), AtFlags::empty());
+        res
     }
 
     /// What stands at `p` now, without following a symlink there; `None`
@@ -357,6 +362,33 @@ impl Dir {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Sets the mode of the fifo or device `name` in `dir` without following
+/// a symlink: chmod by name would follow one swapped in by whoever can
+/// write the directory, so the node is opened `O_PATH | O_NOFOLLOW`,
+/// checked to be a fifo or device, and changed through that descriptor's
+/// `/proc/self/fd` entry (which names the inode, not a path).
+fn chmod_nofollow(dir: &OwnedFd, name: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = rustix::fs::openat(
+        dir,
+        os(name),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let kind = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+    if !matches!(
+        kind,
+        FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice
+    ) {
+        return Err(io::Error::other("not the fifo or device just made"));
+    }
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::chmod(
+        proc.as_str(),
+        Mode::from_raw_mode(mode & 0o7777),
+    )?)
 }
 
 /// Creates `name` in `dir` as a new file, owner-only until its recorded

@@ -89,14 +89,26 @@ pub const XATTR_MAX: usize = 64 << 10;
 /// Most attributes one entry may carry when decoded.
 pub const XATTRS_MAX: usize = 1024;
 
-/// Which class an attribute name belongs to, if triad keeps it.
+/// Most bytes of names and values one entry's attributes may hold, and
+/// the longest owner or group name: a file whose attributes pass it is
+/// recorded without them (WARN), so no entry the decoder would refuse is
+/// ever logged.
+pub const XATTRS_TOTAL_MAX: usize = 256 << 10;
+pub const NAME_MAX: usize = 256;
+
+/// Which class an attribute name belongs to, if triad keeps it: the ACLs,
+/// and the `user.`, `trusted.` and `security.` namespaces (the others
+/// belong to one file system and would fail elsewhere).
 fn xattr_class(name: &[u8]) -> Option<u8> {
     if ACL_NAMES.contains(&name) {
         Some(Preserve::ACL)
-    } else if name.starts_with(b"system.") {
-        None
-    } else {
+    } else if [&b"user."[..], b"trusted.", b"security."]
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+    {
         Some(Preserve::XATTR)
+    } else {
+        None
     }
 }
 
@@ -126,16 +138,34 @@ impl Ext {
         if self.xattrs.len() > XATTRS_MAX {
             return Err(format!("{} extended attributes", self.xattrs.len()));
         }
+        if self.user.len() > NAME_MAX || self.group.len() > NAME_MAX {
+            return Err("owner or group name over 256 bytes".into());
+        }
+        if self.link != 0 && self.kept & Preserve::HARDLINK == 0 {
+            return Err("a hard-link key where hard links are not kept".into());
+        }
+        let mut total = 0usize;
         for (n, v) in &self.xattrs {
-            if n.is_empty() || n.len() > 255 || n.contains(&0) || xattr_class(n).is_none() {
+            let class = xattr_class(n);
+            if n.len() > 255 || n.contains(&0) || class.is_none() {
                 return Err(format!(
                     "extended attribute name {:?} is not one triad keeps",
+                    String::from_utf8_lossy(n)
+                ));
+            }
+            if class.is_some_and(|c| c & self.kept == 0) {
+                return Err(format!(
+                    "extended attribute {:?} of a kind the entry does not keep",
                     String::from_utf8_lossy(n)
                 ));
             }
             if v.len() > XATTR_MAX {
                 return Err("extended attribute value over 64 KiB".into());
             }
+            total += n.len() + v.len();
+        }
+        if total > XATTRS_TOTAL_MAX {
+            return Err(format!("{total} bytes of extended attributes"));
         }
         if self.xattrs.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err("extended attributes not sorted by name".into());
@@ -251,8 +281,24 @@ impl Capture {
         }
         let ft = md.file_type();
         if kept & (Preserve::XATTR | Preserve::ACL) != 0 && (ft.is_file() || ft.is_dir()) {
-            x.xattrs = read_xattrs(path, fd, kept)?;
+            // Attributes that cannot be read, or more than an entry may
+            // hold, are left out (and said): the file's contents are
+            // recorded whatever its attributes do.
+            match read_xattrs(path, fd, kept) {
+                Ok(a) if within_limits(&a) => x.xattrs = a,
+                Ok(a) => {
+                    tracing::warn!(path = %path.display(), attributes = a.len(), "more extended attributes than an entry holds (1024, 256 KiB); recorded without them");
+                    x.kept &= !(Preserve::XATTR | Preserve::ACL);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "extended attributes do not read; recorded without them");
+                    x.kept &= !(Preserve::XATTR | Preserve::ACL);
+                }
+            }
         }
+        x.user.truncate(NAME_MAX);
+        x.group.truncate(NAME_MAX);
         if kept & Preserve::HARDLINK != 0 && ft.is_file() && md.nlink() > 1 {
             let h = blake3::hash(&[md.dev().to_le_bytes(), md.ino().to_le_bytes()].concat());
             let mut k = [0u8; 8];
@@ -264,6 +310,12 @@ impl Capture {
     }
 }
 
+/// Whether read attributes fit an entry ([`Ext::check`]'s limits).
+fn within_limits(a: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    a.len() <= XATTRS_MAX
+        && a.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() <= XATTRS_TOTAL_MAX
+}
+
 /// The attributes of `path` (through `fd` when given) in the kept classes,
 /// sorted by name. A file system without attributes has none.
 fn read_xattrs(
@@ -271,29 +323,30 @@ fn read_xattrs(
     fd: Option<&std::fs::File>,
     kept: u8,
 ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut list = vec![0u8; XATTR_MAX];
-    let n = match fd {
-        Some(f) => rustix::fs::flistxattr(f.as_fd(), &mut list[..]),
-        None => rustix::fs::llistxattr(path, &mut list[..]),
-    };
-    let n = match n {
-        Ok(n) => n,
+    // Most files have no attributes or a short ACL: a small buffer first,
+    // the kernel's maximum only when it says the small one is too short
+    // (never 128 KiB zeroed per file of a scan).
+    let list = read_sized(|buf| match fd {
+        Some(f) => rustix::fs::flistxattr(f.as_fd(), buf),
+        None => rustix::fs::llistxattr(path, buf),
+    });
+    let list = match list {
+        Ok(l) => l,
         Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
     let mut out = Vec::new();
-    let mut value = vec![0u8; XATTR_MAX];
-    for name in list[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+    for name in list.split(|&b| b == 0).filter(|s| !s.is_empty()) {
         if xattr_class(name).is_none_or(|c| c & kept == 0) {
             continue;
         }
         let cname = OsStr::from_bytes(name);
-        let got = match fd {
-            Some(f) => rustix::fs::fgetxattr(f.as_fd(), cname, &mut value[..]),
-            None => rustix::fs::lgetxattr(path, cname, &mut value[..]),
-        };
+        let got = read_sized(|buf| match fd {
+            Some(f) => rustix::fs::fgetxattr(f.as_fd(), cname, buf),
+            None => rustix::fs::lgetxattr(path, cname, buf),
+        });
         match got {
-            Ok(len) => out.push((name.to_vec(), value[..len].to_vec())),
+            Ok(v) => out.push((name.to_vec(), v)),
             // Removed between the list and the read.
             Err(rustix::io::Errno::NODATA) => {}
             Err(e) => return Err(e.into()),
@@ -301,6 +354,24 @@ fn read_xattrs(
     }
     out.sort();
     Ok(out)
+}
+
+/// What `call` writes into a buffer: tried with 512 bytes, then, when the
+/// kernel answers ERANGE, with [`XATTR_MAX`] (the most it ever returns).
+fn read_sized(
+    call: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
+    let mut small = [0u8; 512];
+    match call(&mut small) {
+        Ok(n) => Ok(small[..n].to_vec()),
+        Err(rustix::io::Errno::RANGE) => {
+            let mut big = vec![0u8; XATTR_MAX];
+            let n = call(&mut big)?;
+            big.truncate(n);
+            Ok(big)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The kinds of metadata a restore could not put back on one path (bits
@@ -325,16 +396,34 @@ fn not_allowed(e: rustix::io::Errno) -> bool {
 pub fn apply_fd(fd: impl AsFd, ext: &Ext, missed: &mut Missed) -> Result<(), String> {
     let fd = fd.as_fd();
     if ext.kept & Preserve::OWNER != 0 {
-        let st = rustix::fs::fstat(fd).map_err(|e| format!("reading its owner: {e}"))?;
-        if st.st_uid != ext.uid || st.st_gid != ext.gid {
-            match rustix::fs::fchown(
-                fd,
-                Some(rustix::fs::Uid::from_raw(ext.uid)),
-                Some(rustix::fs::Gid::from_raw(ext.gid)),
-            ) {
-                Ok(()) => {}
-                Err(e) if not_allowed(e) => missed.0 |= Preserve::OWNER,
-                Err(e) => return Err(format!("setting its owner: {e}")),
+        // Called whatever the owner is now: one call instead of a stat and
+        // a call, and a no-op (allowed) when it already is.
+        match rustix::fs::fchown(
+            fd,
+            Some(rustix::fs::Uid::from_raw(ext.uid)),
+            Some(rustix::fs::Gid::from_raw(ext.gid)),
+        ) {
+            Ok(()) => {}
+            Err(e) if not_allowed(e) => missed.0 |= Preserve::OWNER,
+            Err(e) => return Err(format!("setting its owner: {e}")),
+        }
+    }
+    // Attributes of the kept kinds the entry does not have go first (an
+    // ACL inherited from a default ACL, one removed at the source, one
+    // added to the tree since): the file ends with exactly the entry's.
+    let classes = ext.kept & (Preserve::XATTR | Preserve::ACL);
+    if classes != 0 {
+        let present = read_sized(|buf| rustix::fs::flistxattr(fd, buf)).unwrap_or_default();
+        for name in present.split(|&b| b == 0).filter(|s| !s.is_empty()) {
+            let Some(class) = xattr_class(name).filter(|c| c & classes != 0) else {
+                continue;
+            };
+            if ext.xattrs.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            match rustix::fs::fremovexattr(fd, OsStr::from_bytes(name)) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Err(_) => missed.0 |= class,
             }
         }
     }
@@ -342,16 +431,13 @@ pub fn apply_fd(fd: impl AsFd, ext: &Ext, missed: &mut Missed) -> Result<(), Str
         let Some(class) = xattr_class(n) else {
             continue;
         };
-        let name = OsStr::from_bytes(n);
-        match rustix::fs::fsetxattr(fd, name, v, rustix::fs::XattrFlags::empty()) {
-            Ok(()) => {}
-            Err(e) if not_allowed(e) => missed.0 |= class,
-            Err(e) => {
-                return Err(format!(
-                    "setting attribute {}: {e}",
-                    String::from_utf8_lossy(n)
-                ))
-            }
+        // Refused by who runs the restore, or by a file system that takes
+        // fewer or smaller attributes, or not this security module's
+        // label: said per kind, never a reason to leave the file out.
+        if rustix::fs::fsetxattr(fd, OsStr::from_bytes(n), v, rustix::fs::XattrFlags::empty())
+            .is_err()
+        {
+            missed.0 |= class;
         }
     }
     Ok(())
@@ -434,6 +520,10 @@ impl Shortfalls {
                     .map(|(n, _)| n.to_string())
                     .unwrap_or_default();
                 let reason = match (bit, root) {
+                    (Preserve::XATTR | Preserve::ACL, false) => {
+                        "the restore did not run as root, or the target file system refused them"
+                            .to_string()
+                    }
                     (_, false) => "the restore did not run as root".to_string(),
                     (Preserve::XATTR | Preserve::ACL, true) => {
                         "the target file system refused them".to_string()

@@ -106,8 +106,17 @@ impl TryFrom<EntryWire> for Entry {
             NodeWire::Dir => (Node::Dir, None),
             NodeWire::Symlink { target } => (Node::Symlink { target }, None),
             NodeWire::Ext { node, ext } => {
-                if let Some(x) = &ext {
-                    x.check()?;
+                match &ext {
+                    Some(x) => x.check()?,
+                    // One encoding per entry: these have their own.
+                    None if matches!(
+                        node,
+                        Node::File { .. } | Node::Dir | Node::Symlink { .. }
+                    ) =>
+                    {
+                        return Err("an entry without metadata wrapped as one with it".into())
+                    }
+                    None => {}
                 }
                 (node, ext)
             }

@@ -348,6 +348,7 @@ pub fn restore_from(
         ok_special: AtomicU64::new(0),
         ok_hardlinks: AtomicU64::new(0),
         short: Mutex::new(Shortfalls::default()),
+        failed: Mutex::new(HashSet::new()),
         sparse: opts.sparse,
         ok_bytes: AtomicU64::new(0),
         open_files: AtomicU64::new(0),
@@ -448,6 +449,9 @@ pub fn restore_from(
                     if let Ok(mut u) = unmade.lock() {
                         u.insert(p.as_bytes());
                     }
+                    // Not made: named in `not_restored`, not counted.
+                    w.missed(p, missed);
+                    return;
                 }
                 res
             }
@@ -459,6 +463,15 @@ pub fn restore_from(
         w.settled(p, e, res.map(|()| missed));
     });
     for (p, _, first) in links {
+        // Linked only to a first name that was restored: in a delta
+        // restore an old file may still stand there.
+        if w.failed.lock().is_ok_and(|f| f.contains(first.as_bytes())) {
+            w.problem(
+                p,
+                format!("not restored: it is another name of {first}, which was not"),
+            );
+            continue;
+        }
         let tmp = tmp_name(w.nonce, &w.tmp_counter);
         match target.link(first, p, &tmp) {
             Ok(()) => {
@@ -515,19 +528,30 @@ pub fn restore_from(
             .filter(|(_, b)| short.mask() & b != 0)
             .map(|(n, _)| n.to_string())
             .collect();
+        // The entries restored from must themselves be the recorded ones
+        // (their full digest is the dataset's); only then does the check
+        // compare the rest of them with the tree.
         let unmade = unmade.into_inner().unwrap_or_default();
-        let expected = checked
-            .par_iter()
-            .filter(|(p, _)| !unmade.contains(p.as_bytes()))
-            .fold(LtHash::default, |mut acc, (p, e)| {
-                acc.add(&e.digest_element_masked(view.keys(), p.as_bytes(), mask));
-                acc
-            })
-            .reduce(LtHash::default, |mut a, b| {
-                a.add(&b);
-                a
-            });
-        report.expected_digest = hex::encode(expected.summary());
+        let sum = |mask: u8, skip: &HashSet<&[u8]>| {
+            checked
+                .par_iter()
+                .filter(|(p, _)| !skip.contains(p.as_bytes()))
+                .fold(LtHash::default, |mut acc, (p, e)| {
+                    acc.add(&e.digest_element_masked(view.keys(), p.as_bytes(), mask));
+                    acc
+                })
+                .reduce(LtHash::default, |mut a, b| {
+                    a.add(&b);
+                    a
+                })
+        };
+        if sum(u8::MAX, &HashSet::new()).summary() == applied.digest.summary() {
+            report.expected_digest = hex::encode(sum(mask, &unmade).summary());
+        } else {
+            report
+                .problems
+                .push("the dataset's entries do not add up to its recorded digest".into());
+        }
     }
     report.not_restored = short.into_report();
     // The flush and the digest's re-read run side by side: one waits on
@@ -831,6 +855,8 @@ struct Writer<'a> {
     ok_hardlinks: AtomicU64,
     /// Metadata not allowed to be put back, per kind.
     short: Mutex<Shortfalls>,
+    /// Paths that could not be restored (named in the problems).
+    failed: Mutex<HashSet<Vec<u8>>>,
     /// Whole chunks of zeros become holes.
     sparse: bool,
     ok_bytes: AtomicU64,
@@ -864,6 +890,9 @@ impl Writer<'_> {
     fn problem(&self, p: &RelPath, why: String) {
         if let Ok(mut v) = self.problems.lock() {
             v.push(format!("{p}: {why}"));
+        }
+        if let Ok(mut f) = self.failed.lock() {
+            f.insert(p.as_bytes().to_vec());
         }
     }
 
@@ -1198,7 +1227,11 @@ impl Writer<'_> {
             Some(why) => Err(why),
             None => self.file(job, &mut st, direct).and_then(|f| {
                 if holes {
-                    f.set_len(job.entry.size)
+                    // The length its chunks make, never the size the entry
+                    // claims (a crafted size would make a huge sparse file
+                    // the digest check then reads for ever).
+                    let len: u64 = job.entry.chunks().iter().map(|c| u64::from(c.len)).sum();
+                    f.set_len(len)
                         .map_err(|e| format!("setting its length: {e}"))?;
                 }
                 if job.entry.size >= WRITEBACK_EARLY_BYTES {

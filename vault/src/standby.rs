@@ -294,6 +294,18 @@ impl Standby {
                     }
                     (Node::Symlink { target }, t) if t.is_symlink() => std::fs::read_link(&path)
                         .is_ok_and(|l| l.as_os_str().as_bytes() == target.as_slice()),
+                    (Node::Fifo, t) => {
+                        use std::os::unix::fs::FileTypeExt;
+                        t.is_fifo()
+                    }
+                    (Node::Device { block, rdev }, t) => {
+                        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                        (if *block {
+                            t.is_block_device()
+                        } else {
+                            t.is_char_device()
+                        }) && md.rdev() == *rdev
+                    }
                     _ => false,
                 },
                 None => false,

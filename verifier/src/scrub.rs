@@ -485,7 +485,28 @@ fn tally_reads(
 /// Scrubs a dataset's archive: manifests, pages and pieces are read and
 /// checked; every chunk they reference must be listed; with `read`, chunk
 /// bytes are fetched and checked against the recorded hash and their id.
+/// It holds a lease meanwhile, so that no prune removes what it reads
+/// (which it would report as missing).
 pub fn archive(
+    rt: &tokio::runtime::Handle,
+    store: &Store,
+    keys: &Keys,
+    dataset: &str,
+    read: ReadData,
+    concurrency: usize,
+) -> archive::Result<ArchiveScrub> {
+    std::thread::scope(|scope| {
+        let mut warnings = Vec::new();
+        let _lease =
+            archive::lease::take_reader(scope, rt, store, dataset, "scrub", &mut warnings)?;
+        for w in warnings {
+            tracing::warn!(dataset, "{w}");
+        }
+        archive_leased(rt, store, keys, dataset, read, concurrency)
+    })
+}
+
+fn archive_leased(
     rt: &tokio::runtime::Handle,
     store: &Store,
     keys: &Keys,

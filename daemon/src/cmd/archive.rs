@@ -130,6 +130,23 @@ fn print_answer(name: &str, a: &ops::Answer, json: bool) -> Result<()> {
         );
     }
     if let Some(p) = &a.prune {
+        if !p.deferred_for.is_empty() {
+            let who: Vec<String> = p
+                .deferred_for
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} on {} (pid {}, since {})",
+                        h.what, h.host, h.pid, h.started
+                    )
+                })
+                .collect();
+            println!(
+                "dataset {name}: prune DEFERRED: the archive is being read by {}; nothing was deleted, run the prune again once they are done",
+                who.join(", ")
+            );
+            return Ok(());
+        }
         println!(
             "dataset {name}: kept {} snapshots, deleted {}; chunks: {} live, {} deleted, {} waiting out the grace period ({} newly marked); {} log pieces and {} orphan objects deleted",
             p.snapshots_kept,
