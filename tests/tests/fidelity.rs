@@ -20,6 +20,18 @@ use triad_tests::s3::S3Server;
 
 const BUCKET: &str = "triad";
 
+/// `triad restore` of the latest point of the test archive, as JSON.
+const FROM_ARCHIVE: [&str; 8] = [
+    "restore",
+    "--from-archive",
+    "s3://triad/site-a",
+    "--dataset",
+    "files",
+    "--at",
+    "latest",
+    "--json",
+];
+
 /// Runs `script` with bash in `dir`; panics with its output on failure.
 fn sh(dir: &Path, script: &str) -> String {
     let out = Command::new("bash")
@@ -179,17 +191,8 @@ fn restore_json(out: &std::process::Output, what: &str) -> serde_json::Value {
 
 fn archive_restore(site: &Site, to: &Path) -> std::process::Output {
     Command::new(triad_bin())
-        .args([
-            "restore",
-            "--from-archive",
-            "s3://triad/site-a",
-            "--dataset",
-            "files",
-            "--at",
-            "latest",
-            "--json",
-            "--to",
-        ])
+        .args(FROM_ARCHIVE)
+        .arg("--to")
         .arg(to)
         .arg("--config")
         .arg(&site.config)
@@ -324,15 +327,8 @@ fn a_restore_as_an_unprivileged_user_names_what_it_could_not_put_back() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(triad_bin())
+        .args(FROM_ARCHIVE)
         .args([
-            "restore",
-            "--from-archive",
-            "s3://triad/site-a",
-            "--dataset",
-            "files",
-            "--at",
-            "latest",
-            "--json",
             "--endpoint",
             &s3.endpoint(),
             "--key-file",
@@ -421,5 +417,30 @@ fn standby_trees_carry_owners_attributes_acls_and_special_files() {
             },
         );
         assert_faithful(&dep.a.source, &standby_dir(site), false);
+    }
+    // Owners and ACLs changed alone reach the trees, put in place: the
+    // file keeps its inode (a rewrite would rename a new one over it).
+    let inode = |site: &Site| {
+        std::fs::metadata(standby_dir(site).join("owned"))
+            .unwrap()
+            .ino()
+    };
+    let before = [inode(&dep.b), inode(&dep.c)];
+    sh(
+        &dep.a.source,
+        "chown 4321:4321 owned && chown -h 4321:4321 link && setfacl -m u:999:rw acl/inner",
+    );
+    for (site, ino) in [&dep.b, &dep.c].into_iter().zip(before) {
+        let tree = standby_dir(site);
+        common::wait_until(
+            "the owner and ACL changes in the standby tree",
+            Duration::from_secs(60),
+            || {
+                owner(&tree.join("owned")) == (4321, 4321)
+                    && owner(&tree.join("link")) == (4321, 4321)
+                    && acls(&tree) == acls(&dep.a.source)
+            },
+        );
+        assert_eq!(inode(site), ino, "rewritten, not changed in place");
     }
 }

@@ -661,7 +661,7 @@ fn scan_target(
 /// Gives a completely written file its recorded owner and attributes,
 /// then mode and mtime (a change of owner clears setuid and setgid, and
 /// any change moves the mtime). Returns what it was not allowed to set.
-fn finish_file(f: &File, e: &Entry) -> std::result::Result<Missed, String> {
+pub(crate) fn finish_file(f: &File, e: &Entry) -> std::result::Result<Missed, String> {
     let mut missed = Missed::default();
     if let Some(x) = &e.ext {
         meta::apply_fd(f, x, &mut missed)?;

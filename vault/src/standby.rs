@@ -46,7 +46,9 @@ use crate::meta::{Missed, Shortfalls};
 use crate::ops::{parent, subtree_prefix, ChunkRef, Entry, Node, Op};
 use crate::path::RelPath;
 use crate::record::{Hash, Record};
-use crate::restore::{entry_from_disk, fill_file, open_stored, sync_filesystem, walkdir};
+use crate::restore::{
+    entry_from_disk, fill_file, finish_file, open_stored, sync_filesystem, walkdir,
+};
 use crate::state::Snap;
 use crate::wal::Tail;
 
@@ -581,6 +583,15 @@ fn mtime_ns(st: &rustix::fs::Stat) -> i64 {
         .saturating_add(st.st_mtime_nsec as i64)
 }
 
+/// Whether what stands in the tree has the owner `want` records (always,
+/// when it records none).
+fn same_owner(st: &rustix::fs::Stat, want: &Entry) -> bool {
+    want.ext
+        .as_ref()
+        .filter(|x| x.kept & crate::meta::Preserve::OWNER != 0)
+        .is_none_or(|x| st.st_uid == x.uid && st.st_gid == x.gid)
+}
+
 fn file_type(st: &rustix::fs::Stat) -> rustix::fs::FileType {
     rustix::fs::FileType::from_raw_mode(st.st_mode)
 }
@@ -731,6 +742,11 @@ impl<'a, 'b> Syncer<'a, 'b> {
             // path go the long way below.
             if let Some(w) = &want {
                 if let Node::File { chunks } = &w.node {
+                    // A change of owner or attributes alone (chown -R,
+                    // setfacl -R) is put in place, not written again.
+                    if w.ext.is_some() && self.meta_only(&rp, w) {
+                        return Ok(());
+                    }
                     if self.try_write_file(&rp, w, chunks).is_ok() {
                         return Ok(());
                     }
@@ -785,6 +801,7 @@ impl<'a, 'b> Syncer<'a, 'b> {
                         && u64::try_from(st.st_size).ok() == Some(want.size)
                         && mtime_ns(st) == want.mtime_ns
                         && (st.st_mode & 0o7777) == (want.mode & 0o7777)
+                        && same_owner(st, &want)
                         && (check == Check::Quick || self.same_content(p, &want))
                     {
                         return Ok(());
@@ -799,7 +816,7 @@ impl<'a, 'b> Syncer<'a, 'b> {
                 if kind == Some(rustix::fs::FileType::Symlink)
                     && have
                         .as_ref()
-                        .is_some_and(|st| mtime_ns(st) == want.mtime_ns)
+                        .is_some_and(|st| mtime_ns(st) == want.mtime_ns && same_owner(st, &want))
                     && self.sb.tree.read_link(&rp).is_ok_and(|t| &t == target)
                 {
                     return Ok(());
@@ -833,6 +850,7 @@ impl<'a, 'b> Syncer<'a, 'b> {
                         _ => rustix::fs::FileType::Fifo,
                     }) && mtime_ns(st) == want.mtime_ns
                         && (st.st_mode & 0o7777) == (want.mode & 0o7777)
+                        && same_owner(st, &want)
                         && match want.node {
                             Node::Device { rdev, .. } => st.st_rdev == rdev,
                             _ => true,
@@ -874,6 +892,36 @@ impl<'a, 'b> Syncer<'a, 'b> {
     fn same_content(&self, p: &[u8], want: &Entry) -> bool {
         let abs = self.sb.root.join(std::ffi::OsStr::from_bytes(p));
         matches!(entry_from_disk(self.keys, &abs, None), Ok(Some(e)) if e.node == want.node)
+    }
+
+    /// When the file at `rp` already holds `want`'s contents (same size
+    /// and mtime, and the same chunks when cut again), gives it `want`'s
+    /// owner, attributes and mode in place and returns true.
+    fn meta_only(&mut self, rp: &RelPath, want: &Entry) -> bool {
+        let same_stat = matches!(self.sb.tree.stat(rp), Ok(Some(st))
+            if file_type(&st) == rustix::fs::FileType::RegularFile
+                && u64::try_from(st.st_size).ok() == Some(want.size)
+                && mtime_ns(&st) == want.mtime_ns);
+        if !same_stat || !self.same_content(rp.as_bytes(), want) {
+            return false;
+        }
+        let res = self
+            .sb
+            .tree
+            .parent_dir(rp)
+            .and_then(|(dir, name)| dir.open_read(name))
+            .map_err(|e| e.to_string())
+            .and_then(|f| finish_file(&f, want));
+        match res {
+            Ok(missed) => {
+                self.written += 1;
+                self.note_parent(rp.as_bytes());
+                self.rewritten.insert(rp.as_bytes().to_vec());
+                self.missed(rp.as_bytes(), missed);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn write_file(&mut self, rp: &RelPath, want: &Entry, chunks: &[ChunkRef]) {

@@ -502,41 +502,30 @@ pub fn archive(
         for w in warnings {
             tracing::warn!(dataset, "{w}");
         }
-        archive_leased(rt, store, keys, dataset, read, concurrency)
-    })
-}
-
-fn archive_leased(
-    rt: &tokio::runtime::Handle,
-    store: &Store,
-    keys: &Keys,
-    dataset: &str,
-    read: ReadData,
-    concurrency: usize,
-) -> archive::Result<ArchiveScrub> {
-    let started = Instant::now();
-    let mut bad = Vec::new();
-    let mut expect: HashMap<ChunkId, Expect> = HashMap::new();
-    let snaps =
-        expect_from_snapshots(rt, store, keys, dataset, concurrency, &mut expect, &mut bad)?;
-    let pieces = expect_from_log_pieces(rt, store, dataset, &mut expect, &mut bad)?;
-    let located = rt.block_on(Located::load(store, keys, dataset, concurrency))?;
-    check_located(store, dataset, &expect, &located, &mut bad);
-    let chosen = choose_for_reading(&expect, &located, &bad, read);
-    let results = read_chunks(rt, store, keys, dataset, &located, &chosen, concurrency);
-    let (chunks_read, bytes_read) = tally_reads(&expect, results, &mut bad);
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(ArchiveScrub {
-        dataset: dataset.to_string(),
-        archive: store.url().to_string(),
-        snapshots: snaps.len(),
-        log_pieces: pieces.len(),
-        chunks_listed: located.ids().count(),
-        chunks_referenced: expect.len(),
-        chunks_read,
-        bytes_read,
-        bad,
-        seconds,
-        mb_per_s: bytes_read as f64 / 1e6 / seconds.max(1e-9),
+        let started = Instant::now();
+        let mut bad = Vec::new();
+        let mut expect: HashMap<ChunkId, Expect> = HashMap::new();
+        let snaps =
+            expect_from_snapshots(rt, store, keys, dataset, concurrency, &mut expect, &mut bad)?;
+        let pieces = expect_from_log_pieces(rt, store, dataset, &mut expect, &mut bad)?;
+        let located = rt.block_on(Located::load(store, keys, dataset, concurrency))?;
+        check_located(store, dataset, &expect, &located, &mut bad);
+        let chosen = choose_for_reading(&expect, &located, &bad, read);
+        let results = read_chunks(rt, store, keys, dataset, &located, &chosen, concurrency);
+        let (chunks_read, bytes_read) = tally_reads(&expect, results, &mut bad);
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(ArchiveScrub {
+            dataset: dataset.to_string(),
+            archive: store.url().to_string(),
+            snapshots: snaps.len(),
+            log_pieces: pieces.len(),
+            chunks_listed: located.ids().count(),
+            chunks_referenced: expect.len(),
+            chunks_read,
+            bytes_read,
+            bad,
+            seconds,
+            mb_per_s: bytes_read as f64 / 1e6 / seconds.max(1e-9),
+        })
     })
 }
