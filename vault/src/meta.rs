@@ -481,7 +481,7 @@ pub struct Shortfalls {
 const EXAMPLES: usize = 10;
 
 /// One kind of metadata a restore could not put back.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NotRestored {
     /// "owner", "xattr", "acl", "special" (as in `preserve`).
     pub what: String,

@@ -86,6 +86,13 @@ pub struct DrillReport {
     pub expected_digest: String,
     pub restored_digest: String,
     pub problems: Vec<String>,
+    /// Metadata the drill's restore was not allowed to put back (owners,
+    /// when the drill does not run as root), per kind; the digests then
+    /// leave those kinds out (`digest_excludes`).
+    #[serde(default)]
+    pub not_restored: Vec<vault::meta::NotRestored>,
+    #[serde(default)]
+    pub digest_excludes: Vec<String>,
     pub skipped_snapshots: Vec<String>,
     /// The archive's authenticated head, when it has one.
     #[serde(default)]
@@ -162,6 +169,8 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
         expected_digest: String::new(),
         restored_digest: String::new(),
         problems: Vec::new(),
+        not_restored: Vec::new(),
+        digest_excludes: Vec::new(),
         skipped_snapshots: Vec::new(),
         archive_head_seq: None,
         warnings: Vec::new(),
@@ -200,6 +209,8 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             report.expected_digest = r.report.expected_digest.clone();
             report.restored_digest = r.report.restored_digest.clone();
             report.problems = r.report.problems.clone();
+            report.not_restored = r.report.not_restored.clone();
+            report.digest_excludes = r.report.digest_excludes.clone();
             report.skipped_snapshots = r.skipped_snapshots;
             report.archive_head_seq = r.head_seq;
             report.warnings = r.warnings;
@@ -332,7 +343,18 @@ pub fn markdown(r: &DrillReport) -> String {
         ),
         ("Bytes restored", r.bytes.to_string()),
         ("Bytes downloaded", r.bytes_downloaded.to_string()),
-        ("Digest recorded", format!("`{}`", r.expected_digest)),
+        (
+            "Digest recorded",
+            if r.digest_excludes.is_empty() {
+                format!("`{}`", r.expected_digest)
+            } else {
+                format!(
+                    "`{}` (without {}, which the restore could not put back)",
+                    r.expected_digest,
+                    r.digest_excludes.join(", ")
+                )
+            },
+        ),
         (
             "Digest of the restored tree",
             format!("`{}`", r.restored_digest),
@@ -355,6 +377,18 @@ pub fn markdown(r: &DrillReport) -> String {
         s.push_str("\n## Problems\n\n");
         for p in &r.problems {
             s.push_str(&format!("- {p}\n"));
+        }
+    }
+    if !r.not_restored.is_empty() {
+        s.push_str("\n## Not restored\n\n");
+        for n in &r.not_restored {
+            s.push_str(&format!(
+                "- {} of {} paths ({}), e.g. {}\n",
+                n.what,
+                n.paths,
+                n.reason,
+                n.examples.join(", ")
+            ));
         }
     }
     if !r.warnings.is_empty() {
@@ -384,4 +418,39 @@ pub fn markdown(r: &DrillReport) -> String {
         " The scratch directory could NOT be removed (see the log).\n"
     });
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_names_what_the_restore_could_not_put_back() {
+        let r: DrillReport = serde_json::from_value(serde_json::json!({
+            "dataset": "files", "archive": "s3://a/b", "at": "latest",
+            "started": "", "finished": "", "result": "passed", "error": null,
+            "restored_seq": 9, "restored_time": null, "snapshot": null,
+            "replayed_records": 0, "files": 1, "directories": 0, "symlinks": 0,
+            "bytes": 1, "bytes_downloaded": 1,
+            "expected_digest": "ab", "restored_digest": "ab", "problems": [],
+            "not_restored": [{"what": "owner", "paths": 3, "examples": ["a", "b"],
+                              "reason": "the restore did not run as root"}],
+            "digest_excludes": ["owner"],
+            "skipped_snapshots": [], "rto_seconds": 1.0, "rpo_seconds": null,
+            "reference": null,
+            "phases_seconds": {"snapshot": 0.0, "replay": 0.0, "write": 0.0},
+            "scratch_removed": true
+        }))
+        .unwrap();
+        let md = markdown(&r);
+        assert!(md.contains("## Not restored"), "{md}");
+        assert!(
+            md.contains("- owner of 3 paths (the restore did not run as root), e.g. a, b"),
+            "{md}"
+        );
+        assert!(
+            md.contains("(without owner, which the restore could not put back)"),
+            "{md}"
+        );
+    }
 }
