@@ -95,6 +95,12 @@ enum Command {
     /// Works at the primary only: a follower's datasets are filled by
     /// replication, and its daemon refuses puts.
     Put(cmd::push::PutArgs),
+    /// Remove objects from a pushed dataset at the primary: named ones, or
+    /// with --wal-before every WAL file before a segment (PostgreSQL's
+    /// archive_cleanup_command). Followers and archives follow; space is
+    /// freed at every copy, and in the archive once no kept snapshot
+    /// names the objects.
+    Forget(cmd::push::ForgetArgs),
     /// Fetch an object from the local daemon or an archive; exits 1 with
     /// nothing written when there is no such name, 255 when it could not
     /// fetch (so a restore_command stops recovery rather than end it).
@@ -153,6 +159,7 @@ fn main() -> ExitCode {
         cli.command,
         Command::Daemon { .. }
             | Command::Put(_)
+            | Command::Forget(_)
             | Command::Get(_)
             | Command::Demo(_)
             | Command::Promote(_)
@@ -178,6 +185,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::status::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Put(a) => cmd::push::put(a),
+        Command::Forget(a) => cmd::push::forget(a),
         Command::Get(a) => cmd::push::get(a),
     };
     match result {

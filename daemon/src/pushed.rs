@@ -55,7 +55,9 @@ pub const MAX_CLIENTS: usize = 64;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
-    /// "put" or "get".
+    /// "put", "get", "forget" (the object `name`) or "forget-wal-before"
+    /// (every WAL segment, partial segment and backup history file before
+    /// the segment `name`, as pg_archivecleanup removes them).
     pub op: String,
     pub dataset: String,
     pub name: String,
@@ -75,6 +77,9 @@ pub struct Answer {
     pub seq: Option<u64>,
     /// get: bytes that follow the answer line.
     pub size: Option<u64>,
+    /// forget: names removed.
+    #[serde(default)]
+    pub removed: u64,
 }
 
 /// A name a pushed object may have: one path component, as a database's
@@ -408,7 +413,27 @@ fn handle(conn: UnixStream, targets: &HashMap<String, Target>) {
                 tracing::warn!(dataset = %req.dataset, name = %req.name, error = %e, "get failed");
             }
         }
-        other => refuse(&mut out, format!("unknown op `{other}`: put or get")),
+        "forget" | "forget-wal-before" if !t.accepts_puts => refuse(
+            &mut out,
+            format!(
+                "dataset `{}` forgets nothing here: forget at the primary, whose records the followers and archives follow",
+                req.dataset
+            ),
+        ),
+        "forget" | "forget-wal-before" => match forget(t, &req) {
+            Ok(a) => {
+                tracing::info!(dataset = %req.dataset, op = %req.op, name = %req.name, removed = a.removed, seq = ?a.seq, "forget");
+                let _ = send(&mut out, &a);
+            }
+            Err(e) => {
+                tracing::warn!(dataset = %req.dataset, op = %req.op, name = %req.name, error = %e, "forget refused");
+                refuse(&mut out, e.to_string());
+            }
+        },
+        other => refuse(
+            &mut out,
+            format!("unknown op `{other}`: put, get, forget or forget-wal-before"),
+        ),
     }
 }
 
@@ -583,6 +608,88 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
     })
 }
 
+/// The log and segment part of a WAL file name (the 16 hex digits after
+/// the timeline) when `name` is a segment, a partial segment or a backup
+/// history file, as pg_archivecleanup recognises them.
+fn wal_position(name: &str) -> Option<&str> {
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    };
+    let (seg, rest) = name.split_at_checked(24)?;
+    if !hex(seg) {
+        return None;
+    }
+    let ok = rest.is_empty()
+        || rest == ".partial"
+        || rest
+            .strip_prefix('.')
+            .and_then(|r| r.strip_suffix(".backup"))
+            .is_some_and(|off| off.len() == 8 && hex(off));
+    ok.then(|| &seg[8..])
+}
+
+/// Removes names from a pushed dataset: `name` itself, or with
+/// `forget-wal-before` every WAL file before the segment `name` (timelines
+/// aside, as pg_archivecleanup compares them). The followers and the
+/// archive follow the Delete records; the chunks no name uses any more are
+/// freed at every copy, and in the archive by prune once no kept snapshot
+/// names them. Answers once the commit policy holds.
+fn forget(t: &Target, req: &Request) -> Result<Answer, PutError> {
+    let ds = &t.ds;
+    if let Some(why) = ds.fence().fenced {
+        return Err(PutError::Fenced(why));
+    }
+    let one = t.lock.lock().map_err(|_| "a put panicked".to_string())?;
+    let names: Vec<Vec<u8>> = if req.op == "forget" {
+        match ds.entry(req.name.as_bytes()).map_err(|e| e.to_string())? {
+            Some(_) => vec![req.name.as_bytes().to_vec()],
+            None => Vec::new(),
+        }
+    } else {
+        let Some(before) = wal_position(&req.name) else {
+            return Err(PutError::Refused(format!(
+                "`{}` is not a WAL segment name (24 hexadecimal digits, as %r gives it)",
+                req.name
+            )));
+        };
+        ds.entries_with_prefix(b"")
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| {
+                std::str::from_utf8(n)
+                    .ok()
+                    .and_then(wal_position)
+                    .is_some_and(|p| p < before)
+            })
+            .collect()
+    };
+    let removed = names.len() as u64;
+    let mut seq = ds.head_seq();
+    for batch in names.chunks(1000) {
+        let ops = batch
+            .iter()
+            .map(|n| Op::Delete { path: n.clone() })
+            .collect();
+        seq = match ds.submit(ops, Vec::new()) {
+            Ok(c) => c.seq,
+            Err(SubmitError::Vault(VaultError::Fenced(why))) => return Err(PutError::Fenced(why)),
+            Err(e) => return Err(PutError::Refused(format!("logging the removal: {e}"))),
+        };
+    }
+    drop(one);
+    if let Some(gate) = &t.gate {
+        gate(seq).map_err(PutError::Commit)?;
+    }
+    Ok(Answer {
+        ok: true,
+        seq: Some(seq),
+        removed,
+        ..Answer::default()
+    })
+}
+
 fn get(t: &Target, name: &str, out: &mut UnixStream) -> Result<(), String> {
     let ds = &t.ds;
     let entry = match ds.entry(name.as_bytes()) {
@@ -621,8 +728,9 @@ fn get(t: &Target, name: &str, out: &mut UnixStream) -> Result<(), String> {
     // writes nothing.
     let mut hasher = blake3::Hasher::new();
     for r in chunks {
-        // Names in a pushed dataset are never replaced or deleted, so the
-        // chunks an entry names stay while it is read.
+        // Names in a pushed dataset are never replaced; one forgotten
+        // while it is read can lose its chunks, and the stream then ends
+        // early (the client writes nothing).
         let st = ds.state();
         let plain = st
             .chunk_meta(&r.id)
@@ -725,6 +833,13 @@ pub mod client {
             (_, Ok(a)) => Ok(a),
             (Err(e), Err(_)) | (Ok(()), Err(e)) => Err(e),
         }
+    }
+
+    /// Asks the daemon to forget `name` (`op` "forget") or every WAL file
+    /// before it ("forget-wal-before").
+    pub fn forget(socket: &Path, op: &str, dataset: &str, name: &str) -> Result<Answer, String> {
+        let conn = request(socket, op, dataset, name)?;
+        answer(&mut BufReader::new(conn))
     }
 
     /// Fetches `name` into `dest` (through a temporary file, fsynced and
@@ -926,6 +1041,32 @@ mod tests {
         let v = s.stats.view();
         assert_eq!(v.commit_failures, 1);
         assert!(v.commit_failing);
+    }
+
+    #[test]
+    fn wal_positions_follow_pg_archivecleanup() {
+        assert_eq!(
+            wal_position("000000010000000A000000F4"),
+            Some("0000000A000000F4")
+        );
+        assert_eq!(
+            wal_position("000000010000000A000000F4.partial"),
+            Some("0000000A000000F4")
+        );
+        assert_eq!(
+            wal_position("000000010000000A000000F4.00000028.backup"),
+            Some("0000000A000000F4")
+        );
+        for not in [
+            "00000002.history",
+            "000000010000000a000000f4",
+            "000000010000000A000000F",
+            "000000010000000A000000F4.0028.backup",
+            "000000010000000A000000F4.tmp",
+            "base.tar",
+        ] {
+            assert_eq!(wal_position(not), None, "{not}");
+        }
     }
 
     #[test]

@@ -299,3 +299,75 @@ fn get_from_an_archive_needs_no_daemon() {
     assert_eq!(o.status.code(), Some(1), "{}", err(&o));
     assert!(!none.exists());
 }
+
+/// PostgreSQL's archive_cleanup_command through triad: `triad forget
+/// --wal-before %r` at the primary removes every WAL segment, partial
+/// segment and backup history file before the segment (whatever their
+/// timeline), keeps the rest and the base backups, and every site follows;
+/// a name can be forgotten on its own; a follower forgets nothing itself.
+#[test]
+fn forget_removes_old_wal_at_every_site_as_pg_archivecleanup_does() {
+    let mut d = deployment("");
+    d.start();
+    for s in [&d.a, &d.b, &d.c] {
+        wait_ready(s);
+    }
+    let work = d.a.tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let names = [
+        "000000010000000000000001",
+        "000000010000000000000002",
+        "000000010000000000000002.00000028.backup",
+        "000000010000000000000003.partial",
+        "000000020000000000000003",
+        "000000020000000000000004",
+        "000000020000000000000005",
+        "base-1.tar",
+        "00000002.history",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        let p = segment(&work, n, i as u64, 64 << 10);
+        let o = put(&d.a, &p, n);
+        assert!(o.status.success(), "{n}: {}", err(&o));
+    }
+    let forget = |site: &Site, args: &[&str]| {
+        let mut a = vec!["forget", "--dataset", "files"];
+        a.extend_from_slice(args);
+        site.cli(&a)
+    };
+    let o = forget(&d.b, &["--wal-before", "000000020000000000000004"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("forget at the primary"), "{}", err(&o));
+    let o = forget(&d.a, &["--wal-before", "not-a-segment"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("is not a WAL segment name"), "{}", err(&o));
+
+    let o = forget(&d.a, &["--wal-before", "000000020000000000000004"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("5 names removed"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = forget(&d.a, &["base-1.tar"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let gone = [0, 1, 2, 3, 4, 7];
+    wait_replicated(&d.a, &[&d.b, &d.c], Duration::from_secs(60));
+    for site in [&d.a, &d.b, &d.c] {
+        for (i, n) in names.iter().enumerate() {
+            let dest = work.join(format!("back-{i}"));
+            let _ = std::fs::remove_file(&dest);
+            let o = get(site, n, &dest);
+            if gone.contains(&i) {
+                assert_eq!(o.status.code(), Some(1), "{n} still there: {}", err(&o));
+                assert!(!dest.exists());
+            } else {
+                assert!(o.status.success(), "{n}: {}", err(&o));
+                assert_eq!(
+                    std::fs::read(&dest).unwrap(),
+                    std::fs::read(work.join(n)).unwrap()
+                );
+            }
+        }
+    }
+}

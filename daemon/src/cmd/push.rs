@@ -38,6 +38,19 @@ pub struct PutArgs {
 }
 
 #[derive(clap::Args)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    daemon: Daemon,
+    /// Remove every WAL segment, partial segment and backup history file
+    /// before this segment, as pg_archivecleanup does
+    /// (`archive_cleanup_command = 'triad forget --dataset pg --wal-before %r'`).
+    #[arg(long, value_name = "SEGMENT")]
+    wal_before: Option<String>,
+    /// Names to remove.
+    names: Vec<String>,
+}
+
+#[derive(clap::Args)]
 pub struct GetArgs {
     #[command(flatten)]
     daemon: Daemon,
@@ -113,6 +126,34 @@ pub fn put(a: PutArgs) -> Result<ExitCode> {
             answer.error.unwrap_or_else(|| "refused".into())
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn forget(a: ForgetArgs) -> Result<ExitCode> {
+    let sock = socket(&a.daemon.socket, &a.daemon.cfg.config)?;
+    let ds = &a.daemon.dataset;
+    let mut asks: Vec<(&str, &str)> = a.names.iter().map(|n| ("forget", n.as_str())).collect();
+    if let Some(w) = &a.wal_before {
+        asks.push(("forget-wal-before", w.as_str()));
+    }
+    if asks.is_empty() {
+        bail!("name the objects to forget, or give --wal-before SEGMENT");
+    }
+    let mut removed = 0;
+    for (op, name) in asks {
+        let answer = client::forget(&sock, op, ds, name).map_err(|e| anyhow!(e))?;
+        if !answer.ok {
+            bail!(
+                "forget {name} in dataset {ds}: {}",
+                answer.error.unwrap_or_else(|| "refused".into())
+            );
+        }
+        if op == "forget" && answer.removed == 0 {
+            eprintln!("{name} is not in dataset {ds}");
+        }
+        removed += answer.removed;
+    }
+    println!("dataset {ds}: {removed} names removed");
     Ok(ExitCode::SUCCESS)
 }
 
