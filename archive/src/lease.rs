@@ -10,8 +10,11 @@
 //!   any is live deletes nothing (its report says which readers held it).
 //!
 //! Both objects are renewed every [`RENEW`] while their holder runs and
-//! count as live for [`TTL`] after their last write (by the store's own
-//! clock), so a reader or prune that died stops counting within minutes.
+//! count as live for [`TTL`] after their last write, judged by the store's
+//! clock alone (the time it gave the object its holder just wrote), so a
+//! host whose clock is off cannot take a live lease for a dead one; a
+//! reader or prune that died stops counting within [`TTL`], and a renewal
+//! may stall for most of it.
 //! They are plain JSON, not sealed: whoever can write the bucket can
 //! already delete from it, and a forged lease only delays a prune.
 
@@ -25,7 +28,7 @@ use crate::error::Result;
 use crate::store::Store;
 
 /// A lease or prune marker not written for this long is dead.
-pub const TTL: Duration = Duration::from_secs(180);
+pub const TTL: Duration = Duration::from_secs(900);
 
 /// How often a holder writes its object again.
 pub const RENEW: Duration = Duration::from_secs(60);
@@ -65,13 +68,24 @@ impl Holder {
     }
 }
 
-/// Whether an object last written at `modified` still counts.
-fn live(modified: chrono::DateTime<Utc>) -> bool {
-    Utc::now()
-        .signed_duration_since(modified)
+/// Whether an object last written at `modified` still counts, `now`
+/// being the store's time.
+fn live(modified: chrono::DateTime<Utc>, now: chrono::DateTime<Utc>) -> bool {
+    now.signed_duration_since(modified)
         .to_std()
         .unwrap_or_default()
         < TTL
+}
+
+/// The store's time now: when it says it wrote `key` (just written by the
+/// caller), read from a listing of `prefix`. Falls back to this host's
+/// clock if the listing does not show it.
+fn store_now(rt: &Handle, store: &Store, prefix: &str, key: &str) -> Result<chrono::DateTime<Utc>> {
+    Ok(rt
+        .block_on(store.list(prefix))?
+        .into_iter()
+        .find(|l| l.key == key)
+        .map_or_else(Utc::now, |l| l.modified))
 }
 
 /// An object in the store that says its holder is at work, written again
@@ -140,33 +154,37 @@ pub fn take_reader<'scope, 'env>(
     warnings: &mut Vec<String>,
 ) -> Result<Option<Held<'scope>>> {
     let key = format!("{}{:016x}", leases_prefix(ds), rand::random::<u64>());
-    let held = match Held::take(scope, rt, store, key, &Holder::here(what)) {
-        Ok(h) => h,
+    let held = match Held::take(scope, rt, store, key.clone(), &Holder::here(what)) {
+        Ok(h) => Some(h),
         Err(e) => {
             warnings.push(format!(
-                "could not write a lease into the archive ({e}); a prune running meanwhile could delete what this {what} reads"
+                "could not write a lease into the archive ({e}); a prune starting meanwhile could delete what this {what} reads"
             ));
-            return Ok(None);
+            None
         }
     };
     let started = std::time::Instant::now();
     let mut said = false;
     loop {
         // Listed, not read: the listing gives the store's own time of the
-        // last write.
+        // last write, compared with the store's time of our own lease.
+        let now = match &held {
+            Some(_) => store_now(rt, store, &leases_prefix(ds), &key)?,
+            None => Utc::now(),
+        };
         let running = rt
             .block_on(store.list(&format!("{ds}/prune/")))?
             .into_iter()
-            .any(|l| l.key == prune_running_key(ds) && live(l.modified));
+            .any(|l| l.key == prune_running_key(ds) && live(l.modified, now));
         if !running {
-            return Ok(Some(held));
+            return Ok(held);
         }
         if started.elapsed() > WAIT_FOR_PRUNE {
             warnings.push(format!(
                 "a prune of this archive has been running for over {} min; this {what} went on beside it",
                 WAIT_FOR_PRUNE.as_secs() / 60
             ));
-            return Ok(Some(held));
+            return Ok(held);
         }
         if !said {
             tracing::info!(dataset = ds, "waiting for a prune of the archive to finish");
@@ -192,9 +210,10 @@ pub fn take_prune<'scope, 'env>(
         prune_running_key(ds),
         &Holder::here("prune"),
     )?;
+    let now = store_now(rt, store, &format!("{ds}/prune/"), &prune_running_key(ds))?;
     let mut readers = Vec::new();
     for l in rt.block_on(store.list(&leases_prefix(ds)))? {
-        if !live(l.modified) {
+        if !live(l.modified, now) {
             // A reader that died: its lease is removed.
             let _ = rt.block_on(store.delete(&l.key));
             continue;

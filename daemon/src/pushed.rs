@@ -56,8 +56,8 @@ pub const MAX_CLIENTS: usize = 64;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
     /// "put", "get", "forget" (the object `name`) or "forget-wal-before"
-    /// (every WAL segment, partial segment and backup history file before
-    /// the segment `name`, as pg_archivecleanup removes them).
+    /// (every WAL segment and partial segment before the segment `name`,
+    /// as pg_archivecleanup removes them by default).
     pub op: String,
     pub dataset: String,
     pub name: String,
@@ -609,9 +609,16 @@ fn put(t: &Target, name: &str, input: &mut impl Read) -> Result<Answer, PutError
 }
 
 /// The log and segment part of a WAL file name (the 16 hex digits after
-/// the timeline) when `name` is a segment, a partial segment or a backup
-/// history file, as pg_archivecleanup recognises them.
+/// the timeline) when `name` is a segment or a partial segment, which
+/// pg_archivecleanup removes by default (backup history files, which it
+/// removes only with `-b`, are kept).
 fn wal_position(name: &str) -> Option<&str> {
+    segment_position(name).filter(|_| !name.ends_with(".backup"))
+}
+
+/// The log and segment part of a segment, partial segment or backup
+/// history file name.
+fn segment_position(name: &str) -> Option<&str> {
     let hex = |s: &str| {
         s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
@@ -640,7 +647,9 @@ fn forget(t: &Target, req: &Request) -> Result<Answer, PutError> {
     if let Some(why) = ds.fence().fenced {
         return Err(PutError::Fenced(why));
     }
-    let one = t.lock.lock().map_err(|_| "a put panicked".to_string())?;
+    // No put lock: puts never delete, and a Delete of a name already gone
+    // is a no-op, so a scan racing puts and other forgets loses nothing
+    // (and `archive_command` is never held up by a cleanup).
     let names: Vec<Vec<u8>> = if req.op == "forget" {
         match ds.entry(req.name.as_bytes()).map_err(|e| e.to_string())? {
             Some(_) => vec![req.name.as_bytes().to_vec()],
@@ -678,9 +687,12 @@ fn forget(t: &Target, req: &Request) -> Result<Answer, PutError> {
             Err(e) => return Err(PutError::Refused(format!("logging the removal: {e}"))),
         };
     }
-    drop(one);
-    if let Some(gate) = &t.gate {
-        gate(seq).map_err(PutError::Commit)?;
+    // Nothing removed: nothing to wait for (a sync follower that is down
+    // does not fail a cleanup that changed nothing).
+    if removed > 0 {
+        if let Some(gate) = &t.gate {
+            gate(seq).map_err(PutError::Commit)?;
+        }
     }
     Ok(Answer {
         ok: true,
@@ -1054,8 +1066,12 @@ mod tests {
             Some("0000000A000000F4")
         );
         assert_eq!(
-            wal_position("000000010000000A000000F4.00000028.backup"),
+            segment_position("000000010000000A000000F4.00000028.backup"),
             Some("0000000A000000F4")
+        );
+        assert_eq!(
+            wal_position("000000010000000A000000F4.00000028.backup"),
+            None
         );
         for not in [
             "00000002.history",

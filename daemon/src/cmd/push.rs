@@ -41,8 +41,8 @@ pub struct PutArgs {
 pub struct ForgetArgs {
     #[command(flatten)]
     daemon: Daemon,
-    /// Remove every WAL segment, partial segment and backup history file
-    /// before this segment, as pg_archivecleanup does
+    /// Remove every WAL segment and partial segment before this segment,
+    /// as pg_archivecleanup does by default
     /// (`archive_cleanup_command = 'triad forget --dataset pg --wal-before %r'`).
     #[arg(long, value_name = "SEGMENT")]
     wal_before: Option<String>,
