@@ -703,8 +703,21 @@ fn forget(t: &Target, req: &Request) -> Result<Answer, PutError> {
 }
 
 fn get(t: &Target, name: &str, out: &mut UnixStream) -> Result<(), String> {
+    // The entry and every chunk it names are read from one RocksDB
+    // snapshot: a forget (or anything else) applied while a slow client
+    // reads cannot take the chunks away half-way.
+    t.ds.state()
+        .with_snapshot(|snap| get_from(t, snap, name, out))
+}
+
+fn get_from(
+    t: &Target,
+    snap: &vault::state::Snap<'_>,
+    name: &str,
+    out: &mut UnixStream,
+) -> Result<(), String> {
     let ds = &t.ds;
-    let entry = match ds.entry(name.as_bytes()) {
+    let entry = match snap.entry(name.as_bytes()) {
         Ok(Some(e)) => e,
         Ok(None) => {
             let _ = send(
@@ -740,17 +753,12 @@ fn get(t: &Target, name: &str, out: &mut UnixStream) -> Result<(), String> {
     // writes nothing.
     let mut hasher = blake3::Hasher::new();
     for r in chunks {
-        // Names in a pushed dataset are never replaced; one forgotten
-        // while it is read can lose its chunks, and the stream then ends
-        // early (the client writes nothing).
-        let st = ds.state();
-        let plain = st
-            .chunk_meta(&r.id)
-            .and_then(|m| Ok(m.zip(st.chunk_bytes(&r.id)?)))
+        let plain = snap
+            .chunk(&r.id)
             .map_err(|e| e.to_string())
             .and_then(|c| c.ok_or_else(|| format!("chunk {} is missing", r.id.short())))
-            .and_then(|(m, sealed)| {
-                chunk::open(ds.keys(), &r.id, m.plain_len, &sealed)
+            .and_then(|c| {
+                chunk::open(ds.keys(), &r.id, c.plain_len, &c.sealed)
                     .map_err(|e| format!("chunk {}: {e}", r.id.short()))
             })
             .map_err(|e| {

@@ -372,3 +372,49 @@ fn forget_removes_old_wal_at_every_site_as_pg_archivecleanup_does() {
         }
     }
 }
+
+/// A get that streams slowly while its name is forgotten still delivers the
+/// whole object: it reads from one snapshot of the state.
+#[test]
+fn a_get_racing_a_forget_of_its_name_still_arrives_whole() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut d = deployment("");
+    d.start();
+    wait_ready(&d.a);
+    let work = d.a.tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let seg = segment(&work, "000000010000000000000001", 7, 64 << 20);
+    let o = put(&d.a, &seg, "000000010000000000000001");
+    assert!(o.status.success(), "{}", err(&o));
+
+    // A client that reads the answer and 1 MiB, then stops reading: the
+    // daemon blocks on the full socket with the rest unsent.
+    let mut conn = std::os::unix::net::UnixStream::connect(d.a.data.join("triad.sock")).unwrap();
+    conn.write_all(
+        b"{\"op\":\"get\",\"dataset\":\"files\",\"name\":\"000000010000000000000001\"}\n",
+    )
+    .unwrap();
+    let mut input = BufReader::new(conn);
+    let mut line = String::new();
+    input.read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    let mut got = vec![0u8; 1 << 20];
+    input.read_exact(&mut got).unwrap();
+
+    let o =
+        d.a.cli(&["forget", "--dataset", "files", "000000010000000000000001"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let gone = work.join("gone");
+    assert_eq!(
+        get(&d.a, "000000010000000000000001", &gone).status.code(),
+        Some(1)
+    );
+
+    let mut rest = Vec::new();
+    input.read_to_end(&mut rest).unwrap();
+    got.extend_from_slice(&rest);
+    let want = std::fs::read(&seg).unwrap();
+    assert_eq!(got.len(), want.len() + 32, "the stream ended early");
+    assert!(got[..want.len()] == want[..], "different bytes");
+    assert_eq!(&got[want.len()..], blake3::hash(&want).as_bytes());
+}
