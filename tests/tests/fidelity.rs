@@ -212,14 +212,21 @@ fn settle_and_snapshot(site: &Site) {
     site.wait_shipped(head, Duration::from_secs(60));
 }
 
-#[test]
-fn owners_attributes_acls_links_holes_and_special_files_come_back_from_the_copy_and_the_archive() {
+/// A site archiving into s3s-fs whose source holds `make_tree`'s tree,
+/// taken in and snapshotted.
+fn archived_site() -> (S3Server, Site) {
     let s3 = S3Server::start(BUCKET);
     let mut site = Site::new();
     site.add_s3_archive(&s3.endpoint(), "");
     make_tree(&site.source);
     site.start();
     settle_and_snapshot(&site);
+    (s3, site)
+}
+
+#[test]
+fn owners_attributes_acls_links_holes_and_special_files_come_back_from_the_copy_and_the_archive() {
+    let (_s3, mut site) = archived_site();
 
     let from_copy = site.tmp.path().join("from-copy");
     let r = restore_json(
@@ -301,12 +308,7 @@ fn owners_attributes_acls_links_holes_and_special_files_come_back_from_the_copy_
 
 #[test]
 fn a_restore_as_an_unprivileged_user_names_what_it_could_not_put_back() {
-    let s3 = S3Server::start(BUCKET);
-    let mut site = Site::new();
-    site.add_s3_archive(&s3.endpoint(), "");
-    make_tree(&site.source);
-    site.start();
-    settle_and_snapshot(&site);
+    let (s3, mut site) = archived_site();
     site.stop();
 
     // `nobody` owns copies of the key and the store's credentials, and may
