@@ -68,8 +68,9 @@ fn wait_ready(site: &Site) {
     }
 }
 
-#[test]
-fn put_and_get_round_trip_and_follow_archive_command_rules() {
+/// A started pushed-dataset deployment with every site ready, and a work
+/// directory for the objects.
+fn started() -> (Deployment, PathBuf) {
     let mut d = deployment("");
     d.start();
     for s in [&d.a, &d.b, &d.c] {
@@ -77,6 +78,12 @@ fn put_and_get_round_trip_and_follow_archive_command_rules() {
     }
     let work = d.a.tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
+    (d, work)
+}
+
+#[test]
+fn put_and_get_round_trip_and_follow_archive_command_rules() {
+    let (d, work) = started();
     let seg = segment(&work, "000000010000000000000001", 1, 16 << 20);
 
     let o = put(&d.a, &seg, "000000010000000000000001");
@@ -311,13 +318,7 @@ fn get_from_an_archive_needs_no_daemon() {
 /// can be forgotten on its own; a follower forgets nothing itself.
 #[test]
 fn forget_removes_old_wal_at_every_site_as_pg_archivecleanup_does() {
-    let mut d = deployment("");
-    d.start();
-    for s in [&d.a, &d.b, &d.c] {
-        wait_ready(s);
-    }
-    let work = d.a.tmp.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+    let (d, work) = started();
     let names = [
         "000000010000000000000001",
         "000000010000000000000002",
