@@ -220,6 +220,14 @@ assert s3.list_objects_v2(Bucket='triad', Prefix='site-a/').get('KeyCount', 0) =
     let back_text = text(&back);
     assert!(back.status.success(), "{back_text}");
     assert!(back_text.contains("brought back"), "{back_text}");
+    // The leases of the restores above were deleted by design: none is
+    // brought back to hold prunes off.
+    let leases = moto.python_ok(
+        r#"
+print(s3.list_objects_v2(Bucket='triad', Prefix='site-a/files/leases/').get('KeyCount', 0))
+"#,
+    );
+    assert_eq!(leases.trim(), "0", "undelete brought back leases");
 
     // Both snapshots restore whole, and latest equals the last tree.
     let to = site.tmp.path().join("restored-latest");

@@ -288,6 +288,21 @@ pub fn undelete(a: UndeleteArgs) -> Result<ExitCode> {
             .block_on(store.delete_markers(&format!("{name}/")))?
             .into_iter()
             .filter(|m| since.is_none_or(|t| m.modified >= t))
+            // Leases and the prune marker are deleted by design when their
+            // holder ends: brought back, they would hold prunes off.
+            .filter(|m| {
+                // Marker keys are whole bucket keys, the store's prefix
+                // included.
+                let (leases, running) = (
+                    archive::lease::leases_prefix(&name),
+                    archive::lease::prune_running_key(&name),
+                );
+                let k = m.key.as_str();
+                !(k.starts_with(&leases)
+                    || k.contains(&format!("/{leases}"))
+                    || k == running
+                    || k.ends_with(&format!("/{running}")))
+            })
             .collect();
         for m in &markers {
             if a.dry_run {
