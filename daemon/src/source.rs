@@ -30,7 +30,7 @@ use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, R
 use notify::{RecursiveMode, Watcher};
 use vault::chunk::ChunkId;
 use vault::dataset::now_ns;
-use vault::meta::{Capture, Ext, Preserve};
+use vault::meta::{Capture, Preserve};
 use vault::{Dataset, Entry, Node, Op, SubmitError};
 
 use crate::config::DirectorySettings;
@@ -265,21 +265,6 @@ fn simple_entry(
         size,
         ext: None,
     }))
-}
-
-/// Whether two entries record the same owner and attributes (the names
-/// seen at capture and hard-link keys aside: a key changes with the
-/// file's contents, and a tree without the links, such as a promoted
-/// standby tree, must not wipe the recorded ones).
-fn same_ext(a: Option<&Ext>, b: Option<&Ext>) -> bool {
-    let bytes = |x: Option<&Ext>| {
-        let mut v = Vec::new();
-        if let Some(x) = x {
-            x.digest_bytes(u8::MAX, &mut v);
-        }
-        v
-    };
-    bytes(a) == bytes(b)
 }
 
 /// True when a file's metadata says its recorded version is current.
@@ -768,13 +753,7 @@ impl DirSource {
         }
         match self.simple_entry(&self.abs(r), md) {
             Ok(Some(e)) => {
-                if old.is_none_or(|o| {
-                    o.node != e.node
-                        || o.mode != e.mode
-                        || o.mtime_ns != e.mtime_ns
-                        || o.size != e.size
-                        || !same_ext(o.ext.as_deref(), e.ext.as_deref())
-                }) {
+                if old.is_none_or(|o| !o.same_recorded(&e)) {
                     plan.puts.insert(r.to_vec(), e);
                 }
             }
@@ -821,7 +800,7 @@ impl DirSource {
         o: &Entry,
     ) -> std::io::Result<Option<Entry>> {
         let mut ext = self.capture.ext(abs, None, md, None)?;
-        if same_ext(ext.as_deref(), o.ext.as_deref()) {
+        if vault::meta::same_recorded(ext.as_deref(), o.ext.as_deref()) {
             return Ok(None);
         }
         // The link key stays what it was until the contents change.

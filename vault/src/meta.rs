@@ -198,6 +198,22 @@ impl Ext {
     }
 }
 
+/// Whether two entries' metadata record the same owner and attributes:
+/// what the digest covers, so the names seen at capture and hard-link keys
+/// aside (a missing `Ext` and one recording nothing compare equal). A link
+/// key changes only with a file's contents: a tree without the links, such
+/// as a promoted standby tree, must not wipe the recorded ones.
+pub fn same_recorded(a: Option<&Ext>, b: Option<&Ext>) -> bool {
+    let bytes = |x: Option<&Ext>| {
+        let mut v = Vec::new();
+        if let Some(x) = x {
+            x.digest_bytes(u8::MAX, &mut v);
+        }
+        v
+    };
+    bytes(a) == bytes(b)
+}
+
 /// Reads the metadata a dataset keeps from files on disk; caches id to
 /// name lookups (bounded by the ids in use).
 pub struct Capture {

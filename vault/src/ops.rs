@@ -161,6 +161,16 @@ impl Entry {
         }
     }
 
+    /// Whether `other` records the same thing at a path: kind, contents,
+    /// mode, mtime, size, owner and attributes (what the digest covers).
+    pub fn same_recorded(&self, other: &Entry) -> bool {
+        self.node == other.node
+            && self.mode == other.mode
+            && self.mtime_ns == other.mtime_ns
+            && self.size == other.size
+            && crate::meta::same_recorded(self.ext.as_deref(), other.ext.as_deref())
+    }
+
     /// The hard-link key shared by every name of a file with several.
     pub fn link(&self) -> Option<u64> {
         self.ext.as_ref().map(|x| x.link).filter(|l| *l != 0)

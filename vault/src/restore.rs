@@ -379,7 +379,7 @@ pub fn restore_from(
         }
         if let Some(k) = e.link() {
             match first_name.get(&k) {
-                Some((lp, le)) if same_file(le, e) => {
+                Some((lp, le)) if le.same_recorded(e) => {
                     links.push((p, e, lp));
                     continue;
                 }
@@ -394,10 +394,10 @@ pub fn restore_from(
             // one that differs at all is made again.
             d.node == e.node
                 && d.size == e.size
-                && (matches!(e.node, Node::File { .. }) || same_file(d, e))
+                && (matches!(e.node, Node::File { .. }) || d.same_recorded(e))
         }) {
             ready.insert(p.as_bytes());
-            if d.mode != e.mode || d.mtime_ns != e.mtime_ns || !same_ext(d, e) {
+            if !d.same_recorded(e) {
                 fix_meta.push((p, e));
             } else {
                 w.kept.fetch_add(1, Ordering::Relaxed);
@@ -572,26 +572,6 @@ pub fn restore_from(
             .push(format!("digesting the restored tree: {e}")),
     }
     Ok(report)
-}
-
-/// Whether two names of a file record the same file (hard links share
-/// contents and every attribute).
-fn same_file(a: &Entry, b: &Entry) -> bool {
-    a.node == b.node && a.mode == b.mode && a.mtime_ns == b.mtime_ns && same_ext(a, b)
-}
-
-/// Whether two entries record the same owner and attributes (names seen
-/// at capture and hard-link keys aside).
-fn same_ext(a: &Entry, b: &Entry) -> bool {
-    let mut x = Vec::new();
-    let mut y = Vec::new();
-    if let Some(e) = &a.ext {
-        e.digest_bytes(u8::MAX, &mut x);
-    }
-    if let Some(e) = &b.ext {
-        e.digest_bytes(u8::MAX, &mut y);
-    }
-    x == y
 }
 
 /// Whether two entries are of one kind (directory, file, symlink).
