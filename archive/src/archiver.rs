@@ -30,6 +30,17 @@ const PIECE_BYTES: usize = 64 << 20;
 /// Most bytes of chunks read from the state and in flight at once.
 const UPLOAD_BATCH_BYTES: usize = 64 << 20;
 
+/// A snapshot's chunk uploads: the batch being gathered (its ids, so a
+/// chunk named twice before the batch goes is taken once) and the totals.
+#[derive(Default)]
+struct Uploads {
+    batch: Vec<SealedChunk>,
+    batch_bytes: usize,
+    queued: HashSet<ChunkId>,
+    chunks: u64,
+    bytes: u64,
+}
+
 /// How many snapshots to keep, like `restic forget`: the newest `last`, and
 /// the newest in each of the newest `hourly` hours, `daily` days, `weekly`
 /// ISO weeks and `monthly` months (UTC) that have one.
@@ -579,21 +590,12 @@ impl Archiver {
         let name = self.ds.name().to_string();
         let keys = self.ds.keys().clone();
         let st = self.ds.state();
+        // The namespace is read in order and each page is sealed and stored
+        // as soon as it is full, its new chunks uploaded in batches meanwhile:
+        // memory holds one page and one upload batch, whatever the tree's size.
         let (manifest, snap_ref, uploaded) = st.with_snapshot(|snap| -> Result<_> {
             let applied = snap.applied()?;
-            let entries = snap.entries()?;
             let pins = snap.pins()?;
-            let mut need: Vec<ChunkId> = Vec::new();
-            let mut seen = HashSet::new();
-            let mut bytes = 0u64;
-            for (_, e) in &entries {
-                bytes += e.size;
-                for c in e.chunks() {
-                    if seen.insert(c.id) {
-                        need.push(c.id);
-                    }
-                }
-            }
             let meta = |id: &ChunkId| -> Result<vault::state::ChunkMeta> {
                 snap.chunk_meta(id)?.ok_or_else(|| {
                     ArchiveError::Vault(VaultError::StateCorrupt {
@@ -602,44 +604,56 @@ impl Archiver {
                     })
                 })
             };
+            let mut upload = Uploads::default();
             let mut pin_refs = Vec::new();
             for (id, n) in &pins {
                 let m = meta(id)?;
                 pin_refs.push((*id, *n, m.plain_len, m.sealed_hash));
-                if seen.insert(*id) {
-                    need.push(*id);
-                }
+                self.upload_if_missing(snap, st, &mut upload, *id)?;
             }
-            let (up_chunks, up_bytes) = self.upload_missing(snap, st, &need)?;
             let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(0);
             let snap_ref = SnapshotRef::new(
                 applied.seq,
                 now_ns / 1_000_000,
                 self.ds.fence().epoch_of(applied.seq),
             );
+            let (mut entries, mut bytes, mut chunks) = (0u64, 0u64, 0u64);
             let mut pages = Vec::new();
+            let mut page = objects::Page {
+                entries: Vec::with_capacity(objects::PAGE_ENTRIES),
+                chunks: Vec::new(),
+            };
+            // Chunks already in this page's table: a chunk is listed once
+            // per page that names it.
             let mut tabled = HashSet::new();
-            for (n, part) in entries.chunks(objects::PAGE_ENTRIES).enumerate() {
-                let key = snap_ref.page_key(&name, n);
-                let mut page = objects::Page {
-                    entries: part.to_vec(),
-                    chunks: Vec::new(),
-                };
-                for (_, e) in part {
-                    for c in e.chunks() {
-                        if tabled.insert(c.id) {
-                            page.chunks.push((c.id, meta(&c.id)?.sealed_hash));
-                        }
+            let mut items = snap.entries_iter()?.peekable();
+            while let Some(item) = items.next() {
+                let (path, e) = item?;
+                entries += 1;
+                bytes += e.size;
+                for c in e.chunks() {
+                    if tabled.insert(c.id) {
+                        page.chunks.push((c.id, meta(&c.id)?.sealed_hash));
+                        self.upload_if_missing(snap, st, &mut upload, c.id)?;
                     }
                 }
-                let sealed = objects::encode_page(&keys, &key, &page)?;
-                pages.push(PageRef {
-                    entries: part.len() as u32,
-                    sealed_len: sealed.len() as u64,
-                    sealed_hash: *blake3::hash(&sealed).as_bytes(),
-                });
-                self.rt.block_on(self.store.put_history(&key, sealed))?;
+                page.entries.push((path, e));
+                if page.entries.len() == objects::PAGE_ENTRIES || items.peek().is_none() {
+                    chunks += page.chunks.len() as u64;
+                    let key = snap_ref.page_key(&name, pages.len());
+                    let sealed = objects::encode_page(&keys, &key, &page)?;
+                    pages.push(PageRef {
+                        entries: page.entries.len() as u32,
+                        sealed_len: sealed.len() as u64,
+                        sealed_hash: *blake3::hash(&sealed).as_bytes(),
+                    });
+                    self.rt.block_on(self.store.put_history(&key, sealed))?;
+                    page.entries.clear();
+                    page.chunks.clear();
+                    tabled.clear();
+                }
             }
+            self.upload_batch(&mut upload)?;
             let manifest = Manifest {
                 version: objects::MANIFEST_VERSION,
                 dataset: name.clone(),
@@ -650,13 +664,13 @@ impl Archiver {
                 chain_hash: applied.hash,
                 digest: applied.digest.summary(),
                 lthash: applied.digest.to_bytes(),
-                entries: entries.len() as u64,
+                entries,
                 bytes,
-                chunks: need.len() as u64,
+                chunks: chunks + pin_refs.len() as u64,
                 pins: pin_refs,
                 pages,
             };
-            Ok((manifest, snap_ref, (up_chunks, up_bytes)))
+            Ok((manifest, snap_ref, (upload.chunks, upload.bytes)))
         })?;
         let key = snap_ref.manifest_key(&name);
         let sealed = objects::encode_manifest(&keys, &key, &manifest)?;
@@ -678,43 +692,43 @@ impl Archiver {
         Ok((report, manifest.chain_hash))
     }
 
-    /// Snapshot step: uploads the chunks of `need` that the index does not
-    /// have, read from `snap` (a view of `st`) in batches of about
-    /// [`UPLOAD_BATCH_BYTES`] so memory stays bounded. Returns how many
-    /// chunks and bytes it uploaded, for the report.
-    fn upload_missing(
+    /// Snapshot step: adds chunk `id` to the upload batch if the index does
+    /// not have it (read from `snap`, a view of `st`), and uploads the batch
+    /// once it holds [`UPLOAD_BATCH_BYTES`], so memory stays bounded.
+    fn upload_if_missing(
         &self,
         snap: &vault::state::Snap<'_>,
         st: &vault::state::State,
-        need: &[ChunkId],
-    ) -> Result<(u64, u64)> {
-        let mut missing = Vec::new();
-        for id in need {
-            if !self.index.has(id)? {
-                missing.push(*id);
-            }
+        up: &mut Uploads,
+        id: ChunkId,
+    ) -> Result<()> {
+        if self.index.has(&id)? || !up.queued.insert(id) {
+            return Ok(());
         }
-        let (mut up_chunks, mut up_bytes) = (0u64, 0u64);
-        let mut batch: Vec<SealedChunk> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut it = missing.iter().peekable();
-        while let Some(id) = it.next() {
-            let c = snap.chunk(id)?.ok_or_else(|| {
-                ArchiveError::Vault(VaultError::StateCorrupt {
-                    path: st.path().to_path_buf(),
-                    reason: format!("chunk {} is referenced but not stored", id.short()),
-                })
-            })?;
-            batch_bytes += c.sealed.len();
-            batch.push(c);
-            if batch_bytes >= UPLOAD_BATCH_BYTES || it.peek().is_none() {
-                up_chunks += batch.len() as u64;
-                up_bytes += batch_bytes as u64;
-                self.upload_chunks(std::mem::take(&mut batch))?;
-                batch_bytes = 0;
-            }
+        let c = snap.chunk(&id)?.ok_or_else(|| {
+            ArchiveError::Vault(VaultError::StateCorrupt {
+                path: st.path().to_path_buf(),
+                reason: format!("chunk {} is referenced but not stored", id.short()),
+            })
+        })?;
+        up.batch_bytes += c.sealed.len();
+        up.batch.push(c);
+        if up.batch_bytes >= UPLOAD_BATCH_BYTES {
+            self.upload_batch(up)?;
         }
-        Ok((up_chunks, up_bytes))
+        Ok(())
+    }
+
+    /// Uploads the batch [`Archiver::upload_if_missing`] gathered.
+    fn upload_batch(&self, up: &mut Uploads) -> Result<()> {
+        if up.batch.is_empty() {
+            return Ok(());
+        }
+        up.chunks += up.batch.len() as u64;
+        up.bytes += up.batch_bytes as u64;
+        up.batch_bytes = 0;
+        up.queued.clear();
+        self.upload_chunks(std::mem::take(&mut up.batch))
     }
 
     /// Uploads new chunks: in packs, or one object each with

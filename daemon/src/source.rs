@@ -41,6 +41,9 @@ const OPS_PER_RECORD: usize = 1000;
 /// A file whose mtime is this close to its read time is read again later.
 const RACY_NS: i64 = 2_000_000_000;
 const MAX_READ_ATTEMPTS: usize = 5;
+/// Changes a scan plans before it logs them and walks on, so a first scan
+/// of millions of files never holds all their paths.
+const SCAN_BATCH: usize = 10_000;
 
 /// Counters the status file and tests read.
 #[derive(Default)]
@@ -104,8 +107,14 @@ impl Stats {
     }
 }
 
-/// Files of a round queued for the committer, answered at its end.
+/// Files of a round queued for the committer, answered at its end or
+/// once [`MAX_QUEUED_FILES`] wait.
 type Queued<'a> = Mutex<Vec<(Vec<u8>, vault::dataset::Ticket<'a>)>>;
+/// Files queued for the committer at most before the oldest half is
+/// waited for: each ticket holds its reply channel, and a first scan of a
+/// million files held a million of them (630 bytes each) until its end.
+/// Half stays queued, so group commits stay full.
+const MAX_QUEUED_FILES: usize = 4096;
 
 /// Paths with events not yet handled: whether a directory there must be
 /// scanned whole, and when its first and last events came.
@@ -155,6 +164,8 @@ struct Plan {
     puts: BTreeMap<Vec<u8>, Entry>,
     files: BTreeMap<Vec<u8>, bool>,
     deletes: BTreeSet<Vec<u8>>,
+    /// Changes of this plan already logged by the scan (see [`SCAN_BATCH`]).
+    logged: usize,
 }
 
 pub struct DirSource {
@@ -660,7 +671,7 @@ impl DirSource {
         let started = Instant::now();
         let mut plan = Plan::default();
         self.scan_into(b"", &mut plan, racy_before)?;
-        let changes = plan.puts.len() + plan.files.len() + plan.deletes.len();
+        let changes = plan.logged + plan.puts.len() + plan.files.len() + plan.deletes.len();
         self.execute(plan)?;
         tracing::info!(dataset = self.ds.name(), changes, elapsed = ?started.elapsed(), "full scan done");
         Ok(())
@@ -709,6 +720,16 @@ impl DirSource {
                 Err(_) => continue,
             };
             self.plan_path(&r, &md, old.as_ref(), plan, racy_before);
+            // Walk order puts each directory before what it holds, so
+            // the part planned so far can be logged on its own.
+            if plan.puts.len() + plan.files.len() >= SCAN_BATCH {
+                plan.logged += plan.puts.len() + plan.files.len();
+                self.execute_changes(Plan {
+                    puts: std::mem::take(&mut plan.puts),
+                    files: std::mem::take(&mut plan.files),
+                    ..Plan::default()
+                })?;
+            }
         }
         for (gone, _) in known {
             if !self.excluded(&gone) {
@@ -903,6 +924,13 @@ impl DirSource {
     }
 
     fn execute(&self, plan: Plan) -> Result<(), SourceError> {
+        self.execute_changes(plan)?;
+        self.finish_round();
+        Ok(())
+    }
+
+    /// Logs what a plan found, without ending the round.
+    fn execute_changes(&self, plan: Plan) -> Result<(), SourceError> {
         let puts: Vec<Op> = plan
             .puts
             .into_iter()
@@ -938,16 +966,7 @@ impl DirSource {
             if let Some(e) = failure.into_inner().ok().flatten() {
                 return Err(e);
             }
-            for (rel, ticket) in queued.into_inner().unwrap_or_default() {
-                match ticket.wait() {
-                    Ok(_) => {
-                        self.stats.files_ingested.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // A chunk it relied on was freed meanwhile: read again.
-                    Err(SubmitError::Missing(_)) => self.ingest_file(&rel, true, None)?,
-                    Err(SubmitError::Vault(e)) => return Err(e.into()),
-                }
-            }
+            self.settle(queued.into_inner().unwrap_or_default())?;
             self.check_stop()?;
         }
         // Only the topmost of nested deletes: a directory takes its subtree.
@@ -965,9 +984,7 @@ impl DirSource {
                 .into_iter()
                 .map(|path| Op::Delete { path })
                 .collect(),
-        )?;
-        self.finish_round();
-        Ok(())
+        )
     }
 
     /// Reads, cuts and seals one file and logs it. `force` reads it even if
@@ -987,8 +1004,34 @@ impl DirSource {
                 "queueing reported missing chunks".into(),
             )),
         })?;
-        if let Ok(mut q) = queue.lock() {
-            q.push((rel.to_vec(), ticket));
+        let oldest = match queue.lock() {
+            Ok(mut q) => {
+                q.push((rel.to_vec(), ticket));
+                if q.len() >= MAX_QUEUED_FILES {
+                    q.drain(..MAX_QUEUED_FILES / 2).collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            Err(_) => Vec::new(),
+        };
+        self.settle(oldest)
+    }
+
+    /// Waits for queued files to be durable and applied; a file whose
+    /// record found a chunk freed meanwhile is read again.
+    fn settle(
+        &self,
+        tickets: Vec<(Vec<u8>, vault::dataset::Ticket<'_>)>,
+    ) -> Result<(), SourceError> {
+        for (rel, ticket) in tickets {
+            match ticket.wait() {
+                Ok(_) => {
+                    self.stats.files_ingested.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(SubmitError::Missing(_)) => self.ingest_file(&rel, true, None)?,
+                Err(SubmitError::Vault(e)) => return Err(e.into()),
+            }
         }
         Ok(())
     }

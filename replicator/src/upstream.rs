@@ -24,6 +24,8 @@ const BATCH_BYTES: usize = 4 << 20;
 
 /// Most chunk bytes one `Chunks` reply carries (at least one chunk is
 /// always sent, and chunks are far smaller than the message limit).
+/// Namespace entries per message of a state transfer.
+const TRANSFER_BATCH: usize = 20_000;
 pub const CHUNKS_REPLY_BYTES: usize = 64 << 20;
 /// Largest message either side accepts: one record may be up to 256 MiB.
 pub const MAX_MESSAGE: usize = 512 << 20;
@@ -549,7 +551,6 @@ fn send_state(
     };
     ds.state().with_snapshot(|snap| {
         let applied = snap.applied().map_err(|e| e.to_string())?;
-        let entries = snap.entries().map_err(|e| e.to_string())?;
         let pins = snap.pins().map_err(|e| e.to_string())?;
         send(transfer_msg(Part::Begin(pb::TransferBegin {
             seq: applied.seq,
@@ -574,15 +575,26 @@ fn send_state(
             .hmac_sm3
             .to_vec(),
         })))?;
-        for batch in entries.chunks(20_000) {
+        // The namespace is read in order and sent a batch at a time: the
+        // sender holds one batch (and the queue's few) whatever the tree.
+        let mut batch = Vec::with_capacity(TRANSFER_BATCH);
+        let mut entries_sent = 0u64;
+        for item in snap.entries_iter().map_err(|e| e.to_string())? {
+            let (path, e) = item.map_err(|e| e.to_string())?;
+            entries_sent += 1;
+            batch.push(pb::NamespaceEntry {
+                path,
+                entry: e.encode(),
+            });
+            if batch.len() == TRANSFER_BATCH {
+                send(transfer_msg(Part::Entries(pb::TransferEntries {
+                    entries: std::mem::replace(&mut batch, Vec::with_capacity(TRANSFER_BATCH)),
+                })))?;
+            }
+        }
+        if !batch.is_empty() {
             send(transfer_msg(Part::Entries(pb::TransferEntries {
-                entries: batch
-                    .iter()
-                    .map(|(p, e)| pb::NamespaceEntry {
-                        path: p.clone(),
-                        entry: e.encode(),
-                    })
-                    .collect(),
+                entries: batch,
             })))?;
         }
         send(transfer_msg(Part::EntriesEnd(pb::TransferEntriesEnd {})))?;
@@ -630,7 +642,7 @@ fn send_state(
         tracing::info!(
             dataset = ds.name(),
             seq = applied.seq,
-            entries = entries.len(),
+            entries = entries_sent,
             chunks = chunks_sent,
             "state transfer sent"
         );

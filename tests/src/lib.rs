@@ -48,16 +48,119 @@ pub fn make_tree(root: &Path, total: u64) -> (u64, u64) {
     (bytes, files)
 }
 
+/// Runs a command to its end: seconds taken and its peak RSS in MiB
+/// (panics with its output if it fails). A restore's phase times are
+/// passed to stderr.
+pub fn run_timed(cmd: &mut std::process::Command, what: &str) -> (f64, f64) {
+    let t = std::time::Instant::now();
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    // The output is read on threads so a chatty command never blocks.
+    let mut child = child;
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let mut status = 0;
+    // SAFETY: plain rusage out-parameter for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = t.elapsed().as_secs_f64();
+    let (stdout, stderr) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
+    assert!(
+        r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{what} failed: {stdout}{stderr}"
+    );
+    if what.starts_with("triad restore") {
+        // Its phase times.
+        eprint!("{stdout}");
+    }
+    (secs, usage.ru_maxrss as f64 / 1024.0)
+}
+
+/// `n` files of 0 to 2 KiB (half random, half text) in directories of
+/// 1,000: the small-file tree. Returns (bytes, files).
+pub fn make_small_tree(root: &Path, n: u64) -> (u64, u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut bytes = 0u64;
+    for i in 0..n {
+        let dir = root.join(format!("d{}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&dir).expect("mkdir");
+        }
+        let size = rng.gen_range(0..=2048usize);
+        let mut data = vec![0u8; size];
+        if i % 2 == 0 {
+            rng.fill_bytes(&mut data);
+        } else {
+            let line = format!("record {i} of the registry, approved 2026\n");
+            for (j, b) in data.iter_mut().enumerate() {
+                *b = line.as_bytes()[j % line.len()];
+            }
+        }
+        std::fs::write(dir.join(format!("f{i}")), &data).expect("write");
+        bytes += size as u64;
+    }
+    (bytes, n)
+}
+
+/// Waits until dataset `files` at `site` has settled after a round that
+/// ended after `after` (at most an hour from `started`).
+pub fn wait_settled(site: &Path, after: std::time::Instant, started: std::time::Instant) {
+    let after_ns = {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i64;
+        now - after.elapsed().as_nanos() as i64
+    };
+    loop {
+        if let Some(v) = files_status(site) {
+            let s = &v["source"];
+            if s["settled"].as_bool() == Some(true)
+                && s["last_round_end_ns"].as_i64().unwrap_or(0) > after_ns
+            {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3600),
+            "the daemon did not settle"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A running process's resident set now in MiB (its VmRSS), NaN once it
+/// is gone.
+pub fn rss_of(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmRSS:").map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<f64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+}
+
 /// A running process's peak RSS in MiB (its VmHWM), NaN once it is gone.
 pub fn peak_rss_of(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    proc_status_kib(pid, "VmHWM:").map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
 /// The value after `name` on the command line.

@@ -707,15 +707,29 @@ impl Snap<'_> {
         self.st.decode_applied(a, d)
     }
 
+    /// Every entry, in path order (only for what is bounded anyway:
+    /// whatever walks a whole namespace uses [`Snap::entries_iter`]).
     pub fn entries(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
+        self.entries_iter()?.collect()
+    }
+
+    /// Every entry in path order, read one at a time, so a walk of the
+    /// whole namespace holds one entry however large the tree.
+    pub fn entries_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
         let ns = self.st.cf(CF_NS)?;
-        let mut out = Vec::new();
-        for item in self.snap.iterator_cf(ns, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| self.st.err(e))?;
-            let e = Entry::decode(&v).ok_or_else(|| self.st.corrupt("entry malformed".into()))?;
-            out.push((k.to_vec(), e));
-        }
-        Ok(out)
+        Ok(self
+            .snap
+            .iterator_cf(ns, IteratorMode::Start)
+            .map(move |item| {
+                let (k, v) = item.map_err(|e| self.st.err(e))?;
+                let e = Entry::decode(&v).ok_or_else(|| {
+                    self.st.corrupt(format!(
+                        "entry {} is malformed",
+                        String::from_utf8_lossy(&k)
+                    ))
+                })?;
+                Ok((k.to_vec(), e))
+            }))
     }
 
     pub fn pins(&self) -> Result<Vec<(ChunkId, u64)>> {

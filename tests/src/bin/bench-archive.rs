@@ -19,106 +19,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::{Rng, RngCore, SeedableRng};
 use triad_tests::s3::{CountingProxy, S3Server, ACCESS_KEY, SECRET_KEY};
 use triad_tests::{
-    arg, bench_dir, drop_caches, du, files_status, make_tree, median, peak_rss_of, triad_bin,
-    OneSite,
+    arg, bench_dir, drop_caches, du, files_status, make_small_tree, make_tree, median, peak_rss_of,
+    run_timed as run, triad_bin, wait_settled, OneSite,
 };
-
-/// Runs a command to its end: seconds taken and its peak RSS in MiB.
-fn run(cmd: &mut Command, what: &str) -> (f64, f64) {
-    let t = Instant::now();
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let pid = child.id() as libc::pid_t;
-    // The output is read on threads so a chatty command never blocks.
-    let mut child = child;
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let o = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let e = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let mut status = 0;
-    // SAFETY: plain rusage out-parameter for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child with valid pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let secs = t.elapsed().as_secs_f64();
-    let (stdout, stderr) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
-    assert!(
-        r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{what} failed: {stdout}{stderr}"
-    );
-    if what.starts_with("triad restore") {
-        // Its phase times.
-        eprint!("{stdout}");
-    }
-    (secs, usage.ru_maxrss as f64 / 1024.0)
-}
-
-/// `n` files of 0 to 2 KiB (half random, half text) in directories of
-/// 1,000: the small-file tree. Returns (bytes, files).
-fn make_small_tree(root: &Path, n: u64) -> (u64, u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    let mut bytes = 0u64;
-    for i in 0..n {
-        let dir = root.join(format!("d{}", i / 1000));
-        if i % 1000 == 0 {
-            std::fs::create_dir_all(&dir).expect("mkdir");
-        }
-        let size = rng.gen_range(0..=2048usize);
-        let mut data = vec![0u8; size];
-        if i % 2 == 0 {
-            rng.fill_bytes(&mut data);
-        } else {
-            let line = format!("record {i} of the registry, approved 2026\n");
-            for (j, b) in data.iter_mut().enumerate() {
-                *b = line.as_bytes()[j % line.len()];
-            }
-        }
-        std::fs::write(dir.join(format!("f{i}")), &data).expect("write");
-        bytes += size as u64;
-    }
-    (bytes, n)
-}
-
-fn wait_settled(site: &Path, after: Instant, started: Instant) {
-    let after_ns = {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as i64;
-        now - after.elapsed().as_nanos() as i64
-    };
-    loop {
-        if let Some(v) = files_status(site) {
-            let s = &v["source"];
-            if s["settled"].as_bool() == Some(true)
-                && s["last_round_end_ns"].as_i64().unwrap_or(0) > after_ns
-            {
-                return;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3600),
-            "the daemon did not settle"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Rewrites the first 64 KiB of 1% of the files (at least one).
 fn change_one_percent(src: &Path) -> usize {
