@@ -30,6 +30,14 @@ const PIECE_BYTES: usize = 64 << 20;
 /// Most bytes of chunks read from the state and in flight at once.
 const UPLOAD_BATCH_BYTES: usize = 64 << 20;
 
+/// A chunk the namespace names that the state does not hold.
+fn missing_chunk(st: &vault::state::State, id: &ChunkId) -> ArchiveError {
+    ArchiveError::Vault(VaultError::StateCorrupt {
+        path: st.path().to_path_buf(),
+        reason: format!("chunk {} is referenced but not stored", id.short()),
+    })
+}
+
 /// A snapshot's chunk uploads: the batch being gathered (its ids, so a
 /// chunk named twice before the batch goes is taken once) and the totals.
 #[derive(Default)]
@@ -597,12 +605,7 @@ impl Archiver {
             let applied = snap.applied()?;
             let pins = snap.pins()?;
             let meta = |id: &ChunkId| -> Result<vault::state::ChunkMeta> {
-                snap.chunk_meta(id)?.ok_or_else(|| {
-                    ArchiveError::Vault(VaultError::StateCorrupt {
-                        path: st.path().to_path_buf(),
-                        reason: format!("chunk {} is referenced but not stored", id.short()),
-                    })
-                })
+                snap.chunk_meta(id)?.ok_or_else(|| missing_chunk(st, id))
             };
             let mut upload = Uploads::default();
             let mut pin_refs = Vec::new();
@@ -626,6 +629,7 @@ impl Archiver {
             // Chunks already in this page's table: a chunk is listed once
             // per page that names it.
             let mut tabled = HashSet::new();
+            let mut ids = Vec::new();
             let mut items = snap.entries_iter()?.peekable();
             while let Some(item) = items.next() {
                 let (path, e) = item?;
@@ -633,12 +637,21 @@ impl Archiver {
                 bytes += e.size;
                 for c in e.chunks() {
                     if tabled.insert(c.id) {
-                        page.chunks.push((c.id, meta(&c.id)?.sealed_hash));
-                        self.upload_if_missing(snap, st, &mut upload, c.id)?;
+                        ids.push(c.id);
                     }
                 }
                 page.entries.push((path, e));
                 if page.entries.len() == objects::PAGE_ENTRIES || items.peek().is_none() {
+                    // The page's chunks are looked up together.
+                    let metas = snap.chunk_metas(&ids)?;
+                    let stored = self.index.has_many(&ids)?;
+                    for ((id, m), archived) in ids.drain(..).zip(metas).zip(stored) {
+                        let m = m.ok_or_else(|| missing_chunk(st, &id))?;
+                        page.chunks.push((id, m.sealed_hash));
+                        if !archived {
+                            self.upload_if_missing(snap, st, &mut upload, id)?;
+                        }
+                    }
                     chunks += page.chunks.len() as u64;
                     let key = snap_ref.page_key(&name, pages.len());
                     let sealed = objects::encode_page(&keys, &key, &page)?;
@@ -705,12 +718,7 @@ impl Archiver {
         if self.index.has(&id)? || !up.queued.insert(id) {
             return Ok(());
         }
-        let c = snap.chunk(&id)?.ok_or_else(|| {
-            ArchiveError::Vault(VaultError::StateCorrupt {
-                path: st.path().to_path_buf(),
-                reason: format!("chunk {} is referenced but not stored", id.short()),
-            })
-        })?;
+        let c = snap.chunk(&id)?.ok_or_else(|| missing_chunk(st, &id))?;
         up.batch_bytes += c.sealed.len();
         up.batch.push(c);
         if up.batch_bytes >= UPLOAD_BATCH_BYTES {

@@ -68,6 +68,15 @@ impl Index {
         Ok(self.db.get_pinned(id.0).map_err(|e| self.err(e))?.is_some())
     }
 
+    /// [`Index::has`] of many ids in one batched read.
+    pub fn has_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+        self.db
+            .multi_get(ids.iter().map(|id| id.0))
+            .into_iter()
+            .map(|r| Ok(r.map_err(|e| self.err(e))?.is_some()))
+            .collect()
+    }
+
     pub fn add(&self, ids: &[ChunkId]) -> Result<()> {
         self.write(
             |b| {

@@ -144,7 +144,25 @@ fn raise_open_file_limit() {
     }
 }
 
+/// glibc's allocator, set before any thread starts. By default it raises
+/// its mmap threshold (up to 32 MiB) after a large buffer is freed, so
+/// later packs, pieces and upload batches come from per-thread arenas
+/// (one per core times eight) and stay resident after they are freed: a
+/// daemon's RSS at 100,000 files was 320 MiB for a heap that peaked at
+/// 106 MiB. A fixed threshold of 256 KiB returns large buffers to the
+/// kernel when freed, and two arenas bound the rest (195 MiB then).
+fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters; it is called before
+    // any other thread exists.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_malloc();
     raise_open_file_limit();
     let cli = Cli::parse();
     let from_config = match &cli.command {

@@ -783,6 +783,23 @@ impl Snap<'_> {
             .ok_or_else(|| self.st.corrupt("chunk meta".into()))
     }
 
+    /// The metadata of many chunks in one batched read (a snapshot looks
+    /// up every chunk a page names: one at a time, the lookups were most
+    /// of a snapshot's time).
+    pub fn chunk_metas(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkMeta>>> {
+        let cm = self.st.cf(CF_CHUNKMETA)?;
+        self.snap
+            .multi_get_cf(ids.iter().map(|id| (cm, id.0)))
+            .into_iter()
+            .map(|r| match r.map_err(|e| self.st.err(e))? {
+                None => Ok(None),
+                Some(m) => ChunkMeta::decode(&m)
+                    .map(Some)
+                    .ok_or_else(|| self.st.corrupt("chunk meta".into())),
+            })
+            .collect()
+    }
+
     /// A chunk as it was at the snapshot.
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<SealedChunk>> {
         let (cm, cb) = (self.st.cf(CF_CHUNKMETA)?, self.st.cf(CF_CHUNKS)?);
