@@ -112,6 +112,53 @@ impl RetentionPolicy {
     }
 }
 
+/// The snapshots that `keep` lacks but a restore needs because the
+/// archived log has gaps (a state transfer replaced the log, or
+/// `site.log_retention_max` removed segments before they were shipped):
+/// for each gap after the oldest kept snapshot, the oldest snapshot from
+/// which the log after the gap replays (its seq at most one before the
+/// gap's end, so its next record is archived), unless one at that seq is
+/// kept anyway.
+pub fn bridging_snapshots(
+    snaps: &[SnapshotRef],
+    pieces: &[PieceRef],
+    keep: &HashSet<String>,
+) -> Vec<String> {
+    let Some(mut reach) = snaps
+        .iter()
+        .filter(|s| keep.contains(&s.name))
+        .map(|s| s.seq)
+        .min()
+    else {
+        return Vec::new();
+    };
+    let mut by_seq: Vec<&SnapshotRef> = snaps.iter().collect();
+    by_seq.sort_by_key(|s| (s.seq, s.taken_ms));
+    let mut runs: Vec<(u64, u64)> = pieces.iter().map(|p| (p.first, p.last)).collect();
+    runs.sort_unstable();
+    let mut out: Vec<String> = Vec::new();
+    for (first, last) in runs {
+        if last <= reach {
+            continue;
+        }
+        if first > reach + 1 {
+            // Records reach+1 .. first-1 are not archived: what follows
+            // replays only from a snapshot at first-1 or later, and the
+            // oldest such one restores the most of it.
+            if let Some(b) = by_seq.iter().find(|s| s.seq + 1 >= first) {
+                let kept = by_seq
+                    .iter()
+                    .any(|s| s.seq == b.seq && (keep.contains(&s.name) || out.contains(&s.name)));
+                if !kept {
+                    out.push(b.name.clone());
+                }
+            }
+        }
+        reach = last;
+    }
+    out
+}
+
 /// What a snapshot did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SnapshotReport {
@@ -138,6 +185,11 @@ pub struct PruneReport {
     pub chunks_missing: usize,
     pub log_pieces_deleted: usize,
     pub orphan_objects_deleted: usize,
+    /// Snapshots retention dropped but kept because the archived log has a
+    /// gap before them: each is the oldest from which the log after a gap
+    /// replays, so without it those points could not be restored.
+    #[serde(default)]
+    pub snapshots_bridging: Vec<String>,
     /// Snapshots retention dropped but kept whole because their manifest is
     /// still under Object Lock.
     #[serde(default)]
@@ -859,7 +911,15 @@ impl Archiver {
         let keys = self.ds.keys().clone();
         let mut report = PruneReport::default();
         let snaps = self.snapshots()?;
-        let keep = policy.select(&snaps);
+        let mut keep = policy.select(&snaps);
+        // After a gap in the archived log, only a snapshot taken at or after
+        // the gap reaches the points past it.
+        let bridging = bridging_snapshots(&snaps, &self.pieces()?, &keep);
+        for b in &bridging {
+            tracing::warn!(dataset = name, snapshot = %b, "kept beyond the retention policy: the archived log has a gap before it, and without it the points after the gap could not be restored");
+            keep.insert(b.clone());
+        }
+        report.snapshots_bridging = bridging;
         // Under Object Lock, nothing still locked is deleted: a delete would
         // only hide it behind a marker until the lock ends. A snapshot whose
         // manifest is locked stays whole, chunks and pieces included.
@@ -1528,5 +1588,45 @@ mod tests {
         names.sort();
         assert_eq!(names, vec![24, 27, 29, 30]);
         assert_eq!(RetentionPolicy::default().select(&snaps).len(), 30);
+    }
+
+    #[test]
+    fn retention_keeps_the_snapshot_that_bridges_a_gap_in_the_archived_log() {
+        let piece = |first: u64, last: u64| PieceRef::new("files", first, last, 0, 1);
+        // Snapshots at 10, 49 (the bridge: records 41-49 never reached the
+        // archive, and it goes on from 50), 60 and 100; pieces 11-40, then
+        // 50-120.
+        let snaps: Vec<SnapshotRef> = [(0, 10), (1, 49), (2, 60), (3, 100)]
+            .iter()
+            .map(|(d, seq)| snap(*d, 0, *seq))
+            .collect();
+        let pieces = [piece(11, 40), piece(50, 120)];
+        let name = |seq: u64| {
+            snaps
+                .iter()
+                .find(|s| s.seq == seq)
+                .map(|s| s.name.clone())
+                .unwrap_or_default()
+        };
+        // Retention keeps 10 and 100: 49 is the oldest snapshot from which
+        // 50 onwards replays.
+        let keep: HashSet<String> = [name(10), name(100)].into_iter().collect();
+        assert_eq!(bridging_snapshots(&snaps, &pieces, &keep), vec![name(49)]);
+        // Kept anyway: nothing more.
+        let keep: HashSet<String> = [name(10), name(49), name(100)].into_iter().collect();
+        assert!(bridging_snapshots(&snaps, &pieces, &keep).is_empty());
+        // A gap before the oldest kept snapshot restores nothing kept.
+        let keep: HashSet<String> = [name(60), name(100)].into_iter().collect();
+        assert!(bridging_snapshots(&snaps, &pieces, &keep).is_empty());
+        // An unbroken log needs no bridge.
+        let whole = [piece(11, 40), piece(41, 120)];
+        let keep: HashSet<String> = [name(10), name(100)].into_iter().collect();
+        assert!(bridging_snapshots(&snaps, &whole, &keep).is_empty());
+        // Two gaps, two bridges.
+        let two = [piece(11, 40), piece(50, 55), piece(61, 120)];
+        assert_eq!(
+            bridging_snapshots(&snaps, &two, &keep),
+            vec![name(49), name(60)]
+        );
     }
 }

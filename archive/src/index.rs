@@ -29,6 +29,12 @@ impl Index {
         let mut o = Options::default();
         o.create_if_missing(true);
         o.set_keep_log_file_num(2);
+        // Ids only, looked up once per chunk a snapshot or piece names: a
+        // small cache, not RocksDB's default of 32 MiB.
+        let mut bb = rocksdb::BlockBasedOptions::default();
+        bb.set_block_cache(&rocksdb::Cache::new_lru_cache(8 << 20));
+        bb.set_bloom_filter(10.0, false);
+        o.set_block_based_table_factory(&bb);
         let db = DB::open(&o, path).map_err(|e| ArchiveError::Index {
             path: path.to_path_buf(),
             source: e,

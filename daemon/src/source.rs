@@ -1312,6 +1312,41 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_larger_than_its_batches_takes_every_file_in_one_round() {
+        // More files than a scan plans before logging (SCAN_BATCH) and than
+        // the round keeps queued (MAX_QUEUED_FILES), so both limits act.
+        let (dirs, per_dir) = (25usize, 500usize);
+        let files = dirs * per_dir;
+        assert!(files > SCAN_BATCH && files > 2 * MAX_QUEUED_FILES);
+        let f = fixture(&[]);
+        for d in 0..dirs {
+            let dir = f.tree.join(format!("d{d:02}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..per_dir {
+                std::fs::write(dir.join(format!("f{i}")), format!("file {d}/{i}")).unwrap();
+            }
+        }
+        f.src.full_scan(i64::MAX).unwrap();
+        let stats = &f.src.stats;
+        assert_eq!(
+            stats.rounds.load(Ordering::Relaxed),
+            1,
+            "one round, logged in parts"
+        );
+        assert_eq!(stats.files_ingested.load(Ordering::Relaxed), files as u64);
+        assert_eq!(paths(&f.src).len(), dirs + files);
+        let e = f.src.ds.entry(b"d24/f499").unwrap().unwrap();
+        assert_eq!(e.size, "file 24/499".len() as u64);
+
+        // Deletions are decided after the walk, whatever was logged before.
+        std::fs::remove_dir_all(f.tree.join("d03")).unwrap();
+        std::fs::remove_file(f.tree.join("d24/f499")).unwrap();
+        f.src.full_scan(i64::MAX).unwrap();
+        assert_eq!(paths(&f.src).len(), dirs - 1 + files - per_dir - 1);
+        assert!(f.src.ds.entry(b"d03/f0").unwrap().is_none());
+    }
+
+    #[test]
     fn a_round_counts_as_committed_only_when_the_gate_holds() {
         let holds = Arc::new(AtomicBool::new(false));
         let h = holds.clone();

@@ -158,6 +158,12 @@ fn print_answer(name: &str, a: &ops::Answer, json: bool) -> Result<()> {
             p.log_pieces_deleted,
             p.orphan_objects_deleted
         );
+        if !p.snapshots_bridging.is_empty() {
+            println!(
+                "dataset {name}: kept beyond the retention policy because the archived log has a gap before them (without them the points after the gap could not be restored): {}",
+                p.snapshots_bridging.join(", ")
+            );
+        }
         if !p.snapshots_held.is_empty() || p.objects_held > 0 {
             println!(
                 "dataset {name}: held by Object Lock: {} snapshots retention dropped ({}) and {} other objects stay until their lock ends; a later prune deletes them",
