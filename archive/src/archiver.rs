@@ -113,7 +113,8 @@ impl RetentionPolicy {
 }
 
 /// The snapshots that `keep` lacks but a restore needs because the
-/// archived log has gaps (a state transfer replaced the log, or
+/// archived log has gaps (`snaps` and `pieces` those of this site's
+/// history: see [`SnapshotRef::follows`] and [`PieceRef::follow`]) (a state transfer replaced the log, or
 /// `site.log_retention_max` removed segments before they were shipped):
 /// for each gap after the oldest kept snapshot, the oldest snapshot from
 /// which the log after the gap replays (its seq at most one before the
@@ -134,18 +135,27 @@ pub fn bridging_snapshots(
     };
     let mut by_seq: Vec<&SnapshotRef> = snaps.iter().collect();
     by_seq.sort_by_key(|s| (s.seq, s.taken_ms));
-    let mut runs: Vec<(u64, u64)> = pieces.iter().map(|p| (p.first, p.last)).collect();
-    runs.sort_unstable();
+    // Unbroken runs of archived records, from the pieces a restore takes.
+    let mut ranges: Vec<(u64, u64)> = pieces.iter().map(|p| (p.first, p.upto)).collect();
+    ranges.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (first, last) in ranges {
+        match runs.last_mut() {
+            Some(run) if first <= run.1.saturating_add(1) => run.1 = run.1.max(last),
+            _ => runs.push((first, last)),
+        }
+    }
     let mut out: Vec<String> = Vec::new();
     for (first, last) in runs {
         if last <= reach {
             continue;
         }
         if first > reach + 1 {
-            // Records reach+1 .. first-1 are not archived: what follows
-            // replays only from a snapshot at first-1 or later, and the
+            // Records reach+1 .. first-1 are not archived: this run replays
+            // only from a snapshot at first-1 or later within it, and the
             // oldest such one restores the most of it.
-            if let Some(b) = by_seq.iter().find(|s| s.seq + 1 >= first) {
+            let within = |s: &&&SnapshotRef| s.seq + 1 >= first && s.seq <= last;
+            if let Some(b) = by_seq.iter().find(within) {
                 let kept = by_seq
                     .iter()
                     .any(|s| s.seq == b.seq && (keep.contains(&s.name) || out.contains(&s.name)));
@@ -914,7 +924,18 @@ impl Archiver {
         let mut keep = policy.select(&snaps);
         // After a gap in the archived log, only a snapshot taken at or after
         // the gap reaches the points past it.
-        let bridging = bridging_snapshots(&snaps, &self.pieces()?, &keep);
+        let starts = self.ds.fence().starts;
+        let history: Vec<PieceRef> = self
+            .pieces()?
+            .into_iter()
+            .filter_map(|p| p.follow(&starts))
+            .collect();
+        let ours: Vec<SnapshotRef> = snaps
+            .iter()
+            .filter(|s| s.follows(&starts))
+            .cloned()
+            .collect();
+        let bridging = bridging_snapshots(&ours, &history, &keep);
         for b in &bridging {
             tracing::warn!(dataset = name, snapshot = %b, "kept beyond the retention policy: the archived log has a gap before it, and without it the points after the gap could not be restored");
             keep.insert(b.clone());
@@ -1622,6 +1643,21 @@ mod tests {
         let whole = [piece(11, 40), piece(41, 120)];
         let keep: HashSet<String> = [name(10), name(100)].into_iter().collect();
         assert!(bridging_snapshots(&snaps, &whole, &keep).is_empty());
+        // Pieces that continue each other form one run: the bridge may lie
+        // in a later piece of it.
+        let split = [piece(11, 40), piece(50, 55), piece(56, 120)];
+        let late: Vec<SnapshotRef> = [(0, 10), (2, 58), (3, 100)]
+            .iter()
+            .map(|(d, seq)| snap(*d, 0, *seq))
+            .collect();
+        let keep: HashSet<String> = [late[0].name.clone(), late[2].name.clone()]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            bridging_snapshots(&late, &split, &keep),
+            vec![late[1].name.clone()]
+        );
+        let keep: HashSet<String> = [name(10), name(100)].into_iter().collect();
         // Two gaps, two bridges.
         let two = [piece(11, 40), piece(50, 55), piece(61, 120)];
         assert_eq!(

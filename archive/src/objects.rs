@@ -370,7 +370,9 @@ pub struct Manifest {
     pub lthash: Vec<u8>,
     pub entries: u64,
     pub bytes: u64,
-    /// Distinct chunks the snapshot references (entries and pins).
+    /// Rows of the pages' chunk tables plus the pins (a chunk named on
+    /// several pages counts once per page; older snapshots counted
+    /// distinct chunks).
     pub chunks: u64,
     /// Chunks held by files still being logged: (id, references, plain
     /// length, BLAKE3 of the sealed bytes).
@@ -450,8 +452,9 @@ pub fn decode_manifest(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Manifest
 }
 
 /// A page of a snapshot: entries in path order, and the BLAKE3 of the
-/// sealed bytes of every chunk first referenced on this page, so a restore
-/// checks each downloaded chunk object without decrypting it.
+/// sealed bytes of every chunk the page's entries name (older snapshots
+/// list a chunk only on the first page naming it), so a restore checks
+/// each downloaded chunk object without decrypting it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Page {
     pub entries: Namespace,

@@ -720,7 +720,8 @@ impl DirSource {
                 Err(_) => continue,
             };
             self.plan_path(&r, &md, old.as_ref(), plan, racy_before);
-            // Walk order puts each directory before what it holds, so
+            // Walk order puts each directory before what it holds (and an
+            // event round plans the directory scanned before its walk), so
             // the part planned so far can be logged on its own.
             if plan.puts.len() + plan.files.len() >= SCAN_BATCH {
                 plan.logged += plan.puts.len() + plan.files.len();
@@ -886,14 +887,16 @@ impl DirSource {
             };
             match md {
                 Ok(md) => {
-                    if md.is_dir() && (deep || !old.as_ref().is_some_and(|o| o.is_dir())) {
-                        self.scan_into(&r, &mut plan, i64::MAX)?;
-                    }
                     // A file recorded with a recent mtime is read again
                     // even if it looks unchanged: this event may be a second
                     // write within the same mtime tick.
                     let racy_before = now_ns().saturating_sub(RACY_NS);
+                    // The path itself first: a scan beneath it may log its
+                    // plan in parts, and each part must find its directory.
                     self.plan_path(&r, &md, old.as_ref(), &mut plan, racy_before);
+                    if md.is_dir() && (deep || !old.as_ref().is_some_and(|o| o.is_dir())) {
+                        self.scan_into(&r, &mut plan, i64::MAX)?;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     if old.is_some() {
@@ -1345,6 +1348,46 @@ mod tests {
         f.src.full_scan(i64::MAX).unwrap();
         assert_eq!(paths(&f.src).len(), dirs - 1 + files - per_dir - 1);
         assert!(f.src.ds.entry(b"d03/f0").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_large_directory_moved_in_is_logged_after_the_directory_itself() {
+        // An event round scans a new directory whole; with more files than
+        // a scan plans before logging, its contents go out in parts, and
+        // no part may come before the directory's own entry.
+        let f = fixture(&[]);
+        f.src.full_scan(i64::MAX).unwrap();
+        let outside = f._tmp.path().join("incoming");
+        std::fs::create_dir_all(&outside).unwrap();
+        for i in 0..SCAN_BATCH + 500 {
+            std::fs::write(outside.join(format!("f{i}")), format!("file {i}")).unwrap();
+        }
+        let moved = f.tree.join("big");
+        std::fs::rename(&outside, &moved).unwrap();
+        let from = f.src.ds.head_seq() + 1;
+        f.src
+            .event_round(BTreeMap::from([(moved, true)]), Vec::new())
+            .unwrap();
+        let mut tail = vault::wal::Tail::new(&f.src.ds.dir().join("log"), from).unwrap();
+        let (mut dir_at, mut first_child_at) = (None, None);
+        for raw in tail.read(f.src.ds.head_seq(), usize::MAX).unwrap() {
+            let rec = vault::record::Record::decode_payload(&raw.payload).unwrap();
+            for op in rec.open_ops(f.src.ds.keys()).unwrap() {
+                if let Op::Put { path, .. } = op {
+                    if path == b"big" {
+                        dir_at.get_or_insert(raw.seq);
+                    } else if path.starts_with(b"big/") {
+                        first_child_at.get_or_insert(raw.seq);
+                    }
+                }
+            }
+        }
+        let (dir_at, child_at) = (dir_at.unwrap(), first_child_at.unwrap());
+        assert!(
+            dir_at < child_at,
+            "big at seq {dir_at}, its first file at {child_at}"
+        );
+        assert_eq!(paths(&f.src).len(), 1 + SCAN_BATCH + 500);
     }
 
     #[test]

@@ -22,10 +22,11 @@ use crate::tls::PeerInfo;
 /// Records sent per message, about.
 const BATCH_BYTES: usize = 4 << 20;
 
-/// Most chunk bytes one `Chunks` reply carries (at least one chunk is
-/// always sent, and chunks are far smaller than the message limit).
 /// Namespace entries per message of a state transfer.
 const TRANSFER_BATCH: usize = 20_000;
+
+/// Most chunk bytes one `Chunks` reply carries (at least one chunk is
+/// always sent, and chunks are far smaller than the message limit).
 pub const CHUNKS_REPLY_BYTES: usize = 64 << 20;
 /// Largest message either side accepts: one record may be up to 256 MiB.
 pub const MAX_MESSAGE: usize = 512 << 20;

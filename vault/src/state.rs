@@ -730,9 +730,13 @@ impl Snap<'_> {
     /// whole namespace holds one entry however large the tree.
     pub fn entries_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
         let ns = self.st.cf(CF_NS)?;
+        // A walk of everything would push the committer's hot blocks out of
+        // the shared block cache.
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
         Ok(self
             .snap
-            .iterator_cf(ns, IteratorMode::Start)
+            .iterator_cf_opt(ns, ro, IteratorMode::Start)
             .map(move |item| {
                 let (k, v) = item.map_err(|e| self.st.err(e))?;
                 let e = Entry::decode(&v).ok_or_else(|| {
