@@ -144,6 +144,18 @@ pub fn wait_settled(site: &Path, after: std::time::Instant, started: std::time::
     }
 }
 
+/// `restic -r <repo> <args>` with the benchmarks' password and the test
+/// server's credentials.
+pub fn restic(repo: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new("restic");
+    c.args(["-r", repo])
+        .args(args)
+        .env("RESTIC_PASSWORD", "bench-password")
+        .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY);
+    c
+}
+
 /// A running process's resident set now in MiB (its VmRSS), NaN once it
 /// is gone.
 pub fn rss_of(pid: u32) -> f64 {

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use rand::{Rng, RngCore, SeedableRng};
-use triad_tests::s3::{CountingProxy, S3Server, ACCESS_KEY, SECRET_KEY};
+use triad_tests::s3::{CountingProxy, S3Server};
 use triad_tests::{
     arg, bench_dir, drop_caches, du, files_status, make_small_tree, make_tree, median, peak_rss_of,
     run_timed as run, triad_bin, wait_settled, OneSite,
@@ -103,15 +103,7 @@ fn main() {
 
     // restic: the same tree into s3://bench/restic on the same server.
     let repo = format!("s3:{}/bench/restic", proxy.endpoint());
-    let restic = |args: &[&str]| {
-        let mut c = Command::new("restic");
-        c.args(["-r", &repo])
-            .args(args)
-            .env("RESTIC_PASSWORD", "bench-password")
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-        c
-    };
+    let restic = |args: &[&str]| triad_tests::restic(&repo, args);
     run(&mut restic(&["init"]), "restic init");
     drop_caches();
     let r0 = requests();

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use triad_tests::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
+use triad_tests::s3::S3Server;
 use triad_tests::{
     arg, drop_caches, du, files_status, free_port, make_small_tree, peak_rss_of, rss_of, run_timed,
     status, triad_bin, wait_settled,
@@ -227,15 +227,7 @@ fn measure(n: u64, dir: &Path) -> Figures {
 
     eprintln!("restic: backup");
     let repo = format!("s3:{}/bench/restic", s3.endpoint());
-    let restic = |args: &[&str]| {
-        let mut c = Command::new("restic");
-        c.args(["-r", &repo])
-            .args(args)
-            .env("RESTIC_PASSWORD", "bench-password")
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-        c
-    };
+    let restic = |args: &[&str]| triad_tests::restic(&repo, args);
     run_timed(&mut restic(&["init"]), "restic init");
     drop_caches();
     (f.restic_backup, f.restic_backup_rss) =
