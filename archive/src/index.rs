@@ -35,6 +35,10 @@ impl Index {
         bb.set_block_cache(&rocksdb::Cache::new_lru_cache(8 << 20));
         bb.set_bloom_filter(10.0, false);
         o.set_block_based_table_factory(&bb);
+        // A million chunk ids fill RocksDB's default 64 MiB memtable (two
+        // of them while one flushes) before any reaches disk: the daemon's
+        // memory grew with the archive.
+        o.set_write_buffer_size(8 << 20);
         let db = DB::open(&o, path).map_err(|e| ArchiveError::Index {
             path: path.to_path_buf(),
             source: e,

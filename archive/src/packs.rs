@@ -397,6 +397,8 @@ pub struct Place {
 #[derive(Default)]
 pub struct Located {
     places: HashMap<ChunkId, Place>,
+    /// Loaded by [`Located::load_places`]: `packs` holds no entries.
+    without_lists: bool,
     /// Each pack's key, size and entries.
     pub packs: BTreeMap<Arc<str>, (u64, Vec<PackEntry>)>,
     /// Packs whose index does not read back (truncated, altered, sealed
@@ -448,7 +450,32 @@ impl Located {
     /// (a couple at a time), and reads the own index of every pack they do
     /// not cover, `concurrency` at a time.
     pub async fn load(store: &Store, keys: &Keys, ds: &str, concurrency: usize) -> Result<Located> {
-        let mut out = Located::default();
+        Self::load_with(store, keys, ds, concurrency, true).await
+    }
+
+    /// [`Located::load`] for a reader that only needs where each chunk is
+    /// (a restore): each pack's list of entries is not kept beside the
+    /// places, which halves what it holds per chunk.
+    pub async fn load_places(
+        store: &Store,
+        keys: &Keys,
+        ds: &str,
+        concurrency: usize,
+    ) -> Result<Located> {
+        Self::load_with(store, keys, ds, concurrency, false).await
+    }
+
+    async fn load_with(
+        store: &Store,
+        keys: &Keys,
+        ds: &str,
+        concurrency: usize,
+        lists: bool,
+    ) -> Result<Located> {
+        let mut out = Located {
+            without_lists: !lists,
+            ..Located::default()
+        };
         for l in store.list(&objects::chunks_prefix(ds)).await? {
             if let Some(id) = objects::parse_chunk_key(&l.key) {
                 out.places.insert(
@@ -515,6 +542,11 @@ impl Located {
                 })
                 .packed = Some((key.clone(), *e));
         }
+        let entries = if self.without_lists {
+            Vec::new()
+        } else {
+            entries
+        };
         self.packs.insert(key, (size, entries));
     }
 

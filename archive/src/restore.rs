@@ -4,7 +4,8 @@
 //! log records after it up to the target. It is carried out through the
 //! same code a follower uses: a scratch dataset (next to the target, on the
 //! same filesystem) gets the snapshot's namespace installed as a state
-//! transfer (checked against the snapshot's digest), its chunks recorded by
+//! transfer, staged a page at a time so it is never held whole (then
+//! checked against the snapshot's digest), its chunks recorded by
 //! metadata alone (the BLAKE3 of their sealed bytes that the authenticated
 //! manifest pages record), then the records appended as replicated records
 //! (rebuilt from the pieces and the chunks they brought, their hash chain
@@ -25,7 +26,7 @@ use tokio::runtime::Handle;
 use vault::state::Applied;
 use vault::{ChunkId, Dataset, DatasetKey, SealedChunk};
 
-use crate::archiver::{list_snapshots, read_piece, read_snapshot};
+use crate::archiver::{list_snapshots, read_manifest, read_piece};
 use crate::error::{ArchiveError, Result};
 use crate::objects::{self, PieceRef, SnapshotRef};
 use crate::packs::{Fetched, Located, Want};
@@ -106,8 +107,33 @@ pub struct ArchiveRestore {
     pub report: vault::restore::Report,
 }
 
-/// The snapshot a restore starts from.
-type Start = (SnapshotRef, crate::archiver::SnapshotContent);
+/// The snapshot a restore starts from, and its manifest.
+type Start = (SnapshotRef, objects::Manifest);
+
+/// Chunks of a snapshot the archive holds nowhere: counted, and the first
+/// few named (a store that lost everything would otherwise make an error
+/// of millions of lines).
+#[derive(Default)]
+struct Absent {
+    /// Each counted once (pages list a chunk on every page that names it).
+    ids: HashSet<ChunkId>,
+    count: usize,
+    lines: Vec<String>,
+}
+
+impl Absent {
+    const NAMED: usize = 20;
+
+    fn note(&mut self, id: ChunkId, line: impl FnOnce() -> String) {
+        if !self.ids.insert(id) {
+            return;
+        }
+        self.count += 1;
+        if self.lines.len() < Self::NAMED {
+            self.lines.push(line());
+        }
+    }
+}
 
 pub struct Restorer<'a> {
     pub rt: &'a Handle,
@@ -185,44 +211,17 @@ impl Restorer<'_> {
         self.check_expected(at, newest)?;
         let target_seq = resolve_target(at, newest, &pieces)?;
 
-        // The snapshot to start from: the newest at or before the target
-        // that reads back whole. A damaged one is skipped (and reported) in
-        // favour of an older one plus more of the log.
-        let (start, skipped) = self.choose_start(&keys, &snaps, target_seq, at)?;
-        let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
-        // The log pieces after it must cover (from_seq, target] without a gap.
-        let needed = needed_pieces(&pieces, from_seq, target_seq);
-        check_log_covers(
-            &needed,
-            from_seq,
-            target_seq,
-            start.as_ref(),
-            &snaps,
-            &skipped,
-        )?;
-
-        let scratch = scratch_dir(to)?;
-        let ds = Arc::new(Dataset::open(
-            scratch.path(),
+        // Where every chunk is: packs (one index read each) and chunk
+        // objects (one listing).
+        let located = self.rt.block_on(Located::load_places(
+            self.store,
+            &keys,
             ds_name,
-            self.key,
-            vault::Options {
-                create: true,
-                release_pins: false,
-                ..vault::Options::default()
-            },
-        )?);
-        // The scratch copy takes the records of that history's epochs, and
-        // refuses one of a stale epoch as a follower does.
-        if !starts.is_empty() {
-            ds.set_fence(vault::Fence {
-                starts: starts.clone(),
-                ..vault::Fence::default()
-            });
-        }
+            self.concurrency,
+        ))?;
         let mut out = ArchiveRestore {
             snapshot: None,
-            snapshot_seq: from_seq,
+            snapshot_seq: 0,
             replayed_records: 0,
             seq: 0,
             time_ns: 0,
@@ -230,28 +229,90 @@ impl Restorer<'_> {
             seconds_snapshot: 0.0,
             seconds_replay: 0.0,
             seconds_write: 0.0,
-            skipped_snapshots: skipped,
+            skipped_snapshots: Vec::new(),
             head_seq: head.as_ref().map(|h| h.seq),
             checkpoints_compared: 0,
             warnings,
             bytes_downloaded: 0,
             report: vault::restore::Report::default(),
         };
-        // Where every chunk is: packs (one index read each) and chunk
-        // objects (one listing).
-        let located =
-            self.rt
-                .block_on(Located::load(self.store, &keys, ds_name, self.concurrency))?;
         // Said even when this restore needs none of their chunks.
         for d in &located.damaged {
             out.warnings
                 .push(format!("a pack does not read back: {}", d.why));
         }
         out.warnings.extend(located.warnings.iter().cloned());
+
+        // The snapshot to start from: the newest at or before the target
+        // that reads back whole. A damaged one is skipped (and reported) in
+        // favour of an older one plus more of the log. Its pages are checked
+        // as they are installed, a page at a time: one that does not read
+        // back starts the fill again from an older snapshot.
+        let mut passed: HashSet<String> = HashSet::new();
+        let (scratch, ds, needed) = loop {
+            let start = self.choose_start(
+                &keys,
+                &snaps,
+                target_seq,
+                at,
+                &mut passed,
+                &mut out.skipped_snapshots,
+            )?;
+            let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
+            // The log pieces after it must cover (from_seq, target] without
+            // a gap.
+            let needed = needed_pieces(&pieces, from_seq, target_seq);
+            check_log_covers(
+                &needed,
+                from_seq,
+                target_seq,
+                start.as_ref(),
+                &snaps,
+                &out.skipped_snapshots,
+            )?;
+            let scratch = scratch_dir(to)?;
+            let ds = Arc::new(Dataset::open(
+                scratch.path(),
+                ds_name,
+                self.key,
+                vault::Options {
+                    create: true,
+                    release_pins: false,
+                    ..vault::Options::default()
+                },
+            )?);
+            // The scratch copy takes the records of that history's epochs,
+            // and refuses one of a stale epoch as a follower does.
+            if !starts.is_empty() {
+                ds.set_fence(vault::Fence {
+                    starts: starts.clone(),
+                    ..vault::Fence::default()
+                });
+            }
+            out.snapshot_seq = from_seq;
+            let Some((s, m)) = start else {
+                break (scratch, ds, needed);
+            };
+            let t = std::time::Instant::now();
+            let installed = self.install_snapshot(&ds, &keys, &located, &s, m, &mut out);
+            out.seconds_snapshot = t.elapsed().as_secs_f64();
+            match installed {
+                Ok(None) => break (scratch, ds, needed),
+                Ok(Some(e)) => {
+                    tracing::warn!(snapshot = %s.name, error = %e, "skipping a damaged snapshot; trying an older one");
+                    out.skipped_snapshots
+                        .push(format!("snapshot {}: {e}", s.name));
+                    passed.insert(s.name.clone());
+                    let _ = ds.close();
+                }
+                Err(e) => {
+                    let _ = ds.close();
+                    return Err(e);
+                }
+            }
+        };
         let r = self
-            .fill(
-                &ds, &located, start, &needed, target_seq, at, &mut out, progress,
-            )
+            .fill(&ds, &located, &needed, target_seq, at, &mut out, progress)
             .and_then(|cut_checked| {
                 self.check_reached(&ds, head.as_ref(), &pieces, at, cut_checked, &mut out)
             })
@@ -284,22 +345,36 @@ impl Restorer<'_> {
     ) -> Result<vault::restore::Report> {
         let mut fatal: Option<ArchiveError> = None;
         let mut damaged: Vec<String> = Vec::new();
+        let mut damaged_seen: HashSet<String> = HashSet::new();
         let held = |id: &ChunkId| view.state().has_chunk_bytes(id).unwrap_or(false);
+        // Called once per batch of the tree the restore writes: the counts
+        // run over the whole restore.
+        let (mut done, mut total) = (0u64, 0u64);
         let mut fetch = |want: Vec<(ChunkId, vault::state::ChunkMeta)>,
                          deliver: &mut dyn FnMut(ChunkId, Vec<u8>)| {
-            let total = want.len() as u64;
+            if fatal.is_some() {
+                // The store failed: the rest of the tree is not fetched.
+                return Vec::new();
+            }
+            total += want.len() as u64;
             let want = want
                 .into_iter()
                 .map(|(id, m)| (id, m.plain_len, m.sealed_hash))
                 .collect();
-            let mut done = 0u64;
             match self.download(located, want, out, &mut |c| {
                 done += 1;
                 progress(Progress::Chunks(done, total));
                 deliver(c.id, c.sealed);
                 Ok(())
             }) {
-                Ok(bad) => damaged = bad,
+                // A chunk needed by several batches fails in each.
+                Ok(bad) => {
+                    for b in bad {
+                        if damaged_seen.insert(b.clone()) {
+                            damaged.push(b);
+                        }
+                    }
+                }
                 Err(e) => fatal = Some(e),
             }
             // Named in the error below, not once per file.
@@ -314,7 +389,7 @@ impl Restorer<'_> {
             }),
             vault::restore::RestoreOptions {
                 delta: self.delta,
-                sparse: true,
+                ..vault::restore::RestoreOptions::default()
             },
             &|b| progress(Progress::Written(b)),
         )?;
@@ -405,44 +480,42 @@ impl Restorer<'_> {
     }
 
     /// Restore step: the newest of `snaps` at or before `target_seq` (and,
-    /// for a time, taken of a point at or before it) that reads back whole,
-    /// or `None` to start from an empty dataset. Also returns a description
-    /// of each damaged or missing snapshot passed over on the way.
+    /// for a time, taken of a point at or before it), not in `passed`,
+    /// whose manifest reads back, with that manifest; or `None` to start
+    /// from an empty dataset. Each damaged or missing manifest passed over
+    /// on the way is described in `skipped` (its pages are checked as they
+    /// are installed).
     fn choose_start(
         &self,
         keys: &vault::Keys,
         snaps: &[SnapshotRef],
         target_seq: u64,
         at: At,
-    ) -> Result<(Option<Start>, Vec<String>)> {
-        let mut start: Option<Start> = None;
-        let mut skipped = Vec::new();
+        passed: &mut HashSet<String>,
+        skipped: &mut Vec<String>,
+    ) -> Result<Option<Start>> {
         for s in snaps.iter().rev().filter(|s| s.seq <= target_seq) {
-            let c = match read_snapshot(
-                self.rt,
-                self.store,
-                keys,
-                self.dataset,
-                s,
-                self.concurrency,
-            ) {
-                Ok(c) => c,
+            if passed.contains(&s.name) {
+                continue;
+            }
+            let m = match read_manifest(self.rt, self.store, keys, self.dataset, s) {
+                Ok(m) => m,
                 Err(e @ (ArchiveError::Damaged { .. } | ArchiveError::Missing { .. })) => {
                     tracing::warn!(snapshot = %s.name, error = %e, "skipping a damaged snapshot; trying an older one");
                     skipped.push(format!("snapshot {}: {e}", s.name));
+                    passed.insert(s.name.clone());
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             if let At::Time(t) = at {
-                if c.manifest.time_ns > t {
+                if m.time_ns > t {
                     continue;
                 }
             }
-            start = Some((s.clone(), c));
-            break;
+            return Ok(Some((s.clone(), m)));
         }
-        Ok((start, skipped))
+        Ok(None)
     }
 
     /// Reads the archive's authenticated head, which must have been written
@@ -711,23 +784,16 @@ impl Restorer<'_> {
         &self,
         ds: &Dataset,
         located: &Located,
-        start: Option<Start>,
         pieces: &[&PieceRef],
         target_seq: u64,
         at: At,
         out: &mut ArchiveRestore,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<bool> {
-        let from_seq = start.as_ref().map(|(s, _)| s.seq).unwrap_or(0);
+        let from_seq = out.snapshot_seq;
         // Whether the first record after the restored point was checked
         // (a restore to a time that stopped inside a piece).
         let mut cut_checked = false;
-        let t = std::time::Instant::now();
-        if let Some((s, content)) = start {
-            self.install_snapshot(ds, located, &s, content, out)?;
-        }
-
-        out.seconds_snapshot = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         let to_replay = target_seq.saturating_sub(from_seq);
         for p in pieces {
@@ -778,24 +844,83 @@ impl Restorer<'_> {
         Ok(cut_checked)
     }
 
-    /// Fill step: installs snapshot `s` (read back as `content`) into the
-    /// scratch dataset as a state transfer: its chunks first, then the
-    /// namespace and pins, checked against the snapshot's recorded digest.
+    /// Fill step: installs snapshot `s` (whose manifest is `m`) into the
+    /// scratch dataset as a state transfer, a page at a time, so the
+    /// namespace is never held whole: each page is read and checked
+    /// against the manifest, its chunks recorded by their metadata alone
+    /// (their bytes are written into the tree straight from the store,
+    /// [`Restorer::write_tree`]) and its entries staged; then the namespace
+    /// is checked against the snapshot's digest and installed. Returns the
+    /// error of a page that does not read back (the snapshot is then passed
+    /// over for an older one). A chunk the archive holds nowhere fails the
+    /// restore before anything is written, all of them counted.
     fn install_snapshot(
         &self,
         ds: &Dataset,
+        keys: &vault::Keys,
         located: &Located,
         s: &SnapshotRef,
-        content: crate::archiver::SnapshotContent,
+        m: objects::Manifest,
         out: &mut ArchiveRestore,
-    ) -> Result<()> {
-        let crate::archiver::SnapshotContent {
-            manifest: m,
-            entries,
-            sealed_hashes,
-        } = content;
-        let want = self.snapshot_chunks(s, &m, &entries, &sealed_hashes)?;
-        self.stage_snapshot_chunks(ds, located, s, want)?;
+    ) -> Result<Option<ArchiveError>> {
+        let store = self.store;
+        let mut pages = Box::pin(
+            futures::stream::iter(m.pages.iter().enumerate().map(|(n, p)| {
+                let key = s.page_key(self.dataset, n);
+                async move {
+                    let b = store
+                        .get_required(&key, "a page of the snapshot", p.sealed_len)
+                        .await?;
+                    objects::decode_page(keys, &key, &b, p).map_err(|e| store.locate_err(e))
+                }
+            }))
+            .buffered(self.concurrency.max(1)),
+        );
+        let mut absent = Absent::default();
+        while let Some(page) = self.rt.block_on(pages.next()) {
+            let page = match page {
+                Ok(p) => p,
+                Err(e @ (ArchiveError::Damaged { .. } | ArchiveError::Missing { .. })) => {
+                    return Ok(Some(e))
+                }
+                Err(e) => return Err(e),
+            };
+            // The plaintext length of each chunk the page's table lists
+            // comes from the page's entries, which name every one of them.
+            let lens: HashMap<ChunkId, u32> = page
+                .entries
+                .iter()
+                .flat_map(|(_, e)| e.chunks().iter().map(|c| (c.id, c.len)))
+                .collect();
+            let listed: HashSet<ChunkId> = page.chunks.iter().map(|(id, _)| *id).collect();
+            // A chunk an entry names must be listed on this page or an
+            // earlier one (older snapshots list it only on the first).
+            for id in lens.keys().filter(|id| !listed.contains(*id)) {
+                if !ds.has_chunk(id)? {
+                    return Ok(Some(ArchiveError::Damaged {
+                        key: self.store.locate(&s.manifest_key(self.dataset)),
+                        reason: format!(
+                            "chunk {} has no recorded hash in the snapshot",
+                            id.short()
+                        ),
+                    }));
+                }
+            }
+            let rows = page
+                .chunks
+                .iter()
+                .filter_map(|(id, h)| Some((*id, *lens.get(id)?, *h)));
+            self.stage_chunks(ds, located, rows, &mut absent)?;
+            ds.stage_transfer(&page.entries)?;
+        }
+        let pins = m.pins.iter().map(|(id, _, len, h)| (*id, *len, *h));
+        self.stage_chunks(ds, located, pins, &mut absent)?;
+        if absent.count > 0 {
+            return Err(ArchiveError::Damaged {
+                key: format!("{} chunk object(s) of snapshot {}", absent.count, s.name),
+                reason: absent.lines.join("; "),
+            });
+        }
         let digest = vault::lthash::LtHash::try_from_bytes(&m.lthash).ok_or_else(|| {
             ArchiveError::Damaged {
                 key: self.store.locate(&s.manifest_key(self.dataset)),
@@ -809,60 +934,25 @@ impl Restorer<'_> {
             digest,
         };
         let pins: Vec<(ChunkId, u64)> = m.pins.iter().map(|(id, n, _, _)| (*id, *n)).collect();
-        ds.install_transfer(applied, entries, pins)
+        ds.install_staged(applied, pins)
             .map_err(|e| ArchiveError::Submit(format!("installing snapshot {}: {e}", s.name)))?;
         out.snapshot = Some(s.name.clone());
-        Ok(())
+        Ok(None)
     }
 
-    /// Fill step: every distinct chunk snapshot `s` references (its entries'
-    /// chunks, then its pins), with its length and the BLAKE3 of its sealed
-    /// bytes that the snapshot records, so each download can be checked. A
-    /// chunk without a recorded hash makes the snapshot damaged.
-    fn snapshot_chunks(
-        &self,
-        s: &SnapshotRef,
-        m: &objects::Manifest,
-        entries: &[(Vec<u8>, vault::Entry)],
-        sealed_hashes: &HashMap<ChunkId, [u8; 32]>,
-    ) -> Result<Vec<(ChunkId, u32, [u8; 32])>> {
-        let mut want: Vec<(ChunkId, u32, [u8; 32])> = Vec::new();
-        let mut seen = HashSet::new();
-        let unrecorded = |id: &ChunkId| ArchiveError::Damaged {
-            key: self.store.locate(&s.manifest_key(self.dataset)),
-            reason: format!("chunk {} has no recorded hash in the snapshot", id.short()),
-        };
-        for (_, e) in entries {
-            for c in e.chunks() {
-                if seen.insert(c.id) {
-                    let h = sealed_hashes.get(&c.id).ok_or_else(|| unrecorded(&c.id))?;
-                    want.push((c.id, c.len, *h));
-                }
-            }
-        }
-        for (id, _, len, h) in &m.pins {
-            if seen.insert(*id) {
-                want.push((*id, *len, *h));
-            }
-        }
-        Ok(want)
-    }
-
-    /// Fill step: records the snapshot's chunks `want` in the scratch
-    /// dataset by their metadata alone (their bytes are written into the
-    /// tree straight from the store, [`Restorer::write_tree`]). A chunk
-    /// the archive holds nowhere fails the restore before anything is
-    /// written, all of them named in one error.
-    fn stage_snapshot_chunks(
+    /// Fill step: records chunks of the snapshot (id, plaintext length and
+    /// the BLAKE3 of the sealed bytes its pages record) in the scratch
+    /// dataset by their metadata alone, each with the length the archive
+    /// stores. One the archive holds nowhere is counted in `absent`.
+    fn stage_chunks(
         &self,
         ds: &Dataset,
         located: &Located,
-        s: &SnapshotRef,
-        want: Vec<(ChunkId, u32, [u8; 32])>,
+        rows: impl Iterator<Item = (ChunkId, u32, [u8; 32])>,
+        absent: &mut Absent,
     ) -> Result<()> {
-        let mut meta = Vec::with_capacity(want.len());
-        let mut absent = Vec::new();
-        for (id, plain_len, hash) in want {
+        let mut meta = Vec::new();
+        for (id, plain_len, hash) in rows {
             match located.stored_len(&id) {
                 Some(n) => meta.push((
                     id,
@@ -875,18 +965,14 @@ impl Restorer<'_> {
                         sealed_hash: hash,
                     },
                 )),
-                None => absent.push(format!(
-                    "{}: missing ({})",
-                    self.store.locate(&objects::chunk_key(self.dataset, &id)),
-                    located.absent_reason()
-                )),
+                None => absent.note(id, || {
+                    format!(
+                        "{}: missing ({})",
+                        self.store.locate(&objects::chunk_key(self.dataset, &id)),
+                        located.absent_reason()
+                    )
+                }),
             }
-        }
-        if !absent.is_empty() {
-            return Err(ArchiveError::Damaged {
-                key: format!("{} chunk object(s) of snapshot {}", absent.len(), s.name),
-                reason: absent.join("; "),
-            });
         }
         ds.stage_chunk_meta(&meta)?;
         Ok(())

@@ -68,10 +68,14 @@ impl FollowStatus {
     }
 }
 
-/// A state transfer being received.
+/// A state transfer being received. Its namespace is staged in the
+/// dataset's state as it arrives (`Dataset::stage_transfer`), never held
+/// here, so an upstream that sends entries without end fills the disk,
+/// not the memory.
 struct Transfer {
     applied: vault::state::Applied,
-    entries: Vec<(Vec<u8>, vault::Entry)>,
+    /// Entries staged so far.
+    entries: u64,
     pins: Vec<(vault::ChunkId, u64)>,
     /// This site's head when the transfer began: nothing may be appended
     /// until it is installed, so it must still be the head then.
@@ -185,6 +189,7 @@ async fn on_transfer(
         Some(Part::Begin(b)) => *xfer = Some(transfer_begin(ds, b).await?),
         Some(Part::Entries(e)) => {
             let x = xfer.as_mut().ok_or("entries before the transfer began")?;
+            let mut part = Vec::with_capacity(e.entries.len());
             for ne in e.entries {
                 vault::path::check(&ne.path).map_err(|e| {
                     TransferError::Refused(format!(
@@ -192,8 +197,14 @@ async fn on_transfer(
                     ))
                 })?;
                 let entry = vault::Entry::decode(&ne.entry).ok_or("malformed namespace entry")?;
-                x.entries.push((ne.path, entry));
+                part.push((ne.path, entry));
             }
+            x.entries += part.len() as u64;
+            let d = ds.clone();
+            tokio::task::spawn_blocking(move || d.stage_transfer(&part))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
         }
         Some(Part::EntriesEnd(_)) => {
             let x = xfer.as_ref().ok_or("no transfer")?;
@@ -243,6 +254,12 @@ async fn transfer_begin(
         .try_into()
         .map_err(|_| "malformed chain hash")?;
     transfer_evidence_holds(ds.keys(), &b, hash, &digest).map_err(TransferError::Refused)?;
+    // What an earlier transfer that was cut short staged is not this one's.
+    let d = ds.clone();
+    tokio::task::spawn_blocking(move || d.clear_transfer())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let mut pins = Vec::new();
     for p in b.pins {
         pins.push((chunk_id(&p.id)?, p.count));
@@ -254,61 +271,87 @@ async fn transfer_begin(
             time_ns: b.time_ns,
             digest,
         },
-        entries: Vec::new(),
+        entries: 0,
         pins,
         head_at_begin: head,
     })
 }
 
 /// The namespace has arrived: asks the upstream for the chunks it names
-/// that this site does not hold, in batches, the last marked done.
+/// that this site does not hold, in batches of [`NEED_BATCH`] ids, the last
+/// marked done. The staged namespace is read back in path order, so a
+/// chunk named in two far-apart places may be asked for twice (staging it
+/// again is harmless); nothing here grows with the namespace.
 async fn ask_for_missing(
     ds: &Arc<Dataset>,
     tx: &mpsc::Sender<pb::FollowerMessage>,
     x: &Transfer,
 ) -> Result<(), TransferError> {
-    let mut wanted: Vec<vault::ChunkId> = x
-        .entries
-        .iter()
-        .flat_map(|(_, e)| e.chunks().iter().map(|c| c.id))
-        .collect();
-    wanted.extend(x.pins.iter().map(|(id, _)| *id));
-    wanted.sort();
-    wanted.dedup();
     let d = ds.clone();
-    let missing = tokio::task::spawn_blocking(move || {
-        wanted
-            .into_iter()
-            .filter(|id| !d.has_chunk(id).unwrap_or(false))
-            .collect::<Vec<_>>()
+    let tx = tx.clone();
+    let pins: Vec<vault::ChunkId> = x.pins.iter().map(|(id, _)| *id).collect();
+    let asked = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let send = |ids: &mut std::collections::BTreeSet<vault::ChunkId>, done: bool| {
+            let msg = pb::FollowerMessage {
+                msg: Some(follower_message::Msg::Need(pb::NeedChunks {
+                    ids: std::mem::take(ids)
+                        .into_iter()
+                        .map(|id| id.0.to_vec())
+                        .collect(),
+                    done,
+                })),
+            };
+            tx.blocking_send(msg)
+                .map_err(|_| "stream closed".to_string())
+        };
+        let mut want = std::collections::BTreeSet::new();
+        let mut asked = 0u64;
+        let mut last_sent = std::time::Instant::now();
+        let mut consider = |id: vault::ChunkId,
+                            want: &mut std::collections::BTreeSet<vault::ChunkId>|
+         -> Result<(), String> {
+            if !want.contains(&id) && !d.has_chunk(&id).map_err(|e| e.to_string())? {
+                want.insert(id);
+                asked += 1;
+            }
+            // Full, or due: the upstream gives up on a follower that asks
+            // for nothing for two minutes, and reading back a large
+            // namespace that this site mostly holds takes a while.
+            if want.len() >= NEED_BATCH || last_sent.elapsed() >= NEED_AT_LEAST_EVERY {
+                send(want, false)?;
+                last_sent = std::time::Instant::now();
+            }
+            Ok(())
+        };
+        for item in d.staged_entries().map_err(|e| e.to_string())? {
+            let (_, e) = item.map_err(|e| e.to_string())?;
+            for c in e.chunks() {
+                consider(c.id, &mut want)?;
+            }
+        }
+        for id in pins {
+            consider(id, &mut want)?;
+        }
+        send(&mut want, true)?;
+        Ok(asked)
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())??;
     tracing::info!(
         dataset = ds.name(),
-        entries = x.entries.len(),
-        missing_chunks = missing.len(),
-        "asking the upstream for the chunks this site lacks"
+        entries = x.entries,
+        missing_chunks = asked,
+        "asked the upstream for the chunks this site lacks"
     );
-    let mut batches: Vec<Vec<Vec<u8>>> = missing
-        .chunks(50_000)
-        .map(|b| b.iter().map(|id| id.0.to_vec()).collect())
-        .collect();
-    if batches.is_empty() {
-        batches.push(Vec::new());
-    }
-    let n = batches.len();
-    for (i, ids) in batches.into_iter().enumerate() {
-        let msg = pb::FollowerMessage {
-            msg: Some(follower_message::Msg::Need(pb::NeedChunks {
-                ids,
-                done: i + 1 == n,
-            })),
-        };
-        tx.send(msg).await.map_err(|_| "stream closed")?;
-    }
     Ok(())
 }
+
+/// Chunk ids asked for in one message.
+const NEED_BATCH: usize = 50_000;
+
+/// A list of chunks (empty if need be) goes to the upstream at least this
+/// often while the staged namespace is read back.
+const NEED_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Stages chunks of a transfer, each checked against its id first.
 async fn stage_transfer_chunks(
@@ -353,7 +396,7 @@ async fn install(
         )));
     }
     let d = ds.clone();
-    let c = tokio::task::spawn_blocking(move || d.install_transfer(x.applied, x.entries, x.pins))
+    let c = tokio::task::spawn_blocking(move || d.install_staged(x.applied, x.pins))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;

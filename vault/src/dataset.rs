@@ -178,6 +178,9 @@ enum Work {
         applied: Applied,
         entries: Vec<(Vec<u8>, Entry)>,
         pins: Vec<(ChunkId, u64)>,
+        /// The namespace is staged in the state ([`Dataset::stage_transfer`])
+        /// and `entries` is empty.
+        staged: bool,
     },
     /// Good bytes for a stored chunk found damaged (a scrub's repair).
     Repair { chunk: SealedChunk },
@@ -367,6 +370,14 @@ impl Dataset {
         // The state first: its applied seq tells recovery which records were
         // acknowledged and may never be cut.
         let state = State::open(&dir.join("state"))?;
+        // An install of a transfer carried out in batches is finished
+        // first, then the log is restarted after it.
+        if state.finish_transfer_install()? {
+            tracing::warn!(
+                dataset = name,
+                "finished installing a state transfer that a crash interrupted"
+            );
+        }
         finish_interrupted_install(&dir.join("log"), &state)?;
         let applied = state.applied()?;
         let (wal, recovery) = Wal::open(&dir.join("log"), opts.segment_bytes, applied.seq)?;
@@ -571,6 +582,43 @@ impl Dataset {
             applied,
             entries,
             pins,
+            staged: false,
+        })
+    }
+
+    /// Starts receiving a state transfer in parts: whatever an earlier one
+    /// that was cut short staged is dropped.
+    pub fn clear_transfer(&self) -> Result<()> {
+        self.state.clear_transfer()
+    }
+
+    /// Stages part of a transferred namespace in the state, beside this
+    /// copy's own, so the namespace is never held whole in memory (a
+    /// follower receiving a transfer, a restore filling its scratch copy
+    /// from a snapshot a page at a time); [`Dataset::install_staged`] then
+    /// installs it.
+    pub fn stage_transfer(&self, entries: &[(Vec<u8>, Entry)]) -> Result<()> {
+        self.state.stage_transfer(entries)
+    }
+
+    /// The staged entries of a transfer, in path order, one at a time.
+    pub fn staged_entries(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
+        self.state.transfer_iter()
+    }
+
+    /// [`Dataset::install_transfer`] of the namespace staged with
+    /// [`Dataset::stage_transfer`], installed a batch at a time
+    /// (`State::install_transferred`).
+    pub fn install_staged(
+        &self,
+        applied: Applied,
+        pins: Vec<(ChunkId, u64)>,
+    ) -> std::result::Result<Committed, SubmitError> {
+        self.send_work(Work::Install {
+            applied,
+            entries: Vec::new(),
+            pins,
+            staged: true,
         })
     }
 
@@ -1025,9 +1073,12 @@ fn run_install(
         applied: a,
         entries,
         pins,
+        staged,
     } = work
     {
-        let res = install(wal, state, keys, shared, a.clone(), &entries, &pins);
+        // A staged namespace is in the state already.
+        let given = (!staged).then_some(entries.as_slice());
+        let res = install(wal, state, keys, shared, a.clone(), given, &pins);
         if res.is_ok() {
             *applied = a;
         }
@@ -1277,7 +1328,8 @@ fn publish_commit(
 
 const TRANSFER_FILE: &str = "TRANSFER";
 
-/// Installs a transferred state: the state first (durably), then the log is
+/// Installs a transferred state (`entries`, or with `None` the namespace
+/// staged in the state): the state first (durably), then the log is
 /// restarted after it. `log/TRANSFER` marks the step in between, so a crash
 /// there is finished at the next open instead of leaving the state ahead of
 /// the log.
@@ -1287,7 +1339,7 @@ fn install(
     keys: &Keys,
     shared: &Shared,
     applied: Applied,
-    entries: &[(Vec<u8>, Entry)],
+    entries: Option<&[(Vec<u8>, Entry)]>,
     pins: &[(ChunkId, u64)],
 ) -> std::result::Result<Committed, SubmitError> {
     let base = wal::Base {
@@ -1297,10 +1349,25 @@ fn install(
     };
     let marker = wal.dir().join(TRANSFER_FILE);
     write_atomic(&marker, &base.encode())?;
-    if let Err(e) = state.install(keys, applied.clone(), entries, pins) {
-        // Nothing was installed: the transfer can simply be tried again.
-        let _ = std::fs::remove_file(&marker);
-        return Err(e.into());
+    let installed = match entries {
+        None => state.install_transferred(keys, applied.clone(), pins),
+        Some(entries) => state.install(keys, applied.clone(), entries, pins),
+    };
+    if let Err(e) = installed {
+        if !state.install_pending().unwrap_or(true) {
+            // Nothing was installed: the transfer can simply be tried again.
+            let _ = std::fs::remove_file(&marker);
+            return Err(e.into());
+        }
+        // A staged install stopped part way: the namespace is partly the
+        // transferred one. The next open finishes it, then the log.
+        let why =
+            format!("installing a transferred state stopped half way ({e}); restart to finish it");
+        if let Ok(mut f) = shared.failed.lock() {
+            *f = Some(why.clone());
+        }
+        tracing::error!("{why}");
+        return Err(VaultError::Closed(why).into());
     }
     // From here the state is at the transferred seq. Any failure stops the
     // dataset; the next open finishes the job from the marker.
@@ -1341,13 +1408,12 @@ fn install(
     if was_empty {
         tracing::info!(
             seq = applied.seq,
-            entries = entries.len(),
             "installed a transferred state into an empty copy; the log continues after it"
         );
     } else {
         tracing::warn!(
             seq = applied.seq,
-            entries = entries.len(),
+            entries = entries.map_or(0, <[_]>::len),
             "installed a state transferred from the upstream; the log restarts after it"
         );
     }
@@ -1494,6 +1560,13 @@ impl View {
         let mut attempt = 0;
         loop {
             let state = State::open_read_only(&dir.join("state"))?;
+            if state.install_pending()? {
+                // Half the namespace may be the transferred one.
+                return Err(VaultError::Closed(format!(
+                    "dataset {name} is installing a state transfer at this site (or was when \
+                     it stopped); try again once it is done, or start the daemon to finish it"
+                )));
+            }
             let mut overlay = Overlay::new(state.applied()?);
             match wal::read_from(&dir.join("log"), overlay.applied().seq + 1, |r| {
                 apply_logged(&mut overlay, &state, &keys, &r)
@@ -1523,6 +1596,17 @@ impl View {
 
     pub fn entries(&self) -> Result<Vec<(Vec<u8>, Entry)>> {
         self.overlay.entries_with_prefix(&self.state, b"")
+    }
+
+    /// Every entry in path order, read one at a time (the log past the
+    /// state's last flush is held, as the view always holds it).
+    pub fn entries_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
+        self.overlay.entries_iter(&self.state)
+    }
+
+    /// The entry at `path`, if the dataset holds one.
+    pub fn entry(&self, path: &[u8]) -> Result<Option<Entry>> {
+        self.overlay.entry(&self.state, path)
     }
 
     pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>> {

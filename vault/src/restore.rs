@@ -1,9 +1,11 @@
 //! Rebuilding a directory tree from a dataset, and computing the namespace
 //! digest of a tree on disk.
 //!
-//! Restore reads or fetches each distinct chunk once, checks it (sealed-bytes
-//! hash, GCM tag, plaintext id) and writes it at every place the tree uses
-//! it, a few workers at a time, so files fill out of order: a file written
+//! Restore reads the namespace in path order a batch at a time (memory
+//! bounded by the batch, not the tree), reads or fetches each distinct
+//! chunk of a batch once, checks it (sealed-bytes hash, GCM tag, plaintext
+//! id) and writes it at every place the batch uses it, a few workers at a
+//! time, so files fill out of order: a file written
 //! in one go (one chunk) goes straight to its name, a longer one is written
 //! under a temporary name in its final directory and renamed into place
 //! once complete. Modes and mtimes are set as files complete (directories
@@ -77,6 +79,9 @@ pub struct RestoreOptions {
     /// Runs of zeros (whole chunks of 4 KiB or more) become holes rather
     /// than written blocks (`preserve = ["sparse"]`).
     pub sparse: bool,
+    /// Namespace entries a restore into an empty target reads and writes
+    /// at a time ([`RESTORE_BATCH`]): what bounds its memory.
+    pub batch: usize,
 }
 
 impl Default for RestoreOptions {
@@ -84,6 +89,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             delta: false,
             sparse: true,
+            batch: RESTORE_BATCH,
         }
     }
 }
@@ -232,9 +238,10 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
 }
 
 /// [`restore`], with the chunks `remote` says the view does not hold
-/// fetched through it while the files are written: each distinct chunk is
-/// read or fetched once, opened once, and written at every place the tree
-/// uses it, so files fill out of order.
+/// fetched through it while the files are written: each distinct chunk of
+/// a batch of entries ([`RestoreOptions::batch`]) is read or fetched once,
+/// opened once, and written at every place the batch uses it, so files
+/// fill out of order.
 ///
 /// With `delta`, `to` may hold a tree already (an older restore, or the
 /// damaged original): it is scanned first, files already as recorded are
@@ -245,101 +252,30 @@ pub fn restore(view: &View, to: &Path, progress: &(dyn Fn(u64) + Sync)) -> Resul
 pub fn restore_from(
     view: &View,
     to: &Path,
-    remote: Option<Remote<'_>>,
+    mut remote: Option<Remote<'_>>,
     opts: RestoreOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Report> {
     let has_tree = prepare_target(to, opts.delta)?;
     let target = Beneath::open(to).map_err(io("opening restore target", to))?;
-    let entries = view.entries()?;
     let applied = view.applied().clone();
     let mut report = Report {
         seq: applied.seq,
         expected_digest: hex::encode(applied.digest.summary()),
         ..Report::default()
     };
-    let mut problems_list = Vec::new();
-    let mut checked: Vec<(RelPath, Entry)> = Vec::with_capacity(entries.len());
-    for (p, e) in entries {
-        match RelPath::new(p) {
-            Ok(rp) => checked.push((rp, e)),
-            Err(why) => problems_list.push(format!("refused: {why}; nothing was written for it")),
-        }
-    }
-    // In path order (as the state holds them), so what each path records
-    // is found by binary search.
-    checked.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let kept_of = |p: &[u8]| -> Option<u8> {
-        checked
-            .binary_search_by(|(q, _)| q.as_bytes().cmp(p))
-            .ok()
-            .and_then(|i| checked[i].1.kept())
-    };
+    // What the dataset records at a path read from disk (looked up, not
+    // held: the namespace is read a batch at a time).
+    let kept_of = |p: &[u8]| -> Option<u8> { view.entry(p).ok().flatten().and_then(|e| e.kept()) };
     let existing = if has_tree {
         scan_target(view.keys(), to, &kept_of)?
     } else {
         Vec::new()
     };
-    // What the existing tree holds at each path (`None`: a kind triad does
-    // not keep, or one it could not read).
-    let on_disk: std::collections::HashMap<&[u8], Option<&Entry>> = existing
-        .iter()
-        .map(|(p, e)| (p.as_bytes(), e.as_ref()))
-        .collect();
-    let wanted: HashSet<&[u8]> = checked.iter().map(|(p, _)| p.as_bytes()).collect();
-    // Whatever stands where the dataset has another kind is removed before
-    // the entry is made (after its parent was made writable).
-    let conflicts = |p: &RelPath, e: &Entry| {
-        on_disk
-            .get(p.as_bytes())
-            .is_some_and(|d| !d.is_some_and(|d| same_kind(d, e)))
-    };
-    let mut removed = 0u64;
-    let mut clear = |p: &RelPath, problems: &mut Vec<String>| match target.remove_all(p) {
-        Ok(()) => removed += 1,
-        Err(err) => problems.push(format!("{p}: removing what stood in its place: {err}")),
-    };
-    // Only entries whose parent was restored as a directory are written
-    // (a consistent namespace never has others); the descriptor walk
-    // refuses a symlink in a directory's place in any case.
-    let mut dirs_made: HashSet<&[u8]> = HashSet::new();
-    let placeable = |p: &RelPath, made: &HashSet<&[u8]>| {
-        let (parent, _) = p.split_last();
-        parent.is_empty() || made.contains(parent)
-    };
-    // Directories first, parents before children (sorted order), writable
-    // by us until the end.
-    for (p, e) in checked.iter().filter(|(_, e)| e.is_dir()) {
-        if !placeable(p, &dirs_made) {
-            problems_list.push(format!("{p}: parent directory was not restored"));
-            continue;
-        }
-        if conflicts(p, e) {
-            clear(p, &mut problems_list);
-        }
-        let made = match on_disk.get(p.as_bytes()) {
-            Some(Some(d)) if d.is_dir() => target
-                .set_dir_meta(p, 0o700, e.mtime_ns, None, &mut Missed::default())
-                .map_err(std::io::Error::other),
-            _ => target.mkdir(p),
-        };
-        match made {
-            Ok(()) => {
-                dirs_made.insert(p.as_bytes());
-                report.dirs += 1;
-            }
-            Err(e) => problems_list.push(format!("{p}: creating directory: {e}")),
-        }
-    }
-    for (p, e) in checked.iter().filter(|(_, e)| !e.is_dir()) {
-        if placeable(p, &dirs_made) && conflicts(p, e) {
-            clear(p, &mut problems_list);
-        }
-    }
     let w = Writer {
         keys: view.keys(),
         target: &target,
-        problems: Mutex::new(problems_list),
+        problems: Mutex::new(Vec::new()),
         done: AtomicU64::new(0),
         tmp_counter: AtomicU64::new(0),
         nonce: rand::random(),
@@ -358,157 +294,48 @@ pub fn restore_from(
         kept: AtomicU64::new(0),
         progress,
     };
-    // Files already as recorded stay (their mode and mtime set, if they
-    // differ, once the tree has served as a source); files with contents
-    // become jobs that their chunks fill; symlinks and empty files are made
-    // after that, since they may replace a file read as a source.
-    let mut jobs = Vec::new();
-    let mut ready: HashSet<&[u8]> = HashSet::new();
-    let mut fix_meta: Vec<(&RelPath, &Entry)> = Vec::new();
-    // A file with several names is written under the first (in path
-    // order) and linked under the others once it is in place; names whose
-    // entries disagree (a live tree changed between them) are written apart.
-    let mut first_name: std::collections::HashMap<u64, (&RelPath, &Entry)> =
-        std::collections::HashMap::new();
-    let mut links: Vec<(&RelPath, &Entry, &RelPath)> = Vec::new();
-    for (p, e) in checked.iter().filter(|(_, e)| !e.is_dir()) {
-        let there = on_disk.get(p.as_bytes()).copied().flatten();
-        if !placeable(p, &dirs_made) {
-            w.problem(p, "parent directory was not restored".into());
-            continue;
-        }
-        if let Some(k) = e.link() {
-            match first_name.get(&k) {
-                Some((lp, le)) if le.same_recorded(e) => {
-                    links.push((p, e, lp));
-                    continue;
+    let mut pass = Pass::default();
+    // A delta restore compares the whole namespace with the whole existing
+    // tree (a file may take its chunks from anywhere in it), so it is one
+    // batch; a restore into an empty target holds one batch at a time.
+    let batch_len = if has_tree {
+        usize::MAX
+    } else {
+        opts.batch.max(1)
+    };
+    let mut entries = view.entries_iter()?;
+    loop {
+        let mut batch: Vec<(RelPath, Entry)> = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        let mut seen = 0usize;
+        for item in entries.by_ref() {
+            let (p, e) = match item {
+                Ok(pe) => pe,
+                Err(err) => {
+                    // What was written keeps its directories' metadata.
+                    w.settle_dirs(&mut pass, None);
+                    return Err(err);
                 }
-                Some(_) => {}
-                None => {
-                    first_name.insert(k, (p, e));
-                }
+            };
+            seen += 1;
+            last = Some(p.clone());
+            match RelPath::new(p) {
+                Ok(rp) => batch.push((rp, e)),
+                Err(why) => w.refused(format!("refused: {why}; nothing was written for it")),
+            }
+            if seen >= batch_len {
+                break;
             }
         }
-        if let Some(d) = there.filter(|d| {
-            // A symlink's or special file's metadata is not set in place:
-            // one that differs at all is made again.
-            d.node == e.node
-                && d.size == e.size
-                && (matches!(e.node, Node::File { .. }) || d.same_recorded(e))
-        }) {
-            ready.insert(p.as_bytes());
-            if !d.same_recorded(e) {
-                fix_meta.push((p, e));
-            } else {
-                w.kept.fetch_add(1, Ordering::Relaxed);
-                w.settled(p, e, Ok(Missed::default()));
-            }
-        } else if !e.chunks().is_empty() {
-            let replaces = there.is_some_and(|d| same_kind(d, e));
-            jobs.push(Job::new(
-                jobs.len(),
-                p,
-                e,
-                tmp_name(w.nonce, &w.tmp_counter),
-                replaces,
-            ));
-        }
+        let Some(last) = last else { break };
+        w.restore_batch(view, &batch, &existing, remote.as_mut(), &mut pass);
+        // Directories everything under which is now in place get their
+        // recorded metadata.
+        w.settle_dirs(&mut pass, Some(&last));
     }
-    w.fill(view, &jobs, remote, &existing);
-    for (p, e) in fix_meta {
-        let res = w.set_meta(p, e);
-        if res.is_ok() {
-            w.kept.fetch_add(1, Ordering::Relaxed);
-        }
-        w.settled(p, e, res);
-    }
-    let linked: HashSet<&[u8]> = links.iter().map(|(p, _, _)| p.as_bytes()).collect();
-    // Device nodes the restore may not make (not root): left out of the
-    // digest check below, as the restored tree does not have them.
-    let unmade: Mutex<HashSet<&[u8]>> = Mutex::new(HashSet::new());
-    checked.par_iter().for_each(|(p, e)| {
-        if e.is_dir()
-            || !e.chunks().is_empty()
-            || !placeable(p, &dirs_made)
-            || ready.contains(p.as_bytes())
-            || linked.contains(p.as_bytes())
-        {
-            return;
-        }
-        let tmp = tmp_name(w.nonce, &w.tmp_counter);
-        let mut missed = Missed::default();
-        let res = match &e.node {
-            Node::Symlink { target: to } => target
-                .symlink(p, &tmp, to, e.mtime_ns, e.ext.as_deref(), &mut missed)
-                .map_err(|err| format!("creating symlink: {err}")),
-            Node::Fifo | Node::Device { .. } => {
-                let res = target
-                    .special(p, &tmp, e, &mut missed)
-                    .map_err(|err| format!("creating it: {err}"));
-                if missed.0 & Preserve::SPECIAL != 0 {
-                    if let Ok(mut u) = unmade.lock() {
-                        u.insert(p.as_bytes());
-                    }
-                    // Not made: named in `not_restored`, not counted.
-                    w.missed(p, missed);
-                    return;
-                }
-                res
-            }
-            _ => target.write_file(p, &tmp, |f| {
-                missed = finish_file(f, e)?;
-                Ok(())
-            }),
-        };
-        w.settled(p, e, res.map(|()| missed));
-    });
-    for (p, _, first) in links {
-        // Linked only to a first name that was restored: in a delta
-        // restore an old file may still stand there.
-        if w.failed.lock().is_ok_and(|f| f.contains(first.as_bytes())) {
-            w.problem(
-                p,
-                format!("not restored: it is another name of {first}, which was not"),
-            );
-            continue;
-        }
-        let tmp = tmp_name(w.nonce, &w.tmp_counter);
-        match target.link(first, p, &tmp) {
-            Ok(()) => {
-                w.ok_files.fetch_add(1, Ordering::Relaxed);
-                w.ok_hardlinks.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(err) => w.problem(p, format!("linking it to {first}: {err}")),
-        }
-    }
-    // What the dataset does not hold goes last: until now it could have
-    // been read as a source.
-    // Counted when something was there (a path inside a directory
-    // already removed is not).
-    report.removed = removed;
-    for (p, _) in existing.iter().rev() {
-        if !wanted.contains(p.as_bytes()) && matches!(target.stat(p), Ok(Some(_))) {
-            if let Err(err) = target.remove_all(p) {
-                w.problem(
-                    p,
-                    format!("removing a path the dataset does not hold: {err}"),
-                );
-            } else {
-                report.removed += 1;
-            }
-        }
-    }
-    for (p, e) in checked
-        .iter()
-        .rev()
-        .filter(|(p, e)| e.is_dir() && dirs_made.contains(p.as_bytes()))
-    {
-        let mut missed = Missed::default();
-        match target.set_dir_meta(p, e.mode, e.mtime_ns, e.ext.as_deref(), &mut missed) {
-            Ok(()) => w.missed(p, missed),
-            Err(err) => w.problem(p, format!("setting directory metadata: {err}")),
-        }
-    }
+    w.settle_dirs(&mut pass, None);
+    report.dirs = pass.dirs;
+    report.removed = pass.removed;
     report.files_kept = w.kept.load(Ordering::Relaxed);
     report.bytes_reused = w.reused.load(Ordering::Relaxed);
     report.problems = w.problems.into_inner().unwrap_or_default();
@@ -531,22 +358,9 @@ pub fn restore_from(
         // The entries restored from must themselves be the recorded ones
         // (their full digest is the dataset's); only then does the check
         // compare the rest of them with the tree.
-        let unmade = unmade.into_inner().unwrap_or_default();
-        let sum = |mask: u8, skip: &HashSet<&[u8]>| {
-            checked
-                .par_iter()
-                .filter(|(p, _)| !skip.contains(p.as_bytes()))
-                .fold(LtHash::default, |mut acc, (p, e)| {
-                    acc.add(&e.digest_element_masked(view.keys(), p.as_bytes(), mask));
-                    acc
-                })
-                .reduce(LtHash::default, |mut a, b| {
-                    a.add(&b);
-                    a
-                })
-        };
-        if sum(u8::MAX, &HashSet::new()).summary() == applied.digest.summary() {
-            report.expected_digest = hex::encode(sum(mask, &unmade).summary());
+        let (full, masked) = sum_entries(view, mask, &pass.unmade)?;
+        if full.summary() == applied.digest.summary() {
+            report.expected_digest = hex::encode(masked.summary());
         } else {
             report
                 .problems
@@ -572,6 +386,345 @@ pub fn restore_from(
             .push(format!("digesting the restored tree: {e}")),
     }
     Ok(report)
+}
+
+/// Entries a restore into an empty target takes at a time: its memory is
+/// bounded by this (and by the largest file's chunk list), not by the
+/// tree. Each batch is written before the next is read, so chunks shared
+/// between batches are read or fetched once per batch.
+pub const RESTORE_BATCH: usize = 20_000;
+
+/// What a restore carries from one batch of entries to the next.
+#[derive(Default)]
+struct Pass {
+    /// Directories made whose recorded metadata is not set yet (something
+    /// under them may still come), by path. An entry is placed only when
+    /// its parent is here. Entries come in path order, so between batches
+    /// only the prefixes of the last path read can be here.
+    made: std::collections::BTreeMap<Vec<u8>, (RelPath, Entry)>,
+    /// The first name (in path order) of each file with several names,
+    /// with a hash of what its entry records (names and link keys aside,
+    /// as [`Entry::same_recorded`] compares). It grows with the tree's
+    /// hard-linked files only, by a path and 40 bytes each.
+    first_name: std::collections::HashMap<u64, (RelPath, [u8; 32])>,
+    /// Device nodes the restore was not allowed to make.
+    unmade: HashSet<Vec<u8>>,
+    /// Directories made.
+    dirs: u64,
+    /// Paths of the existing tree removed (a delta restore).
+    removed: u64,
+}
+
+/// The full digest of the dataset's entries and the one with only the
+/// metadata kinds in `mask`, which leaves out the paths in `skip` (read in
+/// batches, in path order; a path that is refused adds to neither, as
+/// nothing was restored for it).
+fn sum_entries(view: &View, mask: u8, skip: &HashSet<Vec<u8>>) -> Result<(LtHash, LtHash)> {
+    let keys = view.keys();
+    let (mut full, mut masked) = (LtHash::default(), LtHash::default());
+    let mut entries = view.entries_iter()?;
+    loop {
+        let batch: Vec<(Vec<u8>, Entry)> = entries
+            .by_ref()
+            .take(RESTORE_BATCH)
+            .collect::<Result<_>>()?;
+        if batch.is_empty() {
+            return Ok((full, masked));
+        }
+        let (f, m) = batch
+            .par_iter()
+            .filter(|(p, _)| RelPath::new(p.clone()).is_ok())
+            .fold(
+                || (LtHash::default(), LtHash::default()),
+                |(mut f, mut m), (p, e)| {
+                    f.add(&e.digest_element(keys, p));
+                    if !skip.contains(p) {
+                        m.add(&e.digest_element_masked(keys, p, mask));
+                    }
+                    (f, m)
+                },
+            )
+            .reduce(
+                || (LtHash::default(), LtHash::default()),
+                |(mut f, mut m), (f2, m2)| {
+                    f.add(&f2);
+                    m.add(&m2);
+                    (f, m)
+                },
+            );
+        full.add(&f);
+        masked.add(&m);
+    }
+}
+
+impl Writer<'_> {
+    /// Notes a namespace entry that was refused before anything was written.
+    fn refused(&self, why: String) {
+        if let Ok(mut v) = self.problems.lock() {
+            v.push(why);
+        }
+    }
+
+    /// Restores one batch of entries (in path order, after every batch
+    /// before it): directories first, parents before children, writable by
+    /// us until [`Writer::settle_dirs`]; then the files' chunks, symlinks,
+    /// special files and hard links. With an existing tree (a delta
+    /// restore, whose one batch is the whole namespace) what stands in an
+    /// entry's way is cleared first and what the dataset does not hold is
+    /// removed last.
+    fn restore_batch(
+        &self,
+        view: &View,
+        batch: &[(RelPath, Entry)],
+        existing: &[(RelPath, Option<Entry>)],
+        remote: Option<&mut Remote<'_>>,
+        pass: &mut Pass,
+    ) {
+        let target = self.target;
+        // What the existing tree holds at each path (`None`: a kind triad
+        // does not keep, or one it could not read).
+        let on_disk: std::collections::HashMap<&[u8], Option<&Entry>> = existing
+            .iter()
+            .map(|(p, e)| (p.as_bytes(), e.as_ref()))
+            .collect();
+        // Whatever stands where the dataset has another kind is removed
+        // before the entry is made (after its parent was made writable).
+        let conflicts = |p: &RelPath, e: &Entry| {
+            on_disk
+                .get(p.as_bytes())
+                .is_some_and(|d| !d.is_some_and(|d| same_kind(d, e)))
+        };
+        let clear = |p: &RelPath, removed: &mut u64| match target.remove_all(p) {
+            Ok(()) => *removed += 1,
+            Err(err) => self.refused(format!("{p}: removing what stood in its place: {err}")),
+        };
+        // Only entries whose parent was restored as a directory are written
+        // (a consistent namespace never has others); the descriptor walk
+        // refuses a symlink in a directory's place in any case. A parent
+        // sorts before its children, so it was made in this batch or an
+        // earlier one, and is still in `made`: its subtree is not complete.
+        let placeable = |p: &RelPath, made: &std::collections::BTreeMap<Vec<u8>, _>| {
+            let (parent, _) = p.split_last();
+            parent.is_empty() || made.contains_key(parent)
+        };
+        for (p, e) in batch.iter().filter(|(_, e)| e.is_dir()) {
+            if !placeable(p, &pass.made) {
+                self.refused(format!("{p}: parent directory was not restored"));
+                continue;
+            }
+            if conflicts(p, e) {
+                clear(p, &mut pass.removed);
+            }
+            let made = match on_disk.get(p.as_bytes()) {
+                Some(Some(d)) if d.is_dir() => target
+                    .set_dir_meta(p, 0o700, e.mtime_ns, None, &mut Missed::default())
+                    .map_err(std::io::Error::other),
+                _ => target.mkdir(p),
+            };
+            match made {
+                Ok(()) => {
+                    pass.made
+                        .insert(p.as_bytes().to_vec(), (p.clone(), e.clone()));
+                    pass.dirs += 1;
+                }
+                Err(e) => self.refused(format!("{p}: creating directory: {e}")),
+            }
+        }
+        for (p, e) in batch.iter().filter(|(_, e)| !e.is_dir()) {
+            if placeable(p, &pass.made) && conflicts(p, e) {
+                clear(p, &mut pass.removed);
+            }
+        }
+        // Files already as recorded stay (their mode and mtime set, if they
+        // differ, once the tree has served as a source); files with
+        // contents become jobs that their chunks fill; symlinks and empty
+        // files are made after that, since they may replace a file read as
+        // a source.
+        let mut jobs = Vec::new();
+        let mut ready: HashSet<&[u8]> = HashSet::new();
+        let mut fix_meta: Vec<(&RelPath, &Entry)> = Vec::new();
+        // A file with several names is written under the first (in path
+        // order) and linked under the others once it is in place; names
+        // whose entries disagree (a live tree changed between them) are
+        // written apart.
+        let mut links: Vec<(&RelPath, RelPath)> = Vec::new();
+        let mut unplaced: HashSet<&[u8]> = HashSet::new();
+        for (p, e) in batch.iter().filter(|(_, e)| !e.is_dir()) {
+            let there = on_disk.get(p.as_bytes()).copied().flatten();
+            if !placeable(p, &pass.made) {
+                self.problem(p, "parent directory was not restored".into());
+                unplaced.insert(p.as_bytes());
+                continue;
+            }
+            if let Some(k) = e.link() {
+                let recorded = *blake3::hash(&e.digest_bytes(b"")).as_bytes();
+                match pass.first_name.get(&k) {
+                    Some((lp, lr)) if *lr == recorded => {
+                        links.push((p, lp.clone()));
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => {
+                        pass.first_name.insert(k, (p.clone(), recorded));
+                    }
+                }
+            }
+            if let Some(d) = there.filter(|d| {
+                // A symlink's or special file's metadata is not set in
+                // place: one that differs at all is made again.
+                d.node == e.node
+                    && d.size == e.size
+                    && (matches!(e.node, Node::File { .. }) || d.same_recorded(e))
+            }) {
+                ready.insert(p.as_bytes());
+                if !d.same_recorded(e) {
+                    fix_meta.push((p, e));
+                } else {
+                    self.kept.fetch_add(1, Ordering::Relaxed);
+                    self.settled(p, e, Ok(Missed::default()));
+                }
+            } else if !e.chunks().is_empty() {
+                let replaces = there.is_some_and(|d| same_kind(d, e));
+                jobs.push(Job::new(
+                    jobs.len(),
+                    p,
+                    e,
+                    tmp_name(self.nonce, &self.tmp_counter),
+                    replaces,
+                ));
+            }
+        }
+        self.fill(view, &jobs, remote, existing);
+        for (p, e) in fix_meta {
+            let res = self.set_meta(p, e);
+            if res.is_ok() {
+                self.kept.fetch_add(1, Ordering::Relaxed);
+            }
+            self.settled(p, e, res);
+        }
+        let linked: HashSet<&[u8]> = links.iter().map(|(p, _)| p.as_bytes()).collect();
+        // Device nodes the restore may not make (not root): left out of the
+        // digest check, as the restored tree does not have them.
+        let unmade: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        batch.par_iter().for_each(|(p, e)| {
+            if e.is_dir()
+                || !e.chunks().is_empty()
+                || unplaced.contains(p.as_bytes())
+                || ready.contains(p.as_bytes())
+                || linked.contains(p.as_bytes())
+            {
+                return;
+            }
+            let tmp = tmp_name(self.nonce, &self.tmp_counter);
+            let mut missed = Missed::default();
+            let res = match &e.node {
+                Node::Symlink { target: to } => target
+                    .symlink(p, &tmp, to, e.mtime_ns, e.ext.as_deref(), &mut missed)
+                    .map_err(|err| format!("creating symlink: {err}")),
+                Node::Fifo | Node::Device { .. } => {
+                    let res = target
+                        .special(p, &tmp, e, &mut missed)
+                        .map_err(|err| format!("creating it: {err}"));
+                    if missed.0 & Preserve::SPECIAL != 0 {
+                        if let Ok(mut u) = unmade.lock() {
+                            u.push(p.as_bytes().to_vec());
+                        }
+                        // Not made: named in `not_restored`, not counted.
+                        self.missed(p, missed);
+                        return;
+                    }
+                    res
+                }
+                _ => target.write_file(p, &tmp, |f| {
+                    missed = finish_file(f, e)?;
+                    Ok(())
+                }),
+            };
+            self.settled(p, e, res.map(|()| missed));
+        });
+        pass.unmade.extend(unmade.into_inner().unwrap_or_default());
+        for (p, first) in links {
+            // Linked only to a first name that was restored: in a delta
+            // restore an old file may still stand there.
+            if self
+                .failed
+                .lock()
+                .is_ok_and(|f| f.contains(first.as_bytes()))
+            {
+                self.problem(
+                    p,
+                    format!("not restored: it is another name of {first}, which was not"),
+                );
+                continue;
+            }
+            let tmp = tmp_name(self.nonce, &self.tmp_counter);
+            match target.link(&first, p, &tmp) {
+                Ok(()) => {
+                    self.ok_files.fetch_add(1, Ordering::Relaxed);
+                    self.ok_hardlinks.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) => self.problem(p, format!("linking it to {first}: {err}")),
+            }
+        }
+        if existing.is_empty() {
+            return;
+        }
+        // What the dataset does not hold goes last: until now it could have
+        // been read as a source. Counted when something was there (a path
+        // inside a directory already removed is not). The batch is the
+        // whole namespace here.
+        let wanted: HashSet<&[u8]> = batch.iter().map(|(p, _)| p.as_bytes()).collect();
+        for (p, _) in existing.iter().rev() {
+            if !wanted.contains(p.as_bytes()) && matches!(target.stat(p), Ok(Some(_))) {
+                if let Err(err) = target.remove_all(p) {
+                    self.problem(
+                        p,
+                        format!("removing a path the dataset does not hold: {err}"),
+                    );
+                } else {
+                    pass.removed += 1;
+                }
+            }
+        }
+    }
+
+    /// Gives every made directory under which nothing more can come its
+    /// recorded mode, mtime and attributes, deepest first (writing into a
+    /// directory changes its mtime, and a read-only one takes nothing
+    /// more). With `last`, the last path read so far: a directory is
+    /// complete once `last` sorts past every path under it. Without it,
+    /// every directory is.
+    fn settle_dirs(&self, pass: &mut Pass, last: Option<&[u8]>) {
+        let complete = |d: &[u8]| {
+            last.is_none_or(|l| {
+                let mut under = d.to_vec();
+                under.push(b'/');
+                l > under.as_slice() && !l.starts_with(&under)
+            })
+        };
+        // A directory its owner may not search waits for the end: a later
+        // batch may still link a new name to a file under it.
+        let done: Vec<Vec<u8>> = pass
+            .made
+            .iter()
+            .rev()
+            .filter(|(d, (_, e))| complete(d) && (last.is_none() || e.mode & 0o100 != 0))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in done {
+            let Some((p, e)) = pass.made.remove(&d) else {
+                continue;
+            };
+            let mut missed = Missed::default();
+            match self
+                .target
+                .set_dir_meta(&p, e.mode, e.mtime_ns, e.ext.as_deref(), &mut missed)
+            {
+                Ok(()) => self.missed(&p, missed),
+                Err(err) => self.problem(&p, format!("setting directory metadata: {err}")),
+            }
+        }
+    }
 }
 
 /// Whether two entries are of one kind (directory, file, symlink).
@@ -913,7 +1066,7 @@ impl Writer<'_> {
         &self,
         view: &View,
         jobs: &[Job<'_>],
-        mut remote: Option<Remote<'_>>,
+        mut remote: Option<&mut Remote<'_>>,
         tree: &[(RelPath, Option<Entry>)],
     ) {
         let mut places: Placements = std::collections::HashMap::new();
@@ -1370,43 +1523,90 @@ pub fn digest_tree(
     kept_of: &(dyn Fn(&[u8]) -> Option<u8> + Sync),
     mask: u8,
 ) -> Result<LtHash> {
-    let paths = walkdir(root)?;
-    // Folded as it goes: one sum per worker, never one 2 KiB element per
-    // path (200,000 files would hold 400 MB of them).
-    paths
-        .par_iter()
-        .try_fold(LtHash::default, |mut acc, p| {
-            let rel = p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes();
-            match entry_from_disk(keys, p, kept_of(rel)) {
-                Ok(Some(e)) => acc.add(&e.digest_element_masked(keys, rel, mask)),
-                Ok(None) => {}
-                Err(e) => return Err(VaultError::io("reading restored tree", p, e)),
-            }
-            Ok(acc)
-        })
-        .try_reduce(LtHash::default, |mut a, b| {
-            a.add(&b);
-            Ok(a)
-        })
+    // Paths are taken from the walk a batch at a time and folded as they
+    // go: one sum per worker, never one 2 KiB element per path (200,000
+    // files would hold 400 MB of them), nor every path of the tree.
+    const BATCH: usize = 20_000;
+    let mut sum = LtHash::default();
+    let mut walk = Walk::new(root);
+    loop {
+        let paths: Vec<PathBuf> = walk.by_ref().take(BATCH).collect::<Result<_>>()?;
+        if paths.is_empty() {
+            return Ok(sum);
+        }
+        let part = paths
+            .par_iter()
+            .try_fold(LtHash::default, |mut acc, p| {
+                let rel = p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes();
+                match entry_from_disk(keys, p, kept_of(rel)) {
+                    Ok(Some(e)) => acc.add(&e.digest_element_masked(keys, rel, mask)),
+                    Ok(None) => {}
+                    Err(e) => return Err(VaultError::io("reading restored tree", p, e)),
+                }
+                Ok(acc)
+            })
+            .try_reduce(LtHash::default, |mut a, b| {
+                a.add(&b);
+                Ok(a)
+            })?;
+        sum.add(&part);
+    }
 }
 
 /// Every path under `root` (root itself excluded), not following symlinks.
 pub(crate) fn walkdir(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for ent in fs::read_dir(&dir).map_err(io("reading directory", &dir))? {
-            let ent = ent.map_err(io("reading directory", &dir))?;
-            let p = ent.path();
-            if ent
-                .file_type()
-                .map_err(io("reading directory", &p))?
-                .is_dir()
-            {
-                stack.push(p.clone());
-            }
-            out.push(p);
+    Walk::new(root).collect()
+}
+
+/// The paths under a root, directory by directory, read as they are
+/// asked for: it holds the directories not yet read, never the files.
+struct Walk {
+    stack: Vec<PathBuf>,
+    current: Option<(PathBuf, fs::ReadDir)>,
+}
+
+impl Walk {
+    fn new(root: &Path) -> Walk {
+        Walk {
+            stack: vec![root.to_path_buf()],
+            current: None,
         }
     }
-    Ok(out)
+}
+
+impl Iterator for Walk {
+    type Item = Result<PathBuf>;
+
+    fn next(&mut self) -> Option<Result<PathBuf>> {
+        loop {
+            if let Some((dir, rd)) = &mut self.current {
+                match rd.next() {
+                    Some(Ok(ent)) => {
+                        let p = ent.path();
+                        match ent.file_type() {
+                            Ok(t) if t.is_dir() => self.stack.push(p.clone()),
+                            Ok(_) => {}
+                            Err(e) => return Some(Err(VaultError::io("reading directory", &p, e))),
+                        }
+                        return Some(Ok(p));
+                    }
+                    Some(Err(e)) => {
+                        let dir = dir.clone();
+                        self.current = None;
+                        self.stack.clear();
+                        return Some(Err(VaultError::io("reading directory", &dir, e)));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let dir = self.stack.pop()?;
+            match fs::read_dir(&dir) {
+                Ok(rd) => self.current = Some((dir, rd)),
+                Err(e) => {
+                    self.stack.clear();
+                    return Some(Err(VaultError::io("reading directory", &dir, e)));
+                }
+            }
+        }
+    }
 }

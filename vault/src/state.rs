@@ -47,7 +47,7 @@ const CF_PINS: &str = "pins";
 const CF_META: &str = "meta";
 const CF_CHECKPOINTS: &str = "checkpoints";
 const CF_CHAIN: &str = "chain";
-const ALL_CFS: [&str; 7] = [
+const ALL_CFS: [&str; 8] = [
     CF_NS,
     CF_CHUNKS,
     CF_CHUNKMETA,
@@ -55,7 +55,69 @@ const ALL_CFS: [&str; 7] = [
     CF_META,
     CF_CHECKPOINTS,
     CF_CHAIN,
+    CF_TRANSFER,
 ];
+
+/// A state transfer being received: its namespace keyed by path, and,
+/// under [`K_INSTALLING`], the install under way (formats.md 7.1).
+const CF_TRANSFER: &str = "transfer";
+/// No path is empty, so the empty key holds the install record.
+const K_INSTALLING: &[u8] = b"";
+/// The first key a path can have.
+const TRANSFER_START: &[u8] = &[0];
+/// Past every path: a path's components are at most 255 bytes and are
+/// joined by `/` (below 0xff), so no path starts with 256 bytes of 0xff.
+const TRANSFER_END: &[u8] = &[0xff; 256];
+/// Entries, or writes, an install handles at a time.
+const INSTALL_BATCH: usize = 20_000;
+
+/// The install record: the applied record (48 bytes as in `meta`), the
+/// digest, and the pins (id, count).
+fn encode_installing(a: &Applied, pins: &[(ChunkId, u64)]) -> Vec<u8> {
+    let d = a.digest.to_bytes();
+    let mut v = Vec::with_capacity(48 + 4 + d.len() + pins.len() * 40);
+    v.extend_from_slice(&a.seq.to_le_bytes());
+    v.extend_from_slice(&a.time_ns.to_le_bytes());
+    v.extend_from_slice(&a.hash);
+    v.extend_from_slice(&(d.len() as u32).to_le_bytes());
+    v.extend_from_slice(&d);
+    for (id, n) in pins {
+        v.extend_from_slice(&id.0);
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+    v
+}
+
+fn decode_installing(v: &[u8]) -> Option<(Applied, Vec<(ChunkId, u64)>)> {
+    let seq = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let time_ns = i64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+    let hash: Hash = v.get(16..48)?.try_into().ok()?;
+    let dl = u32::from_le_bytes(v.get(48..52)?.try_into().ok()?) as usize;
+    let digest = LtHash::try_from_bytes(v.get(52..52 + dl)?)?;
+    let rest = v.get(52 + dl..)?;
+    if rest.len() % 40 != 0 {
+        return None;
+    }
+    let pins = rest
+        .chunks_exact(40)
+        .map(|c| {
+            let id = ChunkId(c[..32].try_into().unwrap_or_default());
+            (
+                id,
+                u64::from_le_bytes(c[32..].try_into().unwrap_or_default()),
+            )
+        })
+        .collect();
+    Some((
+        Applied {
+            seq,
+            time_ns,
+            hash,
+            digest,
+        },
+        pins,
+    ))
+}
 
 const K_APPLIED: &[u8] = b"applied";
 const K_DIGEST: &[u8] = b"digest";
@@ -152,6 +214,9 @@ impl Checkpoint {
 pub struct State {
     db: DB,
     path: PathBuf,
+    /// Held for writing while a transfer is installed a batch at a time:
+    /// snapshots wait for it, so none sees half an install.
+    install_lock: std::sync::RwLock<()>,
     /// For a reader's view: the pinned copy the database was opened from,
     /// removed after `db` is dropped (fields drop in order).
     _pinned: Option<PinnedDir>,
@@ -213,6 +278,7 @@ impl State {
         Ok(State {
             db,
             path: path.to_path_buf(),
+            install_lock: std::sync::RwLock::new(()),
             _pinned: None,
         })
     }
@@ -245,7 +311,9 @@ impl State {
         let cfs = ALL_CFS
             .iter()
             .filter(|n| {
-                **n != CF_CHAIN || present.is_empty() || present.iter().any(|p| p == CF_CHAIN)
+                !matches!(**n, CF_CHAIN | CF_TRANSFER)
+                    || present.is_empty()
+                    || present.iter().any(|p| p == *n)
             })
             .map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n, &cache)));
         let db =
@@ -258,6 +326,7 @@ impl State {
         Ok(State {
             db,
             path: path.to_path_buf(),
+            install_lock: std::sync::RwLock::new(()),
             _pinned: Some(pinned),
         })
     }
@@ -392,6 +461,14 @@ impl State {
             out.push((k.to_vec(), e));
         }
         Ok(out)
+    }
+
+    /// Every entry in path order, read one at a time from one iterator
+    /// (which sees the state as it was when it was made), so a walk of
+    /// the whole namespace holds one entry however large the tree.
+    pub fn entries_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
+        // A walk of everything would push the hot blocks out of the cache.
+        Ok(self.decoded(self.cf(CF_NS)?))
     }
 
     /// Chunks with references held by pins.
@@ -540,7 +617,11 @@ impl State {
     /// Runs `f` over a consistent point-in-time view of the state (a RocksDB
     /// snapshot: always at a record boundary), for a state transfer.
     pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snap<'_>) -> R) -> R {
+        // Never in the middle of an install (a poisoned lock means an
+        // install panicked: the next open finishes it).
+        let installing = self.install_lock.read();
         let snap = self.db.snapshot();
+        drop(installing);
         f(&Snap { st: self, snap })
     }
 
@@ -591,6 +672,339 @@ impl State {
             .get_pinned_cf(cb, id.0)
             .map_err(|e| self.err(e))?
             .is_some())
+    }
+
+    /// Starts receiving a state transfer: whatever an earlier one that was
+    /// cut short staged is dropped.
+    pub fn clear_transfer(&self) -> Result<()> {
+        self.refuse_if_installing()?;
+        let tr = self.cf(CF_TRANSFER)?;
+        let mut b = WriteBatch::default();
+        // From the first key after the install record's, which only the
+        // install itself removes.
+        b.delete_range_cf(tr, TRANSFER_START, TRANSFER_END);
+        self.write(b)
+    }
+
+    /// Fails while an install of a transfer is recorded as begun: the
+    /// staged namespace is then what the install is made from.
+    fn refuse_if_installing(&self) -> Result<()> {
+        if self.install_pending()? {
+            return Err(VaultError::Closed(
+                "an install of a state transfer stopped half way; restart the daemon to \
+                 finish it"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stages entries of a state transfer being received: written beside
+    /// the namespace, keyed by path, so the transferred namespace is never
+    /// held in memory. [`State::install_transferred`] then installs them.
+    pub fn stage_transfer(&self, entries: &[(Vec<u8>, Entry)]) -> Result<()> {
+        self.refuse_if_installing()?;
+        let tr = self.cf(CF_TRANSFER)?;
+        let mut b = WriteBatch::default();
+        for (p, e) in entries {
+            crate::path::check(p)
+                .map_err(|e| self.corrupt(format!("transferred namespace refused: {e}")))?;
+            b.put_cf(tr, p, e.encode());
+        }
+        self.write(b)
+    }
+
+    /// The staged entries of a state transfer, in path order, one at a time.
+    pub fn transfer_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
+        let tr = self.cf(CF_TRANSFER)?;
+        Ok(self.decoded(tr))
+    }
+
+    /// Every entry of column family `cf` (keyed by path) decoded, in path
+    /// order, without filling the block cache; the empty key (the install
+    /// record of [`CF_TRANSFER`]) is passed over.
+    fn decoded<'s>(
+        &'s self,
+        cf: &'s rocksdb::ColumnFamily,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Entry)>> + 's {
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        self.db
+            .iterator_cf_opt(cf, ro, IteratorMode::Start)
+            .filter_map(move |item| {
+                let (k, v) = match item {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(self.err(e))),
+                };
+                if k.as_ref() == K_INSTALLING {
+                    return None;
+                }
+                Some(Entry::decode(&v).map(|e| (k.to_vec(), e)).ok_or_else(|| {
+                    self.corrupt(format!(
+                        "entry {} is malformed",
+                        String::from_utf8_lossy(&k)
+                    ))
+                }))
+            })
+    }
+
+    /// Replaces the namespace, pins and reference counts with the state
+    /// transfer staged by [`State::stage_transfer`], at `applied`. It is
+    /// checked first (its digest, and every chunk it needs stored),
+    /// changing nothing when it fails; then the install is recorded as
+    /// begun and carried out a batch at a time
+    /// ([`State::finish_transfer_install`]), so memory stays bounded
+    /// whatever the size of the namespace, and a crash part way is finished
+    /// at the next open. Snapshots of the state wait for it.
+    pub fn install_transferred(
+        &self,
+        keys: &Keys,
+        applied: Applied,
+        pins: &[(ChunkId, u64)],
+    ) -> Result<()> {
+        let refused = |why: String| {
+            self.corrupt(format!(
+                "transferred namespace at seq {} {why}; nothing was installed",
+                applied.seq
+            ))
+        };
+        self.refuse_if_installing()?;
+        let cm = self.cf(CF_CHUNKMETA)?;
+        let mut digest = LtHash::default();
+        let mut missing = 0usize;
+        let mut entries = self.transfer_iter()?;
+        loop {
+            let batch: Vec<(Vec<u8>, Entry)> = entries
+                .by_ref()
+                .take(INSTALL_BATCH)
+                .collect::<Result<_>>()?;
+            if batch.is_empty() {
+                break;
+            }
+            digest.add(&sum_digest(keys, &batch));
+            let ids: std::collections::BTreeSet<ChunkId> = batch
+                .iter()
+                .flat_map(|(_, e)| e.chunks().iter().map(|c| c.id))
+                .collect();
+            missing += self.count_missing(cm, ids.iter())?;
+        }
+        missing += self.count_missing(cm, pins.iter().map(|(id, _)| id))?;
+        if missing > 0 {
+            return Err(refused(format!(
+                "needs {missing} chunks that are not stored"
+            )));
+        }
+        if digest != applied.digest {
+            return Err(refused("does not match its digest".into()));
+        }
+        let _installing = self
+            .install_lock
+            .write()
+            .map_err(|_| self.corrupt("install lock poisoned".into()))?;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.cf(CF_TRANSFER)?,
+            K_INSTALLING,
+            encode_installing(&applied, pins),
+        );
+        self.write(b)?;
+        self.flush()?;
+        self.carry_out_install()?;
+        Ok(())
+    }
+
+    /// How many of `ids` have no metadata stored.
+    fn count_missing<'a>(
+        &self,
+        cm: &rocksdb::ColumnFamily,
+        ids: impl Iterator<Item = &'a ChunkId>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for m in self.db.multi_get_cf(ids.map(|id| (cm, id.0))) {
+            if m.map_err(|e| self.err(e))?.is_none() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether an install of a state transfer is under way or was
+    /// interrupted (the namespace is then partly the transferred one).
+    pub fn install_pending(&self) -> Result<bool> {
+        // A read-only view of a state from before the column family.
+        let Some(tr) = self.db.cf_handle(CF_TRANSFER) else {
+            return Ok(false);
+        };
+        Ok(self
+            .db
+            .get_pinned_cf(tr, K_INSTALLING)
+            .map_err(|e| self.err(e))?
+            .is_some())
+    }
+
+    /// Finishes an install of a state transfer that a crash interrupted
+    /// (the daemon calls it when it opens the state). True if there was one.
+    pub fn finish_transfer_install(&self) -> Result<bool> {
+        let _installing = self
+            .install_lock
+            .write()
+            .map_err(|_| self.corrupt("install lock poisoned".into()))?;
+        self.carry_out_install()
+    }
+
+    /// Carries out the install recorded under [`K_INSTALLING`], if there is
+    /// one. Every step can run again from the start after a crash: the
+    /// namespace becomes the staged one (a merge of the two in path
+    /// order), every chunk's reference count is counted again from zero,
+    /// chunks nothing references are deleted, and one last batch writes the
+    /// pins and the applied record and drops the staged namespace.
+    fn carry_out_install(&self) -> Result<bool> {
+        let tr = self.cf(CF_TRANSFER)?;
+        let Some(v) = self.db.get_cf(tr, K_INSTALLING).map_err(|e| self.err(e))? else {
+            return Ok(false);
+        };
+        let (applied, pins) = decode_installing(&v)
+            .ok_or_else(|| self.corrupt("the record of a transfer install is malformed".into()))?;
+        let (ns, cm, cb) = (self.cf(CF_NS)?, self.cf(CF_CHUNKMETA)?, self.cf(CF_CHUNKS)?);
+        // The namespace: paths only here deleted, the staged entries put.
+        {
+            let mut old = self.raw_iter(ns).peekable();
+            let mut new = self
+                .raw_iter(tr)
+                .filter(|i| !matches!(i, Ok((k, _)) if k.as_ref() == K_INSTALLING))
+                .peekable();
+            let mut b = WriteBatch::default();
+            loop {
+                let order = match (old.peek(), new.peek()) {
+                    (None, None) => break,
+                    (Some(Err(_)), _) | (Some(Ok(_)), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (Some(Ok((o, _))), Some(Ok((n, _)))) => o.cmp(n),
+                    (Some(Ok(_)), Some(Err(_))) => std::cmp::Ordering::Greater,
+                };
+                match order {
+                    std::cmp::Ordering::Less => {
+                        let (k, _) = old
+                            .next()
+                            .ok_or_else(|| self.corrupt("merge".into()))?
+                            .map_err(|e| self.err(e))?;
+                        b.delete_cf(ns, k);
+                    }
+                    o => {
+                        if o == std::cmp::Ordering::Equal {
+                            old.next();
+                        }
+                        let (k, v) = new
+                            .next()
+                            .ok_or_else(|| self.corrupt("merge".into()))?
+                            .map_err(|e| self.err(e))?;
+                        b.put_cf(ns, k, v);
+                    }
+                }
+                if b.len() >= INSTALL_BATCH {
+                    self.write(std::mem::take(&mut b))?;
+                }
+            }
+            self.write(b)?;
+        }
+        #[cfg(test)]
+        tests::crash_point(1).map_err(|e| self.corrupt(e))?;
+        // Reference counts, from zero.
+        self.rewrite_metas(|_, m| Some(ChunkMeta { refs: 0, ..m }))?;
+        let mut entries = self.decoded(ns);
+        loop {
+            let batch: Vec<(Vec<u8>, Entry)> = entries
+                .by_ref()
+                .take(INSTALL_BATCH)
+                .collect::<Result<_>>()?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut refs: HashMap<ChunkId, u64> = HashMap::new();
+            for (_, e) in &batch {
+                for c in e.chunks() {
+                    *refs.entry(c.id).or_default() += 1;
+                }
+            }
+            self.add_refs(cm, &refs)?;
+        }
+        let pin_refs: HashMap<ChunkId, u64> = pins.iter().copied().collect();
+        self.add_refs(cm, &pin_refs)?;
+        #[cfg(test)]
+        tests::crash_point(2).map_err(|e| self.corrupt(e))?;
+        // What nothing references goes, bytes and all.
+        let mut b = WriteBatch::default();
+        for item in self.db.iterator_cf(cm, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if ChunkMeta::decode(&v).is_some_and(|m| m.refs == 0) {
+                b.delete_cf(cm, &k);
+                b.delete_cf(cb, &k);
+            }
+            if b.len() >= INSTALL_BATCH {
+                self.write(std::mem::take(&mut b))?;
+            }
+        }
+        self.write(b)?;
+        let mut b = WriteBatch::default();
+        let pins_cf = self.cf(CF_PINS)?;
+        for (id, _) in self.pins()? {
+            b.delete_cf(pins_cf, id.0);
+        }
+        for (id, n) in &pins {
+            b.put_cf(pins_cf, id.0, n.to_le_bytes());
+        }
+        b.put_cf(self.cf(CF_CHAIN)?, applied.seq.to_be_bytes(), applied.hash);
+        self.put_applied(&mut b, &applied)?;
+        b.delete_range_cf(tr, K_INSTALLING, TRANSFER_END);
+        self.write(b)?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Every key and value of `cf`, in key order, without filling the
+    /// block cache.
+    fn raw_iter<'s>(
+        &'s self,
+        cf: &rocksdb::ColumnFamily,
+    ) -> rocksdb::DBIteratorWithThreadMode<'s, DB> {
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        self.db.iterator_cf_opt(cf, ro, IteratorMode::Start)
+    }
+
+    /// Rewrites every chunk's metadata through `f`, a batch at a time.
+    fn rewrite_metas(&self, f: impl Fn(&[u8], ChunkMeta) -> Option<ChunkMeta>) -> Result<()> {
+        let cm = self.cf(CF_CHUNKMETA)?;
+        let mut b = WriteBatch::default();
+        for item in self.db.iterator_cf(cm, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let m = ChunkMeta::decode(&v)
+                .ok_or_else(|| self.corrupt("chunk meta is malformed".into()))?;
+            if let Some(m) = f(&k, m) {
+                b.put_cf(cm, &k, m.encode());
+            }
+            if b.len() >= INSTALL_BATCH {
+                self.write(std::mem::take(&mut b))?;
+            }
+        }
+        self.write(b)
+    }
+
+    /// Adds `refs` to the reference counts of stored chunks (all of which
+    /// the install checked are there).
+    fn add_refs(&self, cm: &rocksdb::ColumnFamily, refs: &HashMap<ChunkId, u64>) -> Result<()> {
+        let ids: Vec<&ChunkId> = refs.keys().collect();
+        let found = self.db.multi_get_cf(ids.iter().map(|id| (cm, id.0)));
+        let mut b = WriteBatch::default();
+        for (id, m) in ids.iter().zip(found) {
+            let m = m.map_err(|e| self.err(e))?;
+            let mut m = m.as_deref().and_then(ChunkMeta::decode).ok_or_else(|| {
+                self.corrupt(format!("chunk {id} the namespace needs is not stored"))
+            })?;
+            m.refs += refs.get(*id).copied().unwrap_or(0);
+            b.put_cf(cm, id.0, m.encode());
+        }
+        self.write(b)
     }
 
     /// Replaces the namespace, pins and reference counts with a transferred
@@ -707,7 +1121,30 @@ pub struct Snap<'a> {
 }
 
 impl Snap<'_> {
+    /// Fails when the snapshot shows an install of a transfer that stopped
+    /// half way (a running one is waited for, `State::with_snapshot`):
+    /// its namespace is partly the transferred one.
+    fn whole(&self) -> Result<()> {
+        let Some(tr) = self.st.db.cf_handle(CF_TRANSFER) else {
+            return Ok(());
+        };
+        if self
+            .snap
+            .get_cf(tr, K_INSTALLING)
+            .map_err(|e| self.st.err(e))?
+            .is_some()
+        {
+            return Err(VaultError::Closed(
+                "an install of a state transfer stopped half way; restart the daemon to \
+                 finish it"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn applied(&self) -> Result<Applied> {
+        self.whole()?;
         let meta = self.st.cf(CF_META)?;
         let a = self
             .snap
@@ -729,6 +1166,7 @@ impl Snap<'_> {
     /// Every entry in path order, read one at a time, so a walk of the
     /// whole namespace holds one entry however large the tree.
     pub fn entries_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
+        self.whole()?;
         let ns = self.st.cf(CF_NS)?;
         // A walk of everything would push the committer's hot blocks out of
         // the shared block cache.
@@ -923,6 +1361,19 @@ impl Overlay {
             };
         }
         Ok(merged.into_iter().collect())
+    }
+
+    /// The state's entries with this overlay's changes, in path order,
+    /// read one at a time (the overlay itself is held: it is the log past
+    /// the state's last flush).
+    pub fn entries_iter<'a>(
+        &'a self,
+        st: &'a State,
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + 'a> {
+        Ok(Merged {
+            base: st.entries_iter()?.peekable(),
+            over: self.entries.iter().peekable(),
+        })
     }
 
     /// Chunks the ops need that are neither stored nor attached.
@@ -1169,5 +1620,196 @@ impl Overlay {
         }
         st.put_applied(&mut b, &self.applied)?;
         Ok((b, self.applied))
+    }
+}
+
+/// A state's entries merged with an overlay's changes, both in path order:
+/// where both have a path the overlay's word (an entry, or its removal)
+/// wins.
+struct Merged<'a, B: Iterator<Item = Result<(Vec<u8>, Entry)>>> {
+    base: std::iter::Peekable<B>,
+    over: std::iter::Peekable<std::collections::btree_map::Iter<'a, Vec<u8>, Option<Entry>>>,
+}
+
+impl<B: Iterator<Item = Result<(Vec<u8>, Entry)>>> Iterator for Merged<'_, B> {
+    type Item = Result<(Vec<u8>, Entry)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let order = match (self.base.peek(), self.over.peek()) {
+                (None, None) => return None,
+                // An error is passed on as soon as it is met.
+                (Some(Err(_)), _) | (Some(Ok(_)), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(Ok((b, _))), Some((o, _))) => b.as_slice().cmp(o.as_slice()),
+            };
+            if order == std::cmp::Ordering::Less {
+                return self.base.next();
+            }
+            if order == std::cmp::Ordering::Equal {
+                self.base.next();
+            }
+            let (k, v) = self.over.next()?;
+            if let Some(e) = v {
+                return Some(Ok((k.clone(), e.clone())));
+            }
+        }
+    }
+}
+
+/// The digest of a batch of entries, summed on every core.
+fn sum_digest(keys: &Keys, entries: &[(Vec<u8>, Entry)]) -> LtHash {
+    use rayon::prelude::*;
+    entries
+        .par_iter()
+        .fold(LtHash::default, |mut acc, (p, e)| {
+            acc.add(&e.digest_element(keys, p));
+            acc
+        })
+        .reduce(LtHash::default, |mut a, b| {
+            a.add(&b);
+            a
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use crate::chunk::{self, ChunkId};
+    use crate::dataset::{Dataset, Options};
+    use crate::keys::DatasetKey;
+    use crate::ops::{ChunkRef, Entry, Node, Op};
+
+    /// The step of an install after which it fails as if the process died
+    /// (0: none).
+    static CRASH_AT: AtomicU8 = AtomicU8::new(0);
+
+    pub(super) fn crash_point(step: u8) -> std::result::Result<(), String> {
+        if CRASH_AT.load(Ordering::SeqCst) == step {
+            return Err(format!("stopped after step {step} (test)"));
+        }
+        Ok(())
+    }
+
+    fn file(ds: &Dataset, data: &[u8]) -> (Entry, chunk::SealedChunk) {
+        let id = ChunkId::of(ds.keys(), data);
+        let e = Entry {
+            node: Node::File {
+                chunks: vec![ChunkRef {
+                    id,
+                    len: data.len() as u32,
+                }],
+            },
+            mode: 0o644,
+            mtime_ns: 1,
+            size: data.len() as u64,
+            ext: None,
+        };
+        (e, chunk::seal(ds.keys(), id, data))
+    }
+
+    fn fill(ds: &Dataset, files: &[(&str, &str)]) {
+        let mut ops = Vec::new();
+        let mut sealed = Vec::new();
+        for (p, data) in files {
+            let (e, c) = file(ds, data.as_bytes());
+            ops.push(Op::Put {
+                path: p.as_bytes().to_vec(),
+                entry: e,
+            });
+            sealed.push(c);
+        }
+        ds.submit(ops, sealed).unwrap();
+    }
+
+    fn open(dir: &std::path::Path, key: &DatasetKey) -> Dataset {
+        Dataset::open(
+            dir,
+            "t",
+            key,
+            Options {
+                create: true,
+                release_pins: false,
+                ..Options::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// A transfer is received in parts into a copy that holds a namespace
+    /// of its own, and installed a batch at a time; an install stopped
+    /// after any step (as by a crash) is finished when the copy is opened
+    /// again, and leaves exactly the upstream's namespace, digest and
+    /// chunks: the follower's own files gone, their chunks deleted, shared
+    /// chunks kept.
+    #[test]
+    fn a_staged_transfer_installs_in_batches_and_a_crash_part_way_is_finished_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = DatasetKey::generate();
+        let up = open(&tmp.path().join("up"), &key);
+        fill(&up, &[("a", "alpha"), ("b", "shared"), ("c/d", "delta")]);
+        fill(&up, &[("e", "epsilon"), ("b2", "shared")]);
+        let applied = up.state().applied().unwrap();
+        let entries = up.state().with_snapshot(|s| s.entries()).unwrap();
+        for step in [0u8, 1, 2] {
+            let dir = tmp.path().join(format!("down-{step}"));
+            let down = open(&dir, &key);
+            fill(
+                &down,
+                &[("a", "old alpha"), ("b", "shared"), ("zz", "only here")],
+            );
+            let only_here = ChunkId::of(down.keys(), b"only here");
+            down.clear_transfer().unwrap();
+            // Left by an earlier transfer cut short: dropped by the clear.
+            down.stage_transfer(&[(b"stale".to_vec(), file(&down, b"x").0)])
+                .unwrap();
+            down.clear_transfer().unwrap();
+            for part in entries.chunks(2) {
+                down.stage_transfer(part).unwrap();
+            }
+            let missing: Vec<chunk::SealedChunk> = entries
+                .iter()
+                .flat_map(|(_, e)| e.chunks().to_vec())
+                .filter(|c| !down.has_chunk(&c.id).unwrap())
+                .map(|c| chunk::SealedChunk {
+                    id: c.id,
+                    plain_len: c.len,
+                    sealed: up.state().chunk_bytes(&c.id).unwrap().unwrap(),
+                })
+                .collect();
+            down.stage_chunks(&missing).unwrap();
+            CRASH_AT.store(step, Ordering::SeqCst);
+            let res = down.install_staged(applied.clone(), Vec::new());
+            CRASH_AT.store(0, Ordering::SeqCst);
+            let down = if step == 0 {
+                res.unwrap();
+                down
+            } else {
+                let err = res.unwrap_err().to_string();
+                assert!(err.contains("half way"), "{err}");
+                drop(down);
+                let down = open(&dir, &key);
+                assert!(!down.state().install_pending().unwrap());
+                down
+            };
+            let got = down.state().with_snapshot(|s| s.entries()).unwrap();
+            assert_eq!(got, entries, "step {step}");
+            assert_eq!(down.state().applied().unwrap(), applied, "step {step}");
+            assert_eq!(down.head_seq(), applied.seq);
+            assert!(!down.has_chunk(&only_here).unwrap(), "step {step}");
+            let shared = ChunkId::of(down.keys(), b"shared");
+            assert_eq!(
+                down.state().chunk_meta(&shared).unwrap().unwrap().refs,
+                2,
+                "step {step}"
+            );
+            assert!(down.state().transfer_iter().unwrap().next().is_none());
+            // The copy goes on from there.
+            fill(&down, &[("f", "after")]);
+            assert_eq!(down.head_seq(), applied.seq + 1);
+            down.close().unwrap();
+        }
+        up.close().unwrap();
     }
 }

@@ -319,3 +319,119 @@ fn a_delta_restore_fetches_only_what_the_tree_lost_and_removes_the_rest() {
     assert_eq!(r.removed, 7);
     assert!(temporaries(&to).is_empty());
 }
+
+/// A restore into an empty target reads the namespace a few entries at a
+/// time. Directories get their recorded mode and mtime only once
+/// everything under them is in place (`d` sorts before `d.txt`, which
+/// sorts before everything under `d/`; `ro` is read-only), names of one
+/// file stay linked across batches, and the tree is the one a restore in
+/// one batch makes.
+#[test]
+fn a_restore_a_few_entries_at_a_time_makes_the_same_tree() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let key = DatasetKey::generate();
+    let ds = Dataset::open(
+        &data,
+        "t",
+        &key,
+        Options {
+            create: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let keys = ds.keys().clone();
+    let dir = |mode: u32, mtime_ns: i64| Entry {
+        node: Node::Dir,
+        mode,
+        mtime_ns,
+        size: 0,
+        ext: None,
+    };
+    let mut ops = Vec::new();
+    let mut sealed = Vec::new();
+    for (i, p) in ["d", "d/s", "d/s/t", "e"].iter().enumerate() {
+        ops.push(put(p, dir(0o750, MTIME + i as i64 * 1_000_000_000)));
+    }
+    ops.push(put("ro", dir(0o555, MTIME - 7_000_000_000)));
+    let files = [
+        "d.txt", "d/a", "d/s/b", "d/s/t/c", "d/z", "e/f", "ro/x", "ro/y", "zz",
+    ];
+    for (i, p) in files.iter().enumerate() {
+        let (mut e, c) = file(&keys, format!("contents of {p} {i}").as_bytes());
+        e.mtime_ns = MTIME + i as i64;
+        ops.push(put(p, e));
+        sealed.extend(c);
+    }
+    // `d/a` and `zz` are two names of one file, seven batches apart.
+    let (mut linked, c) = file(&keys, b"one file, two names");
+    linked.ext = Some(Box::new(vault::meta::Ext {
+        kept: vault::meta::Preserve::HARDLINK,
+        link: 7,
+        ..Default::default()
+    }));
+    ops.push(put("d/a", linked.clone()));
+    ops.push(put("zz", linked));
+    sealed.extend(c);
+    ds.submit(ops, sealed).unwrap();
+    ds.close().unwrap();
+
+    let view = View::open(&data, "t", &key).unwrap();
+    let restore_in = |name: &str, batch: usize| {
+        let to = tmp.path().join(name);
+        let r = restore_from(
+            &view,
+            &to,
+            None,
+            RestoreOptions {
+                batch,
+                ..RestoreOptions::default()
+            },
+            &|_| {},
+        )
+        .unwrap();
+        assert!(r.ok(), "batch {batch}: {:?}", r.problems);
+        assert_eq!((r.files, r.dirs, r.hardlinks), (9, 5, 1), "batch {batch}");
+        to
+    };
+    let whole = restore_in("whole", usize::MAX);
+    for batch in [1, 2, 3] {
+        let parts = restore_in(&format!("parts-{batch}"), batch);
+        let mut paths = walk(&parts);
+        paths.sort();
+        let mut expect = walk(&whole);
+        expect.sort();
+        let rel = |v: Vec<String>, root: &Path| -> Vec<String> {
+            v.into_iter()
+                .map(|p| p.strip_prefix(root.to_str().unwrap()).unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(rel(paths.clone(), &parts), rel(expect, &whole));
+        for p in rel(paths, &parts) {
+            let p = p.trim_start_matches('/');
+            let (a, b) = (
+                std::fs::symlink_metadata(parts.join(p)).unwrap(),
+                std::fs::symlink_metadata(whole.join(p)).unwrap(),
+            );
+            assert_eq!(
+                (a.mode(), a.mtime(), a.mtime_nsec(), a.len()),
+                (b.mode(), b.mtime(), b.mtime_nsec(), b.len()),
+                "{p} with batch {batch}"
+            );
+        }
+        let ro = std::fs::metadata(parts.join("ro")).unwrap();
+        assert_eq!(ro.mode() & 0o7777, 0o555);
+        assert_eq!(
+            ro.mtime() * 1_000_000_000 + ro.mtime_nsec(),
+            MTIME - 7_000_000_000
+        );
+        let (a, z) = (
+            std::fs::metadata(parts.join("d/a")).unwrap(),
+            std::fs::metadata(parts.join("zz")).unwrap(),
+        );
+        assert_eq!(a.ino(), z.ino(), "batch {batch}");
+        assert_eq!(a.nlink(), 2);
+    }
+}

@@ -112,11 +112,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .unwrap_or_else(|| cfg.dataset_dir(&a.dataset));
     let view = View::open(&dir, &a.dataset, &key)
         .with_context(|| format!("opening dataset `{}` at {}", a.dataset, dir.display()))?;
-    let total: u64 = view
-        .entries()?
-        .iter()
-        .map(|(_, e)| if e.is_dir() { 0 } else { e.size })
-        .sum();
+    // Summed as read, one entry at a time: the restore itself holds one
+    // batch of the namespace, and so does this.
+    let mut total = 0u64;
+    for item in view.entries_iter()? {
+        let (_, e) = item?;
+        if !e.is_dir() {
+            total += e.size;
+        }
+    }
     let bar = ProgressBar::new(total);
     if std::io::stderr().is_terminal() {
         bar.set_style(
@@ -131,6 +135,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let opts = vault::restore::RestoreOptions {
         delta: a.delta,
         sparse: d.preserve().has(vault::meta::Preserve::SPARSE),
+        ..vault::restore::RestoreOptions::default()
     };
     let report = vault::restore::restore_from(&view, &a.to, None, opts, &|n| bar.set_position(n))?;
     bar.finish_and_clear();
