@@ -684,8 +684,10 @@ impl DirSource {
         } else {
             vault::ops::subtree_prefix(rel)
         };
-        let mut known: BTreeMap<Vec<u8>, Entry> =
-            self.ds.entries_with_prefix(&prefix)?.into_iter().collect();
+        // What the namespace records is looked up path by path, never
+        // loaded whole: a scan of a million files holds what it plans.
+        // Subtrees the walk may not read keep what they recorded.
+        let mut unreadable: Vec<Vec<u8>> = Vec::new();
         let start = self.abs(rel);
         let walker = walkdir::WalkDir::new(&start)
             .min_depth(1)
@@ -704,8 +706,7 @@ impl DirSource {
                             .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
                         {
                             self.skip(&p, &format!("{e}"));
-                            let pre = vault::ops::subtree_prefix(&p);
-                            known.retain(|k, _| !k.starts_with(&pre));
+                            unreadable.push(vault::ops::subtree_prefix(&p));
                         }
                     }
                     continue;
@@ -714,7 +715,7 @@ impl DirSource {
             let Some(r) = self.rel(ent.path()) else {
                 continue;
             };
-            let old = known.remove(&r);
+            let old = self.ds.entry(&r)?;
             let md = match ent.path().symlink_metadata() {
                 Ok(m) => m,
                 Err(_) => continue,
@@ -732,9 +733,29 @@ impl DirSource {
                 })?;
             }
         }
-        for (gone, _) in known {
-            if !self.excluded(&gone) {
-                plan.deletes.insert(gone);
+        // What is recorded and no longer there: each recorded path under
+        // `rel` is looked for on disk (the walk just read these
+        // directories, so the lookups hit the kernel's caches). A path
+        // found in neither the walk nor this pass was removed; one made
+        // since the walk is the next round's.
+        for item in self.ds.entries_under(&prefix)? {
+            self.check_stop()?;
+            let (path, _) = item?;
+            if self.excluded(&path) || unreadable.iter().any(|u| path.starts_with(u)) {
+                continue;
+            }
+            match self.abs(&path).symlink_metadata() {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    plan.deletes.insert(path);
+                }
+                // Unreadable now: kept as recorded, and said.
+                Err(e) => self.skip(&path, &e.to_string()),
             }
         }
         Ok(())
@@ -1312,6 +1333,32 @@ mod tests {
         std::fs::remove_file(f.tree.join("docs/a.txt")).unwrap();
         f.src.full_scan(i64::MAX).unwrap();
         assert_eq!(paths(&f.src), ["docs"]);
+    }
+
+    #[test]
+    fn a_scan_finds_what_was_removed_or_changed_kind_by_looking_on_disk() {
+        let f = fixture(&[]);
+        std::fs::create_dir_all(f.tree.join("d/sub")).unwrap();
+        std::fs::write(f.tree.join("d/sub/x"), b"x").unwrap();
+        std::fs::write(f.tree.join("d/y"), b"y").unwrap();
+        std::fs::write(f.tree.join("d.txt"), b"beside d").unwrap();
+        std::fs::write(f.tree.join("e"), b"e").unwrap();
+        f.src.full_scan(i64::MAX).unwrap();
+        assert_eq!(
+            paths(&f.src),
+            ["d", "d.txt", "d/sub", "d/sub/x", "d/y", "e"]
+        );
+        // A directory becomes a file (what it held is gone: its paths now
+        // run through a file), a file becomes a directory.
+        std::fs::remove_dir_all(f.tree.join("d")).unwrap();
+        std::fs::write(f.tree.join("d"), b"now a file").unwrap();
+        std::fs::remove_file(f.tree.join("e")).unwrap();
+        std::fs::create_dir(f.tree.join("e")).unwrap();
+        std::fs::write(f.tree.join("e/z"), b"z").unwrap();
+        f.src.full_scan(i64::MAX).unwrap();
+        assert_eq!(paths(&f.src), ["d", "d.txt", "e", "e/z"]);
+        assert!(!f.src.ds.entry(b"d").unwrap().unwrap().is_dir());
+        assert!(f.src.ds.entry(b"e").unwrap().unwrap().is_dir());
     }
 
     #[test]

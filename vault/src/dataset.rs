@@ -749,6 +749,15 @@ impl Dataset {
         self.state.entries_with_prefix(prefix)
     }
 
+    /// The entries whose paths start with `prefix`, in path order, read one
+    /// at a time (`State::entries_under`).
+    pub fn entries_under<'s>(
+        &'s self,
+        prefix: &'s [u8],
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + 's> {
+        self.state.entries_under(prefix)
+    }
+
     pub fn state(&self) -> &State {
         &self.state
     }

@@ -471,6 +471,33 @@ impl State {
         Ok(self.decoded(self.cf(CF_NS)?))
     }
 
+    /// The entries whose paths start with `prefix`, in path order, read
+    /// one at a time.
+    pub fn entries_under<'s>(
+        &'s self,
+        prefix: &'s [u8],
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + 's> {
+        let ns = self.cf(CF_NS)?;
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        Ok(self
+            .db
+            .iterator_cf_opt(ns, ro, IteratorMode::From(prefix, Direction::Forward))
+            .map(move |item| {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let e = Entry::decode(&v).ok_or_else(|| {
+                    self.corrupt(format!(
+                        "entry {} is malformed",
+                        String::from_utf8_lossy(&k)
+                    ))
+                })?;
+                Ok((k.to_vec(), e))
+            })
+            .take_while(move |item| {
+                item.as_ref().is_ok_and(|(k, _)| k.starts_with(prefix)) || item.is_err()
+            }))
+    }
+
     /// Chunks with references held by pins.
     pub fn pins(&self) -> Result<Vec<(ChunkId, u64)>> {
         let cf = self.cf(CF_PINS)?;
