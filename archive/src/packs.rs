@@ -384,19 +384,43 @@ pub fn with_index(keys: &Keys, key: &str, mut body: Vec<u8>, index_plain: &[u8])
     body
 }
 
-/// Where one chunk's sealed bytes are.
-#[derive(Debug, Clone)]
-pub struct Place {
-    /// The chunk object of its own, with its listed size.
-    pub object: Option<u64>,
-    /// The pack holding it, and its entry there.
-    pub packed: Option<(Arc<str>, PackEntry)>,
+/// Where one chunk's sealed bytes are, in 32 bytes: a restore holds one
+/// for every chunk of the archive (a million chunks, 32 MB beside their
+/// ids), so the pack is named by its number in `Located::pack_keys`.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    /// The listed size of the chunk object of its own; [`Place::NONE`]
+    /// for none.
+    object: u64,
+    /// Where in the pack (`pack` is [`Place::NO_PACK`] for none).
+    offset: u64,
+    pack: u32,
+    sealed_len: u32,
+    plain_len: u32,
+}
+
+impl Place {
+    const NONE: u64 = u64::MAX;
+    const NO_PACK: u32 = u32::MAX;
+    const EMPTY: Place = Place {
+        object: Place::NONE,
+        offset: 0,
+        pack: Place::NO_PACK,
+        sealed_len: 0,
+        plain_len: 0,
+    };
+
+    fn object(&self) -> Option<u64> {
+        (self.object != Place::NONE).then_some(self.object)
+    }
 }
 
 /// Where every chunk of a dataset's archive is.
 #[derive(Default)]
 pub struct Located {
     places: HashMap<ChunkId, Place>,
+    /// The packs `Place::pack` numbers.
+    pack_keys: Vec<Arc<str>>,
     /// Loaded by [`Located::load_places`]: `packs` holds no entries.
     without_lists: bool,
     /// Each pack's key, size and entries.
@@ -481,8 +505,9 @@ impl Located {
                 out.places.insert(
                     id,
                     Place {
-                        object: Some(l.size),
-                        packed: None,
+                        // A listed size of u64::MAX is no chunk's.
+                        object: l.size.min(Place::NONE - 1),
+                        ..Place::EMPTY
                     },
                 );
             }
@@ -533,14 +558,19 @@ impl Located {
 
     fn add_pack(&mut self, key: String, size: u64, entries: Vec<PackEntry>) {
         let key: Arc<str> = key.into();
-        for e in &entries {
-            self.places
-                .entry(e.id)
-                .or_insert(Place {
-                    object: None,
-                    packed: None,
-                })
-                .packed = Some((key.clone(), *e));
+        // Past four billion packs a pack's chunks count as in none.
+        let n = u32::try_from(self.pack_keys.len())
+            .ok()
+            .filter(|n| *n != Place::NO_PACK);
+        if let Some(n) = n {
+            self.pack_keys.push(key.clone());
+            for e in &entries {
+                let p = self.places.entry(e.id).or_insert(Place::EMPTY);
+                p.pack = n;
+                p.offset = e.offset;
+                p.sealed_len = e.sealed_len;
+                p.plain_len = e.plain_len;
+            }
         }
         let entries = if self.without_lists {
             Vec::new()
@@ -601,8 +631,22 @@ impl Located {
         Ok(covered)
     }
 
-    pub fn place(&self, id: &ChunkId) -> Option<&Place> {
-        self.places.get(id)
+    /// The pack holding chunk `id`, if one does, and the chunk's entry
+    /// there (its hash is the one `want` records, which every read is
+    /// checked against).
+    fn packed(&self, id: &ChunkId, hash: [u8; 32]) -> Option<(Arc<str>, PackEntry)> {
+        let p = self.places.get(id)?;
+        let key = self.pack_keys.get(usize::try_from(p.pack).ok()?)?;
+        Some((
+            key.clone(),
+            PackEntry {
+                id: *id,
+                offset: p.offset,
+                sealed_len: p.sealed_len,
+                plain_len: p.plain_len,
+                hash,
+            },
+        ))
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
@@ -617,18 +661,20 @@ impl Located {
     /// The stored length of a chunk's copy that a read would use first.
     pub fn stored_len(&self, id: &ChunkId) -> Option<u64> {
         let p = self.places.get(id)?;
-        p.object
-            .or_else(|| p.packed.as_ref().map(|(_, e)| u64::from(e.sealed_len)))
+        p.object()
+            .or_else(|| (p.pack != Place::NO_PACK).then_some(u64::from(p.sealed_len)))
     }
 
     /// Names where a chunk is, for messages.
     pub fn describe(&self, store: &Store, ds: &str, id: &ChunkId) -> String {
         // A chunk object of its own is read first, so it is named first.
         match self.places.get(id) {
-            Some(Place {
-                object: None,
-                packed: Some((k, e)),
-            }) => format!("{} (bytes {}+{})", store.locate(k), e.offset, e.sealed_len),
+            Some(p) if p.object().is_none() => match self.packed(id, [0; 32]) {
+                Some((k, e)) => {
+                    format!("{} (bytes {}+{})", store.locate(&k), e.offset, e.sealed_len)
+                }
+                None => store.locate(&objects::chunk_key(ds, id)),
+            },
             _ => store.locate(&objects::chunk_key(ds, id)),
         }
     }
@@ -646,14 +692,10 @@ impl Located {
         let mut by_pack: BTreeMap<Arc<str>, Vec<(Want, PackEntry)>> = BTreeMap::new();
         let mut absent: Vec<Fetched> = Vec::new();
         for w in want {
-            match self.places.get(&w.id) {
-                Some(Place {
-                    object: Some(_), ..
-                }) => objects_first.push(w),
-                Some(Place {
-                    packed: Some((k, e)),
-                    ..
-                }) => by_pack.entry(k.clone()).or_default().push((w, *e)),
+            let object = self.places.get(&w.id).and_then(Place::object);
+            match (object, self.packed(&w.id, w.hash)) {
+                (Some(_), _) => objects_first.push(w),
+                (None, Some((k, e))) => by_pack.entry(k).or_default().push((w, e)),
                 _ => absent.push(Fetched::Bad {
                     id: w.id,
                     at: store.locate(&objects::chunk_key(ds, &w.id)),
@@ -731,7 +773,7 @@ impl Located {
                 missing: false,
             },
         };
-        match self.places.get(&w.id).and_then(|p| p.packed.clone()) {
+        match self.packed(&w.id, w.hash) {
             Some((pack, e)) => {
                 let r = Range {
                     pack,
