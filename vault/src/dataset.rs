@@ -1618,6 +1618,24 @@ impl View {
         self.overlay.entry(&self.state, path)
     }
 
+    /// Every stored chunk's metadata as the view sees it, one at a time:
+    /// the state's (in id order), then those the log tail stored.
+    pub fn chunk_metas_iter(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<(ChunkId, ChunkMeta)>> + '_> {
+        let changed: std::collections::HashSet<ChunkId> =
+            self.overlay.chunk_changes().map(|(id, _)| *id).collect();
+        let from_tail = self
+            .overlay
+            .chunk_changes()
+            .filter_map(|(id, m)| m.map(|m| Ok((*id, m))));
+        Ok(self
+            .state
+            .chunk_metas_iter()?
+            .filter(move |item| item.as_ref().map_or(true, |(id, _)| !changed.contains(id)))
+            .chain(from_tail))
+    }
+
     pub fn chunk_meta(&self, id: &ChunkId) -> Result<Option<ChunkMeta>> {
         self.overlay.chunk_meta(&self.state, id)
     }

@@ -511,9 +511,15 @@ impl State {
 
     /// Every stored chunk's bookkeeping, for scrubs and tests.
     pub fn all_chunk_meta(&self) -> Result<Vec<(ChunkId, ChunkMeta)>> {
+        self.chunk_metas_iter()?.collect()
+    }
+
+    /// Every stored chunk's metadata, in id order, read one at a time.
+    pub fn chunk_metas_iter(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<(ChunkId, ChunkMeta)>> + '_> {
         let cf = self.cf(CF_CHUNKMETA)?;
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+        Ok(self.raw_iter(cf).map(move |item| {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let id = ChunkId(
                 k.as_ref()
@@ -522,9 +528,8 @@ impl State {
             );
             let m = ChunkMeta::decode(&v)
                 .ok_or_else(|| self.corrupt(format!("chunk meta {id} malformed")))?;
-            out.push((id, m));
-        }
-        Ok(out)
+            Ok((id, m))
+        }))
     }
 
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
@@ -1388,6 +1393,11 @@ impl Overlay {
             };
         }
         Ok(merged.into_iter().collect())
+    }
+
+    /// The chunk metadata this overlay changed (`None`: deleted).
+    pub fn chunk_changes(&self) -> impl Iterator<Item = (&ChunkId, &Option<ChunkMeta>)> {
+        self.chunks.iter()
     }
 
     /// The state's entries with this overlay's changes, in path order,

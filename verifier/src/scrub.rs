@@ -2,8 +2,8 @@
 //! restore needs the bytes.
 //!
 //! - [`local`]: the site's own copy, through a read-only [`View`] (so it runs
-//!   beside the daemon): every chunk the namespace or a pin references is
-//!   read, its sealed-bytes BLAKE3 compared with the recorded one, its
+//!   beside the daemon), with memory that does not grow with it: every
+//!   chunk the namespace or a pin references is read once, its sealed-bytes BLAKE3 compared with the recorded one, its
 //!   SM4-GCM tag and plaintext id checked; the namespace digest is recomputed
 //!   from scratch and compared with the running one. A rate limit keeps it
 //!   from starving replication of disk and CPU.
@@ -69,98 +69,150 @@ fn pace(start: Instant, done: u64, rate: Option<u64>) {
 }
 
 /// Scrubs the site's copy of a dataset as `view` sees it.
+///
+/// Nothing in it grows with the dataset but what it finds: the namespace is
+/// read a batch at a time (its digest recomputed, every chunk it names
+/// looked up), then every stored chunk that something references (its
+/// reference count, the namespace's and the pins', is above zero) is read
+/// once and checked, and finally, only when some failed, the namespace is
+/// read again to name the paths that use them.
 pub fn local(
     dataset: &str,
     view: &View,
     max_rate: Option<u64>,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> vault::Result<LocalScrub> {
+    const BATCH: usize = 20_000;
     let started = Instant::now();
     let keys: &Keys = view.keys();
-    let entries = view.entries()?;
-    let mut users: HashMap<ChunkId, Vec<String>> = HashMap::new();
     let mut recomputed = LtHash::default();
-    for (path, e) in &entries {
-        recomputed.add(&e.digest_element(keys, path));
-        for c in e.chunks() {
-            let u = users.entry(c.id).or_default();
-            if u.len() < 5 {
-                u.push(String::from_utf8_lossy(path).into_owned());
-            }
-        }
-    }
-    // Pins come from the state as last flushed: one released since (in the
-    // log tail the view replayed) may have freed its chunk, which is then
-    // no finding.
-    let mut pin_only = HashSet::new();
-    for (id, _) in view.state().pins()? {
-        if !users.contains_key(&id) {
-            pin_only.insert(id);
-        }
-        users.entry(id).or_default();
-    }
-    let ids: Vec<ChunkId> = users.keys().copied().collect();
-    let total = ids.len() as u64;
-    let (done, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let bad = Mutex::new(Vec::new());
-    let fail = |id: &ChunkId, reason: String| {
+    let fail = |id: &ChunkId, reason: String, referenced_by: Vec<String>| {
         if let Ok(mut b) = bad.lock() {
             b.push(BadChunk {
                 id: id.to_string(),
                 reason,
-                referenced_by: users.get(id).cloned().unwrap_or_default(),
+                referenced_by,
             });
         }
     };
-    // A chunk that cannot be read (RocksDB's own checksum, an I/O error) is
-    // a finding about that chunk, not the end of the scrub.
-    ids.par_iter().try_for_each(|id| -> vault::Result<()> {
-        let meta = match view.chunk_meta(id) {
-            Ok(Some(m)) => m,
-            Ok(None) if pin_only.contains(id) => return Ok(()),
-            Ok(None) => {
-                fail(id, "referenced but not stored".into());
-                return Ok(());
-            }
-            Err(e) => {
-                fail(id, format!("its metadata cannot be read: {e}"));
-                return Ok(());
-            }
-        };
-        let sealed = match view.chunk_bytes(id) {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                fail(id, "its metadata is stored but its bytes are not".into());
-                return Ok(());
-            }
-            Err(e) => {
-                fail(id, format!("its bytes cannot be read: {e}"));
-                return Ok(());
-            }
-        };
-        let n = bytes.fetch_add(sealed.len() as u64, Ordering::Relaxed) + sealed.len() as u64;
-        if sealed.len() != meta.sealed_len as usize
-            || *blake3::hash(&sealed).as_bytes() != meta.sealed_hash
-        {
-            fail(
-                id,
-                format!(
-                    "the sealed bytes ({} bytes) do not hash as recorded ({} bytes)",
-                    sealed.len(),
-                    meta.sealed_len
-                ),
-            );
-        } else if let Err(e) = vault::chunk::open(keys, id, meta.plain_len, &sealed) {
-            fail(id, e.to_string());
+    // The namespace: its digest, and every chunk it names must be stored.
+    let mut entries = view.entries_iter()?;
+    loop {
+        let batch: Vec<(Vec<u8>, vault::Entry)> =
+            entries.by_ref().take(BATCH).collect::<vault::Result<_>>()?;
+        if batch.is_empty() {
+            break;
         }
-        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-        progress(d, total);
-        pace(started, n, max_rate);
-        Ok(())
-    })?;
+        let part = batch
+            .par_iter()
+            .fold(LtHash::default, |mut acc, (p, e)| {
+                acc.add(&e.digest_element(keys, p));
+                acc
+            })
+            .reduce(LtHash::default, |mut a, b| {
+                a.add(&b);
+                a
+            });
+        recomputed.add(&part);
+        let mut users: HashMap<ChunkId, Vec<String>> = HashMap::new();
+        for (path, e) in &batch {
+            for c in e.chunks() {
+                let u = users.entry(c.id).or_default();
+                if u.len() < 5 {
+                    u.push(String::from_utf8_lossy(path).into_owned());
+                }
+            }
+        }
+        for (id, paths) in users {
+            match view.chunk_meta(&id) {
+                Ok(Some(_)) => {}
+                Ok(None) => fail(&id, "referenced but not stored".into(), paths),
+                Err(e) => fail(&id, format!("its metadata cannot be read: {e}"), paths),
+            }
+        }
+    }
+    // Every referenced chunk, once. A chunk that cannot be read (RocksDB's
+    // own checksum, an I/O error) is a finding about that chunk, not the
+    // end of the scrub.
+    let total = view
+        .chunk_metas_iter()?
+        .filter(|m| m.as_ref().map_or(true, |(_, m)| m.refs > 0))
+        .count() as u64;
+    let (done, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut metas = view
+        .chunk_metas_iter()?
+        .filter(|m| m.as_ref().map_or(true, |(_, m)| m.refs > 0));
+    loop {
+        let batch: Vec<(ChunkId, vault::state::ChunkMeta)> =
+            metas.by_ref().take(BATCH).collect::<vault::Result<_>>()?;
+        if batch.is_empty() {
+            break;
+        }
+        batch.par_iter().for_each(|(id, meta)| {
+            let sealed = match view.chunk_bytes(id) {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    fail(
+                        id,
+                        "its metadata is stored but its bytes are not".into(),
+                        Vec::new(),
+                    );
+                    return;
+                }
+                Err(e) => {
+                    fail(id, format!("its bytes cannot be read: {e}"), Vec::new());
+                    return;
+                }
+            };
+            let n = bytes.fetch_add(sealed.len() as u64, Ordering::Relaxed) + sealed.len() as u64;
+            if sealed.len() != meta.sealed_len as usize
+                || *blake3::hash(&sealed).as_bytes() != meta.sealed_hash
+            {
+                fail(
+                    id,
+                    format!(
+                        "the sealed bytes ({} bytes) do not hash as recorded ({} bytes)",
+                        sealed.len(),
+                        meta.sealed_len
+                    ),
+                    Vec::new(),
+                );
+            } else if let Err(e) = vault::chunk::open(keys, id, meta.plain_len, &sealed) {
+                fail(id, e.to_string(), Vec::new());
+            }
+            let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+            progress(d, total);
+            pace(started, n, max_rate);
+        });
+    }
+    let mut bad = bad.into_inner().unwrap_or_default();
+    // Who uses what failed: up to five paths each, read again only now.
+    let wanted: HashSet<String> = bad
+        .iter()
+        .filter(|b| b.referenced_by.is_empty())
+        .map(|b| b.id.clone())
+        .collect();
+    if !wanted.is_empty() {
+        let mut users: HashMap<String, Vec<String>> = HashMap::new();
+        for item in view.entries_iter()? {
+            let (path, e) = item?;
+            for c in e.chunks() {
+                let id = c.id.to_string();
+                if wanted.contains(&id) {
+                    let u = users.entry(id).or_default();
+                    if u.len() < 5 {
+                        u.push(String::from_utf8_lossy(&path).into_owned());
+                    }
+                }
+            }
+        }
+        for b in bad.iter_mut().filter(|b| b.referenced_by.is_empty()) {
+            b.referenced_by = users.remove(&b.id).unwrap_or_default();
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
     let bytes = bytes.load(Ordering::Relaxed);
-    let mut bad = bad.into_inner().unwrap_or_default();
     bad.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(LocalScrub {
         dataset: dataset.to_string(),
