@@ -240,6 +240,54 @@ impl Entry {
     }
 }
 
+/// The namespace digest of `entries` (each (path, entry)), summed on every
+/// core.
+pub fn digest_of(keys: &Keys, entries: &[(Vec<u8>, Entry)]) -> LtHash {
+    use rayon::prelude::*;
+    entries
+        .par_iter()
+        .fold(LtHash::default, |mut acc, (p, e)| {
+            acc.add(&e.digest_element(keys, p));
+            acc
+        })
+        .reduce(LtHash::default, |mut a, b| {
+            a.add(&b);
+            a
+        })
+}
+
+/// The items of a fallible iterator in vectors of up to `n`, ending after
+/// the first error: how whatever walks a whole namespace holds one batch
+/// of it at a time.
+pub fn batches<T, E>(
+    mut items: impl Iterator<Item = Result<T, E>>,
+    n: usize,
+) -> impl Iterator<Item = Result<Vec<T>, E>> {
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let mut batch = Vec::with_capacity(n.clamp(1, 1024));
+        for item in items.by_ref() {
+            match item {
+                Ok(x) => {
+                    batch.push(x);
+                    if batch.len() >= n.max(1) {
+                        return Some(Ok(batch));
+                    }
+                }
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        done = true;
+        (!batch.is_empty()).then_some(Ok(batch))
+    })
+}
+
 /// One change to a dataset.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -314,6 +362,17 @@ pub fn subtree_prefix(path: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_hold_up_to_n_items_and_end_after_the_first_error() {
+        let ok: Vec<Result<u32, &str>> = (0..7).map(Ok).collect();
+        let got: Vec<Vec<u32>> = batches(ok.into_iter(), 3).map(|b| b.unwrap()).collect();
+        assert_eq!(got, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+        let items = vec![Ok(1), Ok(2), Err("bad"), Ok(4)];
+        let got: Vec<Result<Vec<u32>, &str>> = batches(items.into_iter(), 5).collect();
+        assert_eq!(got, vec![Err("bad")]);
+        assert_eq!(batches(std::iter::empty::<Result<u8, ()>>(), 4).count(), 0);
+    }
 
     /// The entry layout before owners and attributes were kept.
     #[derive(Serialize, Deserialize)]

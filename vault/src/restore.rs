@@ -422,15 +422,8 @@ struct Pass {
 fn sum_entries(view: &View, mask: u8, skip: &HashSet<Vec<u8>>) -> Result<(LtHash, LtHash)> {
     let keys = view.keys();
     let (mut full, mut masked) = (LtHash::default(), LtHash::default());
-    let mut entries = view.entries_iter()?;
-    loop {
-        let batch: Vec<(Vec<u8>, Entry)> = entries
-            .by_ref()
-            .take(RESTORE_BATCH)
-            .collect::<Result<_>>()?;
-        if batch.is_empty() {
-            return Ok((full, masked));
-        }
+    for batch in crate::ops::batches(view.entries_iter()?, RESTORE_BATCH) {
+        let batch = batch?;
         let (f, m) = batch
             .par_iter()
             .filter(|(p, _)| RelPath::new(p.clone()).is_ok())
@@ -455,6 +448,7 @@ fn sum_entries(view: &View, mask: u8, skip: &HashSet<Vec<u8>>) -> Result<(LtHash
         full.add(&f);
         masked.add(&m);
     }
+    Ok((full, masked))
 }
 
 impl Writer<'_> {
@@ -1528,12 +1522,8 @@ pub fn digest_tree(
     // files would hold 400 MB of them), nor every path of the tree.
     const BATCH: usize = 20_000;
     let mut sum = LtHash::default();
-    let mut walk = Walk::new(root);
-    loop {
-        let paths: Vec<PathBuf> = walk.by_ref().take(BATCH).collect::<Result<_>>()?;
-        if paths.is_empty() {
-            return Ok(sum);
-        }
+    for paths in crate::ops::batches(Walk::new(root), BATCH) {
+        let paths = paths?;
         let part = paths
             .par_iter()
             .try_fold(LtHash::default, |mut acc, p| {
@@ -1551,6 +1541,7 @@ pub fn digest_tree(
             })?;
         sum.add(&part);
     }
+    Ok(sum)
 }
 
 /// Every path under `root` (root itself excluded), not following symlinks.

@@ -804,16 +804,9 @@ impl State {
         let cm = self.cf(CF_CHUNKMETA)?;
         let mut digest = LtHash::default();
         let mut missing = 0usize;
-        let mut entries = self.transfer_iter()?;
-        loop {
-            let batch: Vec<(Vec<u8>, Entry)> = entries
-                .by_ref()
-                .take(INSTALL_BATCH)
-                .collect::<Result<_>>()?;
-            if batch.is_empty() {
-                break;
-            }
-            digest.add(&sum_digest(keys, &batch));
+        for batch in crate::ops::batches(self.transfer_iter()?, INSTALL_BATCH) {
+            let batch = batch?;
+            digest.add(&crate::ops::digest_of(keys, &batch));
             let ids: std::collections::BTreeSet<ChunkId> = batch
                 .iter()
                 .flat_map(|(_, e)| e.chunks().iter().map(|c| c.id))
@@ -943,15 +936,8 @@ impl State {
         tests::crash_point(1).map_err(|e| self.corrupt(e))?;
         // Reference counts, from zero.
         self.rewrite_metas(|_, m| Some(ChunkMeta { refs: 0, ..m }))?;
-        let mut entries = self.decoded(ns);
-        loop {
-            let batch: Vec<(Vec<u8>, Entry)> = entries
-                .by_ref()
-                .take(INSTALL_BATCH)
-                .collect::<Result<_>>()?;
-            if batch.is_empty() {
-                break;
-            }
+        for batch in crate::ops::batches(self.decoded(ns), INSTALL_BATCH) {
+            let batch = batch?;
             let mut refs: HashMap<ChunkId, u64> = HashMap::new();
             for (_, e) in &batch {
                 for c in e.chunks() {
@@ -1692,21 +1678,6 @@ impl<B: Iterator<Item = Result<(Vec<u8>, Entry)>>> Iterator for Merged<'_, B> {
             }
         }
     }
-}
-
-/// The digest of a batch of entries, summed on every core.
-fn sum_digest(keys: &Keys, entries: &[(Vec<u8>, Entry)]) -> LtHash {
-    use rayon::prelude::*;
-    entries
-        .par_iter()
-        .fold(LtHash::default, |mut acc, (p, e)| {
-            acc.add(&e.digest_element(keys, p));
-            acc
-        })
-        .reduce(LtHash::default, |mut a, b| {
-            a.add(&b);
-            a
-        })
 }
 
 #[cfg(test)]

@@ -97,24 +97,9 @@ pub fn local(
         }
     };
     // The namespace: its digest, and every chunk it names must be stored.
-    let mut entries = view.entries_iter()?;
-    loop {
-        let batch: Vec<(Vec<u8>, vault::Entry)> =
-            entries.by_ref().take(BATCH).collect::<vault::Result<_>>()?;
-        if batch.is_empty() {
-            break;
-        }
-        let part = batch
-            .par_iter()
-            .fold(LtHash::default, |mut acc, (p, e)| {
-                acc.add(&e.digest_element(keys, p));
-                acc
-            })
-            .reduce(LtHash::default, |mut a, b| {
-                a.add(&b);
-                a
-            });
-        recomputed.add(&part);
+    for batch in vault::ops::batches(view.entries_iter()?, BATCH) {
+        let batch = batch?;
+        recomputed.add(&vault::ops::digest_of(keys, &batch));
         let mut users: HashMap<ChunkId, Vec<String>> = HashMap::new();
         for (path, e) in &batch {
             for c in e.chunks() {
@@ -140,15 +125,11 @@ pub fn local(
         .filter(|m| m.as_ref().map_or(true, |(_, m)| m.refs > 0))
         .count() as u64;
     let (done, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut metas = view
+    let metas = view
         .chunk_metas_iter()?
         .filter(|m| m.as_ref().map_or(true, |(_, m)| m.refs > 0));
-    loop {
-        let batch: Vec<(ChunkId, vault::state::ChunkMeta)> =
-            metas.by_ref().take(BATCH).collect::<vault::Result<_>>()?;
-        if batch.is_empty() {
-            break;
-        }
+    for batch in vault::ops::batches(metas, BATCH) {
+        let batch = batch?;
         batch.par_iter().for_each(|(id, meta)| {
             let sealed = match view.chunk_bytes(id) {
                 Ok(Some(b)) => b,
