@@ -415,10 +415,48 @@ impl Place {
     }
 }
 
+/// Every chunk's place, sorted by id once loaded: 64 bytes a chunk, where
+/// a hash map took twice that (its spare buckets, and both tables while
+/// it grew).
+#[derive(Default)]
+struct Places(Vec<(ChunkId, Place)>);
+
+impl Places {
+    /// Sorts by id and merges the places of one id: its chunk object (the
+    /// listing's), and the last pack that holds it.
+    fn settle(&mut self) {
+        // Stable: the listing's object comes before the packs, and packs in
+        // the order they were added.
+        self.0.sort_by_key(|e| e.0);
+        self.0.dedup_by(|later, kept| {
+            if later.0 != kept.0 {
+                return false;
+            }
+            if later.1.object().is_some() {
+                kept.1.object = later.1.object;
+            }
+            if later.1.pack != Place::NO_PACK {
+                let object = kept.1.object;
+                kept.1 = later.1;
+                kept.1.object = object;
+            }
+            true
+        });
+        self.0.shrink_to_fit();
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<&Place> {
+        self.0
+            .binary_search_by(|(k, _)| k.cmp(id))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+}
+
 /// Where every chunk of a dataset's archive is.
 #[derive(Default)]
 pub struct Located {
-    places: HashMap<ChunkId, Place>,
+    places: Places,
     /// The packs `Place::pack` numbers.
     pack_keys: Vec<Arc<str>>,
     /// Loaded by [`Located::load_places`]: `packs` holds no entries.
@@ -502,14 +540,14 @@ impl Located {
         };
         for l in store.list(&objects::chunks_prefix(ds)).await? {
             if let Some(id) = objects::parse_chunk_key(&l.key) {
-                out.places.insert(
+                out.places.0.push((
                     id,
                     Place {
                         // A listed size of u64::MAX is no chunk's.
                         object: l.size.min(Place::NONE - 1),
                         ..Place::EMPTY
                     },
-                );
+                ));
             }
         }
         let listed: Vec<_> = store
@@ -553,6 +591,7 @@ impl Located {
             };
             out.add_pack(key, size, entries);
         }
+        out.places.settle();
         Ok(out)
     }
 
@@ -564,13 +603,18 @@ impl Located {
             .filter(|n| *n != Place::NO_PACK);
         if let Some(n) = n {
             self.pack_keys.push(key.clone());
-            for e in &entries {
-                let p = self.places.entry(e.id).or_insert(Place::EMPTY);
-                p.pack = n;
-                p.offset = e.offset;
-                p.sealed_len = e.sealed_len;
-                p.plain_len = e.plain_len;
-            }
+            self.places.0.extend(entries.iter().map(|e| {
+                (
+                    e.id,
+                    Place {
+                        pack: n,
+                        offset: e.offset,
+                        sealed_len: e.sealed_len,
+                        plain_len: e.plain_len,
+                        ..Place::EMPTY
+                    },
+                )
+            }));
         }
         let entries = if self.without_lists {
             Vec::new()
@@ -650,12 +694,12 @@ impl Located {
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.places.contains_key(id)
+        self.places.get(id).is_some()
     }
 
     /// Every chunk the archive holds.
     pub fn ids(&self) -> impl Iterator<Item = &ChunkId> {
-        self.places.keys()
+        self.places.0.iter().map(|(id, _)| id)
     }
 
     /// The stored length of a chunk's copy that a read would use first.
@@ -892,6 +936,39 @@ mod tests {
             plain_len: len as u32,
             sealed: vec![n; len],
         }
+    }
+
+    #[test]
+    fn places_merge_a_chunk_object_with_the_last_pack_that_holds_the_chunk() {
+        let id = |b: u8| ChunkId([b; 32]);
+        let packed = |pack: u32, offset: u64| Place {
+            pack,
+            offset,
+            sealed_len: 10,
+            plain_len: 5,
+            ..Place::EMPTY
+        };
+        let mut p = Places(vec![
+            (
+                id(2),
+                Place {
+                    object: 77,
+                    ..Place::EMPTY
+                },
+            ),
+            (id(3), packed(0, 8)),
+            (id(2), packed(0, 18)),
+            (id(1), packed(1, 8)),
+            (id(2), packed(1, 28)),
+        ]);
+        p.settle();
+        assert_eq!(p.0.len(), 3);
+        let two = p.get(&id(2)).unwrap();
+        assert_eq!((two.object(), two.pack, two.offset), (Some(77), 1, 28));
+        let three = p.get(&id(3)).unwrap();
+        assert_eq!((three.object(), three.pack, three.offset), (None, 0, 8));
+        assert_eq!(p.get(&id(1)).unwrap().pack, 1);
+        assert!(p.get(&id(4)).is_none());
     }
 
     #[test]
