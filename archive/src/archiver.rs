@@ -150,11 +150,12 @@ pub fn bridging_snapshots(
         if last <= reach {
             continue;
         }
-        if first > reach + 1 {
+        // Snapshot seqs come from object names: one may claim u64::MAX.
+        if first > reach.saturating_add(1) {
             // Records reach+1 .. first-1 are not archived: this run replays
             // only from a snapshot at first-1 or later within it, and the
             // oldest such one restores the most of it.
-            let within = |s: &&&SnapshotRef| s.seq + 1 >= first && s.seq <= last;
+            let within = |s: &&&SnapshotRef| s.seq.saturating_add(1) >= first && s.seq <= last;
             if let Some(b) = by_seq.iter().find(within) {
                 let kept = by_seq
                     .iter()

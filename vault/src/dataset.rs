@@ -174,13 +174,10 @@ enum Work {
     /// Records received from the upstream site, as they lie in its log.
     Replicated { payloads: Vec<Vec<u8>> },
     /// A state transferred from the upstream replaces this site's copy.
+    /// Its namespace is staged in the state ([`Dataset::stage_transfer`]).
     Install {
         applied: Applied,
-        entries: Vec<(Vec<u8>, Entry)>,
         pins: Vec<(ChunkId, u64)>,
-        /// The namespace is staged in the state ([`Dataset::stage_transfer`])
-        /// and `entries` is empty.
-        staged: bool,
     },
     /// Good bytes for a stored chunk found damaged (a scrub's repair).
     Repair { chunk: SealedChunk },
@@ -570,22 +567,6 @@ impl Dataset {
         self.send_work(Work::Replicated { payloads })
     }
 
-    /// Replaces this site's copy with a state transferred from the upstream
-    /// (the namespace at `applied.seq`); its chunks must have been staged.
-    pub fn install_transfer(
-        &self,
-        applied: Applied,
-        entries: Vec<(Vec<u8>, Entry)>,
-        pins: Vec<(ChunkId, u64)>,
-    ) -> std::result::Result<Committed, SubmitError> {
-        self.send_work(Work::Install {
-            applied,
-            entries,
-            pins,
-            staged: false,
-        })
-    }
-
     /// Starts receiving a state transfer in parts: whatever an earlier one
     /// that was cut short staged is dropped.
     pub fn clear_transfer(&self) -> Result<()> {
@@ -606,20 +587,16 @@ impl Dataset {
         self.state.transfer_iter()
     }
 
-    /// [`Dataset::install_transfer`] of the namespace staged with
+    /// Replaces this site's copy with the state transferred from the
+    /// upstream (the namespace at `applied.seq`) staged with
     /// [`Dataset::stage_transfer`], installed a batch at a time
-    /// (`State::install_transferred`).
+    /// (`State::install_transferred`); its chunks must have been staged.
     pub fn install_staged(
         &self,
         applied: Applied,
         pins: Vec<(ChunkId, u64)>,
     ) -> std::result::Result<Committed, SubmitError> {
-        self.send_work(Work::Install {
-            applied,
-            entries: Vec::new(),
-            pins,
-            staged: true,
-        })
+        self.send_work(Work::Install { applied, pins })
     }
 
     /// Replaces the stored bytes of a chunk found damaged with `chunk`, which
@@ -1078,16 +1055,8 @@ fn run_install(
     first: Submission,
 ) {
     let Submission { work, reply } = first;
-    if let Work::Install {
-        applied: a,
-        entries,
-        pins,
-        staged,
-    } = work
-    {
-        // A staged namespace is in the state already.
-        let given = (!staged).then_some(entries.as_slice());
-        let res = install(wal, state, keys, shared, a.clone(), given, &pins);
+    if let Work::Install { applied: a, pins } = work {
+        let res = install(wal, state, keys, shared, a.clone(), &pins);
         if res.is_ok() {
             *applied = a;
         }
@@ -1337,9 +1306,8 @@ fn publish_commit(
 
 const TRANSFER_FILE: &str = "TRANSFER";
 
-/// Installs a transferred state (`entries`, or with `None` the namespace
-/// staged in the state): the state first (durably), then the log is
-/// restarted after it. `log/TRANSFER` marks the step in between, so a crash
+/// Installs a transferred state (its namespace staged in the state): the
+/// state first (durably), then the log is restarted after it. `log/TRANSFER` marks the step in between, so a crash
 /// there is finished at the next open instead of leaving the state ahead of
 /// the log.
 fn install(
@@ -1348,7 +1316,6 @@ fn install(
     keys: &Keys,
     shared: &Shared,
     applied: Applied,
-    entries: Option<&[(Vec<u8>, Entry)]>,
     pins: &[(ChunkId, u64)],
 ) -> std::result::Result<Committed, SubmitError> {
     let base = wal::Base {
@@ -1358,17 +1325,13 @@ fn install(
     };
     let marker = wal.dir().join(TRANSFER_FILE);
     write_atomic(&marker, &base.encode())?;
-    let installed = match entries {
-        None => state.install_transferred(keys, applied.clone(), pins),
-        Some(entries) => state.install(keys, applied.clone(), entries, pins),
-    };
-    if let Err(e) = installed {
+    if let Err(e) = state.install_transferred(keys, applied.clone(), pins) {
         if !state.install_pending().unwrap_or(true) {
             // Nothing was installed: the transfer can simply be tried again.
             let _ = std::fs::remove_file(&marker);
             return Err(e.into());
         }
-        // A staged install stopped part way: the namespace is partly the
+        // The install stopped part way: the namespace is partly the
         // transferred one. The next open finishes it, then the log.
         let why =
             format!("installing a transferred state stopped half way ({e}); restart to finish it");
@@ -1422,7 +1385,6 @@ fn install(
     } else {
         tracing::warn!(
             seq = applied.seq,
-            entries = entries.map_or(0, <[_]>::len),
             "installed a state transferred from the upstream; the log restarts after it"
         );
     }

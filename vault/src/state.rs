@@ -467,8 +467,7 @@ impl State {
     /// (which sees the state as it was when it was made), so a walk of
     /// the whole namespace holds one entry however large the tree.
     pub fn entries_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
-        // A walk of everything would push the hot blocks out of the cache.
-        Ok(self.decoded(self.cf(CF_NS)?))
+        Ok(self.decoded(self.cf(CF_NS)?, IteratorMode::Start))
     }
 
     /// The entries whose paths start with `prefix`, in path order, read
@@ -477,25 +476,10 @@ impl State {
         &'s self,
         prefix: &'s [u8],
     ) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + 's> {
-        let ns = self.cf(CF_NS)?;
-        let mut ro = ReadOptions::default();
-        ro.fill_cache(false);
-        Ok(self
-            .db
-            .iterator_cf_opt(ns, ro, IteratorMode::From(prefix, Direction::Forward))
-            .map(move |item| {
-                let (k, v) = item.map_err(|e| self.err(e))?;
-                let e = Entry::decode(&v).ok_or_else(|| {
-                    self.corrupt(format!(
-                        "entry {} is malformed",
-                        String::from_utf8_lossy(&k)
-                    ))
-                })?;
-                Ok((k.to_vec(), e))
-            })
-            .take_while(move |item| {
-                item.as_ref().is_ok_and(|(k, _)| k.starts_with(prefix)) || item.is_err()
-            }))
+        let from = IteratorMode::From(prefix, Direction::Forward);
+        Ok(self.decoded(self.cf(CF_NS)?, from).take_while(move |item| {
+            item.as_ref().is_ok_and(|(k, _)| k.starts_with(prefix)) || item.is_err()
+        }))
     }
 
     /// Chunks with references held by pins.
@@ -748,21 +732,22 @@ impl State {
 
     /// The staged entries of a state transfer, in path order, one at a time.
     pub fn transfer_iter(&self) -> Result<impl Iterator<Item = Result<(Vec<u8>, Entry)>> + '_> {
-        let tr = self.cf(CF_TRANSFER)?;
-        Ok(self.decoded(tr))
+        Ok(self.decoded(self.cf(CF_TRANSFER)?, IteratorMode::Start))
     }
 
-    /// Every entry of column family `cf` (keyed by path) decoded, in path
-    /// order, without filling the block cache; the empty key (the install
-    /// record of [`CF_TRANSFER`]) is passed over.
+    /// The entries of column family `cf` (keyed by path) from `from` on,
+    /// decoded, in path order, without filling the block cache (a walk of
+    /// everything would push the hot blocks out); the empty key (the
+    /// install record of [`CF_TRANSFER`]) is passed over.
     fn decoded<'s>(
         &'s self,
         cf: &'s rocksdb::ColumnFamily,
+        from: IteratorMode<'s>,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Entry)>> + 's {
         let mut ro = ReadOptions::default();
         ro.fill_cache(false);
         self.db
-            .iterator_cf_opt(cf, ro, IteratorMode::Start)
+            .iterator_cf_opt(cf, ro, from)
             .filter_map(move |item| {
                 let (k, v) = match item {
                     Ok(kv) => kv,
@@ -935,8 +920,8 @@ impl State {
         #[cfg(test)]
         tests::crash_point(1).map_err(|e| self.corrupt(e))?;
         // Reference counts, from zero.
-        self.rewrite_metas(|_, m| Some(ChunkMeta { refs: 0, ..m }))?;
-        for batch in crate::ops::batches(self.decoded(ns), INSTALL_BATCH) {
+        self.zero_refs()?;
+        for batch in crate::ops::batches(self.decoded(ns, IteratorMode::Start), INSTALL_BATCH) {
             let batch = batch?;
             let mut refs: HashMap<ChunkId, u64> = HashMap::new();
             for (_, e) in &batch {
@@ -990,17 +975,13 @@ impl State {
         self.db.iterator_cf_opt(cf, ro, IteratorMode::Start)
     }
 
-    /// Rewrites every chunk's metadata through `f`, a batch at a time.
-    fn rewrite_metas(&self, f: impl Fn(&[u8], ChunkMeta) -> Option<ChunkMeta>) -> Result<()> {
+    /// Sets every chunk's reference count to 0, a batch at a time.
+    fn zero_refs(&self) -> Result<()> {
         let cm = self.cf(CF_CHUNKMETA)?;
         let mut b = WriteBatch::default();
-        for item in self.db.iterator_cf(cm, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let m = ChunkMeta::decode(&v)
-                .ok_or_else(|| self.corrupt("chunk meta is malformed".into()))?;
-            if let Some(m) = f(&k, m) {
-                b.put_cf(cm, &k, m.encode());
-            }
+        for item in self.chunk_metas_iter()? {
+            let (id, m) = item?;
+            b.put_cf(cm, id.0, ChunkMeta { refs: 0, ..m }.encode());
             if b.len() >= INSTALL_BATCH {
                 self.write(std::mem::take(&mut b))?;
             }
@@ -1019,89 +1000,11 @@ impl State {
             let mut m = m.as_deref().and_then(ChunkMeta::decode).ok_or_else(|| {
                 self.corrupt(format!("chunk {id} the namespace needs is not stored"))
             })?;
-            m.refs += refs.get(*id).copied().unwrap_or(0);
+            // Pin counts come from the upstream: a lying one must not wrap.
+            m.refs = m.refs.saturating_add(refs.get(*id).copied().unwrap_or(0));
             b.put_cf(cm, id.0, m.encode());
         }
         self.write(b)
-    }
-
-    /// Replaces the namespace, pins and reference counts with a transferred
-    /// state at `applied`, as one batch. Fails, changing nothing, when a
-    /// chunk the namespace needs is not stored or the digest does not match.
-    pub fn install(
-        &self,
-        keys: &Keys,
-        applied: Applied,
-        entries: &[(Vec<u8>, Entry)],
-        pins: &[(ChunkId, u64)],
-    ) -> Result<()> {
-        let mut digest = LtHash::default();
-        let mut refs: HashMap<ChunkId, u64> = HashMap::new();
-        for (p, e) in entries {
-            crate::path::check(p).map_err(|e| {
-                self.corrupt(format!(
-                    "transferred namespace at seq {} refused: {e}; nothing was installed",
-                    applied.seq
-                ))
-            })?;
-            digest.add(&e.digest_element(keys, p));
-            for c in e.chunks() {
-                *refs.entry(c.id).or_default() += 1;
-            }
-        }
-        for (id, n) in pins {
-            *refs.entry(*id).or_default() += n;
-        }
-        if digest != applied.digest {
-            return Err(self.corrupt(format!(
-                "transferred namespace at seq {} does not match its digest; nothing was installed",
-                applied.seq
-            )));
-        }
-        let mut b = WriteBatch::default();
-        let ns = self.cf(CF_NS)?;
-        let new: std::collections::HashSet<&[u8]> =
-            entries.iter().map(|(p, _)| p.as_slice()).collect();
-        for (p, _) in self.entries_with_prefix(b"")? {
-            if !new.contains(p.as_slice()) {
-                b.delete_cf(ns, &p);
-            }
-        }
-        for (p, e) in entries {
-            b.put_cf(ns, p, e.encode());
-        }
-        let pins_cf = self.cf(CF_PINS)?;
-        for (id, _) in self.pins()? {
-            b.delete_cf(pins_cf, id.0);
-        }
-        for (id, n) in pins {
-            b.put_cf(pins_cf, id.0, n.to_le_bytes());
-        }
-        let (cm, cb) = (self.cf(CF_CHUNKMETA)?, self.cf(CF_CHUNKS)?);
-        let mut seen = 0usize;
-        for (id, mut m) in self.all_chunk_meta()? {
-            match refs.get(&id) {
-                Some(n) => {
-                    seen += 1;
-                    m.refs = *n;
-                    b.put_cf(cm, id.0, m.encode());
-                }
-                None => {
-                    b.delete_cf(cm, id.0);
-                    b.delete_cf(cb, id.0);
-                }
-            }
-        }
-        if seen != refs.len() {
-            return Err(self.corrupt(format!(
-                "{} chunks the transferred namespace needs are not stored; nothing was installed",
-                refs.len() - seen
-            )));
-        }
-        b.put_cf(self.cf(CF_CHAIN)?, applied.seq.to_be_bytes(), applied.hash);
-        self.put_applied(&mut b, &applied)?;
-        self.write(b)?;
-        self.flush()
     }
 
     /// The chain hash after record `seq`, if this state applied it (or
