@@ -426,7 +426,7 @@ fn sum_entries(view: &View, mask: u8, skip: &HashSet<Vec<u8>>) -> Result<(LtHash
         let batch = batch?;
         let (f, m) = batch
             .par_iter()
-            .filter(|(p, _)| RelPath::new(p.clone()).is_ok())
+            .filter(|(p, _)| crate::path::check(p).is_ok())
             .fold(
                 || (LtHash::default(), LtHash::default()),
                 |(mut f, mut m), (p, e)| {

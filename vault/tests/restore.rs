@@ -74,16 +74,7 @@ fn setup() -> Setup {
         ("empty", Vec::new()),
         ("g", (0..6000u32).map(|j| (j * 13 + 1) as u8).collect()),
     ];
-    let ds = Dataset::open(
-        &data,
-        "t",
-        &key,
-        Options {
-            create: true,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let ds = create(&data, &key);
     let keys = ds.keys().clone();
     let mut ops = vec![put(
         "d",
@@ -109,6 +100,20 @@ fn setup() -> Setup {
         key,
         files,
     }
+}
+
+/// A new dataset `t` at `data`.
+fn create(data: &Path, key: &DatasetKey) -> Dataset {
+    Dataset::open(
+        data,
+        "t",
+        key,
+        Options {
+            create: true,
+            ..Options::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Every path under `root` whose name is a restore's temporary name.
@@ -332,16 +337,7 @@ fn a_restore_a_few_entries_at_a_time_makes_the_same_tree() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let key = DatasetKey::generate();
-    let ds = Dataset::open(
-        &data,
-        "t",
-        &key,
-        Options {
-            create: true,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let ds = create(&data, &key);
     let keys = ds.keys().clone();
     let dir = |mode: u32, mtime_ns: i64| Entry {
         node: Node::Dir,
