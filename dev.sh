@@ -25,6 +25,8 @@ ensure_system() {
     command -v getfacl >/dev/null || missing+=(acl)
     command -v setpriv >/dev/null || missing+=(util-linux)
     python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # Signed drill reports are checked with a second SM2 implementation.
+    command -v openssl >/dev/null || missing+=(openssl)
   fi
   if ! command -v cargo >/dev/null; then
     echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then run this again" >&2

@@ -16,6 +16,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use vault::record::Hash;
+use vault::signing::EvidenceSigner;
 use vault::wal::Tail;
 use vault::{ChunkId, Dataset, SealedChunk, VaultError};
 
@@ -271,6 +272,9 @@ pub struct Archiver {
     /// at each snapshot and every [`packs::INDEX_FILE_CHUNKS`] chunks). Lost
     /// at a restart, which costs readers only those packs' own indexes.
     unindexed: Mutex<Vec<packs::IndexedPack>>,
+    /// Signs each head written (formats.md 16.10), when the site has an
+    /// `[evidence]` key.
+    signer: Option<Arc<EvidenceSigner>>,
 }
 
 impl Archiver {
@@ -323,6 +327,7 @@ impl Archiver {
             pack_bytes: packs::PACK_BYTES,
             tail: Mutex::new(None),
             unindexed: Mutex::new(Vec::new()),
+            signer: None,
         };
         if fresh || !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
@@ -393,6 +398,12 @@ impl Archiver {
         self
     }
 
+    /// Heads written from now on carry an SM2 signature by `signer`.
+    pub fn with_signer(mut self, signer: Option<Arc<EvidenceSigner>>) -> Archiver {
+        self.signer = signer;
+        self
+    }
+
     pub fn dataset(&self) -> &Dataset {
         &self.ds
     }
@@ -429,7 +440,10 @@ impl Archiver {
                 .filter(|(_, first)| *first <= seq)
                 .collect(),
         };
-        let bytes = objects::encode_head(self.ds.keys(), &key, &head)?;
+        let mut bytes = objects::encode_head(self.ds.keys(), &key, &head)?;
+        if let Some(signer) = &self.signer {
+            bytes = signer.append_signature(&bytes, &objects::head_statement(&key, &head));
+        }
         self.rt.block_on(self.store.put(&key, bytes))?;
         *written = (epoch, seq);
         Ok(())

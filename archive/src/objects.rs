@@ -139,7 +139,36 @@ pub fn encode_head(keys: &Keys, key: &str, h: &Head) -> Result<Vec<u8>> {
     encode_sealed(keys, key, h)
 }
 
-pub fn decode_head(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Head> {
+/// What a signed head says in plaintext (formats.md 16.10), for an auditor
+/// who checks the signature without the dataset key.
+pub fn head_statement(key: &str, h: &Head) -> Vec<u8> {
+    let time = |ns: i64| {
+        chrono::DateTime::from_timestamp(
+            ns.div_euclid(1_000_000_000),
+            ns.rem_euclid(1_000_000_000) as u32,
+        )
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "kind": "triad archive head",
+        "object": key,
+        "dataset": h.dataset,
+        "site": h.site,
+        "epoch": h.epoch,
+        "seq": h.seq,
+        "chain_hash": hex::encode(h.chain_hash),
+        "record_time": time(h.time_ns),
+        "written": time(h.written_ns),
+    }))
+    .unwrap_or_default()
+}
+
+/// Reads a head, with or without the signature a site with an `[evidence]`
+/// key appends (which the seal does not need: it authenticates the head to
+/// every holder of the dataset key by itself).
+pub fn decode_head(keys: &Keys, key: &str, object: &[u8]) -> Result<Head> {
+    let sealed = vault::signing::split_signed(object).map_or(object, |p| p.body);
     let plain = open(keys, key, sealed)?;
     let damaged = |reason: String| ArchiveError::Damaged {
         key: key.to_string(),

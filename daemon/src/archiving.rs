@@ -145,16 +145,20 @@ fn open_archiver(
 ) -> Option<Arc<Archiver>> {
     let mut wait = Duration::from_secs(1);
     while !stop.load(Ordering::Acquire) {
-        let r = Store::open(&settings.store).and_then(|s| {
-            Archiver::open(
-                Arc::new(s),
-                rt.clone(),
-                ds.clone(),
-                site,
-                settings.store.concurrency,
-            )
-            .map(|a| a.with_pack_bytes(settings.pack_bytes))
-        });
+        let r = settings
+            .signer()
+            .map_err(|e| archive::ArchiveError::Config(e.to_string()))
+            .and_then(|signer| {
+                let s = Store::open(&settings.store)?;
+                Archiver::open(
+                    Arc::new(s),
+                    rt.clone(),
+                    ds.clone(),
+                    site,
+                    settings.store.concurrency,
+                )
+                .map(|a| a.with_pack_bytes(settings.pack_bytes).with_signer(signer))
+            });
         match r {
             Ok(a) => {
                 shared.shipped.store(a.shipped_seq(), Ordering::Release);

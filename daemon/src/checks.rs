@@ -270,7 +270,8 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
             ds.state().checkpoints()?,
         );
         let rt = crate::ops::runtime()?;
-        let (report, json, _) = crate::ops::drill::run(&spec, &rt)?;
+        let signer = cfg.evidence_signer()?;
+        let (report, json, _) = crate::ops::drill::run(&spec, &rt, signer.as_ref())?;
         update(s, |c| {
             c.last_drill_report = Some(json.display().to_string())
         });

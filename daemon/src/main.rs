@@ -47,12 +47,9 @@ enum Command {
         #[command(flatten)]
         cfg: cmd::ConfigPath,
     },
-    /// Create a new dataset key file (mode 0600).
-    Keygen {
-        /// Where to write the key; an existing file is never replaced.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    /// Create a new dataset key file (mode 0600), or with --sm2 a site's
+    /// evidence signing key pair.
+    Keygen(cmd::keygen::Args),
     /// Create a CA and a certificate for each site of a deployment.
     Certs {
         /// Directory to write ca.pem, ca.key and <site>.pem / <site>.key into.
@@ -108,6 +105,10 @@ enum Command {
     /// Works at every site: the primary, either follower (from its
     /// replicated copy), or with --from-archive from an archive alone.
     Get(cmd::push::GetArgs),
+    /// Check the SM2 signature of a drill report or another signed file
+    /// (`<file>.sig`) against a site's public key; exits 1 unless every
+    /// file checks.
+    VerifyReport(cmd::verify_report::Args),
     /// A one-site demonstration on this machine: watch, change, restore, compare.
     Demo(cmd::demo::Args),
 }
@@ -188,7 +189,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Daemon { cfg } => cmd::daemon::run(&cfg.config),
-        Command::Keygen { out } => cmd::keygen::run(&out),
+        Command::Keygen(a) => cmd::keygen::run(a),
+        Command::VerifyReport(a) => cmd::verify_report::run(a),
         Command::Certs { out, sites } => cmd::certs::run(&out, &sites),
         Command::Config { command } => cmd::config::run(command),
         Command::Restore(a) => cmd::restore::run(a),

@@ -11,6 +11,7 @@ mod archive;
 mod crash;
 mod directory;
 mod drill;
+mod evidence;
 mod faults;
 mod fidelity;
 mod fuzz;

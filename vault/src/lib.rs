@@ -35,6 +35,7 @@ pub mod path;
 pub mod pin;
 pub mod record;
 pub mod restore;
+pub mod signing;
 pub mod standby;
 pub mod state;
 pub mod wal;

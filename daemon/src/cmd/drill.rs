@@ -51,8 +51,9 @@ pub struct Args {
 pub fn run(a: Args) -> Result<ExitCode> {
     let (cfg, names) = a.target.load()?;
     if a.switchover {
+        let signer = cfg.evidence_signer()?;
         let reports = a.reports.clone().unwrap_or_else(|| cfg.reports_dir());
-        return crate::cmd::promote::switchover_drill(&cfg, &reports, a.json);
+        return crate::cmd::promote::switchover_drill(&cfg, &reports, a.json, signer.as_ref());
     }
     let at: archive::At = a.at.parse().map_err(|e: String| anyhow!(e))?;
     let store = drill::store(
@@ -68,6 +69,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| cfg.site.data_dir.clone());
     let rt = crate::ops::runtime()?;
+    // Loaded before any restore: a key that cannot sign fails the command
+    // at once, not after an hour's drill.
+    let signer = cfg.evidence_signer()?;
     let mut all_passed = true;
     for name in names {
         let d = cfg
@@ -82,7 +86,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         spec.scratch_parent = scratch.clone();
         spec.reports_dir = reports.clone();
         spec.expect_seq = a.expect_seq.or(spec.expect_seq);
-        let (report, json_path, md_path) = drill::run(&spec, &rt)?;
+        let (report, json_path, md_path) = drill::run(&spec, &rt, signer.as_ref())?;
         all_passed &= report.passed();
         if a.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -108,6 +112,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 json_path.display(),
                 md_path.display()
             );
+            if let Some(s) = &signer {
+                println!(
+                    "  signed with SM2 key {} (.sig beside each; check with `triad verify-report`)",
+                    s.fingerprint()
+                );
+            }
         }
     }
     Ok(if all_passed {

@@ -13,6 +13,7 @@ pub mod restore;
 pub mod resync;
 pub mod status;
 pub mod verify;
+pub mod verify_report;
 
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;

@@ -220,7 +220,12 @@ fn heads(doc: &str) -> Vec<(String, u64)> {
 /// site and back to the primary, each leg's RTO (request until the new
 /// primary takes writes) and RPO (records lost) measured and written as a
 /// report. Exits 1 unless both legs lost nothing and completed.
-pub fn switchover_drill(cfg: &Config, reports: &std::path::Path, json: bool) -> Result<ExitCode> {
+pub fn switchover_drill(
+    cfg: &Config,
+    reports: &std::path::Path,
+    json: bool,
+    signer: Option<&vault::signing::EvidenceSigner>,
+) -> Result<ExitCode> {
     if cfg.takeover.is_none() {
         bail!("a switchover drill needs [takeover]: this site is in no takeover group");
     }
@@ -296,6 +301,9 @@ pub fn switchover_drill(cfg: &Config, reports: &std::path::Path, json: bool) -> 
     let path = reports.join(format!("switchover-{}.json", drill.time_ns / 1_000_000_000));
     vault::dataset::write_atomic(&path, &serde_json::to_vec_pretty(&drill)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(signer) = signer {
+        signer.sign_file(&path)?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&drill)?);
     } else {

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -59,6 +60,16 @@ pub struct Config {
     pub log: Log,
     pub takeover: Option<TakeoverSection>,
     pub failover: Option<FailoverSection>,
+    pub evidence: Option<EvidenceSection>,
+}
+
+/// `[evidence]`: how this site signs what auditors read.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceSection {
+    /// The site's SM2 private key (`triad keygen --sm2`): drill reports
+    /// and the archive's heads are signed with it.
+    pub signing_key: PathBuf,
 }
 
 /// `[failover]`: whether the same-city site promotes itself when the
@@ -279,6 +290,18 @@ pub struct ArchiveSettings {
     pub schedule: Option<archive::schedule::Schedule>,
     pub retention: archive::RetentionPolicy,
     pub prune_grace: Duration,
+    /// `[evidence] signing_key`: the archive's heads are signed with it.
+    pub signing_key: Option<PathBuf>,
+}
+
+impl ArchiveSettings {
+    /// The signer of the archive's heads, loaded now.
+    pub fn signer(&self) -> Result<Option<Arc<vault::signing::EvidenceSigner>>, vault::VaultError> {
+        self.signing_key
+            .as_deref()
+            .map(|p| vault::signing::EvidenceSigner::load(p).map(Arc::new))
+            .transpose()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -412,6 +435,19 @@ impl Config {
         self.validate_links(&invalid)?;
         self.validate_datasets(&invalid)?;
         self.validate_takeover(&invalid)?;
+        if let Some(e) = self
+            .evidence
+            .as_ref()
+            .filter(|e| !e.signing_key.is_absolute())
+        {
+            return Err(invalid(
+                "evidence.signing_key".into(),
+                format!(
+                    "`{}` must be an absolute path; `triad keygen --sm2 --out FILE` creates the key",
+                    e.signing_key.display()
+                ),
+            ));
+        }
         self.validate_checks(&invalid)
     }
 
@@ -1046,6 +1082,7 @@ impl Config {
             schedule,
             retention: a.retention.clone().unwrap_or_default(),
             prune_grace,
+            signing_key: self.evidence.as_ref().map(|e| e.signing_key.clone()),
         }))
     }
 
@@ -1104,6 +1141,17 @@ impl Config {
             .as_ref()
             .and_then(|l| l.socket_group.as_deref())
             .and_then(group_id)
+    }
+
+    /// The site's evidence signer, when `[evidence]` names one; an error
+    /// says why the key cannot be used (never a silent unsigned report).
+    pub fn evidence_signer(
+        &self,
+    ) -> Result<Option<vault::signing::EvidenceSigner>, vault::VaultError> {
+        self.evidence
+            .as_ref()
+            .map(|e| vault::signing::EvidenceSigner::load(&e.signing_key))
+            .transpose()
     }
 
     /// Where drill reports go: `[drill] reports_dir`, else `<data_dir>/reports`.

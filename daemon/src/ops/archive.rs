@@ -80,7 +80,8 @@ pub fn without_daemon(
         &cfg.site.name,
         s.store.concurrency,
     )?
-    .with_pack_bytes(s.pack_bytes);
+    .with_pack_bytes(s.pack_bytes)
+    .with_signer(s.signer()?);
     let result = (|| -> archive::Result<Answer> {
         let bridged = if a.ship_log()?.is_none() {
             let r = a.bridge_gap()?;

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Result};
+use vault::signing::EvidenceSigner;
 use vault::DatasetKey;
 
 use crate::config::{Config, Role};
@@ -38,14 +39,20 @@ pub fn spec<'a>(
     }
 }
 
-/// Runs the drill and writes its reports; gives the report and the paths of
-/// its JSON and Markdown forms.
+/// Runs the drill and writes its reports, each with its SM2 signature
+/// (`<report>.sig`) when the site has an `[evidence]` key; gives the report
+/// and the paths of its JSON and Markdown forms.
 pub fn run(
     spec: &verifier::DrillSpec<'_>,
     rt: &tokio::runtime::Runtime,
+    signer: Option<&EvidenceSigner>,
 ) -> Result<(verifier::DrillReport, PathBuf, PathBuf)> {
     let report = verifier::drill::run(spec, rt.handle())?;
     let (json, md) = verifier::drill::write_reports(&report, &spec.reports_dir)?;
+    if let Some(signer) = signer {
+        signer.sign_file(&json)?;
+        signer.sign_file(&md)?;
+    }
     Ok((report, json, md))
 }
 

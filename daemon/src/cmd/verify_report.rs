@@ -1,0 +1,110 @@
+//! `triad verify-report`: what an auditor runs to check that a drill
+//! report (or any file triad signs) is byte for byte what the site wrote.
+//! Needs no config, no daemon and no dataset key: only the site's public
+//! key (`triad keygen --sm2` wrote it). A file signed in a `<file>.sig`
+//! beside it (drill reports) and an object that carries its signature at
+//! its end (an archive's `HEAD`, downloaded from the bucket) both check.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use vault::signing::{signature_path, split_signed, EvidenceKey, MAX_SIGNATURE_LEN};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The site's SM2 public key (PEM).
+    #[arg(long)]
+    public_key: PathBuf,
+    /// The signature, when it is not `<file>.sig` (only with one file).
+    #[arg(long)]
+    signature: Option<PathBuf>,
+    /// The signed files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+/// Reports larger than this are refused before they are read: a drill
+/// report is a few kilobytes.
+const MAX_REPORT: u64 = 64 << 20;
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    if a.signature.is_some() && a.files.len() != 1 {
+        anyhow::bail!("--signature names the signature of one file; give one file");
+    }
+    let key = EvidenceKey::load(&a.public_key)?;
+    println!(
+        "public key {} ({})",
+        a.public_key.display(),
+        key.fingerprint()
+    );
+    let mut all_good = true;
+    for file in &a.files {
+        let sig = a.signature.clone().unwrap_or_else(|| signature_path(file));
+        if a.signature.is_none() && !sig.exists() {
+            match check_embedded(&key, file) {
+                Ok(statement) => println!(
+                    "{}: GOOD signature (carried in the object); it says: {statement}",
+                    file.display()
+                ),
+                Err(e) => {
+                    all_good = false;
+                    println!("{}: REJECTED: {e:#}", file.display());
+                }
+            }
+            continue;
+        }
+        match check(&key, file, &sig) {
+            Ok(()) => println!("{}: GOOD signature ({})", file.display(), sig.display()),
+            Err(e) => {
+                all_good = false;
+                println!("{}: REJECTED: {e:#}", file.display());
+            }
+        }
+    }
+    Ok(if all_good {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Checks an object that carries its signature (vault::signing's trailer)
+/// and gives the plaintext statement it signs.
+fn check_embedded(key: &EvidenceKey, file: &std::path::Path) -> Result<String> {
+    let message = read_bounded(file)?;
+    let parts = split_signed(&message).with_context(|| {
+        format!(
+            "no signature: neither {} nor a signature carried at the end of the file",
+            signature_path(file).display()
+        )
+    })?;
+    key.verify(parts.signed, parts.signature)?;
+    Ok(String::from_utf8_lossy(parts.statement).into_owned())
+}
+
+fn read_bounded(file: &std::path::Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    if len > MAX_REPORT {
+        anyhow::bail!("{len} bytes; triad signs nothing larger than {MAX_REPORT}");
+    }
+    std::fs::read(file).with_context(|| format!("reading {}", file.display()))
+}
+
+fn check(key: &EvidenceKey, file: &std::path::Path, sig: &std::path::Path) -> Result<()> {
+    let sig_len = std::fs::metadata(sig)
+        .with_context(|| format!("no signature: {}", sig.display()))?
+        .len();
+    if sig_len > MAX_SIGNATURE_LEN as u64 {
+        anyhow::bail!(
+            "{} is {sig_len} bytes; an SM2 signature is at most {MAX_SIGNATURE_LEN}",
+            sig.display()
+        );
+    }
+    let message = read_bounded(file)?;
+    let signature = std::fs::read(sig).with_context(|| format!("reading {}", sig.display()))?;
+    key.verify(&message, &signature)?;
+    Ok(())
+}
