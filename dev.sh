@@ -27,6 +27,8 @@ ensure_system() {
     python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
     # Signed drill reports are checked with a second SM2 implementation.
     command -v openssl >/dev/null || missing+=(openssl)
+    # The PKCS#11 device of the wrapped-key tests.
+    command -v softhsm2-util >/dev/null || missing+=(softhsm2)
   fi
   if ! command -v cargo >/dev/null; then
     echo "cargo is not installed: install the Rust toolchain (https://rustup.rs), then run this again" >&2

@@ -9,6 +9,7 @@ mod cmd;
 mod config;
 mod http;
 mod ingest;
+mod keywatch;
 #[cfg(test)]
 mod layers;
 mod metrics;
@@ -50,6 +51,11 @@ enum Command {
     /// Create a new dataset key file (mode 0600), or with --sm2 a site's
     /// evidence signing key pair.
     Keygen(cmd::keygen::Args),
+    /// Dataset keys wrapped by a key in a cryptographic device (PKCS#11).
+    Key {
+        #[command(subcommand)]
+        command: cmd::key::KeyCommand,
+    },
     /// Create a CA and a certificate for each site of a deployment.
     Certs {
         /// Directory to write ca.pem, ca.key and <site>.pem / <site>.key into.
@@ -190,6 +196,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon { cfg } => cmd::daemon::run(&cfg.config),
         Command::Keygen(a) => cmd::keygen::run(a),
+        Command::Key { command } => cmd::key::run(command),
         Command::VerifyReport(a) => cmd::verify_report::run(a),
         Command::Certs { out, sites } => cmd::certs::run(&out, &sites),
         Command::Config { command } => cmd::config::run(command),

@@ -70,6 +70,7 @@ pub fn render(view: &SiteView) -> prometheus::Result<String> {
     replication(&m, &datasets)?;
     intake(&m, &datasets)?;
     standby(&m, &datasets)?;
+    key_devices(&m, &datasets)?;
     takeover(&m, &datasets)?;
     archive(&m, &datasets)?;
     verify_and_scrub(&m, &datasets)?;
@@ -329,6 +330,35 @@ fn intake(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
             files.with_label_values(&[ds]).inc_by(s.files_ingested);
             src_bytes.with_label_values(&[ds]).inc_by(s.bytes_read);
             pending.with_label_values(&[ds]).set(s.pending_paths as f64);
+        }
+    }
+    Ok(())
+}
+
+/// The cryptographic devices behind wrapped dataset keys.
+fn key_devices(m: &Metrics, datasets: &[DatasetStatus]) -> prometheus::Result<()> {
+    let up = m.gauge(
+        "triad_key_device_reachable",
+        "1 while the device holding the key that wraps the dataset's key unwraps it on request, 0 when it does not.",
+        &["dataset"],
+    )?;
+    let away = m.gauge(
+        "triad_key_device_unreachable_seconds",
+        "How long the key device has not answered; the daemon stops the dataset when this reaches triad_key_device_grace_seconds.",
+        &["dataset"],
+    )?;
+    let grace = m.gauge(
+        "triad_key_device_grace_seconds",
+        "[keys] device_grace: how long the daemon runs on a key already in memory without its device.",
+        &["dataset"],
+    )?;
+    for d in datasets {
+        if let Some(k) = &d.key_device {
+            let ds = d.dataset.as_str();
+            up.with_label_values(&[ds])
+                .set(if k.reachable { 1.0 } else { 0.0 });
+            away.with_label_values(&[ds]).set(k.unreachable_seconds);
+            grace.with_label_values(&[ds]).set(k.grace_seconds);
         }
     }
     Ok(())
@@ -709,6 +739,14 @@ mod tests {
             puts: Some(crate::status::PutStatsView::default()),
             standby: Some(crate::status::StandbyStatus::default()),
             takeover: Some(crate::status::TakeoverStatus::default()),
+            key_device: Some(crate::keywatch::KeyDeviceStatus {
+                device: "token `triad` of PKCS#11 module /usr/lib/softhsm/libsofthsm2.so".into(),
+                kek: "kek-2026".into(),
+                reachable: false,
+                unreachable_seconds: 42.0,
+                grace_seconds: 3600.0,
+                ..Default::default()
+            }),
             replication: ReplicationStatus {
                 followers: vec![link],
                 upstream: Some(replicator::follower::FollowStatus::default()),

@@ -118,6 +118,7 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
     let takeover =
         Takeover::start(&cfg, stop.clone()).context("starting the takeover group member")?;
     let service = serve_replication(&cfg, takeover.as_ref())?;
+    let keys = crate::keywatch::KeyWatch::start(&cfg, stop.clone());
     let mut cfg = cfg;
     let ended = loop {
         match run_seat(
@@ -125,8 +126,8 @@ pub fn run(path: &Path, cfg: Config) -> Result<()> {
             cfg,
             takeover.as_ref(),
             service.as_ref(),
-            &stop,
-            &reload,
+            (&stop, &reload),
+            &keys,
             &mut notifier,
         ) {
             Ok(Some(next)) => cfg = next,
@@ -176,8 +177,8 @@ fn run_seat(
     cfg: Config,
     takeover: Option<&Arc<Takeover>>,
     service: Option<&Service>,
-    global_stop: &Arc<AtomicBool>,
-    reload: &Arc<AtomicBool>,
+    (global_stop, reload): (&Arc<AtomicBool>, &Arc<AtomicBool>),
+    keys: &crate::keywatch::KeyWatch,
     notifier: &mut Notifier,
 ) -> Result<Option<Config>> {
     let seat = takeover.map(|t| crate::takeover::seat(&cfg, &t.cluster()));
@@ -296,6 +297,7 @@ fn run_seat(
             .iter()
             .map(|r| DatasetStatus {
                 takeover: group.clone(),
+                key_device: keys.status(r.ds.name()),
                 ..status_of(cfg, r, upstream.as_deref(), &refusals)
             })
             .collect();
@@ -352,6 +354,11 @@ fn run_seat(
             notifier.ready(&line);
         } else {
             notifier.tick(&line);
+        }
+        for r in &running {
+            if let Some(why) = keys.expired(r.ds.name()) {
+                r.ds.fail(why);
+            }
         }
         if running.iter().any(|r| r.ds.failure().is_some()) {
             stop.store(true, Ordering::Release);
@@ -1073,6 +1080,7 @@ fn status_of(
             refused_handshakes: refusals.handshake.load(Ordering::Relaxed),
             refused_unknown_sites: refusals.unknown_site.load(Ordering::Relaxed),
         },
+        key_device: None,
         failure: ds.failure().or(diverged),
         error: None,
     }

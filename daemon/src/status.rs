@@ -45,6 +45,9 @@ pub struct DatasetStatus {
     /// The takeover group's record and this site's seat and fence, when
     /// `[takeover]` is set.
     pub takeover: Option<TakeoverStatus>,
+    /// The cryptographic device holding the key that wraps this dataset's
+    /// key, when its key file is wrapped (`triad key wrap`).
+    pub key_device: Option<crate::keywatch::KeyDeviceStatus>,
     pub failure: Option<String>,
     /// Why the reader has no status for this dataset (set by `triad status`
     /// when the file is missing; the daemon never sets it).

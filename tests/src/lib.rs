@@ -4,6 +4,7 @@
 pub mod fuzz;
 pub mod moto;
 pub mod s3;
+pub mod softhsm;
 
 use std::path::{Path, PathBuf};
 

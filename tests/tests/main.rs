@@ -16,6 +16,7 @@ mod faults;
 mod fidelity;
 mod fuzz;
 mod hostile;
+mod hsm;
 mod object_lock;
 mod postgres;
 mod pushed;

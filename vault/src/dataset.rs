@@ -823,6 +823,18 @@ impl Dataset {
             .unwrap_or_default()
     }
 
+    /// Stops the dataset from outside (its key may no longer be used):
+    /// commits are refused from now on with `why`, and the daemon, which
+    /// watches [`Dataset::failure`], stops. The first reason stays.
+    pub fn fail(&self, why: String) {
+        if let Ok(mut f) = self.shared.failed.lock() {
+            if f.is_none() {
+                tracing::error!(dataset = %self.name, reason = %why, "dataset stopped");
+                *f = Some(why);
+            }
+        }
+    }
+
     pub fn failure(&self) -> Option<String> {
         self.shared.failed.lock().ok().and_then(|f| f.clone())
     }

@@ -20,6 +20,13 @@ pub enum VaultError {
     KeyFile { path: PathBuf, reason: String },
 
     #[error(
+        "key file {path} is wrapped by a key in a cryptographic device, which cannot give it: \
+         {reason}; with the device back this works again, and without it only the offline copy \
+         of the plain key file can (`triad key show` checks the device)"
+    )]
+    KeyDevice { path: PathBuf, reason: String },
+
+    #[error(
         "wrong key for dataset {dataset}: the key file has key id {found}, but this dataset was \
          created with key id {expected}; point key_file at the dataset's original key \
          (nothing was written)"

@@ -56,6 +56,11 @@ impl DatasetKey {
         DatasetKey(bytes)
     }
 
+    /// The key's bytes, for wrapping it (`kek.rs`) only.
+    pub(crate) fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// A public fingerprint of the key, safe to log and store: it identifies
     /// the key without revealing it.
     pub fn key_id(&self) -> String {
@@ -114,6 +119,23 @@ impl DatasetKey {
         }
         let text = std::fs::read_to_string(path)
             .map_err(|e| VaultError::io("reading key file", path, e))?;
+        if let Some(wrapped) = crate::kek::parse(path, &text) {
+            let device_error = |e: crate::kek::KekError| VaultError::KeyDevice {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            };
+            let w = wrapped.map_err(device_error)?;
+            let (key, away) = crate::kek::unwrap(path, &w).map_err(device_error)?;
+            if let Some(away) = away {
+                tracing::warn!(
+                    key_file = %path.display(),
+                    device = %w.device,
+                    away_seconds = away.as_secs(),
+                    "the key device does not answer: using the dataset key already unwrapped in memory"
+                );
+            }
+            return Ok(key);
+        }
         let mut lines = text.lines();
         if lines.next() != Some(KEY_FILE_HEADER) {
             return Err(bad(format!(

@@ -27,6 +27,7 @@ pub mod dataset;
 pub mod error;
 pub mod fs;
 pub mod id;
+pub mod kek;
 pub mod keys;
 pub mod lthash;
 pub mod meta;

@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod drill;
+pub mod key;
 pub mod keygen;
 pub mod promote;
 pub mod push;

@@ -61,6 +61,20 @@ pub struct Config {
     pub takeover: Option<TakeoverSection>,
     pub failover: Option<FailoverSection>,
     pub evidence: Option<EvidenceSection>,
+    pub keys: Option<KeysSection>,
+}
+
+/// `[keys]`: dataset keys wrapped by a key in a cryptographic device
+/// (`triad key wrap`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// How often the daemon asks each device to unwrap its key again.
+    /// Default "30s".
+    pub check_interval: Option<Span>,
+    /// How long the daemon goes on with keys already unwrapped in memory
+    /// once a device stops answering; then it stops. Default "1h".
+    pub device_grace: Option<Span>,
 }
 
 /// `[evidence]`: how this site signs what auditors read.
@@ -1141,6 +1155,17 @@ impl Config {
             .as_ref()
             .and_then(|l| l.socket_group.as_deref())
             .and_then(group_id)
+    }
+
+    /// `[keys] check_interval` (default 30 s) and `device_grace` (default 1 h).
+    pub fn key_device_timing(&self) -> (Duration, Duration) {
+        let k = self.keys.as_ref();
+        (
+            k.and_then(|k| k.check_interval)
+                .map_or(Duration::from_secs(30), |s| s.0),
+            k.and_then(|k| k.device_grace)
+                .map_or(Duration::from_secs(3600), |s| s.0),
+        )
     }
 
     /// The site's evidence signer, when `[evidence]` names one; an error
