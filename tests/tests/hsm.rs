@@ -158,6 +158,12 @@ fn a_wrapped_key_runs_the_daemon_until_its_token_has_been_gone_for_the_grace() {
                 .is_some_and(|s| s["key_device"]["reachable"] == false)
         },
     );
+    let out = site.cli(&["status"]);
+    assert!(
+        text(&out).contains("key device: UNREACHABLE"),
+        "{}",
+        text(&out)
+    );
     let st = site.status().unwrap();
     assert!(
         st["key_device"]["error"]

@@ -192,6 +192,14 @@ fn dataset_alerts(v: &DatasetStatus, now: i64) -> Vec<String> {
     if let Some(up) = v.replication.upstream.as_ref().filter(|u| !u.connected) {
         out.push(format!("upstream {} is not connected", up.upstream));
     }
+    if let Some(k) = v.key_device.as_ref().filter(|k| !k.reachable) {
+        out.push(format!(
+            "the key device does not give the dataset key ({:.0} s of a {:.0} s grace): {}",
+            k.unreachable_seconds,
+            k.grace_seconds,
+            k.error.as_deref().unwrap_or("no answer")
+        ));
+    }
     if let Some(s) = &v.standby {
         if let Some(e) = &s.last_error {
             out.push(format!("standby tree {}: {e}", s.path));
@@ -325,6 +333,19 @@ fn print_log_and_intake(v: &DatasetStatus) {
             src.committed_seq,
             src.commit_failures,
         );
+    }
+    if let Some(k) = &v.key_device {
+        if k.reachable {
+            println!("    key device: ok  `{}` in {}", k.kek, k.device);
+        } else {
+            println!(
+                "    key device: UNREACHABLE for {:.0} s, {:.0} s of grace left  `{}` in {}",
+                k.unreachable_seconds,
+                (k.grace_seconds - k.unreachable_seconds).max(0.0),
+                k.kek,
+                k.device
+            );
+        }
     }
     if let Some(s) = &v.standby {
         println!(
