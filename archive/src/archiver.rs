@@ -272,9 +272,13 @@ pub struct Archiver {
     /// at each snapshot and every [`packs::INDEX_FILE_CHUNKS`] chunks). Lost
     /// at a restart, which costs readers only those packs' own indexes.
     unindexed: Mutex<Vec<packs::IndexedPack>>,
-    /// Signs each head written (formats.md 16.10), when the site has an
+    /// Signs each head written (formats.md 16.7), when the site has an
     /// `[evidence]` key.
     signer: Option<Arc<EvidenceSigner>>,
+    /// The last snapshot this archiver wrote: its name, the state it shows
+    /// (seq, chain hash) and the index's losses then. A snapshot of the
+    /// same state reuses its pages (see [`Archiver::reuse_pages`]).
+    last_snapshot: Mutex<Option<(String, u64, Hash, u64)>>,
 }
 
 impl Archiver {
@@ -328,6 +332,7 @@ impl Archiver {
             tail: Mutex::new(None),
             unindexed: Mutex::new(Vec::new()),
             signer: None,
+            last_snapshot: Mutex::new(None),
         };
         if fresh || !a.index.filled_for(a.store.url())? {
             a.refill_index()?;
@@ -406,6 +411,11 @@ impl Archiver {
 
     pub fn dataset(&self) -> &Dataset {
         &self.ds
+    }
+
+    #[cfg(test)]
+    pub(crate) fn index_for_tests(&self) -> &Index {
+        &self.index
     }
 
     pub fn store(&self) -> &Store {
@@ -668,6 +678,63 @@ impl Archiver {
         self.snapshot_at().map(|(r, _)| r)
     }
 
+    /// When the dataset's state is still the one the last snapshot this
+    /// archiver wrote shows, writes a new manifest naming that snapshot's
+    /// pages instead of reading the namespace and writing every page again
+    /// (an idle dataset's scheduled snapshots cost one GET and one PUT).
+    /// Never with Object Lock: the earlier pages' retention ends before the
+    /// new snapshot's would. Never after the index lost entries (a chunk
+    /// found missing must be uploaded again by a full snapshot).
+    fn reuse_pages(
+        &self,
+        applied: &vault::state::Applied,
+    ) -> Result<Option<(Manifest, SnapshotRef)>> {
+        if self.store.object_lock().is_some() {
+            return Ok(None);
+        }
+        let last = self
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some((last_name, seq, hash, losses)) = last else {
+            return Ok(None);
+        };
+        if seq != applied.seq || hash != applied.hash || losses != self.index.losses() {
+            return Ok(None);
+        }
+        // It must still be the newest snapshot in the store, whole.
+        let newest = self.snapshots()?.into_iter().next_back();
+        let Some(prev) = newest.filter(|s| s.name == last_name) else {
+            return Ok(None);
+        };
+        let m = read_manifest(&self.rt, &self.store, self.ds.keys(), self.ds.name(), &prev)?;
+        if m.seq != applied.seq || m.chain_hash != applied.hash {
+            return Ok(None);
+        }
+        let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(0);
+        let snap_ref = SnapshotRef::new(
+            applied.seq,
+            now_ns / 1_000_000,
+            self.ds.fence().epoch_of(applied.seq),
+        );
+        if snap_ref.name == prev.name {
+            // Within the same millisecond: the snapshot exists already.
+            return Ok(None);
+        }
+        let pages_from = m.pages_from.clone().unwrap_or(prev.name);
+        Ok(Some((
+            Manifest {
+                version: objects::MANIFEST_VERSION_REUSED,
+                site: self.site.clone(),
+                taken_ns: now_ns,
+                pages_from: Some(pages_from),
+                ..m
+            },
+            snap_ref,
+        )))
+    }
+
     /// A snapshot, and the chain hash at its seq.
     fn snapshot_at(&self) -> Result<(SnapshotReport, Hash)> {
         let _job = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -675,11 +742,17 @@ impl Archiver {
         let name = self.ds.name().to_string();
         let keys = self.ds.keys().clone();
         let st = self.ds.state();
+        // Read before the state is: it only says what the index lost up to
+        // now, so a loss during the walk makes the next snapshot a full one.
+        let losses = self.index.losses();
         // The namespace is read in order and each page is sealed and stored
         // as soon as it is full, its new chunks uploaded in batches meanwhile:
         // memory holds one page and one upload batch, whatever the tree's size.
         let (manifest, snap_ref, uploaded) = st.with_snapshot(|snap| -> Result<_> {
             let applied = snap.applied()?;
+            if let Some((manifest, snap_ref)) = self.reuse_pages(&applied)? {
+                return Ok((manifest, snap_ref, (0, 0)));
+            }
             let pins = snap.pins()?;
             let meta = |id: &ChunkId| -> Result<vault::state::ChunkMeta> {
                 snap.chunk_meta(id)?.ok_or_else(|| missing_chunk(st, id))
@@ -759,6 +832,7 @@ impl Archiver {
                 chunks: chunks + pin_refs.len() as u64,
                 pins: pin_refs,
                 pages,
+                pages_from: None,
             };
             Ok((manifest, snap_ref, (upload.chunks, upload.bytes)))
         })?;
@@ -766,6 +840,12 @@ impl Archiver {
         let sealed = objects::encode_manifest(&keys, &key, &manifest)?;
         // Written last: the snapshot exists from here on.
         self.rt.block_on(self.store.put_history(&key, sealed))?;
+        *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+            snap_ref.name.clone(),
+            manifest.seq,
+            manifest.chain_hash,
+            losses,
+        ));
         self.write_head(manifest.seq, manifest.chain_hash, manifest.time_ns)?;
         self.write_index_file();
         let report = SnapshotReport {
@@ -778,7 +858,7 @@ impl Archiver {
             bytes_uploaded: uploaded.1,
             seconds: started.elapsed().as_secs_f64(),
         };
-        tracing::info!(dataset = %name, snapshot = %report.name, seq = report.seq, entries = report.entries, chunks_uploaded = report.chunks_uploaded, bytes_uploaded = report.bytes_uploaded, seconds = report.seconds, "snapshot complete");
+        tracing::info!(dataset = %name, snapshot = %report.name, seq = report.seq, pages_from = ?manifest.pages_from, entries = report.entries, chunks_uploaded = report.chunks_uploaded, bytes_uploaded = report.bytes_uploaded, seconds = report.seconds, "snapshot complete");
         Ok((report, manifest.chain_hash))
     }
 
@@ -1047,8 +1127,10 @@ impl Archiver {
                 live.extend(e.chunks().iter().map(|c| c.id));
             }
             live.extend(m.pins.iter().map(|p| p.0));
+            // A snapshot that reuses an earlier one's pages keeps those
+            // alive, whether or not the earlier one is kept.
             for n in 0..m.pages.len() {
-                live_pages.insert(s.page_key(name, n));
+                live_pages.insert(m.page_key(name, s, n));
             }
         }
         Ok((live, live_pages))
@@ -1542,7 +1624,7 @@ pub fn read_snapshot(
     let manifest = read_manifest(rt, store, keys, ds, s)?;
     let pages: Vec<objects::Page> = rt.block_on(
         stream::iter(manifest.pages.iter().enumerate().map(|(n, p)| {
-            let key = s.page_key(ds, n);
+            let key = manifest.page_key(ds, s, n);
             async move {
                 let b = store
                     .get_required(&key, "a page of the snapshot", p.sealed_len)

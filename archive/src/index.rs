@@ -22,6 +22,11 @@ const URL: &[u8] = b"!url";
 pub struct Index {
     db: DB,
     path: PathBuf,
+    /// Counts the times entries were removed or the whole index cleared,
+    /// in this process: a snapshot may reuse the pages of the one before
+    /// only if the index lost nothing since (a lost entry is a chunk the
+    /// next snapshot must upload again).
+    losses: std::sync::atomic::AtomicU64,
 }
 
 impl Index {
@@ -46,6 +51,7 @@ impl Index {
         Ok(Index {
             db,
             path: path.to_path_buf(),
+            losses: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -98,8 +104,17 @@ impl Index {
         )
     }
 
+    /// See `losses`.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Removes entries durably: called before the objects are deleted.
     pub fn remove(&self, ids: &[ChunkId]) -> Result<()> {
+        if !ids.is_empty() {
+            self.losses
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         self.write(
             |b| {
                 for id in ids {
@@ -112,6 +127,8 @@ impl Index {
 
     /// Forgets everything (the store was found to disagree).
     pub fn clear(&self) -> Result<()> {
+        self.losses
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let keys: Vec<Box<[u8]>> = self
             .db
             .iterator(rocksdb::IteratorMode::Start)

@@ -33,6 +33,12 @@ pub type Namespace = Vec<(Vec<u8>, Entry)>;
 /// The manifest encoding this version writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// A manifest whose pages are those of an earlier snapshot of the same
+/// state (`Manifest::pages_from`): version 1's encoding followed by the
+/// earlier snapshot's name. Only such manifests carry it, so every other
+/// snapshot stays readable by a triad that knows version 1 alone.
+pub const MANIFEST_VERSION_REUSED: u32 = 2;
+
 /// The most bytes a log piece may have: the archiver cuts pieces at 64 MiB
 /// of log, and one record may pass that alone by up to the largest change
 /// a writer may submit. Readers refuse anything longer unread.
@@ -407,6 +413,21 @@ pub struct Manifest {
     /// length, BLAKE3 of the sealed bytes).
     pub pins: Vec<(ChunkId, u64, u32, [u8; 32])>,
     pub pages: Vec<PageRef>,
+    /// With version 2: the snapshot whose page objects these are (the
+    /// state did not change between the two, so its pages were not written
+    /// again). Encoded after the fields above, not by serde.
+    #[serde(skip)]
+    pub pages_from: Option<String>,
+}
+
+impl Manifest {
+    /// Where page `n` of snapshot `s` (this manifest's) is stored.
+    pub fn page_key(&self, ds: &str, s: &SnapshotRef, n: usize) -> String {
+        match &self.pages_from {
+            Some(from) => format!("{ds}/snapshots/{from}/page-{n:06}"),
+            None => s.page_key(ds, n),
+        }
+    }
 }
 
 /// Postcard-encodes `v` and seals it (below) under the object's name.
@@ -454,7 +475,15 @@ pub fn open(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Vec<u8>> {
 }
 
 pub fn encode_manifest(keys: &Keys, key: &str, m: &Manifest) -> Result<Vec<u8>> {
-    encode_sealed(keys, key, m)
+    let cannot = |e: postcard::Error| ArchiveError::Damaged {
+        key: key.to_string(),
+        reason: format!("cannot encode: {e}"),
+    };
+    let mut plain = postcard::to_allocvec(m).map_err(cannot)?;
+    if m.pages_from.is_some() {
+        plain.extend(postcard::to_allocvec(&m.pages_from).map_err(cannot)?);
+    }
+    Ok(seal(keys, key, &plain))
 }
 
 pub fn decode_manifest(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Manifest> {
@@ -466,18 +495,27 @@ pub fn decode_manifest(keys: &Keys, key: &str, sealed: &[u8]) -> Result<Manifest
             key: key.to_string(),
             reason: format!("manifest does not decode: {e}"),
         })?;
-    if version != MANIFEST_VERSION {
-        return Err(ArchiveError::Damaged {
-            key: key.to_string(),
-            reason: format!(
-                "manifest version {version}; this triad reads version {MANIFEST_VERSION}"
-            ),
-        });
-    }
-    postcard::from_bytes(&plain).map_err(|e| ArchiveError::Damaged {
+    let damaged = |reason: String| ArchiveError::Damaged {
         key: key.to_string(),
-        reason: format!("manifest does not decode: {e}"),
-    })
+        reason,
+    };
+    if version != MANIFEST_VERSION && version != MANIFEST_VERSION_REUSED {
+        return Err(damaged(format!(
+            "manifest version {version}; this triad reads versions {MANIFEST_VERSION} and {MANIFEST_VERSION_REUSED}"
+        )));
+    }
+    let (mut m, rest) = postcard::take_from_bytes::<Manifest>(&plain)
+        .map_err(|e| damaged(format!("manifest does not decode: {e}")))?;
+    if version == MANIFEST_VERSION_REUSED {
+        let from: Option<String> = postcard::from_bytes(rest)
+            .map_err(|e| damaged(format!("manifest does not decode: {e}")))?;
+        // Only a snapshot's name: it becomes part of object keys.
+        let from = from
+            .filter(|f| SnapshotRef::parse_manifest_key(&format!("{f}.manifest")).is_some())
+            .ok_or_else(|| damaged("manifest names no earlier snapshot for its pages".into()))?;
+        m.pages_from = Some(from);
+    }
+    Ok(m)
 }
 
 /// A page of a snapshot: entries in path order, and the BLAKE3 of the

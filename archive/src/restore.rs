@@ -866,7 +866,7 @@ impl Restorer<'_> {
         let store = self.store;
         let mut pages = Box::pin(
             futures::stream::iter(m.pages.iter().enumerate().map(|(n, p)| {
-                let key = s.page_key(self.dataset, n);
+                let key = m.page_key(self.dataset, s, n);
                 async move {
                     let b = store
                         .get_required(&key, "a page of the snapshot", p.sealed_len)
@@ -1330,6 +1330,118 @@ mod tests {
             vec![vault::chunk::seal(ds.keys(), id, data.as_bytes())],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_of_an_unchanged_state_names_the_pages_before_it_and_prune_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DatasetKey::generate();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ds = Arc::new(
+            Dataset::open(
+                &dir.path().join("site"),
+                "files",
+                &key,
+                vault::Options {
+                    create: true,
+                    ..vault::Options::default()
+                },
+            )
+            .unwrap(),
+        );
+        let url = format!("file://{}", dir.path().join("bucket").display());
+        let store = Arc::new(Store::open(&StoreConfig::new(&url)).unwrap());
+        let a = Archiver::open(store.clone(), rt.handle().clone(), ds.clone(), "a", 2).unwrap();
+        for i in 1..=30 {
+            put(&ds, &format!("f{i}"), &format!("record {i}\n"));
+        }
+        a.ship_log().unwrap();
+        let objects = || -> Vec<String> {
+            let mut v: Vec<String> = walkdir::WalkDir::new(dir.path().join("bucket"))
+                .into_iter()
+                .flatten()
+                .filter(|e| e.file_type().is_file())
+                .map(|e| e.path().display().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        let manifest = |name: &str| {
+            let s = a
+                .snapshots()
+                .unwrap()
+                .into_iter()
+                .find(|s| s.name == name)
+                .unwrap();
+            crate::archiver::read_manifest(rt.handle(), &store, ds.keys(), "files", &s).unwrap()
+        };
+        let first = a.snapshot().unwrap();
+        assert!(manifest(&first.name).pages_from.is_none());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let before = objects();
+        let second = a.snapshot().unwrap();
+        let m2 = manifest(&second.name);
+        assert_eq!(m2.pages_from.as_deref(), Some(first.name.as_str()));
+        assert_eq!((second.entries, second.seq), (first.entries, first.seq));
+        // One object more: the manifest. No page was written again.
+        let after = objects();
+        let new: Vec<&String> = after.iter().filter(|o| !before.contains(o)).collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        assert!(new[0].ends_with(".manifest"), "{new:?}");
+        // A third names the first's pages too, not the second's.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let third = a.snapshot().unwrap();
+        assert_eq!(
+            manifest(&third.name).pages_from.as_deref(),
+            Some(first.name.as_str())
+        );
+
+        // Prune keeping only the newest: the first two manifests go, the
+        // pages they wrote stay, and the newest restores whole.
+        let report = a
+            .prune(
+                &crate::RetentionPolicy {
+                    last: 1,
+                    ..Default::default()
+                },
+                std::time::Duration::ZERO,
+            )
+            .unwrap();
+        assert_eq!(report.snapshots_deleted.len(), 2, "{report:?}");
+        let restore = |to: &str| {
+            Restorer {
+                rt: rt.handle(),
+                store: &store,
+                dataset: "files",
+                key: &key,
+                concurrency: 2,
+                expect_seq: None,
+                checkpoints: &[],
+                delta: false,
+            }
+            .restore(At::Latest, &dir.path().join(to), &|_| {})
+        };
+        let r = restore("after-prune").unwrap();
+        assert_eq!(r.snapshot.as_deref(), Some(third.name.as_str()));
+        assert_eq!(r.report.files, 30, "{:?}", r.report);
+        assert!(r.report.problems.is_empty(), "{:?}", r.report);
+        assert_eq!(r.report.expected_digest, r.report.restored_digest);
+
+        // Once the index has lost entries, the next snapshot of the same
+        // state is a full one again; so is one after a change.
+        a.index_for_tests()
+            .remove(&[ChunkId::of(ds.keys(), b"record 1\n")])
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let full = a.snapshot().unwrap();
+        assert!(manifest(&full.name).pages_from.is_none());
+        put(&ds, "new", "a change\n");
+        a.ship_log().unwrap();
+        let changed = a.snapshot().unwrap();
+        assert!(manifest(&changed.name).pages_from.is_none());
+        assert_eq!(changed.entries, full.entries + 1);
+        drop(a);
+        ds.close().unwrap();
     }
 
     fn copy_dir(from: &Path, to: &Path) {
