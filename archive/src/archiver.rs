@@ -452,7 +452,9 @@ impl Archiver {
         };
         let mut bytes = objects::encode_head(self.ds.keys(), &key, &head)?;
         if let Some(signer) = &self.signer {
-            bytes = signer.append_signature(&bytes, &objects::head_statement(&key, &head));
+            bytes = signer
+                .append_signature(&bytes, &objects::head_statement(&key, &head))
+                .map_err(|e| ArchiveError::Config(format!("signing {key}: {e}")))?;
         }
         self.rt.block_on(self.store.put(&key, bytes))?;
         *written = (epoch, seq);

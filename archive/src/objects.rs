@@ -145,7 +145,7 @@ pub fn encode_head(keys: &Keys, key: &str, h: &Head) -> Result<Vec<u8>> {
     encode_sealed(keys, key, h)
 }
 
-/// What a signed head says in plaintext (formats.md 16.10), for an auditor
+/// What a signed head says in plaintext (formats.md 16.7), for an auditor
 /// who checks the signature without the dataset key.
 pub fn head_statement(key: &str, h: &Head) -> Vec<u8> {
     let time = |ns: i64| {

@@ -100,8 +100,32 @@ pub enum KekError {
     Module { device: Device, reason: String },
     #[error("{device}: no such token is present (is the device connected?)")]
     NoToken { device: Device },
-    #[error("{device}: the PIN in {} is refused: {reason}", .device.pin_file.display())]
+    #[error(
+        "{device}: the PIN in {} is refused ({reason}); it is not tried again until that file \
+         changes, so the token does not lock it",
+        .device.pin_file.display()
+    )]
+    PinRefused { device: Device, reason: String },
+    #[error("{device}: cannot log in: {reason}")]
     Login { device: Device, reason: String },
+    #[error("{device}: cannot read the PIN file {}: {reason}", .device.pin_file.display())]
+    PinFile { device: Device, reason: String },
+    #[error("{device}: {count} keys are labelled `{kek}`; give the KEK a label of its own")]
+    KekAmbiguous {
+        device: Device,
+        kek: String,
+        count: usize,
+    },
+    #[error(
+        "{device}: key `{kek}` may leave the token (CKA_EXTRACTABLE or not CKA_SENSITIVE); make \
+         a KEK with --create-kek"
+    )]
+    KekExtractable { device: Device, kek: String },
+    #[error(
+        "the key file now holds dataset key {found}, but the dataset runs on {expected}: \
+         put back the file it was started with"
+    )]
+    OtherKey { expected: String, found: String },
     #[error("{device}: no key labelled `{kek}` in the token")]
     NoKek { device: Device, kek: String },
     #[error("{device}: a key labelled `{kek}` already exists in the token")]
@@ -170,8 +194,22 @@ fn read_private(path: &Path, what: &str) -> Result<String, KekError> {
             ),
         ));
     }
-    std::fs::read_to_string(path).map_err(|e| file_error(path, format!("reading {what}: {e}")))
+    let bytes = crate::signing::read_regular(path, MAX_FILE)
+        .map_err(|e| file_error(path, format!("reading {what}: {e}")))?;
+    String::from_utf8(bytes).map_err(|_| file_error(path, format!("{what} is not text")))
 }
+
+/// The PKCS#11 return code of an error, if it came from the module.
+fn rv(e: &cryptoki::error::Error) -> Option<cryptoki::error::RvError> {
+    match e {
+        cryptoki::error::Error::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+/// How long a request waits for another one in this process before it
+/// gives up: a device that hangs must not hang every key load with it.
+const DEVICE_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs `f` in a logged-in session of the device's token, then closes the
 /// session and finalises the module whatever `f` gave.
@@ -179,12 +217,31 @@ fn with_session<T>(
     device: &Device,
     f: impl FnOnce(&Session) -> Result<T, KekError>,
 ) -> Result<T, KekError> {
-    let _one = DEVICE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let pin = read_private(&device.pin_file, "the device's PIN")?;
     let fail = |reason: String| KekError::Device {
         device: device.clone(),
         reason,
     };
+    let waited = Instant::now();
+    let _one = loop {
+        match DEVICE_LOCK.try_lock() {
+            Ok(g) => break g,
+            Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if waited.elapsed() < DEVICE_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(fail(format!(
+                    "another request to the device has not returned for {}s",
+                    DEVICE_WAIT.as_secs()
+                )))
+            }
+        }
+    };
+    let pin =
+        read_private(&device.pin_file, "the device's PIN").map_err(|e| KekError::PinFile {
+            device: device.clone(),
+            reason: e.to_string(),
+        })?;
     let p11 = Pkcs11::new(&device.module).map_err(|e| KekError::Module {
         device: device.clone(),
         reason: e.to_string(),
@@ -211,9 +268,24 @@ fn with_session<T>(
                 UserType::User,
                 Some(&AuthPin::from(pin.trim_end().to_string())),
             )
-            .map_err(|e| KekError::Login {
-                device: device.clone(),
-                reason: e.to_string(),
+            .map_err(|e| {
+                use cryptoki::error::RvError as Rv;
+                let refused = matches!(
+                    rv(&e),
+                    Some(
+                        Rv::PinIncorrect
+                            | Rv::PinInvalid
+                            | Rv::PinLenRange
+                            | Rv::PinExpired
+                            | Rv::PinLocked
+                    )
+                );
+                let (device, reason) = (device.clone(), e.to_string());
+                if refused {
+                    KekError::PinRefused { device, reason }
+                } else {
+                    KekError::Login { device, reason }
+                }
             })?;
         let r = f(&session);
         // Closing a session logs it out; an error there changes nothing.
@@ -239,7 +311,43 @@ fn find_kek(device: &Device, s: &Session, label: &str) -> Result<Option<ObjectHa
             device: device.clone(),
             reason: format!("finding key `{label}`: {e}"),
         })?;
+    if found.len() > 1 {
+        return Err(KekError::KekAmbiguous {
+            device: device.clone(),
+            kek: label.into(),
+            count: found.len(),
+        });
+    }
     Ok(found.into_iter().next())
+}
+
+/// Refuses a KEK that could leave the token.
+fn check_kept_inside(
+    device: &Device,
+    s: &Session,
+    label: &str,
+    k: ObjectHandle,
+) -> Result<(), KekError> {
+    use cryptoki::object::AttributeType;
+    let attrs = s
+        .get_attributes(k, &[AttributeType::Extractable, AttributeType::Sensitive])
+        .map_err(|e| KekError::Device {
+            device: device.clone(),
+            reason: format!("reading the attributes of `{label}`: {e}"),
+        })?;
+    let extractable = attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::Extractable(true)));
+    let sensitive = attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::Sensitive(true)));
+    if extractable || !sensitive {
+        return Err(KekError::KekExtractable {
+            device: device.clone(),
+            kek: label.into(),
+        });
+    }
+    Ok(())
 }
 
 /// Makes a new AES-256 KEK in the token: kept on the token, sensitive and
@@ -282,11 +390,12 @@ pub fn wrap(key: &DatasetKey, device: &Device, kek: &str) -> Result<Wrapped, Kek
     let mut iv = [0u8; 12];
     rand::rngs::OsRng.fill_bytes(&mut iv);
     let key_id = key.key_id();
-    let sealed = with_session(device, |s| {
+    let (sealed, iv) = with_session(device, |s| {
         let handle = find_kek(device, s, kek)?.ok_or_else(|| KekError::NoKek {
             device: device.clone(),
             kek: kek.into(),
         })?;
+        check_kept_inside(device, s, kek, handle)?;
         let mut iv_param = iv;
         let aad = aad(&key_id);
         let params =
@@ -294,11 +403,15 @@ pub fn wrap(key: &DatasetKey, device: &Device, kek: &str) -> Result<Wrapped, Kek
                 device: device.clone(),
                 reason: e.to_string(),
             })?;
-        s.encrypt(&Mechanism::AesGcm(params), handle, key.expose())
+        let sealed = s
+            .encrypt(&Mechanism::AesGcm(params), handle, key.expose())
             .map_err(|e| KekError::Device {
                 device: device.clone(),
                 reason: format!("encrypting under `{kek}`: {e}"),
-            })
+            })?;
+        // A device may write an IV of its own into the parameter (FIPS
+        // mode generates them): the one it used is the one that decrypts.
+        Ok((sealed, iv_param))
     })?;
     Ok(Wrapped {
         format: WRAPPED_FORMAT.into(),
@@ -336,10 +449,40 @@ fn unwrap_now(path: &Path, w: &Wrapped) -> Result<DatasetKey, KekError> {
                 reason: e.to_string(),
             })?;
         s.decrypt(&Mechanism::AesGcm(params), handle, &sealed)
-            .map_err(|e| KekError::Unwrap {
-                device: device.clone(),
-                kek: w.kek.clone(),
-                reason: e.to_string(),
+            .map_err(|e| {
+                use cryptoki::error::RvError as Rv;
+                // The device failing is told apart by its codes; any other
+                // refusal of the decryption is about the data (SoftHSM2
+                // answers a tag that does not verify with
+                // CKR_GENERAL_ERROR, others with CKR_ENCRYPTED_DATA_INVALID).
+                let device_failed = matches!(
+                    rv(&e),
+                    None | Some(
+                        Rv::DeviceError
+                            | Rv::DeviceMemory
+                            | Rv::DeviceRemoved
+                            | Rv::SessionClosed
+                            | Rv::SessionHandleInvalid
+                            | Rv::TokenNotPresent
+                            | Rv::TokenNotRecognized
+                            | Rv::CryptokiNotInitialized
+                            | Rv::HostMemory
+                            | Rv::FunctionCanceled
+                    )
+                );
+                let about_data = !device_failed;
+                if about_data {
+                    KekError::Unwrap {
+                        device: device.clone(),
+                        kek: w.kek.clone(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    KekError::Device {
+                        device: device.clone(),
+                        reason: format!("decrypting with `{}`: {e}", w.kek),
+                    }
+                }
             })
     })?;
     let bytes: [u8; 32] = plain.try_into().map_err(|_| KekError::Unwrap {
@@ -412,7 +555,9 @@ pub fn unwrap(path: &Path, w: &Wrapped) -> Result<(DatasetKey, Option<Duration>)
         }
         // A file that does not unwrap is never covered by the grace: only a
         // device that cannot be reached is.
-        Err(e @ (KekError::Unwrap { .. } | KekError::File(..))) => Err(e),
+        Err(e @ (KekError::Unwrap { .. } | KekError::File(..) | KekError::OtherKey { .. })) => {
+            Err(e)
+        }
         Err(e) => {
             let g = grace();
             let cached = CACHE.lock().ok().and_then(|c| {
@@ -430,9 +575,17 @@ pub fn unwrap(path: &Path, w: &Wrapped) -> Result<(DatasetKey, Option<Duration>)
 }
 
 /// Asks the device to unwrap the key of `path` again (the daemon's periodic
-/// check): Ok when it still can, and the grace starts again from now.
-pub fn confirm(path: &Path) -> Result<Wrapped, KekError> {
+/// check): Ok when it still gives the key `expected` (the one the process
+/// runs on; None to take whatever the file holds), and the grace starts
+/// again from now.
+pub fn confirm(path: &Path, expected: Option<&str>) -> Result<Wrapped, KekError> {
     let w = read(path)?;
+    if let Some(expected) = expected.filter(|e| **e != w.key_id) {
+        return Err(KekError::OtherKey {
+            expected: expected.into(),
+            found: w.key_id.clone(),
+        });
+    }
     let key = unwrap_now(path, &w)?;
     if let Ok(mut c) = CACHE.lock() {
         c.get_or_insert_with(HashMap::new).insert(

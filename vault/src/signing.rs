@@ -84,14 +84,8 @@ fn key_error(path: &Path, reason: impl Into<String>) -> VaultError {
 /// Reads a small text file whole, refusing one larger than `limit` (a key
 /// file is a few hundred bytes; never trust its length).
 fn read_small(path: &Path, limit: u64, context: &'static str) -> Result<String> {
-    let meta = std::fs::metadata(path).map_err(|e| VaultError::io(context, path, e))?;
-    if meta.len() > limit {
-        return Err(key_error(
-            path,
-            format!("{} bytes; a key file is at most {limit}", meta.len()),
-        ));
-    }
-    std::fs::read_to_string(path).map_err(|e| VaultError::io(context, path, e))
+    let bytes = read_regular(path, limit).map_err(|e| VaultError::io(context, path, e))?;
+    String::from_utf8(bytes).map_err(|_| key_error(path, "not text"))
 }
 
 impl EvidenceSigner {
@@ -206,6 +200,8 @@ pub enum SignatureError {
         "the signature does NOT match: the file was changed after it was signed, or another key signed it"
     )]
     Mismatch,
+    #[error("a statement of {0} bytes; a signed object carries at most {MAX_STATEMENT_LEN}")]
+    StatementTooLong(usize),
 }
 
 impl EvidenceKey {
@@ -263,35 +259,70 @@ pub const TRAILER_MAGIC: &[u8; 8] = b"TRIADSG1";
 /// A statement in a signed object is at most this long.
 pub const MAX_STATEMENT_LEN: usize = 4096;
 
-/// An object that carries its signature at its end (formats.md 16.10):
+/// What the signature of a signed object covers: a context that no report
+/// begins with (so a report's detached signature can never pass for an
+/// object's, nor the other way round), both lengths (so the boundary
+/// between body and statement cannot be moved), the body and the
+/// statement.
+const OBJECT_CONTEXT: &[u8] = b"triad signed object v1\0";
+
+fn object_message(body: &[u8], statement: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(OBJECT_CONTEXT.len() + 10 + body.len() + statement.len());
+    m.extend_from_slice(OBJECT_CONTEXT);
+    m.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    m.extend_from_slice(&(statement.len() as u16).to_be_bytes());
+    m.extend_from_slice(body);
+    m.extend_from_slice(statement);
+    m
+}
+
+/// An object that carries its signature at its end (formats.md 16.7):
 /// `body ‖ statement ‖ signature ‖ statement length (u16 BE) ‖ signature
-/// length (u8) ‖ "TRIADSG1"`, the signature covering `body ‖ statement`.
+/// length (u8) ‖ "TRIADSG1"`, the signature covering [`object_message`].
 /// The statement is a short plaintext (JSON) saying what the body is, for
 /// a reader who cannot open the body.
 #[derive(Debug, Clone, Copy)]
 pub struct SignedParts<'a> {
     pub body: &'a [u8],
     pub statement: &'a [u8],
-    /// `body ‖ statement`: what the signature covers.
-    pub signed: &'a [u8],
     pub signature: &'a [u8],
 }
 
 impl EvidenceSigner {
-    /// `body` with `statement` and their signature appended.
-    pub fn append_signature(&self, body: &[u8], statement: &[u8]) -> Vec<u8> {
-        let statement = &statement[..statement.len().min(MAX_STATEMENT_LEN)];
+    /// `body` with `statement` and their signature appended; refuses a
+    /// statement over [`MAX_STATEMENT_LEN`] rather than cut it.
+    pub fn append_signature(
+        &self,
+        body: &[u8],
+        statement: &[u8],
+    ) -> std::result::Result<Vec<u8>, SignatureError> {
+        if statement.len() > MAX_STATEMENT_LEN {
+            return Err(SignatureError::StatementTooLong(statement.len()));
+        }
+        let sig = self.sign(&object_message(body, statement));
         let mut out = Vec::with_capacity(body.len() + statement.len() + 96);
         out.extend_from_slice(body);
         out.extend_from_slice(statement);
-        let sig = self.sign(&out);
         out.extend_from_slice(&sig);
-        // Both fit: the statement is cut to 4096 bytes above and a DER SM2
-        // signature is at most 72.
+        // Both fit: the statement is at most 4096 bytes and a DER SM2
+        // signature at most 72.
         out.extend_from_slice(&(statement.len() as u16).to_be_bytes());
         out.push(sig.len() as u8);
         out.extend_from_slice(TRAILER_MAGIC);
-        out
+        Ok(out)
+    }
+}
+
+impl EvidenceKey {
+    /// Checks the signature a signed object carries.
+    pub fn verify_object(
+        &self,
+        parts: &SignedParts<'_>,
+    ) -> std::result::Result<(), SignatureError> {
+        self.verify(
+            &object_message(parts.body, parts.statement),
+            parts.signature,
+        )
     }
 }
 
@@ -311,9 +342,32 @@ pub fn split_signed(object: &[u8]) -> Option<SignedParts<'_>> {
     Some(SignedParts {
         body,
         statement,
-        signed,
         signature,
     })
+}
+
+/// Reads a regular file of at most `limit` bytes. The size is checked on
+/// the opened file and the read is bounded too, so a symlink to a device,
+/// a FIFO or a file that grows while it is read cannot make it allocate
+/// without bound or block.
+pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut out = Vec::new();
+    f.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 /// An SM2 signature as GM/T 0009 and X9.62 encode it: `SEQUENCE { r, s }`.
@@ -392,23 +446,51 @@ mod tests {
         let (key, public) = (dir.path().join("k"), dir.path().join("k.pub"));
         let signer = EvidenceSigner::generate(&key, &public).unwrap();
         let checker = EvidenceKey::load(&public).unwrap();
-        let obj = signer.append_signature(b"sealed head bytes", b"{\"seq\":42}");
+        let obj = signer
+            .append_signature(b"sealed head bytes", b"{\"seq\":42}")
+            .unwrap();
         let parts = split_signed(&obj).unwrap();
         assert_eq!(parts.body, b"sealed head bytes");
         assert_eq!(parts.statement, b"{\"seq\":42}");
-        checker.verify(parts.signed, parts.signature).unwrap();
-        for i in 0..obj.len() - 11 {
-            let mut bad = obj.clone();
-            bad[i] ^= 0x80;
-            if let Some(p) = split_signed(&bad) {
-                assert!(
-                    checker.verify(p.signed, p.signature).is_err()
-                        || (p.body, p.statement)
-                            == (&b"sealed head bytes"[..], &b"{\"seq\":42}"[..]),
-                    "byte {i} changed and still checks"
-                );
+        checker.verify_object(&parts).unwrap();
+        // Every bit of every byte, the trailer's lengths included: either
+        // the object no longer parses or its signature no longer checks.
+        for i in 0..obj.len() {
+            for bit in 0..8 {
+                let mut bad = obj.clone();
+                bad[i] ^= 1 << bit;
+                if let Some(p) = split_signed(&bad) {
+                    assert!(
+                        checker.verify_object(&p).is_err(),
+                        "bit {bit} of byte {i} changed and the object still checks"
+                    );
+                }
             }
         }
+        // The statement's length moved by one either way, the signature
+        // left as it is: the boundary is signed.
+        let at = obj.len() - 8 - 1 - 2;
+        for delta in [-1i32, 1] {
+            let mut moved = obj.clone();
+            let n = i32::from(u16::from_be_bytes([obj[at], obj[at + 1]])) + delta;
+            moved[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+            let p = split_signed(&moved).unwrap();
+            assert!(checker.verify_object(&p).is_err(), "length {n} checks");
+        }
+        // A detached signature of the same bytes is no object signature.
+        let raw = [&b"sealed head bytes"[..], b"{\"seq\":42}"].concat();
+        let detached = signer.sign(&raw);
+        assert!(checker
+            .verify_object(&SignedParts {
+                body: b"sealed head bytes",
+                statement: b"{\"seq\":42}",
+                signature: &detached,
+            })
+            .is_err());
+        assert!(matches!(
+            signer.append_signature(b"x", &[b' '; MAX_STATEMENT_LEN + 1]),
+            Err(SignatureError::StatementTooLong(_))
+        ));
         assert!(split_signed(b"sealed head bytes").is_none());
         assert!(split_signed(b"TRIADSG1").is_none());
         assert!(split_signed(b"\xff\xff\xffTRIADSG1").is_none());

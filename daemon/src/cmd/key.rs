@@ -92,20 +92,38 @@ fn wrap_into(key: &DatasetKey, device: &Device, kek: &str, create: bool, out: &P
     }
     let w = kek::wrap(key, device, kek)?;
     kek::write_new(out, &w).with_context(|| format!("writing {}", out.display()))?;
-    // Read it back through the device before anyone relies on it.
-    let back = DatasetKey::load(out).context("reading the new wrapped key file back")?;
-    anyhow::ensure!(
-        back.key_id() == key.key_id(),
-        "the wrapped key file gives key id {}, not {}",
-        back.key_id(),
-        key.key_id()
-    );
+    // Read it back through the device before anyone relies on it; a file
+    // that does not give the key back is removed, so a retry can write it.
+    let back = DatasetKey::load(out)
+        .context("reading the new wrapped key file back")
+        .and_then(|b| {
+            anyhow::ensure!(
+                b.key_id() == key.key_id(),
+                "the wrapped key file gives key id {}, not {}",
+                b.key_id(),
+                key.key_id()
+            );
+            Ok(b)
+        });
+    if let Err(e) = back {
+        let _ = std::fs::remove_file(out);
+        return Err(e.context(format!("{} removed again", out.display())));
+    }
     println!(
         "wrote {} (mode 0600): dataset key {} wrapped by `{kek}` in {device}",
         out.display(),
         key.key_id()
     );
     Ok(())
+}
+
+/// Whether the file at `path` claims to be a wrapped key file (whatever
+/// else is wrong with it).
+fn is_wrapped(path: &Path) -> bool {
+    vault::signing::read_regular(path, 64 << 10)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .is_some_and(|t| kek::parse(path, &t).is_some())
 }
 
 pub fn run(c: KeyCommand) -> Result<ExitCode> {
@@ -118,7 +136,7 @@ pub fn run(c: KeyCommand) -> Result<ExitCode> {
             create_kek,
         } => {
             anyhow::ensure!(
-                kek::read(&key_file).is_err(),
+                !is_wrapped(&key_file),
                 "{} is already wrapped; use `triad key rewrap`",
                 key_file.display()
             );
@@ -158,6 +176,16 @@ pub fn run(c: KeyCommand) -> Result<ExitCode> {
             );
         }
         KeyCommand::Show { key_file } => match kek::read(&key_file) {
+            // A file that is no wrapped key file at all may be a plain one.
+            Err(_) if !is_wrapped(&key_file) => {
+                let key = DatasetKey::load(&key_file)?;
+                println!(
+                    "{}: plain dataset key {} (not wrapped)",
+                    key_file.display(),
+                    key.key_id()
+                );
+            }
+            Err(e) => return Err(e.into()),
             Ok(w) => {
                 println!(
                     "{}: dataset key {} wrapped by `{}` ({}) in {}",
@@ -167,21 +195,13 @@ pub fn run(c: KeyCommand) -> Result<ExitCode> {
                     w.mechanism,
                     w.device
                 );
-                match kek::confirm(&key_file) {
+                match kek::confirm(&key_file, None) {
                     Ok(_) => println!("the device gives the key now"),
                     Err(e) => {
                         println!("the device does NOT give the key: {e}");
                         return Ok(ExitCode::FAILURE);
                     }
                 }
-            }
-            Err(_) => {
-                let key = DatasetKey::load(&key_file)?;
-                println!(
-                    "{}: plain dataset key {} (not wrapped)",
-                    key_file.display(),
-                    key.key_id()
-                );
             }
         },
     }

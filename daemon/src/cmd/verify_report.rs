@@ -70,41 +70,35 @@ pub fn run(a: Args) -> Result<ExitCode> {
 }
 
 /// Checks an object that carries its signature (vault::signing's trailer)
-/// and gives the plaintext statement it signs.
+/// and gives the plaintext statement it signs, which must be triad's.
 fn check_embedded(key: &EvidenceKey, file: &std::path::Path) -> Result<String> {
-    let message = read_bounded(file)?;
+    let message = read_bounded(file, MAX_REPORT)?;
     let parts = split_signed(&message).with_context(|| {
         format!(
             "no signature: neither {} nor a signature carried at the end of the file",
             signature_path(file).display()
         )
     })?;
-    key.verify(parts.signed, parts.signature)?;
-    Ok(String::from_utf8_lossy(parts.statement).into_owned())
+    key.verify_object(&parts)?;
+    let statement: serde_json::Value =
+        serde_json::from_slice(parts.statement).context("the signed statement is not JSON")?;
+    let kind = statement["kind"].as_str().unwrap_or_default();
+    anyhow::ensure!(
+        kind.starts_with("triad "),
+        "the signed statement names no kind of triad object"
+    );
+    // Printed re-encoded: control characters in it reach the terminal escaped.
+    Ok(statement.to_string())
 }
 
-fn read_bounded(file: &std::path::Path) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(file)
-        .with_context(|| format!("reading {}", file.display()))?
-        .len();
-    if len > MAX_REPORT {
-        anyhow::bail!("{len} bytes; triad signs nothing larger than {MAX_REPORT}");
-    }
-    std::fs::read(file).with_context(|| format!("reading {}", file.display()))
+fn read_bounded(file: &std::path::Path, limit: u64) -> Result<Vec<u8>> {
+    vault::signing::read_regular(file, limit).with_context(|| format!("reading {}", file.display()))
 }
 
 fn check(key: &EvidenceKey, file: &std::path::Path, sig: &std::path::Path) -> Result<()> {
-    let sig_len = std::fs::metadata(sig)
-        .with_context(|| format!("no signature: {}", sig.display()))?
-        .len();
-    if sig_len > MAX_SIGNATURE_LEN as u64 {
-        anyhow::bail!(
-            "{} is {sig_len} bytes; an SM2 signature is at most {MAX_SIGNATURE_LEN}",
-            sig.display()
-        );
-    }
-    let message = read_bounded(file)?;
-    let signature = std::fs::read(sig).with_context(|| format!("reading {}", sig.display()))?;
+    let signature = read_bounded(sig, MAX_SIGNATURE_LEN as u64)
+        .with_context(|| format!("no usable signature: {}", sig.display()))?;
+    let message = read_bounded(file, MAX_REPORT)?;
     key.verify(&message, &signature)?;
     Ok(())
 }

@@ -449,6 +449,17 @@ impl Config {
         self.validate_links(&invalid)?;
         self.validate_datasets(&invalid)?;
         self.validate_takeover(&invalid)?;
+        if self
+            .keys
+            .as_ref()
+            .and_then(|k| k.check_interval)
+            .is_some_and(|i| i.0 < Duration::from_secs(1))
+        {
+            return Err(invalid(
+                "keys.check_interval".into(),
+                "must be at least 1s: each check opens the device and logs in".into(),
+            ));
+        }
         if let Some(e) = self
             .evidence
             .as_ref()
@@ -983,6 +994,13 @@ impl Config {
         if kept.takeover != new.takeover || kept.failover != new.failover {
             restart.push("[takeover], [failover]");
         }
+        // Keys are loaded and their devices watched from the start.
+        if kept.keys != new.keys {
+            restart.push("[keys]");
+        }
+        if kept.evidence != new.evidence {
+            restart.push("[evidence]");
+        }
         (applied, restart)
     }
 
@@ -1321,6 +1339,31 @@ source = { kind = "directory", path = "/data/gov-files", exclude = ["*.tmp"] }
                 }
             }
         });
+    }
+
+    #[test]
+    fn key_and_evidence_sections_are_checked() {
+        let e = err(&format!("{GOOD}\n[keys]\ncheck_interval = \"0s\"\n"));
+        assert!(
+            e.contains("keys.check_interval") && e.contains("at least 1s"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}\n[evidence]\nsigning_key = \"evidence.key\"\n"
+        ));
+        assert!(
+            e.contains("evidence.signing_key") && e.contains("absolute"),
+            "{e}"
+        );
+        let c = Config::parse(
+            Path::new("site.toml"),
+            &format!("{GOOD}\n[keys]\ndevice_grace = \"10m\"\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.key_device_timing(),
+            (Duration::from_secs(30), Duration::from_secs(600))
+        );
     }
 
     #[test]
