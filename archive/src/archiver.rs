@@ -1110,10 +1110,13 @@ impl Archiver {
             .collect())
     }
 
-    /// Prune step: reads every kept snapshot in full and returns the chunks
-    /// (entries and pins) and the page keys they reference. A snapshot that
-    /// does not read back whole fails the prune here, before anything is
-    /// deleted.
+    /// Prune step: reads every kept snapshot and returns the chunks
+    /// (entries and pins) and the page keys they reference. Pages are read
+    /// a few at a time and dropped once their chunks are noted, and a page
+    /// that several snapshots share (formats.md 16.4, `pages_from`) is read
+    /// once, so memory holds the set of live chunks, not the namespaces. A
+    /// snapshot that does not read back whole fails the prune here, before
+    /// anything is deleted.
     fn snapshot_references(
         &self,
         keys: &vault::Keys,
@@ -1122,17 +1125,36 @@ impl Archiver {
     ) -> Result<(HashSet<ChunkId>, HashSet<String>)> {
         let mut live: HashSet<ChunkId> = HashSet::new();
         let mut live_pages: HashSet<String> = HashSet::new();
+        let store = &self.store;
         for s in kept {
-            let c = read_snapshot(&self.rt, &self.store, keys, name, s, self.concurrency)?;
-            let (m, entries) = (c.manifest, c.entries);
-            for (_, e) in &entries {
-                live.extend(e.chunks().iter().map(|c| c.id));
-            }
+            let m = read_manifest(&self.rt, store, keys, name, s)?;
             live.extend(m.pins.iter().map(|p| p.0));
             // A snapshot that reuses an earlier one's pages keeps those
             // alive, whether or not the earlier one is kept.
-            for n in 0..m.pages.len() {
-                live_pages.insert(m.page_key(name, s, n));
+            let unread: Vec<(String, &PageRef)> = m
+                .pages
+                .iter()
+                .enumerate()
+                .map(|(n, p)| (m.page_key(name, s, n), p))
+                .filter(|(k, _)| !live_pages.contains(k))
+                .collect();
+            let mut pages = Box::pin(
+                stream::iter(unread.into_iter().map(|(key, p)| async move {
+                    let b = store
+                        .get_required(&key, "a page of the snapshot", p.sealed_len)
+                        .await?;
+                    let page =
+                        objects::decode_page(keys, &key, &b, p).map_err(|e| store.locate_err(e))?;
+                    Ok::<_, ArchiveError>((key, page))
+                }))
+                .buffered(self.concurrency.max(1)),
+            );
+            while let Some(read) = self.rt.block_on(pages.next()) {
+                let (key, page) = read?;
+                for (_, e) in &page.entries {
+                    live.extend(e.chunks().iter().map(|c| c.id));
+                }
+                live_pages.insert(key);
             }
         }
         Ok((live, live_pages))

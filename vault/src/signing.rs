@@ -99,7 +99,12 @@ impl EvidenceSigner {
         let signer = Self::from_secret(path, &secret)?;
         let pub_pem = signer.public_pem()?;
         write_new(path, pem.as_bytes(), 0o600)?;
-        write_new(public, pub_pem.as_bytes(), 0o644)?;
+        if let Err(e) = write_new(public, pub_pem.as_bytes(), 0o644) {
+            // A private key whose public half was never written is no use
+            // to anyone, and would block the retry.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         Ok(signer)
     }
 
