@@ -270,6 +270,33 @@ fn a_wrapped_key_runs_the_daemon_until_its_token_has_been_gone_for_the_grace() {
         text(&out)
     );
 
+    // The PIN file changed to a wrong PIN while the daemon runs: the token
+    // refuses it once, and the daemon does not try it again every second
+    // (each refusal brings a real token closer to locking the PIN) until
+    // the file changes; the right PIN back, the device answers again.
+    let logged = site.log_text().len();
+    std::fs::write(&token.pin_file, "000000").unwrap();
+    wait_until(
+        "the refused PIN in the status",
+        Duration::from_secs(15),
+        || {
+            site.status().is_some_and(|s| {
+                s["key_device"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("is refused"))
+            })
+        },
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let refusals = site.log_text()[logged..].matches("is refused").count();
+    assert_eq!(refusals, 1, "{}", &site.log_text()[logged..]);
+    std::fs::write(&token.pin_file, triad_tests::softhsm::PIN).unwrap();
+    wait_until("the device answers again", Duration::from_secs(15), || {
+        site.status()
+            .is_some_and(|s| s["key_device"]["reachable"] == true)
+    });
+    assert!(site.log_text()[logged..].contains("the key device answers again"));
+
     // A wrapped file altered by one digit does not unwrap, and says so
     // rather than blame the device.
     let altered = site.tmp.path().join("dataset.altered");
