@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// Layers from the bottom up, and the modules (by path prefix) in each.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("base", &["config", "status", "service"]),
+    ("base", &["config", "status", "service", "keywatch"]),
     ("intake", &["ingest", "source", "pushed"]),
     ("operations", &["ops"]),
     (
