@@ -1246,18 +1246,7 @@ mod tests {
         Vec<vault::state::Checkpoint>,
     ) {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let ds = Arc::new(
-            Dataset::open(
-                &dir.join("site"),
-                "files",
-                key,
-                vault::Options {
-                    create: true,
-                    ..vault::Options::default()
-                },
-            )
-            .unwrap(),
-        );
+        let ds = created(&dir.join("site"), key);
         let url = format!("file://{}", dir.join("bucket").display());
         let store = Arc::new(Store::open(&StoreConfig::new(&url)).unwrap());
         let a = Archiver::open(store, rt.handle().clone(), ds.clone(), "a", 2).unwrap();
@@ -1337,18 +1326,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = DatasetKey::generate();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let ds = Arc::new(
-            Dataset::open(
-                &dir.path().join("site"),
-                "files",
-                &key,
-                vault::Options {
-                    create: true,
-                    ..vault::Options::default()
-                },
-            )
-            .unwrap(),
-        );
+        let ds = created(&dir.path().join("site"), &key);
         let url = format!("file://{}", dir.path().join("bucket").display());
         let store = Arc::new(Store::open(&StoreConfig::new(&url)).unwrap());
         let a = Archiver::open(store.clone(), rt.handle().clone(), ds.clone(), "a", 2).unwrap();
@@ -1409,17 +1387,7 @@ mod tests {
             .unwrap();
         assert_eq!(report.snapshots_deleted.len(), 2, "{report:?}");
         let restore = |to: &str| {
-            Restorer {
-                rt: rt.handle(),
-                store: &store,
-                dataset: "files",
-                key: &key,
-                concurrency: 2,
-                expect_seq: None,
-                checkpoints: &[],
-                delta: false,
-            }
-            .restore(At::Latest, &dir.path().join(to), &|_| {})
+            restorer(rt.handle(), &store, &key).restore(At::Latest, &dir.path().join(to), &|_| {})
         };
         let r = restore("after-prune").unwrap();
         assert_eq!(r.snapshot.as_deref(), Some(third.name.as_str()));
@@ -1442,6 +1410,36 @@ mod tests {
         assert_eq!(changed.entries, full.entries + 1);
         drop(a);
         ds.close().unwrap();
+    }
+
+    /// A restore of dataset `files` with no expectations and no checkpoints.
+    fn restorer<'a>(rt: &'a Handle, store: &'a Store, key: &'a DatasetKey) -> Restorer<'a> {
+        Restorer {
+            rt,
+            store,
+            dataset: "files",
+            key,
+            concurrency: 2,
+            expect_seq: None,
+            checkpoints: &[],
+            delta: false,
+        }
+    }
+
+    /// A new dataset `files` at `path`.
+    fn created(path: &Path, key: &DatasetKey) -> Arc<Dataset> {
+        Arc::new(
+            Dataset::open(
+                path,
+                "files",
+                key,
+                vault::Options {
+                    create: true,
+                    ..vault::Options::default()
+                },
+            )
+            .unwrap(),
+        )
     }
 
     fn copy_dir(from: &Path, to: &Path) {
@@ -1475,18 +1473,7 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let url = format!("file://{}", dir.path().join("bucket").display());
         let open = |at: &str, starts: Vec<(u64, u64)>| {
-            let ds = Arc::new(
-                Dataset::open(
-                    &dir.path().join(at),
-                    "files",
-                    &key,
-                    vault::Options {
-                        create: true,
-                        ..vault::Options::default()
-                    },
-                )
-                .unwrap(),
-            );
+            let ds = created(&dir.path().join(at), &key);
             ds.set_fence(vault::Fence {
                 starts,
                 ..vault::Fence::default()
@@ -1573,16 +1560,7 @@ mod tests {
                     && n.ends_with("-0000000001.manifest")),
             "{names:?}"
         );
-        let restorer = Restorer {
-            rt: rt.handle(),
-            store: &store,
-            dataset: "files",
-            key: &key,
-            concurrency: 2,
-            expect_seq: None,
-            checkpoints: &[],
-            delta: false,
-        };
+        let restorer = restorer(rt.handle(), &store, &key);
         let to = dir.path().join("restored");
         let r = restorer.restore(At::Latest, &to, &|_| {}).unwrap();
         assert_eq!(r.seq, 8);

@@ -175,24 +175,10 @@ fn file_error(path: &Path, reason: impl Into<String>) -> KekError {
 }
 
 fn read_private(path: &Path, what: &str) -> Result<String, KekError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).map_err(|e| file_error(path, format!("reading {what}: {e}")))?;
-    if meta.len() > MAX_FILE {
-        return Err(file_error(
-            path,
-            format!("{} bytes: not {what}", meta.len()),
-        ));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(file_error(
-            path,
-            format!(
-                "permissions {:o} let others read {what}; run `chmod 600 {}`",
-                meta.permissions().mode() & 0o777,
-                path.display()
-            ),
-        ));
+    if let Some(why) = crate::keys::readable_by_others(path, what)
+        .map_err(|e| file_error(path, format!("reading {what}: {e}")))?
+    {
+        return Err(file_error(path, why));
     }
     let bytes = crate::signing::read_regular(path, MAX_FILE)
         .map_err(|e| file_error(path, format!("reading {what}: {e}")))?;

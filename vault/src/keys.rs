@@ -16,6 +16,19 @@ use crate::error::{Result, VaultError};
 
 const KEY_FILE_HEADER: &str = "triad-dataset-key-v1";
 
+/// Why a file holding a secret (`what`) may not be used: its mode lets
+/// group or others read it. None when only its owner can.
+pub(crate) fn readable_by_others(path: &Path, what: &str) -> std::io::Result<Option<String>> {
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    Ok((mode & 0o077 != 0).then(|| {
+        format!(
+            "permissions {:o} let others read {what}; run `chmod 600 {}`",
+            mode & 0o777,
+            path.display()
+        )
+    }))
+}
+
 /// The secret a dataset is protected with. Debug output never shows it.
 #[derive(Clone)]
 pub struct DatasetKey([u8; 32]);
@@ -108,17 +121,14 @@ impl DatasetKey {
             path: path.to_path_buf(),
             reason,
         };
-        let meta =
-            std::fs::metadata(path).map_err(|e| VaultError::io("reading key file", path, e))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(bad(format!(
-                "permissions {:o} let others read the key; run `chmod 600 {}`",
-                meta.permissions().mode() & 0o777,
-                path.display()
-            )));
+        if let Some(why) = readable_by_others(path, "the key")
+            .map_err(|e| VaultError::io("reading key file", path, e))?
+        {
+            return Err(bad(why));
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| VaultError::io("reading key file", path, e))?;
+        let text = crate::signing::read_regular(path, 64 * 1024)
+            .map_err(|e| VaultError::io("reading key file", path, e))
+            .and_then(|b| String::from_utf8(b).map_err(|_| bad("not text".into())))?;
         if let Some(wrapped) = crate::kek::parse(path, &text) {
             let device_error = |e: crate::kek::KekError| VaultError::KeyDevice {
                 path: path.to_path_buf(),

@@ -16,7 +16,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use der::{Decode, Encode};
@@ -120,17 +120,10 @@ impl EvidenceSigner {
     /// Reads a private key written by [`EvidenceSigner::generate`] (or any
     /// PKCS#8 SM2 key). Refuses a file others may read.
     pub fn load(path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| VaultError::io("reading the evidence signing key", path, e))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(key_error(
-                path,
-                format!(
-                    "permissions {:o} let others read the signing key; run `chmod 600 {}`",
-                    meta.permissions().mode() & 0o777,
-                    path.display()
-                ),
-            ));
+        if let Some(why) = crate::keys::readable_by_others(path, "the signing key")
+            .map_err(|e| VaultError::io("reading the evidence signing key", path, e))?
+        {
+            return Err(key_error(path, why));
         }
         let text = read_small(path, 16 * 1024, "reading the evidence signing key")?;
         let secret = SecretKey::from_pkcs8_pem(&text).map_err(|e| {
@@ -397,6 +390,7 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_signed_file_checks_and_one_changed_byte_does_not() {
