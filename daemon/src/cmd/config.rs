@@ -11,7 +11,8 @@ use crate::config::Config;
 
 #[derive(Subcommand)]
 pub enum ConfigCommand {
-    /// Parse and validate a config; also checks each key file can be read.
+    /// Parse and validate a config; also checks each key file can be read
+    /// (a wrapped one through its device) and the evidence signing key.
     Check { file: PathBuf },
 }
 
@@ -50,6 +51,10 @@ pub fn run(cmd: ConfigCommand) -> Result<ExitCode> {
                 problems += 1;
             }
         }
+    }
+    if let Err(e) = cfg.evidence_signer() {
+        eprintln!("{}: evidence.signing_key: {e}", file.display());
+        problems += 1;
     }
     if problems > 0 {
         return Ok(ExitCode::FAILURE);
