@@ -97,6 +97,9 @@ pub struct ArchiveRestore {
     pub skipped_snapshots: Vec<String>,
     /// The archive's authenticated head (`HEAD`), when it has one.
     pub head_seq: Option<u64>,
+    /// The fingerprint of the key whose signature on the head was checked
+    /// (`Restorer::head_signer`).
+    pub head_signed_by: Option<String>,
     /// How many of the given checkpoints the restored history covered, all
     /// of which it matched.
     pub checkpoints_compared: u64,
@@ -154,6 +157,11 @@ pub struct Restorer<'a> {
     /// (`vault::restore::restore_from`); otherwise the target must be
     /// missing or empty.
     pub delta: bool,
+    /// The key that signs this archive's heads (`[evidence]`; a drill of a
+    /// site's own archive passes its own): the head must carry a good
+    /// signature by it, or the restore fails. None: a signature is not
+    /// looked at (the seal authenticates the head to key holders).
+    pub head_signer: Option<&'a vault::signing::EvidenceKey>,
 }
 
 impl Restorer<'_> {
@@ -231,6 +239,7 @@ impl Restorer<'_> {
             seconds_write: 0.0,
             skipped_snapshots: Vec::new(),
             head_seq: head.as_ref().map(|h| h.seq),
+            head_signed_by: head.as_ref().and(self.head_signer).map(|k| k.fingerprint()),
             checkpoints_compared: 0,
             warnings,
             bytes_downloaded: 0,
@@ -530,6 +539,26 @@ impl Restorer<'_> {
             return Ok(None);
         };
         let head = objects::decode_head(keys, &key, &b).map_err(|e| self.store.locate_err(e))?;
+        if let Some(signer) = self.head_signer {
+            let refused = |why: String| ArchiveError::Damaged {
+                key: self.store.locate(&key),
+                reason: why,
+            };
+            let parts = vault::signing::split_signed(&b).ok_or_else(|| {
+                refused(format!(
+                    "carries no signature, but {} signs this archive's heads (a head written \
+                     before [evidence] was set is signed again at the next shipment or snapshot)",
+                    signer.fingerprint()
+                ))
+            })?;
+            signer.verify_object(&parts).map_err(|e| {
+                refused(format!(
+                    "its signature is not by {}: {e}; someone holding the dataset key, not this \
+                     site, wrote it",
+                    signer.fingerprint()
+                ))
+            })?;
+        }
         let owner_key = objects::owner_key(self.dataset);
         if let Some(owner) = self
             .rt
@@ -1269,14 +1298,8 @@ mod tests {
         assert!(!cps.is_empty(), "no checkpoint after {n} records");
         let restore = |cps: &[vault::state::Checkpoint], to: &str| {
             Restorer {
-                rt: rt.handle(),
-                store: &store,
-                dataset: "files",
-                key: &key,
-                concurrency: 2,
-                expect_seq: None,
                 checkpoints: cps,
-                delta: false,
+                ..restorer(rt.handle(), &store, &key)
             }
             .restore(At::Latest, &dir.path().join(to), &|_| {})
         };
@@ -1423,6 +1446,7 @@ mod tests {
             expect_seq: None,
             checkpoints: &[],
             delta: false,
+            head_signer: None,
         }
     }
 

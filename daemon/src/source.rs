@@ -387,7 +387,15 @@ impl DirSource {
         // does not read events while a round runs, and counting from then
         // held every file written during a round back for a whole debounce
         // after it).
-        let mut watcher = notify::recommended_watcher(move |res| {
+        //
+        // Events that only say a path was opened or read are dropped here,
+        // not queued: the source's own reads cause two for every file, and
+        // while the first scan reads a tree of a million files nobody takes
+        // from the channel, so they held 89 MB at the end of it.
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if matches!(&res, Ok(ev) if is_read_only(&ev.kind) && !ev.need_rescan()) {
+                return;
+            }
             let _ = tx.send((res, Instant::now()));
         })
         .map_err(|e| SourceError::Root {

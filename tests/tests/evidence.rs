@@ -183,6 +183,46 @@ fn drill_reports_and_archive_heads_are_signed_and_a_changed_byte_is_rejected() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     site.stop();
 
+    // A drill of the site's own archive checks the head's signature with
+    // the site's own key, and says so in the report.
+    let drill_json = || {
+        Command::new(triad_bin())
+            .args(["drill", "--dataset", "files", "--json", "--config"])
+            .arg(&site.config)
+            .arg("--reports")
+            .arg(&reports)
+            .output()
+            .unwrap()
+    };
+    let fingerprint = text(&verify_report(&public, &[&json]))
+        .split(['(', ')'])
+        .find(|p| p.starts_with("sm3:"))
+        .unwrap()
+        .to_string();
+    let out = drill_json();
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["archive_head_signed_by"], fingerprint.as_str(), "{r}");
+
+    // The same head without its signature, as someone else holding the
+    // dataset key could write it: the seal still opens, the drill refuses.
+    let original = std::fs::read(&head_obj).unwrap();
+    let n = original.len();
+    let st_len = usize::from(u16::from_be_bytes([original[n - 11], original[n - 10]]));
+    let sig_len = usize::from(original[n - 9]);
+    std::fs::write(&head_obj, &original[..n - 11 - sig_len - st_len]).unwrap();
+    let out = drill_json();
+    assert!(!out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("carries no signature"),
+        "{r}"
+    );
+    std::fs::write(&head_obj, &original).unwrap();
+
     // A signing key others may read is refused at start, by name.
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let out = site.cli(&["drill", "--dataset", "files"]);

@@ -61,6 +61,10 @@ pub struct DrillSpec<'a> {
     /// history must agree with each one it covers, and each must carry
     /// valid HMAC-SM3 evidence.
     pub checkpoints: Vec<vault::state::Checkpoint>,
+    /// The key that signs the drilled archive's heads, when the drill
+    /// knows it (a site drilling its own archive with `[evidence]` set):
+    /// a head it did not sign fails the drill.
+    pub head_signer: Option<vault::signing::EvidenceKey>,
 }
 
 /// A drill's outcome, as written to the JSON report.
@@ -97,6 +101,10 @@ pub struct DrillReport {
     /// The archive's authenticated head, when it has one.
     #[serde(default)]
     pub archive_head_seq: Option<u64>,
+    /// The fingerprint of the SM2 key whose signature on that head the
+    /// drill checked; null when it checked none.
+    #[serde(default)]
+    pub archive_head_signed_by: Option<String>,
     /// What the restore could not prove (see `ArchiveRestore::warnings`).
     #[serde(default)]
     pub warnings: Vec<String>,
@@ -173,6 +181,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
         digest_excludes: Vec::new(),
         skipped_snapshots: Vec::new(),
         archive_head_seq: None,
+        archive_head_signed_by: None,
         warnings: Vec::new(),
         checkpoints_compared: 0,
         rto_seconds: 0.0,
@@ -191,6 +200,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             expect_seq: spec.expect_seq,
             checkpoints: &spec.checkpoints,
             delta: false,
+            head_signer: spec.head_signer.as_ref(),
         }
         .restore(spec.at, &scratch.path().join("restored"), &|_| {})
     });
@@ -213,6 +223,7 @@ pub fn run(spec: &DrillSpec<'_>, rt: &tokio::runtime::Handle) -> Result<DrillRep
             report.digest_excludes = r.report.digest_excludes.clone();
             report.skipped_snapshots = r.skipped_snapshots;
             report.archive_head_seq = r.head_seq;
+            report.archive_head_signed_by = r.head_signed_by.clone();
             report.warnings = r.warnings;
             report.checkpoints_compared = r.checkpoints_compared;
             report.phases_seconds = Phases {
@@ -336,6 +347,12 @@ pub fn markdown(r: &DrillReport) -> String {
                 Some(s) => format!("seq {s}"),
                 None => "none: a removal of the newest objects could not be noticed".into(),
             },
+        ),
+        (
+            "Archive head signed by",
+            r.archive_head_signed_by
+                .clone()
+                .unwrap_or_else(|| "not checked".into()),
         ),
         (
             "This site's checkpoints matched (HMAC-SM3 checked)",

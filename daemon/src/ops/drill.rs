@@ -36,6 +36,11 @@ pub fn spec<'a>(
         concurrency: 32,
         expect_seq: own_archive.then(|| shipped(cfg, dataset)).flatten(),
         checkpoints,
+        // This site's own archive carries heads signed by its own key.
+        head_signer: own_archive
+            .then(|| cfg.evidence_signer().ok().flatten())
+            .flatten()
+            .map(|s| s.evidence_key()),
     }
 }
 

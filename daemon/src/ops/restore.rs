@@ -56,6 +56,7 @@ pub fn from_archive(
         expect_seq: r.expect_seq,
         checkpoints: &[],
         delta: r.delta,
+        head_signer: None,
     };
     restorer
         .restore(at, &r.to, progress)
