@@ -261,6 +261,7 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
             drill.endpoint.clone(),
             drill.credentials_file.clone(),
         )?;
+        let signer = cfg.evidence_signer()?;
         let spec = crate::ops::drill::spec(
             cfg,
             ds.name(),
@@ -268,9 +269,9 @@ fn run_drill(cfg: &Config, ds: &Dataset, s: &Shared) {
             store,
             drill.url.is_none(),
             ds.state().checkpoints()?,
+            signer.as_ref(),
         );
         let rt = crate::ops::runtime()?;
-        let signer = cfg.evidence_signer()?;
         let (report, json, _) = crate::ops::drill::run(&spec, &rt, signer.as_ref())?;
         update(s, |c| {
             c.last_drill_report = Some(json.display().to_string())

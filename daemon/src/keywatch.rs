@@ -40,6 +40,8 @@ pub struct KeyDeviceStatus {
 
 struct Watched {
     key_file: PathBuf,
+    /// The device's PIN file, as the key file named it at start.
+    pin_file: PathBuf,
     /// The id of the key the dataset runs on: the device must keep giving
     /// that one.
     key_id: String,
@@ -94,6 +96,7 @@ impl KeyWatch {
                 d.name.clone(),
                 Watched {
                     key_file: d.key_file.clone(),
+                    pin_file: w.device.pin_file.clone(),
                     key_id: w.key_id.clone(),
                     status: KeyDeviceStatus {
                         device: w.device.to_string(),
@@ -193,7 +196,7 @@ impl Watched {
             let pin_unchanged = self
                 .pin_refused
                 .as_ref()
-                .is_some_and(|s| *s == stamp(&self.status_pin_file()));
+                .is_some_and(|s| *s == stamp(&self.pin_file));
             if !pin_unchanged {
                 self.pin_refused = None;
                 let (tx, rx) = std::sync::mpsc::channel();
@@ -233,12 +236,6 @@ impl Watched {
         }
     }
 
-    fn status_pin_file(&self) -> PathBuf {
-        vault::kek::read(&self.key_file)
-            .map(|w| w.device.pin_file)
-            .unwrap_or_default()
-    }
-
     fn settle(&mut self, name: &str, r: Result<(), KekError>) {
         match r {
             Ok(()) => {
@@ -253,7 +250,7 @@ impl Watched {
             }
             Err(e) => {
                 if matches!(e, KekError::PinRefused { .. }) {
-                    self.pin_refused = Some(stamp(&self.status_pin_file()));
+                    self.pin_refused = Some(stamp(&self.pin_file));
                 }
                 self.status.reachable = false;
                 self.status.error = Some(e.to_string());

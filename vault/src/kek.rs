@@ -508,6 +508,13 @@ pub fn parse(path: &Path, text: &str) -> Option<Result<Wrapped, KekError>> {
                             w.format, w.mechanism
                         ),
                     ))
+                } else if !w.device.module.is_absolute() || !w.device.pin_file.is_absolute() {
+                    // A relative module would be looked up on the loader's
+                    // search path: the library loaded must be the one named.
+                    Err(file_error(
+                        path,
+                        "device.module and device.pin_file must be absolute paths",
+                    ))
                 } else {
                     Ok(w)
                 }

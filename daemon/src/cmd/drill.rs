@@ -80,7 +80,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let key = DatasetKey::load(&d.key_file)?;
         let own_archive = a.from_archive.is_none();
         let checkpoints = drill::site_checkpoints(&cfg, &name, &key);
-        let mut spec = drill::spec(&cfg, &name, &key, store.clone(), own_archive, checkpoints);
+        let mut spec = drill::spec(
+            &cfg,
+            &name,
+            &key,
+            store.clone(),
+            own_archive,
+            checkpoints,
+            signer.as_ref(),
+        );
         spec.at = at;
         spec.at_text = a.at.clone();
         spec.scratch_parent = scratch.clone();

@@ -14,8 +14,9 @@ use crate::status::{DatasetStatus, STALE_NS, STATUS_FILE};
 
 /// A drill of `dataset` from `store`, at the latest point, with this site's
 /// defaults: scratch under the data dir, reports in the reports dir, and,
-/// when `own_archive`, at least the seq this site shipped expected. The
-/// caller may change any field before [`run`].
+/// when `own_archive`, at least the seq this site shipped expected and its
+/// heads signed by `signer` (the site's `[evidence]` key). The caller may
+/// change any field before [`run`].
 pub fn spec<'a>(
     cfg: &Config,
     dataset: &'a str,
@@ -23,6 +24,7 @@ pub fn spec<'a>(
     store: archive::StoreConfig,
     own_archive: bool,
     checkpoints: Vec<vault::state::Checkpoint>,
+    signer: Option<&EvidenceSigner>,
 ) -> verifier::DrillSpec<'a> {
     verifier::DrillSpec {
         dataset,
@@ -37,10 +39,7 @@ pub fn spec<'a>(
         expect_seq: own_archive.then(|| shipped(cfg, dataset)).flatten(),
         checkpoints,
         // This site's own archive carries heads signed by its own key.
-        head_signer: own_archive
-            .then(|| cfg.evidence_signer().ok().flatten())
-            .flatten()
-            .map(|s| s.evidence_key()),
+        head_signer: signer.filter(|_| own_archive).map(|s| s.evidence_key()),
     }
 }
 
